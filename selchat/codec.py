@@ -1,0 +1,184 @@
+"""Length-prefixed JSON frames: a 4-byte big-endian length, then that many bytes of one JSON object.
+
+This module knows nothing of sockets, of the rest of the project, or of what the objects mean.
+Two kinds of peer fault are kept apart because the server treats them differently:
+
+* `FrameError`: the length prefix itself is wrong; the stream cannot be trusted any more.
+* `PayloadError`: the frame boundary is intact but its bytes are not a JSON object with a
+  string `type`; the connection can carry on with the next frame.
+
+`EncodeError` is ours, not the peer's: we asked to send something that cannot be a frame.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+from typing import Any, Dict, Optional
+
+from selchat.defaults import MAX_FRAME
+
+__all__ = [
+    "HEADER",
+    "FrameError",
+    "PayloadError",
+    "EncodeError",
+    "FrameDecoder",
+    "encode",
+    "frame",
+    "decode",
+]
+
+_LENGTH = struct.Struct(">I")
+HEADER = _LENGTH.size
+_COMPACT_AT = 1 << 16  # consumed bytes kept in front of the buffer before we shift them out
+
+
+class FrameError(Exception):
+    """The peer sent a length prefix that breaks the framing; `code` is the protocol error word."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class PayloadError(Exception):
+    """A well-framed payload that is not a JSON object with a string `type` (protocol word `bad_json`)."""
+
+    code = "bad_json"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class EncodeError(ValueError):
+    """We tried to encode something that does not fit in a frame; a bug of the caller, not the peer."""
+
+
+class FrameDecoder:
+    """Incremental decoder: feed it bytes as they arrive, take complete payloads out.
+
+    Bytes are appended to one buffer and read through an offset, so draining many frames
+    costs no copying of the tail; consumed bytes are cut off the front only now and then.
+    A length prefix is checked as soon as its four bytes are here, so a peer announcing a
+    huge frame is refused before we buffer any of it.
+    """
+
+    __slots__ = ("max_frame", "_buf", "_pos")
+
+    def __init__(self, max_frame: int = MAX_FRAME) -> None:
+        if max_frame < 1:
+            raise ValueError("max_frame must be at least 1")
+        self.max_frame = max_frame
+        self._buf = bytearray()
+        self._pos = 0
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received but not yet returned as frames (an incomplete frame, if any)."""
+        return len(self._buf) - self._pos
+
+    def feed(self, data: bytes) -> None:
+        buf = self._buf
+        if self._pos and (self._pos >= len(buf) or self._pos >= _COMPACT_AT):
+            del buf[: self._pos]
+            self._pos = 0
+        buf += data
+
+    def next_frame(self) -> Optional[bytes]:
+        """Return the next complete payload, or None when more bytes are needed.
+
+        Raises FrameError on a bad length prefix; the decoder is then unusable, as the stream is.
+        """
+        buf = self._buf
+        pos = self._pos
+        available = len(buf) - pos
+        if available < HEADER:
+            return None
+        (length,) = _LENGTH.unpack_from(buf, pos)
+        if length == 0:
+            raise FrameError("bad_frame", "frame length 0 is not allowed")
+        if length > self.max_frame:
+            raise FrameError(
+                "frame_too_large", f"frame length {length} exceeds max_frame {self.max_frame}"
+            )
+        end = pos + HEADER + length
+        if end > len(buf):
+            return None
+        payload = bytes(buf[pos + HEADER : end])
+        if end == len(buf):
+            buf.clear()
+            self._pos = 0
+        else:
+            self._pos = end
+        return payload
+
+
+def frame(payload: bytes, max_frame: int = MAX_FRAME) -> bytes:
+    """Prefix an already-encoded payload with its length."""
+    n = len(payload)
+    if not 1 <= n <= max_frame:
+        raise EncodeError(f"payload of {n} bytes does not fit in a frame (1..{max_frame})")
+    return _LENGTH.pack(n) + payload
+
+
+_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
+
+
+def encode(obj: Dict[str, Any], max_frame: int = MAX_FRAME) -> bytes:
+    """Encode one JSON object as a complete frame (prefix included)."""
+    try:
+        payload = _dumps(obj).encode("utf-8")
+    except (TypeError, ValueError) as exc:  # not JSON-able, NaN, or a lone surrogate
+        raise EncodeError(f"cannot encode frame: {exc}") from exc
+    return frame(payload, max_frame)
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+# A JSON escape that names half of a surrogate pair. Python's json accepts it and yields a str
+# that cannot be written back as UTF-8, so such payloads are refused as not being valid text.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _has_lone_surrogate(value: Any) -> bool:
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return True
+        return False
+    if isinstance(value, dict):
+        return any(_has_lone_surrogate(k) or _has_lone_surrogate(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_lone_surrogate(v) for v in value)
+    return False
+
+
+def decode(payload: bytes) -> Dict[str, Any]:
+    """Parse one payload into a dict that has a string `type`, or raise PayloadError."""
+    try:
+        text = payload.decode("utf-8")
+    except UnicodeDecodeError:
+        raise PayloadError("payload is not valid UTF-8") from None
+    try:
+        obj = json.loads(text, parse_constant=_reject_constant)
+    except (ValueError, RecursionError):
+        raise PayloadError("payload is not valid JSON") from None
+    if not isinstance(obj, dict):
+        raise PayloadError("payload is not a JSON object")
+    if not isinstance(obj.get("type"), str):
+        raise PayloadError("payload has no string member 'type'")
+    if _SURROGATE_ESCAPE.search(payload):
+        try:
+            lone = _has_lone_surrogate(obj)
+        except RecursionError:
+            lone = True
+        if lone:
+            raise PayloadError("payload holds an unpaired surrogate escape")
+    return obj

@@ -1,0 +1,33 @@
+"""Every default and limit in one place, shared by the CLI help, the server, the tests and the docs."""
+
+from __future__ import annotations
+
+DEFAULT_HOST = "127.0.0.1"  # loopback unless the operator asks for more, as Redis does
+DEFAULT_PORT = 9090
+LOBBY = "#lobby"
+
+MAX_FRAME = 65536  # payload bytes in one frame
+MAX_TEXT = 4096  # code points in one message text
+MAX_OUTBUF = 1 << 20  # bytes the server holds for one slow client before dropping it
+HANDSHAKE_TIMEOUT = 10.0  # seconds from connect to a successful hello
+PING_INTERVAL = 60.0  # seconds of silence before the server pings
+PING_TIMEOUT = 120.0  # seconds of silence before the server gives up
+MAX_PRESENCE = 500  # above this many members a room stops broadcasting join/part/quit
+SHUTDOWN_GRACE = 5.0  # seconds to flush queued output at shutdown
+LINGER_TIMEOUT = 2.0  # seconds a closing connection may keep draining input after our last byte
+
+NICK_MAX = 32
+ROOM_MAX = 50  # characters after the '#'
+NAMES_CHUNK = 1000  # nicks in one `names` event at most
+HISTORY_ON_JOIN = 50
+HISTORY_LIMIT_DEFAULT = 50
+HISTORY_LIMIT_MAX = 200
+
+RECV_SIZE = 65536  # one recv per readable event; a pass never holds more than this per client
+LISTEN_BACKLOG = 4096
+ACCEPT_PER_PASS = 256  # accepts per loop pass, so a storm cannot starve clients already connected
+ACCEPT_PAUSE = 0.1  # seconds to stop accepting after EMFILE/ENFILE
+MAX_ROOMS = 10000  # rooms that may exist at once
+MAX_ROOMS_PER_USER = 100  # rooms one user may be in
+REASON_MAX = 256  # code points in a quit reason
+CLIENT_NAME_MAX = 64  # code points of the free-text `client` member kept for logs

@@ -1,0 +1,111 @@
+"""What the chat state says happened: small frozen records, free of any wire format.
+
+The frame protocol (`selchat.protocol`) turns these into JSON objects; a later IRC or WebSocket
+adapter would turn the same records into its own lines, which is why nothing here knows JSON.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Tuple, Union
+
+
+@dataclass(frozen=True)
+class Welcome:
+    nick: str
+    server: str
+    motd: str
+    max_frame: int
+    max_text: int
+
+
+@dataclass(frozen=True)
+class Message:
+    """A room message (`room` set) or a private one (`to` set); `id` grows across the whole server."""
+
+    id: int
+    ts: int  # milliseconds since the Unix epoch, server clock
+    sender: str
+    text: str
+    room: Optional[str] = None
+    to: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class Join:
+    room: str
+    nick: str
+
+
+@dataclass(frozen=True)
+class Part:
+    room: str
+    nick: str
+
+
+@dataclass(frozen=True)
+class Quit:
+    nick: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class NickChange:
+    old: str
+    new: str
+
+
+@dataclass(frozen=True)
+class Names:
+    """The whole member list; the wire adapter cuts it into chunks that fit its frames."""
+
+    room: str
+    nicks: Tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class RoomInfo:
+    name: str
+    members: int
+
+
+@dataclass(frozen=True)
+class RoomList:
+    rooms: Tuple[RoomInfo, ...]
+
+
+@dataclass(frozen=True)
+class History:
+    """Room messages, oldest first; `more` says older ones exist beyond the first."""
+
+    room: str
+    messages: Tuple[Message, ...]
+    more: bool
+
+
+@dataclass(frozen=True)
+class Pong:
+    token: object = None
+
+
+@dataclass(frozen=True)
+class Ping:
+    """Sent by the server to a silent client."""
+
+    token: object = None
+
+
+@dataclass(frozen=True)
+class Notice:
+    text: str
+
+
+@dataclass(frozen=True)
+class Error:
+    code: str
+    message: str
+
+
+Event = Union[
+    Welcome, Message, Join, Part, Quit, NickChange, Names, RoomList, History, Pong, Ping, Notice, Error
+]
