@@ -1,0 +1,431 @@
+"""The message store: room history that survives restarts (PROTOCOL.md section 7).
+
+Sans sockets and sans clocks: messages arrive with their id and timestamp already set by the
+chat state, and the store only keeps them. The server loop drives it:
+
+* the chat state calls `add()` for every room message it accepts (cheap, no I/O);
+* once per loop pass, *before* any of those messages is written to a client socket, the loop
+  calls `commit()`, which writes the whole batch in one transaction;
+* `recent()` answers history questions and also sees messages added but not committed yet,
+  because the chat state may be asked for history in the same pass a message was said.
+
+Ids are assigned by the chat state, starting after `last_id()` as read at open time, so ids keep
+increasing across restarts. Private messages (`room` is None) are never stored: a nick is not an
+account, and whoever takes a nick later must not read what was said to its last owner.
+
+Two implementations: `SQLiteStore` (the server's) and `MemoryStore` (bounded deques, for tests
+and for the chat-state unit tests).
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import time
+from collections import deque
+from typing import Callable, Deque, Dict, List, Optional, Protocol, Sequence, Tuple
+
+from selchat.events import Message
+
+__all__ = [
+    "StoreError",
+    "MessageStore",
+    "MemoryStore",
+    "SQLiteStore",
+    "MIGRATIONS",
+    "SCHEMA_VERSION",
+    "APPLICATION_ID",
+    "DEFAULT_CAP_PER_ROOM",
+]
+
+DEFAULT_CAP_PER_ROOM = 1000
+
+# `PRAGMA application_id` marks the file as ours, so `--db` pointed at another program's SQLite
+# file is refused instead of being given a `messages` table. 0x73656c63 is "selc" in ASCII.
+APPLICATION_ID = 0x73656C63
+
+# MIGRATIONS[i] brings a database from schema version i to version i + 1: SQL statements run in
+# order inside one transaction, which also sets `PRAGMA user_version`. Append, never edit: a file
+# written by an older selchat is upgraded by replaying the steps it has not seen yet. Version 0 is
+# an empty file (or one SQLite just created).
+Migration = Sequence[str]
+MIGRATIONS: Tuple[Migration, ...] = (
+    # version 1: the initial schema. `id` is the rowid, so MAX(id) and id ranges are b-tree
+    # lookups; (room_key, id) makes a page of one room's history an index range scan.
+    (
+        "CREATE TABLE messages ("
+        " id INTEGER PRIMARY KEY,"
+        " room_key TEXT NOT NULL,"  # room.lower(): rooms are case-insensitive
+        " room TEXT NOT NULL,"  # the spelling the room had when the message was said
+        " ts INTEGER NOT NULL,"  # milliseconds since the Unix epoch, server clock
+        " sender TEXT NOT NULL,"
+        " text TEXT NOT NULL)",
+        "CREATE INDEX messages_room ON messages (room_key, id)",
+        f"PRAGMA application_id = {APPLICATION_ID}",
+    ),
+)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+_INSERT = "INSERT INTO messages (id, room_key, room, ts, sender, text) VALUES (?, ?, ?, ?, ?, ?)"
+_RECENT = (
+    "SELECT id, ts, sender, text, room FROM messages"
+    " WHERE room_key = ? AND id < ? ORDER BY id DESC LIMIT ?"
+)
+_NO_UPPER_BOUND = (1 << 63) - 1  # SQLite's largest integer: "before" when the caller gave None
+
+
+class StoreError(Exception):
+    """The store cannot open or write its database; the message is one line naming the path."""
+
+
+class MessageStore(Protocol):
+    """What the chat state and the server loop need from a store."""
+
+    def last_id(self) -> int:
+        """The highest id stored when the store was opened (0 if none)."""
+
+    def add(self, message: Message) -> None:
+        """Queue a room message for the next `commit()`; no I/O. ValueError for a private one."""
+
+    def commit(self) -> int:
+        """Write everything queued in one transaction; return how many. StoreError on failure."""
+
+    def recent(self, room: str, before: Optional[int], limit: int) -> Tuple[List[Message], bool]:
+        """Up to `limit` messages of `room` with id < `before`, oldest first, and whether older exist."""
+
+    def close(self) -> None:
+        """Commit what is queued, then release the database."""
+
+
+def _check_message(message: Message) -> None:
+    """Refuse what must never be stored: the chat state passing one is a bug, hence ValueError."""
+    if message.room is None:
+        raise ValueError("private messages are never stored")
+    if message.to is not None:
+        raise ValueError("a room message has no `to`")
+
+
+def _check_query(before: Optional[int], limit: int) -> None:
+    if limit < 0:
+        raise ValueError(f"limit must be >= 0, not {limit}")
+    if before is not None and not isinstance(before, int):
+        raise TypeError("before must be an int or None")
+
+
+class MemoryStore:
+    """Room history in memory: at most `cap_per_room` newest messages per room, lost on exit.
+
+    `add()` stores at once (there is nothing to make durable), and `commit()` only reports how
+    many were added since the last one, so the two stores answer the same calls the same way.
+    """
+
+    def __init__(self, cap_per_room: int = DEFAULT_CAP_PER_ROOM) -> None:
+        if cap_per_room < 1:
+            raise ValueError("cap_per_room must be >= 1")
+        self.cap_per_room = cap_per_room
+        self._rooms: Dict[str, Deque[Message]] = {}
+        self._last_id = 0
+        self._pending = 0
+        self._commits = 0
+        self._written = 0
+
+    def last_id(self) -> int:
+        return self._last_id
+
+    def add(self, message: Message) -> None:
+        _check_message(message)
+        key = message.room.lower()  # type: ignore[union-attr]  # checked above
+        room = self._rooms.get(key)
+        if room is None:
+            room = self._rooms[key] = deque(maxlen=self.cap_per_room)
+        room.append(message)
+        if message.id > self._last_id:
+            self._last_id = message.id
+        self._pending += 1
+
+    def commit(self) -> int:
+        count, self._pending = self._pending, 0
+        if count:
+            self._commits += 1
+            self._written += count
+        return count
+
+    def recent(self, room: str, before: Optional[int], limit: int) -> Tuple[List[Message], bool]:
+        _check_query(before, limit)
+        messages = self._rooms.get(room.lower())
+        if not messages:
+            return [], False
+        # Newest first until `limit` + 1 are found: the extra one only says whether more exist.
+        # A linear walk over at most `cap_per_room` entries: this store is for tests.
+        found: List[Message] = []
+        for message in reversed(messages):
+            if before is not None and message.id >= before:
+                continue
+            found.append(message)
+            if len(found) > limit:
+                break
+        more = len(found) > limit
+        page = found[:limit]
+        page.reverse()
+        return page, more
+
+    def close(self) -> None:
+        self.commit()
+
+    def stats(self) -> Dict[str, float]:
+        return {
+            "commits": self._commits,
+            "messages": self._written,
+            "failures": 0,
+            "pending": self._pending,
+            "commit_seconds": 0.0,
+            "max_commit_seconds": 0.0,
+        }
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text or type(exc).__name__
+
+
+class SQLiteStore:
+    """Room history in an SQLite file (`sqlite3` from the standard library).
+
+    Durability: WAL journal, `synchronous=NORMAL` by default. The protocol promises that what any
+    client saw survives `kill -9` of the server. The loop commits a pass's messages before it
+    writes any of them to a socket, and in WAL mode COMMIT returns only after the transaction's
+    frames were handed to the kernel with write(2); from then on they sit in the page cache,
+    which outlives the process, and the next open replays the WAL. So NORMAL already keeps the
+    promise. What NORMAL does not survive is a power cut or kernel crash in the seconds before
+    the next checkpoint (the database stays consistent; the newest transactions may be gone).
+    `synchronous="FULL"` closes that gap with an fsync per commit, which blocks the one loop
+    thread for 0.1 to 10+ ms per pass depending on the disk, stalling every client; it is there
+    for operators who want it, not the default.
+
+    One server per file: the connection uses `locking_mode=EXCLUSIVE` and keeps the file locked
+    while open. Ids are assigned in memory from `last_id()`, so two servers on one file would
+    hand out the same ids; the second one is refused at open instead. (It also means other
+    programs cannot read the file while the server runs; stop it or copy the file first.)
+
+    Every way the file can be unusable (missing directory, a directory, not a database, a newer
+    schema, read-only file or directory, locked by another server) raises StoreError at open:
+    the schema is read and a write is tried, so a bad `--db` fails at start, not at the first
+    message. A failed `commit()` raises StoreError, drops the batch, and leaves the store ready
+    for the next one.
+    """
+
+    def __init__(
+        self,
+        path: "str | os.PathLike[str]",
+        *,
+        synchronous: str = "NORMAL",
+        lock_timeout: float = 1.0,
+        migrations: Sequence[Migration] = MIGRATIONS,
+        timer: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        """Open (creating if needed) and upgrade the database at `path`; ':memory:' for a throwaway.
+
+        `lock_timeout`: seconds to wait for a file another process holds. `migrations` exists
+        for the tests of the upgrade path. `timer` only measures commits for `stats()`.
+        """
+        self.path = os.fspath(path)
+        synchronous = synchronous.upper()
+        if synchronous not in ("NORMAL", "FULL"):
+            raise ValueError("synchronous must be 'NORMAL' or 'FULL'")
+        self._synchronous = synchronous
+        self._timer = timer
+        self._pending: List[Message] = []
+        self._commits = 0
+        self._written = 0
+        self._failures = 0
+        self._commit_seconds = 0.0
+        self._max_commit_seconds = 0.0
+        self._closed = False
+        self._identity: Optional[Tuple[int, int]] = None
+        if not self.path:
+            raise StoreError("'': empty database path (use ':memory:' for a throwaway store)")
+        self._memory = self.path == ":memory:"
+        try:
+            self._conn = sqlite3.connect(self.path, isolation_level=None, timeout=lock_timeout)
+        except sqlite3.Error as exc:
+            raise StoreError(f"{self.path}: cannot open database: {_one_line(exc)}") from exc
+        try:
+            self._configure()
+            self._migrate(tuple(migrations))
+            row = self._conn.execute("SELECT MAX(id) FROM messages").fetchone()
+            self._last_id = int(row[0] or 0)
+            if not self._memory:
+                self._identity = self._file_identity()
+        except StoreError:
+            self._conn.close()
+            raise
+        except (sqlite3.Error, OSError) as exc:
+            self._conn.close()
+            reason = _one_line(exc)
+            if "locked" in reason:
+                reason += " (is another selchat server using it?)"
+            raise StoreError(f"{self.path}: cannot use database: {reason}") from exc
+
+    # -- opening ------------------------------------------------------------------------------
+
+    def _configure(self) -> None:
+        conn = self._conn
+        if not self._memory:
+            # Before WAL is entered, so the WAL index lives in heap memory (no -shm file) and
+            # the lock is held for as long as the connection is open.
+            conn.execute("PRAGMA locking_mode = EXCLUSIVE")
+        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if mode != ("memory" if self._memory else "wal"):
+            raise StoreError(f"{self.path}: cannot switch the database to WAL mode (got {mode!r})")
+        conn.execute(f"PRAGMA synchronous = {self._synchronous}")
+
+    def _migrate(self, migrations: Tuple[Migration, ...]) -> None:
+        """Bring the schema to len(migrations) in one transaction, or prove the file is writable.
+
+        BEGIN IMMEDIATE takes the write lock, so a read-only file, a read-only directory (no
+        room for the WAL) or a file held by another server fails here, at start.
+        """
+        conn = self._conn
+        target = len(migrations)
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            app_id = conn.execute("PRAGMA application_id").fetchone()[0]
+            if app_id not in (0, APPLICATION_ID):
+                raise StoreError(
+                    f"{self.path}: not a selchat database (application_id {app_id:#x})"
+                )
+            if version > target:
+                raise StoreError(
+                    f"{self.path}: schema version {version} is newer than this selchat knows"
+                    f" ({target}); upgrade selchat or use another --db"
+                )
+            if version == 0:
+                tables = conn.execute(
+                    "SELECT count(*) FROM sqlite_master WHERE name NOT LIKE 'sqlite_%'"
+                ).fetchone()[0]
+                if tables:
+                    raise StoreError(
+                        f"{self.path}: not a selchat database (it has tables but no schema version)"
+                    )
+            if version == target:
+                # Nothing to upgrade: write something anyway, then undo it, so that a file we
+                # may read but not write is refused now rather than at the first message.
+                conn.execute(f"PRAGMA user_version = {version}")
+                conn.execute("ROLLBACK")
+                return
+            for step in migrations[version:]:
+                for statement in step:
+                    conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {target}")
+            conn.execute("COMMIT")
+        except BaseException:
+            self._rollback_quietly()
+            raise
+
+    def _file_identity(self) -> Tuple[int, int]:
+        st = os.stat(self.path)
+        return st.st_dev, st.st_ino
+
+    def _rollback_quietly(self) -> None:
+        if self._conn.in_transaction:
+            try:
+                self._conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass  # SQLite rolled back on its own (e.g. SQLITE_FULL) or the file is gone
+
+    # -- the MessageStore interface -------------------------------------------------------------
+
+    def last_id(self) -> int:
+        return self._last_id
+
+    def add(self, message: Message) -> None:
+        _check_message(message)
+        self._pending.append(message)
+
+    def commit(self) -> int:
+        if not self._pending:
+            return 0
+        batch, self._pending = self._pending, []
+        rows = [(m.id, m.room.lower(), m.room, m.ts, m.sender, m.text) for m in batch]  # type: ignore[union-attr]
+        started = self._timer()
+        try:
+            if self._identity is not None:
+                self._check_file_still_there()
+            self._conn.execute("BEGIN IMMEDIATE")
+            self._conn.executemany(_INSERT, rows)
+            self._conn.execute("COMMIT")
+        except (sqlite3.Error, ValueError, OverflowError, OSError) as exc:
+            # sqlite3.Error: disk full, I/O error, duplicate id. ValueError: text that is not
+            # valid Unicode (the protocol layer refuses it first). OverflowError: id >= 2**63.
+            self._rollback_quietly()
+            self._failures += 1
+            raise StoreError(
+                f"{self.path}: could not write {len(batch)} message(s): {_one_line(exc)}"
+            ) from exc
+        elapsed = self._timer() - started
+        self._commits += 1
+        self._written += len(batch)
+        self._commit_seconds += elapsed
+        if elapsed > self._max_commit_seconds:
+            self._max_commit_seconds = elapsed
+        return len(batch)
+
+    def _check_file_still_there(self) -> None:
+        """SQLite keeps writing to a deleted or replaced file through its open descriptor (the
+        rows would vanish at the next start), so check the path still names our file."""
+        try:
+            identity = self._file_identity()
+        except OSError as exc:
+            raise OSError(f"database file is gone ({exc.strerror})") from exc
+        if identity != self._identity:
+            raise OSError("database file was replaced by another file")
+
+    def recent(self, room: str, before: Optional[int], limit: int) -> Tuple[List[Message], bool]:
+        _check_query(before, limit)
+        key = room.lower()
+        bound = _NO_UPPER_BOUND if before is None else min(before, _NO_UPPER_BOUND)
+        try:
+            rows = self._conn.execute(_RECENT, (key, bound, limit + 1)).fetchall()
+        except sqlite3.Error as exc:
+            raise StoreError(f"{self.path}: could not read history: {_one_line(exc)}") from exc
+        found = [Message(id=r[0], ts=r[1], sender=r[2], text=r[3], room=r[4]) for r in rows]
+        # Messages added but not committed yet: a handful at most (one loop pass). They are
+        # normally newer than anything in the file, but merging by id does not rely on that.
+        queued = [m for m in self._pending if m.id < bound and m.room.lower() == key]  # type: ignore[union-attr]
+        if queued:
+            found.extend(queued)
+            found.sort(key=lambda m: m.id, reverse=True)
+            del found[limit + 1 :]
+        more = len(found) > limit
+        page = found[:limit]
+        page.reverse()
+        return page, more
+
+    def close(self) -> None:
+        """Commit what is still queued (those messages were accepted), then close the file.
+
+        Raises StoreError if that last commit fails; the file is closed either way.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.commit()
+        finally:
+            self._conn.close()
+
+    def stats(self) -> Dict[str, float]:
+        """Counters for the server's log: successful commits, messages written, failed commits,
+        messages queued now, and the time spent in commits (total and worst, seconds)."""
+        return {
+            "commits": self._commits,
+            "messages": self._written,
+            "failures": self._failures,
+            "pending": len(self._pending),
+            "commit_seconds": self._commit_seconds,
+            "max_commit_seconds": self._max_commit_seconds,
+        }
+
+    def schema_version(self) -> int:
+        return int(self._conn.execute("PRAGMA user_version").fetchone()[0])
