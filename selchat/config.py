@@ -1,0 +1,155 @@
+"""The server's settings and its command line; the one place where options and their defaults meet."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from typing import List, Optional
+
+from selchat import SERVER_NAME
+from selchat.defaults import (
+    DEFAULT_HOST,
+    DEFAULT_PORT,
+    HANDSHAKE_TIMEOUT,
+    HISTORY_ON_JOIN,
+    MAX_FRAME,
+    MAX_OUTBUF,
+    MAX_PRESENCE,
+    MAX_TEXT,
+    NICK_MAX,
+    PING_INTERVAL,
+    PING_TIMEOUT,
+    ROOM_MAX,
+    SHUTDOWN_GRACE,
+)
+
+DEFAULT_DB = "selchat.db"
+
+
+@dataclass
+class ServerConfig:
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT
+    max_frame: int = MAX_FRAME
+    max_text: int = MAX_TEXT
+    max_outbuf: int = MAX_OUTBUF
+    handshake_timeout: float = HANDSHAKE_TIMEOUT
+    ping_interval: float = PING_INTERVAL
+    ping_timeout: float = PING_TIMEOUT
+    max_presence: int = MAX_PRESENCE
+    motd: str = "Welcome to selchat."
+    log_level: str = "info"
+    shutdown_grace: float = SHUTDOWN_GRACE
+    db: str = DEFAULT_DB
+    history_on_join: int = HISTORY_ON_JOIN
+
+    @property
+    def high_water(self) -> int:
+        """Above this many queued bytes we stop reading the client's requests."""
+        return max(self.max_outbuf // 4, 1)
+
+    @property
+    def low_water(self) -> int:
+        """Below this we read again (a gap between the marks avoids flapping)."""
+        return self.high_water // 4
+
+
+def min_frame_for(max_text: int) -> int:
+    """The smallest max_frame that still carries a `message` of max_text code points.
+
+    UTF-8 takes at most 4 bytes per code point, and JSON escaping of the allowed characters
+    (quote, backslash, tab, newline) at most 2; the rest is the envelope: names, id, ts, ref.
+    """
+    envelope = 200 + NICK_MAX + ROOM_MAX + 1
+    return 4 * max_text + envelope
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} must not be negative")
+    return value
+
+
+def _port(text: str) -> int:
+    value = _non_negative_int(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"{value} is not a TCP port (0..65535; 0 picks a free one)")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value > 0 or value != value or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} must be a positive number of seconds")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="selchat-server",
+        description=f"{SERVER_NAME}: a multi-user chat server (one thread, one selectors loop).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    d = ServerConfig()
+    p.add_argument("--host", default=d.host,
+                   help="address to listen on; 0.0.0.0 (or ::) to accept clients from the network")
+    p.add_argument("--port", type=_port, default=d.port, help="TCP port; 0 picks a free one")
+    p.add_argument("--max-frame", type=_positive_int, default=d.max_frame,
+                   help="largest frame payload in bytes, both directions")
+    p.add_argument("--max-text", type=_positive_int, default=d.max_text,
+                   help="longest message text in Unicode code points")
+    p.add_argument("--max-outbuf", type=_positive_int, default=d.max_outbuf,
+                   help="bytes queued for one client before it is dropped as a slow consumer")
+    p.add_argument("--handshake-timeout", type=_seconds, default=d.handshake_timeout,
+                   help="seconds a new connection has to complete hello")
+    p.add_argument("--ping-interval", type=_seconds, default=d.ping_interval,
+                   help="seconds of silence from a client before the server pings it")
+    p.add_argument("--ping-timeout", type=_seconds, default=d.ping_timeout,
+                   help="seconds of silence after which the client is disconnected")
+    p.add_argument("--max-presence", type=_non_negative_int, default=d.max_presence,
+                   help="rooms with more members than this stop broadcasting join/part/quit")
+    p.add_argument("--motd", default=d.motd, help="message of the day sent in welcome")
+    p.add_argument("--shutdown-grace", type=_seconds, default=d.shutdown_grace,
+                   help="seconds to flush queued output to clients at shutdown")
+    p.add_argument("--db", default=d.db,
+                   help="SQLite file for room history, created if missing; ':memory:' keeps nothing")
+    p.add_argument("--history-on-join", type=_non_negative_int, default=d.history_on_join,
+                   help="room messages sent to a client right after it joins")
+    p.add_argument("--log-level", default=d.log_level,
+                   choices=["debug", "info", "warning", "error", "critical"], help="logging threshold")
+    return p
+
+
+def parse_args(argv: Optional[List[str]] = None) -> ServerConfig:
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    config = ServerConfig(**vars(ns))
+    if config.max_frame < min_frame_for(config.max_text):
+        parser.error(
+            f"--max-frame {config.max_frame} is too small for --max-text {config.max_text}: "
+            f"needs at least {min_frame_for(config.max_text)}"
+        )
+    if config.ping_timeout <= config.ping_interval:
+        parser.error("--ping-timeout must be longer than --ping-interval")
+    from selchat.protocol import text_problem
+
+    if text_problem(config.motd, 10 * config.max_text) and config.motd != "":
+        parser.error("--motd must be printable text (no control characters)")
+    return config

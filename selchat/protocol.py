@@ -1,0 +1,413 @@
+"""The frame protocol's rules: JSON objects in, validated requests out; events in, JSON objects out.
+
+Everything a peer can get wrong inside a well-formed frame is checked here, and refused with a
+`ProtocolError` that carries the protocol's error word. The chat state receives only requests
+that passed, so it deals in meaning (who may say what where), never in shapes of JSON.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+
+from selchat import codec, events
+from selchat.defaults import (
+    CLIENT_NAME_MAX,
+    HISTORY_LIMIT_DEFAULT,
+    HISTORY_LIMIT_MAX,
+    MAX_TEXT,
+    NAMES_CHUNK,
+    NICK_MAX,
+    REASON_MAX,
+    ROOM_MAX,
+)
+
+Ref = Union[str, int, None]
+
+
+class ProtocolError(Exception):
+    """A request the server refuses; `code` is the protocol's error word, `ref` the request's."""
+
+    def __init__(self, code: str, message: str, ref: Ref = None) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+        self.ref = ref
+
+
+# --- names and text -------------------------------------------------------------------------
+
+_NICK = re.compile(r"[A-Za-z_\[\]{}\\|^][A-Za-z0-9_\-\[\]{}\\|^]{0,%d}" % (NICK_MAX - 1))
+_ROOM = re.compile(r"#[A-Za-z0-9_\-]{1,%d}" % ROOM_MAX)
+# C0 controls but tab and newline, DEL, and C1 controls.
+_BAD_TEXT_CHAR = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def valid_nick(nick: str) -> bool:
+    return _NICK.fullmatch(nick) is not None
+
+
+def valid_room(room: str) -> bool:
+    return _ROOM.fullmatch(room) is not None
+
+
+def fold(name: str) -> str:
+    """The key under which nicks and rooms collide: ASCII case folded (names are ASCII only)."""
+    return name.lower()
+
+
+def text_problem(text: str, max_text: int) -> Optional[str]:
+    """Why `text` may not be carried, or None when it may."""
+    if not text:
+        return "text is empty"
+    if len(text) > max_text:
+        return f"text is longer than {max_text} characters"
+    if text.isspace():
+        return "text is only whitespace"
+    if _BAD_TEXT_CHAR.search(text):
+        return "text holds a control character"
+    return None
+
+
+# --- requests -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Hello:
+    nick: str
+    client: Optional[str] = None
+    password: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class Say:
+    room: str
+    text: str
+
+
+@dataclass(frozen=True)
+class Msg:
+    to: str
+    text: str
+
+
+@dataclass(frozen=True)
+class JoinRoom:
+    room: str
+
+
+@dataclass(frozen=True)
+class PartRoom:
+    room: str
+
+
+@dataclass(frozen=True)
+class ChangeNick:
+    nick: str
+
+
+@dataclass(frozen=True)
+class Who:
+    room: str
+
+
+@dataclass(frozen=True)
+class ListRooms:
+    pass
+
+
+@dataclass(frozen=True)
+class PingRequest:
+    token: Any = None
+
+
+@dataclass(frozen=True)
+class PongReply:
+    token: Any = None
+
+
+@dataclass(frozen=True)
+class QuitRequest:
+    reason: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class HistoryRequest:
+    room: str
+    before: Optional[int] = None
+    limit: int = HISTORY_LIMIT_DEFAULT
+
+
+Request = Union[
+    Hello, Say, Msg, JoinRoom, PartRoom, ChangeNick, Who, ListRooms, PingRequest, PongReply,
+    QuitRequest, HistoryRequest,
+]
+
+# Requests served before `welcome`; any other known type then gets `not_registered`.
+PRE_REGISTRATION = (Hello, PingRequest, PongReply, QuitRequest)
+
+
+class _Members:
+    """Typed access to a request's members that raises `bad_request` with the member's name."""
+
+    __slots__ = ("obj", "ref", "kind")
+
+    def __init__(self, obj: Dict[str, Any], ref: Ref, kind: str) -> None:
+        self.obj = obj
+        self.ref = ref
+        self.kind = kind
+
+    def _fail(self, message: str) -> ProtocolError:
+        return ProtocolError("bad_request", f"{self.kind}: {message}", self.ref)
+
+    def string(self, name: str, required: bool = True) -> Optional[str]:
+        value = self.obj.get(name)
+        if value is None and not required and name not in self.obj:
+            return None
+        if not isinstance(value, str):
+            raise self._fail(f"member '{name}' must be a string")
+        return value
+
+    def integer(self, name: str) -> Optional[int]:
+        if name not in self.obj:
+            return None
+        value = self.obj[name]
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self._fail(f"member '{name}' must be an integer")
+        return value
+
+    def token(self, name: str) -> Any:
+        """Ping tokens are echoed verbatim, so any string or integer will do."""
+        if name not in self.obj:
+            return None
+        value = self.obj[name]
+        if isinstance(value, bool) or not isinstance(value, (str, int)):
+            raise self._fail(f"member '{name}' must be a string or an integer")
+        return value
+
+
+class Parser:
+    """Turns a decoded JSON object into a validated request, given the server's limits."""
+
+    def __init__(self, max_text: int = MAX_TEXT) -> None:
+        self.max_text = max_text
+        self._builders: Dict[str, Callable[[_Members], Request]] = {
+            "hello": self._hello,
+            "say": self._say,
+            "msg": self._msg,
+            "join": lambda m: JoinRoom(self._room(m, "room")),
+            "part": lambda m: PartRoom(self._room(m, "room")),
+            "nick": lambda m: ChangeNick(self._nick(m, "nick")),
+            "who": lambda m: Who(self._room(m, "room")),
+            "rooms": lambda m: ListRooms(),
+            "ping": lambda m: PingRequest(m.token("token")),
+            "pong": lambda m: PongReply(m.token("token")),
+            "quit": self._quit,
+            "history": self._history,
+        }
+
+    @staticmethod
+    def ref_of(obj: Dict[str, Any]) -> Ref:
+        """The request's `ref` if it is a usable one, else None (so errors never echo junk)."""
+        ref = obj.get("ref")
+        if isinstance(ref, bool) or not isinstance(ref, (str, int)):
+            return None
+        return ref
+
+    def parse(self, obj: Dict[str, Any], registered: bool = True) -> Tuple[Request, Ref]:
+        """Validate one decoded frame; raise ProtocolError with the protocol's word when it fails."""
+        kind = obj["type"]
+        ref = self.ref_of(obj)
+        builder = self._builders.get(kind)
+        if builder is None:
+            raise ProtocolError("unknown_type", f"unknown request type {kind!r}", ref)
+        if "ref" in obj and ref is None:
+            raise ProtocolError("bad_request", "member 'ref' must be a string or an integer")
+        if not registered and kind not in ("hello", "ping", "pong", "quit"):
+            raise ProtocolError("not_registered", "send hello first", ref)
+        return builder(_Members(obj, ref, kind)), ref
+
+    def _nick(self, m: _Members, name: str) -> str:
+        nick = m.string(name)
+        assert nick is not None
+        if not valid_nick(nick):
+            raise ProtocolError(
+                "bad_nick",
+                f"nick must be 1..{NICK_MAX} of A-Z a-z 0-9 _ - [ ] {{ }} \\ | ^, "
+                "not starting with a digit or '-'",
+                m.ref,
+            )
+        return nick
+
+    def _room(self, m: _Members, name: str) -> str:
+        room = m.string(name)
+        assert room is not None
+        if not valid_room(room):
+            raise ProtocolError(
+                "bad_room", f"room must be '#' and 1..{ROOM_MAX} of A-Z a-z 0-9 _ -", m.ref
+            )
+        return room
+
+    def _text(self, m: _Members, name: str, max_len: int) -> str:
+        text = m.string(name)
+        assert text is not None
+        problem = text_problem(text, max_len)
+        if problem:
+            raise ProtocolError("bad_text", problem, m.ref)
+        return text
+
+    def _hello(self, m: _Members) -> Hello:
+        client = m.string("client", required=False)
+        password = m.string("password", required=False)
+        nick = self._nick(m, "nick")
+        if client is not None:
+            client = codec_safe(client)[:CLIENT_NAME_MAX]
+        return Hello(nick, client, password)
+
+    def _say(self, m: _Members) -> Say:
+        m.string("text")  # shape errors before name errors, whatever the member order
+        room = self._room(m, "room")
+        return Say(room, self._text(m, "text", self.max_text))
+
+    def _msg(self, m: _Members) -> Msg:
+        m.string("text")
+        to = m.string("to")
+        assert to is not None
+        return Msg(to, self._text(m, "text", self.max_text))
+
+    def _quit(self, m: _Members) -> QuitRequest:
+        if m.string("reason", required=False) is None:
+            return QuitRequest(None)
+        return QuitRequest(self._text(m, "reason", REASON_MAX))
+
+    def _history(self, m: _Members) -> HistoryRequest:
+        before = m.integer("before")
+        limit = m.integer("limit")
+        if limit is None:
+            limit = HISTORY_LIMIT_DEFAULT
+        elif not 1 <= limit <= HISTORY_LIMIT_MAX:
+            raise ProtocolError("bad_request", f"history: limit must be 1..{HISTORY_LIMIT_MAX}", m.ref)
+        room = self._room(m, "room")
+        return HistoryRequest(room, before, limit)
+
+
+def codec_safe(text: str) -> str:
+    """Free text kept only for logs: control characters replaced, so a log line stays one line."""
+    return _BAD_TEXT_CHAR.sub("?", text)
+
+
+# --- events ---------------------------------------------------------------------------------
+
+
+def message_object(msg: events.Message) -> Dict[str, Any]:
+    obj: Dict[str, Any] = {"type": "message", "id": msg.id, "ts": msg.ts, "from": msg.sender}
+    if msg.room is not None:
+        obj["room"] = msg.room
+    else:
+        obj["to"] = msg.to
+    obj["text"] = msg.text
+    return obj
+
+
+def _with_ref(obj: Dict[str, Any], ref: Ref) -> Dict[str, Any]:
+    if ref is not None:
+        obj["ref"] = ref
+    return obj
+
+
+def event_object(event: events.Event, ref: Ref = None) -> Dict[str, Any]:
+    """One event as one JSON object (`names` and `history` may need `encode_event` to split)."""
+    obj: Dict[str, Any]
+    if isinstance(event, events.Message):
+        obj = message_object(event)
+    elif isinstance(event, events.Join):
+        obj = {"type": "join", "room": event.room, "nick": event.nick}
+    elif isinstance(event, events.Part):
+        obj = {"type": "part", "room": event.room, "nick": event.nick}
+    elif isinstance(event, events.Quit):
+        obj = {"type": "quit", "nick": event.nick, "reason": event.reason}
+    elif isinstance(event, events.NickChange):
+        obj = {"type": "nick", "old": event.old, "new": event.new}
+    elif isinstance(event, events.Names):
+        obj = {"type": "names", "room": event.room, "nicks": list(event.nicks), "more": False}
+    elif isinstance(event, events.RoomList):
+        obj = {"type": "rooms", "rooms": [{"name": r.name, "members": r.members} for r in event.rooms]}
+    elif isinstance(event, events.History):
+        obj = {
+            "type": "history",
+            "room": event.room,
+            "messages": [message_object(m) for m in event.messages],
+            "more": event.more,
+        }
+    elif isinstance(event, events.Pong):
+        obj = {"type": "pong"}
+        if event.token is not None:
+            obj["token"] = event.token
+    elif isinstance(event, events.Ping):
+        obj = {"type": "ping", "token": event.token}
+    elif isinstance(event, events.Notice):
+        obj = {"type": "notice", "text": event.text}
+    elif isinstance(event, events.Error):
+        obj = {"type": "error", "code": event.code, "message": event.message}
+    elif isinstance(event, events.Welcome):
+        obj = {
+            "type": "welcome",
+            "nick": event.nick,
+            "server": event.server,
+            "motd": event.motd,
+            "limits": {"max_frame": event.max_frame, "max_text": event.max_text},
+        }
+    else:  # pragma: no cover - a new event type without a wire form is a bug here
+        raise TypeError(f"no wire form for {event!r}")
+    return _with_ref(obj, ref)
+
+
+def encode_event(event: events.Event, ref: Ref, max_frame: int) -> List[bytes]:
+    """Encode an event as one or more frames, none larger than `max_frame`.
+
+    `names` comes in chunks of at most NAMES_CHUNK nicks, each cut further if it would not fit;
+    `history` keeps the newest messages that fit and says `more: true` when it dropped older ones.
+    """
+    if isinstance(event, events.Names):
+        return _encode_names(event, ref, max_frame)
+    if isinstance(event, events.History):
+        return [_encode_history(event, ref, max_frame)]
+    return [codec.encode(event_object(event, ref), max_frame)]
+
+
+def _encode_names(event: events.Names, ref: Ref, max_frame: int) -> List[bytes]:
+    frames: List[bytes] = []
+    nicks = list(event.nicks)
+    start = 0
+    while True:
+        count = min(NAMES_CHUNK, len(nicks) - start)
+        while True:
+            chunk = nicks[start : start + count]
+            last = start + count >= len(nicks)
+            obj = _with_ref({"type": "names", "room": event.room, "nicks": chunk, "more": not last}, ref)
+            try:
+                frames.append(codec.encode(obj, max_frame))
+                break
+            except codec.EncodeError:
+                if count <= 1:
+                    raise
+                count //= 2
+        start += count
+        if start >= len(nicks):
+            return frames
+
+
+def _encode_history(event: events.History, ref: Ref, max_frame: int) -> bytes:
+    messages = [message_object(m) for m in event.messages]
+    more = event.more
+    while True:
+        obj = _with_ref({"type": "history", "room": event.room, "messages": messages, "more": more}, ref)
+        try:
+            return codec.encode(obj, max_frame)
+        except codec.EncodeError:
+            if not messages:
+                raise
+            # Drop the oldest half (at least one): the client can page back for them.
+            messages = messages[max(1, len(messages) // 2) :] if len(messages) > 1 else []
+            more = True

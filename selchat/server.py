@@ -1,0 +1,614 @@
+"""The event loop: one thread, one selector, non-blocking sockets. It moves bytes and time, nothing else.
+
+Each pass of the loop:
+  1. waits in `select` until a socket is ready or the nearest timer is due;
+  2. accepts new connections and reads from readable ones; every complete frame is decoded,
+     validated and handed to the chat state, and the deliveries it returns are encoded once
+     each and queued on the recipients' output buffers (nothing is sent yet);
+  3. runs due timers (handshake, ping and linger deadlines);
+  4. before sleeping again: disconnects the clients condemned during the pass, commits the
+     pass's messages to the store in one transaction, and only then writes each dirty
+     connection's queued bytes with one gather `sendmsg`.
+
+Invariants this file keeps:
+  * nothing blocks: every socket is non-blocking, and nothing waits but `select`;
+  * nothing reorders: a connection's bytes leave in the order they were queued, and each pass
+    handles a connection's frames in the order they arrived;
+  * nothing is sent before it is stored: writes happen only after the pass's commit;
+  * nothing unbounded: input is read in RECV_SIZE pieces and only while the client's own output
+    is below the high-water mark; output beyond `max_outbuf` drops the client;
+  * no teardown in the middle of a broadcast: a client that must go is marked, and removed
+    between requests, when the chat state is consistent.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import resource
+import selectors
+import signal
+import socket
+import sys
+import time
+from typing import Any, Dict, List, Optional, Set
+
+from selchat import SERVER_NAME, codec, events
+from selchat.chat import Chat, ChatError, Delivery, User
+from selchat.config import ServerConfig, parse_args
+from selchat.defaults import ACCEPT_PAUSE, ACCEPT_PER_PASS, LINGER_TIMEOUT, LISTEN_BACKLOG, RECV_SIZE
+from selchat.outbuffer import OutBuffer
+from selchat.protocol import (
+    Hello,
+    Parser,
+    PingRequest,
+    PongReply,
+    ProtocolError,
+    QuitRequest,
+    Ref,
+    encode_event,
+)
+from selchat.timers import TimerHeap
+
+log = logging.getLogger("selchat.server")
+
+# Connection states. OPEN serves requests; FLUSHING sends what is queued, then half-closes;
+# LINGERING has sent everything and reads (discarding) until the peer closes or time is up, so a
+# peer still sending does not get a reset that could destroy our last words before it reads them.
+OPEN, FLUSHING, LINGERING, CLOSED = range(4)
+
+
+class Connection:
+    """Per-connection state; kept small because 10,000 of them must fit in a few MiB."""
+
+    __slots__ = (
+        "sock", "fd", "peer", "decoder", "out", "user", "state", "mask", "reading",
+        "last_seen", "pinged", "dirty", "doom", "close_reason", "linger_until",
+    )
+
+    def __init__(self, sock: socket.socket, peer: str, max_frame: int, now: float) -> None:
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.peer = peer
+        self.decoder = codec.FrameDecoder(max_frame)
+        self.out = OutBuffer()
+        self.user: Optional[User] = None
+        self.state = OPEN
+        self.mask = 0  # events registered with the selector now
+        self.reading = True  # False while backpressure (or closing) stops us serving requests
+        self.last_seen = now
+        self.pinged = False
+        self.dirty = False  # queued output not yet tried this pass
+        self.doom: Optional[str] = None  # quit reason once the connection is condemned
+        self.close_reason = ""
+        self.linger_until = 0.0
+
+    @property
+    def name(self) -> str:
+        return f"{self.peer} ({self.user.nick})" if self.user is not None else self.peer
+
+
+class Server:
+    def __init__(self, config: ServerConfig, store: Any) -> None:
+        self.config = config
+        self.store = store
+        self.parser = Parser(config.max_text)
+        self.chat = Chat(
+            store,
+            server_name=SERVER_NAME,
+            motd=config.motd,
+            max_frame=config.max_frame,
+            max_text=config.max_text,
+            max_presence=config.max_presence,
+            history_on_join=config.history_on_join,
+        )
+        self.selector = selectors.DefaultSelector()
+        self.timers = TimerHeap()
+        self.connections: Dict[int, Connection] = {}
+        self.listener: Optional[socket.socket] = None
+        self.address: tuple = ()
+        self.now = time.monotonic()
+        self._dirty: List[Connection] = []
+        self._doomed: List[Connection] = []
+        self._stopping = False
+        self._stop_requested = False
+        self._stop_deadline = 0.0
+        self._wakeup_r: Optional[socket.socket] = None
+        self._wakeup_w: Optional[socket.socket] = None
+        self._accepting = False
+        self.stats = {"accepted": 0, "frames_in": 0, "commits": 0}
+
+    # --- set-up -----------------------------------------------------------------------------
+
+    def listen(self) -> None:
+        cfg = self.config
+        infos = socket.getaddrinfo(cfg.host, cfg.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family, type_, proto, _, sockaddr = infos[0]
+        sock = socket.socket(family, type_, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(sockaddr)
+        sock.listen(LISTEN_BACKLOG)
+        sock.setblocking(False)
+        self.listener = sock
+        self.address = sock.getsockname()[:2]
+        self.selector.register(sock, selectors.EVENT_READ, None)
+        self._accepting = True
+        log.info("listening on %s:%d", self.address[0], self.address[1])
+
+    def install_signal_handlers(self) -> None:
+        """SIGINT/SIGTERM start a graceful shutdown; a wake-up socket makes `select` return at once."""
+        self._wakeup_r, self._wakeup_w = socket.socketpair()
+        self._wakeup_r.setblocking(False)
+        self._wakeup_w.setblocking(False)
+        signal.set_wakeup_fd(self._wakeup_w.fileno(), warn_on_full_buffer=False)
+        self.selector.register(self._wakeup_r, selectors.EVENT_READ, "wakeup")
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        # Only a flag here: the handler may run between any two bytecodes of the loop, so the
+        # loop itself starts the shutdown at the end of the pass, when its state is consistent.
+        if not self._stop_requested:
+            log.info("received %s: shutting down", signal.Signals(signum).name)
+            self._stop_requested = True
+
+    # --- the loop ---------------------------------------------------------------------------
+
+    def serve_forever(self) -> None:
+        select = self.selector.select
+        timers = self.timers
+        while True:
+            deadline = timers.next_deadline()
+            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+            ready = select(timeout)
+            self.now = time.monotonic()
+            for key, mask in ready:
+                conn = key.data
+                if conn is None:
+                    self._accept()
+                elif conn == "wakeup":
+                    self._drain_wakeup()
+                else:
+                    if mask & selectors.EVENT_READ:
+                        self._on_readable(conn)
+                    if mask & selectors.EVENT_WRITE and not conn.dirty and conn.state != CLOSED:
+                        conn.dirty = True
+                        self._dirty.append(conn)
+            timers.run_due(self.now)
+            if self._stop_requested and not self._stopping:
+                self.request_stop()
+            self._before_sleep()
+            if self._stopping and (not self.connections or self.now >= self._stop_deadline):
+                break
+        self._finish()
+
+    def _before_sleep(self) -> None:
+        """Condemned clients out, the pass's messages committed, then the queued bytes written."""
+        committed = False
+        while True:
+            while self._doomed:
+                doomed, self._doomed = self._doomed, []
+                for conn in doomed:
+                    self._drop(conn)
+            if not committed:
+                self._commit()
+                committed = True
+            if not self._dirty:
+                return
+            # Writing can fail and drop a client, which queues `quit` for others: loop until quiet.
+            dirty, self._dirty = self._dirty, []
+            for conn in dirty:
+                conn.dirty = False
+                if conn.state != CLOSED:
+                    self._flush(conn)
+
+    def _commit(self) -> None:
+        try:
+            stored = self.store.commit()
+        except Exception as exc:  # the store says what failed; keep serving without it
+            log.error("history store write failed, messages of this pass are not stored: %s", exc)
+            return
+        if stored:
+            self.stats["commits"] += 1
+
+    # --- accepting --------------------------------------------------------------------------
+
+    def _accept(self) -> None:
+        assert self.listener is not None
+        for _ in range(ACCEPT_PER_PASS):
+            try:
+                sock, addr = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    log.warning("accept failed (%s): pausing accepts for %.1fs", exc.strerror, ACCEPT_PAUSE)
+                    self._pause_accepting()
+                    return
+                log.info("accept failed: %s", exc)  # e.g. the peer gave up before we got to it
+                continue
+            self._add_connection(sock, addr)
+
+    def _pause_accepting(self) -> None:
+        if self._accepting and self.listener is not None:
+            self.selector.unregister(self.listener)
+            self._accepting = False
+            self.timers.call_at(self.now + ACCEPT_PAUSE, self._resume_accepting)
+
+    def _resume_accepting(self, _: Any = None) -> None:
+        if not self._accepting and not self._stopping and self.listener is not None:
+            self.selector.register(self.listener, selectors.EVENT_READ, None)
+            self._accepting = True
+
+    def _add_connection(self, sock: socket.socket, addr: Any) -> None:
+        sock.setblocking(False)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
+        peer = f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else str(addr)
+        conn = Connection(sock, peer, self.config.max_frame, self.now)
+        self.connections[conn.fd] = conn
+        conn.mask = selectors.EVENT_READ
+        self.selector.register(sock, selectors.EVENT_READ, conn)
+        self.stats["accepted"] += 1
+        self.timers.call_at(self.now + self.config.handshake_timeout, self._handshake_deadline, conn)
+        self.timers.call_at(self.now + self.config.ping_interval, self._idle_check, conn)
+        log.debug("connected: %s", peer)
+
+    # --- reading ----------------------------------------------------------------------------
+
+    def _on_readable(self, conn: Connection) -> None:
+        try:
+            data = conn.sock.recv(RECV_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._close_now(conn, "connection closed", f"read failed: {exc.strerror}")
+            return
+        if not data:
+            if conn.state == OPEN:
+                detail = "peer closed mid-frame" if conn.decoder.buffered else "peer closed"
+                self._close_now(conn, "connection closed", detail)
+            else:
+                self._close_now(conn, None, conn.close_reason or "closed")
+            return
+        if conn.state != OPEN:
+            return  # closing: input is drained and discarded, never served
+        conn.last_seen = self.now
+        conn.pinged = False
+        decoder = conn.decoder
+        decoder.feed(data)
+        while conn.state == OPEN:
+            try:
+                payload = decoder.next_frame()
+            except codec.FrameError as exc:
+                log.info("protocol error from %s: %s", conn.name, exc.message)
+                self._send_error(conn, exc.code, exc.message, None)
+                self._close_after_flush(conn, "protocol error", exc.message)
+                return
+            if payload is None:
+                return
+            self._on_frame(conn, payload)
+
+    def _on_frame(self, conn: Connection, payload: bytes) -> None:
+        self.stats["frames_in"] += 1
+        try:
+            obj = codec.decode(payload)
+        except codec.PayloadError as exc:
+            self._send_error(conn, exc.code, exc.message, None)
+            return
+        try:
+            request, ref = self.parser.parse(obj, registered=conn.user is not None)
+        except ProtocolError as exc:
+            self._send_error(conn, exc.code, exc.message, exc.ref)
+            return
+        user = conn.user
+        if user is None:
+            self._on_unregistered(conn, request, ref)
+            return
+        if type(request) is Hello:
+            self._send_error(conn, "already_registered", "you are registered already", ref)
+            return
+        try:
+            deliveries = self.chat.handle(user, request, int(time.time() * 1000))
+        except ChatError as exc:
+            self._send_error(conn, exc.code, exc.message, ref)
+            return
+        self._deliver(deliveries, ref)
+        if type(request) is QuitRequest:
+            conn.user = None  # the chat state has let go of this user
+            self._close_after_flush(conn, None, f"quit: {request.reason or 'quit'}")
+
+    def _on_unregistered(self, conn: Connection, request: Any, ref: Ref) -> None:
+        kind = type(request)
+        if kind is Hello:
+            try:
+                user, deliveries = self.chat.register(request.nick, conn)
+            except ChatError as exc:
+                self._send_error(conn, exc.code, exc.message, ref)
+                return
+            conn.user = user
+            log.info("registered: %s as %s (client %r)", conn.peer, user.nick, request.client)
+            self._deliver(deliveries, ref)
+        elif kind is PingRequest:
+            self._queue_event(conn, events.Pong(request.token), ref)
+        elif kind is QuitRequest:
+            self._close_after_flush(conn, None, "quit before registering")
+        # a pong before registering needs no answer
+
+    # --- queuing output ---------------------------------------------------------------------
+
+    def _deliver(self, deliveries: List[Delivery], ref: Ref) -> None:
+        """Encode each event once and queue the same bytes for every recipient."""
+        max_frame = self.config.max_frame
+        shared: Optional[List[bytes]] = None
+        shared_event: Any = None
+        for delivery in deliveries:
+            event = delivery.event
+            if delivery.reply and ref is not None:
+                frames = encode_event(event, ref, max_frame)
+            elif event is shared_event and shared is not None:
+                frames = shared  # the echo of a broadcast carries no ref: the very same bytes
+            else:
+                frames = encode_event(event, None, max_frame)
+                shared, shared_event = frames, event
+            skip = delivery.skip
+            queue = self._queue
+            if len(frames) == 1:
+                data = frames[0]
+                for user in delivery.recipients:
+                    if user is not skip:
+                        queue(user.endpoint, data)
+            else:
+                for user in delivery.recipients:
+                    if user is not skip:
+                        for data in frames:
+                            queue(user.endpoint, data)
+
+    def _queue(self, conn: Connection, data: bytes) -> None:
+        if conn.doom is not None or conn.state == CLOSED or conn.state == LINGERING:
+            return
+        out = conn.out
+        out.append(data)
+        if out.size > self.config.max_outbuf:
+            out.clear()
+            self._condemn(conn, "slow consumer")
+            return
+        if not conn.dirty:
+            conn.dirty = True
+            self._dirty.append(conn)
+
+    def _queue_event(self, conn: Connection, event: events.Event, ref: Ref) -> None:
+        for data in encode_event(event, ref, self.config.max_frame):
+            self._queue(conn, data)
+
+    def _send_error(self, conn: Connection, code: str, message: str, ref: Ref) -> None:
+        self._queue_event(conn, events.Error(code, message), ref)
+
+    # --- writing ----------------------------------------------------------------------------
+
+    def _flush(self, conn: Connection) -> None:
+        out = conn.out
+        if out.size:
+            try:
+                out.send_to(conn.sock)
+            except OSError as exc:
+                out.clear()
+                if conn.state == OPEN:
+                    self._close_now(conn, "connection closed", f"write failed: {exc.strerror}")
+                else:
+                    self._close_now(conn, None, conn.close_reason)
+                return
+        if not out.size and conn.state == FLUSHING:
+            self._start_linger(conn)
+            return
+        if conn.state == OPEN:
+            # Backpressure: a client not reading its own output does not get more served.
+            if conn.reading and out.size > self.config.high_water:
+                conn.reading = False
+            elif not conn.reading and out.size <= self.config.low_water:
+                conn.reading = True
+        self._update_interest(conn)
+
+    def _update_interest(self, conn: Connection) -> None:
+        want = 0
+        if conn.reading:
+            want |= selectors.EVENT_READ
+        if conn.out.size:
+            want |= selectors.EVENT_WRITE
+        if want == conn.mask:
+            return
+        if conn.mask == 0:
+            self.selector.register(conn.sock, want, conn)
+        elif want == 0:
+            self.selector.unregister(conn.sock)
+        else:
+            self.selector.modify(conn.sock, want, conn)
+        conn.mask = want
+
+    # --- closing ----------------------------------------------------------------------------
+
+    def _condemn(self, conn: Connection, reason: str) -> None:
+        """Mark for removal between requests (never in the middle of a broadcast)."""
+        if conn.doom is None and conn.state != CLOSED:
+            conn.doom = reason
+            self._doomed.append(conn)
+
+    def _drop(self, conn: Connection) -> None:
+        reason = conn.doom or "connection closed"
+        log.info("dropping %s: %s", conn.name, reason)
+        self._close_now(conn, reason, reason)
+
+    def _leave_chat(self, conn: Connection, quit_reason: Optional[str]) -> None:
+        user = conn.user
+        if user is None:
+            return
+        conn.user = None
+        if quit_reason is not None:
+            self._deliver(self.chat.disconnect(user, quit_reason), None)
+
+    def _close_after_flush(self, conn: Connection, quit_reason: Optional[str], detail: str) -> None:
+        """Leave the chat now; send what is queued, half-close, then linger briefly before closing."""
+        if conn.state != OPEN:
+            return
+        self._leave_chat(conn, quit_reason)
+        conn.state = FLUSHING
+        conn.close_reason = detail
+        conn.reading = True  # keep draining input so closing never resets the peer
+        conn.linger_until = self.now + LINGER_TIMEOUT + self.config.shutdown_grace
+        self.timers.call_at(conn.linger_until, self._linger_deadline, conn)
+        if not conn.dirty:
+            conn.dirty = True
+            self._dirty.append(conn)
+
+    def _start_linger(self, conn: Connection) -> None:
+        conn.state = LINGERING
+        try:
+            conn.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            self._close_now(conn, None, conn.close_reason)
+            return
+        conn.linger_until = min(conn.linger_until, self.now + LINGER_TIMEOUT)
+        self.timers.call_at(conn.linger_until, self._linger_deadline, conn)
+        self._update_interest(conn)
+
+    def _close_now(self, conn: Connection, quit_reason: Optional[str], detail: str) -> None:
+        if conn.state == CLOSED:
+            return
+        self._leave_chat(conn, quit_reason)
+        conn.state = CLOSED
+        conn.out.clear()
+        if conn.mask:
+            self.selector.unregister(conn.sock)
+            conn.mask = 0
+        self.connections.pop(conn.fd, None)
+        try:
+            conn.sock.close()
+        except OSError:
+            pass
+        log.info("closed: %s: %s", conn.peer, detail)
+
+    # --- timers -----------------------------------------------------------------------------
+
+    def _handshake_deadline(self, conn: Connection) -> None:
+        if conn.state == OPEN and conn.user is None:
+            self._close_now(conn, None, "handshake timeout")
+
+    def _idle_check(self, conn: Connection) -> None:
+        """One heap entry per connection, re-armed from `last_seen`; no per-frame timer work."""
+        if conn.state != OPEN:
+            return
+        cfg = self.config
+        silence = self.now - conn.last_seen
+        if silence >= cfg.ping_timeout:
+            self._close_now(conn, "ping timeout", "ping timeout")
+            return
+        if silence >= cfg.ping_interval:
+            if not conn.pinged:
+                conn.pinged = True
+                self._queue_event(conn, events.Ping(f"{int(self.now * 1000)}"), None)
+            self.timers.call_at(conn.last_seen + cfg.ping_timeout, self._idle_check, conn)
+        else:
+            self.timers.call_at(conn.last_seen + cfg.ping_interval, self._idle_check, conn)
+
+    def _linger_deadline(self, conn: Connection) -> None:
+        if conn.state in (FLUSHING, LINGERING) and self.now >= conn.linger_until:
+            self._close_now(conn, None, conn.close_reason)
+
+    # --- shutdown ---------------------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        """Stop accepting, tell every client, and give them `shutdown_grace` to receive it."""
+        if self._stopping:
+            return
+        self._stopping = True
+        self.now = time.monotonic()
+        self._stop_deadline = self.now + self.config.shutdown_grace
+        if self.listener is not None:
+            if self._accepting:
+                self.selector.unregister(self.listener)
+                self._accepting = False
+            self.listener.close()
+        notice = events.Notice("server shutting down")
+        for conn in list(self.connections.values()):
+            if conn.state == OPEN:
+                self._queue_event(conn, notice, None)
+                conn.user = None  # everyone leaves at once: no quit storm for the last seconds
+                self._close_after_flush(conn, None, "server shutting down")
+                conn.linger_until = self._stop_deadline
+        self.timers.call_at(self._stop_deadline, lambda _: None)  # wake the loop at the deadline
+
+    def _drain_wakeup(self) -> None:
+        assert self._wakeup_r is not None
+        try:
+            while self._wakeup_r.recv(512):
+                pass
+        except (BlockingIOError, InterruptedError):
+            pass
+
+    def _finish(self) -> None:
+        for conn in list(self.connections.values()):
+            self._close_now(conn, None, "server stopped")
+        self._commit()
+        self.selector.close()
+        if self._wakeup_r is not None:
+            signal.set_wakeup_fd(-1)
+            self._wakeup_r.close()
+            assert self._wakeup_w is not None
+            self._wakeup_w.close()
+        log.info("stopped")
+
+
+def raise_open_file_limit() -> None:
+    """Each client is a file descriptor: take every one the hard limit allows."""
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        if soft < target:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ValueError, OSError) as exc:
+        log.warning("could not raise the open-files limit: %s", exc)
+
+
+def open_store(path: str) -> Any:
+    from selchat.store import SQLiteStore
+
+    return SQLiteStore(path)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    config = parse_args(argv)
+    logging.basicConfig(
+        level=config.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        store = open_store(config.db)
+    except Exception as exc:
+        from selchat.store import StoreError
+
+        if not isinstance(exc, StoreError):
+            raise
+        print(f"selchat-server: cannot use history database {config.db}: {exc}", file=sys.stderr)
+        return 1
+    raise_open_file_limit()
+    server = Server(config, store)
+    try:
+        server.listen()
+    except OSError as exc:
+        print(f"selchat-server: cannot listen on {config.host}:{config.port}: {exc.strerror or exc}",
+              file=sys.stderr)
+        store.close()
+        return 1
+    server.install_signal_handlers()
+    try:
+        server.serve_forever()
+    finally:
+        store.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
