@@ -82,7 +82,7 @@ class MessageStore(Protocol):
     """What the chat state and the server loop need from a store."""
 
     def last_id(self) -> int:
-        """The highest id stored when the store was opened (0 if none)."""
+        """The highest id committed so far (0 if none); the chat reads it once, at start-up."""
 
     def add(self, message: Message) -> None:
         """Queue a room message for the next `commit()`; no I/O. ValueError for a private one."""
@@ -126,6 +126,7 @@ class MemoryStore:
         self._rooms: Dict[str, Deque[Message]] = {}
         self._last_id = 0
         self._pending = 0
+        self._pending_last_id = 0
         self._commits = 0
         self._written = 0
 
@@ -139,8 +140,8 @@ class MemoryStore:
         if room is None:
             room = self._rooms[key] = deque(maxlen=self.cap_per_room)
         room.append(message)
-        if message.id > self._last_id:
-            self._last_id = message.id
+        if message.id > self._pending_last_id:
+            self._pending_last_id = message.id
         self._pending += 1
 
     def commit(self) -> int:
@@ -148,6 +149,7 @@ class MemoryStore:
         if count:
             self._commits += 1
             self._written += count
+            self._last_id = max(self._last_id, self._pending_last_id)
         return count
 
     def recent(self, room: str, before: Optional[int], limit: int) -> Tuple[List[Message], bool]:
@@ -186,6 +188,18 @@ class MemoryStore:
 def _one_line(exc: BaseException) -> str:
     text = " ".join(str(exc).split())
     return text or type(exc).__name__
+
+
+def _hint(path: str, exc: BaseException) -> str:
+    """A likely cause for an operator, when SQLite's own words ("disk I/O error") do not say."""
+    if "locked" in str(exc):
+        return " (is another selchat server using it?)"
+    directory = os.path.dirname(os.path.abspath(path))
+    if os.path.exists(path) and not os.access(path, os.W_OK):
+        return " (the file is not writable)"
+    if os.path.isdir(directory) and not os.access(directory, os.W_OK):
+        return " (its directory is not writable)"
+    return ""
 
 
 class SQLiteStore:
@@ -248,7 +262,8 @@ class SQLiteStore:
         try:
             self._conn = sqlite3.connect(self.path, isolation_level=None, timeout=lock_timeout)
         except sqlite3.Error as exc:
-            raise StoreError(f"{self.path}: cannot open database: {_one_line(exc)}") from exc
+            reason = _one_line(exc) + _hint(self.path, exc)
+            raise StoreError(f"{self.path}: cannot open database: {reason}") from exc
         try:
             self._configure()
             self._migrate(tuple(migrations))
@@ -261,9 +276,7 @@ class SQLiteStore:
             raise
         except (sqlite3.Error, OSError) as exc:
             self._conn.close()
-            reason = _one_line(exc)
-            if "locked" in reason:
-                reason += " (is another selchat server using it?)"
+            reason = _one_line(exc) + _hint(self.path, exc)
             raise StoreError(f"{self.path}: cannot use database: {reason}") from exc
 
     # -- opening ------------------------------------------------------------------------------
@@ -366,6 +379,7 @@ class SQLiteStore:
         elapsed = self._timer() - started
         self._commits += 1
         self._written += len(batch)
+        self._last_id = max(self._last_id, max(m.id for m in batch))
         self._commit_seconds += elapsed
         if elapsed > self._max_commit_seconds:
             self._max_commit_seconds = elapsed
