@@ -400,14 +400,20 @@ def _encode_names(event: events.Names, ref: Ref, max_frame: int) -> List[bytes]:
 
 def _encode_history(event: events.History, ref: Ref, max_frame: int) -> bytes:
     messages = [message_object(m) for m in event.messages]
-    more = event.more
-    while True:
-        obj = _with_ref({"type": "history", "room": event.room, "messages": messages, "more": more}, ref)
-        try:
-            return codec.encode(obj, max_frame)
-        except codec.EncodeError:
-            if not messages:
-                raise
-            # Drop the oldest half (at least one): the client can page back for them.
-            messages = messages[max(1, len(messages) // 2) :] if len(messages) > 1 else []
-            more = True
+    obj = _with_ref({"type": "history", "room": event.room, "messages": messages, "more": event.more}, ref)
+    try:
+        return codec.encode(obj, max_frame)
+    except codec.EncodeError:
+        pass
+    # Too big: keep the newest messages that fit (the client pages back for the rest).
+    obj["messages"], obj["more"] = [], True
+    budget = max_frame - len(codec.encode(obj, max_frame)) + codec.HEADER
+    kept = 0
+    for message in reversed(messages):
+        size = len(codec.encode(message, max_frame)) - codec.HEADER + 1  # +1 for the comma
+        if size > budget:
+            break
+        budget -= size
+        kept += 1
+    obj["messages"] = messages[len(messages) - kept :]
+    return codec.encode(obj, max_frame)
