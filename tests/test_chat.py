@@ -250,7 +250,7 @@ def test_large_rooms_do_not_broadcast_presence() -> None:
     assert w.got("c") == [events.NickChange("c", "c2")]
     w.do("b", PartRoom("#lobby"))
     assert w.got("b") == [events.Part("#lobby", "b")] and w.got("a") == []
-    w.chat.disconnect(w.users["a"], "gone")
+    route(w.chat.disconnect(w.users["a"], "gone"))
     assert w.got("c") == [events.Quit("a", "gone")]
 
 
