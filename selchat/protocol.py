@@ -373,6 +373,8 @@ def encode_event(event: events.Event, ref: Ref, max_frame: int) -> List[bytes]:
         return _encode_names(event, ref, max_frame)
     if isinstance(event, events.History):
         return [_encode_history(event, ref, max_frame)]
+    if isinstance(event, events.RoomList):
+        return [_encode_rooms(event, ref, max_frame)]
     return [codec.encode(event_object(event, ref), max_frame)]
 
 
@@ -398,6 +400,33 @@ def _encode_names(event: events.Names, ref: Ref, max_frame: int) -> List[bytes]:
             return frames
 
 
+def _fitting(obj: Dict[str, Any], member: str, items: List[Dict[str, Any]], max_frame: int) -> int:
+    """How many of `items`, taken in the order given, fit in obj[member] within max_frame."""
+    obj[member] = []
+    budget = max_frame - len(codec.encode(obj, max_frame)) + codec.HEADER
+    kept = 0
+    for item in items:
+        size = len(codec.encode(item, max_frame)) - codec.HEADER + 1  # +1 for the comma
+        if size > budget:
+            break
+        budget -= size
+        kept += 1
+    return kept
+
+
+def _encode_rooms(event: events.RoomList, ref: Ref, max_frame: int) -> bytes:
+    obj = event_object(event, ref)
+    try:
+        return codec.encode(obj, max_frame)
+    except codec.EncodeError:
+        pass
+    # Too many rooms for one frame: the first ones (the largest) that fit, and `more: true`.
+    rooms = obj["rooms"]
+    obj["more"] = True
+    obj["rooms"] = rooms[: _fitting(obj, "rooms", rooms, max_frame)]
+    return codec.encode(obj, max_frame)
+
+
 def _encode_history(event: events.History, ref: Ref, max_frame: int) -> bytes:
     messages = [message_object(m) for m in event.messages]
     obj = _with_ref({"type": "history", "room": event.room, "messages": messages, "more": event.more}, ref)
@@ -406,14 +435,7 @@ def _encode_history(event: events.History, ref: Ref, max_frame: int) -> bytes:
     except codec.EncodeError:
         pass
     # Too big: keep the newest messages that fit (the client pages back for the rest).
-    obj["messages"], obj["more"] = [], True
-    budget = max_frame - len(codec.encode(obj, max_frame)) + codec.HEADER
-    kept = 0
-    for message in reversed(messages):
-        size = len(codec.encode(message, max_frame)) - codec.HEADER + 1  # +1 for the comma
-        if size > budget:
-            break
-        budget -= size
-        kept += 1
+    obj["more"] = True
+    kept = _fitting(obj, "messages", messages[::-1], max_frame)
     obj["messages"] = messages[len(messages) - kept :]
     return codec.encode(obj, max_frame)

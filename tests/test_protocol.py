@@ -141,3 +141,14 @@ def test_history_is_cut_to_fit_keeping_the_newest() -> None:
     assert obj["more"] is True
     ids = [m["id"] for m in obj["messages"]]
     assert ids == list(range(ids[0], 101)) and 5 < len(ids) < 100
+
+
+def test_a_long_room_list_is_cut_to_fit_with_more() -> None:
+    rooms = tuple(events.RoomInfo(f"#room{i:05d}", 10000 - i) for i in range(5000))
+    (frame,) = encode_event(events.RoomList(rooms), 1, 4096)
+    obj = decode(frame[4:])
+    assert len(frame) - 4 <= 4096 and obj["more"] is True and obj["ref"] == 1
+    assert obj["rooms"][0] == {"name": "#room00000", "members": 10000}
+    assert 50 < len(obj["rooms"]) < 5000
+    (small,) = encode_event(events.RoomList(rooms[:3]), None, 4096)
+    assert "more" not in decode(small[4:])
