@@ -1,0 +1,508 @@
+"""`selchat-client`: the command line, script mode, and the interactive terminal UI.
+
+Both modes run on asyncio: one task reads events from the server, another reads lines (a
+prompt_toolkit prompt, or a thread reading stdin), and the sans-I/O `ClientSession` decides
+what each line and each event means. This module only moves bytes and lines between them.
+
+Exit codes: 0 after a clean end (end of input, /quit, Ctrl-C/Ctrl-D); 1 when the server
+cannot be reached, refuses the nick, or closes the connection unexpectedly; 2 for a usage
+error (bad options, script mode without --nick).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+import threading
+from typing import Any, Awaitable, Callable, Dict, List, Mapping, NoReturn, Optional, TextIO, TypeVar
+
+from selchat import __version__
+from selchat.client.connection import Connection, ConnectionClosed, connect
+from selchat.client.render import escape, escape_json_line, nick_colour, plain, render
+from selchat.client.session import COMMANDS, ClientSession, Item, Local, Reaction, Send, backoff_delays
+from selchat.defaults import DEFAULT_HOST, DEFAULT_PORT, HANDSHAKE_TIMEOUT
+
+log = logging.getLogger("selchat.client")
+
+PROG = "selchat-client"
+REGISTER_TIMEOUT = HANDSHAKE_TIMEOUT + 5.0  # the server gives up at HANDSHAKE_TIMEOUT; we wait a bit longer
+QUIT_GRACE = 5.0  # seconds to wait for the server to close after our quit
+STDIN_QUEUE = 256  # lines read ahead of what has been sent; the reader thread blocks beyond it
+
+OnEvent = Callable[[Dict[str, Any], bytes, Reaction], None]
+T = TypeVar("T")
+
+
+# ----- command line -------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    commands = "\n".join(f"  {usage:<16} {what}" for usage, what in COMMANDS.values())
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=(
+            "Chat on a selchat server. On a terminal it is interactive; with stdin from a pipe or\n"
+            "a file it runs in script mode: each input line is sent, each event is printed on\n"
+            "stdout, and at the end of input it waits for the server's answers before quitting."
+        ),
+        epilog=(
+            "Lines are said to the current room (#lobby at first); //text says /text. Commands:\n"
+            f"{commands}\n\n"
+            "exit status: 0 clean end, 1 cannot connect / nick refused / connection lost in\n"
+            "script mode, 2 usage error (e.g. script mode without --nick). See docs/client.md."
+        ),
+    )
+    parser.add_argument("--host", default=DEFAULT_HOST, help="server address (default: %(default)s)")
+    parser.add_argument("--port", type=_port, default=DEFAULT_PORT, help="server port (default: %(default)s)")
+    parser.add_argument(
+        "--nick",
+        help="nickname; asked for interactively when missing, required in script mode "
+        "(1-32 of A-Z a-z 0-9 _ - [ ] { } \\ | ^, not starting with a digit or -)",
+    )
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help="print every frame the server sends as one JSON object per line, unchanged, "
+        "instead of formatted lines",
+    )
+    parser.add_argument(
+        "--log-level",
+        default="warning",
+        choices=["debug", "info", "warning", "error"],
+        help="diagnostics on stderr (default: %(default)s; debug shows every frame)",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    return parser
+
+
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"port out of range 1..65535: {port}")
+    return port
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at the moment, so logs go through patch_stdout's proxy
+    (above the prompt) in interactive mode instead of through the line being typed."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property  # type: ignore[override]
+    def stream(self) -> TextIO:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: TextIO) -> None:
+        pass
+
+
+def _setup_logging(level: str) -> None:
+    handler = _StderrHandler()
+    handler.setFormatter(logging.Formatter(f"{PROG}: %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger("selchat")
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    root.propagate = False
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.log_level)
+    interactive = sys.stdin.isatty()
+    if not interactive and not args.nick:
+        print(f"{PROG}: --nick is required when stdin is not a terminal", file=sys.stderr)
+        return 2
+    try:
+        if interactive:
+            return asyncio.run(Interactive(args).run())
+        for stream in (sys.stdout, sys.stderr):
+            stream.reconfigure(errors="backslashreplace")  # type: ignore[union-attr]
+        sys.stdin.reconfigure(errors="replace")  # type: ignore[union-attr]
+        return asyncio.run(Script(args, sys.stdin, sys.stdout, sys.stderr).run())
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 1
+
+
+# ----- shared by both modes ---------------------------------------------------------------
+
+
+def _describe(exc: BaseException) -> str:
+    """An OSError in a few words, without the errno prefix noise."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc) or type(exc).__name__
+
+
+def _apply(conn: Connection, event: Mapping[str, Any], reaction: Reaction) -> None:
+    """Send what the session asked to send back, and follow the server's frame limit."""
+    for reply in reaction.replies:
+        conn.send(reply)
+    if reaction.welcome:
+        limits = event.get("limits")
+        if isinstance(limits, Mapping):
+            conn.set_max_frame(limits.get("max_frame"))
+
+
+async def register(conn: Connection, session: ClientSession, nick: str, on_event: OnEvent) -> Optional[Mapping[str, Any]]:
+    """Send hello and read until it is answered: None on welcome, else the error that refused it.
+
+    Raises ConnectionClosed if the server hangs up first (full, or it timed us out).
+    """
+    conn.send(session.hello(nick))
+    await conn.drain()
+    while True:
+        event, raw = await conn.recv()
+        reaction = session.handle_event(event)
+        on_event(event, raw, reaction)
+        _apply(conn, event, reaction)
+        await conn.drain()
+        if reaction.welcome:
+            return None
+        if reaction.refused is not None:
+            return reaction.refused
+
+
+async def pump(conn: Connection, session: ClientSession, on_event: OnEvent) -> NoReturn:
+    """Receive, update the session, show, answer; until the connection ends (ConnectionClosed)."""
+    while True:
+        event, raw = await conn.recv()
+        reaction = session.handle_event(event)
+        on_event(event, raw, reaction)
+        _apply(conn, event, reaction)
+        if reaction.replies:
+            await conn.drain()
+
+
+async def _until(aw: Awaitable[T], guard: "asyncio.Task[Any]") -> T:
+    """Await `aw` unless `guard` (the receiving task) ends first, which raises ConnectionClosed."""
+    task = asyncio.ensure_future(aw)
+    await asyncio.wait({task, guard}, return_when=asyncio.FIRST_COMPLETED)
+    if task.done():
+        return task.result()
+    task.cancel()
+    exc = guard.exception() if not guard.cancelled() else None
+    raise exc if exc is not None else ConnectionClosed("connection closed")
+
+
+def _refusal(nick: str, error: Mapping[str, Any]) -> str:
+    return f"nick {escape(nick)!r} refused: {escape(str(error.get('code')))}: {escape(str(error.get('message', '')))}"
+
+
+# ----- script mode ----------------------------------------------------------------------------
+
+
+class Script:
+    """stdin lines in, one printed line per event out; see docs/client.md for the contract."""
+
+    def __init__(self, args: argparse.Namespace, stdin: TextIO, stdout: TextIO, stderr: TextIO) -> None:
+        self.args = args
+        self.stdin = stdin
+        self.stdout = stdout
+        self.stderr = stderr
+        self.session = ClientSession()
+        self._eof_token: Optional[str] = None
+        self._eof_pong = asyncio.Event()
+
+    def _err(self, text: str) -> None:
+        self.stderr.write(f"{PROG}: {text}\n")
+        self.stderr.flush()
+
+    def _show(self, items: List[Item], stream: TextIO) -> None:
+        for item in items:
+            stream.write(plain(render(item)) + "\n")
+        stream.flush()
+
+    def _on_event(self, event: Dict[str, Any], raw: bytes, reaction: Reaction) -> None:
+        if self.args.json:
+            self.stdout.write(escape_json_line(raw.decode("utf-8")) + "\n")
+            self.stdout.flush()
+        elif reaction.refused is None:  # a refused hello goes to stderr, once, by run()
+            self._show(reaction.items, self.stdout)
+        if event.get("type") == "pong" and self._eof_token is not None and event.get("token") == self._eof_token:
+            self._eof_pong.set()
+
+    def _closed(self, exc: BaseException) -> int:
+        reason = self.session.close_reason or str(exc)
+        self._err(f"connection closed by server: {escape(reason)}")
+        return 1
+
+    async def run(self) -> int:
+        host, port = self.args.host, self.args.port
+        try:
+            conn = await connect(host, port)
+        except OSError as exc:
+            self._err(f"cannot connect to {host}:{port}: {_describe(exc)}")
+            return 1
+        try:
+            return await self._run(conn)
+        finally:
+            await conn.close()
+
+    async def _run(self, conn: Connection) -> int:
+        nick = self.args.nick
+        try:
+            refused = await asyncio.wait_for(register(conn, self.session, nick, self._on_event), REGISTER_TIMEOUT)
+        except ConnectionClosed as exc:
+            return self._closed(exc)
+        except asyncio.TimeoutError:
+            self._err(f"no answer to hello within {REGISTER_TIMEOUT:g} s")
+            return 1
+        if refused is not None:
+            self._err(_refusal(nick, refused))
+            return 1
+
+        receiver = asyncio.ensure_future(pump(conn, self.session, self._on_event))
+        lines = _stdin_lines(asyncio.get_running_loop(), self.stdin)
+        try:
+            while True:
+                line = await _until(lines.get(), receiver)
+                if line is None:
+                    break
+                action = self.session.parse_line(line)
+                if isinstance(action, Local):
+                    self._show(action.items, self.stderr)  # keeps stdout to events (and valid --json)
+                elif isinstance(action, Send):
+                    conn.send(action.request)
+                    await _until(conn.drain(), receiver)
+                    if action.quit:
+                        await self._wait_close(receiver)
+                        return 0
+            # End of input: a ping's pong comes after the answers to everything sent before it.
+            ping = self.session.ping()
+            self._eof_token = ping["token"]
+            conn.send(ping)
+            await _until(conn.drain(), receiver)
+            await _until(self._eof_pong.wait(), receiver)
+            conn.send(self.session.quit())
+            await _until(conn.drain(), receiver)
+            await self._wait_close(receiver)
+            return 0
+        except ConnectionClosed as exc:
+            return self._closed(exc)
+        finally:
+            receiver.cancel()
+
+    async def _wait_close(self, receiver: "asyncio.Task[Any]") -> None:
+        """After our quit the server flushes and closes; wait for that, but not forever."""
+        await asyncio.wait({receiver}, timeout=QUIT_GRACE)
+
+
+def _stdin_lines(loop: asyncio.AbstractEventLoop, stream: TextIO) -> "asyncio.Queue[Optional[str]]":
+    """Lines of a blocking stream, read by a daemon thread into a bounded queue; None at the end.
+
+    A thread because asyncio cannot watch a regular file (stdin redirected from one), and
+    bounded so a huge input is read no faster than the server takes it.
+    """
+    queue: "asyncio.Queue[Optional[str]]" = asyncio.Queue(STDIN_QUEUE)
+
+    def put(item: Optional[str]) -> None:
+        try:
+            asyncio.run_coroutine_threadsafe(queue.put(item), loop).result()
+        except (RuntimeError, asyncio.CancelledError):  # the loop is gone: we are exiting
+            raise SystemExit from None
+
+    def read() -> None:
+        try:
+            while True:
+                line = stream.readline()
+                if not line:
+                    break
+                put(line)
+        except (OSError, ValueError) as exc:
+            log.warning("reading stdin failed: %s", exc)
+        put(None)
+
+    threading.Thread(target=read, name="stdin-reader", daemon=True).start()
+    return queue
+
+
+# ----- interactive mode -------------------------------------------------------------------
+
+
+class Interactive:
+    """A prompt at the bottom, events printed above it, and reconnecting when the link drops."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        from prompt_toolkit import PromptSession
+
+        self.args = args
+        self.session = ClientSession()
+        self.conn: Optional[Connection] = None
+        self.quitting = False
+        self.prompt: PromptSession = PromptSession()
+
+    # output
+
+    def _show(self, items: List[Item]) -> None:
+        from prompt_toolkit import print_formatted_text
+        from prompt_toolkit.formatted_text import FormattedText
+
+        for item in items:
+            print_formatted_text(FormattedText(render(item)))
+
+    def _note(self, text: str) -> None:
+        self._show([self.session.note(text)])
+
+    def _on_event(self, event: Dict[str, Any], raw: bytes, reaction: Reaction) -> None:
+        if self.args.json:
+            from prompt_toolkit import print_formatted_text
+            from prompt_toolkit.formatted_text import FormattedText
+
+            print_formatted_text(FormattedText([("", escape_json_line(raw.decode("utf-8")))]))
+        else:
+            self._show(reaction.items)
+        self.prompt.app.invalidate()  # the prompt shows the current room and nick
+
+    def _prompt_message(self) -> List[Any]:
+        room = self.session.current_room
+        nick = self.session.nick or ""
+        state = "" if self.conn is not None else "(offline) "
+        return [
+            ("ansired", state),
+            ("bold", f"[{escape(room) if room else 'no room'}] "),
+            (f"{nick_colour(nick)} bold", escape(nick)),
+            ("", "> "),
+        ]
+
+    # lifecycle
+
+    async def run(self) -> int:
+        from prompt_toolkit.patch_stdout import patch_stdout
+
+        if not await self._first_registration():
+            return 0 if self.quitting else 1
+        with patch_stdout():
+            keeper = asyncio.ensure_future(self._keep_connected())
+            try:
+                await self._input_loop(keeper)
+            finally:
+                keeper.cancel()
+                if self.conn is not None:
+                    await self.conn.close()
+        return 0
+
+    async def _ask_nick(self) -> Optional[str]:
+        while True:
+            try:
+                nick = (await self.prompt.prompt_async("nickname: ")).strip()
+            except (EOFError, KeyboardInterrupt):
+                return None
+            if nick:
+                return nick
+
+    async def _first_registration(self) -> bool:
+        """Ask for a nick until the server takes one. A fresh connection per try, since the server
+        drops a connection that has not registered within its handshake timeout while we ask."""
+        nick = self.args.nick
+        while True:
+            if nick is None:
+                nick = await self._ask_nick()
+                if nick is None:
+                    self.quitting = True
+                    return False
+            try:
+                conn = await connect(self.args.host, self.args.port)
+            except OSError as exc:
+                print(f"{PROG}: cannot connect to {self.args.host}:{self.args.port}: {_describe(exc)}", file=sys.stderr)
+                return False
+            try:
+                refused = await asyncio.wait_for(register(conn, self.session, nick, self._on_event), REGISTER_TIMEOUT)
+            except (ConnectionClosed, asyncio.TimeoutError) as exc:
+                await conn.close()
+                reason = self.session.close_reason or str(exc) or "no answer"
+                print(f"{PROG}: connection closed by server: {escape(reason)}", file=sys.stderr)
+                return False
+            if refused is None:
+                self.conn = conn
+                return True
+            await conn.close()
+            self.session.connection_lost()
+            nick = None  # the error was shown by _on_event; ask again
+
+    async def _keep_connected(self) -> None:
+        """Run the receiver; when the connection drops, reconnect with backoff, same nick, same rooms."""
+        while True:
+            assert self.conn is not None
+            try:
+                await pump(self.conn, self.session, self._on_event)
+            except ConnectionClosed as exc:
+                reason = self.session.close_reason or str(exc)
+            if self.quitting:
+                return
+            await self.conn.close()
+            self.conn = None
+            self.session.connection_lost()
+            self._note(f"connection lost ({escape(reason)}); reconnecting")
+            self.prompt.app.invalidate()
+            self.conn = await self._reconnect()
+            self._note("reconnected")
+            self.prompt.app.invalidate()
+
+    async def _reconnect(self) -> Connection:
+        nick = self.session.nick or ""
+        for delay in backoff_delays():
+            self._note(f"next attempt in {delay:.1f} s")
+            await asyncio.sleep(delay)
+            try:
+                conn = await connect(self.args.host, self.args.port)
+            except OSError as exc:
+                self._note(f"cannot connect: {_describe(exc)}")
+                continue
+            try:
+                refused = await asyncio.wait_for(register(conn, self.session, nick, self._on_event), REGISTER_TIMEOUT)
+            except (ConnectionClosed, asyncio.TimeoutError) as exc:
+                self._note(f"server did not take us back: {escape(str(exc) or 'no answer')}")
+                await conn.close()
+                self.session.connection_lost()
+                continue
+            if refused is None:
+                return conn
+            # Usually our old connection still holds the nick until the server notices it is dead.
+            await conn.close()
+            self.session.connection_lost()
+        raise AssertionError("backoff_delays never ends")
+
+    async def _input_loop(self, keeper: "asyncio.Task[None]") -> None:
+        while True:
+            try:
+                line = await self.prompt.prompt_async(self._prompt_message)
+            except (EOFError, KeyboardInterrupt):
+                await self._quit(self.session.quit(), keeper)
+                return
+            action = self.session.parse_line(line)
+            if isinstance(action, Local):
+                self._show(action.items)
+            elif isinstance(action, Send):
+                if action.quit:
+                    await self._quit(action.request, keeper)
+                    return
+                if self.conn is None:
+                    self._note("not connected: that line was not sent")
+                    continue
+                try:
+                    self.conn.send(action.request)
+                    await self.conn.drain()
+                except ConnectionClosed:
+                    self._note("not connected: that line was not sent")
+
+    async def _quit(self, request: Dict[str, Any], keeper: "asyncio.Task[None]") -> None:
+        """Say goodbye if we can, and give the server a moment to pass it on before we hang up."""
+        self.quitting = True
+        if self.conn is None:
+            return
+        try:
+            self.conn.send(request)
+            await self.conn.drain()
+        except ConnectionClosed:
+            return
+        await asyncio.wait({keeper}, timeout=2.0)
