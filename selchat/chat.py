@@ -41,6 +41,8 @@ from selchat.protocol import (
     valid_nick,
 )
 
+from selchat.store import StoreError
+
 log = logging.getLogger(__name__)
 
 
@@ -207,6 +209,7 @@ class Chat:
             raise ChatError("no_such_nick", f"no user is called {to!r}")
         self.last_id += 1
         message = events.Message(self.last_id, now_ms, user.nick, text, to=target.nick)
+        self.store.note_id(message.id)
         out = [reply(message, user)]
         if target is not user:
             out.append(Delivery(message, (target,)))
@@ -275,7 +278,11 @@ class Chat:
         room = user.rooms.get(fold(request.room))
         if room is None:
             raise ChatError("not_in_room", f"you are not in {request.room}")
-        messages, more = self.store.recent(room.name, request.before, request.limit)
+        try:
+            messages, more = self.store.recent(room.name, request.before, request.limit)
+        except StoreError as exc:
+            log.error("history read failed: %s", exc)
+            raise ChatError("history_unavailable", "history cannot be read right now") from None
         return [reply(events.History(room.name, tuple(messages), more), user)]
 
     # --- helpers ----------------------------------------------------------------------------
@@ -296,7 +303,13 @@ class Chat:
         out.append(reply(event, user))
         if not large:
             out.append(reply(events.Names(room.name, self._sorted_nicks(room)), user))
-        messages, more = self.store.recent(room.name, None, self.history_on_join) if self.history_on_join else ([], False)
+        try:
+            messages, more = self.store.recent(room.name, None, self.history_on_join)
+        except StoreError as exc:
+            # The join stands; the history is empty and says older messages exist, so a client
+            # can ask again with `history` later.
+            log.error("history read failed: %s", exc)
+            messages, more = [], True
         out.append(reply(events.History(room.name, tuple(messages), more), user))
 
     def _leave(self, user: User, room: Room) -> None:

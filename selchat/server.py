@@ -46,8 +46,10 @@ from selchat.protocol import (
     ProtocolError,
     QuitRequest,
     Ref,
+    Say,
     encode_event,
 )
+from selchat.store import SQLiteStore, StoreError
 from selchat.timers import TimerHeap
 
 log = logging.getLogger("selchat.server")
@@ -110,6 +112,7 @@ class Server:
         self.now = time.monotonic()
         self._dirty: List[Connection] = []
         self._doomed: List[Connection] = []
+        self._said: List[tuple] = []  # (connection, ref, message id) of this pass's `say`s
         self._stopping = False
         self._stop_requested = False
         self._stop_deadline = 0.0
@@ -203,10 +206,17 @@ class Server:
                     self._flush(conn)
 
     def _commit(self) -> None:
+        said, self._said = self._said, []
         try:
             stored = self.store.commit()
-        except Exception as exc:  # the store says what failed; keep serving without it
-            log.error("history store write failed, messages of this pass are not stored: %s", exc)
+        except Exception as exc:  # StoreError, or anything else the disk throws at us
+            # Keep serving: the messages were queued already and go out, but their senders
+            # learn that history will not have them.
+            log.error("history write failed, %d message(s) not stored: %s", len(said), exc)
+            for conn, ref, message_id in said:
+                if conn.state == OPEN:
+                    self._send_error(conn, "not_stored", f"message {message_id} was delivered "
+                                     "but could not be stored in history", ref)
             return
         if stored:
             self.stats["commits"] += 1
@@ -316,7 +326,9 @@ class Server:
             self._send_error(conn, exc.code, exc.message, ref)
             return
         self._deliver(deliveries, ref)
-        if type(request) is QuitRequest:
+        if type(request) is Say:
+            self._said.append((conn, ref, deliveries[0].event.id))
+        elif type(request) is QuitRequest:
             conn.user = None  # the chat state has let go of this user
             self._close_after_flush(conn, None, f"quit: {request.reason or 'quit'}")
 
@@ -572,9 +584,16 @@ def raise_open_file_limit() -> None:
 
 
 def open_store(path: str) -> Any:
-    from selchat.store import SQLiteStore
-
     return SQLiteStore(path)
+
+
+def close_store(store: Any) -> None:
+    try:
+        store.close()
+    except StoreError as exc:
+        log.error("closing the history store: %s", exc)
+    else:
+        log.info("history store closed: %s", store.stats())
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -586,12 +605,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     )
     try:
         store = open_store(config.db)
-    except Exception as exc:
-        from selchat.store import StoreError
-
-        if not isinstance(exc, StoreError):
-            raise
-        print(f"selchat-server: cannot use history database {config.db}: {exc}", file=sys.stderr)
+    except StoreError as exc:
+        print(f"selchat-server: {exc}", file=sys.stderr)
         return 1
     raise_open_file_limit()
     server = Server(config, store)
@@ -600,13 +615,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     except OSError as exc:
         print(f"selchat-server: cannot listen on {config.host}:{config.port}: {exc.strerror or exc}",
               file=sys.stderr)
-        store.close()
+        close_store(store)
         return 1
     server.install_signal_handlers()
     try:
         server.serve_forever()
     finally:
-        store.close()
+        close_store(store)
     return 0
 
 

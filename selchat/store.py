@@ -63,6 +63,12 @@ MIGRATIONS: Tuple[Migration, ...] = (
         "CREATE INDEX messages_room ON messages (room_key, id)",
         f"PRAGMA application_id = {APPLICATION_ID}",
     ),
+    # version 2: the highest message id handed out, private messages included. Private messages
+    # are never stored, yet their ids must not be handed out again after a restart.
+    (
+        "CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL)",
+        "INSERT INTO meta (key, value) SELECT 'last_id', COALESCE(MAX(id), 0) FROM messages",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -71,6 +77,7 @@ _RECENT = (
     "SELECT id, ts, sender, text, room FROM messages"
     " WHERE room_key = ? AND id < ? ORDER BY id DESC LIMIT ?"
 )
+_SAVE_LAST_ID = "INSERT OR REPLACE INTO meta (key, value) VALUES ('last_id', ?)"
 _NO_UPPER_BOUND = (1 << 63) - 1  # SQLite's largest integer: "before" when the caller gave None
 
 
@@ -86,6 +93,10 @@ class MessageStore(Protocol):
 
     def add(self, message: Message) -> None:
         """Queue a room message for the next `commit()`; no I/O. ValueError for a private one."""
+
+    def note_id(self, message_id: int) -> None:
+        """An id was handed out without a stored message (a private one): keep it from being
+        handed out again after a restart. Saved by the next `commit()`; no I/O."""
 
     def commit(self) -> int:
         """Write everything queued in one transaction; return how many. StoreError on failure."""
@@ -127,6 +138,7 @@ class MemoryStore:
         self._last_id = 0
         self._pending = 0
         self._pending_last_id = 0
+        self._pending_ids = 0  # ids noted without a message since the last commit
         self._commits = 0
         self._written = 0
 
@@ -144,12 +156,19 @@ class MemoryStore:
             self._pending_last_id = message.id
         self._pending += 1
 
+    def note_id(self, message_id: int) -> None:
+        if message_id > self._pending_last_id:
+            self._pending_last_id = message_id
+        self._pending_ids += 1
+
     def commit(self) -> int:
         count, self._pending = self._pending, 0
+        if count or self._pending_ids:
+            self._pending_ids = 0
+            self._last_id = max(self._last_id, self._pending_last_id)
         if count:
             self._commits += 1
             self._written += count
-            self._last_id = max(self._last_id, self._pending_last_id)
         return count
 
     def recent(self, room: str, before: Optional[int], limit: int) -> Tuple[List[Message], bool]:
@@ -267,8 +286,8 @@ class SQLiteStore:
         try:
             self._configure()
             self._migrate(tuple(migrations))
-            row = self._conn.execute("SELECT MAX(id) FROM messages").fetchone()
-            self._last_id = int(row[0] or 0)
+            self._last_id = self._read_last_id()
+            self._noted = self._last_id  # the highest id handed out, as far as we know
             if not self._memory:
                 self._identity = self._file_identity()
         except StoreError:
@@ -336,6 +355,17 @@ class SQLiteStore:
             self._rollback_quietly()
             raise
 
+    def _read_last_id(self) -> int:
+        last = self._conn.execute("SELECT MAX(id) FROM messages").fetchone()[0] or 0
+        has_meta = self._conn.execute(
+            "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'meta'"
+        ).fetchone()[0]
+        if has_meta:  # absent only when a test opens the file with the first migrations alone
+            row = self._conn.execute("SELECT value FROM meta WHERE key = 'last_id'").fetchone()
+            if row is not None:
+                last = max(last, row[0])
+        return int(last)
+
     def _file_identity(self) -> Tuple[int, int]:
         st = os.stat(self.path)
         return st.st_dev, st.st_ino
@@ -356,10 +386,18 @@ class SQLiteStore:
         _check_message(message)
         self._pending.append(message)
 
+    def note_id(self, message_id: int) -> None:
+        if message_id > self._noted:
+            self._noted = message_id
+
     def commit(self) -> int:
         if not self._pending:
+            if self._noted > self._last_id:
+                self._save_noted_id()
             return 0
         batch, self._pending = self._pending, []
+        high = max(self._noted, max(m.id for m in batch))
+        self._noted = high  # even if this write fails, the next one records how far ids went
         rows = [(m.id, m.room.lower(), m.room, m.ts, m.sender, m.text) for m in batch]  # type: ignore[union-attr]
         started = self._timer()
         try:
@@ -367,6 +405,8 @@ class SQLiteStore:
                 self._check_file_still_there()
             self._conn.execute("BEGIN IMMEDIATE")
             self._conn.executemany(_INSERT, rows)
+            if high > max(m.id for m in batch):
+                self._conn.execute(_SAVE_LAST_ID, (high,))
             self._conn.execute("COMMIT")
         except (sqlite3.Error, ValueError, OverflowError, OSError) as exc:
             # sqlite3.Error: disk full, I/O error, duplicate id. ValueError: text that is not
@@ -379,11 +419,22 @@ class SQLiteStore:
         elapsed = self._timer() - started
         self._commits += 1
         self._written += len(batch)
-        self._last_id = max(self._last_id, max(m.id for m in batch))
+        self._last_id = max(self._last_id, high)
         self._commit_seconds += elapsed
         if elapsed > self._max_commit_seconds:
             self._max_commit_seconds = elapsed
         return len(batch)
+
+    def _save_noted_id(self) -> None:
+        """Only private messages this pass: record how far ids went (a failure waits for the next)."""
+        try:
+            if self._identity is not None:
+                self._check_file_still_there()
+            self._conn.execute(_SAVE_LAST_ID, (self._noted,))  # autocommit: its own transaction
+        except (sqlite3.Error, OSError) as exc:
+            self._failures += 1
+            raise StoreError(f"{self.path}: could not record the last message id: {_one_line(exc)}") from exc
+        self._last_id = self._noted
 
     def _check_file_still_there(self) -> None:
         """SQLite keeps writing to a deleted or replaced file through its open descriptor (the

@@ -311,9 +311,9 @@ def test_upgrade_keeps_rows(tmp_path):
     store = SQLiteStore(path)
     fill(store, 30)
     store.close()
-    assert user_version(path) == 1
+    assert user_version(path) == SCHEMA_VERSION
     store = SQLiteStore(path, migrations=V2)
-    assert store.schema_version() == 2
+    assert store.schema_version() == SCHEMA_VERSION + 1
     assert store.last_id() == 30
     assert ids(store.recent("#lobby", None, 100)) == (list(range(1, 31)), False)
     columns = [row[1] for row in store._conn.execute("PRAGMA table_info(messages)")]
@@ -326,6 +326,51 @@ def test_upgrade_keeps_rows(tmp_path):
     assert str(path) in str(info.value)
 
 
+def test_version_1_file_gains_the_id_high_water_mark(tmp_path):
+    """A file from the first release (no `meta` table) is upgraded and keeps its rows and ids."""
+    path = tmp_path / "chat.db"
+    store = SQLiteStore(path, migrations=MIGRATIONS[:1])
+    fill(store, 7)
+    store.close()
+    assert user_version(path) == 1
+    store = SQLiteStore(path)
+    assert store.schema_version() == SCHEMA_VERSION and store.last_id() == 7
+    assert ids(store.recent("#lobby", None, 100)) == (list(range(1, 8)), False)
+    store.close()
+
+
+def test_ids_of_private_messages_are_not_reused_after_a_restart(tmp_path):
+    path = tmp_path / "chat.db"
+    store = SQLiteStore(path)
+    fill(store, 3)
+    store.note_id(4)  # two private messages, never stored
+    store.note_id(5)
+    assert store.commit() == 0
+    store.close()
+    store = SQLiteStore(path)
+    assert store.last_id() == 5
+    store.note_id(6)
+    fill(store, 1, first=7)  # a room message in the same pass keeps the higher mark
+    store.note_id(9)
+    store.commit()
+    store.close()
+    assert SQLiteStore(path).last_id() == 9
+
+
+def test_a_failed_write_still_keeps_its_ids_from_coming_back(tmp_path):
+    path = tmp_path / "chat.db"
+    store = SQLiteStore(path)
+    fill(store, 2)
+    store._conn.execute("PRAGMA max_page_count = 1")  # the next write fails: disk full
+    store.add(Message(id=3, ts=0, sender="a", text="x" * 5000, room="#lobby"))
+    with pytest.raises(StoreError):
+        store.commit()
+    store._conn.execute("PRAGMA max_page_count = 1000000")
+    fill(store, 1, first=4)
+    store.close()
+    assert SQLiteStore(path).last_id() == 4
+
+
 def test_failed_upgrade_leaves_the_file_as_it_was(tmp_path):
     path = tmp_path / "chat.db"
     store = SQLiteStore(path)
@@ -334,7 +379,7 @@ def test_failed_upgrade_leaves_the_file_as_it_was(tmp_path):
     broken = MIGRATIONS + (("ALTER TABLE messages ADD COLUMN extra INTEGER", "THIS IS NOT SQL"),)
     with pytest.raises(StoreError):
         SQLiteStore(path, migrations=broken)
-    assert user_version(path) == 1
+    assert user_version(path) == SCHEMA_VERSION
     store = SQLiteStore(path)
     assert "extra" not in [row[1] for row in store._conn.execute("PRAGMA table_info(messages)")]
     assert store.last_id() == 5
@@ -569,7 +614,8 @@ def test_replaced_database_file_fails_commits(tmp_path):
     store.add(msg(3))
     with pytest.raises(StoreError, match="replaced"):
         store.commit()
-    store.close()
+    with pytest.raises(StoreError, match="replaced"):
+        store.close()  # it still cannot record how far ids went, and says so
 
 
 # -- the two stores against a model ---------------------------------------------------------------
