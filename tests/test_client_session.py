@@ -332,7 +332,7 @@ event_types = st.sampled_from(
 )
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(event_types, st.dictionaries(st.sampled_from(["room", "nick", "id", "ts", "from", "to", "text", "messages", "nicks", "more", "ref", "old", "new", "token", "code"]), json_values, max_size=8))
 def test_any_event_is_handled_without_raising(kind: str, members: Dict[str, Any]) -> None:
     s = registered()
