@@ -122,6 +122,8 @@ class Chat:
         history_on_join: int = HISTORY_ON_JOIN,
         max_rooms: int = MAX_ROOMS,
         max_rooms_per_user: int = MAX_ROOMS_PER_USER,
+        rate: float = 0.0,
+        burst: int = 0,
     ) -> None:
         self.store = store
         self.server_name = server_name
@@ -132,6 +134,8 @@ class Chat:
         self.history_on_join = history_on_join
         self.max_rooms = max_rooms
         self.max_rooms_per_user = max_rooms_per_user
+        self.rate = rate  # only told to clients in `welcome`, so they can pace themselves
+        self.burst = burst
         self.users: Dict[str, User] = {}
         self.rooms: Dict[str, Room] = {}
         self.lobby = self._room(LOBBY)
@@ -146,7 +150,9 @@ class Chat:
             raise ChatError("nick_taken", f"nick {nick!r} is taken")
         user = User(nick, endpoint)
         self.users[key] = user
-        welcome = events.Welcome(nick, self.server_name, self.motd, self.max_frame, self.max_text)
+        welcome = events.Welcome(
+            nick, self.server_name, self.motd, self.max_frame, self.max_text, self.rate, self.burst
+        )
         out = [reply(welcome, user)]
         self._join(user, self.lobby, out)
         return user, out

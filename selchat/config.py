@@ -21,6 +21,10 @@ from selchat.defaults import (
     PING_TIMEOUT,
     ROOM_MAX,
     SHUTDOWN_GRACE,
+    RATE,
+    BURST,
+    MAX_CLIENTS,
+    MAX_PER_IP,
 )
 
 DEFAULT_DB = "selchat.db"
@@ -42,6 +46,13 @@ class ServerConfig:
     shutdown_grace: float = SHUTDOWN_GRACE
     db: str = DEFAULT_DB
     history_on_join: int = HISTORY_ON_JOIN
+    tls_cert: Optional[str] = None
+    tls_key: Optional[str] = None
+    password_file: Optional[str] = None
+    rate: float = RATE
+    burst: int = BURST
+    max_clients: int = MAX_CLIENTS
+    max_per_ip: int = MAX_PER_IP
 
     @property
     def high_water(self) -> int:
@@ -101,6 +112,16 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _rate(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} must be 0 (off) or a positive number")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="selchat-server",
@@ -132,6 +153,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="SQLite file for room history, created if missing; ':memory:' keeps nothing")
     p.add_argument("--history-on-join", type=_non_negative_int, default=d.history_on_join,
                    help="room messages sent to a client right after it joins")
+    p.add_argument("--tls-cert", metavar="FILE",
+                   help="PEM certificate (chain) file: speak TLS on the port (needs --tls-key)")
+    p.add_argument("--tls-key", metavar="FILE", help="PEM private key file for --tls-cert")
+    p.add_argument("--password-file", metavar="FILE",
+                   help="file whose first line is the server password; hello must carry it")
+    p.add_argument("--rate", type=_rate, default=d.rate,
+                   help="requests per second each client may send on average; 0 turns flood control off")
+    p.add_argument("--burst", type=_positive_int, default=d.burst,
+                   help="requests a client may send at once before --rate applies")
+    p.add_argument("--max-clients", type=_positive_int, default=d.max_clients,
+                   help="connections in all; more get server_full")
+    p.add_argument("--max-per-ip", type=_non_negative_int, default=d.max_per_ip,
+                   help="connections from one address; more get too_many_connections; 0 = no limit")
     p.add_argument("--log-level", default=d.log_level,
                    choices=["debug", "info", "warning", "error", "critical"], help="logging threshold")
     return p
@@ -146,6 +180,8 @@ def parse_args(argv: Optional[List[str]] = None) -> ServerConfig:
             f"--max-frame {config.max_frame} is too small for --max-text {config.max_text}: "
             f"needs at least {min_frame_for(config.max_text)}"
         )
+    if (config.tls_cert is None) != (config.tls_key is None):
+        parser.error("--tls-cert and --tls-key go together")
     if config.ping_timeout <= config.ping_interval:
         parser.error("--ping-timeout must be longer than --ping-interval")
     from selchat.protocol import text_problem

@@ -31,3 +31,8 @@ MAX_ROOMS = 10000  # rooms that may exist at once
 MAX_ROOMS_PER_USER = 100  # rooms one user may be in
 REASON_MAX = 256  # code points in a quit reason
 CLIENT_NAME_MAX = 64  # code points of the free-text `client` member kept for logs
+
+RATE = 10.0  # requests per second per connection, on average (0 turns flood control off)
+BURST = 20  # requests a connection may send at once
+MAX_CLIENTS = 10000  # connections in all, registered or not
+MAX_PER_IP = 16  # connections from one address (0: no limit)

@@ -17,6 +17,8 @@ class Welcome:
     motd: str
     max_frame: int
     max_text: int
+    rate: float = 0.0  # flood control: requests per second (0: off)
+    burst: int = 0
 
 
 @dataclass(frozen=True)

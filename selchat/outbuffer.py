@@ -10,12 +10,15 @@ from __future__ import annotations
 import os
 import socket
 from collections import deque
-from typing import Deque, List
+from typing import Any, Deque, List
 
 try:
     _IOV_MAX = min(os.sysconf("SC_IOV_MAX"), 1024)
 except (ValueError, OSError, AttributeError):  # pragma: no cover - not on Linux
     _IOV_MAX = 16
+
+
+TLS_JOIN = 1 << 16  # bytes joined into one TLS write
 
 
 class OutBuffer:
@@ -38,6 +41,33 @@ class OutBuffer:
         self.offset = 0
         self.size = 0
 
+    def _send_joined(self, sock: socket.socket) -> int:
+        total = 0
+        chunks = self.chunks
+        while self.size:
+            if len(chunks) == 1 or len(chunks[0]) - self.offset >= TLS_JOIN:
+                data: Any = memoryview(chunks[0])[self.offset :]
+            else:
+                # Each retry after a would-block joins at least what the last try did (the queue
+                # only grows at its tail), which is what TLS asks of a retried write.
+                parts = []
+                size = 0
+                for chunk in chunks:
+                    parts.append(chunk)
+                    size += len(chunk)
+                    if size >= TLS_JOIN:
+                        break
+                data = b"".join(parts)[self.offset :]
+            try:
+                sent = sock.send(data)
+            except (BlockingIOError, InterruptedError):
+                break
+            self.consume(sent)
+            total += sent
+            if sent < len(data):
+                break
+        return total
+
     def pending(self, limit: int = _IOV_MAX) -> List[memoryview]:
         """Up to `limit` buffers ready for a gather write, the first one past the offset."""
         chunks = self.chunks
@@ -56,11 +86,15 @@ class OutBuffer:
             offset -= len(chunks.popleft())
         self.offset = offset if chunks else 0
 
-    def send_to(self, sock: socket.socket) -> int:
+    def send_to(self, sock: socket.socket, gather: bool = True) -> int:
         """Write as much as the socket takes without blocking; return bytes sent.
 
-        Raises OSError (other than would-block) for the caller to treat as a dead peer.
+        `gather=False` is for TLS sockets, which have no `sendmsg`: up to TLS_JOIN bytes of
+        chunks are joined into one `send` instead. Raises OSError (other than would-block,
+        including TLS's want-read/want-write) for the caller to treat as a dead peer.
         """
+        if not gather:
+            return self._send_joined(sock)
         total = 0
         chunks = self.chunks
         while self.size:

@@ -358,6 +358,9 @@ def event_object(event: events.Event, ref: Ref = None) -> Dict[str, Any]:
             "motd": event.motd,
             "limits": {"max_frame": event.max_frame, "max_text": event.max_text},
         }
+        if event.rate:
+            obj["limits"]["rate"] = event.rate
+            obj["limits"]["burst"] = event.burst
     else:  # pragma: no cover - a new event type without a wire form is a bug here
         raise TypeError(f"no wire form for {event!r}")
     return _with_ref(obj, ref)

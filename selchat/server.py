@@ -24,11 +24,13 @@ Invariants this file keeps:
 from __future__ import annotations
 
 import errno
+import hmac
 import logging
 import resource
 import selectors
 import signal
 import socket
+import ssl
 import sys
 import time
 from typing import Any, Dict, List, Optional, Set
@@ -38,6 +40,7 @@ from selchat.chat import Chat, ChatError, Delivery, User
 from selchat.config import ServerConfig, parse_args
 from selchat.defaults import ACCEPT_PAUSE, ACCEPT_PER_PASS, LINGER_TIMEOUT, LISTEN_BACKLOG, RECV_SIZE
 from selchat.outbuffer import OutBuffer
+from selchat.ratelimit import ALLOW, DISCONNECT, TokenBucket
 from selchat.protocol import (
     Hello,
     Parser,
@@ -64,13 +67,15 @@ class Connection:
     """Per-connection state; kept small because 10,000 of them must fit in a few MiB."""
 
     __slots__ = (
-        "sock", "fd", "peer", "decoder", "out", "user", "state", "mask", "reading",
-        "last_seen", "pinged", "dirty", "doom", "close_reason", "linger_until",
+        "sock", "fd", "ip", "peer", "decoder", "out", "user", "state", "mask", "reading",
+        "last_seen", "pinged", "dirty", "doom", "close_reason", "linger_until", "bucket",
+        "handshaking", "counted", "reject",
     )
 
-    def __init__(self, sock: socket.socket, peer: str, max_frame: int, now: float) -> None:
+    def __init__(self, sock: socket.socket, ip: str, peer: str, max_frame: int, now: float) -> None:
         self.sock = sock
         self.fd = sock.fileno()
+        self.ip = ip
         self.peer = peer
         self.decoder = codec.FrameDecoder(max_frame)
         self.out = OutBuffer()
@@ -84,6 +89,10 @@ class Connection:
         self.doom: Optional[str] = None  # quit reason once the connection is condemned
         self.close_reason = ""
         self.linger_until = 0.0
+        self.bucket: Optional[TokenBucket] = None  # made at registration: flood control
+        self.handshaking = isinstance(sock, ssl.SSLSocket)  # TLS handshake still under way
+        self.counted = False  # counts against --max-clients / --max-per-ip
+        self.reject: Optional[str] = None  # error word to send once the handshake is done
 
     @property
     def name(self) -> str:
@@ -91,9 +100,19 @@ class Connection:
 
 
 class Server:
-    def __init__(self, config: ServerConfig, store: Any) -> None:
+    def __init__(
+        self,
+        config: ServerConfig,
+        store: Any,
+        tls: Optional[ssl.SSLContext] = None,
+        password: Optional[bytes] = None,
+    ) -> None:
         self.config = config
         self.store = store
+        self.tls = tls
+        self.password = password
+        self.client_count = 0
+        self.per_ip: Dict[str, int] = {}
         self.parser = Parser(config.max_text)
         self.chat = Chat(
             store,
@@ -103,6 +122,8 @@ class Server:
             max_text=config.max_text,
             max_presence=config.max_presence,
             history_on_join=config.history_on_join,
+            rate=config.rate,
+            burst=config.burst,
         )
         self.selector = selectors.DefaultSelector()
         self.timers = TimerHeap()
@@ -174,7 +195,10 @@ class Server:
                 else:
                     if mask & selectors.EVENT_READ:
                         self._on_readable(conn)
-                    if mask & selectors.EVENT_WRITE and not conn.dirty and conn.state != CLOSED:
+                    if conn.handshaking:
+                        if mask & selectors.EVENT_WRITE and conn.state != CLOSED:
+                            self._continue_handshake(conn)
+                    elif mask & selectors.EVENT_WRITE and not conn.dirty and conn.state != CLOSED:
                         conn.dirty = True
                         self._dirty.append(conn)
             timers.run_due(self.now)
@@ -256,22 +280,77 @@ class Server:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:
             pass
+        ip = str(addr[0]) if isinstance(addr, tuple) else str(addr)
         peer = f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else str(addr)
-        conn = Connection(sock, peer, self.config.max_frame, self.now)
+        if self.tls is not None:
+            try:
+                sock = self.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+            except (OSError, ValueError) as exc:
+                log.info("TLS set-up failed for %s: %s", peer, exc)
+                sock.close()
+                return
+        conn = Connection(sock, ip, peer, self.config.max_frame, self.now)
         self.connections[conn.fd] = conn
         conn.mask = selectors.EVENT_READ
         self.selector.register(sock, selectors.EVENT_READ, conn)
         self.stats["accepted"] += 1
-        self.timers.call_at(self.now + self.config.handshake_timeout, self._handshake_deadline, conn)
-        self.timers.call_at(self.now + self.config.ping_interval, self._idle_check, conn)
+        cfg = self.config
+        # Connections that never finish TLS or hello count against the limits until they time out.
+        if self.client_count >= cfg.max_clients:
+            conn.reject = "server_full"
+        elif cfg.max_per_ip and self.per_ip.get(ip, 0) >= cfg.max_per_ip:
+            conn.reject = "too_many_connections"
+        else:
+            conn.counted = True
+            self.client_count += 1
+            self.per_ip[ip] = self.per_ip.get(ip, 0) + 1
+        self.timers.call_at(self.now + cfg.handshake_timeout, self._handshake_deadline, conn)
+        if conn.reject is not None:
+            log.warning("refusing %s: %s", peer, conn.reject)
+            if not conn.handshaking:
+                self._refuse(conn)
+            return
+        self.timers.call_at(self.now + cfg.ping_interval, self._idle_check, conn)
         log.debug("connected: %s", peer)
+
+    def _refuse(self, conn: Connection) -> None:
+        assert conn.reject is not None
+        text = "the server is full" if conn.reject == "server_full" else "too many connections from your address"
+        self._send_error(conn, conn.reject, text, None)
+        self._close_after_flush(conn, None, conn.reject)
+
+    def _continue_handshake(self, conn: Connection) -> None:
+        """Drive the TLS handshake a step; it never blocks, it asks for readiness instead."""
+        sock = conn.sock
+        assert isinstance(sock, ssl.SSLSocket)
+        try:
+            sock.do_handshake()
+        except ssl.SSLWantReadError:
+            self._set_interest(conn, selectors.EVENT_READ)
+            return
+        except ssl.SSLWantWriteError:
+            self._set_interest(conn, selectors.EVENT_WRITE)
+            return
+        except (ssl.SSLError, OSError) as exc:
+            self._close_now(conn, None, f"TLS handshake failed: {getattr(exc, 'reason', None) or exc}")
+            return
+        conn.handshaking = False
+        log.debug("TLS established with %s (%s)", conn.peer, sock.version())
+        if conn.reject is not None:
+            self._refuse(conn)
+        self._update_interest(conn)
 
     # --- reading ----------------------------------------------------------------------------
 
     def _on_readable(self, conn: Connection) -> None:
+        if conn.handshaking:
+            self._continue_handshake(conn)
+            return
         try:
             data = conn.sock.recv(RECV_SIZE)
-        except (BlockingIOError, InterruptedError):
+            if self.tls is not None and data and conn.state != CLOSED:
+                data = self._read_tls_buffered(conn, data)
+        except (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
             return
         except OSError as exc:
             self._close_now(conn, "connection closed", f"read failed: {exc.strerror}")
@@ -301,8 +380,43 @@ class Server:
                 return
             self._on_frame(conn, payload)
 
+    def _read_tls_buffered(self, conn: Connection, data: bytes) -> bytes:
+        """TLS may hold decrypted bytes the kernel no longer reports as readable: take them now."""
+        sock = conn.sock
+        assert isinstance(sock, ssl.SSLSocket)
+        if not sock.pending():
+            return data
+        parts = [data]
+        size = len(data)
+        while size < RECV_SIZE and sock.pending():
+            more = sock.recv(min(sock.pending(), RECV_SIZE - size))
+            if not more:
+                break
+            parts.append(more)
+            size += len(more)
+        if sock.pending():
+            # More than one pass's worth: come back next pass even if the socket stays quiet.
+            self.timers.call_at(self.now, self._on_readable_later, conn)
+        return b"".join(parts)
+
+    def _on_readable_later(self, conn: Connection) -> None:
+        if conn.state != CLOSED and conn.reading:
+            self._on_readable(conn)
+
     def _on_frame(self, conn: Connection, payload: bytes) -> None:
         self.stats["frames_in"] += 1
+        bucket = conn.bucket
+        if bucket is not None and (b'"pong"' not in payload or not self._is_pong(payload)):
+            verdict = bucket.take(self.now)
+            if verdict is not ALLOW:
+                if verdict is DISCONNECT:
+                    log.info("excess flood from %s", conn.name)
+                    self._send_error(conn, "rate_limited", "excess flood: disconnecting", None)
+                    self._close_after_flush(conn, "excess flood", "excess flood")
+                else:
+                    self._send_error(conn, "rate_limited", "too many requests: slow down",
+                                     self._ref_of(payload))
+                return
         try:
             obj = codec.decode(payload)
         except codec.PayloadError as exc:
@@ -332,15 +446,36 @@ class Server:
             conn.user = None  # the chat state has let go of this user
             self._close_after_flush(conn, None, f"quit: {request.reason or 'quit'}")
 
+    @staticmethod
+    def _is_pong(payload: bytes) -> bool:
+        """Pongs are exempt from flood control; only frames that mention one are decoded here."""
+        try:
+            return codec.decode(payload).get("type") == "pong"
+        except codec.PayloadError:
+            return False
+
+    def _ref_of(self, payload: bytes) -> Ref:
+        try:
+            return self.parser.ref_of(codec.decode(payload))
+        except codec.PayloadError:
+            return None
+
     def _on_unregistered(self, conn: Connection, request: Any, ref: Ref) -> None:
         kind = type(request)
         if kind is Hello:
+            if self.password is not None and not _password_matches(self.password, request.password):
+                log.info("bad password from %s", conn.peer)
+                self._send_error(conn, "bad_password", "wrong or missing password", ref)
+                self._close_after_flush(conn, None, "bad password")
+                return
             try:
                 user, deliveries = self.chat.register(request.nick, conn)
             except ChatError as exc:
                 self._send_error(conn, exc.code, exc.message, ref)
                 return
             conn.user = user
+            if self.config.rate > 0:
+                conn.bucket = TokenBucket(self.now, self.config.rate, self.config.burst)
             log.info("registered: %s as %s (client %r)", conn.peer, user.nick, request.client)
             self._deliver(deliveries, ref)
         elif kind is PingRequest:
@@ -404,7 +539,9 @@ class Server:
         out = conn.out
         if out.size:
             try:
-                out.send_to(conn.sock)
+                out.send_to(conn.sock, gather=self.tls is None)
+            except (ssl.SSLWantWriteError, ssl.SSLWantReadError):
+                pass  # TLS wants the socket again first; we stay registered for writing
             except OSError as exc:
                 out.clear()
                 if conn.state == OPEN:
@@ -429,6 +566,9 @@ class Server:
             want |= selectors.EVENT_READ
         if conn.out.size:
             want |= selectors.EVENT_WRITE
+        self._set_interest(conn, want)
+
+    def _set_interest(self, conn: Connection, want: int) -> None:
         if want == conn.mask:
             return
         if conn.mask == 0:
@@ -495,6 +635,14 @@ class Server:
             self.selector.unregister(conn.sock)
             conn.mask = 0
         self.connections.pop(conn.fd, None)
+        if conn.counted:
+            conn.counted = False
+            self.client_count -= 1
+            left = self.per_ip[conn.ip] - 1
+            if left:
+                self.per_ip[conn.ip] = left
+            else:
+                del self.per_ip[conn.ip]
         try:
             conn.sock.close()
         except OSError:
@@ -504,7 +652,7 @@ class Server:
     # --- timers -----------------------------------------------------------------------------
 
     def _handshake_deadline(self, conn: Connection) -> None:
-        if conn.state == OPEN and conn.user is None:
+        if conn.state != CLOSED and (conn.handshaking or (conn.state == OPEN and conn.user is None)):
             self._close_now(conn, None, "handshake timeout")
 
     def _idle_check(self, conn: Connection) -> None:
@@ -572,6 +720,41 @@ class Server:
         log.info("stopped")
 
 
+def _password_matches(expected: bytes, given: Optional[str]) -> bool:
+    """Constant time, so the time taken says nothing about how much of a guess was right."""
+    if given is None:
+        return False
+    return hmac.compare_digest(expected, given.encode("utf-8"))
+
+
+def read_password(path: str) -> bytes:
+    """The first line of the file, without its line ending; empty is refused."""
+    try:
+        with open(path, "rb") as f:
+            line = f.readline()
+    except OSError as exc:
+        raise ValueError(f"cannot read password file {path}: {exc.strerror}") from None
+    password = line.rstrip(b"\r\n")
+    if not password:
+        raise ValueError(f"password file {path} is empty")
+    try:
+        password.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"password file {path} is not UTF-8 text") from None
+    return password
+
+
+def make_tls_context(cert: str, key: str) -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as exc:
+        reason = getattr(exc, "strerror", None) or getattr(exc, "reason", None) or exc
+        raise ValueError(f"cannot load TLS certificate {cert} / key {key}: {reason}") from None
+    return context
+
+
 def raise_open_file_limit() -> None:
     """Each client is a file descriptor: take every one the hard limit allows."""
     try:
@@ -608,8 +791,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     except StoreError as exc:
         print(f"selchat-server: {exc}", file=sys.stderr)
         return 1
+    tls = None
+    password = None
+    try:
+        if config.tls_cert and config.tls_key:
+            tls = make_tls_context(config.tls_cert, config.tls_key)
+        if config.password_file:
+            password = read_password(config.password_file)
+    except ValueError as exc:
+        print(f"selchat-server: {exc}", file=sys.stderr)
+        return 1
     raise_open_file_limit()
-    server = Server(config, store)
+    server = Server(config, store, tls, password)
     try:
         server.listen()
     except OSError as exc:
