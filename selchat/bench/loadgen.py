@@ -1,0 +1,1053 @@
+"""Load generator: R receivers and S senders in #lobby, measured over a fixed window.
+
+Why it is built this way (the machine it runs on has two cores, shared with the server):
+
+* Connections are spread over a few worker processes, each one epoll loop over non-blocking
+  sockets, so that no single Python process is the ceiling at R=1000.
+* The hot path never decodes JSON. A receive lands in one shared buffer; frames are found
+  by walking the 4-byte length prefixes; runs of equal-length frames (the common case: every
+  message frame of a run has the same size) are checked with strided slices, so every prefix
+  is read and verified but at C speed instead of one Python iteration per frame.
+* A message is recognised by the marker its text starts with (`~@`, impossible in nicks and
+  room names) and counted with one `bytearray.count` over the complete frames of a receive.
+  The text carries the sender id and the send time (monotonic microseconds, a clock shared by
+  all processes of the machine), so latency is read from a fixed offset after the marker.
+* In the as-fast-as-accepted mode each sender keeps at most `window` messages in flight:
+  it counts its own echoes (its own marker, sender id included) to know what has been fanned
+  out. The server is then measured, not the socket buffers.
+* In throughput runs the workers read at most every `poll_interval` seconds, so one receive
+  carries many frames; reading every frame as it lands would cost the generator more CPU per
+  delivery than the server spends on it. Latency runs read eagerly.
+* Every worker reports its own CPU time over the window; the sum, as a fraction of a core,
+  tells a reader when the generator rather than the server was the limit.
+
+Correctness is checked after the window: senders stop, everything is drained, and every
+member (senders included) must have received every message sent during the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import json
+import multiprocessing as mp
+import os
+import resource
+import select
+import socket
+import struct
+import sys
+import time
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple
+
+from selchat.defaults import LOBBY, MAX_FRAME
+
+MARK = b"~@"  # starts every benchmark text; '~' and '@' cannot appear in nicks or room names
+_MARK0, _MARK1 = MARK
+SID_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"  # one byte per sender
+TS_DIGITS = 16
+TEXT_HEAD = len(MARK) + 1 + TS_DIGITS  # marker, sender id byte, send time (monotonic us)
+RECV_SIZE = 1 << 17
+_MAX_SAMPLES = 500_000  # latency samples per worker and run
+_LEN = struct.Struct(">I")
+_unpack = _LEN.unpack_from
+_EPOLLIN = select.EPOLLIN
+_EPOLLOUT = select.EPOLLOUT
+
+CONNECTING, HELLO, READY, DEAD = range(4)
+Spec = Tuple[str, int]  # (nick, sender id or -1 for a receiver)
+
+
+class BadFrame(Exception):
+    """The server broke the framing (length 0 or above max_frame)."""
+
+
+def now_us() -> int:
+    return time.monotonic_ns() // 1000
+
+
+def raise_nofile() -> int:
+    """Lift the soft descriptor limit to the hard one (10,000 connections need it)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def cpu_seconds() -> float:
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
+def scan(
+    buf: bytearray,
+    off: int,
+    end: int,
+    own: int,
+    countdown: int,
+    every: int,
+    t_us: int,
+    samples: List[int],
+    rel_cache: Dict[int, int],
+) -> Tuple[int, int, int, int, int]:
+    """Walk the complete frames in buf[off:end] and count messages without decoding them.
+
+    Returns (end of the last complete frame, frames, messages, messages whose sender id byte
+    is `own`, countdown). A run of frames that share one length has the four prefix bytes of
+    all its frames compared at once with strided slices (`lstrip` of the expected byte tells
+    how many lead), so every prefix is verified but at C speed; a different length ends the
+    run and its own prefix is read next. Within a run, the marker's offset (learned once per
+    frame length in `rel_cache`) is checked the same way; a run where it is not uniform falls
+    back to `bytearray.count`. Every `every`-th frame (the `countdown` carries over between
+    calls) that is a message adds `t_us` minus its send time to `samples`.
+    """
+    frames = msgs = mine = 0
+    while end - off >= 4:
+        length = _unpack(buf, off)[0]
+        if length == 0 or length > MAX_FRAME:
+            raise BadFrame(f"frame length {length}")
+        step = length + 4
+        k = (end - off) // step
+        if k == 0:
+            break
+        lim = off + k * step
+        if k > 1:
+            for j in range(4):
+                col = buf[off + j : lim : step]
+                lead = k - len(col.lstrip(col[:1]))
+                if lead < k:
+                    k = lead
+                    lim = off + k * step
+        rel = rel_cache.get(step, -1)
+        if rel < 0 or buf[off + rel : off + rel + 2] != MARK:
+            p = buf.find(MARK, off + 4, off + step)
+            rel = p - off
+            if p >= 0:
+                rel_cache[step] = rel
+        uniform = rel >= 0 and (
+            k == 1
+            or (buf[off + rel : lim : step].count(_MARK0) == k and buf[off + rel + 1 : lim : step].count(_MARK1) == k)
+        )
+        if uniform:
+            msgs += k
+            if own:
+                mine += buf[off + rel + 2 : lim : step].count(own)
+        else:
+            n = buf.count(MARK, off, lim)
+            msgs += n
+            if n and own:
+                mine += buf.count(MARK + bytes((own,)), off, lim)
+        if every:
+            while countdown <= k:
+                pos = off + (countdown - 1) * step
+                q = pos + rel if uniform else buf.find(MARK, pos + 4, pos + step)
+                if q >= 0:
+                    samples.append(t_us - int(buf[q + 3 : q + TEXT_HEAD]))
+                countdown += every
+            countdown -= k
+        off = lim
+        frames += k
+    return off, frames, msgs, mine, countdown
+
+
+def text_parts(msg_size: int) -> Tuple[bytes, bytes]:
+    """The say payload around the timestamp: (head up to the sender id, tail after the time)."""
+    if msg_size < TEXT_HEAD + 1:
+        raise ValueError(f"msg_size must be at least {TEXT_HEAD + 1}")
+    head = b'{"type":"say","room":"' + LOBBY.encode() + b'","text":"' + MARK
+    tail = b"x" * (msg_size - TEXT_HEAD) + b'"}'
+    return head, tail
+
+
+class _Conn:
+    __slots__ = (
+        "sock", "fd", "nick", "sid", "state", "tail", "frames", "msgs", "msgs0", "own",
+        "sent", "out", "writing", "countdown", "next_due", "echoes", "say_head", "t_welcome",
+    )
+
+    def __init__(self, sock: socket.socket, nick: str, sid: int) -> None:
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.nick = nick
+        self.sid = sid
+        self.state = CONNECTING
+        self.tail = b""
+        self.frames = 0
+        self.msgs = 0
+        self.msgs0 = 0
+        self.echoes = 0
+        self.sent = 0
+        self.out = bytearray()
+        self.writing = False
+        self.countdown = 1
+        self.next_due = 0.0
+        self.own = SID_ALPHABET[sid] if sid >= 0 else 0
+        self.say_head = b""
+        self.t_welcome = 0.0
+
+
+class _Worker:
+    """One generator process: an epoll loop over its share of the connections.
+
+    Commands arrive on a pipe (registered in the same epoll) and are answered on it:
+    connect, settle, load, counters, close.
+    """
+
+    def __init__(self, pipe: Any, host: str, port: int, msg_size: int) -> None:
+        self.pipe = pipe
+        self.addr = (host, port)
+        self.ep = select.epoll()
+        self.ep.register(pipe.fileno(), _EPOLLIN)
+        self.conns: Dict[int, _Conn] = {}
+        self.senders: List[_Conn] = []
+        self.rb = bytearray(2 * (MAX_FRAME + 4) + RECV_SIZE)
+        self.rbv = memoryview(self.rb)
+        self.say_head, self.say_tail = text_parts(msg_size)
+        self.done = False
+        self.last_rx = time.monotonic()
+        self.poll_interval = 0.0
+        # registration
+        self.to_connect: Deque[Spec] = deque()
+        self.ramp_rate = 1000.0
+        self.ramp_t0 = 0.0
+        self.opened = 0
+        self.pending = 0
+        self.max_pending = 100
+        self.reg_deadline = 0.0
+        self.reg_ok = 0
+        self.reg_failed = 0
+        self.t_first_connect = 0.0
+        self.t_last_welcome = 0.0
+        self.errors: Dict[str, int] = {}
+        self.dropped = 0
+        self.cpu_reg0 = 0.0
+        self.awaiting_registration = False
+        # settle
+        self.settle_quiet = 0.0
+        self.settle_deadline = 0.0
+        self.settling = False
+        # load
+        self.load: Optional[Dict[str, Any]] = None
+        self.load_stage = 0
+        self.sending = False
+        self.sampling = False
+        self.sample_every = 0
+        self.samples: List[int] = []
+        self.rel_cache: Dict[int, int] = {}
+        self.snap: Dict[str, Any] = {}
+        self.drain_deadline = 0.0
+
+    # ---- loop -------------------------------------------------------------------------
+    def run(self) -> None:
+        ep_poll = self.ep.poll
+        conns = self.conns
+        pipe_fd = self.pipe.fileno()
+        while not self.done:
+            start = time.monotonic()
+            timeout = self._tick(start)
+            for fd, ev in ep_poll(timeout):
+                if fd == pipe_fd:
+                    self._command(self.pipe.recv())
+                    continue
+                c = conns.get(fd)
+                if c is None:
+                    continue
+                if ev & _EPOLLOUT:
+                    if c.state == CONNECTING:
+                        self._connected(c)
+                        continue
+                    self._flush(c)
+                if ev & ~_EPOLLOUT and c.state != DEAD:
+                    self._read(c)
+            if self.poll_interval:
+                idle = start + self.poll_interval - time.monotonic()
+                if idle > 0:
+                    time.sleep(idle)
+
+    def _tick(self, now: float) -> float:
+        """Time-driven work (ramp, load stages, paced sends); returns the poll timeout."""
+        timeout = 0.2
+        if self.to_connect:
+            if now >= self.reg_deadline:
+                self.errors["not_attempted"] = self.errors.get("not_attempted", 0) + len(self.to_connect)
+                self.reg_failed += len(self.to_connect)
+                self.to_connect.clear()
+            else:
+                due = int((now - self.ramp_t0) * self.ramp_rate) + 1 - self.opened
+                n = min(due, self.max_pending - self.pending, len(self.to_connect))
+                for _ in range(max(n, 0)):
+                    self._open(self.to_connect.popleft())
+                timeout = min(timeout, 1.0 / self.ramp_rate)
+        if self.awaiting_registration:
+            if (not self.to_connect and self.pending == 0) or now >= self.reg_deadline:
+                self._report_registration()
+        if self.settling:
+            if now - self.last_rx >= self.settle_quiet or now >= self.settle_deadline:
+                self.settling = False
+                self.pipe.send(("settled", self._counters()))
+            else:
+                timeout = min(timeout, 0.02)
+        if self.load is not None:
+            timeout = min(timeout, self._load_tick(now))
+        return max(timeout, 0.0)
+
+    # ---- commands ------------------------------------------------------------------------
+    def _command(self, cmd: Tuple[Any, ...]) -> None:
+        kind = cmd[0]
+        if kind == "connect":
+            _, specs, rate, max_pending, timeout = cmd
+            self.to_connect.extend(specs)
+            self.ramp_rate = max(rate, 1.0)
+            self.max_pending = max(max_pending, 1)
+            self.ramp_t0 = time.monotonic()
+            self.reg_deadline = self.ramp_t0 + timeout
+            self.opened = 0
+            self.reg_ok = self.reg_failed = 0
+            self.t_first_connect = self.t_last_welcome = 0.0
+            self.cpu_reg0 = cpu_seconds()
+            self.awaiting_registration = True
+        elif kind == "settle":
+            _, quiet, timeout = cmd
+            self.settle_quiet = quiet
+            self.settle_deadline = time.monotonic() + timeout
+            self.settling = True
+        elif kind == "counters":
+            self.pipe.send(("counters", self._counters()))
+        elif kind == "load":
+            self._start_load(cmd[1])
+        elif kind == "close":
+            for c in list(self.conns.values()):
+                self._close(c)
+            self.pipe.send(("closed", None))
+            self.done = True
+        else:
+            self.pipe.send(("error", f"unknown command {kind!r}"))
+
+    def _counters(self) -> Dict[str, Any]:
+        frames = sum(c.frames for c in self.conns.values())
+        msgs = sum(c.msgs for c in self.conns.values())
+        by_prefix: Dict[str, int] = {}
+        for c in self.conns.values():
+            by_prefix[c.nick[0]] = by_prefix.get(c.nick[0], 0) + c.frames
+        return {
+            "frames": frames,
+            "frames_by_prefix": by_prefix,
+            "msgs": msgs,
+            "ready": sum(1 for c in self.conns.values() if c.state == READY),
+            "dropped": self.dropped,
+            "errors": dict(self.errors),
+            "cpu": cpu_seconds(),
+        }
+
+    # ---- registration --------------------------------------------------------------------
+    def _open(self, spec: Spec) -> None:
+        nick, sid = spec
+        self.opened += 1
+        try:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        except OSError as exc:
+            self._count_error(errno.errorcode.get(exc.errno or 0, "socket"))
+            self.reg_failed += 1
+            return
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if not self.t_first_connect:
+            self.t_first_connect = time.monotonic()
+        err = sock.connect_ex(self.addr)
+        if err not in (0, errno.EINPROGRESS):
+            sock.close()
+            self._count_error(errno.errorcode.get(err, str(err)))
+            self.reg_failed += 1
+            return
+        c = _Conn(sock, nick, sid)
+        if sid >= 0:
+            c.say_head = self.say_head + SID_ALPHABET[sid : sid + 1]
+        self.conns[c.fd] = c
+        self.pending += 1
+        self.ep.register(c.fd, _EPOLLOUT)
+
+    def _connected(self, c: _Conn) -> None:
+        err = c.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            self._fail(c, errno.errorcode.get(err, str(err)))
+            return
+        c.state = HELLO
+        payload = json.dumps({"type": "hello", "nick": c.nick, "client": "selchat-bench"}).encode()
+        c.out += _LEN.pack(len(payload)) + payload
+        self.ep.modify(c.fd, _EPOLLIN)
+        self._flush(c)
+
+    def _hello_frames(self, c: _Conn, end: int) -> int:
+        """Slow path until welcome: decode each frame; return where the hot path takes over."""
+        rb = self.rb
+        off = 0
+        while c.state == HELLO and end - off >= 4:
+            length = _unpack(rb, off)[0]
+            if length == 0 or length > MAX_FRAME:
+                raise BadFrame(f"frame length {length}")
+            if off + 4 + length > end:
+                break
+            try:
+                obj = json.loads(bytes(rb[off + 4 : off + 4 + length]))
+            except ValueError:
+                obj = {}
+            off += 4 + length
+            c.frames += 1
+            kind = obj.get("type")
+            if kind == "welcome":
+                c.state = READY
+                self.pending -= 1
+                self.reg_ok += 1
+                c.t_welcome = self.t_last_welcome = time.monotonic()
+                if c.sid >= 0:
+                    self.senders.append(c)
+            elif kind == "error":
+                self._fail(c, str(obj.get("code")))
+                return end
+        return off
+
+    def _report_registration(self) -> None:
+        self.awaiting_registration = False
+        self.pipe.send(
+            (
+                "registered",
+                {
+                    "ok": self.reg_ok,
+                    "failed": self.reg_failed,
+                    "pending": self.pending,
+                    "t_first": self.t_first_connect,
+                    "t_last": self.t_last_welcome,
+                    "cpu": cpu_seconds() - self.cpu_reg0,
+                    "errors": dict(self.errors),
+                },
+            )
+        )
+
+    def _count_error(self, reason: str) -> None:
+        self.errors[reason] = self.errors.get(reason, 0) + 1
+
+    def _fail(self, c: _Conn, reason: str) -> None:
+        if c.state in (CONNECTING, HELLO):
+            self.pending -= 1
+            self.reg_failed += 1
+        elif c.state == READY:
+            self.dropped += 1
+        self._count_error(reason)
+        self._close(c)
+
+    def _close(self, c: _Conn) -> None:
+        if c.state == DEAD:
+            return
+        c.state = DEAD
+        try:
+            self.ep.unregister(c.fd)
+        except (OSError, ValueError):
+            pass
+        c.sock.close()
+
+    # ---- I/O -------------------------------------------------------------------------------
+    def _flush(self, c: _Conn) -> None:
+        try:
+            n = c.sock.send(c.out)
+        except BlockingIOError:
+            n = 0
+        except OSError as exc:
+            self._fail(c, errno.errorcode.get(exc.errno or 0, "send"))
+            return
+        if n:
+            del c.out[:n]
+        want = bool(c.out)
+        if want != c.writing:
+            c.writing = want
+            self.ep.modify(c.fd, _EPOLLIN | _EPOLLOUT if want else _EPOLLIN)
+
+    def _read(self, c: _Conn) -> None:
+        rb = self.rb
+        k = len(c.tail)
+        if k:
+            rb[:k] = c.tail
+        try:
+            n = c.sock.recv_into(self.rbv[k : k + RECV_SIZE])
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self._fail(c, "closed_by_server:" + errno.errorcode.get(exc.errno or 0, "recv"))
+            return
+        if n == 0:
+            self._fail(c, "closed_by_server")
+            return
+        end = k + n
+        self.last_rx = time.monotonic()
+        start = 0
+        try:
+            if c.state == HELLO:
+                start = self._hello_frames(c, end)
+                if c.state != READY:
+                    c.tail = rb[start:end] if start < end and c.state == HELLO else b""
+                    return
+            every = self.sample_every if self.sampling else 0
+            samples = self.samples
+            off, frames, msgs, mine, c.countdown = scan(
+                rb, start, end, c.own, c.countdown, every, now_us() if every else 0,
+                samples if len(samples) < _MAX_SAMPLES else [], self.rel_cache,
+            )
+        except BadFrame as exc:
+            self._fail(c, f"bad_frame:{exc}")
+            return
+        c.tail = rb[off:end] if off < end else b""
+        c.frames += frames
+        if not msgs:
+            return
+        c.msgs += msgs
+        if mine:
+            c.echoes += mine
+            if self.sending and self.load is not None and self.load["mode"] == "flow":
+                self._top_up(c)
+
+    def _top_up(self, c: _Conn) -> None:
+        n = self.load["window"] - (c.sent - c.echoes)  # type: ignore[index]
+        if n > 0:
+            frame = self._say(c)
+            c.out += frame * n
+            c.sent += n
+            self._flush(c)
+
+    def _say(self, c: _Conn) -> bytes:
+        payload = c.say_head + b"%016d" % now_us() + self.say_tail
+        return _LEN.pack(len(payload)) + payload
+
+    # ---- measured load ------------------------------------------------------------------
+    def _start_load(self, params: Dict[str, Any]) -> None:
+        self.load = params
+        self.load_stage = 0
+        self.sample_every = params["sample_every"]
+        self.poll_interval = params["poll_interval"]
+        self.samples = []
+        for c in self.conns.values():
+            c.msgs0 = c.msgs
+            c.countdown = 1 + (c.fd % max(self.sample_every, 1))  # spread samples over the frame index
+        for c in self.senders:
+            c.sent = c.echoes = 0
+
+    def _load_tick(self, now: float) -> float:
+        p = self.load
+        assert p is not None
+        stage = self.load_stage
+        if stage == 0:
+            if now < p["t_send"]:
+                return p["t_send"] - now
+            self.load_stage = stage = 1
+            self.sending = True
+            if p["mode"] == "flow":
+                for c in self.senders:
+                    if c.state == READY:
+                        self._top_up(c)
+            else:
+                interval = 1.0 / p["rate_per_sender"]
+                for c in self.senders:
+                    c.next_due = p["t_send"] + interval * (c.sid % p["senders"]) / p["senders"]
+        if stage == 1 and now >= p["t0"]:
+            self.load_stage = stage = 2
+            self.snap["t0"] = self._snapshot()
+            self.sampling = True
+        if stage == 2 and now >= p["t1"]:
+            self.load_stage = stage = 3
+            self.snap["t1"] = self._snapshot()
+            self.sampling = False
+            self.sending = False
+            self.poll_interval = 0.0
+            self.drain_deadline = now + p["drain_timeout"]
+        if stage == 3:
+            if (now - self.last_rx >= p["drain_quiet"] and now >= p["t1"] + p["drain_quiet"]) or now >= self.drain_deadline:
+                self._report_load()
+                return 0.2
+            return 0.02
+        nxt = p["t0"] if stage == 1 else p["t1"]
+        timeout = nxt - now
+        if self.sending and p["mode"] == "rate":
+            timeout = min(timeout, self._paced_sends(now, p))
+        return timeout
+
+    def _paced_sends(self, now: float, p: Dict[str, Any]) -> float:
+        """Fixed offered rate: send whatever is due, skip (and count) what cannot be queued."""
+        interval = 1.0 / p["rate_per_sender"]
+        soonest = 1.0
+        for c in self.senders:
+            if c.state != READY:
+                continue
+            n = 0
+            while c.next_due <= now:
+                c.next_due += interval
+                if len(c.out) < 65536:
+                    n += 1
+                else:
+                    self._count_error("rate_skipped")
+            if n:
+                c.out += self._say(c) * n
+                c.sent += n
+                self._flush(c)
+            soonest = min(soonest, c.next_due - now)
+        return max(soonest, 0.0)
+
+    def _snapshot(self) -> Dict[str, Any]:
+        return {
+            "t": time.monotonic(),
+            "cpu": cpu_seconds(),
+            "msgs": sum(c.msgs for c in self.conns.values()),
+            "frames": sum(c.frames for c in self.conns.values()),
+            "sent": sum(c.sent for c in self.senders),
+        }
+
+    def _report_load(self) -> None:
+        p = self.load
+        self.load = None
+        self.sending = False
+        conns = [c for c in self.conns.values()]
+        self.pipe.send(
+            (
+                "loaded",
+                {
+                    "t0": self.snap.get("t0"),
+                    "t1": self.snap.get("t1"),
+                    "sent_total": sum(c.sent for c in self.senders),
+                    "per_conn": [c.msgs - c.msgs0 for c in conns if c.state != CONNECTING],
+                    "dead": sum(1 for c in conns if c.state == DEAD),
+                    "samples": self.samples,
+                    "dropped": self.dropped,
+                    "errors": dict(self.errors),
+                    "mode": p["mode"] if p else None,
+                },
+            )
+        )
+        self.samples = []
+
+
+def _worker_main(pipe: Any, host: str, port: int, msg_size: int) -> None:
+    raise_nofile()
+    try:
+        _Worker(pipe, host, port, msg_size).run()
+    except BaseException as exc:  # report, never hang the driver
+        try:
+            pipe.send(("crashed", repr(exc)))
+        except OSError:
+            pass
+        raise
+
+
+# ==== driver side ============================================================================
+
+
+class GenError(RuntimeError):
+    """The generator could not do what it was asked (registration failed, worker died...)."""
+
+
+class Fleet:
+    """The driver's handle on its worker processes."""
+
+    def __init__(self, host: str, port: int, workers: int, msg_size: int = 100) -> None:
+        ctx = mp.get_context("fork")
+        self.pipes = []
+        self.procs = []
+        for _ in range(workers):
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(target=_worker_main, args=(child, host, port, msg_size), daemon=True)
+            proc.start()
+            child.close()
+            self.pipes.append(parent)
+            self.procs.append(proc)
+
+    def __enter__(self) -> "Fleet":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def broadcast(self, cmd: Tuple[Any, ...]) -> None:
+        for pipe in self.pipes:
+            pipe.send(cmd)
+
+    def gather(self, kind: str, timeout: float) -> List[Any]:
+        deadline = time.monotonic() + timeout
+        out = []
+        for i, pipe in enumerate(self.pipes):
+            left = deadline - time.monotonic()
+            if not pipe.poll(max(left, 0.0)):
+                raise GenError(f"worker {i} did not answer {kind!r} within {timeout:.0f} s")
+            got, body = pipe.recv()
+            if got != kind:
+                raise GenError(f"worker {i} answered {got!r} to {kind!r}: {body}")
+            out.append(body)
+        return out
+
+    def connect(self, shares: Sequence[Sequence[Spec]], rate: float, max_pending: int, timeout: float) -> Dict[str, Any]:
+        """Open and register each worker's share, ramped at `rate` connections/s overall."""
+        total = max(sum(len(x) for x in shares), 1)
+        for pipe, share in zip(self.pipes, shares):
+            frac = len(share) / total
+            pipe.send(("connect", list(share), max(rate * frac, 1.0), max(int(max_pending * frac), 1), timeout))
+        parts = self.gather("registered", timeout + 10)
+        firsts = [p["t_first"] for p in parts if p["t_first"]]
+        lasts = [p["t_last"] for p in parts if p["t_last"]]
+        errors: Dict[str, int] = {}
+        for p in parts:
+            for k, v in p["errors"].items():
+                errors[k] = errors.get(k, 0) + v
+        return {
+            "ok": sum(p["ok"] for p in parts),
+            "failed": sum(p["failed"] for p in parts),
+            "pending": sum(p["pending"] for p in parts),
+            "seconds": (max(lasts) - min(firsts)) if firsts and lasts else float("nan"),
+            "cpu": sum(p["cpu"] for p in parts),
+            "errors": errors,
+        }
+
+    def settle(self, quiet: float = 0.3, timeout: float = 10.0) -> Dict[str, Any]:
+        """Read until nothing arrived for `quiet` seconds; return the summed counters."""
+        self.broadcast(("settle", quiet, timeout))
+        return _sum_counters(self.gather("settled", timeout + 10))
+
+    def counters(self) -> Dict[str, Any]:
+        self.broadcast(("counters",))
+        return _sum_counters(self.gather("counters", 10))
+
+    def close(self) -> None:
+        for pipe in self.pipes:
+            try:
+                pipe.send(("close",))
+            except OSError:
+                pass
+        deadline = time.monotonic() + 5
+        for proc in self.procs:
+            proc.join(max(deadline - time.monotonic(), 0.1))
+            if proc.is_alive():
+                proc.kill()
+                proc.join(1)
+        for pipe in self.pipes:
+            pipe.close()
+        self.pipes = []
+        self.procs = []
+
+
+def split_round_robin(specs: Sequence[Spec], n: int) -> List[List[Spec]]:
+    return [list(specs[i::n]) for i in range(n)]
+
+
+def _sum_counters(parts: List[Dict[str, Any]]) -> Dict[str, Any]:
+    errors: Dict[str, int] = {}
+    for p in parts:
+        for k, v in p["errors"].items():
+            errors[k] = errors.get(k, 0) + v
+    by_prefix: Dict[str, int] = {}
+    for p in parts:
+        for k, v in p["frames_by_prefix"].items():
+            by_prefix[k] = by_prefix.get(k, 0) + v
+    return {
+        "frames": sum(p["frames"] for p in parts),
+        "frames_by_prefix": by_prefix,
+        "msgs": sum(p["msgs"] for p in parts),
+        "ready": sum(p["ready"] for p in parts),
+        "dropped": sum(p["dropped"] for p in parts),
+        "cpu": sum(p["cpu"] for p in parts),
+        "errors": errors,
+    }
+
+
+@dataclass
+class LoadConfig:
+    """One measured point. `rate` None means as fast as the server accepts (bounded window).
+
+    Senders and `probes` receivers live in one "fast" worker that reads every
+    `fast_poll` seconds and samples latency; the other receivers are spread over
+    `bulk_workers` processes that read every `bulk_poll` seconds, so each receive carries
+    many frames. At a fixed rate every worker reads eagerly and samples every message.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 0
+    receivers: int = 100
+    senders: int = 10
+    duration: float = 5.0
+    warmup: float = 1.0
+    rate: Optional[float] = None  # messages/s offered in total
+    window: int = 8  # messages in flight per sender (flow mode)
+    msg_size: int = 100  # characters of text
+    probes: int = 10  # receivers in the fast worker that sample latency (flow mode)
+    bulk_workers: int = 0  # 0: 1 up to 300 receivers, else 2
+    fast_poll: float = 0.001  # seconds between passes of the fast worker (flow mode)
+    bulk_poll: Optional[float] = None  # None: about R / 20,000 s, within 5..100 ms (flow mode)
+    sample_every: int = 0  # 0: every message at a fixed rate, every 10th frame as fast as possible
+    ramp_rate: float = 2000.0  # connections/s while registering
+    max_pending: int = 256  # connections between connect and welcome, over all workers
+    register_timeout: float = 60.0
+    drain_timeout: float = 10.0
+    drain_quiet: float = 0.3
+
+
+@dataclass
+class LoadResult:
+    receivers: int
+    senders: int
+    mode: str
+    duration: float  # the measured window as the workers saw it
+    deliveries: int  # messages received by all members inside the window
+    deliveries_per_s: float
+    sent_per_s: float  # messages the senders put on the wire inside the window
+    p50_ms: Optional[float]
+    p99_ms: Optional[float]
+    samples: int
+    gen_cpu: float  # generator CPU over the window, in cores (sum over worker processes)
+    gen_cpu_max_proc: float  # the busiest worker, in cores
+    register_s: float
+    sent_total: int
+    expected_per_member: int
+    lost: int  # deliveries missing after the drain (sum over members)
+    complete: bool  # every member received every message sent
+    dropped: int
+    errors: Dict[str, int] = field(default_factory=dict)
+    workers: int = 0
+    bulk_poll_ms: float = 0.0
+
+    def as_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+
+def percentile(sorted_values: Sequence[float], q: float) -> Optional[float]:
+    if not sorted_values:
+        return None
+    i = min(len(sorted_values) - 1, max(0, int(round(q * (len(sorted_values) - 1)))))
+    return sorted_values[i]
+
+
+Probe = Callable[[str], None]
+
+
+def plan_shares(cfg: LoadConfig) -> List[List[Spec]]:
+    """Worker 0: senders and the latency probes; the rest: the bulk of the receivers.
+
+    Probes are picked evenly across the receivers, so they sit at different places in the
+    server's member order rather than all at its front.
+    """
+    senders: List[Spec] = [(f"s{i:04d}", i) for i in range(cfg.senders)]
+    receivers: List[Spec] = [(f"r{i:05d}", -1) for i in range(cfg.receivers)]
+    if cfg.rate is not None:
+        n = cfg.bulk_workers or (0 if cfg.receivers + cfg.senders < 50 else 1)
+        return split_round_robin(senders + receivers, n + 1)
+    n = cfg.bulk_workers or (1 if cfg.receivers <= 300 else 2)
+    probes = min(cfg.probes, cfg.receivers)
+    picked = {round(i * cfg.receivers / probes) for i in range(probes)} if probes else set()
+    fast = senders + [r for i, r in enumerate(receivers) if i in picked]
+    bulk = [r for i, r in enumerate(receivers) if i not in picked]
+    return [fast] + split_round_robin(bulk, n)
+
+
+def run_load(cfg: LoadConfig, probe: Optional[Probe] = None) -> LoadResult:
+    """Register R receivers and S senders, run the measured window, drain and check counts.
+
+    `probe("start")` and `probe("end")` are called in this process at the window's edges
+    (the runner samples the server's /proc there).
+    """
+    if cfg.senders < 1 or cfg.receivers < 0:
+        raise ValueError("need at least one sender")
+    if cfg.senders > len(SID_ALPHABET):
+        raise ValueError(f"at most {len(SID_ALPHABET)} senders (one id byte each)")
+    mode = "flow" if cfg.rate is None else "rate"
+    shares = plan_shares(cfg)
+    if mode == "flow":
+        bulk_poll = cfg.bulk_poll if cfg.bulk_poll is not None else min(max(cfg.receivers / 20000, 0.005), 0.1)
+        polls = [cfg.fast_poll] + [bulk_poll] * (len(shares) - 1)
+        every = cfg.sample_every or 10
+        samplings = [every] + [0] * (len(shares) - 1)
+    else:
+        bulk_poll = 0.0
+        polls = [0.0] * len(shares)
+        samplings = [cfg.sample_every or 1] * len(shares)
+    raise_nofile()
+    t_send = 0.0
+    with Fleet(cfg.host, cfg.port, len(shares), cfg.msg_size) as fleet:
+        reg = fleet.connect(shares, cfg.ramp_rate, cfg.max_pending, cfg.register_timeout)
+        want = cfg.receivers + cfg.senders
+        if reg["ok"] != want:
+            raise GenError(f"registered {reg['ok']} of {want} connections: {reg['errors']}")
+        fleet.settle()
+        t_send = time.monotonic() + 0.1
+        for pipe, poll, every in zip(fleet.pipes, polls, samplings):
+            pipe.send(
+                (
+                    "load",
+                    {
+                        "mode": mode,
+                        "t_send": t_send,
+                        "t0": t_send + cfg.warmup,
+                        "t1": t_send + cfg.warmup + cfg.duration,
+                        "window": cfg.window,
+                        "rate_per_sender": (cfg.rate or 1.0) / cfg.senders,
+                        "senders": cfg.senders,
+                        "sample_every": every,
+                        "poll_interval": poll,
+                        "drain_timeout": cfg.drain_timeout,
+                        "drain_quiet": cfg.drain_quiet,
+                    },
+                )
+            )
+        if probe:
+            _sleep_until(t_send + cfg.warmup)
+            probe("start")
+            _sleep_until(t_send + cfg.warmup + cfg.duration)
+            probe("end")
+        parts = fleet.gather("loaded", cfg.warmup + cfg.duration + cfg.drain_timeout + 15)
+    res = _summarise(cfg, mode, len(shares), reg, parts)
+    res.bulk_poll_ms = bulk_poll * 1000
+    return res
+
+
+def _sleep_until(t: float) -> None:
+    left = t - time.monotonic()
+    if left > 0:
+        time.sleep(left)
+
+
+def _summarise(cfg: LoadConfig, mode: str, workers: int, reg: Dict[str, Any], parts: List[Dict[str, Any]]) -> LoadResult:
+    missing = [i for i, p in enumerate(parts) if not p["t0"] or not p["t1"]]
+    if missing:
+        raise GenError(f"workers {missing} never saw the measured window")
+    span = max(p["t1"]["t"] for p in parts) - min(p["t0"]["t"] for p in parts)
+    duration = sum(p["t1"]["t"] - p["t0"]["t"] for p in parts) / len(parts)
+    deliveries = sum(p["t1"]["msgs"] - p["t0"]["msgs"] for p in parts)
+    sent = sum(p["t1"]["sent"] - p["t0"]["sent"] for p in parts)
+    cpus = [(p["t1"]["cpu"] - p["t0"]["cpu"]) / max(p["t1"]["t"] - p["t0"]["t"], 1e-9) for p in parts]
+    samples = sorted(s for p in parts for s in p["samples"])
+    sent_total = sum(p["sent_total"] for p in parts)
+    per_conn = [n for p in parts for n in p["per_conn"]]
+    members = cfg.receivers + cfg.senders
+    lost = sum(max(sent_total - n, 0) for n in per_conn) + sent_total * (members - len(per_conn))
+    extra = sum(max(n - sent_total, 0) for n in per_conn)
+    errors: Dict[str, int] = {}  # each worker's tally is cumulative, registration included
+    for p in parts:
+        for k, v in p["errors"].items():
+            errors[k] = errors.get(k, 0) + v
+    if extra:
+        errors["more_than_sent"] = extra
+    p50 = percentile(samples, 0.50)
+    p99 = percentile(samples, 0.99)
+    return LoadResult(
+        receivers=cfg.receivers,
+        senders=cfg.senders,
+        mode=mode,
+        duration=duration,
+        deliveries=deliveries,
+        deliveries_per_s=deliveries / duration if duration > 0 else 0.0,
+        sent_per_s=sent / duration if duration > 0 else 0.0,
+        p50_ms=None if p50 is None else p50 / 1000.0,
+        p99_ms=None if p99 is None else p99 / 1000.0,
+        samples=len(samples),
+        gen_cpu=sum(cpus),
+        gen_cpu_max_proc=max(cpus),
+        register_s=reg["seconds"],
+        sent_total=sent_total,
+        expected_per_member=sent_total,
+        lost=lost,
+        complete=(lost == 0 and not extra and len(per_conn) == members and span < cfg.duration + 1.0),
+        dropped=sum(p["dropped"] for p in parts),
+        errors=errors,
+        workers=workers,
+    )
+
+
+@dataclass
+class IdleResult:
+    connections: int
+    registered: int
+    register_s: float  # first connect to last welcome
+    gen_cpu_register: float  # generator CPU while registering, in cores
+    extra_joins: int
+    join_frames: int  # frames every member received because of the extra joins
+    join_frames_old: int  # of which to the members already there
+    errors: Dict[str, int] = field(default_factory=dict)
+
+    def as_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+
+def run_idle(
+    host: str,
+    port: int,
+    connections: int,
+    probe: Optional[Probe] = None,
+    ramp_rate: float = 2000.0,
+    max_pending: int = 512,
+    extra_joins: int = 100,
+    workers: int = 2,
+    register_timeout: float = 60.0,
+) -> IdleResult:
+    """Ramp `connections` clients into #lobby, let them sit, then add `extra_joins` more.
+
+    `probe("before")` runs before the first connect and `probe("after")` once everybody is
+    registered and the traffic has settled, so the caller can difference the server's RSS.
+    The extra joins show what a room of that size costs per join (frames to all members).
+    """
+    raise_nofile()
+    specs: List[Spec] = [(f"i{i:05d}", -1) for i in range(connections)]
+    with Fleet(host, port, workers) as fleet:
+        if probe:
+            probe("before")
+        reg = fleet.connect(split_round_robin(specs, workers), ramp_rate, max_pending, register_timeout)
+        errors = dict(reg["errors"])
+        if reg["ok"] != connections:
+            return IdleResult(connections, reg["ok"], float("nan"), 0.0, 0, 0, 0, errors)
+        before = fleet.settle(quiet=0.5, timeout=30)
+        if probe:
+            probe("after")
+        more: List[Spec] = [(f"j{i:05d}", -1) for i in range(extra_joins)]
+        reg2 = fleet.connect(split_round_robin(more, workers), ramp_rate, max_pending, register_timeout)
+        after = fleet.settle(quiet=0.5, timeout=30)
+        for k, v in reg2["errors"].items():
+            errors[k] = errors.get(k, 0) + v
+        new_frames = after["frames"] - before["frames"]
+        old_frames = after["frames_by_prefix"].get("i", 0) - before["frames_by_prefix"].get("i", 0)
+        return IdleResult(
+            connections=connections,
+            registered=reg["ok"],
+            register_s=reg["seconds"],
+            gen_cpu_register=reg["cpu"] / reg["seconds"] if reg["seconds"] > 0 else 0.0,
+            extra_joins=reg2["ok"],
+            join_frames=new_frames,
+            join_frames_old=old_frames,
+            errors=errors,
+        )
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Run one point against a server that is already listening; print JSON."""
+    ap = argparse.ArgumentParser(prog="python -m selchat.bench.loadgen", description=main.__doc__)
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("-R", "--receivers", type=int, default=100)
+    ap.add_argument("-S", "--senders", type=int, default=10)
+    ap.add_argument("--duration", type=float, default=5.0)
+    ap.add_argument("--warmup", type=float, default=1.0)
+    ap.add_argument("--rate", type=float, default=None, help="offered messages/s in total (default: as fast as accepted)")
+    ap.add_argument("--window", type=int, default=LoadConfig.window, help="messages in flight per sender")
+    ap.add_argument("--bulk-workers", type=int, default=0)
+    ap.add_argument("--bulk-poll-ms", type=float, default=None)
+    ap.add_argument("--fast-poll-ms", type=float, default=LoadConfig.fast_poll * 1000)
+    ap.add_argument("--idle", type=int, default=0, help="instead: ramp this many idle clients and report")
+    args = ap.parse_args(argv)
+    if args.idle:
+        res: Any = run_idle(args.host, args.port, args.idle, workers=args.bulk_workers or 2)
+    else:
+        cfg = LoadConfig(
+            host=args.host, port=args.port, receivers=args.receivers, senders=args.senders,
+            duration=args.duration, warmup=args.warmup, rate=args.rate, window=args.window,
+            bulk_workers=args.bulk_workers, fast_poll=args.fast_poll_ms / 1000,
+            bulk_poll=None if args.bulk_poll_ms is None else args.bulk_poll_ms / 1000,
+        )
+        res = run_load(cfg)
+    json.dump(res.as_dict(), sys.stdout, indent=2)
+    print()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,444 @@
+"""`selchat-bench`: run the benchmark points against each server, interleaved, and report medians.
+
+For every point, each repetition starts every server afresh in turn (A B C A B C ...), so a
+slow drift of the machine (thermal, other tenants) spreads over all servers instead of
+favouring one. The server's CPU time and RSS are read from /proc at the edges of the measured
+window. The table goes to stdout and is appended to benchmarks/RESULTS.md with the exact
+command, the machine and the date; the fan-out points also give a PNG plot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from selchat.bench import loadgen
+from selchat.bench.peers import REPO, RunningServer, ServerError, ServerSpec, known_servers, selchat_available, uvloop_available
+
+ALL_POINTS = ("fanout", "latency", "idle", "sweep")
+GEN_LIMIT = 0.8  # generator cores above which a throughput figure is not trusted
+
+
+@dataclass(frozen=True)
+class Case:
+    """One benchmark point; `kind` is fanout, latency or idle."""
+
+    kind: str
+    size: int  # receivers (fanout, latency) or idle connections
+
+    @property
+    def label(self) -> str:
+        if self.kind == "fanout":
+            return f"fan-out R={self.size}"
+        if self.kind == "latency":
+            return f"latency R={self.size}"
+        return f"idle {self.size:,}"
+
+
+@dataclass
+class Outcome:
+    """What one run of one case against one server gave."""
+
+    metrics: Dict[str, float] = field(default_factory=dict)
+    notes: List[str] = field(default_factory=list)
+    failed: Optional[str] = None
+
+
+def machine_facts() -> Dict[str, str]:
+    model = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "nproc": str(os.cpu_count()),
+        "cpu": model,
+        "python": platform.python_version(),
+        "kernel": platform.release(),
+    }
+
+
+# ---- one run --------------------------------------------------------------------------------
+
+
+def run_case(case: Case, spec: ServerSpec, opts: argparse.Namespace) -> Outcome:
+    """Start the server, run the case, stop the server; never raises for a server failure."""
+    out = Outcome()
+    try:
+        with RunningServer(spec) as srv:
+            try:
+                if case.kind == "idle":
+                    _run_idle(case, srv, opts, out)
+                else:
+                    _run_load(case, srv, opts, out)
+            except (loadgen.GenError, OSError) as exc:
+                out.failed = f"{type(exc).__name__}: {exc}"
+            if not srv.alive():
+                out.failed = (out.failed or "") + f" server exited ({srv.proc.returncode}): {srv.log_tail(300)!r}"
+    except ServerError as exc:
+        out.failed = str(exc)
+    return out
+
+
+def _run_load(case: Case, srv: RunningServer, opts: argparse.Namespace, out: Outcome) -> None:
+    samples: Dict[str, Tuple[float, float, int]] = {}
+
+    def probe(edge: str) -> None:
+        samples[edge] = (time.monotonic(), srv.cpu_seconds(), srv.rss_kib())
+
+    if case.kind == "latency":
+        cfg = loadgen.LoadConfig(
+            port=srv.port, receivers=case.size, senders=opts.latency_senders, duration=opts.duration,
+            warmup=opts.warmup, rate=opts.latency_rate,
+        )
+    else:
+        cfg = loadgen.LoadConfig(
+            port=srv.port, receivers=case.size, senders=opts.senders, duration=opts.duration,
+            warmup=opts.warmup, window=opts.window,
+        )
+    res = loadgen.run_load(cfg, probe)
+    t0, cpu0, rss0 = samples["start"]
+    t1, cpu1, rss1 = samples["end"]
+    server_cores = (cpu1 - cpu0) / (t1 - t0)
+    m = out.metrics
+    m["deliveries_per_s"] = res.deliveries_per_s
+    m["sent_per_s"] = res.sent_per_s
+    m["cpu_us_per_delivery"] = (cpu1 - cpu0) * 1e6 / res.deliveries if res.deliveries else math.nan
+    m["server_cores"] = server_cores
+    m["p50_ms"] = res.p50_ms if res.p50_ms is not None else math.nan
+    m["p99_ms"] = res.p99_ms if res.p99_ms is not None else math.nan
+    m["gen_cpu"] = res.gen_cpu
+    m["rss_mib"] = rss1 / 1024
+    if not res.complete:
+        out.notes.append(f"incomplete: {res.lost} deliveries lost")
+    if res.dropped:
+        out.notes.append(f"{res.dropped} connections dropped")
+    if res.errors:
+        out.notes.append("errors " + ",".join(f"{k}={v}" for k, v in sorted(res.errors.items())))
+
+
+def _run_idle(case: Case, srv: RunningServer, opts: argparse.Namespace, out: Outcome) -> None:
+    samples: Dict[str, Tuple[float, float, int]] = {}
+
+    def probe(edge: str) -> None:
+        samples[edge] = (time.monotonic(), srv.cpu_seconds(), srv.rss_kib())
+
+    res = loadgen.run_idle(
+        "127.0.0.1", srv.port, case.size, probe, ramp_rate=opts.ramp_rate,
+        register_timeout=opts.register_timeout, extra_joins=opts.extra_joins,
+    )
+    if res.registered != case.size:
+        out.failed = f"n/a: {res.registered:,} of {case.size:,} registered within {opts.register_timeout:.0f} s ({res.errors})"
+        return
+    rss0 = samples["before"][2]
+    rss1 = samples["after"][2]
+    m = out.metrics
+    m["kib_per_conn"] = (rss1 - rss0) / case.size
+    m["register_s"] = res.register_s
+    m["join_frames"] = res.join_frames
+    m["join_frames_old"] = res.join_frames_old
+    m["gen_cpu"] = res.gen_cpu_register
+    m["rss_mib"] = rss1 / 1024
+    if res.errors:
+        out.notes.append("errors " + ",".join(f"{k}={v}" for k, v in sorted(res.errors.items())))
+
+
+# ---- the whole run ---------------------------------------------------------------------------
+
+
+def plan(opts: argparse.Namespace) -> List[Case]:
+    cases: List[Case] = []
+    for point in opts.points:
+        if point == "fanout":
+            cases += [Case("fanout", r) for r in opts.fanout_receivers]
+        elif point == "sweep":
+            cases += [Case("fanout", r) for r in opts.sweep]
+        elif point == "latency":
+            cases.append(Case("latency", opts.latency_receivers))
+        elif point == "idle":
+            cases += [Case("idle", n) for n in opts.idle_sizes]
+    seen = set()
+    unique = []
+    for c in sorted(cases, key=lambda c: (("fanout", "latency", "idle").index(c.kind), c.size)):
+        if c not in seen:
+            seen.add(c)
+            unique.append(c)
+    return unique
+
+
+def median_outcome(runs: Sequence[Outcome]) -> Outcome:
+    ok = [r for r in runs if r.failed is None]
+    out = Outcome()
+    if not ok:
+        out.failed = runs[0].failed if runs else "not run"
+        return out
+    keys = sorted({k for r in ok for k in r.metrics})
+    for k in keys:
+        vals = [r.metrics[k] for r in ok if k in r.metrics and not math.isnan(r.metrics[k])]
+        out.metrics[k] = statistics.median(vals) if vals else math.nan
+    for r in runs:
+        for n in r.notes:
+            if n not in out.notes:
+                out.notes.append(n)
+        if r.failed:
+            out.notes.append(f"a repetition failed: {r.failed}")
+    if len(ok) < len(runs):
+        out.notes.append(f"median of {len(ok)} of {len(runs)} repetitions")
+    return out
+
+
+def _fmt(v: Optional[float], digits: int = 1, thousands: bool = False) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "–"
+    if thousands:
+        return f"{v:,.0f}"
+    return f"{v:.{digits}f}"
+
+
+def table(cases: Sequence[Case], servers: Sequence[str], results: Dict[Tuple[Case, str], Outcome]) -> str:
+    head = (
+        "| point | server | deliveries/s | server CPU µs/delivery | server CPU (cores) | p50 ms | p99 ms "
+        "| KiB/idle conn | register s | frames for 100 joins (to old members) | generator CPU (cores) | notes |"
+    )
+    lines = [head, "|" + "|".join(["---"] * (head.count("|") - 1)) + "|"]
+    for case in cases:
+        for name in servers:
+            o = results.get((case, name))
+            if o is None:
+                continue
+            if o.failed and not o.metrics:
+                lines.append(f"| {case.label} | {name} | " + " | ".join(["n/a"] * 9) + f" | {o.failed[:300]} |")
+                continue
+            m = o.metrics
+            notes = list(o.notes)
+            gen = m.get("gen_cpu")
+            if case.kind != "idle" and gen is not None and gen > GEN_LIMIT:
+                notes.insert(0, f"**generator-limited ({gen:.2f} cores): figure not valid**")
+            joins = "–"
+            if "join_frames" in m:
+                joins = f"{m['join_frames']:,.0f} ({m['join_frames_old']:,.0f})"
+            lines.append(
+                "| "
+                + " | ".join(
+                    [
+                        case.label,
+                        name,
+                        _fmt(m.get("deliveries_per_s"), thousands=True),
+                        _fmt(m.get("cpu_us_per_delivery"), 2),
+                        _fmt(m.get("server_cores"), 2),
+                        _fmt(m.get("p50_ms"), 2),
+                        _fmt(m.get("p99_ms"), 2),
+                        _fmt(m.get("kib_per_conn"), 1),
+                        _fmt(m.get("register_s"), 2),
+                        joins,
+                        _fmt(gen, 2),
+                        "; ".join(notes).replace("|", "/")[:400],
+                    ]
+                )
+                + " |"
+            )
+    return "\n".join(lines)
+
+
+def plot(cases: Sequence[Case], servers: Sequence[str], results: Dict[Tuple[Case, str], Outcome], path: Path) -> bool:
+    fan = [c for c in cases if c.kind == "fanout"]
+    if not fan:
+        return False
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install matplotlib)", file=sys.stderr)
+        return False
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for name in servers:
+        xs, thr, p99 = [], [], []
+        for c in fan:
+            o = results.get((c, name))
+            if o is None or o.failed and not o.metrics:
+                continue
+            xs.append(c.size)
+            thr.append(o.metrics.get("deliveries_per_s", math.nan))
+            p99.append(o.metrics.get("p99_ms", math.nan))
+        if xs:
+            ax1.plot(xs, thr, marker="o", label=name)
+            ax2.plot(xs, p99, marker="o", label=name)
+    for ax in (ax1, ax2):
+        ax.set_xscale("log")
+        ax.set_xlabel("receivers in #lobby")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    ax1.set_ylabel("deliveries/s")
+    ax1.set_title("fan-out throughput (as fast as accepted)")
+    ax2.set_yscale("log")
+    ax2.set_ylabel("p99 latency, ms")
+    ax2.set_title("p99 latency in the same runs")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def report(
+    opts: argparse.Namespace,
+    cases: Sequence[Case],
+    servers: Sequence[str],
+    specs: Dict[str, ServerSpec],
+    results: Dict[Tuple[Case, str], Outcome],
+    started: float,
+    plotted: Optional[Path],
+    skipped: Dict[str, str],
+) -> str:
+    facts = machine_facts()
+    cmd = "selchat-bench " + " ".join(shlex.quote(a) for a in opts.argv)
+    lines = [
+        f"## {_dt.datetime.now().strftime('%Y-%m-%d %H:%M')} — {', '.join(servers)}",
+        "",
+        f"Command: `{cmd.strip()}`  ",
+        f"Machine: {facts['nproc']} CPUs, {facts['cpu']}, Linux {facts['kernel']}, Python {facts['python']}  ",
+        f"Run: {opts.repeat} repetition(s) per point, servers interleaved, medians shown; "
+        f"measured window {opts.duration:g} s after {opts.warmup:g} s warm-up; {opts.senders} senders, "
+        f"{opts.window} messages in flight per sender; 100-character texts; took {time.monotonic() - started:.0f} s.",
+        "",
+    ]
+    for name in servers:
+        spec = specs[name]
+        line = f"* `{name}`: `{' '.join(shlex.quote(a) for a in spec.command('127.0.0.1', 0)).replace(str(REPO) + '/', '')}`"
+        if spec.note:
+            line += f" ({spec.note})"
+        lines.append(line)
+    for name, why in skipped.items():
+        lines.append(f"* `{name}` skipped: {why}")
+    lines += ["", table(cases, servers, results), ""]
+    if plotted:
+        rel = os.path.relpath(plotted, Path(opts.results).parent) if opts.results else str(plotted)
+        lines += [f"![throughput and p99 latency against receivers]({rel})", ""]
+    return "\n".join(lines)
+
+
+def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(
+        prog="selchat-bench",
+        description="Benchmark selchat against the reference peers (issue 4).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    ap.add_argument("--servers", default="selchat,threaded,asyncio,uvloop", help="comma-separated: selchat, threaded, asyncio, uvloop")
+    ap.add_argument("--points", default=",".join(ALL_POINTS), help="comma-separated: fanout, latency, idle, sweep")
+    ap.add_argument("--duration", type=float, default=5.0, help="seconds of each measured window")
+    ap.add_argument("--warmup", type=float, default=1.0, help="seconds of load before the window opens")
+    ap.add_argument("--repeat", type=int, default=3, help="repetitions of each point (medians are reported)")
+    ap.add_argument("--senders", type=int, default=10)
+    ap.add_argument("--window", type=int, default=loadgen.LoadConfig.window, help="messages in flight per sender in fan-out runs")
+    ap.add_argument("--fanout-receivers", default="100,1000")
+    ap.add_argument("--sweep", default="100,300,1000,3000", help="receiver counts of the plot")
+    ap.add_argument("--latency-rate", type=float, default=200.0, help="messages/s offered in the latency point")
+    ap.add_argument("--latency-receivers", type=int, default=100)
+    ap.add_argument("--latency-senders", type=int, default=10)
+    ap.add_argument("--idle-sizes", default="1000,10000")
+    ap.add_argument("--extra-joins", type=int, default=100, help="joins added to the idle room to count their frames")
+    ap.add_argument("--ramp-rate", type=float, default=2000.0, help="connections/s while registering idle clients")
+    ap.add_argument("--register-timeout", type=float, default=60.0, help="seconds before an idle point is n/a")
+    ap.add_argument(
+        "--server-args", action="append", default=[], metavar="NAME=ARGS",
+        help="replace a server's extra flags, e.g. selchat='--log-level warning --max-outbuf 1048576'",
+    )
+    ap.add_argument("--results", default=str(REPO / "benchmarks" / "RESULTS.md"), help="markdown file to append to")
+    ap.add_argument("--plot", default=str(REPO / "benchmarks" / "fanout.png"))
+    ap.add_argument("--json", default="", help="also write raw per-repetition numbers here")
+    ap.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md and the plot alone")
+    args = ap.parse_args(argv)
+    args.argv = list(argv if argv is not None else sys.argv[1:])
+    args.servers = [s.strip() for s in args.servers.split(",") if s.strip()]
+    args.points = [p.strip() for p in args.points.split(",") if p.strip()]
+    bad = [p for p in args.points if p not in ALL_POINTS]
+    if bad:
+        ap.error(f"unknown points {bad}; choose from {ALL_POINTS}")
+    args.fanout_receivers = [int(x) for x in args.fanout_receivers.split(",") if x]
+    args.sweep = [int(x) for x in args.sweep.split(",") if x]
+    args.idle_sizes = [int(x) for x in args.idle_sizes.split(",") if x]
+    return args
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    opts = parse_args(argv)
+    started = time.monotonic()
+    loadgen.raise_nofile()  # the servers we start inherit the raised limit
+    overrides = {}
+    for item in opts.server_args:
+        name, _, args = item.partition("=")
+        overrides[name.strip()] = args
+    specs = known_servers(overrides)
+    servers: List[str] = []
+    skipped: Dict[str, str] = {}
+    for name in opts.servers:
+        if name not in specs:
+            print(f"unknown server {name!r}; known: {', '.join(specs)}", file=sys.stderr)
+            return 2
+        if name == "selchat" and not selchat_available():
+            skipped[name] = "`python -m selchat.server --help` does not run yet"
+        elif name == "uvloop" and not uvloop_available():
+            skipped[name] = "uvloop does not import (pip install uvloop)"
+        else:
+            servers.append(name)
+    for name, why in skipped.items():
+        print(f"skipping {name}: {why}", file=sys.stderr)
+    if not servers:
+        print("no server to measure", file=sys.stderr)
+        return 2
+    cases = plan(opts)
+    runs: Dict[Tuple[Case, str], List[Outcome]] = {}
+    for case in cases:
+        for rep in range(opts.repeat):
+            for name in servers:  # interleaved: A B C A B C ...
+                t = time.monotonic()
+                try:
+                    o = run_case(case, specs[name], opts)
+                except Exception as exc:  # a harness bug must not lose the other points
+                    o = Outcome(failed=f"harness error: {exc!r}")
+                    traceback.print_exc()
+                runs.setdefault((case, name), []).append(o)
+                summary = o.failed or ", ".join(f"{k}={v:.4g}" for k, v in sorted(o.metrics.items()))
+                print(f"[{time.monotonic() - started:6.1f}s] {case.label} {name} #{rep + 1}: {summary} ({time.monotonic() - t:.1f}s)", file=sys.stderr)
+    results = {key: median_outcome(v) for key, v in runs.items()}
+    plotted = None
+    if not opts.no_write and opts.plot and plot(cases, servers, results, Path(opts.plot)):
+        plotted = Path(opts.plot)
+    text = report(opts, cases, servers, specs, results, started, plotted, skipped)
+    print(text)
+    if not opts.no_write and opts.results:
+        path = Path(opts.results)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        new = not path.exists()
+        with path.open("a") as f:
+            if new:
+                f.write("# Benchmark results\n\nAppended by `selchat-bench`; see benchmarks/README.md for what each column means.\n\n")
+            f.write(text + "\n")
+    if opts.json:
+        raw = {
+            f"{case.label} / {name}": [{"metrics": o.metrics, "notes": o.notes, "failed": o.failed} for o in v]
+            for (case, name), v in runs.items()
+        }
+        Path(opts.json).write_text(json.dumps(raw, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
