@@ -132,7 +132,7 @@ members = st.dictionaries(
 )
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(kinds, members, st.booleans(), st.floats(allow_nan=True, allow_infinity=True))
 def test_rendered_output_never_carries_a_control_character(kind: str, data: Dict[str, Any], earlier: bool, at: float) -> None:
     """The only control character we emit is the newline between lines of one item, and each
@@ -145,7 +145,7 @@ def test_rendered_output_never_carries_a_control_character(kind: str, data: Dict
         assert continuation.startswith(" ")
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(st.text())
 def test_message_text_survives_escaping_visibly(text: str) -> None:
     out = show("message", {"from": "a", "room": "#r", "text": text})

@@ -167,14 +167,17 @@ def test_two_clients_talk(server: Server, listeners: List[Listener]) -> None:
     assert bob.finish() == 0
 
 
-def test_answers_arrive_before_exit(server: Server) -> None:
-    """End of input does not cut the output short: every echo is printed before the client quits."""
+def test_answers_arrive_before_exit_and_sending_is_paced(server: Server) -> None:
+    """End of input does not cut the output short: every echo is printed before the client quits.
+    More lines than the server's burst (20 by default) are paced, not refused as a flood."""
     me = nick("many")
-    script = "".join(f"line {i}\n" for i in range(100))
+    count = 30
+    script = "".join(f"line {i}\n" for i in range(count))
     result = run(server.port, "--nick", me, lines=script)
     assert result.returncode == 0, result.stderr
     echoed = re.findall(rf"<{me}> line (\d+)$", result.stdout, re.M)
-    assert echoed == [str(i) for i in range(100)]
+    assert echoed == [str(i) for i in range(count)]
+    assert "error" not in result.stdout
 
 
 def test_nick_taken_exits_1_with_the_reason(server: Server, listeners: List[Listener]) -> None:

@@ -14,8 +14,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
+import socket
 import sys
 import threading
+import time
 from typing import Any, Awaitable, Callable, Dict, List, Mapping, NoReturn, Optional, TextIO, TypeVar
 
 from selchat import __version__
@@ -138,34 +141,43 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 def _describe(exc: BaseException) -> str:
     """An OSError in a few words, without the errno prefix noise."""
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror
+    if isinstance(exc, socket.gaierror) and exc.strerror:
+        return exc.strerror  # host lookup: "Name or service not known"
+    if isinstance(exc, OSError) and exc.errno and exc.errno > 0:
+        return os.strerror(exc.errno)  # asyncio's own text names the address again; this does not
     return str(exc) or type(exc).__name__
 
 
-def _apply(conn: Connection, event: Mapping[str, Any], reaction: Reaction) -> None:
-    """Send what the session asked to send back, and follow the server's frame limit."""
-    for reply in reaction.replies:
-        conn.send(reply)
+async def _apply(conn: Connection, event: Mapping[str, Any], reaction: Reaction) -> None:
+    """Follow the limits a welcome announces, and send what the session asked to send back:
+    pongs at once (they do not count as requests), anything else (rejoins) paced."""
     if reaction.welcome:
         limits = event.get("limits")
         if isinstance(limits, Mapping):
             conn.set_max_frame(limits.get("max_frame"))
+        conn.pacer.configure(limits, time.monotonic())
+    for reply in reaction.replies:
+        if reply.get("type") == "pong":
+            conn.send(reply)
+            await conn.drain()
+        else:
+            await conn.send_paced(reply)
 
 
-async def register(conn: Connection, session: ClientSession, nick: str, on_event: OnEvent) -> Optional[Mapping[str, Any]]:
+async def register(
+    conn: Connection, session: ClientSession, nick: str, on_event: OnEvent, ref: Any = None
+) -> Optional[Mapping[str, Any]]:
     """Send hello and read until it is answered: None on welcome, else the error that refused it.
 
     Raises ConnectionClosed if the server hangs up first (full, or it timed us out).
     """
-    conn.send(session.hello(nick))
+    conn.send(session.hello(nick, ref=ref))
     await conn.drain()
     while True:
         event, raw = await conn.recv()
         reaction = session.handle_event(event)
         on_event(event, raw, reaction)
-        _apply(conn, event, reaction)
-        await conn.drain()
+        await _apply(conn, event, reaction)
         if reaction.welcome:
             return None
         if reaction.refused is not None:
@@ -178,9 +190,7 @@ async def pump(conn: Connection, session: ClientSession, on_event: OnEvent) -> N
         event, raw = await conn.recv()
         reaction = session.handle_event(event)
         on_event(event, raw, reaction)
-        _apply(conn, event, reaction)
-        if reaction.replies:
-            await conn.drain()
+        await _apply(conn, event, reaction)
 
 
 async def _until(aw: Awaitable[T], guard: "asyncio.Task[Any]") -> T:
@@ -217,9 +227,9 @@ class Script:
         self.stderr.write(f"{PROG}: {text}\n")
         self.stderr.flush()
 
-    def _show(self, items: List[Item], stream: TextIO) -> None:
+    def _show(self, items: List[Item], stream: TextIO, suffix: str = "", prefix: str = "") -> None:
         for item in items:
-            stream.write(plain(render(item)) + "\n")
+            stream.write(prefix + plain(render(item, clock=not prefix)) + suffix + "\n")
         stream.flush()
 
     def _on_event(self, event: Dict[str, Any], raw: bytes, reaction: Reaction) -> None:
@@ -227,7 +237,10 @@ class Script:
             self.stdout.write(escape_json_line(raw.decode("utf-8")) + "\n")
             self.stdout.flush()
         elif reaction.refused is None:  # a refused hello goes to stderr, once, by run()
-            self._show(reaction.items, self.stdout)
+            ref = event.get("ref")
+            # Requests made from input lines carry the line number as their ref.
+            line_no = event.get("type") == "error" and isinstance(ref, int) and not isinstance(ref, bool)
+            self._show(reaction.items, self.stdout, suffix=f" (line {ref})" if line_no else "")
         if event.get("type") == "pong" and self._eof_token is not None and event.get("token") == self._eof_token:
             self._eof_pong.set()
 
@@ -251,7 +264,9 @@ class Script:
     async def _run(self, conn: Connection) -> int:
         nick = self.args.nick
         try:
-            refused = await asyncio.wait_for(register(conn, self.session, nick, self._on_event), REGISTER_TIMEOUT)
+            refused = await asyncio.wait_for(
+                register(conn, self.session, nick, self._on_event, ref="hello"), REGISTER_TIMEOUT
+            )
         except ConnectionClosed as exc:
             return self._closed(exc)
         except asyncio.TimeoutError:
@@ -263,28 +278,28 @@ class Script:
 
         receiver = asyncio.ensure_future(pump(conn, self.session, self._on_event))
         lines = _stdin_lines(asyncio.get_running_loop(), self.stdin)
+        line_no = 0
         try:
             while True:
                 line = await _until(lines.get(), receiver)
                 if line is None:
                     break
-                action = self.session.parse_line(line)
+                line_no += 1
+                action = self.session.parse_line(line, ref=line_no)
                 if isinstance(action, Local):
-                    self._show(action.items, self.stderr)  # keeps stdout to events (and valid --json)
+                    # stderr keeps stdout to events (and valid --json)
+                    self._show(action.items, self.stderr, prefix=f"line {line_no}: ")
                 elif isinstance(action, Send):
-                    conn.send(action.request)
-                    await _until(conn.drain(), receiver)
+                    await _until(conn.send_paced(action.request), receiver)
                     if action.quit:
                         await self._wait_close(receiver)
                         return 0
             # End of input: a ping's pong comes after the answers to everything sent before it.
-            ping = self.session.ping()
+            ping = self.session.ping(ref="eof")
             self._eof_token = ping["token"]
-            conn.send(ping)
-            await _until(conn.drain(), receiver)
+            await _until(conn.send_paced(ping), receiver)
             await _until(self._eof_pong.wait(), receiver)
-            conn.send(self.session.quit())
-            await _until(conn.drain(), receiver)
+            await _until(conn.send_paced(self.session.quit(ref="eof")), receiver)
             await self._wait_close(receiver)
             return 0
         except ConnectionClosed as exc:
@@ -339,7 +354,8 @@ class Interactive:
         self.session = ClientSession()
         self.conn: Optional[Connection] = None
         self.quitting = False
-        self.prompt: PromptSession = PromptSession()
+        # The typed line is erased once sent: the server's echo shows it, with time and room.
+        self.prompt: PromptSession = PromptSession(erase_when_done=True)
 
     # output
 
@@ -442,32 +458,33 @@ class Interactive:
             await self.conn.close()
             self.conn = None
             self.session.connection_lost()
-            self._note(f"connection lost ({escape(reason)}); reconnecting")
             self.prompt.app.invalidate()
-            self.conn = await self._reconnect()
+            self.conn = await self._reconnect(f"connection lost ({escape(reason)})")
             self._note("reconnected")
             self.prompt.app.invalidate()
 
-    async def _reconnect(self) -> Connection:
+    async def _reconnect(self, why: str) -> Connection:
+        """Try again and again, one line per attempt; the same nick, the session rejoins rooms."""
         nick = self.session.nick or ""
         for delay in backoff_delays():
-            self._note(f"next attempt in {delay:.1f} s")
+            self._note(f"{why}; next attempt in {delay:.1f} s")
             await asyncio.sleep(delay)
             try:
                 conn = await connect(self.args.host, self.args.port)
             except OSError as exc:
-                self._note(f"cannot connect: {_describe(exc)}")
+                why = f"cannot connect ({_describe(exc)})"
                 continue
             try:
                 refused = await asyncio.wait_for(register(conn, self.session, nick, self._on_event), REGISTER_TIMEOUT)
             except (ConnectionClosed, asyncio.TimeoutError) as exc:
-                self._note(f"server did not take us back: {escape(str(exc) or 'no answer')}")
+                why = f"the server did not take us back ({escape(str(exc) or 'no answer')})"
                 await conn.close()
                 self.session.connection_lost()
                 continue
             if refused is None:
                 return conn
             # Usually our old connection still holds the nick until the server notices it is dead.
+            why = f"nick {escape(nick)} not free yet"
             await conn.close()
             self.session.connection_lost()
         raise AssertionError("backoff_delays never ends")
@@ -490,8 +507,7 @@ class Interactive:
                     self._note("not connected: that line was not sent")
                     continue
                 try:
-                    self.conn.send(action.request)
-                    await self.conn.drain()
+                    await self.conn.send_paced(action.request)
                 except ConnectionClosed:
                     self._note("not connected: that line was not sent")
 
@@ -501,8 +517,7 @@ class Interactive:
         if self.conn is None:
             return
         try:
-            self.conn.send(request)
-            await self.conn.drain()
+            await self.conn.send_paced(request)
         except ConnectionClosed:
             return
         await asyncio.wait({keeper}, timeout=2.0)

@@ -10,9 +10,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+import time
 from typing import Any, Dict, Optional, Tuple
 
 from selchat.codec import FrameDecoder, FrameError, PayloadError, decode, encode
+from selchat.client.session import Pacer
 from selchat.defaults import MAX_FRAME, RECV_SIZE
 
 __all__ = ["Connection", "ConnectionClosed", "connect", "CONNECT_TIMEOUT"]
@@ -34,6 +36,7 @@ class Connection:
         self._writer = writer
         self._decoder = FrameDecoder(MAX_FRAME)
         self.closed = False
+        self.pacer = Pacer()  # the server's flood limit is per connection, so is our pacing
 
     def set_max_frame(self, max_frame: Any) -> None:
         """Follow the server's announced `limits.max_frame` (it may allow bigger frames)."""
@@ -46,6 +49,18 @@ class Connection:
             raise ConnectionClosed("connection is closed")
         log.debug("send %r", request)
         self._writer.write(encode(request))
+
+    async def send_paced(self, request: Dict[str, Any]) -> None:
+        """Send a request once the flood limit allows it, and wait until the kernel has it.
+
+        Everything but `pong` counts against the server's limit; pongs go through `send`.
+        """
+        delay = self.pacer.reserve(time.monotonic())
+        if delay > 0:
+            log.debug("pacing: %.3f s before the next request", delay)
+            await asyncio.sleep(delay)
+        self.send(request)
+        await self.drain()
 
     async def drain(self) -> None:
         try:

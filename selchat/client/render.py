@@ -124,11 +124,14 @@ def _nick(value: Any, extra: str = "") -> Tuple[str, str]:
     return (f"{nick_colour(nick)} bold {extra}".strip(), escape(nick))
 
 
-def render(item: Item, localtime: Callable[[float], time.struct_time] = time.localtime) -> Fragments:
-    """One item as styled fragments, without a trailing newline."""
+def render(
+    item: Item, localtime: Callable[[float], time.struct_time] = time.localtime, clock: bool = True
+) -> Fragments:
+    """One item as styled fragments, without a trailing newline; `clock=False` leaves out the
+    time column (script mode's local notes on stderr, which are not events)."""
     data = item.data if isinstance(item.data, Mapping) else {}
     dim = STYLE_EARLIER if item.earlier else ""
-    head: Fragments = [(f"{STYLE_TIME} {dim}".strip(), _clock(item.at, localtime) + " ")]
+    head: Fragments = [(f"{STYLE_TIME} {dim}".strip(), _clock(item.at, localtime) + " ")] if clock else []
     kind = item.kind
 
     if kind == "message":
@@ -197,9 +200,11 @@ def render(item: Item, localtime: Callable[[float], time.struct_time] = time.loc
     if kind == "help":
         lines = data.get("lines")
         lines = [escape(_str(x)) for x in lines] if isinstance(lines, list) else []
-        return _with_body(head + [(STYLE_LOCAL, "commands: ")], lines, STYLE_LOCAL)
+        title = "commands (a line without / is said to the current room; //text says /text):"
+        return _with_body(head, [title] + ["  " + line for line in lines], STYLE_LOCAL)
     if kind in ("hint", "info"):
-        return _with_body(head + [(STYLE_LOCAL, "-- ")], escape_text(_str(data.get("text"))), STYLE_LOCAL)
+        lead = [(STYLE_LOCAL, "-- ")] if clock else []
+        return _with_body(head + lead, escape_text(_str(data.get("text"))), STYLE_LOCAL)
     # An event type this client does not know (a newer server): say so, show its members.
     summary = escape(_str({k: v for k, v in data.items() if k != "type"}))
     return head + [(STYLE_STATUS, f"* {escape(_str(data.get('type')))} {summary}")]

@@ -24,6 +24,7 @@ __all__ = [
     "Action",
     "Reaction",
     "ClientSession",
+    "Pacer",
     "backoff_delays",
     "normalize_room",
     "COMMANDS",
@@ -114,6 +115,47 @@ def backoff_delays(
         delay = min(cap, delay * 2)
 
 
+class Pacer:
+    """Keeps our requests under the server's flood limit (`limits.rate` and `limits.burst` in
+    `welcome`), so a pasted block or a long script is slowed down instead of refused and, past
+    `burst` refusals, disconnected.
+
+    A token bucket like the server's, a little stricter than announced: our send times are not
+    the server's arrival times, and jitter may bunch two requests together on the way.
+    """
+
+    SAFETY = 0.9  # fraction of the announced rate we use
+
+    def __init__(self) -> None:
+        self.rate = 0.0  # 0: no limit announced, never wait
+        self.burst = 1.0
+        self.tokens = 0.0
+        self.stamp = 0.0
+
+    def configure(self, limits: Any, now: float) -> None:
+        """Take the limits from a welcome; anything missing or odd means no pacing."""
+        rate = limits.get("rate") if isinstance(limits, Mapping) else None
+        burst = limits.get("burst") if isinstance(limits, Mapping) else None
+        ok = all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in (rate, burst))
+        if not ok:
+            self.rate = 0.0
+            return
+        self.rate = float(rate) * self.SAFETY  # type: ignore[arg-type]
+        self.burst = max(1.0, float(burst) - 1.0)  # type: ignore[arg-type]
+        self.tokens = self.burst
+        self.stamp = now
+
+    def reserve(self, now: float) -> float:
+        """Book one request: how many seconds to wait before sending it (0 if it may go now)."""
+        if self.rate <= 0:
+            return 0.0
+        if now > self.stamp:
+            self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+            self.stamp = now
+        self.tokens -= 1.0
+        return 0.0 if self.tokens >= 0 else -self.tokens / self.rate
+
+
 class ClientSession:
     """State of one user across connections: nick, rooms, current room, messages already shown.
 
@@ -131,7 +173,8 @@ class ClientSession:
         self._clock = clock
         self._refs = itertools.count(1)
         self._pending: "OrderedDict[Any, Dict[str, Any]]" = OrderedDict()
-        self._hello_ref: Optional[int] = None
+        self._hello_ref: Any = None
+        self._line_ref: Any = None  # the ref parse_line was asked to give its request
         self._names: Dict[str, List[str]] = {}  # folded room -> nicks gathered so far
         self._own_pings: Set[str] = set()
         self._was_registered = False
@@ -140,38 +183,49 @@ class ClientSession:
 
     # ----- requests -------------------------------------------------------------------
 
-    def request(self, type_: str, **members: Any) -> Dict[str, Any]:
-        """Build a request with a fresh `ref`, remembered so its answer or error can be matched."""
-        ref = next(self._refs)
+    def request(self, type_: str, ref: Any = None, **members: Any) -> Dict[str, Any]:
+        """Build a request with a `ref` (fresh unless given), remembered so its answer or error
+        can be matched."""
+        if ref is None:
+            ref, self._line_ref = self._line_ref, None
+        if ref is None:
+            ref = next(self._refs)
         req: Dict[str, Any] = {"type": type_, **members, "ref": ref}
         self._pending[ref] = req
         while len(self._pending) > _PENDING_MAX:
             self._pending.popitem(last=False)
         return req
 
-    def hello(self, nick: str, client: str = "selchat-client") -> Dict[str, Any]:
+    def hello(self, nick: str, client: str = "selchat-client", ref: Any = None) -> Dict[str, Any]:
         self.nick = nick
-        req = self.request("hello", nick=nick, client=client)
+        req = self.request("hello", ref=ref, nick=nick, client=client)
         self._hello_ref = req["ref"]
         return req
 
-    def ping(self) -> Dict[str, Any]:
+    def ping(self, ref: Any = None) -> Dict[str, Any]:
         """A ping of our own (end of a script); its pong is not shown."""
         token = f"selchat-client-{next(self._refs)}-{random.getrandbits(32):08x}"
         self._own_pings.add(token)
-        return self.request("ping", token=token)
+        return self.request("ping", ref=ref, token=token)
 
-    def quit(self, reason: Optional[str] = None) -> Dict[str, Any]:
-        return self.request("quit", reason=reason) if reason else self.request("quit")
+    def quit(self, reason: Optional[str] = None, ref: Any = None) -> Dict[str, Any]:
+        return self.request("quit", ref=ref, reason=reason) if reason else self.request("quit", ref=ref)
 
-    def parse_line(self, line: str) -> Action:
+    def parse_line(self, line: str, ref: Any = None) -> Action:
         """Turn one typed line into something to send, something to show, or nothing.
 
         A plain line is said to the current room; `//text` says `/text`. Switching rooms happens
         as the request is sent, not when the server answers, so a script's next line already
-        goes to the new room; a refused join switches back (see `handle_event`).
+        goes to the new room; a refused join switches back (see `handle_event`). `ref`, when
+        given, is the ref of the request the line makes (script mode uses the line number).
         """
-        line = line.rstrip("\r\n")
+        self._line_ref = ref
+        try:
+            return self._parse(line.rstrip("\r\n"))
+        finally:
+            self._line_ref = None
+
+    def _parse(self, line: str) -> Action:
         if not line.strip():
             return None
         if line.startswith("/") and not line.startswith("//"):
@@ -409,7 +463,7 @@ class ClientSession:
 
     def _on_error(self, event: Event, request: Any, now: float, out: Reaction) -> None:
         ref = event.get("ref")
-        if isinstance(ref, int) and ref == self._hello_ref:
+        if isinstance(ref, (int, str)) and ref == self._hello_ref:
             self._hello_ref = None
             out.refused = event
         if request is None and ref is None:
