@@ -29,7 +29,6 @@ ACCEPT_PER_PASS = 256  # accepts per loop pass, so a storm cannot starve clients
 ACCEPT_PAUSE = 0.1  # seconds to stop accepting after EMFILE/ENFILE
 MAX_ROOMS = 10000  # rooms that may exist at once
 MAX_ROOMS_PER_USER = 100  # rooms one user may be in
-REASON_MAX = 256  # code points in a quit reason
 CLIENT_NAME_MAX = 64  # code points of the free-text `client` member kept for logs
 
 RATE = 10.0  # requests per second per connection, on average (0 turns flood control off)

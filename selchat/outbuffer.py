@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import socket
 from collections import deque
+from itertools import islice
 from typing import Any, Deque, List
 
 try:
@@ -68,17 +69,23 @@ class OutBuffer:
                 break
         return total
 
-    def pending(self, limit: int = _IOV_MAX) -> List[memoryview]:
+    def pending(self, limit: int = _IOV_MAX) -> List[Any]:
         """Up to `limit` buffers ready for a gather write, the first one past the offset."""
         chunks = self.chunks
-        n = min(len(chunks), limit)
-        views = [memoryview(chunks[i]) for i in range(n)] if n < len(chunks) else [memoryview(c) for c in chunks]
+        # The chunks themselves go to sendmsg (any bytes-like will do); only a partly sent
+        # first chunk needs a view past its offset.
+        views: List[Any] = list(chunks) if len(chunks) <= limit else list(islice(chunks, limit))
         if self.offset:
-            views[0] = views[0][self.offset :]
+            views[0] = memoryview(views[0])[self.offset :]
         return views
 
     def consume(self, sent: int) -> None:
         """Forget `sent` bytes from the front."""
+        if sent == self.size:  # the usual case: everything went; no walk over the chunks
+            self.chunks.clear()
+            self.offset = 0
+            self.size = 0
+            return
         self.size -= sent
         chunks = self.chunks
         offset = self.offset + sent

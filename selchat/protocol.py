@@ -19,7 +19,6 @@ from selchat.defaults import (
     MAX_TEXT,
     NAMES_CHUNK,
     NICK_MAX,
-    REASON_MAX,
     ROOM_MAX,
 )
 
@@ -279,7 +278,7 @@ class Parser:
     def _quit(self, m: _Members) -> QuitRequest:
         if m.string("reason", required=False) is None:
             return QuitRequest(None)
-        return QuitRequest(self._text(m, "reason", REASON_MAX))
+        return QuitRequest(self._text(m, "reason", self.max_text))
 
     def _history(self, m: _Members) -> HistoryRequest:
         before = m.integer("before")

@@ -69,7 +69,7 @@ class Connection:
     __slots__ = (
         "sock", "fd", "ip", "peer", "decoder", "out", "user", "state", "mask", "reading",
         "last_seen", "pinged", "dirty", "doom", "close_reason", "linger_until", "bucket",
-        "handshaking", "counted", "reject",
+        "handshaking", "counted", "reject", "accepting",
     )
 
     def __init__(self, sock: socket.socket, ip: str, peer: str, max_frame: int, now: float) -> None:
@@ -93,6 +93,7 @@ class Connection:
         self.handshaking = isinstance(sock, ssl.SSLSocket)  # TLS handshake still under way
         self.counted = False  # counts against --max-clients / --max-per-ip
         self.reject: Optional[str] = None  # error word to send once the handshake is done
+        self.accepting = True  # output may be queued: not condemned, lingering or closed
 
     @property
     def name(self) -> str:
@@ -487,8 +488,14 @@ class Server:
     # --- queuing output ---------------------------------------------------------------------
 
     def _deliver(self, deliveries: List[Delivery], ref: Ref) -> None:
-        """Encode each event once and queue the same bytes for every recipient."""
+        """Encode each event once and queue the same bytes for every recipient.
+
+        This is the hot path of a broadcast: the loop over recipients is written out here,
+        rather than calling `_queue` per recipient, because it runs once per delivery.
+        """
         max_frame = self.config.max_frame
+        cap = self.config.max_outbuf
+        dirty = self._dirty
         shared: Optional[List[bytes]] = None
         shared_event: Any = None
         for delivery in deliveries:
@@ -501,30 +508,44 @@ class Server:
                 frames = encode_event(event, None, max_frame)
                 shared, shared_event = frames, event
             skip = delivery.skip
-            queue = self._queue
-            if len(frames) == 1:
-                data = frames[0]
-                for user in delivery.recipients:
-                    if user is not skip:
-                        queue(user.endpoint, data)
-            else:
+            if len(frames) != 1:
                 for user in delivery.recipients:
                     if user is not skip:
                         for data in frames:
-                            queue(user.endpoint, data)
+                            self._queue(user.endpoint, data)
+                continue
+            data = frames[0]
+            size = len(data)
+            for user in delivery.recipients:
+                if user is skip:
+                    continue
+                conn = user.endpoint
+                if not conn.accepting:
+                    continue
+                out = conn.out
+                out.chunks.append(data)
+                out.size += size
+                if out.size > cap:
+                    self._overflow(conn)
+                elif not conn.dirty:
+                    conn.dirty = True
+                    dirty.append(conn)
 
     def _queue(self, conn: Connection, data: bytes) -> None:
-        if conn.doom is not None or conn.state == CLOSED or conn.state == LINGERING:
+        if not conn.accepting:
             return
         out = conn.out
         out.append(data)
         if out.size > self.config.max_outbuf:
-            out.clear()
-            self._condemn(conn, "slow consumer")
-            return
-        if not conn.dirty:
+            self._overflow(conn)
+        elif not conn.dirty:
             conn.dirty = True
             self._dirty.append(conn)
+
+    def _overflow(self, conn: Connection) -> None:
+        """Past max_outbuf: drop what is queued and condemn the client as a slow consumer."""
+        conn.out.clear()
+        self._condemn(conn, "slow consumer")
 
     def _queue_event(self, conn: Connection, event: events.Event, ref: Ref) -> None:
         for data in encode_event(event, ref, self.config.max_frame):
@@ -585,6 +606,7 @@ class Server:
         """Mark for removal between requests (never in the middle of a broadcast)."""
         if conn.doom is None and conn.state != CLOSED:
             conn.doom = reason
+            conn.accepting = False
             self._doomed.append(conn)
 
     def _drop(self, conn: Connection) -> None:
@@ -616,6 +638,7 @@ class Server:
 
     def _start_linger(self, conn: Connection) -> None:
         conn.state = LINGERING
+        conn.accepting = False
         try:
             conn.sock.shutdown(socket.SHUT_WR)
         except OSError:
@@ -630,6 +653,7 @@ class Server:
             return
         self._leave_chat(conn, quit_reason)
         conn.state = CLOSED
+        conn.accepting = False
         conn.out.clear()
         if conn.mask:
             self.selector.unregister(conn.sock)
