@@ -38,6 +38,7 @@ from selchat.protocol import (
     Say,
     Who,
     fold,
+    shorten,
     valid_nick,
 )
 
@@ -212,7 +213,7 @@ class Chat:
     def private(self, user: User, to: str, text: str, now_ms: int) -> List[Delivery]:
         target = self.users.get(fold(to)) if valid_nick(to) else None
         if target is None:
-            raise ChatError("no_such_nick", f"no user is called {to!r}")
+            raise ChatError("no_such_nick", f"no user is called {shorten(to)!r}")
         self.last_id += 1
         message = events.Message(self.last_id, now_ms, user.nick, text, to=target.nick)
         self.store.note_id(message.id)

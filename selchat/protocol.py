@@ -69,6 +69,25 @@ def text_problem(text: str, max_text: int) -> Optional[str]:
     return None
 
 
+# Values the server copies back (`ref`, ping tokens) are bounded, so that an echo can never
+# push an answer past max_frame: a string of at most ECHO_MAX code points, or a signed 64-bit int.
+ECHO_MAX = 256
+_INT64 = 1 << 63
+
+
+def echoable(value: Any) -> bool:
+    if isinstance(value, str):
+        return len(value) <= ECHO_MAX
+    if isinstance(value, int) and not isinstance(value, bool):
+        return -_INT64 <= value < _INT64
+    return False
+
+
+def shorten(text: str, limit: int = 40) -> str:
+    """Client-chosen text quoted in an error message, cut so the error stays small."""
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 # --- requests -------------------------------------------------------------------------------
 
 
@@ -177,12 +196,12 @@ class _Members:
         return value
 
     def token(self, name: str) -> Any:
-        """Ping tokens are echoed verbatim, so any string or integer will do."""
+        """Ping tokens are echoed verbatim: the same bounds as `ref`."""
         if name not in self.obj:
             return None
         value = self.obj[name]
-        if isinstance(value, bool) or not isinstance(value, (str, int)):
-            raise self._fail(f"member '{name}' must be a string or an integer")
+        if not echoable(value):
+            raise self._fail(f"member '{name}' must be a string of at most {ECHO_MAX} characters or a 64-bit integer")
         return value
 
 
@@ -210,9 +229,7 @@ class Parser:
     def ref_of(obj: Dict[str, Any]) -> Ref:
         """The request's `ref` if it is a usable one, else None (so errors never echo junk)."""
         ref = obj.get("ref")
-        if isinstance(ref, bool) or not isinstance(ref, (str, int)):
-            return None
-        return ref
+        return ref if echoable(ref) else None
 
     def parse(self, obj: Dict[str, Any], registered: bool = True) -> Tuple[Request, Ref]:
         """Validate one decoded frame; raise ProtocolError with the protocol's word when it fails."""
@@ -220,9 +237,12 @@ class Parser:
         ref = self.ref_of(obj)
         builder = self._builders.get(kind)
         if builder is None:
-            raise ProtocolError("unknown_type", f"unknown request type {kind!r}", ref)
+            raise ProtocolError("unknown_type", f"unknown request type {shorten(kind)!r}", ref)
         if "ref" in obj and ref is None:
-            raise ProtocolError("bad_request", "member 'ref' must be a string or an integer")
+            raise ProtocolError(
+                "bad_request",
+                f"member 'ref' must be a string of at most {ECHO_MAX} characters or a 64-bit integer",
+            )
         if not registered and kind not in ("hello", "ping", "pong", "quit"):
             raise ProtocolError("not_registered", "send hello first", ref)
         return builder(_Members(obj, ref, kind)), ref

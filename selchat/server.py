@@ -195,7 +195,11 @@ class Server:
                     self._drain_wakeup()
                 else:
                     if mask & selectors.EVENT_READ:
-                        self._on_readable(conn)
+                        try:
+                            self._on_readable(conn)
+                        except Exception:  # a bug of ours: lose this client, not the server
+                            log.exception("internal error while serving %s; closing it", conn.name)
+                            self._close_now(conn, "connection closed", "internal error")
                     if conn.handshaking:
                         if mask & selectors.EVENT_WRITE and conn.state != CLOSED:
                             self._continue_handshake(conn)

@@ -152,3 +152,23 @@ def test_a_long_room_list_is_cut_to_fit_with_more() -> None:
     assert 50 < len(obj["rooms"]) < 5000
     (small,) = encode_event(events.RoomList(rooms[:3]), None, 4096)
     assert "more" not in decode(small[4:])
+
+
+@pytest.mark.parametrize("ref", ["r" * 257, 1 << 63, -(1 << 63) - 1, 2.0, [1], {"a": 1}, None])
+def test_refs_that_could_not_be_echoed_safely_are_bad_requests(ref) -> None:
+    error = refused({"type": "ping", "ref": ref})
+    assert error.code == "bad_request" and error.ref is None
+
+
+@pytest.mark.parametrize("ref", ["r" * 256, (1 << 63) - 1, -(1 << 63), 0, ""])
+def test_refs_within_bounds_are_echoed(ref) -> None:
+    assert parser.parse({"type": "ping", "ref": ref})[1] == ref
+
+
+def test_ping_tokens_have_the_same_bounds() -> None:
+    assert refused({"type": "ping", "token": "t" * 257}).code == "bad_request"
+    assert parser.parse({"type": "ping", "token": "t" * 256})[0] == PingRequest("t" * 256)
+
+
+def test_an_unknown_type_is_quoted_short() -> None:
+    assert len(refused({"type": "x" * 60000}).message) < 100
