@@ -164,7 +164,7 @@ def text_parts(msg_size: int) -> Tuple[bytes, bytes]:
 class _Conn:
     __slots__ = (
         "sock", "fd", "nick", "sid", "state", "tail", "frames", "msgs", "msgs0", "own",
-        "sent", "out", "writing", "countdown", "next_due", "echoes", "say_head", "t_welcome",
+        "sent", "out", "writing", "countdown", "next_due", "echoes", "say_head", "t_open",
     )
 
     def __init__(self, sock: socket.socket, nick: str, sid: int) -> None:
@@ -185,7 +185,7 @@ class _Conn:
         self.next_due = 0.0
         self.own = SID_ALPHABET[sid] if sid >= 0 else 0
         self.say_head = b""
-        self.t_welcome = 0.0
+        self.t_open = time.monotonic()
 
 
 class _Worker:
@@ -224,6 +224,7 @@ class _Worker:
         self.dropped = 0
         self.cpu_reg0 = 0.0
         self.awaiting_registration = False
+        self.handshakes: List[float] = []  # seconds from connect() to welcome
         # settle
         self.settle_quiet = 0.0
         self.settle_deadline = 0.0
@@ -307,6 +308,7 @@ class _Worker:
             self.reg_ok = self.reg_failed = 0
             self.t_first_connect = self.t_last_welcome = 0.0
             self.cpu_reg0 = cpu_seconds()
+            self.handshakes = []
             self.awaiting_registration = True
         elif kind == "settle":
             _, quiet, timeout = cmd
@@ -353,8 +355,9 @@ class _Worker:
             return
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        t_open = time.monotonic()
         if not self.t_first_connect:
-            self.t_first_connect = time.monotonic()
+            self.t_first_connect = t_open
         err = sock.connect_ex(self.addr)
         if err not in (0, errno.EINPROGRESS):
             sock.close()
@@ -362,6 +365,7 @@ class _Worker:
             self.reg_failed += 1
             return
         c = _Conn(sock, nick, sid)
+        c.t_open = t_open
         if sid >= 0:
             c.say_head = self.say_head + SID_ALPHABET[sid : sid + 1]
         self.conns[c.fd] = c
@@ -400,7 +404,8 @@ class _Worker:
                 c.state = READY
                 self.pending -= 1
                 self.reg_ok += 1
-                c.t_welcome = self.t_last_welcome = time.monotonic()
+                self.t_last_welcome = time.monotonic()
+                self.handshakes.append(self.t_last_welcome - c.t_open)
                 if c.sid >= 0:
                     self.senders.append(c)
             elif kind == "error":
@@ -421,6 +426,7 @@ class _Worker:
                     "t_last": self.t_last_welcome,
                     "cpu": cpu_seconds() - self.cpu_reg0,
                     "errors": dict(self.errors),
+                    "handshakes": self.handshakes,
                 },
             )
         )
@@ -694,8 +700,12 @@ class Fleet:
         for p in parts:
             for k, v in p["errors"].items():
                 errors[k] = errors.get(k, 0) + v
+        waits = sorted(w for p in parts for w in p["handshakes"])
         return {
             "ok": sum(p["ok"] for p in parts),
+            "handshake_p50": percentile(waits, 0.5),
+            "handshake_p99": percentile(waits, 0.99),
+            "handshake_max": waits[-1] if waits else None,
             "failed": sum(p["failed"] for p in parts),
             "pending": sum(p["pending"] for p in parts),
             "seconds": (max(lasts) - min(firsts)) if firsts and lasts else float("nan"),
@@ -775,8 +785,8 @@ class LoadConfig:
     msg_size: int = 100  # characters of text
     probes: int = 10  # receivers in the fast worker that sample latency (flow mode)
     bulk_workers: int = 0  # 0: 1 up to 300 receivers, else 2
-    fast_poll: float = 0.001  # seconds between passes of the fast worker (flow mode)
-    bulk_poll: Optional[float] = None  # None: about R / 20,000 s, within 5..100 ms (flow mode)
+    fast_poll: float = 0.002  # seconds between passes of the fast worker (flow mode)
+    bulk_poll: Optional[float] = None  # None: R / 10,000 s, within 10..100 ms (flow mode)
     sample_every: int = 0  # 0: every message at a fixed rate, every 10th frame as fast as possible
     ramp_rate: float = 2000.0  # connections/s while registering
     max_pending: int = 256  # connections between connect and welcome, over all workers
@@ -805,9 +815,12 @@ class LoadResult:
     lost: int  # deliveries missing after the drain (sum over members)
     complete: bool  # every member received every message sent
     dropped: int
+    per_member_min: int = 0  # messages received by the least served member (after the drain)
+    per_member_max: int = 0
     errors: Dict[str, int] = field(default_factory=dict)
     workers: int = 0
     bulk_poll_ms: float = 0.0
+    gen_cpu_per_proc: List[float] = field(default_factory=list)  # worker 0 holds senders and probes
 
     def as_dict(self) -> Dict[str, Any]:
         return asdict(self)
@@ -855,7 +868,7 @@ def run_load(cfg: LoadConfig, probe: Optional[Probe] = None) -> LoadResult:
     mode = "flow" if cfg.rate is None else "rate"
     shares = plan_shares(cfg)
     if mode == "flow":
-        bulk_poll = cfg.bulk_poll if cfg.bulk_poll is not None else min(max(cfg.receivers / 20000, 0.005), 0.1)
+        bulk_poll = cfg.bulk_poll if cfg.bulk_poll is not None else min(max(cfg.receivers / 10000, 0.01), 0.1)
         polls = [cfg.fast_poll] + [bulk_poll] * (len(shares) - 1)
         every = cfg.sample_every or 10
         samplings = [every] + [0] * (len(shares) - 1)
@@ -912,7 +925,6 @@ def _summarise(cfg: LoadConfig, mode: str, workers: int, reg: Dict[str, Any], pa
     missing = [i for i, p in enumerate(parts) if not p["t0"] or not p["t1"]]
     if missing:
         raise GenError(f"workers {missing} never saw the measured window")
-    span = max(p["t1"]["t"] for p in parts) - min(p["t0"]["t"] for p in parts)
     duration = sum(p["t1"]["t"] - p["t0"]["t"] for p in parts) / len(parts)
     deliveries = sum(p["t1"]["msgs"] - p["t0"]["msgs"] for p in parts)
     sent = sum(p["t1"]["sent"] - p["t0"]["sent"] for p in parts)
@@ -948,10 +960,13 @@ def _summarise(cfg: LoadConfig, mode: str, workers: int, reg: Dict[str, Any], pa
         sent_total=sent_total,
         expected_per_member=sent_total,
         lost=lost,
-        complete=(lost == 0 and not extra and len(per_conn) == members and span < cfg.duration + 1.0),
+        complete=(lost == 0 and not extra and len(per_conn) == members),
         dropped=sum(p["dropped"] for p in parts),
+        per_member_min=min(per_conn) if per_conn else 0,
+        per_member_max=max(per_conn) if per_conn else 0,
         errors=errors,
         workers=workers,
+        gen_cpu_per_proc=[round(c, 3) for c in cpus],
     )
 
 
@@ -960,6 +975,8 @@ class IdleResult:
     connections: int
     registered: int
     register_s: float  # first connect to last welcome
+    handshake_p99_ms: Optional[float]  # connect() to welcome of one client
+    handshake_max_ms: Optional[float]
     gen_cpu_register: float  # generator CPU while registering, in cores
     extra_joins: int
     join_frames: int  # frames every member received because of the extra joins
@@ -968,6 +985,10 @@ class IdleResult:
 
     def as_dict(self) -> Dict[str, Any]:
         return asdict(self)
+
+
+def _ms(seconds: Optional[float]) -> Optional[float]:
+    return None if seconds is None else seconds * 1000.0
 
 
 def run_idle(
@@ -995,7 +1016,7 @@ def run_idle(
         reg = fleet.connect(split_round_robin(specs, workers), ramp_rate, max_pending, register_timeout)
         errors = dict(reg["errors"])
         if reg["ok"] != connections:
-            return IdleResult(connections, reg["ok"], float("nan"), 0.0, 0, 0, 0, errors)
+            return IdleResult(connections, reg["ok"], float("nan"), None, None, 0.0, 0, 0, 0, errors)
         before = fleet.settle(quiet=0.5, timeout=30)
         if probe:
             probe("after")
@@ -1010,6 +1031,8 @@ def run_idle(
             connections=connections,
             registered=reg["ok"],
             register_s=reg["seconds"],
+            handshake_p99_ms=_ms(reg["handshake_p99"]),
+            handshake_max_ms=_ms(reg["handshake_max"]),
             gen_cpu_register=reg["cpu"] / reg["seconds"] if reg["seconds"] > 0 else 0.0,
             extra_joins=reg2["ok"],
             join_frames=new_frames,

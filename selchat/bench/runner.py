@@ -29,6 +29,7 @@ from selchat.bench.peers import REPO, RunningServer, ServerError, ServerSpec, kn
 
 ALL_POINTS = ("fanout", "latency", "idle", "sweep")
 GEN_LIMIT = 0.8  # generator cores above which a throughput figure is not trusted
+OTHER_LIMIT = 0.25  # cores of other processes' load above which a figure is flagged
 
 
 @dataclass(frozen=True)
@@ -95,11 +96,27 @@ def run_case(case: Case, spec: ServerSpec, opts: argparse.Namespace) -> Outcome:
     return out
 
 
+def machine_ticks() -> Tuple[int, int]:
+    """(busy, softirq) clock ticks of the whole machine from /proc/stat.
+
+    softirq is where loopback TCP does much of its receive work; the kernel accounts it to
+    no process, so it is shown apart. Busy time that is neither softirq, the server nor the
+    generator is somebody else's load on the machine, and makes a figure less trustworthy.
+    """
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    idle = v[3] + (v[4] if len(v) > 4 else 0)
+    return sum(v[:8]) - idle, v[6] if len(v) > 6 else 0
+
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
 def _run_load(case: Case, srv: RunningServer, opts: argparse.Namespace, out: Outcome) -> None:
-    samples: Dict[str, Tuple[float, float, int]] = {}
+    samples: Dict[str, Tuple[float, float, int, Tuple[int, int]]] = {}
 
     def probe(edge: str) -> None:
-        samples[edge] = (time.monotonic(), srv.cpu_seconds(), srv.rss_kib())
+        samples[edge] = (time.monotonic(), srv.cpu_seconds(), srv.rss_kib(), machine_ticks())
 
     if case.kind == "latency":
         cfg = loadgen.LoadConfig(
@@ -112,9 +129,11 @@ def _run_load(case: Case, srv: RunningServer, opts: argparse.Namespace, out: Out
             warmup=opts.warmup, window=opts.window,
         )
     res = loadgen.run_load(cfg, probe)
-    t0, cpu0, rss0 = samples["start"]
-    t1, cpu1, rss1 = samples["end"]
+    t0, cpu0, rss0, (busy0, soft0) = samples["start"]
+    t1, cpu1, rss1, (busy1, soft1) = samples["end"]
     server_cores = (cpu1 - cpu0) / (t1 - t0)
+    softirq = (soft1 - soft0) / _TICK / (t1 - t0)
+    busy = (busy1 - busy0) / _TICK / (t1 - t0)
     m = out.metrics
     m["deliveries_per_s"] = res.deliveries_per_s
     m["sent_per_s"] = res.sent_per_s
@@ -123,6 +142,8 @@ def _run_load(case: Case, srv: RunningServer, opts: argparse.Namespace, out: Out
     m["p50_ms"] = res.p50_ms if res.p50_ms is not None else math.nan
     m["p99_ms"] = res.p99_ms if res.p99_ms is not None else math.nan
     m["gen_cpu"] = res.gen_cpu
+    m["softirq_cores"] = softirq
+    m["other_cores"] = max(busy - softirq - server_cores - res.gen_cpu, 0.0)
     m["rss_mib"] = rss1 / 1024
     if not res.complete:
         out.notes.append(f"incomplete: {res.lost} deliveries lost")
@@ -150,6 +171,8 @@ def _run_idle(case: Case, srv: RunningServer, opts: argparse.Namespace, out: Out
     m = out.metrics
     m["kib_per_conn"] = (rss1 - rss0) / case.size
     m["register_s"] = res.register_s
+    m["handshake_p99_ms"] = res.handshake_p99_ms if res.handshake_p99_ms is not None else math.nan
+    m["handshake_max_ms"] = res.handshake_max_ms if res.handshake_max_ms is not None else math.nan
     m["join_frames"] = res.join_frames
     m["join_frames_old"] = res.join_frames_old
     m["gen_cpu"] = res.gen_cpu_register
@@ -210,10 +233,17 @@ def _fmt(v: Optional[float], digits: int = 1, thousands: bool = False) -> str:
     return f"{v:.{digits}f}"
 
 
+def _register(m: Dict[str, float]) -> str:
+    if "register_s" not in m:
+        return "–"
+    return f"{_fmt(m['register_s'], 2)} ({_fmt(m.get('handshake_p99_ms'), 1)} / {_fmt(m.get('handshake_max_ms'), 0)})"
+
+
 def table(cases: Sequence[Case], servers: Sequence[str], results: Dict[Tuple[Case, str], Outcome]) -> str:
     head = (
         "| point | server | deliveries/s | server CPU µs/delivery | server CPU (cores) | p50 ms | p99 ms "
-        "| KiB/idle conn | register s | frames for 100 joins (to old members) | generator CPU (cores) | notes |"
+        "| KiB/idle conn | register s (p99 / max wait ms) | frames for 100 joins (to old members) | generator CPU (cores) "
+        "| softirq / other load (cores) | notes |"
     )
     lines = [head, "|" + "|".join(["---"] * (head.count("|") - 1)) + "|"]
     for case in cases:
@@ -222,13 +252,16 @@ def table(cases: Sequence[Case], servers: Sequence[str], results: Dict[Tuple[Cas
             if o is None:
                 continue
             if o.failed and not o.metrics:
-                lines.append(f"| {case.label} | {name} | " + " | ".join(["n/a"] * 9) + f" | {o.failed[:300]} |")
+                lines.append(f"| {case.label} | {name} | " + " | ".join(["n/a"] * 10) + f" | {o.failed[:300]} |")
                 continue
             m = o.metrics
             notes = list(o.notes)
             gen = m.get("gen_cpu")
             if case.kind != "idle" and gen is not None and gen > GEN_LIMIT:
                 notes.insert(0, f"**generator-limited ({gen:.2f} cores): figure not valid**")
+            other = m.get("other_cores", 0.0)
+            if other > OTHER_LIMIT:
+                notes.insert(0, f"machine busy with other work ({other:.2f} cores)")
             joins = "–"
             if "join_frames" in m:
                 joins = f"{m['join_frames']:,.0f} ({m['join_frames_old']:,.0f})"
@@ -244,9 +277,10 @@ def table(cases: Sequence[Case], servers: Sequence[str], results: Dict[Tuple[Cas
                         _fmt(m.get("p50_ms"), 2),
                         _fmt(m.get("p99_ms"), 2),
                         _fmt(m.get("kib_per_conn"), 1),
-                        _fmt(m.get("register_s"), 2),
+                        _register(m),
                         joins,
                         _fmt(gen, 2),
+                        f"{_fmt(m.get('softirq_cores'), 2)} / {_fmt(m.get('other_cores'), 2)}" if "other_cores" in m else "–",
                         "; ".join(notes).replace("|", "/")[:400],
                     ]
                 )
