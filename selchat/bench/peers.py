@@ -20,7 +20,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-REPO = Path(__file__).resolve().parents[2]
+def _find_repo() -> Path:
+    """The checkout holding benchmarks/peers: next to this package, else the working directory."""
+    here = Path(__file__).resolve().parents[2]
+    for candidate in (here, Path.cwd()):
+        if (candidate / "benchmarks" / "peers").is_dir():
+            return candidate
+    return here
+
+
+REPO = _find_repo()
 PEERS_DIR = REPO / "benchmarks" / "peers"
 _LISTENING = re.compile(r"listening on (\S+):(\d+)")
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
