@@ -164,6 +164,8 @@ def test_two_clients_talk(server: Server, listeners: List[Listener]) -> None:
     bob.out.wait_for(rf"#lobby <{alice}> hello bob$")
     bob.out.wait_for(rf"#lobby <{alice}> second line$")
     bob.out.wait_for(rf"\* {alice} quit")
+    bob.send("reply while stdin stays open")  # lines are acted on as they come, not at EOF
+    bob.out.wait_for(rf"#lobby <{bob.nick}> reply while stdin stays open$")
     assert bob.finish() == 0
 
 

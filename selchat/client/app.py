@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import codecs
 import logging
 import os
 import socket
@@ -306,6 +307,8 @@ class Script:
             return self._closed(exc)
         finally:
             receiver.cancel()
+            if receiver.done() and not receiver.cancelled():
+                receiver.exception()  # seen: ConnectionClosed is how it always ends
 
     async def _wait_close(self, receiver: "asyncio.Task[Any]") -> None:
         """After our quit the server flushes and closes; wait for that, but not forever."""
@@ -328,11 +331,28 @@ def _stdin_lines(loop: asyncio.AbstractEventLoop, stream: TextIO) -> "asyncio.Qu
 
     def read() -> None:
         try:
-            while True:
-                line = stream.readline()
-                if not line:
-                    break
-                put(line)
+            fd: Optional[int] = stream.fileno()
+        except (AttributeError, OSError, ValueError):
+            fd = None
+        try:
+            if fd is None:
+                for line in iter(stream.readline, ""):
+                    put(line)
+            else:
+                # Raw reads on the descriptor: a thread blocked inside the buffered object would
+                # hold its lock, and interpreter shutdown can trip over a lock a daemon thread holds.
+                decoder = codecs.getincrementaldecoder(getattr(stream, "encoding", None) or "utf-8")("replace")
+                pending = ""
+                while True:
+                    chunk = os.read(fd, 65536)
+                    pending += decoder.decode(chunk, final=not chunk)
+                    *lines, pending = pending.split("\n")
+                    for line in lines:
+                        put(line + "\n")
+                    if not chunk:
+                        break
+                if pending:
+                    put(pending)
         except (OSError, ValueError) as exc:
             log.warning("reading stdin failed: %s", exc)
         put(None)
@@ -453,6 +473,9 @@ class Interactive:
                 await pump(self.conn, self.session, self._on_event)
             except ConnectionClosed as exc:
                 reason = self.session.close_reason or str(exc)
+            except Exception:  # a bug of ours: say so, and carry on with a fresh connection
+                log.exception("receiving failed")
+                reason = "internal error, see the log"
             if self.quitting:
                 return
             await self.conn.close()
