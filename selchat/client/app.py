@@ -4,9 +4,9 @@ Both modes run on asyncio: one task reads events from the server, another reads 
 prompt_toolkit prompt, or a thread reading stdin), and the sans-I/O `ClientSession` decides
 what each line and each event means. This module only moves bytes and lines between them.
 
-Exit codes: 0 after a clean end (end of input, /quit, Ctrl-C/Ctrl-D); 1 when the server
-cannot be reached, refuses the nick, or closes the connection unexpectedly; 2 for a usage
-error (bad options, script mode without --nick).
+Exit codes: 0 after a clean end (end of input, /quit, Ctrl-C/Ctrl-D at the prompt); 1 when
+the server cannot be reached, refuses the nick, or closes the connection unexpectedly; 2 for a
+usage error (bad options, script mode without --nick); 130 for Ctrl-C in script mode.
 """
 
 from __future__ import annotations
@@ -56,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
             "Lines are said to the current room (#lobby at first); //text says /text. Commands:\n"
             f"{commands}\n\n"
             "exit status: 0 clean end, 1 cannot connect / nick refused / connection lost in\n"
-            "script mode, 2 usage error (e.g. script mode without --nick). See docs/client.md."
+            "script mode, 2 usage error (e.g. script mode without --nick), 130 Ctrl-C in\n"
+            "script mode. See docs/client.md."
         ),
     )
     parser.add_argument("--host", default=DEFAULT_HOST, help="server address (default: %(default)s)")
