@@ -36,6 +36,7 @@ import time
 from typing import Any, Dict, List, Optional, Set
 
 from selchat import SERVER_NAME, codec, events
+from selchat.events import Message
 from selchat.chat import Chat, ChatError, Delivery, User
 from selchat.config import ServerConfig, parse_args
 from selchat.defaults import ACCEPT_PAUSE, ACCEPT_PER_PASS, LINGER_TIMEOUT, LISTEN_BACKLOG, RECV_SIZE
@@ -135,6 +136,10 @@ class Server:
         self._dirty: List[Connection] = []
         self._doomed: List[Connection] = []
         self._said: List[tuple] = []  # (connection, ref, message id) of this pass's `say`s
+        # The room broadcast being batched: consecutive messages to one room's members are
+        # joined into one chunk per member (see _materialize), instead of one chunk each.
+        self._batch_members: Optional[Dict[User, None]] = None
+        self._batch: List[list] = []  # [bytes for all, the sender, the sender's own bytes, event]
         self._stopping = False
         self._stop_requested = False
         self._stop_deadline = 0.0
@@ -216,6 +221,8 @@ class Server:
 
     def _before_sleep(self) -> None:
         """Condemned clients out, the pass's messages committed, then the queued bytes written."""
+        if self._batch:
+            self._materialize()
         committed = False
         while True:
             while self._doomed:
@@ -439,6 +446,8 @@ class Server:
         if type(request) is Hello:
             self._send_error(conn, "already_registered", "you are registered already", ref)
             return
+        if type(request) is not Say and self._batch:
+            self._materialize()  # membership may change: the batch goes to today's members
         try:
             deliveries = self.chat.handle(user, request, int(time.time() * 1000))
         except ChatError as exc:
@@ -473,6 +482,8 @@ class Server:
                 self._send_error(conn, "bad_password", "wrong or missing password", ref)
                 self._close_after_flush(conn, None, "bad password")
                 return
+            if self._batch:
+                self._materialize()
             try:
                 user, deliveries = self.chat.register(request.nick, conn)
             except ChatError as exc:
@@ -494,50 +505,88 @@ class Server:
     def _deliver(self, deliveries: List[Delivery], ref: Ref) -> None:
         """Encode each event once and queue the same bytes for every recipient.
 
-        This is the hot path of a broadcast: the loop over recipients is written out here,
-        rather than calling `_queue` per recipient, because it runs once per delivery.
+        Room messages are not queued member by member here: they join the pass's batch for
+        that room, and each member gets the whole batch as one chunk when it is materialized.
         """
         max_frame = self.config.max_frame
-        cap = self.config.max_outbuf
-        dirty = self._dirty
         shared: Optional[List[bytes]] = None
         shared_event: Any = None
+        batch = self._batch
         for delivery in deliveries:
             event = delivery.event
-            if delivery.reply and ref is not None:
-                frames = encode_event(event, ref, max_frame)
-            elif event is shared_event and shared is not None:
-                frames = shared  # the echo of a broadcast carries no ref: the very same bytes
+            if delivery.reply:
+                if batch and batch[-1][3] is event and batch[-1][1] is next(iter(delivery.recipients)):
+                    # The sender's own copy of the message just batched, in the same place.
+                    entry = batch[-1]
+                    entry[2] = entry[0] if ref is None else encode_event(event, ref, max_frame)[0]
+                    continue
+                frames = encode_event(event, ref, max_frame) if ref is not None else None
             else:
-                frames = encode_event(event, None, max_frame)
-                shared, shared_event = frames, event
-            skip = delivery.skip
-            if len(frames) != 1:
-                for user in delivery.recipients:
-                    if user is not skip:
-                        for data in frames:
-                            self._queue(user.endpoint, data)
+                frames = None
+            if frames is None:
+                if event is shared_event and shared is not None:
+                    frames = shared
+                else:
+                    frames = encode_event(event, None, max_frame)
+                    shared, shared_event = frames, event
+            recipients = delivery.recipients
+            if type(event) is Message and type(recipients) is dict and not delivery.reply:
+                if self._batch_members is not recipients:
+                    if batch:
+                        self._materialize()
+                    self._batch_members = recipients
+                batch.append([frames[0], delivery.skip, None, event])
                 continue
-            data = frames[0]
-            size = len(data)
-            for user in delivery.recipients:
-                if user is skip:
+            if batch:
+                self._materialize()
+            skip = delivery.skip
+            for user in recipients:
+                if user is not skip:
+                    for data in frames:
+                        self._queue(user.endpoint, data)
+
+    def _materialize(self) -> None:
+        """Queue the batched room messages: one joined chunk shared by every member.
+
+        This is the hot path of a busy room: per member it costs one append, however many
+        messages the pass carried. Only the senders, whose own copies differ (they may carry a
+        `ref`), get a chunk of their own.
+        """
+        entries, members = self._batch, self._batch_members
+        self._batch = []
+        self._batch_members = None
+        if not entries or members is None:
+            return
+        common = entries[0][0] if len(entries) == 1 else b"".join([e[0] for e in entries])
+        senders = {e[1] for e in entries}
+        cap = self.config.max_outbuf
+        dirty = self._dirty
+        size = len(common)
+        for user in members:
+            if user in senders:
+                data = b"".join([e[2] if e[1] is user else e[0] for e in entries
+                                 if e[1] is not user or e[2] is not None])
+                if not data:
                     continue
-                conn = user.endpoint
-                if not conn.accepting:
-                    continue
-                out = conn.out
-                out.chunks.append(data)
-                out.size += size
-                if out.size > cap:
-                    self._overflow(conn)
-                elif not conn.dirty:
-                    conn.dirty = True
-                    dirty.append(conn)
+            else:
+                data = common
+            conn = user.endpoint
+            if not conn.accepting:
+                continue
+            out = conn.out
+            out.chunks.append(data)
+            out.size += size if data is common else len(data)
+            if out.size > cap:
+                self._overflow(conn)
+            elif not conn.dirty:
+                conn.dirty = True
+                dirty.append(conn)
 
     def _queue(self, conn: Connection, data: bytes) -> None:
         if not conn.accepting:
             return
+        if self._batch:
+            self._materialize()  # whatever was said before this goes out before it
         out = conn.out
         out.append(data)
         if out.size > self.config.max_outbuf:
@@ -623,8 +672,12 @@ class Server:
         if user is None:
             return
         conn.user = None
+        if self._batch:
+            self._materialize()
         if quit_reason is not None:
             self._deliver(self.chat.disconnect(user, quit_reason), None)
+        else:
+            self.chat.disconnect(user, "")
 
     def _close_after_flush(self, conn: Connection, quit_reason: Optional[str], detail: str) -> None:
         """Leave the chat now; send what is queued, half-close, then linger briefly before closing."""
