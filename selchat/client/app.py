@@ -5,8 +5,9 @@ prompt_toolkit prompt, or a thread reading stdin), and the sans-I/O `ClientSessi
 what each line and each event means. This module only moves bytes and lines between them.
 
 Exit codes: 0 after a clean end (end of input, /quit, Ctrl-C/Ctrl-D at the prompt); 1 when
-the server cannot be reached, refuses the nick, or closes the connection unexpectedly; 2 for a
-usage error (bad options, script mode without --nick); 130 for Ctrl-C in script mode.
+the server cannot be reached, fails TLS verification, refuses the nick or the password, or closes
+the connection unexpectedly; 2 for a usage error (bad options, script mode without --nick, an
+unusable --ca or --password-file); 130 for Ctrl-C in script mode.
 """
 
 from __future__ import annotations
@@ -25,6 +26,14 @@ from typing import Any, Awaitable, Callable, Dict, List, Mapping, NoReturn, Opti
 from selchat import __version__
 from selchat.client.connection import Connection, ConnectionClosed, connect
 from selchat.client.render import escape, escape_json_line, nick_colour, plain, render
+from selchat.client.security import (
+    INSECURE_WARNING,
+    OptionError,
+    describe_tls_error,
+    is_certificate_error,
+    make_tls_context,
+    read_password_file,
+)
 from selchat.client.session import COMMANDS, ClientSession, Item, Local, Reaction, Send, backoff_delays
 from selchat.defaults import DEFAULT_HOST, DEFAULT_PORT, HANDSHAKE_TIMEOUT
 
@@ -55,9 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=(
             "Lines are said to the current room (#lobby at first); //text says /text. Commands:\n"
             f"{commands}\n\n"
-            "exit status: 0 clean end, 1 cannot connect / nick refused / connection lost in\n"
-            "script mode, 2 usage error (e.g. script mode without --nick), 130 Ctrl-C in\n"
-            "script mode. See docs/client.md."
+            "exit status: 0 clean end, 1 cannot connect / certificate not verified / nick or\n"
+            "password refused / connection lost in script mode, 2 usage error (e.g. script mode\n"
+            "without --nick, unreadable --ca or --password-file), 130 Ctrl-C in script mode.\n"
+            "See docs/client.md."
         ),
     )
     parser.add_argument("--host", default=DEFAULT_HOST, help="server address (default: %(default)s)")
@@ -80,6 +90,31 @@ def build_parser() -> argparse.ArgumentParser:
         help="diagnostics on stderr (default: %(default)s; debug shows every frame)",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    secure = parser.add_argument_group("TLS and password")
+    secure.add_argument(
+        "--tls",
+        action="store_true",
+        help="connect with TLS; the server's certificate must be trusted by the system's CAs "
+        "and valid for --host",
+    )
+    trust = secure.add_mutually_exclusive_group()
+    trust.add_argument(
+        "--ca",
+        metavar="FILE",
+        help="trust only the CA or self-signed certificate(s) in this PEM file (implies --tls)",
+    )
+    trust.add_argument(
+        "--insecure",
+        action="store_true",
+        help="TLS without verifying the certificate at all; a warning is printed at every "
+        "connection (implies --tls)",
+    )
+    secure.add_argument(
+        "--password-file",
+        metavar="FILE",
+        help="the server password is the first line of FILE. Without it, interactive mode asks "
+        "(without echo) when the server wants one; it is never taken on the command line",
+    )
     return parser
 
 
@@ -126,6 +161,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"{PROG}: --nick is required when stdin is not a terminal", file=sys.stderr)
         return 2
     try:
+        _secure_options(args)
+    except OptionError as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return 2
+    try:
         if interactive:
             return asyncio.run(Interactive(args).run())
         for stream in (sys.stdout, sys.stderr):
@@ -138,11 +178,30 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 1
 
 
+def _secure_options(args: argparse.Namespace) -> None:
+    """Turn --tls/--ca/--insecure into `args.tls_context` and --password-file into `args.password`
+    (None when absent); raises OptionError for a file that cannot be used."""
+    args.tls = bool(args.tls or args.ca or args.insecure)
+    args.tls_context = make_tls_context(args.ca, args.insecure) if args.tls else None
+    args.password = read_password_file(args.password_file) if args.password_file else None
+
+
 # ----- shared by both modes ---------------------------------------------------------------
 
 
-def _describe(exc: BaseException) -> str:
-    """An OSError in a few words, without the errno prefix noise."""
+async def open_connection(args: argparse.Namespace, warn: Callable[[str], None]) -> Connection:
+    """Connect as the options say; with --insecure, `warn` every single time it succeeds."""
+    conn = await connect(args.host, args.port, ssl_context=getattr(args, "tls_context", None))
+    if getattr(args, "insecure", False):
+        warn(INSECURE_WARNING)
+    return conn
+
+
+def _describe(exc: BaseException, ca: Optional[str] = None) -> str:
+    """An OSError in a few words, without the errno prefix noise (`ca`: the --ca file)."""
+    tls = describe_tls_error(exc, ca)
+    if tls is not None:
+        return tls  # before errno: an SSLError carries OpenSSL's error number there
     if isinstance(exc, socket.gaierror) and exc.strerror:
         return exc.strerror  # host lookup: "Name or service not known"
     if isinstance(exc, OSError) and exc.errno and exc.errno > 0:
@@ -206,8 +265,25 @@ async def _until(aw: Awaitable[T], guard: "asyncio.Task[Any]") -> T:
     raise exc if exc is not None else ConnectionClosed("connection closed")
 
 
-def _refusal(nick: str, error: Mapping[str, Any]) -> str:
-    return f"nick {escape(nick)!r} refused: {escape(str(error.get('code')))}: {escape(str(error.get('message', '')))}"
+def _closed_reason(exc: BaseException) -> str:
+    """Why a ConnectionClosed happened, in a few words ("Connection reset by peer")."""
+    cause = exc.__cause__
+    return _describe(cause) if isinstance(cause, OSError) else str(exc) or "connection closed"
+
+
+def _refusal(nick: str, error: Mapping[str, Any], password_file: Optional[str] = None) -> str:
+    """One line for a refused hello: the nick, or the password (from `password_file`, or none)."""
+    code = escape(str(error.get("code")))
+    reason = f"{code}: {escape(str(error.get('message', '')))}"
+    if error.get("code") == "bad_password":
+        if password_file is not None:
+            return f"password from {escape(password_file)} refused: {reason}"
+        return f"the server wants a password: {reason} (give it with --password-file FILE)"
+    return f"nick {escape(nick)!r} refused: {reason}"
+
+
+def _is_bad_password(error: Mapping[str, Any]) -> bool:
+    return error.get("code") == "bad_password"
 
 
 # ----- script mode ----------------------------------------------------------------------------
@@ -222,8 +298,10 @@ class Script:
         self.stdout = stdout
         self.stderr = stderr
         self.session = ClientSession()
+        self.session.password = getattr(args, "password", None)
         self._eof_token: Optional[str] = None
         self._eof_pong = asyncio.Event()
+        self._events = 0
 
     def _err(self, text: str) -> None:
         self.stderr.write(f"{PROG}: {text}\n")
@@ -235,6 +313,7 @@ class Script:
         stream.flush()
 
     def _on_event(self, event: Dict[str, Any], raw: bytes, reaction: Reaction) -> None:
+        self._events += 1
         if self.args.json:
             self.stdout.write(escape_json_line(raw.decode("utf-8")) + "\n")
             self.stdout.flush()
@@ -247,16 +326,18 @@ class Script:
             self._eof_pong.set()
 
     def _closed(self, exc: BaseException) -> int:
-        reason = self.session.close_reason or str(exc)
+        reason = self.session.close_reason or _closed_reason(exc)
+        if not self._events and not getattr(self.args, "tls", False):
+            reason = f"before any answer: {reason} (if the server speaks TLS, use --tls or --ca FILE)"
         self._err(f"connection closed by server: {escape(reason)}")
         return 1
 
     async def run(self) -> int:
         host, port = self.args.host, self.args.port
         try:
-            conn = await connect(host, port)
+            conn = await open_connection(self.args, self._err)
         except OSError as exc:
-            self._err(f"cannot connect to {host}:{port}: {_describe(exc)}")
+            self._err(f"cannot connect to {host}:{port}: {_describe(exc, getattr(self.args, 'ca', None))}")
             return 1
         try:
             return await self._run(conn)
@@ -275,7 +356,7 @@ class Script:
             self._err(f"no answer to hello within {REGISTER_TIMEOUT:g} s")
             return 1
         if refused is not None:
-            self._err(_refusal(nick, refused))
+            self._err(_refusal(nick, refused, getattr(self.args, "password_file", None)))
             return 1
 
         receiver = asyncio.ensure_future(pump(conn, self.session, self._on_event))
@@ -365,6 +446,15 @@ def _stdin_lines(loop: asyncio.AbstractEventLoop, stream: TextIO) -> "asyncio.Qu
 # ----- interactive mode -------------------------------------------------------------------
 
 
+class _Stop(Exception):
+    """The interactive client cannot go on (a certificate failed verification on reconnecting,
+    the password from --password-file was refused): the message goes to stderr, exit status 1."""
+
+
+class _PasswordWanted(Exception):
+    """Ends the chat prompt early so that the input loop asks for the server password."""
+
+
 class Interactive:
     """A prompt at the bottom, events printed above it, and reconnecting when the link drops."""
 
@@ -373,10 +463,15 @@ class Interactive:
 
         self.args = args
         self.session = ClientSession()
+        self.session.password = getattr(args, "password", None)
         self.conn: Optional[Connection] = None
         self.quitting = False
         # The typed line is erased once sent: the server's echo shows it, with time and room.
         self.prompt: PromptSession = PromptSession(erase_when_done=True)
+        # Set by the reconnecting task when the server wants a (new) password; the input loop
+        # asks for it and answers True, or False if the user gave up (Ctrl-C / Ctrl-D).
+        self._password_request: "Optional[asyncio.Future[bool]]" = None
+        self._stopped: Optional[_Stop] = None  # set when reconnecting must not go on
 
     # output
 
@@ -389,6 +484,10 @@ class Interactive:
 
     def _note(self, text: str) -> None:
         self._show([self.session.note(text)])
+
+    def _warn(self, text: str) -> None:
+        """A line on stderr (above the prompt while it is up)."""
+        print(f"{PROG}: {text}", file=sys.stderr, flush=True)
 
     def _on_event(self, event: Dict[str, Any], raw: bytes, reaction: Reaction) -> None:
         if self.args.json:
@@ -411,6 +510,16 @@ class Interactive:
             ("", "> "),
         ]
 
+    def _interrupt_prompt(self, exc: Exception) -> None:
+        """End the chat prompt now with `exc`, if it is up (else the input loop sees the state
+        before it shows the next one)."""
+        app = self.prompt.app
+        if app.is_running:
+            try:
+                app.exit(exception=exc)
+            except Exception:  # already exiting: the loop checks the state next time round
+                pass
+
     # lifecycle
 
     async def run(self) -> int:
@@ -426,7 +535,23 @@ class Interactive:
                 keeper.cancel()
                 if self.conn is not None:
                     await self.conn.close()
+        if self._stopped is not None:
+            self._warn(str(self._stopped))
+            return 1
+        if keeper.done() and not keeper.cancelled() and keeper.exception() is not None:
+            log.error("reconnecting failed", exc_info=keeper.exception())
+            return 1
         return 0
+
+    async def _until_input_loop_sees(self, done: Callable[[], bool], exc: Callable[[], Exception]) -> None:
+        """End the chat prompt with exc() until done(): the prompt may be just starting (not
+        running yet) when we first try, and the input loop only looks between two lines."""
+        while not done():
+            self._interrupt_prompt(exc())
+            await asyncio.sleep(0.2)
+
+    async def _connect(self) -> Connection:
+        return await open_connection(self.args, self._warn)
 
     async def _ask_nick(self) -> Optional[str]:
         while True:
@@ -437,10 +562,28 @@ class Interactive:
             if nick:
                 return nick
 
+    async def _ask_password(self) -> bool:
+        """Ask for the server password without echo; False if the user gives up."""
+        from prompt_toolkit import PromptSession
+
+        # A session of its own: the chat prompt's history must never hold (and recall) it, and
+        # arguments given to a PromptSession's prompt stick to that session.
+        asker: PromptSession = PromptSession(is_password=True, erase_when_done=True)
+        while True:
+            try:
+                password = await asker.prompt_async("server password: ")
+            except (EOFError, KeyboardInterrupt):
+                return False
+            if password:
+                self.session.password = password
+                return True
+
     async def _first_registration(self) -> bool:
-        """Ask for a nick until the server takes one. A fresh connection per try, since the server
-        drops a connection that has not registered within its handshake timeout while we ask."""
+        """Ask for a nick until the server takes one, and for the password when it wants one.
+        A fresh connection per try, since the server drops a connection that has not registered
+        within its handshake timeout while we ask, and closes one after a wrong password."""
         nick = self.args.nick
+        host, port = self.args.host, self.args.port
         while True:
             if nick is None:
                 nick = await self._ask_nick()
@@ -448,26 +591,44 @@ class Interactive:
                     self.quitting = True
                     return False
             try:
-                conn = await connect(self.args.host, self.args.port)
+                conn = await self._connect()
             except OSError as exc:
-                print(f"{PROG}: cannot connect to {self.args.host}:{self.args.port}: {_describe(exc)}", file=sys.stderr)
+                self._warn(f"cannot connect to {host}:{port}: {_describe(exc, getattr(self.args, 'ca', None))}")
                 return False
             try:
                 refused = await asyncio.wait_for(register(conn, self.session, nick, self._on_event), REGISTER_TIMEOUT)
             except (ConnectionClosed, asyncio.TimeoutError) as exc:
                 await conn.close()
-                reason = self.session.close_reason or str(exc) or "no answer"
-                print(f"{PROG}: connection closed by server: {escape(reason)}", file=sys.stderr)
+                if self.session.close_reason:
+                    reason = self.session.close_reason
+                elif isinstance(exc, ConnectionClosed):
+                    reason = _closed_reason(exc)
+                    if not getattr(self.args, "tls", False):
+                        reason += " (if the server speaks TLS, use --tls or --ca FILE)"
+                else:
+                    reason = "no answer"
+                self._warn(f"connection closed by server: {escape(reason)}")
                 return False
             if refused is None:
                 self.conn = conn
                 return True
             await conn.close()
             self.session.connection_lost()
-            nick = None  # the error was shown by _on_event; ask again
+            if not _is_bad_password(refused):
+                nick = None  # the error was shown by _on_event; ask again
+                continue
+            if self.args.password_file is not None:
+                self._warn(_refusal(nick, refused, self.args.password_file))
+                return False
+            if not await self._ask_password():  # then again with the same nick
+                self.quitting = True
+                return False
 
     async def _keep_connected(self) -> None:
-        """Run the receiver; when the connection drops, reconnect with backoff, same nick, same rooms."""
+        """Run the receiver; when the connection drops, reconnect with backoff, same nick, same rooms.
+
+        Sets `_stopped` when reconnecting must not go on (see `_reconnect`), and the input
+        loop ends."""
         while True:
             assert self.conn is not None
             try:
@@ -483,19 +644,40 @@ class Interactive:
             self.conn = None
             self.session.connection_lost()
             self.prompt.app.invalidate()
-            self.conn = await self._reconnect(f"connection lost ({escape(reason)})")
+            try:
+                conn = await self._reconnect(f"connection lost ({escape(reason)})")
+            except _Stop as stop:
+                self._stopped = stop
+                await self._until_input_loop_sees(lambda: False, _Stop)  # run() cancels us
+                return
+            if conn is None:  # the user gave up at the password prompt, and is quitting
+                return
+            self.conn = conn
             self._note("reconnected")
             self.prompt.app.invalidate()
 
-    async def _reconnect(self, why: str) -> Connection:
-        """Try again and again, one line per attempt; the same nick, the session rejoins rooms."""
+    async def _reconnect(self, why: str) -> Optional[Connection]:
+        """Try again and again, one line per attempt; the same nick, the session rejoins rooms.
+
+        A certificate that fails verification is not a dropped connection: _Stop, no retry (it
+        means the server's certificate changed, or someone is in the middle). A refused password
+        asks the user for one (None if they give up), or is _Stop when it came from a file.
+        """
         nick = self.session.nick or ""
-        for delay in backoff_delays():
+        host, port = self.args.host, self.args.port
+        delays = backoff_delays()
+        while True:
+            delay = next(delays)
             self._note(f"{why}; next attempt in {delay:.1f} s")
             await asyncio.sleep(delay)
             try:
-                conn = await connect(self.args.host, self.args.port)
+                conn = await self._connect()
             except OSError as exc:
+                if is_certificate_error(exc):
+                    raise _Stop(
+                        f"cannot reconnect to {host}:{port}: {_describe(exc, getattr(self.args, 'ca', None))}; not retrying "
+                        "(a certificate that fails verification is not a dropped connection)"
+                    ) from None
                 why = f"cannot connect ({_describe(exc)})"
                 continue
             try:
@@ -507,16 +689,47 @@ class Interactive:
                 continue
             if refused is None:
                 return conn
-            # Usually our old connection still holds the nick until the server notices it is dead.
-            why = f"nick {escape(nick)} not free yet"
             await conn.close()
             self.session.connection_lost()
-        raise AssertionError("backoff_delays never ends")
+            if _is_bad_password(refused):
+                if self.args.password_file is not None:
+                    raise _Stop(f"on reconnecting, {_refusal(nick, refused, self.args.password_file)}")
+                if not await self._password_from_input_loop():
+                    return None
+                why = "trying the password"
+                delays = backoff_delays()
+                continue
+            # Usually our old connection still holds the nick until the server notices it is dead.
+            why = f"nick {escape(nick)} not free yet"
+
+    async def _password_from_input_loop(self) -> bool:
+        """Have the input loop (which owns the terminal) ask for the password; True once given."""
+        request = self._password_request = asyncio.get_running_loop().create_future()
+        try:
+            # Once the input loop is at the password prompt the chat prompt is not running, so
+            # nudging it again does nothing.
+            await self._until_input_loop_sees(request.done, _PasswordWanted)
+            return request.result()
+        finally:
+            self._password_request = None
 
     async def _input_loop(self, keeper: "asyncio.Task[None]") -> None:
         while True:
+            if self._stopped is not None or keeper.done():
+                return  # run() says why
+            request = self._password_request
+            if request is not None and not request.done():
+                given = await self._ask_password()
+                if not request.done():
+                    request.set_result(given)
+                if not given:
+                    self.quitting = True
+                    return
+                continue
             try:
                 line = await self.prompt.prompt_async(self._prompt_message)
+            except (_PasswordWanted, _Stop):
+                continue  # the top of the loop sees why
             except (EOFError, KeyboardInterrupt):
                 await self._quit(self.session.quit(), keeper)
                 return

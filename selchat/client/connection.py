@@ -1,8 +1,8 @@
 """The client's socket: open it, send requests, receive events. Nothing about chat here.
 
-`connect` is the one place a connection is opened, so TLS (a later issue: --tls, --ca,
---insecure) only has to build an `ssl.SSLContext` and pass it in; everything above works on
-frames and does not care what carries them.
+`connect` is the one place a connection is opened. With TLS (--tls, --ca, --insecure) the app
+builds one `ssl.SSLContext` (`security.make_tls_context`) and passes it in; the server's name is
+checked against --host here. Everything above works on frames and does not care what carries them.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import time
 from typing import Any, Dict, Optional, Tuple
 
 from selchat.codec import FrameDecoder, FrameError, PayloadError, decode, encode
+from selchat.client.security import redact
 from selchat.client.session import Pacer
 from selchat.defaults import MAX_FRAME, RECV_SIZE
 
@@ -21,7 +22,7 @@ __all__ = ["Connection", "ConnectionClosed", "connect", "CONNECT_TIMEOUT"]
 
 log = logging.getLogger(__name__)
 
-CONNECT_TIMEOUT = 10.0  # seconds for TCP (and later TLS) setup before we call it a failure
+CONNECT_TIMEOUT = 10.0  # seconds for TCP and TLS setup before we call it a failure
 
 
 class ConnectionClosed(Exception):
@@ -47,7 +48,7 @@ class Connection:
         """Queue one request; `drain` waits until the kernel has taken it."""
         if self.closed:
             raise ConnectionClosed("connection is closed")
-        log.debug("send %r", request)
+        log.debug("send %r", redact(request))  # never a password in the log
         self._writer.write(encode(request))
 
     async def send_paced(self, request: Dict[str, Any]) -> None:
@@ -121,7 +122,13 @@ async def connect(
     timeout: float = CONNECT_TIMEOUT,
 ) -> Connection:
     """Open a connection; raises OSError (refused, unreachable, timed out) for the caller to
-    report in one line. A TLS context, when a later option builds one, wraps the socket here."""
+    report in one line.
+
+    With `ssl_context` the TLS handshake happens here too, and the certificate must be valid for
+    `host` (a name, or an IP address matched against the certificate's IP subjectAltName; an
+    --insecure context checks nothing). A failed verification raises
+    `ssl.SSLCertVerificationError`, any other TLS failure `ssl.SSLError`: both are OSErrors.
+    """
     try:
         reader, writer = await asyncio.wait_for(
             asyncio.open_connection(

@@ -180,6 +180,7 @@ class ClientSession:
         self._was_registered = False
         self._rejoin: Optional[List[str]] = None
         self.close_reason: Optional[str] = None  # why the server may be about to close us
+        self.password: Optional[str] = None  # sent in every hello (reconnects too) when set
 
     # ----- requests -------------------------------------------------------------------
 
@@ -198,7 +199,8 @@ class ClientSession:
 
     def hello(self, nick: str, client: str = "selchat-client", ref: Any = None) -> Dict[str, Any]:
         self.nick = nick
-        req = self.request("hello", ref=ref, nick=nick, client=client)
+        extra = {} if self.password is None else {"password": self.password}
+        req = self.request("hello", ref=ref, nick=nick, client=client, **extra)
         self._hello_ref = req["ref"]
         return req
 
