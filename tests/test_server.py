@@ -138,6 +138,24 @@ def test_s1_oversized_frame_gets_frame_too_large_then_close(server, length):
     obs.assert_quiet()
 
 
+def test_s1_frames_before_a_bad_length_are_served_then_error_then_close(server):
+    c = server.registered()
+    c.send_raw(encode({"type": "ping", "token": "first"}) + header(0) + encode({"type": "ping", "token": "never"}))
+    got = c.assert_closed()
+    assert len(got) == 2, got
+    assert matches(got[0], "pong", token="first"), got
+    assert matches(got[1], "error", code="bad_frame"), got
+
+
+def test_s1_bad_json_between_good_frames_in_one_send(server):
+    c = server.registered()
+    c.send_raw(encode({"type": "ping", "token": 1}) + frame(b"{oops") + encode({"type": "ping", "token": 2}))
+    c.expect("pong", token=1)
+    c.expect_error("bad_json")
+    c.expect("pong", token=2)
+    c.assert_quiet()
+
+
 def test_s1_frame_of_exactly_max_frame_is_accepted(server):
     c = server.registered()
     c.send_payload(ping_payload_of_size(MAX_FRAME, "exact"))
@@ -460,7 +478,7 @@ def test_s2_bad_nick_then_retry(server):
 def test_s2_welcome_fields_default_limits(server):
     c = server.client()
     w = c.register(unique_nick())
-    assert isinstance(w.get("server"), str) and w["server"], w
+    assert isinstance(w.get("server"), str) and "/" in w["server"], f"server is not name/version: {w!r}"
     assert isinstance(w.get("motd"), str), w
     limits = w.get("limits")
     assert isinstance(limits, dict), w
@@ -616,6 +634,7 @@ BAD_TEXTS = {
     "empty": "",
     "space": " ",
     "whitespace_mix": "  \n\t  \n",
+    "unicode_whitespace_only": "\u00a0\u2003\u3000",
     "too_long": "a" * (MAX_TEXT + 1),
     "too_long_astral": "😀" * (MAX_TEXT + 1),
 }
@@ -890,6 +909,14 @@ def test_s4_quit_with_reason_flushes_then_closes(server):
     b.assert_quiet()
 
 
+def test_s4_nothing_is_served_after_quit(server):
+    a, b, room = pair_in_room(server)
+    a.send_raw(encode({"type": "quit", "reason": "off"}) + encode({"type": "say", "room": room, "text": "ghost"}))
+    assert a.assert_closed() == []
+    b.expect("quit", nick=a.nick, reason="off")
+    b.assert_quiet()
+
+
 def test_s4_quit_without_reason(server):
     a, b, room = pair_in_room(server)
     a.send(type="quit")
@@ -1057,6 +1084,81 @@ def test_s5_two_concurrent_senders_same_order_everywhere(server):
     assert seqs[a.label] == seqs[b.label] == seqs[c.label]
 
 
+def test_s5_messages_to_two_rooms_in_one_send_all_delivered(server):
+    """say #r1, say #r2, say #r1 pipelined: every member of each room gets each message."""
+    r1, r2 = unique_room(), unique_room()
+    a, b = lonely_client(server), lonely_client(server)
+    a.join(r1)
+    a.join(r2)
+    b.join(r2)
+    a.expect("join", room=r2, nick=b.nick)
+    a.send_raw(
+        encode({"type": "say", "room": r1, "text": "one", "ref": 1})
+        + encode({"type": "say", "room": r2, "text": "two", "ref": 2})
+        + encode({"type": "say", "room": r1, "text": "three", "ref": 3})
+    )
+    a.expect("message", room=r1, text="one", ref=1)
+    a.expect("message", room=r2, text="two", ref=2)
+    a.expect("message", room=r1, text="three", ref=3)
+    b.expect("message", room=r2, text="two", ref=ABSENT)
+    a.assert_quiet()
+    b.assert_quiet()
+
+
+def test_s5_mixed_requests_keep_their_order_at_every_receiver(server):
+    """Pipelined requests of several kinds from two senders at once: each receiver gets each
+    sender's events in the order of its requests, message ids ascending in arrival order, and
+    a sender's own answers (echoes, join/names/history) come in the order it asked."""
+    r1, r2, r3 = unique_room(), unique_room(), unique_room()
+    a, b, c = (lonely_client(server) for _ in range(3))
+    for x in (a, b, c):
+        x.join(r1)
+    for x in (a, b, c):
+        x.barrier()  # drops the joins of those who came after
+    for x in (a, b):
+        x.join(r2)
+    for x in (a, b, c):
+        x.barrier()
+    plan_a, plan_b = [], []
+    for i in range(30):
+        plan_a.append({"type": "say", "room": r1, "text": f"a{i}", "ref": f"a{i}"})
+        plan_a.append({"type": "say", "room": r2, "text": f"a{i}r2", "ref": f"a{i}r2"})
+        plan_a.append({"type": "msg", "to": b.nick, "text": f"a{i}pm", "ref": f"a{i}pm"})
+        if i == 10:
+            plan_a.append({"type": "join", "room": r3, "ref": "aj"})
+        if i == 20:
+            plan_a.append({"type": "part", "room": r3, "ref": "ap"})
+        plan_b.append({"type": "say", "room": r1, "text": f"b{i}", "ref": f"b{i}"})
+        plan_b.append({"type": "msg", "to": a.nick, "text": f"b{i}pm", "ref": f"b{i}pm"})
+    for k in range(0, 100, 10):
+        a.send_raw(b"".join(encode(r) for r in plan_a[k : k + 10]))
+        b.send_raw(b"".join(encode(r) for r in plan_b[k : k + 10]))
+    # What each sender must see of its own requests, in order (by ref).
+    own_a = []
+    for r in plan_a:
+        own_a += [r["ref"]] * (3 if r["type"] == "join" else 1)
+    own_b = [r["ref"] for r in plan_b]
+
+    def take(x, count):
+        return [x.recv_event(5) for _ in range(count)]
+
+    got_a = take(a, len(own_a) + 30 + 30)  # own answers + b's r1 messages + b's private ones
+    got_b = take(b, len(own_b) + 30 + 30 + 30)  # own + a's r1, r2 and private messages
+    got_c = take(c, 60)  # a's and b's r1 messages
+    for x in (a, b, c):
+        x.assert_quiet()
+    assert [e.get("ref") for e in got_a if "ref" in e] == own_a
+    assert [e.get("ref") for e in got_b if "ref" in e] == own_b
+    for got in (got_a, got_b, got_c):
+        ids = [e["id"] for e in got if e["type"] == "message"]
+        assert ids == sorted(ids) and len(set(ids)) == len(ids), "messages out of production order"
+    for got, sender, plan in ((got_b, a.nick, plan_a), (got_c, a.nick, plan_a), (got_a, b.nick, plan_b), (got_c, b.nick, plan_b)):
+        seen = [e["text"] for e in got if e["type"] == "message" and e["from"] == sender and "ref" not in e]
+        member_of = {r1, r2} if got is got_b else {r1}
+        wanted = [r["text"] for r in plan if "text" in r and (r.get("room") in member_of or r.get("to") in (a.nick, b.nick) and got is not got_c)]
+        assert seen == wanted
+
+
 # =================================================================================================
 # Section 6: liveness and limits
 # =================================================================================================
@@ -1079,16 +1181,16 @@ def answer_pings_until(client, pred, timeout):
 
 
 def test_s6_server_pings_after_silence_and_answers_keep_connection(start):
-    srv = start("--ping-interval", "0.3", "--ping-timeout", "0.9")
+    srv = start("--ping-interval", "0.25", "--ping-timeout", "0.6")
     c = srv.registered()
     t0 = time.monotonic()
     ev = c.expect("ping", timeout=3)
-    assert time.monotonic() - t0 >= 0.25
+    assert time.monotonic() - t0 >= 0.2
     assert isinstance(ev.get("token"), (str, int)), ev
     c.send(type="pong", token=ev["token"])
     # Keep answering for well past the ping timeout: the connection stays.
     pings = 1
-    while time.monotonic() - t0 < 2.0:
+    while time.monotonic() - t0 < 1.3:
         try:
             ev = c.recv_event(0.2)
         except AssertionError:
@@ -1102,10 +1204,10 @@ def test_s6_server_pings_after_silence_and_answers_keep_connection(start):
 
 
 def test_s6_no_ping_while_client_talks(start):
-    srv = start("--ping-interval", "0.4", "--ping-timeout", "2")
+    srv = start("--ping-interval", "0.3", "--ping-timeout", "2")
     c = srv.registered()
     t0 = time.monotonic()
-    while time.monotonic() - t0 < 1.2:
+    while time.monotonic() - t0 < 0.8:
         c.idle(0.1)  # asserts that nothing (no ping) arrives
         c.send(type="pong", token="keepalive")  # traffic resets the silence
 
@@ -1411,6 +1513,41 @@ def test_s6_error_answers_fit_max_frame(start, request_obj, code):
     c.send(type="ping", token="alive")
     c.expect("pong", token="alive")
     assert srv.alive()
+
+
+def test_s6_rooms_answer_fits_max_frame(start):
+    """Section 5 gives `rooms` no `more`; section 6 still forbids a frame past max_frame. The
+    answer may be cut in several `rooms` events (all but the last with more: true)."""
+    srv = small_frame_server(start)
+    c = srv.client(max_frame=400)
+    c.register("roomer")
+    names = [f"#{i:02d}" + "r" * 48 for i in range(12)]  # 50 characters after '#'
+    for room in names:
+        c.join(room)
+    c.send(type="rooms", ref="all")
+    got = []
+    while True:
+        ev = c.expect("rooms", ref="all")
+        got += ev["rooms"]
+        if not ev.get("more"):
+            break
+    assert sorted(r["name"] for r in got) == sorted(names + [LOBBY])
+    assert max(c.frame_sizes) <= 400
+
+
+def test_s6_long_motd_fits_or_is_refused_at_start(start_server):
+    """A motd the CLI accepts must fit in welcome; otherwise nobody could ever register.
+    Either the server refuses the option at start, or every client gets a welcome that fits."""
+    try:
+        srv = start_server("--rate", "0", "--max-text", "10", "--max-frame", "400", "--motd", "😀" * 100)
+    except AssertionError as exc:  # did not start: it must have said why, and exited non-zero
+        assert "exited" in str(exc) and "Traceback" not in str(exc), exc
+        return
+    c = srv.client(max_frame=400)
+    c.send(type="hello", nick="motd")
+    w = c.expect("welcome", nick="motd")
+    assert isinstance(w["motd"], str)
+    assert max(c.frame_sizes) <= 400
 
 
 def test_s6_error_answer_fits_default_max_frame(start):
