@@ -8,10 +8,8 @@ The frame scanner is also checked against the project's own decoder on random st
 
 from __future__ import annotations
 
-import json
 import random
 import sys
-import time
 
 import pytest
 
@@ -106,7 +104,7 @@ def test_fixed_rate_is_offered(asyncio_peer: RunningServer) -> None:
 
 
 def test_idle_connections_register_and_extra_joins_are_counted(asyncio_peer: RunningServer) -> None:
-    rss = {}
+    rss: dict = {}
     res = loadgen.run_idle("127.0.0.1", asyncio_peer.port, 40, lambda edge: rss.setdefault(edge, asyncio_peer.rss_kib()), extra_joins=5, workers=2)
     assert res.registered == 40
     assert res.extra_joins == 5

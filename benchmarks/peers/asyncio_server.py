@@ -19,7 +19,7 @@ import resource
 import struct
 import sys
 import time
-from typing import Dict, List, Optional
+from typing import Any, Callable, Coroutine, Dict, List, Optional
 
 LOBBY = "#lobby"
 MAX_FRAME = 65536
@@ -175,6 +175,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = ap.parse_args(argv)
     raise_nofile()
     name = "asyncio-peer/1"
+    runner: Callable[[Coroutine[Any, Any, None]], None]
     if args.uvloop:
         try:
             import uvloop

@@ -19,6 +19,7 @@ It speaks the benchmark subset of the selchat protocol: hello -> welcome (the ne
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import resource
 import socket
@@ -26,7 +27,7 @@ import struct
 import sys
 import threading
 import time
-from typing import BinaryIO, Dict, List, Optional
+from typing import Dict, List, Optional
 
 LOBBY = "#lobby"
 MAX_FRAME = 65536
@@ -118,7 +119,7 @@ def send_own(client: Client, server: Server, obj: dict) -> None:
         client.sock.sendall(data)
 
 
-def read_frame(f: BinaryIO) -> Optional[bytes]:
+def read_frame(f: "io.BufferedReader") -> Optional[bytes]:
     header = f.read(4)
     if len(header) < 4:
         return None
@@ -133,7 +134,7 @@ def read_frame(f: BinaryIO) -> Optional[bytes]:
 
 def serve_client(server: Server, sock: socket.socket) -> None:
     client = Client(sock)
-    f = sock.makefile("rb", buffering=65536)
+    f: io.BufferedReader = sock.makefile("rb", buffering=65536)  # type: ignore[assignment]
     try:
         while client.alive:
             try:

@@ -31,7 +31,6 @@ import argparse
 import errno
 import json
 import multiprocessing as mp
-import os
 import resource
 import select
 import socket
@@ -40,7 +39,7 @@ import sys
 import time
 from collections import deque
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple, Union
 
 from selchat.defaults import LOBBY, MAX_FRAME
 
@@ -173,7 +172,7 @@ class _Conn:
         self.nick = nick
         self.sid = sid
         self.state = CONNECTING
-        self.tail = b""
+        self.tail: Union[bytes, bytearray] = b""
         self.frames = 0
         self.msgs = 0
         self.msgs0 = 0

@@ -22,7 +22,7 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from selchat.bench import loadgen
 from selchat.bench.peers import REPO, RunningServer, ServerError, ServerSpec, known_servers, selchat_available, uvloop_available
@@ -319,11 +319,12 @@ def plot(cases: Sequence[Case], servers: Sequence[str], results: Dict[Tuple[Case
         ax.set_xlabel("receivers in #lobby")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()
+    ax1.set_yscale("log")
     ax1.set_ylabel("deliveries/s")
     ax1.set_title("fan-out throughput (as fast as accepted)")
     ax2.set_yscale("log")
     ax2.set_ylabel("p99 latency, ms")
-    ax2.set_title("p99 latency in the same runs")
+    ax2.set_title("p99 latency in the same runs (in flight / throughput)")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
