@@ -328,6 +328,16 @@ def test_s1_peer_closes_mid_frame_registered(server, cut):
     a.assert_quiet()
 
 
+def test_s1_peer_resets_connection(server):
+    """A reset (RST) instead of a clean close: others see `quit` `connection closed`."""
+    a, b, room = pair_in_room(server)
+    b.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    b.send_raw(encode({"type": "say", "room": room, "text": "cut"})[:5])
+    b.close()
+    a.expect("quit", nick=b.nick, reason="connection closed")
+    a.assert_quiet()
+
+
 def test_s1_peer_closes_mid_frame_unregistered(server):
     a = server.registered()
     b = server.client()
@@ -1548,6 +1558,26 @@ def test_s6_long_motd_fits_or_is_refused_at_start(start_server):
     w = c.expect("welcome", nick="motd")
     assert isinstance(w["motd"], str)
     assert max(c.frame_sizes) <= 400
+
+
+def test_s6_error_with_long_ref_fits_smallest_max_frame(start):
+    """A request that fits in max_frame, whose error answer (long fixed message + echoed ref)
+    would not: the answer must still come within max_frame, and the connection stay."""
+    srv = start("--max-text", "2", "--max-frame", "291")  # the smallest frame the CLI allows
+    obs = srv.client(max_frame=291)
+    obs.register("obs")
+    c = srv.client(max_frame=291)
+    c.register("asker")
+    obs.expect("join", room=LOBBY, nick="asker")
+    ref = "😀" * 62
+    payload = json.dumps({"type": "nick", "nick": "1", "ref": ref}, ensure_ascii=False).encode()
+    assert len(payload) <= 291
+    c.send_payload(payload)
+    ev = c.recv_event()
+    assert matches(ev, "error", code="bad_nick"), ev
+    c.send(type="ping", token="alive")
+    c.expect("pong", token="alive")
+    obs.assert_quiet()
 
 
 def test_s6_error_answer_fits_default_max_frame(start):
