@@ -924,9 +924,13 @@ def _summarise(cfg: LoadConfig, mode: str, workers: int, reg: Dict[str, Any], pa
     missing = [i for i, p in enumerate(parts) if not p["t0"] or not p["t1"]]
     if missing:
         raise GenError(f"workers {missing} never saw the measured window")
-    duration = sum(p["t1"]["t"] - p["t0"]["t"] for p in parts) / len(parts)
+    # each worker opens and closes its window at its own loop pass (up to one poll interval
+    # late), so rates are taken per worker over its own window, then summed
+    spans = [max(p["t1"]["t"] - p["t0"]["t"], 1e-9) for p in parts]
+    duration = sum(spans) / len(spans)
     deliveries = sum(p["t1"]["msgs"] - p["t0"]["msgs"] for p in parts)
-    sent = sum(p["t1"]["sent"] - p["t0"]["sent"] for p in parts)
+    deliveries_per_s = sum((p["t1"]["msgs"] - p["t0"]["msgs"]) / d for p, d in zip(parts, spans))
+    sent_per_s = sum((p["t1"]["sent"] - p["t0"]["sent"]) / d for p, d in zip(parts, spans))
     cpus = [(p["t1"]["cpu"] - p["t0"]["cpu"]) / max(p["t1"]["t"] - p["t0"]["t"], 1e-9) for p in parts]
     samples = sorted(s for p in parts for s in p["samples"])
     sent_total = sum(p["sent_total"] for p in parts)
@@ -948,8 +952,8 @@ def _summarise(cfg: LoadConfig, mode: str, workers: int, reg: Dict[str, Any], pa
         mode=mode,
         duration=duration,
         deliveries=deliveries,
-        deliveries_per_s=deliveries / duration if duration > 0 else 0.0,
-        sent_per_s=sent / duration if duration > 0 else 0.0,
+        deliveries_per_s=deliveries_per_s,
+        sent_per_s=sent_per_s,
         p50_ms=None if p50 is None else p50 / 1000.0,
         p99_ms=None if p99 is None else p99 / 1000.0,
         samples=len(samples),
