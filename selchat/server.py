@@ -57,6 +57,8 @@ from selchat.store import SQLiteStore, StoreError
 from selchat.timers import TimerHeap
 
 log = logging.getLogger("selchat.server")
+_listening_log = logging.getLogger("selchat.server.listening")
+_listening_log.setLevel(logging.INFO)
 
 # Connection states. OPEN serves requests; FLUSHING sends what is queued, then half-closes;
 # LINGERING has sent everything and reads (discarding) until the peer closes or time is up, so a
@@ -163,7 +165,8 @@ class Server:
         self.address = sock.getsockname()[:2]
         self.selector.register(sock, selectors.EVENT_READ, None)
         self._accepting = True
-        log.info("listening on %s:%d", self.address[0], self.address[1])
+        # Always said, whatever --log-level: scripts and tests read the port from this line.
+        _listening_log.info("listening on %s:%d", self.address[0], self.address[1])
 
     def install_signal_handlers(self) -> None:
         """SIGINT/SIGTERM start a graceful shutdown; a wake-up socket makes `select` return at once."""
