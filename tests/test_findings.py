@@ -1,0 +1,56 @@
+"""Server bugs found by the stateful test and the soak run (issue "Hardening", section "Proof").
+
+Each test states what the contract requires and fails on the server as it is; it is marked
+xfail(strict=True) so the suite stays green until the fix lands, and turns red (XPASS) the
+moment the server is fixed: then delete the marker.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import unique_nick, unique_room
+from wire import encode
+
+
+@pytest.mark.xfail(strict=True, reason="server bug: the 'excess flood' rate_limited error drops the request's ref")
+def test_the_excess_flood_error_carries_the_ref_of_the_request_that_caused_it(start_server) -> None:
+    """PROTOCOL.md section 4: the server copies `ref` into any `error` a request causes. The
+    request that tips a client over the flood limit causes the last `rate_limited` error."""
+    srv = start_server("--rate", "1", "--burst", "2", "--max-per-ip", "0")
+    c = srv.registered(unique_nick("f"))
+    c.send_raw(b"".join(encode({"type": "ping", "token": i, "ref": i}) for i in range(5)))
+    c.expect("pong", token=0, ref=0)
+    c.expect("pong", token=1, ref=1)
+    c.expect_error("rate_limited", ref=2)  # refused: 1 in a row
+    c.expect_error("rate_limited", ref=3)  # 2 in a row (= burst)
+    c.expect_error("rate_limited", ref=4)  # 3 > burst: disconnected, and this error is ping 4's
+    c.assert_closed(5.0)
+
+
+@pytest.mark.xfail(strict=True, reason="server bug: one read's worth of requests is served in one pass, so "
+                                       "answers can pass max_outbuf before the client could read any of them")
+def test_a_client_that_reads_is_not_dropped_for_asking_within_its_burst(start_server) -> None:
+    """PROTOCOL.md section 6: max_outbuf is for *slow* consumers, and backpressure stops serving a
+    client whose own output is above the high-water mark. A client that asks, within its flood
+    allowance (burst 20 by default), for 19 history pages of ~60 KB and reads them all at once is
+    not slow; yet the server serves all 19 requests of its one read in one pass, queues ~1.2 MB
+    before writing a byte, passes the 1 MiB cap and drops it as a slow consumer. The project's own
+    client does the same kind of burst when it reconnects and rejoins its rooms (a join answers
+    a history of up to max_frame)."""
+    srv = start_server("--max-per-ip", "0")  # every other option at its default
+    room = unique_room()
+    writer = srv.registered(unique_nick("w"))
+    writer.join(room)
+    writer.send_raw(b"".join(encode({"type": "say", "room": room, "text": f"{i} " + "x" * 3990})
+                             for i in range(15)))  # within the burst of 20
+    for _ in range(15):
+        writer.expect("message", room=room)
+    reader = srv.registered(unique_nick("r"))
+    reader.join(room)  # its history: ~61 KB, under max_frame
+    reader.send_raw(b"".join(encode({"type": "history", "room": room, "limit": 200, "ref": i})
+                             for i in range(19)))  # 1 join + 19 = the burst
+    for i in range(19):
+        ev = reader.expect("history", room=room, ref=i, timeout=5.0)
+        assert len(ev["messages"]) == 15
+    reader.assert_quiet()
