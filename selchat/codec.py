@@ -28,6 +28,7 @@ __all__ = [
     "encode",
     "frame",
     "decode",
+    "encode_json",
 ]
 
 _LENGTH = struct.Struct(">I")
@@ -126,6 +127,11 @@ def frame(payload: bytes, max_frame: int = MAX_FRAME) -> bytes:
 
 
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
+
+
+def encode_json(value: Any) -> bytes:
+    """Any JSON value as the compact UTF-8 bytes a frame would carry (no length prefix)."""
+    return _dumps(value).encode("utf-8")
 
 
 def encode(obj: Dict[str, Any], max_frame: int = MAX_FRAME) -> bytes:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import List, NoReturn, Optional
 
 from selchat import SERVER_NAME
 from selchat.defaults import (
@@ -69,10 +69,31 @@ def min_frame_for(max_text: int) -> int:
     """The smallest max_frame that still carries a `message` of max_text code points.
 
     UTF-8 takes at most 4 bytes per code point, and JSON escaping of the allowed characters
-    (quote, backslash, tab, newline) at most 2; the rest is the envelope: names, id, ts, ref.
+    (quote, backslash, tab, newline) at most 2; then the envelope (names, id, ts) and room for
+    at least a small `ref` (a larger max_frame leaves room for larger refs: `ref_limit`).
     """
-    envelope = 200 + NICK_MAX + ROOM_MAX + 1
-    return 4 * max_text + envelope
+    from selchat.protocol import ANSWER_ENVELOPE, REF_MIN_BYTES
+
+    return 4 * max_text + ANSWER_ENVELOPE + REF_MIN_BYTES
+
+
+def welcome_size(config: "ServerConfig") -> int:
+    """Bytes of the largest `welcome` this configuration can send (longest nick and ref)."""
+    from selchat import events
+    from selchat.protocol import encode_event, ref_limit
+
+    welcome = events.Welcome("N" * NICK_MAX, SERVER_NAME, config.motd, config.max_frame,
+                             config.max_text, config.rate, config.burst)
+    longest_ref = "r" * (ref_limit(config.max_frame, config.max_text) - 2)
+    (frame,) = encode_event(welcome, longest_ref, 1 << 30)
+    return len(frame) - 4
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """Usage errors in one line (with a pointer to --help), not a screenful of usage."""
+
+    def error(self, message: str) -> "NoReturn":  # type: ignore[override]
+        self.exit(2, f"{self.prog}: {message} (see --help)\n")
 
 
 def _positive_int(text: str) -> int:
@@ -123,7 +144,7 @@ def _rate(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog="selchat-server",
         description=f"{SERVER_NAME}: a multi-user chat server (one thread, one selectors loop).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -184,8 +205,11 @@ def parse_args(argv: Optional[List[str]] = None) -> ServerConfig:
         parser.error("--tls-cert and --tls-key go together")
     if config.ping_timeout <= config.ping_interval:
         parser.error("--ping-timeout must be longer than --ping-interval")
-    from selchat.protocol import text_problem
+    from selchat.protocol import has_control_characters
 
-    if text_problem(config.motd, 10 * config.max_text) and config.motd != "":
-        parser.error("--motd must be printable text (no control characters)")
+    if has_control_characters(config.motd):
+        parser.error("--motd must be printable text (no control characters but newline and tab)")
+    if welcome_size(config) > config.max_frame:
+        parser.error(f"--motd is too long for --max-frame {config.max_frame} "
+                     f"(welcome would take {welcome_size(config)} bytes)")
     return config

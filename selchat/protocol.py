@@ -56,6 +56,10 @@ def fold(name: str) -> str:
     return name.lower()
 
 
+def has_control_characters(text: str) -> bool:
+    return _BAD_TEXT_CHAR.search(text) is not None
+
+
 def text_problem(text: str, max_text: int) -> Optional[str]:
     """Why `text` may not be carried, or None when it may."""
     if not text:
@@ -69,17 +73,33 @@ def text_problem(text: str, max_text: int) -> Optional[str]:
     return None
 
 
-# Values the server copies back (`ref`, ping tokens) are bounded, so that an echo can never
-# push an answer past max_frame: a string of at most ECHO_MAX code points, or a signed 64-bit int.
-ECHO_MAX = 256
-_INT64 = 1 << 63
+# A `ref` is copied into answers that also carry other members (an error's message, a message
+# echo's text), so its size is bounded to keep every answer within max_frame: at most
+# REF_MAX_BYTES once written as JSON, less where a small --max-frame leaves less room (see
+# `ref_limit`). A ping `token` needs no bound: a pong is never larger than the ping it answers.
+REF_MAX_BYTES = 1024
+REF_MIN_BYTES = 32
 
 
-def echoable(value: Any) -> bool:
+def _answer_envelope() -> int:
+    """Bytes of the largest message echo beyond its text and its ref's value."""
+    longest = events.Message((1 << 63) - 1, 10**13, "N" * NICK_MAX, "", room="#" + "R" * ROOM_MAX)
+    return len(codec.encode_json(message_object(longest))) + len(',"ref":')
+
+
+def ref_limit(max_frame: int, max_text: int) -> int:
+    """The byte bound on refs for these limits: what a full-length message echo leaves over."""
+    return max(0, min(REF_MAX_BYTES, max_frame - 4 * max_text - ANSWER_ENVELOPE))
+
+
+def echoable(value: Any, limit: int = REF_MAX_BYTES) -> bool:
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int):
+        return len(str(value)) <= limit
     if isinstance(value, str):
-        return len(value) <= ECHO_MAX
-    if isinstance(value, int) and not isinstance(value, bool):
-        return -_INT64 <= value < _INT64
+        # Six bytes per character at most (a \uXXXX escape); longer ones are measured.
+        return len(value) * 6 <= limit or len(codec.encode_json(value)) <= limit
     return False
 
 
@@ -196,20 +216,16 @@ class _Members:
         return value
 
     def token(self, name: str) -> Any:
-        """Ping tokens are echoed verbatim: the same bounds as `ref`."""
-        if name not in self.obj:
-            return None
-        value = self.obj[name]
-        if not echoable(value):
-            raise self._fail(f"member '{name}' must be a string of at most {ECHO_MAX} characters or a 64-bit integer")
-        return value
+        """Ping tokens are echoed verbatim, whatever JSON value they are."""
+        return self.obj.get(name)
 
 
 class Parser:
     """Turns a decoded JSON object into a validated request, given the server's limits."""
 
-    def __init__(self, max_text: int = MAX_TEXT) -> None:
+    def __init__(self, max_text: int = MAX_TEXT, ref_max_bytes: int = REF_MAX_BYTES) -> None:
         self.max_text = max_text
+        self.ref_max_bytes = ref_max_bytes
         self._builders: Dict[str, Callable[[_Members], Request]] = {
             "hello": self._hello,
             "say": self._say,
@@ -225,11 +241,10 @@ class Parser:
             "history": self._history,
         }
 
-    @staticmethod
-    def ref_of(obj: Dict[str, Any]) -> Ref:
+    def ref_of(self, obj: Dict[str, Any]) -> Ref:
         """The request's `ref` if it is a usable one, else None (so errors never echo junk)."""
         ref = obj.get("ref")
-        return ref if echoable(ref) else None
+        return ref if echoable(ref, self.ref_max_bytes) else None
 
     def parse(self, obj: Dict[str, Any], registered: bool = True) -> Tuple[Request, Ref]:
         """Validate one decoded frame; raise ProtocolError with the protocol's word when it fails."""
@@ -241,7 +256,7 @@ class Parser:
         if "ref" in obj and ref is None:
             raise ProtocolError(
                 "bad_request",
-                f"member 'ref' must be a string of at most {ECHO_MAX} characters or a 64-bit integer",
+                f"member 'ref' must be a string or an integer of at most {self.ref_max_bytes} bytes as JSON",
             )
         if not registered and kind not in ("hello", "ping", "pong", "quit"):
             raise ProtocolError("not_registered", "send hello first", ref)
@@ -396,7 +411,7 @@ def encode_event(event: events.Event, ref: Ref, max_frame: int) -> List[bytes]:
     if isinstance(event, events.History):
         return [_encode_history(event, ref, max_frame)]
     if isinstance(event, events.RoomList):
-        return [_encode_rooms(event, ref, max_frame)]
+        return _encode_rooms(event, ref, max_frame)
     return [codec.encode(event_object(event, ref), max_frame)]
 
 
@@ -436,17 +451,24 @@ def _fitting(obj: Dict[str, Any], member: str, items: List[Dict[str, Any]], max_
     return kept
 
 
-def _encode_rooms(event: events.RoomList, ref: Ref, max_frame: int) -> bytes:
+def _encode_rooms(event: events.RoomList, ref: Ref, max_frame: int) -> List[bytes]:
+    """Every room, in as many `rooms` events as it takes; all but the last say `more: true`."""
     obj = event_object(event, ref)
     try:
-        return codec.encode(obj, max_frame)
+        return [codec.encode(obj, max_frame)]
     except codec.EncodeError:
         pass
-    # Too many rooms for one frame: the first ones (the largest) that fit, and `more: true`.
     rooms = obj["rooms"]
-    obj["more"] = True
-    obj["rooms"] = rooms[: _fitting(obj, "rooms", rooms, max_frame)]
-    return codec.encode(obj, max_frame)
+    frames = []
+    start = 0
+    while start < len(rooms):
+        obj["more"] = True
+        count = max(1, _fitting(obj, "rooms", rooms[start:], max_frame))
+        obj["rooms"] = rooms[start : start + count]
+        obj["more"] = start + count < len(rooms)
+        frames.append(codec.encode(obj, max_frame))
+        start += count
+    return frames
 
 
 def _encode_history(event: events.History, ref: Ref, max_frame: int) -> bytes:
@@ -461,3 +483,6 @@ def _encode_history(event: events.History, ref: Ref, max_frame: int) -> bytes:
     kept = _fitting(obj, "messages", messages[::-1], max_frame)
     obj["messages"] = messages[len(messages) - kept :]
     return codec.encode(obj, max_frame)
+
+
+ANSWER_ENVELOPE = _answer_envelope()

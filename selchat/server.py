@@ -52,6 +52,7 @@ from selchat.protocol import (
     Ref,
     Say,
     encode_event,
+    ref_limit,
 )
 from selchat.store import SQLiteStore, StoreError
 from selchat.timers import TimerHeap
@@ -117,7 +118,7 @@ class Server:
         self.password = password
         self.client_count = 0
         self.per_ip: Dict[str, int] = {}
-        self.parser = Parser(config.max_text)
+        self.parser = Parser(config.max_text, ref_limit(config.max_frame, config.max_text))
         self.chat = Chat(
             store,
             server_name=SERVER_NAME,
@@ -555,8 +556,9 @@ class Server:
         messages the pass carried. Only the senders, whose own copies differ (they may carry a
         `ref`), get a chunk of their own.
         """
-        entries, members = self._batch, self._batch_members
-        self._batch = []
+        # `_deliver` holds on to the list object, so it is emptied in place, never replaced.
+        entries, members = self._batch.copy(), self._batch_members
+        self._batch.clear()
         self._batch_members = None
         if not entries or members is None:
             return
@@ -608,7 +610,13 @@ class Server:
             self._queue(conn, data)
 
     def _send_error(self, conn: Connection, code: str, message: str, ref: Ref) -> None:
-        self._queue_event(conn, events.Error(code, message), ref)
+        try:
+            frames = encode_event(events.Error(code, message), ref, self.config.max_frame)
+        except codec.EncodeError:
+            # Only with a tiny --max-frame and a long ref: the code and ref matter, not the words.
+            frames = encode_event(events.Error(code, code), ref, self.config.max_frame)
+        for data in frames:
+            self._queue(conn, data)
 
     # --- writing ----------------------------------------------------------------------------
 

@@ -85,7 +85,6 @@ def test_requests_parse_into_records() -> None:
         ({"type": "hello", "nick": "9lives"}, "bad_nick"),
         ({"type": "hello"}, "bad_request"),
         ({"type": "join", "room": None}, "bad_request"),
-        ({"type": "ping", "token": [1]}, "bad_request"),
         ({"type": "history", "room": "#a", "limit": 0}, "bad_request"),
         ({"type": "history", "room": "#a", "limit": 201}, "bad_request"),
         ({"type": "history", "room": "#a", "before": "1"}, "bad_request"),
@@ -143,31 +142,31 @@ def test_history_is_cut_to_fit_keeping_the_newest() -> None:
     assert ids == list(range(ids[0], 101)) and 5 < len(ids) < 100
 
 
-def test_a_long_room_list_is_cut_to_fit_with_more() -> None:
+def test_a_long_room_list_comes_in_several_events() -> None:
     rooms = tuple(events.RoomInfo(f"#room{i:05d}", 10000 - i) for i in range(5000))
-    (frame,) = encode_event(events.RoomList(rooms), 1, 4096)
-    obj = decode(frame[4:])
-    assert len(frame) - 4 <= 4096 and obj["more"] is True and obj["ref"] == 1
-    assert obj["rooms"][0] == {"name": "#room00000", "members": 10000}
-    assert 50 < len(obj["rooms"]) < 5000
+    frames = encode_event(events.RoomList(rooms), 1, 4096)
+    objs = [decode(f[4:]) for f in frames]
+    assert all(len(f) - 4 <= 4096 for f in frames) and all(o["ref"] == 1 for o in objs)
+    assert [o["more"] for o in objs] == [True] * (len(objs) - 1) + [False]
+    assert [r["name"] for o in objs for r in o["rooms"]] == [r.name for r in rooms]
     (small,) = encode_event(events.RoomList(rooms[:3]), None, 4096)
     assert "more" not in decode(small[4:])
 
 
-@pytest.mark.parametrize("ref", ["r" * 257, 1 << 63, -(1 << 63) - 1, 2.0, [1], {"a": 1}, None])
+@pytest.mark.parametrize("ref", ["r" * 1023, "\x01" * 200, 10 ** 1024, 2.0, [1], {"a": 1}, None])
 def test_refs_that_could_not_be_echoed_safely_are_bad_requests(ref) -> None:
     error = refused({"type": "ping", "ref": ref})
     assert error.code == "bad_request" and error.ref is None
 
 
-@pytest.mark.parametrize("ref", ["r" * 256, (1 << 63) - 1, -(1 << 63), 0, ""])
+@pytest.mark.parametrize("ref", ["r" * 1022, "\x01" * 170, 1 << 64, -(1 << 70), 0, ""])
 def test_refs_within_bounds_are_echoed(ref) -> None:
     assert parser.parse({"type": "ping", "ref": ref})[1] == ref
 
 
-def test_ping_tokens_have_the_same_bounds() -> None:
-    assert refused({"type": "ping", "token": "t" * 257}).code == "bad_request"
-    assert parser.parse({"type": "ping", "token": "t" * 256})[0] == PingRequest("t" * 256)
+def test_ping_tokens_are_any_json_value() -> None:
+    for token in ("t" * 5000, {"a": [1, None]}, 1.5, None):
+        assert parser.parse({"type": "ping", "token": token})[0] == PingRequest(token)
 
 
 def test_an_unknown_type_is_quoted_short() -> None:

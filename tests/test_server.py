@@ -1562,19 +1562,28 @@ def test_s6_long_motd_fits_or_is_refused_at_start(start_server):
 
 def test_s6_error_with_long_ref_fits_smallest_max_frame(start):
     """A request that fits in max_frame, whose error answer (long fixed message + echoed ref)
-    would not: the answer must still come within max_frame, and the connection stay."""
-    srv = start("--max-text", "2", "--max-frame", "291")  # the smallest frame the CLI allows
+    might not: the answer must still come within max_frame, and the connection stay.
+
+    Our choice (docs/protocol.md): a `ref` is bounded by what a full-length message echo leaves
+    of max_frame, so a ref the server accepts always fits in its answers; a longer one is
+    `bad_request` (an error without a ref). Both sides of that bound are tried here.
+    """
+    srv = start("--max-text", "2", "--max-frame", "291")  # a small frame the CLI allows
     obs = srv.client(max_frame=291)
     obs.register("obs")
     c = srv.client(max_frame=291)
     c.register("asker")
     obs.expect("join", room=LOBBY, nick="asker")
-    ref = "😀" * 62
-    payload = json.dumps({"type": "nick", "nick": "1", "ref": ref}, ensure_ascii=False).encode()
-    assert len(payload) <= 291
-    c.send_payload(payload)
-    ev = c.recv_event()
-    assert matches(ev, "error", code="bad_nick"), ev
+    for ref, code in (("😀" * 62, "bad_request"), ("😀" * 20, "bad_nick")):
+        payload = json.dumps({"type": "nick", "nick": "1", "ref": ref}, ensure_ascii=False).encode()
+        assert len(payload) <= 291
+        c.send_payload(payload)
+        ev = c.recv_event()
+        assert matches(ev, "error", code=code), ev
+        assert ev.get("ref") == (ref if code == "bad_nick" else None), ev
+    c.send(type="say", room=LOBBY, text="ok", ref="😀" * 20)  # the same ref fits a full echo
+    c.expect("message", text="ok", ref="😀" * 20)
+    obs.expect("message", text="ok")
     c.send(type="ping", token="alive")
     c.expect("pong", token="alive")
     obs.assert_quiet()
