@@ -372,9 +372,15 @@ class Server:
             self._close_now(conn, "connection closed", f"read failed: {exc.strerror}")
             return
         if not data:
-            if conn.state == OPEN:
-                detail = "peer closed mid-frame" if conn.decoder.buffered else "peer closed"
-                self._close_now(conn, "connection closed", detail)
+            if conn.state == OPEN and conn.decoder.buffered:
+                self._close_now(conn, "connection closed", "peer closed mid-frame")
+            elif conn.state == OPEN:
+                # Perhaps only half-closed (a script piping requests in): what it asked is
+                # answered before we close too.
+                self._close_after_flush(conn, "connection closed", "peer closed")
+            elif conn.state == FLUSHING:
+                conn.reading = False  # nothing more will come; wait for the flush to finish
+                self._update_interest(conn)
             else:
                 self._close_now(conn, None, conn.close_reason or "closed")
             return
@@ -705,6 +711,9 @@ class Server:
             self._dirty.append(conn)
 
     def _start_linger(self, conn: Connection) -> None:
+        if not conn.reading:  # the peer's end of stream came already: nothing to wait for
+            self._close_now(conn, None, conn.close_reason)
+            return
         conn.state = LINGERING
         conn.accepting = False
         try:

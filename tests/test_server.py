@@ -1678,3 +1678,14 @@ def test_cli_help_mentions_every_option():
                 "--handshake-timeout", "--ping-interval", "--ping-timeout", "--max-presence",
                 "--shutdown-grace", "--log-level"):
         assert opt in res.stdout, f"{opt} missing from --help"
+
+
+def test_s6_half_closed_client_still_gets_its_answers(server):
+    """A client that sends its requests and then shuts down its sending side (as a script
+    piping into a socket does) still receives every answer before the server closes."""
+    c = server.registered()
+    for i in range(20):
+        c.send(type="ping", token=i)
+    c.sock.shutdown(socket.SHUT_WR)
+    events = c.assert_closed(5.0)
+    assert [e.get("token") for e in events if e["type"] == "pong"] == list(range(20)), events
