@@ -39,6 +39,8 @@ __all__ = [
 ]
 
 DEFAULT_CAP_PER_ROOM = 1000
+WAL_PAGES = 4000  # pages (4 KiB each) the WAL may grow to before a checkpoint
+CACHE_KIB = 32768  # SQLite's page cache: the hot end of every room's history stays in memory
 
 # `PRAGMA application_id` marks the file as ours, so `--db` pointed at another program's SQLite
 # file is refused instead of being given a `messages` table. 0x73656c63 is "selc" in ASCII.
@@ -310,6 +312,11 @@ class SQLiteStore:
         if mode != ("memory" if self._memory else "wal"):
             raise StoreError(f"{self.path}: cannot switch the database to WAL mode (got {mode!r})")
         conn.execute(f"PRAGMA synchronous = {self._synchronous}")
+        # Checkpoints copy the WAL into the database in the loop's thread (with an fsync): fewer,
+        # larger ones cost less per message (measured: 0.5 -> 0.35 ms per 50-message commit);
+        # WAL_PAGES bounds both the WAL file (~16 MiB) and the longest pause one can cause.
+        conn.execute(f"PRAGMA wal_autocheckpoint = {WAL_PAGES}")
+        conn.execute(f"PRAGMA cache_size = -{CACHE_KIB}")
 
     def _migrate(self, migrations: Tuple[Migration, ...]) -> None:
         """Bring the schema to len(migrations) in one transaction, or prove the file is writable.

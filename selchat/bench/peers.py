@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -108,6 +109,9 @@ def known_servers(overrides: Optional[Dict[str, str]] = None) -> Dict[str, Serve
     py = sys.executable
     specs = {
         "selchat": ServerSpec("selchat", [py, "-m", "selchat.server"]),
+        # The same server with history in an SQLite file (WAL, a commit per loop pass), for the
+        # persistence-on versus persistence-off comparison; a fresh file for every start.
+        "selchat-db": ServerSpec("selchat-db", [py, "-m", "selchat.server"]),
         "threaded": ServerSpec("threaded", [py, str(PEERS_DIR / "threaded_server.py")]),
         "asyncio": ServerSpec("asyncio", [py, str(PEERS_DIR / "asyncio_server.py")]),
         "uvloop": ServerSpec("uvloop", [py, str(PEERS_DIR / "asyncio_server.py"), "--uvloop"]),
@@ -116,8 +120,10 @@ def known_servers(overrides: Optional[Dict[str, str]] = None) -> Dict[str, Serve
     for name, spec in specs.items():
         if name in overrides:
             spec.extra = shlex.split(overrides[name])
-        elif name == "selchat":
+        elif name in ("selchat", "selchat-db"):
             kept, dropped = _supported(spec.argv, SELCHAT_WANTED_FLAGS)
+            if name == "selchat-db":
+                kept = [DB_PLACEHOLDER if v == ":memory:" else v for v in kept]
             spec.extra = kept
             if dropped:
                 spec.note = "flags not supported yet, dropped: " + " ".join(dropped)
@@ -164,6 +170,9 @@ def listening_port(pid: int) -> int:
     return 0
 
 
+DB_PLACEHOLDER = "{tmpdb}"  # replaced by a fresh temporary database file at each start
+
+
 class RunningServer:
     """A started server process; use as a context manager so it is always killed."""
 
@@ -171,8 +180,13 @@ class RunningServer:
         self.spec = spec
         self.host = host
         self.log = tempfile.NamedTemporaryFile(prefix=f"selchat-bench-{spec.name}-", suffix=".log", delete=False)
+        self.dbdir: Optional[str] = None
+        command = spec.command(host, 0)
+        if DB_PLACEHOLDER in command:
+            self.dbdir = tempfile.mkdtemp(prefix="selchat-bench-db-")
+            command = [os.path.join(self.dbdir, "bench.db") if a == DB_PLACEHOLDER else a for a in command]
         self.proc = subprocess.Popen(
-            spec.command(host, 0),
+            command,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=self.log,
@@ -253,3 +267,6 @@ class RunningServer:
             os.unlink(self.log.name)
         except OSError:
             pass
+        if self.dbdir is not None:
+            shutil.rmtree(self.dbdir, ignore_errors=True)
+            self.dbdir = None

@@ -375,7 +375,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
         description="Benchmark selchat against the reference peers (issue 4).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    ap.add_argument("--servers", default="selchat,threaded,asyncio,uvloop", help="comma-separated: selchat, threaded, asyncio, uvloop")
+    ap.add_argument("--servers", default="selchat,threaded,asyncio,uvloop", help="comma-separated: selchat, selchat-db (history in an SQLite file), threaded, asyncio, uvloop")
     ap.add_argument("--points", default=",".join(ALL_POINTS), help="comma-separated: fanout, latency, idle, sweep")
     ap.add_argument("--duration", type=float, default=5.0, help="seconds of each measured window")
     ap.add_argument("--warmup", type=float, default=1.0, help="seconds of load before the window opens")
@@ -427,7 +427,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if name not in specs:
             print(f"unknown server {name!r}; known: {', '.join(specs)}", file=sys.stderr)
             return 2
-        if name == "selchat" and not selchat_available():
+        if name in ("selchat", "selchat-db") and not selchat_available():
             skipped[name] = "`python -m selchat.server --help` does not run yet"
         elif name == "uvloop" and not uvloop_available():
             skipped[name] = "uvloop does not import (pip install uvloop)"
