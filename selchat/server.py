@@ -388,9 +388,22 @@ class Server:
             return  # closing: input is drained and discarded, never served
         conn.last_seen = self.now
         conn.pinged = False
+        conn.decoder.feed(data)
+        self._serve_frames(conn)
+
+    def _serve_frames(self, conn: Connection) -> None:
+        """Serve the complete frames buffered for `conn`, in order, until its output is too full.
+
+        The check between requests is the backpressure: one read can hold hundreds of requests,
+        and their answers must not pile up past max_outbuf before the client could read any.
+        What is left waits in the decoder until the client has read its answers (`_flush`).
+        """
         decoder = conn.decoder
-        decoder.feed(data)
+        high_water = self.config.high_water
         while conn.state == OPEN:
+            if conn.out.size > high_water:
+                conn.reading = False
+                return
             try:
                 payload = decoder.next_frame()
             except codec.FrameError as exc:
@@ -433,7 +446,8 @@ class Server:
             if verdict is not ALLOW:
                 if verdict is DISCONNECT:
                     log.info("excess flood from %s", conn.name)
-                    self._send_error(conn, "rate_limited", "excess flood: disconnecting", None)
+                    self._send_error(conn, "rate_limited", "excess flood: disconnecting",
+                                     self._ref_of(payload))
                     self._close_after_flush(conn, "excess flood", "excess flood")
                 else:
                     self._send_error(conn, "rate_limited", "too many requests: slow down",
@@ -649,7 +663,15 @@ class Server:
                 conn.reading = False
             elif not conn.reading and out.size <= self.config.low_water:
                 conn.reading = True
+                if conn.decoder.buffered:
+                    # Requests that waited in the decoder: served next pass, so that what they
+                    # say is committed before it is sent, like everything else.
+                    self.timers.call_at(self.now, self._serve_frames_later, conn)
         self._update_interest(conn)
+
+    def _serve_frames_later(self, conn: Connection) -> None:
+        if conn.state == OPEN and conn.reading:
+            self._serve_frames(conn)
 
     def _update_interest(self, conn: Connection) -> None:
         want = 0
