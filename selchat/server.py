@@ -149,6 +149,7 @@ class Server:
         self._wakeup_r: Optional[socket.socket] = None
         self._wakeup_w: Optional[socket.socket] = None
         self._accepting = False
+        self._short_of_files = False
         self.stats = {"accepted": 0, "frames_in": 0, "commits": 0}
 
     # --- set-up -----------------------------------------------------------------------------
@@ -272,11 +273,17 @@ class Server:
                 return
             except OSError as exc:
                 if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    log.warning("accept failed (%s): pausing accepts for %.1fs", exc.strerror, ACCEPT_PAUSE)
+                    # One warning per shortage, not one per 0.1 s retry while it lasts.
+                    (log.debug if self._short_of_files else log.warning)(
+                        "accept failed (%s): pausing accepts for %.1fs", exc.strerror, ACCEPT_PAUSE)
+                    self._short_of_files = True
                     self._pause_accepting()
                     return
                 log.info("accept failed: %s", exc)  # e.g. the peer gave up before we got to it
                 continue
+            if self._short_of_files:
+                self._short_of_files = False
+                log.warning("accepting again")
             self._add_connection(sock, addr)
 
     def _pause_accepting(self) -> None:
