@@ -41,6 +41,7 @@ from selchat.chat import Chat, ChatError, Delivery, User
 from selchat.config import ServerConfig, parse_args
 from selchat.defaults import ACCEPT_PAUSE, ACCEPT_PER_PASS, LINGER_TIMEOUT, LISTEN_BACKLOG, RECV_SIZE
 from selchat.outbuffer import OutBuffer
+from selchat.password import read_password_file
 from selchat.ratelimit import ALLOW, DISCONNECT, TokenBucket
 from selchat.protocol import (
     Hello,
@@ -858,20 +859,7 @@ def _password_matches(expected: bytes, given: Optional[str]) -> bool:
 
 
 def read_password(path: str) -> bytes:
-    """The first line of the file, without its line ending; empty is refused."""
-    try:
-        with open(path, "rb") as f:
-            line = f.readline()
-    except OSError as exc:
-        raise ValueError(f"cannot read password file {path}: {exc.strerror}") from None
-    password = line.rstrip(b"\r\n")
-    if not password:
-        raise ValueError(f"password file {path} is empty")
-    try:
-        password.decode("utf-8")
-    except UnicodeDecodeError:
-        raise ValueError(f"password file {path} is not UTF-8 text") from None
-    return password
+    return read_password_file(path).encode("utf-8")
 
 
 def make_tls_context(cert: str, key: str) -> ssl.SSLContext:

@@ -11,6 +11,8 @@ import re
 import ssl
 from typing import Any, Dict, Mapping, Optional
 
+from selchat import password
+
 __all__ = [
     "INSECURE_WARNING",
     "OptionError",
@@ -99,17 +101,9 @@ def read_password_file(path: str) -> str:
     Raises OptionError (one line) when the file cannot be read, is empty, or is not UTF-8.
     """
     try:
-        with open(path, "rb") as f:
-            line = f.readline()
-    except OSError as exc:
-        raise OptionError(f"cannot read password file {path}: {exc.strerror or exc}") from None
-    password = line.rstrip(b"\r\n")
-    if not password:
-        raise OptionError(f"password file {path} is empty (the password is its first line)")
-    try:
-        return password.decode("utf-8")
-    except UnicodeDecodeError:
-        raise OptionError(f"password file {path} is not UTF-8 text") from None
+        return password.read_password_file(path)
+    except ValueError as exc:
+        raise OptionError(str(exc)) from None
 
 
 def redact(request: Mapping[str, Any]) -> Dict[str, Any]:
