@@ -50,13 +50,17 @@ MAX_FRAME = 65536
 MAX_TEXT = 64  # small, so over-long texts are cheap to make
 HISTORY_ON_JOIN = 5  # small, so the cut of history on join (and `more`) is exercised
 RATE, BURST = 100, 200
-HANDSHAKE_TIMEOUT = 0.5
+HANDSHAKE_TIMEOUT = 0.4
+PING_INTERVAL, PING_TIMEOUT = 0.6, 1.2  # short, so a client that goes quiet is timed out within an example
+MAX_PRESENCE = 3  # small: rooms of 4 well-behaved clients are "large" (section 6), smaller ones are not
 SERVER_OPTIONS = (
     "--max-per-ip", "0",  # throwaways come and go from 127.0.0.1 all the time
     "--rate", str(RATE), "--burst", str(BURST),
     "--max-text", str(MAX_TEXT),
     "--history-on-join", str(HISTORY_ON_JOIN),
     "--handshake-timeout", str(HANDSHAKE_TIMEOUT),
+    "--ping-interval", str(PING_INTERVAL), "--ping-timeout", str(PING_TIMEOUT),
+    "--max-presence", str(MAX_PRESENCE),
     "--shutdown-grace", "1",
 )
 LOBBY = "#lobby"
@@ -309,6 +313,21 @@ class Member:
     def __repr__(self) -> str:
         return f"<Member {self.index} {self.nick!r} in {sorted(self.rooms)}>"
 
+    def take(self, ev: Dict[str, Any]) -> None:
+        """Keep an event for the check; a server `ping` (section 6: after ping_interval of silence,
+        which a slow step can cause) is answered and not kept."""
+        assert self.conn is not None
+        if ev.get("type") == "ping":
+            assert "ref" not in ev and "token" in ev, ev
+            self.conn.send(type="pong", token=ev["token"])
+            return
+        self.got.append(ev)
+
+    def barrier(self) -> None:
+        assert self.conn is not None
+        for ev in self.conn.barrier(TIMEOUT):
+            self.take(ev)
+
     def read_until(self, count: int, timeout: float = TIMEOUT) -> None:
         assert self.conn is not None
         deadline = time.monotonic() + timeout
@@ -317,7 +336,7 @@ class Member:
             try:
                 if left <= 0:
                     raise AssertionError("timed out")
-                self.got.append(self.conn.recv_event(left))
+                self.take(self.conn.recv_event(left))
             except (AssertionError, ConnectionClosed) as exc:
                 raise AssertionError(
                     f"member {self.index} ({self.nick}): {exc}\n  expected {self.expected!r}\n  got {self.got!r}"
@@ -334,7 +353,7 @@ class Member:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise AssertionError(f"member {self.index}: no answer with ref {ref!r}; got {self.got!r}")
-            self.got.append(self.conn.recv_event(left))
+            self.take(self.conn.recv_event(left))
 
 
 class Room:
@@ -360,6 +379,7 @@ class ChatMachine(RuleBasedStateMachine):
         self.history: Dict[str, List[Dict[str, Any]]] = {}
         self.last_id = 0
         self.silent: List[Tuple[Client, float]] = []
+        self.quiet: List[Tuple[Client, float, int, int]] = []
         self.throwaways: List[Client] = []
         for m, nick in zip(self.members, ["ann", "bob", "Cy", "dee"]):
             self.register(m, nick, ref=None)
@@ -377,10 +397,12 @@ class ChatMachine(RuleBasedStateMachine):
         return None
 
     def sharing(self, m: Member) -> Set[Member]:
-        """Everyone who shares a room with `m`, not `m` itself."""
+        """Who gets m's `nick` and `quit` besides m: the members of m's rooms that are not large
+        (at most max_presence members, m counted; section 6)."""
         out: Set[Member] = set()
         for key in m.rooms:
-            out |= self.rooms[key].members
+            if len(self.rooms[key].members) <= MAX_PRESENCE:
+                out |= self.rooms[key].members
         out.discard(m)
         return out
 
@@ -406,13 +428,16 @@ class ChatMachine(RuleBasedStateMachine):
         room = self.rooms.get(key)
         if room is None:
             room = self.rooms[key] = Room(name)
-        for other in room.members:
-            other.expected.append({"type": "join", "room": room.name, "nick": m.nick})
+        large = len(room.members) + 1 > MAX_PRESENCE  # the joiner counted
+        if not large:
+            for other in room.members:
+                other.expected.append({"type": "join", "room": room.name, "nick": m.nick})
         room.members.add(m)
         m.rooms.add(key)
         m.expected.append(with_ref({"type": "join", "room": room.name, "nick": m.nick}, ref))
-        m.expected.append(with_ref({"type": "names", "room": room.name, "nicks": self.names_of(room),
-                                    "more": False}, ref))
+        if not large:  # in a large room the list comes only on `who`
+            m.expected.append(with_ref({"type": "names", "room": room.name, "nicks": self.names_of(room),
+                                        "more": False}, ref))
         m.expected.append(self.history_event(key, room.name, None, HISTORY_ON_JOIN, ref))
 
     def leave(self, m: Member, key: str) -> None:
@@ -470,16 +495,23 @@ class ChatMachine(RuleBasedStateMachine):
         self.throwaways.append(c)
         return c, c.sock.getsockname()[1], since
 
+    def lobby_is_large_with_one_more(self) -> bool:
+        return len(self.rooms[LOBBY].members) + 1 > MAX_PRESENCE
+
     def register_throwaway(self, c: Client) -> str:
+        """A throwaway in #lobby: its join (and later its quit) reach the lobby if it is not large."""
         nick = f"tw{next(_throwaway_names)}"
-        c.register(nick)
-        for m in self.lobby_members():
-            m.expected.append({"type": "join", "room": LOBBY, "nick": nick})
+        large = self.lobby_is_large_with_one_more()
+        c.register(nick, names=not large)
+        if not large:
+            for m in self.lobby_members():
+                m.expected.append({"type": "join", "room": LOBBY, "nick": nick})
         return nick
 
     def throwaway_quits(self, nick: str, reason: str) -> None:
-        for m in self.lobby_members():
-            m.expected.append({"type": "quit", "nick": nick, "reason": reason})
+        if not self.lobby_is_large_with_one_more():
+            for m in self.lobby_members():
+                m.expected.append({"type": "quit", "nick": nick, "reason": reason})
 
     # --- the invariant --------------------------------------------------------------------
 
@@ -489,7 +521,7 @@ class ChatMachine(RuleBasedStateMachine):
         for m in self.connected():
             m.read_until(len(m.expected))
             assert m.conn is not None
-            m.got += m.conn.barrier(TIMEOUT)
+            m.barrier()
             ok = len(m.got) == len(m.expected) and all(matches(g, w) for g, w in zip(m.got, m.expected))
             assert ok, (f"member {m.index} ({m.nick}) received other events than the protocol says:\n"
                         f"  expected {m.expected!r}\n  got      {m.got!r}")
@@ -502,12 +534,8 @@ class ChatMachine(RuleBasedStateMachine):
 
     # --- valid (and refused) requests of the well-behaved clients -------------------------
 
-    @rule(i=who, room=rooms, text=texts, ref=refs)
-    def say(self, i: int, room: str, text: str, ref: Any) -> None:
-        m = self.members[i]
-        if m.conn is None:
-            return
-        self.send(m, {"type": "say", "room": room, "text": text}, ref)
+    def plan_say(self, m: Member, room: str, text: str, ref: Any) -> Optional[Tuple[int, str]]:
+        """The requester's answer to a `say`; (its position, room key) when it is a message."""
         key = room.lower()
         errors = []
         if not room_ok(room):
@@ -518,19 +546,59 @@ class ChatMachine(RuleBasedStateMachine):
             errors.append("not_in_room")
         if errors:  # the contract orders no checks: any of the applicable errors will do
             m.expected.append(error(OneOf(*errors), ref))
-            return
-        r = self.rooms[key]
-        m.expected.append(with_ref({"type": "message", "id": ANY, "ts": ANY, "from": m.nick, "room": r.name,
-                                    "text": text}, ref))
-        m.read_until(len(m.expected))
-        echo = m.got[len(m.expected) - 1]
+            return None
+        m.expected.append(with_ref({"type": "message", "id": ANY, "ts": ANY, "from": m.nick,
+                                    "room": self.rooms[key].name, "text": text}, ref))
+        return len(m.expected) - 1, key
+
+    def commit_say(self, m: Member, planned: Tuple[int, str]) -> None:
+        """Once the echo is read: its id and ts go into history and to every other member."""
+        pos, key = planned
+        m.read_until(pos + 1)
+        echo = m.got[pos]
         if echo.get("type") != "message":
             return  # the invariant reports the mismatch
         self.note_message(echo)
         said = {k: echo[k] for k in ("type", "id", "ts", "from", "room", "text") if k in echo}
         self.history.setdefault(key, []).append(said)
-        for other in r.members - {m}:
+        for other in self.rooms[key].members - {m}:
             other.expected.append(dict(said))
+
+    @rule(i=who, room=rooms, text=texts, ref=refs)
+    def say(self, i: int, room: str, text: str, ref: Any) -> None:
+        m = self.members[i]
+        if m.conn is None:
+            return
+        self.send(m, {"type": "say", "room": room, "text": text}, ref)
+        planned = self.plan_say(m, room, text, ref)
+        if planned:
+            self.commit_say(m, planned)
+
+    @rule(i=who, says=st.lists(st.tuples(good_rooms, texts, refs), min_size=2, max_size=5),
+          cuts=st.lists(st.integers(1, 200), min_size=1, max_size=8))
+    def pipelined(self, i: int, says: List[Tuple[str, str, Any]], cuts: List[int]) -> None:
+        """Several says (and a ping) in one stream cut at random byte offsets, so frames arrive
+        split over reads and several in one read (section 1); answers come in request order."""
+        m = self.members[i]
+        if m.conn is None:
+            return
+        data = bytearray()
+        for room, text, ref in says:
+            data += encode(with_ref({"type": "say", "room": room, "text": text}, ref))
+        data += encode({"type": "ping", "token": "pipelined"})
+        pos = 0
+        for cut in cuts + [len(data)]:
+            piece = bytes(data[pos: pos + cut])
+            if piece:
+                m.conn.send_raw(piece)
+                time.sleep(0.001)  # let the server read this piece on its own
+            pos += len(piece)
+        m.conn.send_raw(bytes(data[pos:]))
+        planned = [self.plan_say(m, room, text, ref) for room, text, ref in says]
+        m.expected.append({"type": "pong", "token": "pipelined"})
+        for p in planned:
+            if p:
+                self.commit_say(m, p)
 
     @rule(i=who, to=st.one_of(nicks, st.sampled_from(["nobody", "tw0"])), text=texts, ref=refs,
           pick=st.integers(0, CLIENTS))
@@ -592,8 +660,9 @@ class ChatMachine(RuleBasedStateMachine):
             m.expected.append(error("not_in_room", ref))
         else:
             r = self.rooms[key]
-            for other in r.members - {m}:
-                other.expected.append({"type": "part", "room": r.name, "nick": m.nick})
+            if len(r.members) <= MAX_PRESENCE:  # the leaver counted
+                for other in r.members - {m}:
+                    other.expected.append({"type": "part", "room": r.name, "nick": m.nick})
             m.expected.append(with_ref({"type": "part", "room": r.name, "nick": m.nick}, ref))
             self.leave(m, key)
         m.read_until(len(m.expected))
@@ -817,6 +886,20 @@ class ChatMachine(RuleBasedStateMachine):
             c.send_raw(encode({"type": "hello", "nick": "never"})[:9])
         self.silent.append((c, time.monotonic()))
 
+    @precondition(lambda self: not self.quiet)
+    @rule()
+    def goes_quiet(self) -> None:
+        """A registered client leaves #lobby, then never sends again: one server `ping` after
+        ping_interval, closed after ping_timeout (checked at teardown; section 6)."""
+        c, port, since = self.throwaway()
+        nick = self.register_throwaway(c)
+        c.send(type="part", room=LOBBY)
+        c.expect("part", room=LOBBY, nick=nick)
+        if not self.lobby_is_large_with_one_more():
+            for m in self.lobby_members():
+                m.expected.append({"type": "part", "room": LOBBY, "nick": nick})
+        self.quiet.append((c, time.monotonic(), port, since))
+
     @rule(upper=st.booleans(), reason=st.one_of(st.none(), st.sampled_from(["bye", "gone \U0001F600"])))
     def hello_race(self, upper: bool, reason: Optional[str]) -> None:
         """Two new connections ask for one nick at once: one welcome, one nick_taken."""
@@ -834,11 +917,14 @@ class ChatMachine(RuleBasedStateMachine):
         wnick = wfirst["nick"]
         assert wnick == (nick if win is c1 or not upper else nick.upper()), wfirst
         win.expect("join", room=LOBBY, nick=wnick, ref=wref)
-        names = win.expect_names(LOBBY, ref=wref)
-        assert sorted(names, key=str.lower) == sorted([x.nick for x in self.lobby_members()] + [wnick], key=str.lower)
+        large = self.lobby_is_large_with_one_more()
+        if not large:
+            names = win.expect_names(LOBBY, ref=wref)
+            assert sorted(names, key=str.lower) == sorted([x.nick for x in self.lobby_members()] + [wnick],
+                                                          key=str.lower)
+            for m in self.lobby_members():
+                m.expected.append({"type": "join", "room": LOBBY, "nick": wnick})
         win.expect("history", room=LOBBY, ref=wref)
-        for m in self.lobby_members():
-            m.expected.append({"type": "join", "room": LOBBY, "nick": wnick})
         lose.send(type="quit")
         assert lose.assert_closed(TIMEOUT) == []
         win.send(type="quit", **({"reason": reason} if reason else {}))
@@ -877,6 +963,14 @@ class ChatMachine(RuleBasedStateMachine):
                 events = c.assert_closed(max(left, 0.1))
                 assert events == [], f"a connection that never said hello got {events!r}"
                 assert time.monotonic() - started >= HANDSHAKE_TIMEOUT * 0.9, "closed before the handshake timeout"
+            for c, started, port, since in self.quiet:
+                left = started + PING_TIMEOUT + 3.0 - time.monotonic()
+                events = c.assert_closed(max(left, 0.1))
+                took = time.monotonic() - started
+                assert [e.get("type") for e in events] == ["ping"] and isinstance(events[0].get("token"), (str, int)), (
+                    f"a quiet client must get one ping, then be closed: {events!r}")
+                assert took >= PING_TIMEOUT * 0.9, f"closed {took:.2f}s after its last word"
+                assert self.wait_closed_log(port, since) == "ping timeout"
             for m in self.members:
                 if m.conn is not None:
                     m.conn.close()
