@@ -3,10 +3,14 @@
 A hypothesis `RuleBasedStateMachine` drives one real server process per example (a fresh one:
 starting costs ~0.2 s, and a fresh server makes every example, and its shrinking, independent
 of the ones before). Four well-behaved registered clients do random valid and invalid requests
-(say, msg, join, part, nick and nick races, who, rooms, ping, history, quit and reconnect, and
-frames with bad payloads that keep the connection); transient throwaway connections misbehave
-(length 0, lengths above max_frame, random bytes, closes mid-frame, requests before hello,
-silence, hello races, a flood past the rate limit).
+(say, msg, join, part, nick and nick races, who, rooms, ping, pong, history, quit and reconnect,
+frames with bad payloads that keep the connection, and pipelined history pages and says written
+in pieces cut at random offsets); transient throwaway connections misbehave (length 0, lengths
+above max_frame, random bytes, closes mid-frame, requests before hello, silence until the
+handshake timeout, going quiet until the ping timeout, hello races, a flood past the rate limit).
+Small limits make the rarer paths common: --max-presence 3 (rooms of 4 are "large": no presence
+broadcasts), --max-outbuf 16384 (pipelined history pages pass the high-water mark, so the server
+holds back the rest of a read until they are read), --max-text 64, --history-on-join 5.
 
 The model keeps who is where under which nick, every room message said (for history), and for
 each well-behaved client the exact list of events the protocol says it must receive. After
@@ -20,10 +24,10 @@ Rules wait until what they caused has happened (their own answers; for throwaway
 `closed:` log line for that connection), so the server handles the steps one after the other and
 each client's event order is determined.
 
-Flood control: the server runs with `--rate 100 --burst 200`. A well-behaved client sends at
-most ~3 requests a step (its request, a retry, one barrier), so ~80 in a 25-step example stays
-well inside the burst and it is never limited: a `rate_limited` it received would fail the
-test. The flood rule uses a throwaway registered connection that writes 2*burst+10 pings at once.
+Flood control: the server runs with `--rate 20 --burst 200`. Each well-behaved client keeps a
+count of its requests and its rules do nothing once it nears the burst (barriers have a reserve),
+so it is never limited: a `rate_limited` it received would fail the test. The flood rule uses a
+throwaway registered connection that writes 3*burst+extra pings at once.
 """
 
 from __future__ import annotations
@@ -49,7 +53,7 @@ from wire import ConnectionClosed, Client, encode, frame
 MAX_FRAME = 65536
 MAX_TEXT = 64  # small, so over-long texts are cheap to make
 HISTORY_ON_JOIN = 5  # small, so the cut of history on join (and `more`) is exercised
-RATE, BURST = 100, 200
+RATE, BURST = 20, 200
 HANDSHAKE_TIMEOUT = 0.4
 PING_INTERVAL, PING_TIMEOUT = 0.6, 1.2  # short, so a client that goes quiet is timed out within an example
 MAX_PRESENCE = 3  # small: rooms of 4 well-behaved clients are "large" (section 6), smaller ones are not
@@ -61,6 +65,9 @@ SERVER_OPTIONS = (
     "--handshake-timeout", str(HANDSHAKE_TIMEOUT),
     "--ping-interval", str(PING_INTERVAL), "--ping-timeout", str(PING_TIMEOUT),
     "--max-presence", str(MAX_PRESENCE),
+    # Small, so the backpressure between pipelined requests (high-water mark max_outbuf/4) acts,
+    # yet no answer of this machine (history pages of <= 8 short messages) comes near the cap.
+    "--max-outbuf", "16384",
     "--shutdown-grace", "1",
 )
 LOBBY = "#lobby"
@@ -69,6 +76,9 @@ TIMEOUT = 3.0
 
 EXAMPLES = int(os.environ.get("SELCHAT_STATEFUL_EXAMPLES", "15"))
 STEPS = int(os.environ.get("SELCHAT_STATEFUL_STEPS", "25"))
+# Requests a well-behaved client may spend on actions in one example (its barriers come on top, one
+# a step): the bucket's burst less a reserve, so none is ever refused whatever hypothesis draws.
+BUDGET = BURST - STEPS - 10
 
 _BAD_LOG = re.compile(r" (ERROR|CRITICAL) |Traceback")
 _throwaway_names = itertools.count(1)
@@ -309,6 +319,7 @@ class Member:
         self.rooms: Set[str] = set()  # room keys
         self.got: List[Dict[str, Any]] = []  # read, not yet checked
         self.expected: List[Dict[str, Any]] = []
+        self.spent = 0  # requests sent on this connection, against flood control's burst
 
     def __repr__(self) -> str:
         return f"<Member {self.index} {self.nick!r} in {sorted(self.rooms)}>"
@@ -325,6 +336,7 @@ class Member:
 
     def barrier(self) -> None:
         assert self.conn is not None
+        self.spent += 1
         for ev in self.conn.barrier(TIMEOUT):
             self.take(ev)
 
@@ -417,6 +429,14 @@ class ChatMachine(RuleBasedStateMachine):
         page = said[-limit:] if limit else []
         return with_ref({"type": "history", "room": name, "messages": page, "more": len(said) > len(page)}, ref)
 
+    def actor(self, i: int, requests: int = 1) -> Optional[Member]:
+        """Member i if it is connected and may send `requests` more without nearing the burst."""
+        m = self.members[i]
+        if m.conn is None or m.spent + requests > BUDGET:
+            return None
+        m.spent += requests
+        return m
+
     def send(self, m: Member, obj: Dict[str, Any], ref: Any) -> None:
         assert m.conn is not None
         if ref is not None:
@@ -452,6 +472,7 @@ class ChatMachine(RuleBasedStateMachine):
         m.conn = Client(self.srv.port, label=f"member{m.index}")
         m.rooms = set()
         m.nick = ""  # not registered: holds no nick
+        m.spent = 0  # a new connection, a full bucket (hello does not count)
         if not nick_ok(nick) or self.holder(nick) is not None:
             code = "bad_nick" if not nick_ok(nick) else "nick_taken"
             self.send(m, {"type": "hello", "nick": nick}, ref)
@@ -566,23 +587,34 @@ class ChatMachine(RuleBasedStateMachine):
 
     @rule(i=who, room=rooms, text=texts, ref=refs)
     def say(self, i: int, room: str, text: str, ref: Any) -> None:
-        m = self.members[i]
-        if m.conn is None:
+        m = self.actor(i)
+        if m is None:
             return
         self.send(m, {"type": "say", "room": room, "text": text}, ref)
         planned = self.plan_say(m, room, text, ref)
         if planned:
             self.commit_say(m, planned)
 
-    @rule(i=who, says=st.lists(st.tuples(good_rooms, texts, refs), min_size=2, max_size=5),
+    @rule(i=who, pages=st.lists(st.tuples(good_rooms, st.integers(1, 8)), max_size=6),
+          says=st.lists(st.tuples(good_rooms, texts, refs), min_size=1, max_size=5),
           cuts=st.lists(st.integers(1, 200), min_size=1, max_size=8))
-    def pipelined(self, i: int, says: List[Tuple[str, str, Any]], cuts: List[int]) -> None:
-        """Several says (and a ping) in one stream cut at random byte offsets, so frames arrive
-        split over reads and several in one read (section 1); answers come in request order."""
-        m = self.members[i]
-        if m.conn is None:
+    def pipelined(self, i: int, pages: List[Tuple[str, int]], says: List[Tuple[str, str, Any]],
+                  cuts: List[int]) -> None:
+        """History requests, says and a ping in one stream cut at random byte offsets, so frames
+        arrive split over reads and several in one read (section 1); the history pages pass the
+        high-water mark, so the server holds back the rest until they are read (section 6);
+        answers come in request order, and the says reach the others in that order."""
+        m = self.actor(i, len(pages) + len(says) + 1)
+        if m is None:
             return
         data = bytearray()
+        for n, (room, limit) in enumerate(pages):
+            data += encode({"type": "history", "room": room, "limit": limit, "ref": f"page{n}"})
+            key = room.lower()
+            if key in m.rooms:
+                m.expected.append(self.history_event(key, self.rooms[key].name, None, limit, f"page{n}"))
+            else:
+                m.expected.append(error("not_in_room", f"page{n}"))
         for room, text, ref in says:
             data += encode(with_ref({"type": "say", "room": room, "text": text}, ref))
         data += encode({"type": "ping", "token": "pipelined"})
@@ -603,8 +635,8 @@ class ChatMachine(RuleBasedStateMachine):
     @rule(i=who, to=st.one_of(nicks, st.sampled_from(["nobody", "tw0"])), text=texts, ref=refs,
           pick=st.integers(0, CLIENTS))
     def msg(self, i: int, to: str, text: str, ref: Any, pick: int) -> None:
-        m = self.members[i]
-        if m.conn is None:
+        m = self.actor(i)
+        if m is None:
             return
         if pick < CLIENTS and self.members[pick].conn is not None:
             to = self.members[pick].nick.swapcase() if pick % 2 else self.members[pick].nick
@@ -631,8 +663,8 @@ class ChatMachine(RuleBasedStateMachine):
 
     @rule(i=who, room=rooms, ref=refs)
     def join(self, i: int, room: str, ref: Any) -> None:
-        m = self.members[i]
-        if m.conn is None:
+        m = self.actor(i)
+        if m is None:
             return
         self.send(m, {"type": "join", "room": room}, ref)
         if not room_ok(room):
@@ -649,8 +681,8 @@ class ChatMachine(RuleBasedStateMachine):
 
     @rule(i=who, room=rooms, ref=refs)
     def part(self, i: int, room: str, ref: Any) -> None:
-        m = self.members[i]
-        if m.conn is None:
+        m = self.actor(i)
+        if m is None:
             return
         self.send(m, {"type": "part", "room": room}, ref)
         key = room.lower()
@@ -669,8 +701,8 @@ class ChatMachine(RuleBasedStateMachine):
 
     @rule(i=who, nick=nicks, ref=refs, own_case=st.booleans())
     def nick(self, i: int, nick: str, ref: Any, own_case: bool) -> None:
-        m = self.members[i]
-        if m.conn is None:
+        m = self.actor(i)
+        if m is None:
             return
         if own_case:
             nick = m.nick.swapcase() if nick_ok(m.nick.swapcase()) else m.nick
@@ -691,8 +723,10 @@ class ChatMachine(RuleBasedStateMachine):
     @rule(a=who, b=who, nick=good_nicks, upper=st.booleans())
     def nick_race(self, a: int, b: int, nick: str, upper: bool) -> None:
         """Two clients ask for the same free nick at once: exactly one wins."""
-        ma, mb = self.members[a], self.members[b]
-        if a == b or ma.conn is None or mb.conn is None:
+        if a == b:
+            return
+        ma, mb = self.actor(a), self.actor(b)
+        if ma is None or mb is None:
             return
         if self.holder(nick) is not None:
             nick = f"race{next(_throwaway_names)}"
@@ -713,8 +747,8 @@ class ChatMachine(RuleBasedStateMachine):
 
     @rule(i=who, room=rooms, ref=refs)
     def who_(self, i: int, room: str, ref: Any) -> None:
-        m = self.members[i]
-        if m.conn is None:
+        m = self.actor(i)
+        if m is None:
             return
         self.send(m, {"type": "who", "room": room}, ref)
         if not room_ok(room):
@@ -727,8 +761,8 @@ class ChatMachine(RuleBasedStateMachine):
 
     @rule(i=who, ref=refs)
     def list_rooms(self, i: int, ref: Any) -> None:
-        m = self.members[i]
-        if m.conn is None:
+        m = self.actor(i)
+        if m is None:
             return
         self.send(m, {"type": "rooms"}, ref)
         m.expected.append(with_ref({"type": "rooms", "rooms": ANY}, ref))
@@ -742,8 +776,8 @@ class ChatMachine(RuleBasedStateMachine):
 
     @rule(i=who, token=tokens, ref=refs)
     def ping(self, i: int, token: Any, ref: Any) -> None:
-        m = self.members[i]
-        if m.conn is None:
+        m = self.actor(i)
+        if m is None:
             return
         obj: Dict[str, Any] = {"type": "ping"}
         if token is not None:
@@ -754,16 +788,16 @@ class ChatMachine(RuleBasedStateMachine):
     @rule(i=who, token=tokens)
     def pong(self, i: int, token: Any) -> None:
         """A pong from a client is never answered."""
-        m = self.members[i]
-        if m.conn is None:
+        m = self.actor(i)
+        if m is None:
             return
         m.conn.send(type="pong", **({"token": token} if token is not None else {}))
 
     @rule(i=who, room=good_rooms, limit=st.one_of(st.none(), st.integers(1, 8)),
           before=st.one_of(st.none(), st.integers(-3, 200)), ref=refs)
     def history_request(self, i: int, room: str, limit: Optional[int], before: Optional[int], ref: Any) -> None:
-        m = self.members[i]
-        if m.conn is None:
+        m = self.actor(i)
+        if m is None:
             return
         obj: Dict[str, Any] = {"type": "history", "room": room}
         if limit is not None:
@@ -780,8 +814,8 @@ class ChatMachine(RuleBasedStateMachine):
     @rule(i=who, bad=bad_payloads)
     def bad_payload(self, i: int, bad: Tuple[bytes, str, Any]) -> None:
         """A well-framed payload that is not a valid request: an error, and the connection stays."""
-        m = self.members[i]
-        if m.conn is None:
+        m = self.actor(i)
+        if m is None:
             return
         payload, code, ref = bad
         m.conn.send_raw(frame(payload))
@@ -789,8 +823,8 @@ class ChatMachine(RuleBasedStateMachine):
 
     @rule(i=who, reason=st.one_of(st.none(), texts), ref=refs, nick=nicks)
     def quit_and_reconnect(self, i: int, reason: Optional[str], ref: Any, nick: str) -> None:
-        m = self.members[i]
-        if m.conn is None:
+        m = self.actor(i)
+        if m is None:
             return
         obj: Dict[str, Any] = {"type": "quit"}
         if reason is not None:
@@ -935,12 +969,14 @@ class ChatMachine(RuleBasedStateMachine):
 
     @rule(extra=st.integers(1, 20))
     def flood(self, extra: int) -> None:
-        """A registered connection writes 2*burst+extra pings at once: the bucket answers `burst` (and
+        """A registered connection writes 3*burst+extra pings at once: the bucket answers `burst` (and
         whatever refilled) with pongs, refuses the next ones with rate_limited, and past `burst`
-        refusals in a row drops the client; others see `excess flood` (section 8)."""
+        refusals in a row drops the client; others see `excess flood` (section 8). (The answers
+        pass the high-water mark, so the server serves the rest only as they are read, and the
+        bucket may refill meanwhile: burst more requests make room for one refill.)"""
         c, port, since = self.throwaway()
         nick = self.register_throwaway(c)
-        count = 2 * BURST + extra
+        count = 3 * BURST + extra
         c.send_raw(b"".join(encode({"type": "ping", "token": n, "ref": n}) for n in range(count)))
         events = c.assert_closed(5.0)
         assert len(events) >= 2 * BURST + 1, f"{len(events)} events: {events[-5:]!r}"
@@ -949,8 +985,7 @@ class ChatMachine(RuleBasedStateMachine):
         pongs = [e for e in events[: -(BURST + 1)] if e.get("type") == "pong"]
         assert len(pongs) >= BURST, f"only {len(pongs)} pongs before the refusals"
         for n, e in enumerate(events):  # every answer carries its request's ref, in order
-            if e is not events[-1]:
-                assert e.get("ref") == n, (n, e)
+            assert e.get("ref") == n, (n, e)
         self.wait_closed_log(port, since)
         self.throwaway_quits(nick, "excess flood")
 
