@@ -198,6 +198,11 @@ def parse_args(argv: Optional[List[str]] = None) -> ServerConfig:
             f"--max-frame {config.max_frame} is too small for --max-text {config.max_text}: "
             f"needs at least {min_frame_for(config.max_text)}"
         )
+    if config.max_outbuf < 4 * config.max_frame:
+        # Backpressure stops serving a client at a quarter of max_outbuf; that quarter must hold
+        # the largest single answer (a frame), or a client that reads could be dropped for one.
+        parser.error(f"--max-outbuf {config.max_outbuf} must be at least 4 x --max-frame "
+                     f"({4 * config.max_frame})")
     if (config.tls_cert is None) != (config.tls_key is None):
         parser.error("--tls-cert and --tls-key go together")
     if config.ping_timeout <= config.ping_interval:

@@ -52,8 +52,6 @@ def test_a_client_that_reads_is_not_dropped_for_asking_within_its_burst(start_se
     reader.assert_quiet()
 
 
-@pytest.mark.xfail(strict=True, reason="server bug: with --max-outbuf near --max-frame, the answer to one join "
-                                       "(join + names + a history cut to max_frame) passes the cap by itself")
 def test_one_answer_never_drops_a_reading_client_whatever_the_limits(start_server) -> None:
     """PROTOCOL.md section 6: max_outbuf is for clients that do not read. With --max-outbuf 65536
     (= the default max_frame), joining a room whose history fills a frame queues join + names + a

@@ -6,7 +6,7 @@ its memory stays below base + C * (max_outbuf + max_frame + 4 + 64 KiB + 4 KiB);
 buffers come on top and are not in the process's RSS.
 
 The test makes each part of that bound real: C slow consumers each park a partial frame of
-~60 KB in the server (its decoder must hold it) and then never read, while a fast sender floods
+~15 KB in the server (its decoder must hold it) and then never read, while a fast sender floods
 a room they are in (shared frames) and sends each of them private messages (frames of their own,
 so their queues hold distinct bytes). Each slow consumer must be dropped with `quit`
 `slow consumer`, and the server's peak RSS (VmHWM in /proc/PID/status) must stay under the
@@ -27,12 +27,12 @@ from conftest import unique_nick
 from wire import Client, encode
 
 MAX_OUTBUF = 65536
-MAX_FRAME = 65536
+MAX_FRAME = 16384  # the server wants max_outbuf >= 4 * max_frame
 RECV_SIZE = 65536
 FIXED_STATE = 4096
 PER_CONNECTION = MAX_OUTBUF + MAX_FRAME + 4 + RECV_SIZE + FIXED_STATE
 SLOW = 24
-PARTIAL = 60000  # bytes of a frame that announces 65000: held by the server's decoder
+PARTIAL = 15000  # bytes of a frame that announces 16000: held by the server's decoder
 TEXT = 4000
 ROOM_TEXT = 500  # room messages are also history: SQLite's page cache may keep them (see below)
 
@@ -48,7 +48,8 @@ def proc_status_kib(pid: int, field: str) -> int:
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")
 def test_slow_consumers_are_dropped_and_memory_stays_under_the_bound(start_server, tmp_path: Path) -> None:
     started = time.monotonic()
-    srv = start_server("--max-outbuf", str(MAX_OUTBUF), "--max-frame", str(MAX_FRAME), "--rate", "0",
+    srv = start_server("--max-outbuf", str(MAX_OUTBUF), "--max-frame", str(MAX_FRAME),
+                       "--max-text", str(TEXT + 40), "--rate", "0",
                        "--max-per-ip", "0", "--db", str(tmp_path / "history.db"))
     pid = srv.proc.pid
     room = "#flood"
@@ -63,8 +64,6 @@ def test_slow_consumers_are_dropped_and_memory_stays_under_the_bound(start_serve
         sender.send_raw(b"".join(encode({"type": "say", "room": "#warm", "text": filler}) for _ in range(20)))
         for _ in range(20):
             sender.expect("message", room="#warm")
-    # (Not in the flood room: with max_outbuf = max_frame, the ~64 KB history answer on joining a
-    # room this busy would by itself drop the joiner as a slow consumer.)
     sender.join(room)
     sender.assert_quiet()
     base = proc_status_kib(pid, "VmRSS")
@@ -75,7 +74,7 @@ def test_slow_consumers_are_dropped_and_memory_stays_under_the_bound(start_serve
         c.join(room)
         sender.expect("join", room=room, nick=c.nick)
         # A partial frame the server must buffer; then this client neither sends nor reads.
-        c.send_raw(struct.pack(">I", PARTIAL + 5000) + b"p" * PARTIAL)
+        c.send_raw(struct.pack(">I", PARTIAL + 1000) + b"p" * PARTIAL)
         slow.append(c)
     sender.assert_quiet()
 

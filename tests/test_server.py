@@ -1251,7 +1251,7 @@ def drain_batch(client, want_ids_count, room, sink, others_sink, timeout=5.0):
 
 
 def test_s6_slow_consumer_dropped_others_get_everything(start):
-    srv = start("--max-outbuf", "65536")
+    srv = start("--max-outbuf", "65536", "--max-frame", "16384", "--max-text", "4040")
     room = "#flood"
     slow, f, r1, r2 = crowd(srv, ["slowpoke", "flooder", "reader1", "reader2"], [room],
                             options={"slowpoke": {"rcvbuf": 4096}})

@@ -50,7 +50,7 @@ from wire import ConnectionClosed, Client, encode, frame
 
 # --- the server under test ----------------------------------------------------------------------
 
-MAX_FRAME = 65536
+MAX_FRAME = 4096  # the server wants max_outbuf (16384) >= 4 * max_frame
 MAX_TEXT = 64  # small, so over-long texts are cheap to make
 HISTORY_ON_JOIN = 5  # small, so the cut of history on join (and `more`) is exercised
 RATE, BURST = 20, 200
@@ -67,7 +67,7 @@ SERVER_OPTIONS = (
     "--max-presence", str(MAX_PRESENCE),
     # Small, so the backpressure between pipelined requests (high-water mark max_outbuf/4) acts,
     # yet no answer of this machine (history pages of <= 8 short messages) comes near the cap.
-    "--max-outbuf", "16384",
+    "--max-outbuf", "16384", "--max-frame", str(MAX_FRAME),
     "--shutdown-grace", "1",
 )
 LOBBY = "#lobby"
