@@ -119,6 +119,8 @@ class Server:
         self.password = password
         self.client_count = 0
         self.per_ip: Dict[str, int] = {}
+        self.high_water = config.high_water  # read on every flush: plain attributes, not properties
+        self.low_water = config.low_water
         self.parser = Parser(config.max_text, ref_limit(config.max_frame, config.max_text))
         self.chat = Chat(
             store,
@@ -242,8 +244,25 @@ class Server:
                 return
             # Writing can fail and drop a client, which queues `quit` for others: loop until quiet.
             dirty, self._dirty = self._dirty, []
+            plain = self.tls is None
             for conn in dirty:
                 conn.dirty = False
+                out = conn.out
+                if plain and conn.state == OPEN and len(out.chunks) == 1 and not out.offset:
+                    # The common case, written out: one chunk for a reading client, sent whole.
+                    data = out.chunks[0]
+                    try:
+                        sent = conn.sock.send(data)
+                    except OSError:
+                        sent = -1  # would-block or a dead peer: the general path sorts it out
+                    if sent == len(data):
+                        out.chunks.clear()
+                        out.size = 0
+                        if conn.mask != selectors.EVENT_READ or not conn.reading:
+                            self._flush(conn)  # interest or backpressure changes
+                        continue
+                    if sent > 0:
+                        out.consume(sent)
                 if conn.state != CLOSED:
                     self._flush(conn)
 
@@ -407,7 +426,7 @@ class Server:
         What is left waits in the decoder until the client has read its answers (`_flush`).
         """
         decoder = conn.decoder
-        high_water = self.config.high_water
+        high_water = self.high_water
         while conn.state == OPEN:
             if conn.out.size > high_water:
                 conn.reading = False
@@ -667,9 +686,9 @@ class Server:
             return
         if conn.state == OPEN:
             # Backpressure: a client not reading its own output does not get more served.
-            if conn.reading and out.size > self.config.high_water:
+            if conn.reading and out.size > self.high_water:
                 conn.reading = False
-            elif not conn.reading and out.size <= self.config.low_water:
+            elif not conn.reading and out.size <= self.low_water:
                 conn.reading = True
                 if conn.decoder.buffered:
                     # Requests that waited in the decoder: served next pass, so that what they
