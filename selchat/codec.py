@@ -126,7 +126,32 @@ def frame(payload: bytes, max_frame: int = MAX_FRAME) -> bytes:
     return _LENGTH.pack(n) + payload
 
 
-_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
+def _make_dumps() -> Any:
+    """A compact, UTF-8-friendly JSON writer made once, not per call.
+
+    `json.dumps` with non-default options builds a new encoder on every call, which costs as
+    much as the encoding of a chat message itself; the C encoder can be built once and reused
+    (no circular-reference check: our frames are plain trees).
+    """
+    from json import encoder as _encoder
+
+    make = getattr(_encoder, "c_make_encoder", None)
+    if make is None:  # pragma: no cover - Pythons without the C accelerator
+        return json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
+    def not_json(value: Any) -> Any:
+        raise TypeError(f"{type(value).__name__} is not JSON")
+
+    c_encode = make(None, not_json, _encoder.encode_basestring, None, ":", ",", False, False, False)
+
+    def dumps(obj: Any) -> str:
+        if isinstance(obj, str):
+            return _encoder.encode_basestring(obj)
+        return "".join(c_encode(obj, 0))
+
+    return dumps
+
+
+_dumps = _make_dumps()
 
 
 def encode_json(value: Any) -> bytes:
@@ -146,6 +171,9 @@ def encode(obj: Dict[str, Any], max_frame: int = MAX_FRAME) -> bytes:
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
+
+# Made once: `json.loads` with an option builds a new decoder per call.
+_decode_json = json.JSONDecoder(parse_constant=_reject_constant).decode
 
 # A JSON escape that names half of a surrogate pair. Python's json accepts it and yields a str
 # that cannot be written back as UTF-8, so such payloads are refused as not being valid text.
@@ -173,7 +201,7 @@ def decode(payload: bytes) -> Dict[str, Any]:
     except UnicodeDecodeError:
         raise PayloadError("payload is not valid UTF-8") from None
     try:
-        obj = json.loads(text, parse_constant=_reject_constant)
+        obj = _decode_json(text)
     except (ValueError, RecursionError):
         raise PayloadError("payload is not valid JSON") from None
     if not isinstance(obj, dict):

@@ -21,8 +21,8 @@ class Welcome:
     burst: int = 0
 
 
-@dataclass(frozen=True)
-class Message:
+@dataclass  # not frozen: one is made per message said, and a frozen __init__ costs three times as
+class Message:  # much; like every event here it is never changed once made
     """A room message (`room` set) or a private one (`to` set); `id` grows across the whole server."""
 
     id: int

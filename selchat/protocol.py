@@ -118,7 +118,7 @@ class Hello:
     password: Optional[str] = None
 
 
-@dataclass(frozen=True)
+@dataclass  # not frozen, for speed (one per message said); never changed once made
 class Say:
     room: str
     text: str
