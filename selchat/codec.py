@@ -82,6 +82,11 @@ class FrameDecoder:
         """Bytes received but not yet returned as frames (an incomplete frame, if any)."""
         return len(self._buf) - self._pos
 
+    def clear(self) -> None:
+        """Drop whatever is buffered (the connection is gone)."""
+        self._buf = bytearray()
+        self._pos = 0
+
     def feed(self, data: bytes) -> None:
         buf = self._buf
         if self._pos and (self._pos >= len(buf) or self._pos >= _COMPACT_AT):

@@ -13,6 +13,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 from selchat import codec, events
 from selchat.defaults import (
+    MAX_FRAME,
     CLIENT_NAME_MAX,
     HISTORY_LIMIT_DEFAULT,
     HISTORY_LIMIT_MAX,
@@ -215,17 +216,35 @@ class _Members:
             raise self._fail(f"member '{name}' must be an integer")
         return value
 
-    def token(self, name: str) -> Any:
-        """Ping tokens are echoed verbatim, whatever JSON value they are."""
-        return self.obj.get(name)
+    def token(self, name: str, max_bytes: int) -> Any:
+        """Ping tokens are echoed whatever JSON value they are, if they can be written back.
+
+        Not every value read can be: 1e400 reads as infinity, which JSON cannot carry, and a
+        number may grow when written again (1E15 becomes 1000000000000000.0).
+        """
+        value = self.obj.get(name)
+        if value is None or isinstance(value, int):  # ints (and bools) are written back as read
+            return value
+        if isinstance(value, str) and len(value) * 6 <= max_bytes:
+            return value
+        try:
+            size = len(codec.encode_json(value))
+        except (ValueError, TypeError):
+            raise self._fail(f"member '{name}' cannot be written back as JSON") from None
+        if size > max_bytes:
+            raise self._fail(f"member '{name}' is longer than {max_bytes} bytes as JSON")
+        return value
 
 
 class Parser:
     """Turns a decoded JSON object into a validated request, given the server's limits."""
 
-    def __init__(self, max_text: int = MAX_TEXT, ref_max_bytes: int = REF_MAX_BYTES) -> None:
+    def __init__(self, max_text: int = MAX_TEXT, ref_max_bytes: int = REF_MAX_BYTES,
+                 max_frame: int = MAX_FRAME) -> None:
         self.max_text = max_text
         self.ref_max_bytes = ref_max_bytes
+        # A pong is {"type":"pong","token":T,"ref":R}: what is left of a frame for T.
+        self.token_max_bytes = max_frame - ref_max_bytes - 64
         self._builders: Dict[str, Callable[[_Members], Request]] = {
             "hello": self._hello,
             "say": self._say,
@@ -235,8 +254,8 @@ class Parser:
             "nick": lambda m: ChangeNick(self._nick(m, "nick")),
             "who": lambda m: Who(self._room(m, "room")),
             "rooms": lambda m: ListRooms(),
-            "ping": lambda m: PingRequest(m.token("token")),
-            "pong": lambda m: PongReply(m.token("token")),
+            "ping": lambda m: PingRequest(m.token("token", self.token_max_bytes)),
+            "pong": lambda m: PongReply(m.obj.get("token")),  # never echoed: taken as it is
             "quit": self._quit,
             "history": self._history,
         }

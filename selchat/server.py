@@ -33,7 +33,7 @@ import socket
 import ssl
 import sys
 import time
-from typing import Any, Dict, List, Optional, Set
+from typing import Any, Callable, Dict, List, Optional, Set
 
 from selchat import SERVER_NAME, codec, events
 from selchat.events import Message
@@ -58,6 +58,8 @@ from selchat.protocol import (
 from selchat.store import SQLiteStore, StoreError
 from selchat.timers import TimerHeap
 
+REFUSING_MAX = 256  # connections beyond --max-clients that may be in the middle of a refusal
+
 log = logging.getLogger("selchat.server")
 _listening_log = logging.getLogger("selchat.server.listening")
 _listening_log.setLevel(logging.INFO)
@@ -74,7 +76,7 @@ class Connection:
     __slots__ = (
         "sock", "fd", "ip", "peer", "decoder", "out", "user", "state", "mask", "reading",
         "last_seen", "pinged", "dirty", "doom", "close_reason", "linger_until", "bucket",
-        "handshaking", "counted", "reject", "accepting",
+        "handshaking", "counted", "reject", "accepting", "eof",
     )
 
     def __init__(self, sock: socket.socket, ip: str, peer: str, max_frame: int, now: float) -> None:
@@ -99,6 +101,7 @@ class Connection:
         self.counted = False  # counts against --max-clients / --max-per-ip
         self.reject: Optional[str] = None  # error word to send once the handshake is done
         self.accepting = True  # output may be queued: not condemned, lingering or closed
+        self.eof = False  # the peer has shut down its sending side
 
     @property
     def name(self) -> str:
@@ -121,7 +124,7 @@ class Server:
         self.per_ip: Dict[str, int] = {}
         self.high_water = config.high_water  # read on every flush: plain attributes, not properties
         self.low_water = config.low_water
-        self.parser = Parser(config.max_text, ref_limit(config.max_frame, config.max_text))
+        self.parser = Parser(config.max_text, ref_limit(config.max_frame, config.max_text), config.max_frame)
         self.chat = Chat(
             store,
             server_name=SERVER_NAME,
@@ -208,11 +211,7 @@ class Server:
                     self._drain_wakeup()
                 else:
                     if mask & selectors.EVENT_READ:
-                        try:
-                            self._on_readable(conn)
-                        except Exception:  # a bug of ours: lose this client, not the server
-                            log.exception("internal error while serving %s; closing it", conn.name)
-                            self._close_now(conn, "connection closed", "internal error")
+                        self._guarded(self._on_readable, conn)
                     if conn.handshaking:
                         if mask & selectors.EVENT_WRITE and conn.state != CLOSED:
                             self._continue_handshake(conn)
@@ -226,6 +225,14 @@ class Server:
             if self._stopping and (not self.connections or self.now >= self._stop_deadline):
                 break
         self._finish()
+
+    def _guarded(self, serve: Callable[[Connection], None], conn: Connection) -> None:
+        """Run a step that serves a client's input; a bug of ours loses that client, not the server."""
+        try:
+            serve(conn)
+        except Exception:
+            log.exception("internal error while serving %s; closing it", conn.name)
+            self._close_now(conn, "connection closed", "internal error")
 
     def _before_sleep(self) -> None:
         """Condemned clients out, the pass's messages committed, then the queued bytes written."""
@@ -323,6 +330,10 @@ class Server:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:
             pass
+        if len(self.connections) >= self.config.max_clients + REFUSING_MAX:
+            # Even refusals are bounded: past this, a new connection is closed without a word.
+            sock.close()
+            return
         ip = str(addr[0]) if isinstance(addr, tuple) else str(addr)
         peer = f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else str(addr)
         if self.tls is not None:
@@ -399,12 +410,14 @@ class Server:
             self._close_now(conn, "connection closed", f"read failed: {exc.strerror}")
             return
         if not data:
-            if conn.state == OPEN and conn.decoder.buffered:
-                self._close_now(conn, "connection closed", "peer closed mid-frame")
-            elif conn.state == OPEN:
-                # Perhaps only half-closed (a script piping requests in): what it asked is
-                # answered before we close too.
-                self._close_after_flush(conn, "connection closed", "peer closed")
+            if conn.state == OPEN:
+                # Perhaps only half-closed (a script piping requests in): whatever complete
+                # requests it sent are still served, and answered, before we close too.
+                conn.eof = True
+                conn.reading = False
+                self._serve_frames(conn)
+                if conn.state == OPEN:
+                    self._update_interest(conn)
             elif conn.state == FLUSHING:
                 conn.reading = False  # nothing more will come; wait for the flush to finish
                 self._update_interest(conn)
@@ -428,6 +441,8 @@ class Server:
         decoder = conn.decoder
         high_water = self.high_water
         while conn.state == OPEN:
+            if conn.doom is not None:
+                return  # condemned (a slow consumer): nothing more is served
             if conn.out.size > high_water:
                 conn.reading = False
                 return
@@ -439,6 +454,11 @@ class Server:
                 self._close_after_flush(conn, "protocol error", exc.message)
                 return
             if payload is None:
+                if conn.eof:  # the peer has closed its side: nothing more will come
+                    if decoder.buffered:
+                        self._close_now(conn, "connection closed", "peer closed mid-frame")
+                    else:
+                        self._close_after_flush(conn, "connection closed", "peer closed")
                 return
             self._on_frame(conn, payload)
 
@@ -463,7 +483,7 @@ class Server:
 
     def _on_readable_later(self, conn: Connection) -> None:
         if conn.state != CLOSED and conn.reading:
-            self._on_readable(conn)
+            self._guarded(self._on_readable, conn)
 
     def _on_frame(self, conn: Connection, payload: bytes) -> None:
         self.stats["frames_in"] += 1
@@ -689,16 +709,16 @@ class Server:
             if conn.reading and out.size > self.high_water:
                 conn.reading = False
             elif not conn.reading and out.size <= self.low_water:
-                conn.reading = True
-                if conn.decoder.buffered:
+                conn.reading = not conn.eof
+                if conn.decoder.buffered or conn.eof:
                     # Requests that waited in the decoder: served next pass, so that what they
                     # say is committed before it is sent, like everything else.
                     self.timers.call_at(self.now, self._serve_frames_later, conn)
         self._update_interest(conn)
 
     def _serve_frames_later(self, conn: Connection) -> None:
-        if conn.state == OPEN and conn.reading:
-            self._serve_frames(conn)
+        if conn.state == OPEN and (conn.reading or conn.eof):
+            self._guarded(self._serve_frames, conn)
 
     def _update_interest(self, conn: Connection) -> None:
         want = 0
@@ -781,6 +801,7 @@ class Server:
         conn.state = CLOSED
         conn.accepting = False
         conn.out.clear()
+        conn.decoder.clear()  # timers may hold the connection a while: not its buffers
         if conn.mask:
             self.selector.unregister(conn.sock)
             conn.mask = 0
@@ -842,7 +863,9 @@ class Server:
             self.listener.close()
         notice = events.Notice("server shutting down")
         for conn in list(self.connections.values()):
-            if conn.state == OPEN:
+            if conn.handshaking:
+                self._close_now(conn, None, "server shutting down during the TLS handshake")
+            elif conn.state == OPEN:
                 self._queue_event(conn, notice, None)
                 conn.user = None  # everyone leaves at once: no quit storm for the last seconds
                 self._close_after_flush(conn, None, "server shutting down")

@@ -6,6 +6,10 @@ stays here so the bug cannot come back.
 
 from __future__ import annotations
 
+import socket
+import threading
+import time
+
 import pytest
 
 from conftest import unique_nick, unique_room
@@ -77,3 +81,46 @@ def test_one_answer_never_drops_a_reading_client_whatever_the_limits(start_serve
     joiner.expect_names(room)
     assert joiner.expect("history", room=room)["messages"], "history cut to nothing"
     writer.assert_quiet()
+
+
+def test_a_ping_token_that_cannot_be_written_back_is_a_bad_request(start_server) -> None:
+    """Found by review: 1e400 reads as infinity, which no JSON can carry; echoing it raised out
+    of the loop (and, from a timer, killed the server). Now the request is refused instead."""
+    srv = start_server("--max-per-ip", "0")
+    c = srv.client()
+    # Enough bad frames first that the ping waits behind backpressure and is served from a timer.
+    infinite = b'{"type":"ping","token":1e400,"ref":"inf"}'
+    c.send_raw(b"".join(encode({"no": "type"}) for _ in range(4000))
+               + len(infinite).to_bytes(4, "big") + infinite)
+    answer = c.collect_until(lambda e: e.get("ref") == "inf", timeout=10.0)[-1]
+    assert answer["type"] == "error" and answer["code"] == "bad_request", answer
+    c.send(type="ping", token=1.5)
+    assert c.collect_until(lambda e: e["type"] == "pong")[-1]["token"] == 1.5
+    assert srv.alive()
+    c.register(unique_nick("after"))  # the connection is still good
+
+
+def test_a_client_that_half_closes_after_pipelining_gets_every_answer(start_server) -> None:
+    """Found by review: requests held back by backpressure were dropped as 'mid-frame' when the
+    peer's end of stream came before they were served. Small requests with large answers (bad
+    frames and their errors) make the server pause with many requests still buffered."""
+    srv = start_server("--max-per-ip", "0", "--rate", "0")
+    watcher = srv.registered(unique_nick("w"))
+    c = srv.client(rcvbuf=4096)
+    nick = unique_nick("pipe")
+    count = 60000
+    requests = (b"".join(encode({}) for _ in range(count))
+                + encode({"type": "hello", "nick": nick})
+                + encode({"type": "say", "room": "#lobby", "text": "the last word"}))
+    sender = threading.Thread(target=lambda: (c.sock.setblocking(True), c.sock.sendall(requests),
+                                              c.sock.shutdown(socket.SHUT_WR)))
+    sender.start()
+    # The scenario: the client does not read for a while, so the server stops serving it with
+    # requests still buffered, and the end of its stream arrives before they are served.
+    time.sleep(1.5)
+    c.sock.setblocking(False)
+    events = c.assert_closed(30.0)
+    sender.join(5.0)
+    assert sum(e["type"] == "error" and e["code"] == "bad_json" for e in events) == count
+    assert any(e["type"] == "message" and e["text"] == "the last word" for e in events), events[-5:]
+    watcher.wait_for("message", text="the last word", timeout=10.0)
