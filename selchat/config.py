@@ -19,7 +19,6 @@ from selchat.defaults import (
     NICK_MAX,
     PING_INTERVAL,
     PING_TIMEOUT,
-    ROOM_MAX,
     SHUTDOWN_GRACE,
     RATE,
     BURST,
@@ -120,24 +119,22 @@ def _port(text: str) -> int:
     return value
 
 
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not value > 0 or value != value or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"{text} must be a positive number of seconds")
-    return value
+def _number(what: str, zero_allowed: bool) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number{what}") from None
+        if not (value >= 0 if zero_allowed else value > 0) or value == float("inf"):
+            bound = "0 (off) or a positive number" if zero_allowed else f"a positive number{what}"
+            raise argparse.ArgumentTypeError(f"{text} must be {bound}")
+        return value
+
+    return parse
 
 
-def _rate(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"{text} must be 0 (off) or a positive number")
-    return value
+_seconds = _number(" of seconds", zero_allowed=False)
+_rate = _number("", zero_allowed=True)
 
 
 def build_parser() -> argparse.ArgumentParser:

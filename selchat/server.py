@@ -33,7 +33,7 @@ import socket
 import ssl
 import sys
 import time
-from typing import Any, Callable, Dict, List, Optional, Set
+from typing import Any, Callable, Dict, List, Optional
 
 from selchat import SERVER_NAME, codec, events
 from selchat.events import Message
@@ -47,7 +47,6 @@ from selchat.protocol import (
     Hello,
     Parser,
     PingRequest,
-    PongReply,
     ProtocolError,
     QuitRequest,
     Ref,
