@@ -71,15 +71,15 @@ def min_frame_for(max_text: int) -> int:
     (quote, backslash, tab, newline) at most 2; then the envelope (names, id, ts) and room for
     at least a small `ref` (a larger max_frame leaves room for larger refs: `ref_limit`).
     """
-    from selchat.protocol import ANSWER_ENVELOPE, REF_MIN_BYTES
+    from selchat.doors.framed.protocol import ANSWER_ENVELOPE, REF_MIN_BYTES
 
     return 4 * max_text + ANSWER_ENVELOPE + REF_MIN_BYTES
 
 
 def welcome_size(config: "ServerConfig") -> int:
     """Bytes of the largest `welcome` this configuration can send (longest nick and ref)."""
-    from selchat import events
-    from selchat.protocol import encode_event, ref_limit
+    from selchat.core import events
+    from selchat.doors.framed.protocol import encode_event, ref_limit
 
     welcome = events.Welcome("N" * NICK_MAX, SERVER_NAME, config.motd, config.max_frame,
                              config.max_text, config.rate, config.burst)
@@ -204,7 +204,7 @@ def parse_args(argv: Optional[List[str]] = None) -> ServerConfig:
         parser.error("--tls-cert and --tls-key go together")
     if config.ping_timeout <= config.ping_interval:
         parser.error("--ping-timeout must be longer than --ping-interval")
-    from selchat.protocol import has_control_characters
+    from selchat.doors.framed.protocol import has_control_characters
 
     if has_control_characters(config.motd):
         parser.error("--motd must be printable text (no control characters but newline and tab)")

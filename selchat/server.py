@@ -35,15 +35,17 @@ import sys
 import time
 from typing import Any, Callable, Dict, List, Optional
 
-from selchat import SERVER_NAME, codec, events
-from selchat.events import Message
-from selchat.chat import Chat, ChatError, Delivery, User
+from selchat import SERVER_NAME
+from selchat.core import events
+from selchat.doors.framed import codec
+from selchat.core.events import Message
+from selchat.core.chat import Chat, ChatError, Delivery, User
 from selchat.config import ServerConfig, parse_args
 from selchat.defaults import ACCEPT_PAUSE, ACCEPT_PER_PASS, LINGER_TIMEOUT, LISTEN_BACKLOG, RECV_SIZE
-from selchat.outbuffer import OutBuffer
+from selchat.loop.outbuffer import OutBuffer
 from selchat.password import read_password_file
-from selchat.ratelimit import ALLOW, DISCONNECT, TokenBucket
-from selchat.protocol import (
+from selchat.core.ratelimit import ALLOW, DISCONNECT, TokenBucket
+from selchat.doors.framed.protocol import (
     Hello,
     Parser,
     PingRequest,
@@ -54,8 +56,8 @@ from selchat.protocol import (
     encode_event,
     ref_limit,
 )
-from selchat.store import SQLiteStore, StoreError
-from selchat.timers import TimerHeap
+from selchat.core.store import SQLiteStore, StoreError
+from selchat.loop.timers import TimerHeap
 
 REFUSING_MAX = 256  # connections beyond --max-clients that may be in the middle of a refusal
 

@@ -14,8 +14,8 @@ import sys
 import pytest
 
 from selchat.bench import loadgen
-from selchat.bench.peers import PEERS_DIR, RunningServer, ServerSpec
-from selchat.codec import FrameDecoder, decode, encode
+from selchat.bench.launcher import PEERS_DIR, RunningServer, ServerSpec
+from selchat.doors.framed.codec import FrameDecoder, decode, encode
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the generator uses epoll and /proc")
 

@@ -6,9 +6,9 @@ from typing import Dict, List
 
 import pytest
 
-from selchat import events
-from selchat.chat import Chat, ChatError, Delivery, User
-from selchat.protocol import (
+from selchat.core import events
+from selchat.core.chat import Chat, ChatError, Delivery, User
+from selchat.doors.framed.protocol import (
     ChangeNick,
     HistoryRequest,
     JoinRoom,
@@ -20,7 +20,7 @@ from selchat.protocol import (
     Say,
     Who,
 )
-from selchat.store import MemoryStore
+from selchat.core.store import MemoryStore
 
 
 class Endpoint:

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from selchat.codec import EncodeError, FrameDecoder, FrameError, PayloadError, decode, encode, frame
+from selchat.doors.framed.codec import EncodeError, FrameDecoder, FrameError, PayloadError, decode, encode, frame
 
 json_scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text()
 json_values = st.recursive(

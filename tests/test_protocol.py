@@ -6,9 +6,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from selchat import events
-from selchat.codec import decode
-from selchat.protocol import (
+from selchat.core import events
+from selchat.doors.framed.codec import decode
+from selchat.doors.framed.protocol import (
     ChangeNick,
     Hello,
     HistoryRequest,

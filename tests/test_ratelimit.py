@@ -1,7 +1,7 @@
 from hypothesis import given
 from hypothesis import strategies as st
 
-from selchat.ratelimit import ALLOW, DISCONNECT, REFUSE, TokenBucket
+from selchat.core.ratelimit import ALLOW, DISCONNECT, REFUSE, TokenBucket
 
 
 def test_burst_then_refusals_then_disconnect() -> None:

@@ -16,8 +16,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from selchat.events import Message
-from selchat.store import (
+from selchat.core.events import Message
+from selchat.core.store import (
     APPLICATION_ID,
     MIGRATIONS,
     SCHEMA_VERSION,
@@ -226,8 +226,8 @@ def test_committed_messages_survive_kill_9(tmp_path):
     path = tmp_path / "chat.db"
     script = (
         "import os, signal, sys\n"
-        "from selchat.events import Message\n"
-        "from selchat.store import SQLiteStore\n"
+        "from selchat.core.events import Message\n"
+        "from selchat.core.store import SQLiteStore\n"
         "s = SQLiteStore(sys.argv[1])\n"
         "for i in range(1, 51):\n"
         "    s.add(Message(i, i, 'al', 'm%d' % i, '#lobby'))\n"

@@ -2,6 +2,6 @@
 
 * `loadgen`: R receivers and S senders in #lobby, spread over a few worker processes that
   each run one epoll loop over non-blocking sockets; counts frames by walking length prefixes.
-* `peers`: how to start and stop the servers under test and sample their CPU and RSS.
+* `launcher`: how to start and stop the servers under test and sample their CPU and RSS.
 * `runner`: the `selchat-bench` command: points, interleaving, medians, RESULTS.md, plot.
 """

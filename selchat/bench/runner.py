@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from selchat.bench import loadgen
-from selchat.bench.peers import REPO, RunningServer, ServerError, ServerSpec, known_servers, selchat_available, uvloop_available
+from selchat.bench.launcher import REPO, RunningServer, ServerError, ServerSpec, known_servers, selchat_available, uvloop_available
 
 ALL_POINTS = ("fanout", "latency", "idle", "sweep")
 GEN_LIMIT = 0.8  # generator cores above which a throughput figure is not trusted

@@ -13,7 +13,7 @@ import ssl
 import time
 from typing import Any, Dict, Optional, Tuple
 
-from selchat.codec import FrameDecoder, FrameError, PayloadError, decode, encode
+from selchat.doors.framed.codec import FrameDecoder, FrameError, PayloadError, decode, encode
 from selchat.client.security import redact
 from selchat.client.session import Pacer
 from selchat.defaults import MAX_FRAME, RECV_SIZE

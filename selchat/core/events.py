@@ -1,6 +1,6 @@
 """What the chat state says happened: small frozen records, free of any wire format.
 
-The frame protocol (`selchat.protocol`) turns these into JSON objects; a later IRC or WebSocket
+The frame protocol (`selchat.doors.framed.protocol`) turns these into JSON objects; a later IRC or WebSocket
 adapter would turn the same records into its own lines, which is why nothing here knows JSON.
 """
 

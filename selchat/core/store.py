@@ -25,7 +25,7 @@ import time
 from collections import deque
 from typing import Callable, Deque, Dict, List, Optional, Protocol, Sequence, Tuple
 
-from selchat.events import Message
+from selchat.core.events import Message
 
 __all__ = [
     "StoreError",

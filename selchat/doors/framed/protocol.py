@@ -11,7 +11,8 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
-from selchat import codec, events
+from selchat.core import events
+from selchat.doors.framed import codec
 from selchat.defaults import (
     MAX_FRAME,
     CLIENT_NAME_MAX,

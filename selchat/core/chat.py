@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
-from selchat import events
+from selchat.core import events
 from selchat.defaults import (
     HISTORY_ON_JOIN,
     LOBBY,
@@ -24,7 +24,7 @@ from selchat.defaults import (
     MAX_ROOMS,
     MAX_ROOMS_PER_USER,
 )
-from selchat.protocol import (
+from selchat.doors.framed.protocol import (
     ChangeNick,
     HistoryRequest,
     JoinRoom,
@@ -42,7 +42,7 @@ from selchat.protocol import (
     valid_nick,
 )
 
-from selchat.store import StoreError
+from selchat.core.store import StoreError
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""Front doors: one package per wire protocol, each a session over a transport."""

@@ -1,0 +1,1 @@
+"""The native door: length-prefixed JSON frames (docs/protocol.md)."""
