@@ -9,9 +9,12 @@ chat state, and the store only keeps them. The server loop drives it:
 * `recent()` answers history questions and also sees messages added but not committed yet,
   because the chat state may be asked for history in the same pass a message was said.
 
-Ids are assigned by the chat state, starting after `last_id()` as read at open time, so ids keep
-increasing across restarts. Private messages (`room` is None) are never stored: a nick is not an
-account, and whoever takes a nick later must not read what was said to its last owner.
+Ids come from `allocate_id()`, room and private messages alike. The store hands them out of
+blocks whose end is made durable *before* the first id of the block is returned, so a restart
+resumes above every id any earlier run may have handed out, whatever the disk did meanwhile (a
+full disk that failed every commit, then SIGKILL). Private messages (`room` is None) are never
+stored: a nick is not an account, and whoever takes a nick later must not read what was said to
+its last owner.
 
 Two implementations: `SQLiteStore` (the server's) and `MemoryStore` (bounded deques, for tests
 and for the chat-state unit tests).
@@ -19,6 +22,7 @@ and for the chat-state unit tests).
 
 from __future__ import annotations
 
+import logging
 import os
 import sqlite3
 import time
@@ -29,6 +33,8 @@ from selchat.core.events import Message
 
 __all__ = [
     "StoreError",
+    "ID_BLOCK",
+    "MAX_ID",
     "MessageStore",
     "MemoryStore",
     "SQLiteStore",
@@ -38,7 +44,13 @@ __all__ = [
     "DEFAULT_CAP_PER_ROOM",
 ]
 
+log = logging.getLogger(__name__)
+
 DEFAULT_CAP_PER_ROOM = 1000
+# Ids reserved per durable write: one fsync'd transaction per ID_BLOCK ids, and a restart skips
+# at most ID_BLOCK - 1 unused ones. Ids only have to increase, not to be dense.
+ID_BLOCK = 1024
+MAX_ID = (1 << 63) - 1  # SQLite's largest integer, hence the largest id
 WAL_PAGES = 4000  # pages (4 KiB each) the WAL may grow to before a checkpoint
 CACHE_KIB = 32768  # SQLite's page cache: the hot end of every room's history stays in memory
 
@@ -71,6 +83,13 @@ MIGRATIONS: Tuple[Migration, ...] = (
         "CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL)",
         "INSERT INTO meta (key, value) SELECT 'last_id', COALESCE(MAX(id), 0) FROM messages",
     ),
+    # version 3: `reserved_until`, the end of the last block of ids reserved for handing out.
+    # Every id handed out is <= it, and it is durable before any id of its block is used, so a
+    # restart starts above it. A v2 file starts from its high-water mark (all it knows).
+    (
+        "INSERT OR IGNORE INTO meta (key, value)"
+        " SELECT 'reserved_until', COALESCE(MAX(value), 0) FROM meta WHERE key = 'last_id'",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -80,7 +99,8 @@ _RECENT = (
     " WHERE room_key = ? AND id < ? ORDER BY id DESC LIMIT ?"
 )
 _SAVE_LAST_ID = "INSERT OR REPLACE INTO meta (key, value) VALUES ('last_id', ?)"
-_NO_UPPER_BOUND = (1 << 63) - 1  # SQLite's largest integer: "before" when the caller gave None
+_SAVE_RESERVED = "INSERT OR REPLACE INTO meta (key, value) VALUES ('reserved_until', ?)"
+_NO_UPPER_BOUND = MAX_ID  # "before" when the caller gave None, or anything beyond int64
 
 
 class StoreError(Exception):
@@ -91,7 +111,12 @@ class MessageStore(Protocol):
     """What the chat state and the server loop need from a store."""
 
     def last_id(self) -> int:
-        """The highest id committed so far (0 if none); the chat reads it once, at start-up."""
+        """The highest id committed or noted so far, and at least every id an earlier run may
+        have handed out (0 if none). Kept for callers that count ids themselves."""
+
+    def allocate_id(self) -> int:
+        """The next message id: higher than every id handed out before, in this run or any
+        earlier one. StoreError (and no id) when the reservation cannot be made durable."""
 
     def add(self, message: Message) -> None:
         """Queue a room message for the next `commit()`; no I/O. ValueError for a private one."""
@@ -125,6 +150,12 @@ def _check_query(before: Optional[int], limit: int) -> None:
         raise TypeError("before must be an int or None")
 
 
+def _nothing_below(before: Optional[int]) -> bool:
+    """Ids start at 1: `before` <= 1 has no answer. Checked in Python first, so a `before` of any
+    size (a client may send -2**70) never reaches SQLite, which only binds int64."""
+    return before is not None and before <= 1
+
+
 class MemoryStore:
     """Room history in memory: at most `cap_per_room` newest messages per room, lost on exit.
 
@@ -141,11 +172,21 @@ class MemoryStore:
         self._pending = 0
         self._pending_last_id = 0
         self._pending_ids = 0  # ids noted without a message since the last commit
+        self._allocated = 0  # the last id allocate_id() returned
         self._commits = 0
         self._written = 0
 
     def last_id(self) -> int:
         return self._last_id
+
+    def allocate_id(self) -> int:
+        """Nothing outlives this store, so there is nothing to reserve: one past the highest id
+        it has seen, however it saw it (allocated, added or noted)."""
+        next_id = max(self._allocated, self._last_id, self._pending_last_id) + 1
+        if next_id > MAX_ID:
+            raise StoreError("memory store: message ids are exhausted")
+        self._allocated = next_id
+        return next_id
 
     def add(self, message: Message) -> None:
         _check_message(message)
@@ -176,7 +217,7 @@ class MemoryStore:
     def recent(self, room: str, before: Optional[int], limit: int) -> Tuple[List[Message], bool]:
         _check_query(before, limit)
         messages = self._rooms.get(room.lower())
-        if not messages:
+        if not messages or _nothing_below(before):
             return [], False
         # Newest first until `limit` + 1 are found: the extra one only says whether more exist.
         # A linear walk over at most `cap_per_room` entries: this store is for tests.
@@ -203,6 +244,9 @@ class MemoryStore:
             "pending": self._pending,
             "commit_seconds": 0.0,
             "max_commit_seconds": 0.0,
+            "reservations": 0,
+            "reservation_failures": 0,
+            "reserved_until": self._allocated,
         }
 
 
@@ -237,16 +281,29 @@ class SQLiteStore:
     thread for 0.1 to 10+ ms per pass depending on the disk, stalling every client; it is there
     for operators who want it, not the default.
 
+    Ids: `allocate_id()` hands them out of a block `[next, reserved_until]` kept in memory. When
+    the block is used up it first commits a new `meta.reserved_until` in a transaction of its
+    own, with `synchronous=FULL` for that one transaction (an fsync per `block_size` ids, not per
+    pass), and only then returns the first id of the new block. At open, ids resume above the
+    stored `reserved_until`, so no id is handed out twice even if every commit since the
+    reservation failed (disk full) and the process was killed. The reservation never carries
+    messages along: `add()` only queues them in Python and `commit()` opens and closes its own
+    transaction, so between calls no SQLite transaction is open and the reservation's holds
+    nothing but the one `meta` row (if one were open, the reservation refuses rather than
+    commit it).
+
     One server per file: the connection uses `locking_mode=EXCLUSIVE` and keeps the file locked
-    while open. Ids are assigned in memory from `last_id()`, so two servers on one file would
-    hand out the same ids; the second one is refused at open instead. (It also means other
+    while open. Two servers on one file would hand out ids from the same block; the second one
+    is refused at open instead. (It also means other
     programs cannot read the file while the server runs; stop it or copy the file first.)
 
     Every way the file can be unusable (missing directory, a directory, not a database, a newer
     schema, read-only file or directory, locked by another server) raises StoreError at open:
     the schema is read and a write is tried, so a bad `--db` fails at start, not at the first
     message. A failed `commit()` raises StoreError, drops the batch, and leaves the store ready
-    for the next one.
+    for the next one; it never touches `reserved_until`, so the id invariant does not depend on
+    commits succeeding. A reservation that cannot be written raises StoreError from
+    `allocate_id()` and hands out no id; the next call tries again.
     """
 
     def __init__(
@@ -257,12 +314,17 @@ class SQLiteStore:
         lock_timeout: float = 1.0,
         migrations: Sequence[Migration] = MIGRATIONS,
         timer: Callable[[], float] = time.perf_counter,
+        block_size: int = ID_BLOCK,
     ) -> None:
         """Open (creating if needed) and upgrade the database at `path`; ':memory:' for a throwaway.
 
         `lock_timeout`: seconds to wait for a file another process holds. `migrations` exists
         for the tests of the upgrade path. `timer` only measures commits for `stats()`.
+        `block_size`: ids reserved per durable write (small values exist for tests).
         """
+        if block_size < 1:
+            raise ValueError("block_size must be >= 1")
+        self.block_size = block_size
         self.path = os.fspath(path)
         synchronous = synchronous.upper()
         if synchronous not in ("NORMAL", "FULL"):
@@ -275,6 +337,8 @@ class SQLiteStore:
         self._failures = 0
         self._commit_seconds = 0.0
         self._max_commit_seconds = 0.0
+        self._reservations = 0
+        self._reservation_failures = 0
         self._closed = False
         self._identity: Optional[Tuple[int, int]] = None
         if not self.path:
@@ -288,8 +352,9 @@ class SQLiteStore:
         try:
             self._configure()
             self._migrate(tuple(migrations))
-            self._last_id = self._read_last_id()
+            self._last_id, self._reserved = self._read_ids()
             self._noted = self._last_id  # the highest id handed out, as far as we know
+            self._next = self._last_id + 1  # allocate_id()'s next answer, once reserved
             if not self._memory:
                 self._identity = self._file_identity()
         except StoreError:
@@ -362,16 +427,25 @@ class SQLiteStore:
             self._rollback_quietly()
             raise
 
-    def _read_last_id(self) -> int:
+    def _read_ids(self) -> Tuple[int, int]:
+        """(the highest id an earlier run may have handed out, the stored reservation end).
+
+        The first covers stored rows, the recorded high-water mark and the reserved block: an
+        id of that block may have reached a client although nothing of it was ever stored.
+        """
         last = self._conn.execute("SELECT MAX(id) FROM messages").fetchone()[0] or 0
+        reserved = 0
         has_meta = self._conn.execute(
             "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'meta'"
         ).fetchone()[0]
         if has_meta:  # absent only when a test opens the file with the first migrations alone
-            row = self._conn.execute("SELECT value FROM meta WHERE key = 'last_id'").fetchone()
-            if row is not None:
-                last = max(last, row[0])
-        return int(last)
+            for key, value in self._conn.execute(
+                "SELECT key, value FROM meta WHERE key IN ('last_id', 'reserved_until')"
+            ):
+                if key == "reserved_until":
+                    reserved = int(value)
+                last = max(last, value)
+        return int(last), reserved
 
     def _file_identity(self) -> Tuple[int, int]:
         st = os.stat(self.path)
@@ -389,9 +463,54 @@ class SQLiteStore:
     def last_id(self) -> int:
         return self._last_id
 
+    def allocate_id(self) -> int:
+        """The next id; at a block's end, first a durable reservation (see the class doc)."""
+        next_id = self._next
+        if next_id <= self._noted:  # ids counted by a caller that does not use allocate_id()
+            next_id = self._noted + 1
+        if next_id > self._reserved:
+            self._reserve(next_id)
+        self._next = next_id + 1
+        return next_id
+
+    def _reserve(self, first: int) -> None:
+        """Make `[first, first + block_size - 1]` durable as reserved, or raise StoreError."""
+        if first > MAX_ID:
+            raise StoreError(f"{self.path}: message ids are exhausted")
+        end = min(first + self.block_size - 1, MAX_ID)
+        conn = self._conn
+        try:
+            if self._closed:
+                raise sqlite3.ProgrammingError("the store is closed")
+            if conn.in_transaction:  # never, with this class's own calls: refuse, do not commit it
+                raise sqlite3.OperationalError("a transaction is already open")
+            if self._identity is not None:
+                self._check_file_still_there()
+            if self._synchronous != "FULL":
+                conn.execute("PRAGMA synchronous = FULL")
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                conn.execute(_SAVE_RESERVED, (end,))
+                conn.execute("COMMIT")
+            finally:
+                if self._synchronous != "FULL":
+                    self._rollback_quietly()
+                    conn.execute(f"PRAGMA synchronous = {self._synchronous}")
+        except (sqlite3.Error, OSError) as exc:
+            self._rollback_quietly()
+            self._reservation_failures += 1
+            raise StoreError(
+                f"{self.path}: could not reserve message ids {first}..{end}: {_one_line(exc)}"
+            ) from exc
+        self._reserved = end
+        self._reservations += 1
+        log.debug("%s: reserved message ids up to %d", self.path, end)
+
     def add(self, message: Message) -> None:
         _check_message(message)
         self._pending.append(message)
+        if message.id > self._noted:
+            self._noted = message.id
 
     def note_id(self, message_id: int) -> None:
         if message_id > self._noted:
@@ -455,16 +574,21 @@ class SQLiteStore:
 
     def recent(self, room: str, before: Optional[int], limit: int) -> Tuple[List[Message], bool]:
         _check_query(before, limit)
+        if _nothing_below(before):
+            return [], False
         key = room.lower()
         bound = _NO_UPPER_BOUND if before is None else min(before, _NO_UPPER_BOUND)
         try:
-            rows = self._conn.execute(_RECENT, (key, bound, limit + 1)).fetchall()
+            rows = self._conn.execute(_RECENT, (key, bound, min(limit + 1, MAX_ID))).fetchall()
         except sqlite3.Error as exc:
             raise StoreError(f"{self.path}: could not read history: {_one_line(exc)}") from exc
         found = [Message(id=r[0], ts=r[1], sender=r[2], text=r[3], room=r[4]) for r in rows]
         # Messages added but not committed yet: a handful at most (one loop pass). They are
         # normally newer than anything in the file, but merging by id does not rely on that.
-        queued = [m for m in self._pending if m.id < bound and m.room.lower() == key]  # type: ignore[union-attr]
+        queued = [
+            m for m in self._pending
+            if (before is None or m.id < before) and m.room.lower() == key  # type: ignore[union-attr]
+        ]  # type: ignore[union-attr]
         if queued:
             found.extend(queued)
             found.sort(key=lambda m: m.id, reverse=True)
@@ -489,7 +613,8 @@ class SQLiteStore:
 
     def stats(self) -> Dict[str, float]:
         """Counters for the server's log: successful commits, messages written, failed commits,
-        messages queued now, and the time spent in commits (total and worst, seconds)."""
+        messages queued now, the time spent in commits (total and worst, seconds), and id
+        reservations (made, failed, and the end of the current block)."""
         return {
             "commits": self._commits,
             "messages": self._written,
@@ -497,6 +622,9 @@ class SQLiteStore:
             "pending": len(self._pending),
             "commit_seconds": self._commit_seconds,
             "max_commit_seconds": self._max_commit_seconds,
+            "reservations": self._reservations,
+            "reservation_failures": self._reservation_failures,
+            "reserved_until": self._reserved,
         }
 
     def schema_version(self) -> int:
