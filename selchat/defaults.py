@@ -35,3 +35,9 @@ RATE = 10.0  # requests per second per connection, on average (0 turns flood con
 BURST = 20  # requests a connection may send at once
 MAX_CLIENTS = 10000  # connections in all, registered or not
 MAX_PER_IP = 16  # connections from one address (0: no limit)
+
+# Bounds of the options themselves (selchat.config checks them; see docs/protocol.md, "Options").
+MOTD = "Welcome to selchat."  # dropped when it cannot fit in the welcome and --motd was not given
+FRAME_LENGTH_MAX = (1 << 32) - 1  # a frame's length prefix is 4 bytes: no max_frame above this
+TEXT_LIMIT_MAX = 1 << 28  # --max-text at most this (its frames stay well under FRAME_LENGTH_MAX)
+SECONDS_MAX = 1_000_000.0  # seconds options at most this (~11.6 days): twice it still fits epoll's timeout
