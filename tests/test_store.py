@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -671,4 +672,349 @@ def test_stores_agree_with_a_model(operations):
     for s in stores:
         assert s.commit() == model.queued
         assert s.last_id() == next_id
+        s.close()
+
+
+# -- ids: reserved in durable blocks (finding 2) --------------------------------------------------
+
+UNCAPPED = 1073741823
+
+
+def meta(store: SQLiteStore, key: str) -> Optional[int]:
+    row = store._conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+    return None if row is None else row[0]
+
+
+def disk_full(store: SQLiteStore, full: bool = True) -> None:
+    """Cap the file at its current size: any write needing a new page fails with SQLITE_FULL."""
+    conn = store._conn
+    pages = conn.execute("PRAGMA page_count").fetchone()[0]
+    conn.execute(f"PRAGMA max_page_count = {pages if full else UNCAPPED}")
+
+
+def kill(store: SQLiteStore) -> None:
+    """What SIGKILL leaves: the connection gone, nothing queued committed, no close() logic."""
+    store._conn.close()
+
+
+def test_allocate_id_increases_and_passes_ids_it_was_told_of(store):
+    first = [store.allocate_id() for _ in range(5)]
+    assert first == [1, 2, 3, 4, 5]
+    store.add(msg(40))  # a caller still counting ids itself
+    assert store.allocate_id() == 41
+    store.note_id(60)
+    assert store.allocate_id() == 61
+    store.commit()
+    assert store.allocate_id() == 62
+
+
+def test_ids_resume_above_the_reserved_block_after_a_restart(tmp_path):
+    path = tmp_path / "chat.db"
+    store = SQLiteStore(path, block_size=8)
+    assert [store.allocate_id() for _ in range(3)] == [1, 2, 3]
+    assert meta(store, "reserved_until") == 8  # durable before id 1 was returned
+    assert store.stats()["reservations"] == 1
+    kill(store)  # ids 1..3 handed out, nothing stored
+    store = SQLiteStore(path, block_size=8)
+    assert store.last_id() == 8
+    assert store.allocate_id() == 9  # the unused rest of the block is skipped, never reused
+    store.close()
+    store = SQLiteStore(path, block_size=8)
+    store.close()  # an open without allocation reserves nothing
+    store = SQLiteStore(path, block_size=8)
+    assert store.allocate_id() == 17
+    assert [store.allocate_id() for _ in range(8)] == list(range(18, 26))
+    assert meta(store, "reserved_until") == 32 and store.stats()["reservations"] == 2
+    store.close()
+
+
+def test_full_disk_then_kill_never_reissues_an_id(tmp_path):
+    """Finding 2: commits fail for lack of space, the process dies, space comes back."""
+    path = tmp_path / "chat.db"
+    store = SQLiteStore(path, block_size=8)
+    for _ in range(3):
+        store.add(msg(store.allocate_id()))
+    store.commit()
+    disk_full(store)
+    before: List[int] = []
+    stored = [1, 2, 3]
+    for i in range(30):  # crosses three block ends while (almost) nothing can be stored
+        message_id = store.allocate_id()
+        before.append(message_id)
+        if i % 3:  # a room message; every third a private one (never stored)
+            store.add(msg(message_id, text="x" * 3000))
+        try:
+            if store.commit():
+                stored.append(message_id)
+        except StoreError:
+            pass
+    assert store.stats()["failures"] >= 15  # what fits in the last page's free space may pass
+    assert meta(store, "reserved_until") == 40  # three reservations made while full
+    kill(store)
+    store = SQLiteStore(path, block_size=8)  # reopened uncapped: space freed
+    after = [store.allocate_id() for _ in range(20)]
+    assert min(after) > max(before) > 3
+    assert ids(store.recent("#lobby", None, 200)) == (stored, False)
+    assert len(stored) < 10
+    store.close()
+
+
+def test_a_reservation_that_cannot_be_written_hands_out_no_id(tmp_path):
+    path = tmp_path / "chat.db"
+    store = SQLiteStore(path, block_size=4)
+    handed = [store.allocate_id(), store.allocate_id()]
+    store._conn.execute("PRAGMA query_only = ON")  # from now on every write fails
+    handed += [store.allocate_id(), store.allocate_id()]  # the block was durable already
+    for _ in range(3):
+        with pytest.raises(StoreError, match="could not reserve message ids 5") as info:
+            store.allocate_id()
+        assert str(path) in str(info.value) and "\n" not in str(info.value)
+    stats = store.stats()
+    assert (stats["reservations"], stats["reservation_failures"], stats["reserved_until"]) == (1, 3, 4)
+    store._conn.execute("PRAGMA query_only = OFF")  # writable again, same process
+    handed.append(store.allocate_id())
+    assert handed == [1, 2, 3, 4, 5]  # unique and increasing: the failures used none
+    assert meta(store, "reserved_until") == 8
+    store._conn.execute("PRAGMA query_only = ON")
+    handed += [store.allocate_id() for _ in range(3)]
+    with pytest.raises(StoreError):
+        store.allocate_id()
+    kill(store)
+    store = SQLiteStore(path, block_size=4)
+    assert store.allocate_id() > max(handed)
+    store.close()
+
+
+def test_a_reservation_on_a_deleted_file_fails(tmp_path):
+    path = tmp_path / "chat.db"
+    store = SQLiteStore(path, block_size=2)
+    assert [store.allocate_id(), store.allocate_id()] == [1, 2]
+    path.unlink()
+    with pytest.raises(StoreError, match="gone"):
+        store.allocate_id()
+    kill(store)
+
+
+def test_failed_commits_leave_the_reservation_alone(tmp_path):
+    store = SQLiteStore(tmp_path / "chat.db", block_size=4)
+    store.add(msg(store.allocate_id()))
+    store.commit()
+    disk_full(store)
+    for _ in range(3):
+        store.add(msg(store.allocate_id(), text="y" * 5000))
+    with pytest.raises(StoreError, match="full"):
+        store.commit()
+    assert meta(store, "reserved_until") == 4
+    assert not store._conn.in_transaction  # the next reservation is its own transaction
+    store.add(msg(store.allocate_id(), text="z" * 5000))  # id 5: a new block, while full
+    assert meta(store, "reserved_until") == 8
+    with pytest.raises(StoreError):
+        store.commit()
+    assert meta(store, "reserved_until") == 8  # the rolled-back commit did not take it along
+    disk_full(store, False)
+    store.add(msg(store.allocate_id()))
+    assert store.commit() == 1
+    assert ids(store.recent("#lobby", None, 50)) == ([1, 6], False)
+    assert store.stats()["failures"] == 2
+    store.close()
+
+
+def test_reservation_runs_with_full_sync_and_restores_the_setting(tmp_path):
+    store = SQLiteStore(tmp_path / "chat.db", block_size=2)
+    seen: List[int] = []
+    store._conn.set_trace_callback(lambda sql: seen.append(sql))
+    store.allocate_id()
+    store._conn.set_trace_callback(None)
+    assert seen[0] == "PRAGMA synchronous = FULL" and seen[-1] == "PRAGMA synchronous = NORMAL", seen
+    assert store._conn.execute("PRAGMA synchronous").fetchone()[0] == 1
+    store.close()
+
+
+def test_version_2_file_is_upgraded_to_reservations(tmp_path):
+    path = tmp_path / "chat.db"
+    store = SQLiteStore(path, migrations=MIGRATIONS[:2])
+    fill(store, 3)
+    store.note_id(10)  # a private message, recorded by the v2 high-water mark
+    store.commit()
+    store.close()
+    assert user_version(path) == 2
+    store = SQLiteStore(path)
+    assert store.schema_version() == SCHEMA_VERSION == 3
+    assert meta(store, "reserved_until") == 10 and store.last_id() == 10
+    assert store.allocate_id() == 11
+    assert ids(store.recent("#lobby", None, 50)) == ([1, 2, 3], False)
+    store.close()
+
+
+def test_version_1_file_is_upgraded_to_reservations(tmp_path):
+    path = tmp_path / "chat.db"
+    store = SQLiteStore(path, migrations=MIGRATIONS[:1])
+    fill(store, 7)
+    store.close()
+    store = SQLiteStore(path)
+    assert meta(store, "reserved_until") == 7 and meta(store, "last_id") == 7
+    assert store.allocate_id() == 8
+    store.close()
+    with pytest.raises(StoreError, match="newer"):  # and a v3 file is refused by v2 code
+        SQLiteStore(path, migrations=MIGRATIONS[:2])
+
+
+def test_ids_end_at_the_int64_limit(tmp_path):
+    store = SQLiteStore(tmp_path / "chat.db", block_size=1024)
+    store.note_id((1 << 63) - 3)
+    assert [store.allocate_id(), store.allocate_id()] == [(1 << 63) - 2, (1 << 63) - 1]
+    with pytest.raises(StoreError, match="exhausted"):
+        store.allocate_id()
+    store.close()
+    memory = MemoryStore()
+    memory.note_id((1 << 63) - 1)
+    with pytest.raises(StoreError, match="exhausted"):
+        memory.allocate_id()
+    with pytest.raises(ValueError):
+        SQLiteStore(":memory:", block_size=0)
+
+
+def test_full_disk_then_sigkill_never_reissues_an_id(tmp_path):
+    """The same as a real process: SIGKILL while the disk is full and writes fail, then restart."""
+    path = tmp_path / "chat.db"
+    script = (
+        "import json, os, signal, sys\n"
+        "from selchat.core.events import Message\n"
+        "from selchat.core.store import SQLiteStore, StoreError\n"
+        "s = SQLiteStore(sys.argv[1], block_size=16)\n"
+        "handed = []\n"
+        "def say(text):\n"
+        "    i = s.allocate_id(); handed.append(i)\n"
+        "    s.add(Message(i, i, 'al', text, '#lobby'))\n"
+        "for n in range(10):\n"
+        "    say('stored %d' % n)\n"
+        "s.commit()\n"
+        "pages = s._conn.execute('PRAGMA page_count').fetchone()[0]\n"
+        "s._conn.execute('PRAGMA max_page_count = %d' % pages)\n"
+        "failed = 0\n"
+        "for n in range(60):\n"
+        "    say('x' * 4000)\n"
+        "    handed.append(s.allocate_id())  # a private message\n"
+        "    try:\n"
+        "        s.commit()\n"
+        "    except StoreError:\n"
+        "        failed += 1\n"
+        "s._conn.execute('PRAGMA query_only = ON')\n"
+        "refused = 0\n"
+        "for n in range(40):\n"
+        "    try:\n"
+        "        handed.append(s.allocate_id())\n"
+        "    except StoreError:\n"
+        "        refused += 1\n"
+        "print(json.dumps({'handed': handed, 'failed': failed, 'refused': refused}), flush=True)\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(path)], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == -signal.SIGKILL, result.stderr
+    report = json.loads(result.stdout)
+    handed = report["handed"]
+    assert report["failed"] >= 50 and report["refused"] > 0
+    assert handed == sorted(set(handed))  # unique and increasing within the run
+    store = SQLiteStore(path)
+    after = [store.allocate_id() for _ in range(50)]
+    assert min(after) > max(handed)
+    stored = [m.id for m in store.recent("#lobby", None, 200)[0]]
+    assert stored[:10] == handed[:10] and set(stored) <= set(handed)
+    store.close()
+
+
+id_operation = st.one_of(
+    st.tuples(st.just("room"), st.integers(1, 6000)),  # allocate and queue, text of that size
+    st.tuples(st.just("private")),
+    st.tuples(st.just("commit")),
+    st.tuples(st.just("full"), st.booleans()),
+    st.tuples(st.just("readonly"), st.booleans()),
+    st.tuples(st.just("kill")),
+    st.tuples(st.just("close")),
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(id_operation, max_size=60), st.integers(1, 6))
+def test_ids_always_increase_whatever_the_disk_does(operations, block_size):
+    """Any mix of full disk, unwritable file, failed commits, kills and restarts: every id is
+    above every id handed out before it, and what history holds was committed."""
+    with tempfile.TemporaryDirectory() as directory:
+        path = os.path.join(directory, "chat.db")
+        store = SQLiteStore(path, block_size=block_size)
+        handed: List[int] = []
+        committed: List[int] = []
+        queued: List[int] = []
+        for op in operations:
+            kind = op[0]
+            if kind in ("room", "private"):
+                try:
+                    message_id = store.allocate_id()
+                except StoreError:
+                    continue
+                assert not handed or message_id > handed[-1]
+                handed.append(message_id)
+                if kind == "room":
+                    store.add(msg(message_id, text="t" * op[1]))
+                    queued.append(message_id)
+            elif kind == "commit":
+                try:
+                    store.commit()
+                    committed += queued
+                except StoreError:
+                    pass
+                queued = []
+            elif kind == "full":
+                disk_full(store, op[1])
+            elif kind == "readonly":
+                store._conn.execute(f"PRAGMA query_only = {'ON' if op[1] else 'OFF'}")
+            else:
+                if kind == "kill":
+                    kill(store)
+                else:
+                    store._conn.execute("PRAGMA query_only = OFF")
+                    store._conn.execute(f"PRAGMA max_page_count = {UNCAPPED}")
+                    store.close()
+                    committed += queued
+                queued = []
+                store = SQLiteStore(path, block_size=block_size)  # space freed
+                assert [m.id for m in store.recent("#lobby", None, 1000)[0]] == committed
+        kill(store)
+        store = SQLiteStore(path, block_size=block_size)
+        assert store.allocate_id() > max(handed, default=0)
+        assert [m.id for m in store.recent("#lobby", None, 1000)[0]] == committed
+        store.close()
+
+
+# -- history: `before` of any size (finding 6) ----------------------------------------------------
+
+huge_int = st.one_of(
+    st.integers(),
+    st.sampled_from([-(1 << 63) - 1, -(1 << 63), (1 << 63) - 1, 1 << 63, 1 << 64, -(1 << 200), 1 << 200]),
+    st.integers(-3, 30),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(before=huge_int, limit=st.one_of(st.integers(0, 12), st.integers(0, 1 << 80)))
+def test_before_and_limit_of_any_size(before, limit):
+    model = Model()
+    stores = [MemoryStore(), SQLiteStore(":memory:")]
+    for i in range(1, 21):
+        message = msg(i, "#a" if i % 4 else "#b")
+        model.messages.append(message)
+        for s in stores:
+            s.add(message)
+            if i == 15:
+                s.commit()  # 16..20 stay queued: both paths of SQLiteStore.recent
+    expected = model.recent("#a", before, limit)
+    if before <= 1:
+        assert expected == ([], False)
+    if before > (1 << 63) - 1:
+        assert expected == model.recent("#a", None, limit)
+    for s in stores:
+        assert s.recent("#A", before, limit) == expected
         s.close()
