@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
-from typing import Callable, List, NoReturn, Optional
+import inspect
+import logging
+from dataclasses import dataclass, replace
+from typing import AbstractSet, Any, Callable, Dict, List, NoReturn, Optional, Sequence
 
 from selchat import SERVER_NAME
 from selchat.defaults import (
@@ -24,7 +26,13 @@ from selchat.defaults import (
     BURST,
     MAX_CLIENTS,
     MAX_PER_IP,
+    MOTD,
+    FRAME_LENGTH_MAX,
+    TEXT_LIMIT_MAX,
+    SECONDS_MAX,
 )
+
+log = logging.getLogger(__name__)
 
 DEFAULT_DB = "selchat.db"
 
@@ -40,7 +48,7 @@ class ServerConfig:
     ping_interval: float = PING_INTERVAL
     ping_timeout: float = PING_TIMEOUT
     max_presence: int = MAX_PRESENCE
-    motd: str = "Welcome to selchat."
+    motd: str = MOTD
     log_level: str = "info"
     shutdown_grace: float = SHUTDOWN_GRACE
     db: str = DEFAULT_DB
@@ -77,15 +85,200 @@ def min_frame_for(max_text: int) -> int:
 
 
 def welcome_size(config: "ServerConfig") -> int:
-    """Bytes of the largest `welcome` this configuration can send (longest nick and ref)."""
-    from selchat.core import events
-    from selchat.doors.framed.protocol import encode_event, ref_limit
+    """Bytes of the largest `welcome` this configuration can send (longest nick and ref).
 
-    welcome = events.Welcome("N" * NICK_MAX, SERVER_NAME, config.motd, config.max_frame,
-                             config.max_text, config.rate, config.burst)
-    longest_ref = "r" * (ref_limit(config.max_frame, config.max_text) - 2)
-    (frame,) = encode_event(welcome, longest_ref, 1 << 30)
-    return len(frame) - 4
+    Measured on the wire form that docs/protocol.md gives for `welcome`, built here rather than
+    through the frame protocol's event records, so that reshaping those records cannot silently
+    move the limits the server starts with.
+    """
+    from selchat.doors.framed.codec import encode_json
+    from selchat.doors.framed.protocol import ref_limit
+
+    limits: Dict[str, Any] = {"max_frame": config.max_frame, "max_text": config.max_text}
+    if config.rate:
+        limits["rate"] = config.rate
+        limits["burst"] = config.burst
+    longest_ref = "r" * max(0, ref_limit(config.max_frame, config.max_text) - 2)  # JSON adds 2 quotes
+    welcome = {"type": "welcome", "nick": "N" * NICK_MAX, "server": SERVER_NAME, "motd": config.motd,
+               "limits": limits, "ref": longest_ref}
+    return len(encode_json(welcome))
+
+
+class OptionConflict(ValueError):
+    """Options given on the command line that cannot all hold; str() is the line to print."""
+
+
+class _Refused(Exception):
+    """A check of the derivation failed: `option` is too small for `others` (all given)."""
+
+    def __init__(self, option: str, others: Sequence[str] = ()) -> None:
+        super().__init__(option)
+        self.option = option
+        self.others = tuple(others)
+
+
+# The options whose defaults follow from other options (see derive_limits).
+DERIVED_OPTIONS = ("max_frame", "max_text", "max_outbuf", "motd", "ping_interval", "ping_timeout")
+
+
+def derive_limits(config: ServerConfig, given: AbstractSet[str]) -> ServerConfig:
+    """The values in force: those in `given` (field names) as the operator gave them, the rest
+    derived from them, so that every option works on its own.
+
+    Rules (an option that was given is never changed):
+
+      option           when not given
+      ---------------  ----------------------------------------------------------------
+      --max-frame      65536, raised to what --max-text needs (4 x max_text + 215),
+                       lowered to max_outbuf / 4 when --max-outbuf is given, and raised
+                       until the welcome fits (the --motd given and the longest ref)
+      --max-text       4096, lowered to the most one message frame carries:
+                       (max_frame - 215) / 4
+      --max-outbuf     1048576, raised to 4 x max_frame
+      --motd           "Welcome to selchat.", dropped (empty) when the welcome would not fit
+      --ping-interval  60, lowered to half a given --ping-timeout of 60 or less
+      --ping-timeout   120, raised to twice a given --ping-interval of 120 or more
+
+    Only options given can conflict; the server then stops at start with one line naming them
+    and what would do (exit status 2):
+
+      --max-frame below 4 x --max-text + 215; --max-outbuf below 4 x --max-frame, or below
+      4 x what --max-text or --motd need; a --max-frame that cannot hold the welcome (with the
+      --motd given); --ping-timeout not longer than --ping-interval; and, alone, a --max-frame
+      (or a quarter of --max-outbuf) too small for a one-character message and the welcome.
+    """
+    try:
+        return _derive(config, given)
+    except _Refused as refused:
+        raise OptionConflict(_refusal_line(config, given, refused)) from None
+
+
+def _derive(config: ServerConfig, given: AbstractSet[str]) -> ServerConfig:
+    c = replace(config)
+    _derive_ping(c, given)
+    gf, gt, go, gm = (name in given for name in ("max_frame", "max_text", "max_outbuf", "motd"))
+    # The largest max_frame the options allow: a quarter of the output cap keeps one answer
+    # (a frame) from ever dropping a client that reads (backpressure starts at a quarter).
+    cap = min(FRAME_LENGTH_MAX, c.max_outbuf // 4) if go else FRAME_LENGTH_MAX
+    if gf:
+        if go and c.max_outbuf < 4 * c.max_frame:
+            raise _Refused("max_outbuf", ("max_frame",))
+        if gt and c.max_frame < min_frame_for(c.max_text):
+            raise _Refused("max_frame", ("max_text",))
+    else:
+        frame = max(MAX_FRAME, min_frame_for(c.max_text)) if gt else MAX_FRAME
+        if frame > cap:
+            if gt and min_frame_for(c.max_text) > cap:
+                raise _Refused("max_outbuf", ("max_text",))
+            frame = cap
+        c.max_frame = frame
+    if not gt:
+        c.max_text = min(MAX_TEXT, (c.max_frame - min_frame_for(0)) // 4)
+        if c.max_text < 1:
+            raise _Refused("max_frame" if gf else "max_outbuf")
+    if not gm and welcome_size(c) > c.max_frame:
+        c.motd = ""
+    if welcome_size(c) > c.max_frame:
+        others = [name for name in ("max_text", "motd") if name in given]
+        if gf:
+            raise _Refused("max_frame", others)
+        frame = _frame_for_welcome(c)
+        if frame > cap:
+            raise _Refused("max_outbuf", others) if go else _Refused(others[-1] if others else "max_frame")
+        c.max_frame = frame
+    if not go:
+        c.max_outbuf = max(MAX_OUTBUF, 4 * c.max_frame)
+    return c
+
+
+def _derive_ping(c: ServerConfig, given: AbstractSet[str]) -> None:
+    """Keep the default ratio (timeout = 2 x interval) when only one of the two is given."""
+    ratio = PING_TIMEOUT / PING_INTERVAL
+    interval_given, timeout_given = "ping_interval" in given, "ping_timeout" in given
+    if interval_given and timeout_given:
+        if c.ping_timeout <= c.ping_interval:
+            raise OptionConflict(f"--ping-timeout {_number_text(c.ping_timeout)} must be longer than "
+                                 f"--ping-interval {_number_text(c.ping_interval)}")
+    elif interval_given:
+        if c.ping_interval >= c.ping_timeout:
+            c.ping_timeout = c.ping_interval * ratio
+    elif timeout_given:
+        if c.ping_timeout <= c.ping_interval:
+            c.ping_interval = c.ping_timeout / ratio
+
+
+def _frame_for_welcome(c: ServerConfig) -> int:
+    """The smallest max_frame from c.max_frame up whose welcome fits, max_text kept.
+
+    While refs are below their cap, a larger frame allows a longer ref in the welcome and the
+    welcome grows with the frame: no frame fits until the ref reaches its cap, so start there.
+    """
+    from selchat.doors.framed.protocol import ANSWER_ENVELOPE, REF_MAX_BYTES
+
+    probe = replace(c, max_frame=max(c.max_frame, 4 * c.max_text + ANSWER_ENVELOPE + REF_MAX_BYTES))
+    while True:
+        size = welcome_size(probe)
+        if size <= probe.max_frame:
+            return probe.max_frame
+        probe.max_frame = size
+
+
+def _refusal_line(config: ServerConfig, given: AbstractSet[str], refused: _Refused) -> str:
+    """One line: which given option is too small, for which others, and a value that would do."""
+    line = f"{_describe(config, refused.option)} is too small"
+    if refused.others:
+        line += " for " + " and ".join(_describe(config, name) for name in refused.others)
+    need = _least_accepted(config, given, refused.option) if refused.option != "motd" else None
+    if need is not None:
+        line += f" (needs at least {need})"
+    return line
+
+
+def _describe(config: ServerConfig, name: str) -> str:
+    if name == "motd":
+        return f"--motd of {len(config.motd.encode('utf-8'))} bytes"
+    return f"{_flag(name)} {getattr(config, name)}"
+
+
+def _least_accepted(config: ServerConfig, given: AbstractSet[str], name: str) -> Optional[int]:
+    """The smallest value of option `name` (with the others as given) the derivation accepts.
+
+    Found by search rather than by formula so the number printed is one that works. Acceptance
+    grows with the value except at rare digit-count steps; the search returns a value that was
+    accepted in any case.
+    """
+    given = set(given) | {name}
+
+    def accepted(value: int) -> bool:
+        try:
+            _derive(replace(config, **{name: value}), given)
+        except (_Refused, OptionConflict):
+            return False
+        return True
+
+    low = getattr(config, name)
+    limit = FRAME_LENGTH_MAX if name == "max_frame" else 4 * FRAME_LENGTH_MAX
+    high = max(2 * low, 1)
+    while not accepted(min(high, limit)):
+        if high >= limit:
+            return None
+        high *= 2
+    high = min(high, limit)
+    while high - low > 1:
+        middle = (low + high) // 2
+        if accepted(middle):
+            high = middle
+        else:
+            low = middle
+    return high
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _number_text(value: float) -> str:
+    return str(int(value)) if value.is_integer() else repr(value)
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -95,7 +288,11 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: {message} (see --help)\n")
 
 
-def _int_at_least(minimum: int) -> Callable[[str], int]:
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults after each option, and the rules of derived defaults kept as laid out."""
+
+
+def _int_in(minimum: int, maximum: Optional[int] = None) -> Callable[[str], int]:
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -103,13 +300,15 @@ def _int_at_least(minimum: int) -> Callable[[str], int]:
             raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
         if value < minimum:
             raise argparse.ArgumentTypeError(f"{value} must be at least {minimum}")
+        if maximum is not None and value > maximum:
+            raise argparse.ArgumentTypeError(f"{value} must be at most {maximum}")
         return value
 
     return parse
 
 
-_positive_int = _int_at_least(1)
-_non_negative_int = _int_at_least(0)
+_positive_int = _int_in(1)
+_non_negative_int = _int_in(0)
 
 
 def _port(text: str) -> int:
@@ -119,7 +318,7 @@ def _port(text: str) -> int:
     return value
 
 
-def _number(what: str, zero_allowed: bool) -> Callable[[str], float]:
+def _number(what: str, zero_allowed: bool, maximum: float = float("inf")) -> Callable[[str], float]:
     def parse(text: str) -> float:
         try:
             value = float(text)
@@ -128,40 +327,59 @@ def _number(what: str, zero_allowed: bool) -> Callable[[str], float]:
         if not (value >= 0 if zero_allowed else value > 0) or value == float("inf"):
             bound = "0 (off) or a positive number" if zero_allowed else f"a positive number{what}"
             raise argparse.ArgumentTypeError(f"{text} must be {bound}")
+        if value > maximum:
+            raise argparse.ArgumentTypeError(f"{text} must be at most {_number_text(maximum)}")
         return value
 
     return parse
 
 
-_seconds = _number(" of seconds", zero_allowed=False)
+# Seconds are bounded: a timer that far off would ask the selector for a wait it cannot express
+# (epoll takes at most 2**31 - 1 ms), and the derived ping timeout is twice a given interval.
+_seconds = _number(" of seconds", zero_allowed=False, maximum=SECONDS_MAX)
 _rate = _number("", zero_allowed=True)
+
+
+def _rules_text() -> str:
+    """The rules table of derive_limits, for the end of --help (one text, so they agree)."""
+    doc = inspect.cleandoc(derive_limits.__doc__ or "")
+    return "derived defaults:\n" + doc.split("\n\n", 1)[1]
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(
         prog="selchat-server",
         description=f"{SERVER_NAME}: a multi-user chat server (one thread, one selectors loop).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog=_rules_text(),
+        formatter_class=_HelpFormatter,
     )
     d = ServerConfig()
+    derived = argparse.SUPPRESS  # no default here: derive_limits must see which options were given
     p.add_argument("--host", default=d.host,
                    help="address to listen on; 0.0.0.0 (or ::) to accept clients from the network")
     p.add_argument("--port", type=_port, default=d.port, help="TCP port; 0 picks a free one")
-    p.add_argument("--max-frame", type=_positive_int, default=d.max_frame,
-                   help="largest frame payload in bytes, both directions")
-    p.add_argument("--max-text", type=_positive_int, default=d.max_text,
-                   help="longest message text in Unicode code points")
-    p.add_argument("--max-outbuf", type=_positive_int, default=d.max_outbuf,
-                   help="bytes queued for one client before it is dropped as a slow consumer")
+    p.add_argument("--max-frame", type=_int_in(1, FRAME_LENGTH_MAX), default=derived,
+                   help=f"largest frame payload in bytes, both directions (default: {d.max_frame}, "
+                        "or derived from --max-text, --max-outbuf, --motd: see below)")
+    p.add_argument("--max-text", type=_int_in(1, TEXT_LIMIT_MAX), default=derived,
+                   help=f"longest message text in Unicode code points (default: {d.max_text}, "
+                        "or what --max-frame holds)")
+    p.add_argument("--max-outbuf", type=_positive_int, default=derived,
+                   help="bytes queued for one client before it is dropped as a slow consumer "
+                        f"(default: {d.max_outbuf}, or 4 x --max-frame if that is more)")
     p.add_argument("--handshake-timeout", type=_seconds, default=d.handshake_timeout,
                    help="seconds a new connection has to complete hello")
-    p.add_argument("--ping-interval", type=_seconds, default=d.ping_interval,
-                   help="seconds of silence from a client before the server pings it")
-    p.add_argument("--ping-timeout", type=_seconds, default=d.ping_timeout,
-                   help="seconds of silence after which the client is disconnected")
+    p.add_argument("--ping-interval", type=_seconds, default=derived,
+                   help="seconds of silence from a client before the server pings it "
+                        f"(default: {_number_text(d.ping_interval)}, or half of --ping-timeout if that is less)")
+    p.add_argument("--ping-timeout", type=_seconds, default=derived,
+                   help="seconds of silence after which the client is disconnected "
+                        f"(default: {_number_text(d.ping_timeout)}, or twice --ping-interval if that is more)")
     p.add_argument("--max-presence", type=_non_negative_int, default=d.max_presence,
                    help="rooms with more members than this stop broadcasting join/part/quit")
-    p.add_argument("--motd", default=d.motd, help="message of the day sent in welcome")
+    p.add_argument("--motd", default=derived,
+                   help=f"message of the day sent in welcome (default: {d.motd!r}, "
+                        "dropped if the welcome would not fit in --max-frame)")
     p.add_argument("--shutdown-grace", type=_seconds, default=d.shutdown_grace,
                    help="seconds to flush queued output to clients at shutdown")
     p.add_argument("--db", default=d.db,
@@ -186,29 +404,33 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _has_control_characters(text: str) -> bool:
+    """The text rule of the chat core (where it lives moved during the doors rework)."""
+    try:
+        from selchat.core.names import has_control_characters
+    except ImportError:
+        from selchat.doors.framed.protocol import has_control_characters  # type: ignore[attr-defined,no-redef]
+    return has_control_characters(text)
+
+
 def parse_args(argv: Optional[List[str]] = None) -> ServerConfig:
+    """The configuration in force: the options given, and the defaults derived from them.
+
+    Exits with status 2 and one line on stderr for a bad option or options that conflict.
+    """
     parser = build_parser()
-    ns = parser.parse_args(argv)
-    config = ServerConfig(**vars(ns))
-    if config.max_frame < min_frame_for(config.max_text):
-        parser.error(
-            f"--max-frame {config.max_frame} is too small for --max-text {config.max_text}: "
-            f"needs at least {min_frame_for(config.max_text)}"
-        )
-    if config.max_outbuf < 4 * config.max_frame:
-        # Backpressure stops serving a client at a quarter of max_outbuf; that quarter must hold
-        # the largest single answer (a frame), or a client that reads could be dropped for one.
-        parser.error(f"--max-outbuf {config.max_outbuf} must be at least 4 x --max-frame "
-                     f"({4 * config.max_frame})")
+    values = vars(parser.parse_args(argv))
+    given = frozenset(name for name in DERIVED_OPTIONS if name in values)
+    config = ServerConfig(**values)  # options not given take the dataclass defaults
     if (config.tls_cert is None) != (config.tls_key is None):
         parser.error("--tls-cert and --tls-key go together")
-    if config.ping_timeout <= config.ping_interval:
-        parser.error("--ping-timeout must be longer than --ping-interval")
-    from selchat.doors.framed.protocol import has_control_characters
-
-    if has_control_characters(config.motd):
+    if _has_control_characters(config.motd):
         parser.error("--motd must be printable text (no control characters but newline and tab)")
-    if welcome_size(config) > config.max_frame:
-        parser.error(f"--motd is too long for --max-frame {config.max_frame} "
-                     f"(welcome would take {welcome_size(config)} bytes)")
+    try:
+        config = derive_limits(config, given)
+    except OptionConflict as conflict:
+        parser.exit(2, f"{parser.prog}: {conflict}\n")
+    log.debug("limits in force: max_frame=%d max_text=%d max_outbuf=%d ping %g/%g s",
+              config.max_frame, config.max_text, config.max_outbuf,
+              config.ping_interval, config.ping_timeout)
     return config
