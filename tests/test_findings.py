@@ -78,7 +78,9 @@ def test_one_answer_never_drops_a_reading_client_whatever_the_limits(start_serve
     joiner.expect("join", room=room, nick=joiner.nick)
     joiner.expect_names(room)
     assert joiner.expect("history", room=room)["messages"], "history cut to nothing"
+    writer.expect("join", room=room, nick=joiner.nick)  # the room's member sees the joiner
     writer.assert_quiet()
+    joiner.assert_quiet()  # and the joiner was not dropped as a slow consumer
 
 
 def test_a_ping_token_that_cannot_be_written_back_is_a_bad_request(start_server) -> None:
