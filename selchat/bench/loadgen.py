@@ -23,6 +23,8 @@ Why it is built this way (the machine it runs on has two cores, shared with the 
 
 Correctness is checked after the window: senders stop, everything is drained, and every
 member (senders included) must have received every message sent during the run.
+
+`LoadConfig(protocol="irc")` runs the same shape over IRC instead (selchat.bench.ircload).
 """
 
 from __future__ import annotations
@@ -191,8 +193,11 @@ class _Worker:
     """One generator process: an epoll loop over its share of the connections.
 
     Commands arrive on a pipe (registered in the same epoll) and are answered on it:
-    connect, settle, load, counters, close.
+    connect, settle, load, counters, close. The IRC worker (selchat.bench.ircload) is a
+    subclass that replaces the wire format: `conn_class`, `_connected`, `_read`, `_say`.
     """
+
+    conn_class: type = _Conn
 
     def __init__(self, pipe: Any, host: str, port: int, msg_size: int) -> None:
         self.pipe = pipe
@@ -363,7 +368,7 @@ class _Worker:
             self._count_error(errno.errorcode.get(err, str(err)))
             self.reg_failed += 1
             return
-        c = _Conn(sock, nick, sid)
+        c = self.conn_class(sock, nick, sid)
         c.t_open = t_open
         if sid >= 0:
             c.say_head = self.say_head + SID_ALPHABET[sid : sid + 1]
@@ -605,6 +610,10 @@ class _Worker:
             "sent": sum(c.sent for c in self.senders),
         }
 
+    def _credited(self, c: _Conn) -> int:
+        """Messages this member is credited with since the load began (checked against sent)."""
+        return c.msgs - c.msgs0
+
     def _report_load(self) -> None:
         p = self.load
         self.load = None
@@ -617,7 +626,7 @@ class _Worker:
                     "t0": self.snap.get("t0"),
                     "t1": self.snap.get("t1"),
                     "sent_total": sum(c.sent for c in self.senders),
-                    "per_conn": [c.msgs - c.msgs0 for c in conns if c.state != CONNECTING],
+                    "per_conn": [self._credited(c) for c in conns if c.state != CONNECTING],
                     "dead": sum(1 for c in conns if c.state == DEAD),
                     "samples": self.samples,
                     "dropped": self.dropped,
@@ -629,10 +638,15 @@ class _Worker:
         self.samples = []
 
 
-def _worker_main(pipe: Any, host: str, port: int, msg_size: int) -> None:
+def _worker_main(pipe: Any, host: str, port: int, msg_size: int, protocol: str = "native") -> None:
     raise_nofile()
     try:
-        _Worker(pipe, host, port, msg_size).run()
+        if protocol == "irc":
+            from selchat.bench.ircload import IrcWorker
+
+            IrcWorker(pipe, host, port, msg_size).run()
+        else:
+            _Worker(pipe, host, port, msg_size).run()
     except BaseException as exc:  # report, never hang the driver
         try:
             pipe.send(("crashed", repr(exc)))
@@ -651,13 +665,13 @@ class GenError(RuntimeError):
 class Fleet:
     """The driver's handle on its worker processes."""
 
-    def __init__(self, host: str, port: int, workers: int, msg_size: int = 100) -> None:
+    def __init__(self, host: str, port: int, workers: int, msg_size: int = 100, protocol: str = "native") -> None:
         ctx = mp.get_context("fork")
         self.pipes = []
         self.procs = []
         for _ in range(workers):
             parent, child = ctx.Pipe()
-            proc = ctx.Process(target=_worker_main, args=(child, host, port, msg_size), daemon=True)
+            proc = ctx.Process(target=_worker_main, args=(child, host, port, msg_size, protocol), daemon=True)
             proc.start()
             child.close()
             self.pipes.append(parent)
@@ -792,6 +806,7 @@ class LoadConfig:
     register_timeout: float = 60.0
     drain_timeout: float = 10.0
     drain_quiet: float = 0.3
+    protocol: str = "native"  # or "irc": NICK/USER/JOIN and PRIVMSG lines (selchat.bench.ircload)
 
 
 @dataclass
@@ -820,6 +835,9 @@ class LoadResult:
     workers: int = 0
     bulk_poll_ms: float = 0.0
     gen_cpu_per_proc: List[float] = field(default_factory=list)  # worker 0 holds senders and probes
+    protocol: str = "native"
+    lines_per_s: float = 0.0  # IRC only: complete lines received by all members in the window
+    rx_bytes_per_s: float = 0.0  # IRC only: bytes received by all members in the window
 
     def as_dict(self) -> Dict[str, Any]:
         return asdict(self)
@@ -865,7 +883,14 @@ def run_load(cfg: LoadConfig, probe: Optional[Probe] = None) -> LoadResult:
     if cfg.senders > len(SID_ALPHABET):
         raise ValueError(f"at most {len(SID_ALPHABET)} senders (one id byte each)")
     mode = "flow" if cfg.rate is None else "rate"
-    shares = plan_shares(cfg)
+    if cfg.protocol == "irc":
+        from selchat.bench.ircload import plan_irc_shares
+
+        shares = plan_irc_shares(cfg)
+    elif cfg.protocol == "native":
+        shares = plan_shares(cfg)
+    else:
+        raise ValueError(f"unknown protocol {cfg.protocol!r}")
     if mode == "flow":
         bulk_poll = cfg.bulk_poll if cfg.bulk_poll is not None else min(max(cfg.receivers / 10000, 0.01), 0.1)
         polls = [cfg.fast_poll] + [bulk_poll] * (len(shares) - 1)
@@ -877,7 +902,7 @@ def run_load(cfg: LoadConfig, probe: Optional[Probe] = None) -> LoadResult:
         samplings = [cfg.sample_every or 1] * len(shares)
     raise_nofile()
     t_send = 0.0
-    with Fleet(cfg.host, cfg.port, len(shares), cfg.msg_size) as fleet:
+    with Fleet(cfg.host, cfg.port, len(shares), cfg.msg_size, cfg.protocol) as fleet:
         reg = fleet.connect(shares, cfg.ramp_rate, cfg.max_pending, cfg.register_timeout)
         want = cfg.receivers + cfg.senders
         if reg["ok"] != want:
@@ -931,6 +956,8 @@ def _summarise(cfg: LoadConfig, mode: str, workers: int, reg: Dict[str, Any], pa
     deliveries = sum(p["t1"]["msgs"] - p["t0"]["msgs"] for p in parts)
     deliveries_per_s = sum((p["t1"]["msgs"] - p["t0"]["msgs"]) / d for p, d in zip(parts, spans))
     sent_per_s = sum((p["t1"]["sent"] - p["t0"]["sent"]) / d for p, d in zip(parts, spans))
+    lines_per_s = sum((p["t1"].get("lines", 0) - p["t0"].get("lines", 0)) / d for p, d in zip(parts, spans))
+    rx_bytes_per_s = sum((p["t1"].get("bytes", 0) - p["t0"].get("bytes", 0)) / d for p, d in zip(parts, spans))
     cpus = [(p["t1"]["cpu"] - p["t0"]["cpu"]) / max(p["t1"]["t"] - p["t0"]["t"], 1e-9) for p in parts]
     samples = sorted(s for p in parts for s in p["samples"])
     sent_total = sum(p["sent_total"] for p in parts)
@@ -970,6 +997,9 @@ def _summarise(cfg: LoadConfig, mode: str, workers: int, reg: Dict[str, Any], pa
         errors=errors,
         workers=workers,
         gen_cpu_per_proc=[round(c, 3) for c in cpus],
+        protocol=cfg.protocol,
+        lines_per_s=lines_per_s,
+        rx_bytes_per_s=rx_bytes_per_s,
     )
 
 

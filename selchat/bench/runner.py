@@ -5,6 +5,11 @@ slow drift of the machine (thermal, other tenants) spreads over all servers inst
 favouring one. The server's CPU time and RSS are read from /proc at the edges of the measured
 window. The table goes to stdout and is appended to benchmarks/RESULTS.md with the exact
 command, the machine and the date; the fan-out points also give a PNG plot.
+
+Points come in two protocols: the native ones (fan-out, latency, idle) run against the
+servers that speak selchat's framed protocol, `ircfanout` against those that speak IRC
+(selchat's IRC door, ngIRCd, InspIRCd); a server is only run on the points it can serve,
+and both kinds share the table's columns.
 """
 
 from __future__ import annotations
@@ -25,24 +30,35 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from selchat.bench import loadgen
-from selchat.bench.launcher import REPO, RunningServer, ServerError, ServerSpec, known_servers, selchat_available, uvloop_available
+from selchat.bench.launcher import (
+    IRC, NATIVE, REPO, RunningServer, ServerError, ServerSpec, known_servers, resolve_flags, uvloop_available,
+)
 
-ALL_POINTS = ("fanout", "latency", "idle", "sweep")
+ALL_POINTS = ("fanout", "latency", "idle", "sweep", "ircfanout")
+KIND_ORDER = ("fanout", "ircfanout", "latency", "idle")
+DEFAULT_SERVERS = "selchat,threaded,asyncio,uvloop,selchat-irc,ngircd,inspircd"
+IRC_DRAIN_QUIET = 1.0  # InspIRCd can pause a few hundred ms under load; do not call that the end
 GEN_LIMIT = 0.8  # generator cores above which a throughput figure is not trusted
 OTHER_LIMIT = 0.25  # cores of other processes' load above which a figure is flagged
 
 
 @dataclass(frozen=True)
 class Case:
-    """One benchmark point; `kind` is fanout, latency or idle."""
+    """One benchmark point; `kind` is fanout, ircfanout, latency or idle."""
 
     kind: str
-    size: int  # receivers (fanout, latency) or idle connections
+    size: int  # receivers (fanout, ircfanout, latency) or idle connections
+
+    @property
+    def protocol(self) -> str:
+        return IRC if self.kind == "ircfanout" else NATIVE
 
     @property
     def label(self) -> str:
         if self.kind == "fanout":
             return f"fan-out R={self.size}"
+        if self.kind == "ircfanout":
+            return f"IRC fan-out R={self.size}"
         if self.kind == "latency":
             return f"latency R={self.size}"
         return f"idle {self.size:,}"
@@ -123,6 +139,13 @@ def _run_load(case: Case, srv: RunningServer, opts: argparse.Namespace, out: Out
             port=srv.port, receivers=case.size, senders=opts.latency_senders, duration=opts.duration,
             warmup=opts.warmup, rate=opts.latency_rate,
         )
+    elif case.kind == "ircfanout":
+        if srv.irc_port is None:
+            raise loadgen.GenError(f"{srv.spec.name} has no IRC port")
+        cfg = loadgen.LoadConfig(
+            port=srv.irc_port, receivers=case.size, senders=opts.senders, duration=opts.duration,
+            warmup=opts.warmup, window=opts.window, protocol="irc", drain_quiet=IRC_DRAIN_QUIET,
+        )
     else:
         cfg = loadgen.LoadConfig(
             port=srv.port, receivers=case.size, senders=opts.senders, duration=opts.duration,
@@ -145,6 +168,9 @@ def _run_load(case: Case, srv: RunningServer, opts: argparse.Namespace, out: Out
     m["softirq_cores"] = softirq
     m["other_cores"] = max(busy - softirq - server_cores - res.gen_cpu, 0.0)
     m["rss_mib"] = rss1 / 1024
+    if cfg.protocol == "irc":
+        m["lines_per_s"] = res.lines_per_s
+        m["rx_mib_per_s"] = res.rx_bytes_per_s / (1 << 20)
     if not res.complete:
         out.notes.append(f"incomplete: {res.lost} deliveries lost")
     if res.dropped:
@@ -189,6 +215,8 @@ def plan(opts: argparse.Namespace) -> List[Case]:
     for point in opts.points:
         if point == "fanout":
             cases += [Case("fanout", r) for r in opts.fanout_receivers]
+        elif point == "ircfanout":
+            cases += [Case("ircfanout", r) for r in opts.fanout_receivers]
         elif point == "sweep":
             cases += [Case("fanout", r) for r in opts.sweep]
         elif point == "latency":
@@ -197,7 +225,7 @@ def plan(opts: argparse.Namespace) -> List[Case]:
             cases += [Case("idle", n) for n in opts.idle_sizes]
     seen = set()
     unique = []
-    for c in sorted(cases, key=lambda c: (("fanout", "latency", "idle").index(c.kind), c.size)):
+    for c in sorted(cases, key=lambda c: (KIND_ORDER.index(c.kind), c.size)):
         if c not in seen:
             seen.add(c)
             unique.append(c)
@@ -239,7 +267,14 @@ def _register(m: Dict[str, float]) -> str:
     return f"{_fmt(m['register_s'], 2)} ({_fmt(m.get('handshake_p99_ms'), 1)} / {_fmt(m.get('handshake_max_ms'), 0)})"
 
 
-def table(cases: Sequence[Case], servers: Sequence[str], results: Dict[Tuple[Case, str], Outcome]) -> str:
+def table(
+    cases: Sequence[Case],
+    servers: Sequence[str],
+    results: Dict[Tuple[Case, str], Outcome],
+    labels: Optional[Dict[str, str]] = None,
+) -> str:
+    """The markdown table; `labels` maps a server name to what its rows show (git hash)."""
+    labels = labels or {}
     head = (
         "| point | server | deliveries/s | server CPU µs/delivery | server CPU (cores) | p50 ms | p99 ms "
         "| KiB/idle conn | register s (p99 / max wait ms) | frames for 100 joins (to old members) | generator CPU (cores) "
@@ -252,7 +287,7 @@ def table(cases: Sequence[Case], servers: Sequence[str], results: Dict[Tuple[Cas
             if o is None:
                 continue
             if o.failed and not o.metrics:
-                lines.append(f"| {case.label} | {name} | " + " | ".join(["n/a"] * 10) + f" | {o.failed[:300]} |")
+                lines.append(f"| {case.label} | {labels.get(name, name)} | " + " | ".join(["n/a"] * 10) + f" | {o.failed[:300]} |")
                 continue
             m = o.metrics
             notes = list(o.notes)
@@ -270,7 +305,7 @@ def table(cases: Sequence[Case], servers: Sequence[str], results: Dict[Tuple[Cas
                 + " | ".join(
                     [
                         case.label,
-                        name,
+                        labels.get(name, name),
                         _fmt(m.get("deliveries_per_s"), thousands=True),
                         _fmt(m.get("cpu_us_per_delivery"), 2),
                         _fmt(m.get("server_cores"), 2),
@@ -345,7 +380,7 @@ def report(
     facts = machine_facts()
     cmd = "selchat-bench " + " ".join(shlex.quote(a) for a in opts.argv)
     lines = [
-        f"## {_dt.datetime.now().strftime('%Y-%m-%d %H:%M')} — {', '.join(servers)}",
+        f"## {_dt.datetime.now().strftime('%Y-%m-%d %H:%M')} — {', '.join(specs[n].shown for n in servers)}",
         "",
         f"Command: `{cmd.strip()}`  ",
         f"Machine: {facts['nproc']} CPUs, {facts['cpu']}, Linux {facts['kernel']}, Python {facts['python']}  ",
@@ -356,13 +391,20 @@ def report(
     ]
     for name in servers:
         spec = specs[name]
-        line = f"* `{name}`: `{' '.join(shlex.quote(a) for a in spec.command('127.0.0.1', 0)).replace(str(REPO) + '/', '')}`"
+        line = f"* `{spec.shown}`: `{spec.describe()}`"
         if spec.note:
             line += f" ({spec.note})"
         lines.append(line)
     for name, why in skipped.items():
         lines.append(f"* `{name}` skipped: {why}")
-    lines += ["", table(cases, servers, results), ""]
+    if any(c.kind == "ircfanout" for c in cases):
+        lines += [
+            "",
+            "IRC fan-out: the same R receivers and S senders in #lobby over IRC; `PRIVMSG #lobby :` + the same "
+            "100-character text; a delivery is one PRIVMSG line received by one member (each message reaches "
+            "R + S - 1: IRC does not echo to the sender); each sender's window is counted by one designated receiver.",
+        ]
+    lines += ["", table(cases, servers, results, {n: specs[n].shown for n in servers}), ""]
     if plotted:
         rel = os.path.relpath(plotted, Path(opts.results).parent) if opts.results else str(plotted)
         lines += [f"![throughput and p99 latency against receivers]({rel})", ""]
@@ -375,14 +417,19 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
         description="Benchmark selchat against the reference peers (issue 4).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    ap.add_argument("--servers", default="selchat,threaded,asyncio,uvloop", help="comma-separated: selchat, selchat-db (history in an SQLite file), threaded, asyncio, uvloop")
-    ap.add_argument("--points", default=",".join(ALL_POINTS), help="comma-separated: fanout, latency, idle, sweep")
+    ap.add_argument(
+        "--servers", default=DEFAULT_SERVERS,
+        help="comma-separated: selchat, selchat-db (history in an SQLite file), selchat-base (the server of --baseline), "
+        "threaded, asyncio, uvloop (native protocol); selchat-irc (selchat's IRC door), ngircd, inspircd (IRC)",
+    )
+    ap.add_argument("--points", default=",".join(ALL_POINTS), help="comma-separated: fanout, latency, idle, sweep (native); ircfanout (IRC)")
+    ap.add_argument("--baseline", default="", metavar="PATH", help="another checkout whose selchat.server runs as selchat-base (e.g. the code before a redesign)")
     ap.add_argument("--duration", type=float, default=5.0, help="seconds of each measured window")
     ap.add_argument("--warmup", type=float, default=1.0, help="seconds of load before the window opens")
     ap.add_argument("--repeat", type=int, default=3, help="repetitions of each point (medians are reported)")
     ap.add_argument("--senders", type=int, default=10)
     ap.add_argument("--window", type=int, default=loadgen.LoadConfig.window, help="messages in flight per sender in fan-out runs")
-    ap.add_argument("--fanout-receivers", default="100,1000")
+    ap.add_argument("--fanout-receivers", default="100,1000", help="receiver counts of fanout and ircfanout")
     ap.add_argument("--sweep", default="100,300,1000,3000", help="receiver counts of the plot")
     ap.add_argument("--latency-rate", type=float, default=200.0, help="messages/s offered in the latency point")
     ap.add_argument("--latency-receivers", type=int, default=100)
@@ -420,15 +467,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for item in opts.server_args:
         name, _, args = item.partition("=")
         overrides[name.strip()] = args
-    specs = known_servers(overrides)
+    specs = known_servers(overrides, Path(opts.baseline).resolve() if opts.baseline else None)
     servers: List[str] = []
     skipped: Dict[str, str] = {}
     for name in opts.servers:
         if name not in specs:
             print(f"unknown server {name!r}; known: {', '.join(specs)}", file=sys.stderr)
             return 2
-        if name in ("selchat", "selchat-db") and not selchat_available():
-            skipped[name] = "`python -m selchat.server --help` does not run yet"
+        spec = specs[name]
+        resolve_flags(spec)
+        if spec.unavailable:
+            skipped[name] = spec.unavailable
         elif name == "uvloop" and not uvloop_available():
             skipped[name] = "uvloop does not import (pip install uvloop)"
         else:
@@ -438,11 +487,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not servers:
         print("no server to measure", file=sys.stderr)
         return 2
-    cases = plan(opts)
+    cases = []
+    for case in plan(opts):
+        if any(case.protocol in specs[n].protocols for n in servers):
+            cases.append(case)
+        else:
+            print(f"skipping {case.label}: no server in --servers speaks {case.protocol}", file=sys.stderr)
     runs: Dict[Tuple[Case, str], List[Outcome]] = {}
     for case in cases:
+        able = [n for n in servers if case.protocol in specs[n].protocols]
         for rep in range(opts.repeat):
-            for name in servers:  # interleaved: A B C A B C ...
+            for name in able:  # interleaved: A B C A B C ...
                 t = time.monotonic()
                 try:
                     o = run_case(case, specs[name], opts)
