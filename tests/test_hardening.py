@@ -1,4 +1,5 @@
-"""PROTOCOL.md section 8 over real sockets: TLS, the server password, flood control, connection limits."""
+"""docs/protocol.md, "Access and abuse limits", over real sockets: TLS, the server password,
+flood control, connection limits."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""PROTOCOL.md section 7 over real sockets: history on join, paging, privacy, restarts, kill -9."""
+"""docs/protocol.md, "History", over real sockets: history on join, paging, privacy, restarts, kill -9."""
 
 from __future__ import annotations
 

@@ -137,7 +137,7 @@ def with_ref(ev: Dict[str, Any], ref: Any) -> Dict[str, Any]:
     return ev
 
 
-# --- the contract's rules for names and text, written from PROTOCOL.md section 3 ----------------
+# --- the contract's rules for names and text, from docs/protocol.md, "Names and text" --------
 
 _NICK_RX = re.compile(r"[A-Za-z_\[\]{}\\|^][A-Za-z0-9_\-\[\]{}\\|^]{0,31}")
 _ROOM_RX = re.compile(r"#[A-Za-z0-9_\-]{1,50}")
@@ -195,7 +195,7 @@ refs = st.one_of(
 tokens = st.one_of(st.none(), st.integers(-(1 << 63), (1 << 63) - 1), st.text(max_size=12))
 who = st.integers(0, CLIENTS - 1)
 
-# Payloads that keep the connection (PROTOCOL.md section 1): (payload, error code, ref echoed).
+# Payloads that keep the connection (docs/protocol.md, "Frames"): (payload, error code, ref echoed).
 _FIXED_BAD_PAYLOADS: List[Tuple[bytes, str, Any]] = [
     (b"\xff\xfe\x00", "bad_json", None),
     (b"not json", "bad_json", None),

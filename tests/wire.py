@@ -1,4 +1,4 @@
-"""A raw, strict client for the selchat wire protocol (PROTOCOL.md section 1), for tests.
+"""A raw, strict client for the selchat wire protocol (docs/protocol.md, "Frames"), for tests.
 
 It knows framing and nothing of the server's code: every frame it receives is checked against
 the contract (length 1..max_frame, a UTF-8 JSON object with a string `type`), and a violation
