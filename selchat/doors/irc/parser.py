@@ -264,10 +264,12 @@ def _parse_tags(section: str) -> Dict[str, str]:
 def _format_tags(tags: Dict[str, str]) -> str:
     parts = []
     for key, value in tags.items():
-        if value:
-            parts.append(key + "=" + value.translate(_ESCAPE_TABLE))
-        else:
+        if not value:
             parts.append(key)
+        elif ";" in value or " " in value or "\\" in value or "\r" in value or "\n" in value:
+            parts.append(key + "=" + value.translate(_ESCAPE_TABLE))
+        else:  # the usual msgid/time values need no escaping; translate() is slow
+            parts.append(key + "=" + value)
     return ";".join(parts)
 
 
@@ -291,52 +293,37 @@ def parse_line(raw: bytes) -> Line:
 
 
 def _parse(s: str) -> Line:
-    n = len(s)
-    i = 0
     tags: Dict[str, str] = {}
-    if s.startswith("@"):
-        sp = s.find(" ")
-        if sp < 0:
+    if s[:1] == "@":
+        section, _, s = s.partition(" ")
+        if not s:
             raise IrcParseError("tags without a command")
-        tags = _parse_tags(s[1:sp])
-        i = sp + 1
-    while i < n and s[i] == " ":
-        i += 1
+        tags = _parse_tags(section[1:])
+    s = s.lstrip(" ")
     source: Optional[str] = None
-    if i < n and s[i] == ":":
-        sp = s.find(" ", i)
-        if sp < 0:
-            raise IrcParseError("source without a command")
-        source = s[i + 1 : sp]
+    if s[:1] == ":":
+        source, _, s = s.partition(" ")
+        source = source[1:]
         if not source:
             raise IrcParseError("empty source")
-        i = sp + 1
-        while i < n and s[i] == " ":
-            i += 1
-    if i >= n:
-        raise IrcParseError("no command")
-    sp = s.find(" ", i)
-    if sp < 0:
-        sp = n
-    command = s[i:sp]
+        s = s.lstrip(" ")
+    # middle parameters never start with ':', so the first " :" starts the trailing one
+    i = s.find(" :")
+    if i >= 0:
+        words = s[:i].split(" ")
+        trailing: Optional[str] = s[i + 2 :]
+    else:
+        words = s.split(" ")
+        trailing = None
+    command = words[0]
     if not command.isascii() or not (command.isalpha() or (len(command) == 3 and command.isdigit())):
-        raise IrcParseError(f"bad command {command[:20]!r}")
-    params: List[str] = []
-    i = sp
-    while i < n:
-        while i < n and s[i] == " ":
-            i += 1
-        if i >= n:
-            break
-        if s[i] == ":":
-            params.append(s[i + 1 :])
-            break
-        sp = s.find(" ", i)
-        if sp < 0:
-            params.append(s[i:])
-            break
-        params.append(s[i:sp])
-        i = sp + 1
+        raise IrcParseError(f"bad command {command[:20]!r}" if command else "no command")
+    if len(words) > 1:
+        params = [w for w in words[1:] if w]
+    else:
+        params = []
+    if trailing is not None:
+        params.append(trailing)
     return Line(tags, source, command.upper(), params)
 
 
@@ -351,31 +338,29 @@ def format_line(
     trailing: bool = False,
 ) -> bytes:
     """Build one wire line ending in CRLF (see the module docstring)."""
+    # f-strings build each string in one allocation; chained '+' would copy the text each time
     if isinstance(command, int):
         command = "%03d" % command
-    if params:
+    head = command if source is None else f":{source} {command}"
+    if tags:
+        head = f"@{_format_tags(tags)} {head}"
+    n = len(params)
+    if n:
         last = params[-1]
-        if len(params) > 1:
-            middle = params[:-1]
-            for p in middle:
+        sep = " :" if (trailing or not last or last[0] == ":" or " " in last) else " "
+        if n == 1:
+            s = f"{head}{sep}{last}"
+        else:
+            for p in params[:-1]:
                 if not p or " " in p or p[0] == ":":
                     raise ValueError(f"bad middle parameter {p!r}")
-            s = command + " " + " ".join(middle)
-        else:
-            s = command  # type: ignore[assignment]
-        if trailing or not last or last[0] == ":" or " " in last:
-            s = s + " :" + last
-        else:
-            s = s + " " + last
+            middle = params[0] if n == 2 else " ".join(params[:-1])
+            s = f"{head} {middle}{sep}{last}"
     else:
-        s = command  # type: ignore[assignment]
-    if source is not None:
-        s = ":" + source + " " + s
-    if tags:
-        s = "@" + _format_tags(tags) + " " + s
+        s = head
     if "\r" in s or "\n" in s or "\0" in s:
         raise ValueError("CR, LF or NUL in an IRC line")
-    return (s + "\r\n").encode("utf-8")
+    return s.encode("utf-8") + b"\r\n"
 
 
 def body_budget(command: Union[str, int], *middle: str, source: Optional[str] = None) -> int:
