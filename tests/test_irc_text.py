@@ -138,7 +138,7 @@ def test_split_examples() -> None:
 @COMMON
 @given(texts.map(lambda t: t.replace("\0", "")), st.sampled_from(["alice", "a" * 32]), st.sampled_from(["#r", "#" + "r" * 50]))
 def test_split_lines_make_privmsgs_within_512_bytes(text: str, nick: str, room: str) -> None:
-    # native texts never hold NUL (PROTOCOL 3 refuses control characters)
+    # native texts never hold NUL (docs/protocol.md, "Names and text", refuses control characters)
     source = nick + "!" + nick + "@selchat"
     budget = body_budget("PRIVMSG", room, source=source)
     dec = LineDecoder()

@@ -2,7 +2,7 @@
 
 Numbers follow the Modern IRC documents (https://modern.ircdocs.horse/). One exception:
 ``ERR_BADCHANNAME`` (479) is not in them; it is what ircd-hybrid, ratbox and solanum send
-for an illegal channel name, and what PROTOCOL 10.1 names.
+for an illegal channel name, and what the IRC door answers for a refused room name.
 
 Public API
 ----------

@@ -8,7 +8,7 @@ Public API
   ``\\x03[fg[,bg]]`` with 1-2 digits each, hex colour ``\\x04[RRGGBB[,RRGGBB]]``, monospace
   ``\\x11``, reverse ``\\x16``, italics ``\\x1d``, strikethrough ``\\x1e``, underline ``\\x1f``,
   reset ``\\x0f``) and keeps everything else, other control characters included: refusing
-  those is the session's job (PROTOCOL 10.1), so they must still be visible after this.
+  those is the session's job (the IRC door refuses them), so they must still be visible after this.
 * ``parse_ctcp(text) -> tuple[str, str] | None``: ``(COMMAND, params)`` of a CTCP message
   ``\\x01COMMAND params\\x01`` (closing ``\\x01`` optional), else None.
 * ``ctcp_action(text) -> str | None``: the text of ``\\x01ACTION text\\x01``, else None.
