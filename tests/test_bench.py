@@ -8,7 +8,9 @@ The frame scanner is also checked against the project's own decoder on random st
 
 from __future__ import annotations
 
+import os
 import random
+import subprocess
 import sys
 
 import pytest
@@ -111,3 +113,326 @@ def test_idle_connections_register_and_extra_joins_are_counted(asyncio_peer: Run
     assert res.join_frames == 5  # the asyncio peer only welcomes: one frame per joiner
     assert res.join_frames_old == 0
     assert set(rss) == {"before", "after"}
+
+
+# ---- IRC: config templates, the workload against a stub server, finding the IRC door ------
+
+import selectors  # noqa: E402
+import socket  # noqa: E402
+import string  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Dict, List, Optional  # noqa: E402
+
+from selchat.bench import ircload, launcher, runner  # noqa: E402
+
+
+class IrcStub:
+    """A tiny IRC server in a thread: registration, one channel, PRIVMSG relay, PING both ways.
+
+    Just enough of RFC 2812 for the generator: NICK/USER -> 001, JOIN -> JOIN to all
+    members + 353 + 366, PRIVMSG #chan -> relayed to every other member (no echo, as plain
+    IRC servers do), PING -> PONG. It also pings every member every `ping_every` seconds
+    and counts the PONGs, so the generator's answers are checked mid-load (the interval is
+    above the generator's quiet periods, or settling and draining would never end).
+    """
+
+    def __init__(self, ping_every: float = 0.4, hold: bool = False) -> None:
+        self.lsock = socket.create_server(("127.0.0.1", 0))
+        self.lsock.setblocking(False)
+        self.port = self.lsock.getsockname()[1]
+        self.sel = selectors.DefaultSelector()
+        self.sel.register(self.lsock, selectors.EVENT_READ)
+        self.clients: Dict[socket.socket, Dict] = {}
+        self.members: List[socket.socket] = []
+        self.pongs = 0
+        self.relayed = 0
+        self.ping_every = ping_every
+        self.hold = hold  # take PRIVMSGs but relay none (a server that stalls)
+        self.stopping = False
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _send(self, s: socket.socket, data: bytes) -> None:
+        c = self.clients.get(s)
+        if c is None:
+            return
+        c["out"] += data
+        self._flush(s)
+
+    def _flush(self, s: socket.socket) -> None:
+        c = self.clients[s]
+        try:
+            n = s.send(c["out"])
+            del c["out"][:n]
+        except BlockingIOError:
+            pass
+        except OSError:
+            self._drop(s)
+            return
+        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if c["out"] else 0)
+        self.sel.modify(s, events)
+
+    def _drop(self, s: socket.socket) -> None:
+        if s in self.clients:
+            self.sel.unregister(s)
+            del self.clients[s]
+            if s in self.members:
+                self.members.remove(s)
+            s.close()
+
+    def _line(self, s: socket.socket, line: bytes) -> None:
+        c = self.clients[s]
+        cmd, _, rest = line.partition(b" ")
+        cmd = cmd.upper()
+        if cmd == b"NICK":
+            c["nick"] = rest.strip()
+        elif cmd == b"USER":
+            self._send(s, b":stub 001 " + c["nick"] + b" :Welcome\r\n:stub 005 " + c["nick"] + b" CHANTYPES=# :ok\r\n")
+        elif cmd == b"JOIN":
+            chan = rest.strip()
+            self.members.append(s)
+            prefix = b":" + c["nick"] + b"!u@127.0.0.1"
+            for m in self.members:
+                self._send(m, prefix + b" JOIN :" + chan + b"\r\n")
+            names = b" ".join(self.clients[m]["nick"] for m in self.members)
+            self._send(s, b":stub 353 " + c["nick"] + b" = " + chan + b" :" + names + b"\r\n")
+            self._send(s, b":stub 366 " + c["nick"] + b" " + chan + b" :End of /NAMES list.\r\n")
+        elif cmd == b"PRIVMSG":
+            relay = b":" + c["nick"] + b"!u@127.0.0.1 PRIVMSG " + rest + b"\r\n"
+            for m in list(self.members):
+                if m is not s and not self.hold:
+                    self._send(m, relay)
+            self.relayed += 1
+        elif cmd == b"PING":
+            self._send(s, b":stub PONG stub " + rest + b"\r\n")
+        elif cmd == b"PONG":
+            self.pongs += 1
+
+    def _run(self) -> None:
+        next_ping = time.monotonic() + self.ping_every
+        while not self.stopping:
+            for key, events in self.sel.select(0.05):
+                s = key.fileobj
+                if s is self.lsock:
+                    try:
+                        conn, _ = self.lsock.accept()
+                    except BlockingIOError:
+                        continue
+                    conn.setblocking(False)
+                    self.clients[conn] = {"nick": b"*", "in": bytearray(), "out": bytearray()}
+                    self.sel.register(conn, selectors.EVENT_READ)
+                    continue
+                if s not in self.clients:
+                    continue
+                if events & selectors.EVENT_WRITE:
+                    self._flush(s)
+                    if s not in self.clients:
+                        continue
+                if events & selectors.EVENT_READ:
+                    try:
+                        data = s.recv(65536)
+                    except BlockingIOError:
+                        continue
+                    except OSError:
+                        data = b""
+                    if not data:
+                        self._drop(s)
+                        continue
+                    buf = self.clients[s]["in"]
+                    buf += data
+                    *lines, rest = bytes(buf).split(b"\n")
+                    buf[:] = rest
+                    for line in lines:
+                        if s in self.clients:
+                            self._line(s, line.rstrip(b"\r"))
+            if time.monotonic() >= next_ping:
+                next_ping += self.ping_every
+                for m in list(self.members):
+                    self._send(m, b"PING :stub\r\n")
+
+    def close(self) -> None:
+        self.stopping = True
+        self.thread.join(5)
+        for s in list(self.clients):
+            self._drop(s)
+        self.lsock.close()
+
+
+@pytest.fixture
+def irc_stub():
+    stub = IrcStub()
+    yield stub
+    stub.close()
+
+
+def test_config_templates_render_with_throughput_settings(tmp_path: Path) -> None:
+    ng = Path(launcher.render_config(launcher.PEERS_DIR / "ngircd.conf.tmpl", str(tmp_path), "127.0.0.1", 40123))
+    text = ng.read_text()
+    assert ng.name == "ngircd.conf"
+    assert "Listen = 127.0.0.1" in text and "Ports = 40123" in text
+    for setting in ("MaxConnectionsIP = 0", "MaxConnections = 0", "MaxPenaltyTime = 0", "DNS = no", "Ident = no", "DefaultUserModes = F"):
+        assert setting in text
+    ins = Path(launcher.render_config(launcher.PEERS_DIR / "inspircd.conf.tmpl", str(tmp_path), "127.0.0.1", 40124))
+    text = ins.read_text()
+    assert '<bind address="127.0.0.1" port="40124" type="clients">' in text
+    for setting in ('fakelag="no"', 'localmax="1000000"', 'globalmax="1000000"', 'resolvehostnames="no"', 'useident="no"'):
+        assert setting in text
+    for path in (ng, ins):
+        assert "${" not in path.read_text()
+
+
+def test_a_template_without_its_values_is_refused(tmp_path: Path) -> None:
+    bad = tmp_path / "x.conf.tmpl"
+    bad.write_text("port ${port} ${nonesuch}\n")
+    with pytest.raises(KeyError):
+        launcher.render_config(bad, str(tmp_path), "127.0.0.1", 1)
+
+
+def test_irc_shares_put_one_counter_per_sender_with_the_senders() -> None:
+    cfg = loadgen.LoadConfig(receivers=1000, senders=10, protocol="irc")
+    shares = ircload.plan_irc_shares(cfg)
+    assert len(shares) == 3
+    fast = shares[0]
+    counters = sorted(-2 - sid for _, sid in fast if sid <= -2)
+    assert counters == list(range(10))
+    assert sorted(sid for _, sid in fast if sid >= 0) == list(range(10))
+    everyone = [nick for share in shares for nick, _ in share]
+    assert len(everyone) == len(set(everyone)) == 1010
+    assert all(sid == -1 for share in shares[1:] for _, sid in share)
+    with pytest.raises(ValueError):
+        ircload.plan_irc_shares(loadgen.LoadConfig(receivers=3, senders=4, protocol="irc"))
+
+
+def test_irc_workload_counts_every_line_and_answers_pings(irc_stub: IrcStub) -> None:
+    cfg = loadgen.LoadConfig(
+        port=irc_stub.port, receivers=6, senders=3, duration=1.0, warmup=0.2, drain_quiet=0.3, protocol="irc",
+    )
+    res = loadgen.run_load(cfg)
+    assert res.protocol == "irc"
+    assert res.sent_total > 0 and res.sent_total == irc_stub.relayed
+    assert res.errors == {} and res.dropped == 0
+    # every member holds every message (a sender is credited its own, which IRC never echoes)
+    assert res.per_member_min == res.per_member_max == res.sent_total
+    assert res.lost == 0 and res.complete
+    # in the window each message reaches R + S - 1 members, up to what was in flight at the edges
+    members = cfg.receivers + cfg.senders - 1
+    slack = 2 * cfg.window * cfg.senders * members
+    assert abs(res.deliveries - res.sent_per_s * res.duration * members) <= slack
+    # lines include the stub's PINGs, which are not deliveries; a line is ~150 bytes here
+    assert res.lines_per_s >= res.deliveries_per_s
+    assert 100 * res.lines_per_s < res.rx_bytes_per_s < 200 * res.lines_per_s
+    assert irc_stub.pongs > 0
+    assert res.samples > 0 and res.p50_ms is not None and res.p50_ms >= 0
+
+
+def test_irc_senders_stop_at_their_window_when_nothing_is_delivered() -> None:
+    """A sender never has more than `window` lines beyond what its counter has seen."""
+    stub = IrcStub(ping_every=30.0, hold=True)
+    try:
+        cfg = loadgen.LoadConfig(
+            port=stub.port, receivers=4, senders=3, duration=0.5, warmup=0.1, window=5, protocol="irc", drain_quiet=0.2,
+        )
+        res = loadgen.run_load(cfg)
+    finally:
+        stub.close()
+    assert res.sent_total == stub.relayed == cfg.window * cfg.senders
+    assert not res.complete and res.deliveries == 0
+    # every receiver misses all 15; each sender misses the other two senders' 10
+    assert res.lost == 4 * 15 + 3 * 10
+
+
+def test_speaks_irc_tells_the_doors_apart(irc_stub: IrcStub, asyncio_peer: RunningServer) -> None:
+    assert launcher.speaks_irc("127.0.0.1", irc_stub.port)
+    assert not launcher.speaks_irc("127.0.0.1", asyncio_peer.port)
+
+
+_TWO_DOORS = string.Template('''
+import socket, sys, time
+native = socket.create_server(("127.0.0.1", 0))
+irc = socket.create_server(("127.0.0.1", 0))
+if ${say}:
+    print("irc listening on 127.0.0.1:%d" % irc.getsockname()[1], file=sys.stderr, flush=True)
+native.settimeout(0.05)
+irc.settimeout(0.05)
+end = time.monotonic() + 30
+while time.monotonic() < end:
+    for s, reply in ((native, b"\\x00\\x00\\x00\\x02{}"), (irc, b":fake NOTICE * :hello\\r\\n")):
+        try:
+            c, _ = s.accept()
+        except OSError:
+            continue
+        c.sendall(reply)
+        c.close()
+''')
+
+
+@pytest.mark.parametrize("say", [True, False], ids=["log-line", "proc-and-probe"])
+def test_the_irc_door_is_found_with_or_without_its_log_line(tmp_path: Path, say: bool) -> None:
+    script = tmp_path / "two_doors.py"
+    script.write_text(_TWO_DOORS.substitute(say=say))
+    spec = ServerSpec("two-doors", [sys.executable, str(script)], protocols=(launcher.IRC,))
+    with RunningServer(spec) as srv:
+        assert srv.port and srv.irc_port and srv.port != srv.irc_port
+        assert srv.irc_port in launcher.listening_ports(srv.pid)
+        assert launcher.speaks_irc("127.0.0.1", srv.irc_port)
+        assert not launcher.speaks_irc("127.0.0.1", srv.port)
+
+
+def test_native_line_is_not_taken_for_the_irc_one() -> None:
+    text = "INFO irc listening on 127.0.0.1:7001\nINFO listening on 127.0.0.1:7000\n"
+    assert launcher._LISTENING.search(text).group(2) == "7000"
+    assert launcher._IRC_LISTENING.search(text).group(2) == "7001"
+
+
+def test_plan_and_table_carry_both_kinds() -> None:
+    opts = runner.parse_args(["--points", "ircfanout,fanout", "--fanout-receivers", "100,1000"])
+    cases = runner.plan(opts)
+    assert [c.label for c in cases] == ["fan-out R=100", "fan-out R=1000", "IRC fan-out R=100", "IRC fan-out R=1000"]
+    assert {c.protocol for c in cases} == {"native", "irc"}
+    m = {"deliveries_per_s": 1000.0, "cpu_us_per_delivery": 1.0, "server_cores": 0.5, "gen_cpu": 0.1, "other_cores": 0.0, "softirq_cores": 0.0}
+    results = {(cases[0], "selchat-base"): runner.Outcome(metrics=dict(m)), (cases[2], "ngircd"): runner.Outcome(metrics=dict(m))}
+    text = runner.table(cases, ["selchat-base", "ngircd"], results, {"selchat-base": "selchat-base@abc1234"})
+    rows = text.splitlines()[2:]
+    assert len(rows) == 2
+    assert rows[0].startswith("| fan-out R=100 | selchat-base@abc1234 | 1,000 |")
+    assert rows[1].startswith("| IRC fan-out R=100 | ngircd | 1,000 |")
+    assert rows[0].count("|") == rows[1].count("|") == text.splitlines()[0].count("|")
+
+
+def test_baseline_is_labelled_with_its_git_hash(tmp_path: Path) -> None:
+    specs = launcher.known_servers(baseline=None)
+    assert specs["selchat-base"].unavailable
+    checkout = tmp_path / "old"
+    (checkout / "selchat").mkdir(parents=True)
+    (checkout / "selchat" / "server.py").write_text("")
+    env = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t", "PATH": os.environ["PATH"]}
+    for cmd in (["init", "-q"], ["add", "selchat/server.py"], ["commit", "-q", "-m", "old"]):
+        subprocess.run(["git", "-C", str(checkout)] + cmd, check=True, env=env, capture_output=True)
+    short = subprocess.run(["git", "-C", str(checkout), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    spec = launcher.known_servers(baseline=checkout)["selchat-base"]
+    assert not spec.unavailable
+    assert spec.label == f"selchat-base@{short}"
+    assert spec.root == checkout and f"cd {checkout} && PYTHONPATH={checkout} " in spec.describe()
+    (checkout / "selchat" / "server.py").write_text("# changed\n")
+    assert launcher.git_label(checkout) == short + "+dirty"
+    env_of = launcher._env(checkout)
+    assert env_of["PYTHONPATH"].split(os.pathsep)[0] == str(checkout)
+    assert str(launcher.REPO) not in env_of["PYTHONPATH"].split(os.pathsep)
+
+
+@pytest.mark.parametrize("name", ["ngircd", "inspircd"])
+def test_installed_irc_daemons_run_the_irc_workload(name: str) -> None:
+    spec = launcher.known_servers()[name]
+    if spec.unavailable:
+        pytest.skip(spec.unavailable)
+    with RunningServer(spec) as srv:
+        assert srv.irc_port and srv.irc_port in launcher.listening_ports(srv.pid)
+        cfg = loadgen.LoadConfig(
+            port=srv.irc_port, receivers=5, senders=2, duration=0.5, warmup=0.1, protocol="irc", drain_quiet=1.0,
+        )
+        res = loadgen.run_load(cfg)
+        assert res.complete and res.errors == {} and res.sent_total > 0
+        assert srv.cpu_seconds() >= 0 and srv.rss_kib() > 0
+    assert not srv.alive()
