@@ -1089,7 +1089,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--bulk-poll-ms", type=float, default=None)
     ap.add_argument("--fast-poll-ms", type=float, default=LoadConfig.fast_poll * 1000)
     ap.add_argument("--idle", type=int, default=0, help="instead: ramp this many idle clients and report")
+    ap.add_argument("--irc", action="store_true", help="speak IRC to an IRC server (NICK/USER/JOIN #lobby, PRIVMSG lines)")
     args = ap.parse_args(argv)
+    if args.idle and args.irc:
+        ap.error("--idle speaks the native protocol only")
     if args.idle:
         res: Any = run_idle(args.host, args.port, args.idle, workers=args.bulk_workers or 2)
     else:
@@ -1098,6 +1101,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             duration=args.duration, warmup=args.warmup, rate=args.rate, window=args.window,
             bulk_workers=args.bulk_workers, fast_poll=args.fast_poll_ms / 1000,
             bulk_poll=None if args.bulk_poll_ms is None else args.bulk_poll_ms / 1000,
+            protocol="irc" if args.irc else "native",
         )
         res = run_load(cfg)
     json.dump(res.as_dict(), sys.stdout, indent=2)
