@@ -90,6 +90,7 @@ class ServerSpec:
     root: Optional[Path] = None
     label: str = ""  # shown in the table instead of the name (the baseline's git hash)
     unavailable: str = ""
+    fixed_flags: bool = False  # `extra` came from --server-args: used as given
 
     @property
     def shown(self) -> str:
@@ -216,6 +217,7 @@ def known_servers(overrides: Optional[Dict[str, str]] = None, baseline: Optional
     for name, spec in specs.items():
         if name in overrides:
             spec.extra = shlex.split(overrides[name])
+            spec.fixed_flags = True
             if name == "selchat-irc" and "--irc-port" not in spec.extra:
                 spec.extra += ["--irc-port", "0"]
     return specs
@@ -227,7 +229,7 @@ def resolve_flags(spec: ServerSpec) -> None:
     Run only for servers that are going to be measured: each call starts a Python process.
     A selchat whose --help does not run, or a selchat-irc without --irc-port, is unavailable.
     """
-    if spec.name not in SELCHAT_NAMES or spec.unavailable or spec.extra:
+    if spec.name not in SELCHAT_NAMES or spec.unavailable or spec.fixed_flags:
         return
     if not selchat_available(root=spec.root):
         spec.unavailable = "`python -m selchat.server --help` does not run" + (f" in {spec.root}" if spec.root else " yet")
