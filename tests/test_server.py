@@ -1626,7 +1626,7 @@ BAD_OPTIONS = [
     ["--ping-interval", "nan"],
     ["--ping-interval", "2", "--ping-timeout", "1"],
     ["--log-level", "loud"],
-    ["--max-frame", "1000"],  # too small for the default max_text
+    ["--max-frame", "1000", "--max-text", "4096"],  # two given options that contradict each other
     ["--no-such-option"],
 ]
 

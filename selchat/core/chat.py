@@ -1,22 +1,39 @@
-"""The chat state: users, nicks, rooms and presence. Requests in, deliveries out.
+"""The chat state: users, nicks, rooms, operators and presence. Requests in, deliveries out.
 
-Nothing here knows sockets, clocks or JSON. The server hands in validated requests (and the
-time, when a message needs a timestamp) and gets back `Delivery` records saying which users
-receive which event; it encodes each event once and queues the bytes. An IRC or WebSocket
-adapter would drive the same object with the same requests.
+Nothing here knows sockets, clocks, doors or wire formats. The hub hands in validated requests
+(and the time, when a message needs a timestamp) and gets back `Delivery` records saying which
+users receive which event; each door's wire format encodes an event once and the same bytes go
+to every recipient of that format. A user's `session` belongs to its door; this module only
+carries it.
 
 Invariants:
 * a user is in `users` exactly while registered, and is a member of every room in `user.rooms`;
 * a room exists while it has members, except the lobby, which always exists;
-* message ids only grow, starting above the store's highest id, so they grow across restarts.
+* a room's operators are members of it;
+* message ids only grow, across restarts too (the store hands them out durably);
+* `before_change()` is called before any membership or nick changes, so whoever batches
+  broadcasts can send what was said to the members who were there when it was said.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 from selchat.core import events
+from selchat.core.names import fold, shorten, valid_nick
+from selchat.core.requests import (
+    ChangeNick,
+    HistoryRequest,
+    JoinRoom,
+    ListRooms,
+    Msg,
+    PartRoom,
+    Request,
+    Say,
+    Who,
+)
+from selchat.core.store import StoreError
 from selchat.defaults import (
     HISTORY_ON_JOIN,
     LOBBY,
@@ -24,25 +41,6 @@ from selchat.defaults import (
     MAX_ROOMS,
     MAX_ROOMS_PER_USER,
 )
-from selchat.doors.framed.protocol import (
-    ChangeNick,
-    HistoryRequest,
-    JoinRoom,
-    ListRooms,
-    Msg,
-    PartRoom,
-    PingRequest,
-    PongReply,
-    QuitRequest,
-    Request,
-    Say,
-    Who,
-    fold,
-    shorten,
-    valid_nick,
-)
-
-from selchat.core.store import StoreError
 
 log = logging.getLogger(__name__)
 
@@ -57,38 +55,51 @@ class ChatError(Exception):
 
 
 class User:
-    """A registered user. `endpoint` belongs to whoever drives the chat (the server's connection)."""
+    """A registered user, from any door. `session` is the door's; `ident@host` is for display."""
 
-    __slots__ = ("nick", "key", "rooms", "endpoint", "__weakref__")
+    __slots__ = ("nick", "key", "rooms", "session", "ident", "host", "realname", "userhost",
+                 "away", "door", "since", "__weakref__")
 
-    def __init__(self, nick: str, endpoint: Any) -> None:
+    def __init__(self, nick: str, session: Any, ident: str = "", host: str = "selchat",
+                 realname: str = "", door: str = "") -> None:
         self.nick = nick
         self.key = fold(nick)
         self.rooms: Dict[str, Room] = {}
-        self.endpoint = endpoint
+        self.session = session
+        self.ident = ident or nick
+        self.host = host
+        self.realname = realname or nick
+        self.userhost = f"{self.ident}@{host}"
+        self.away: Optional[str] = None
+        self.door = door
+        self.since = 0  # registration time, ms since the epoch (for WHOIS idle/signon)
 
     def __repr__(self) -> str:
         return f"User({self.nick!r})"
 
 
 class Room:
-    __slots__ = ("name", "key", "members")
+    __slots__ = ("name", "key", "members", "operators", "created", "topic")
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, created: int = 0) -> None:
         self.name = name
         self.key = fold(name)
         # A dict used as an ordered set: O(1) membership, cheap iteration for broadcasts.
         self.members: Dict[User, None] = {}
+        self.operators: Dict[User, None] = {}
+        self.created = created  # ms since the epoch
+        self.topic = ""
 
 
 class Delivery:
     """`event` goes to every user in `recipients` except `skip`.
 
-    `reply` marks the copy that answers the request being handled: the adapter adds the
-    request's `ref` to it and to nothing else.
+    `room` is set when the recipients are that room's members (a room broadcast, which the
+    fan-out may batch). `reply` marks the copy that answers the request being handled: the
+    door adds the request's reference (`ref`, an IRC label) to it and to nothing else.
     """
 
-    __slots__ = ("event", "recipients", "skip", "reply")
+    __slots__ = ("event", "recipients", "skip", "reply", "room")
 
     def __init__(
         self,
@@ -96,18 +107,25 @@ class Delivery:
         recipients: Iterable[User],
         skip: Optional[User] = None,
         reply: bool = False,
+        room: Optional[Room] = None,
     ) -> None:
         self.event = event
         self.recipients = recipients
         self.skip = skip
         self.reply = reply
+        self.room = room
 
     def __repr__(self) -> str:
-        return f"Delivery({self.event!r}, {list(self.recipients)!r}, skip={self.skip!r}, reply={self.reply})"
+        return (f"Delivery({self.event!r}, {list(self.recipients)!r}, skip={self.skip!r}, "
+                f"reply={self.reply}, room={self.room.name if self.room else None})")
 
 
 def reply(event: events.Event, user: User) -> Delivery:
     return Delivery(event, (user,), reply=True)
+
+
+def _noop() -> None:
+    pass
 
 
 class Chat:
@@ -117,53 +135,49 @@ class Chat:
         *,
         server_name: str = "selchat",
         motd: str = "",
-        max_frame: int = 65536,
-        max_text: int = 4096,
         max_presence: int = MAX_PRESENCE,
         history_on_join: int = HISTORY_ON_JOIN,
         max_rooms: int = MAX_ROOMS,
         max_rooms_per_user: int = MAX_ROOMS_PER_USER,
-        rate: float = 0.0,
-        burst: int = 0,
     ) -> None:
         self.store = store
         self.server_name = server_name
         self.motd = motd
-        self.max_frame = max_frame
-        self.max_text = max_text
         self.max_presence = max_presence
         self.history_on_join = history_on_join
         self.max_rooms = max_rooms
         self.max_rooms_per_user = max_rooms_per_user
-        self.rate = rate  # only told to clients in `welcome`, so they can pace themselves
-        self.burst = burst
         self.users: Dict[str, User] = {}
         self.rooms: Dict[str, Room] = {}
-        self.lobby = self._room(LOBBY)
+        self.lobby = self._room(LOBBY, 0)
+        self.before_change: Callable[[], None] = _noop
+        self._allocate: Optional[Callable[[], int]] = getattr(store, "allocate_id", None)
         self.last_id: int = store.last_id()
 
     # --- registration and departure ---------------------------------------------------------
 
-    def register(self, nick: str, endpoint: Any) -> Tuple[User, List[Delivery]]:
-        """Add a user with a nick that the protocol layer already found well-formed."""
+    def register(self, nick: str, session: Any, *, join_lobby: bool = True, ident: str = "",
+                 host: str = "selchat", realname: str = "", door: str = "",
+                 now_ms: int = 0) -> Tuple[User, List[Delivery]]:
+        """Add a user with a nick that the door already found well-formed."""
         key = fold(nick)
         if key in self.users:
             raise ChatError("nick_taken", f"nick {nick!r} is taken")
-        user = User(nick, endpoint)
+        user = User(nick, session, ident, host, realname, door)
+        user.since = now_ms
         self.users[key] = user
-        welcome = events.Welcome(
-            nick, self.server_name, self.motd, self.max_frame, self.max_text, self.rate, self.burst
-        )
-        out = [reply(welcome, user)]
-        self._join(user, self.lobby, out)
+        out = [reply(events.Welcome(nick, self.server_name, self.motd), user)]
+        if join_lobby:
+            self._join(user, self.lobby, out)
         return user, out
 
     def disconnect(self, user: User, reason: str) -> List[Delivery]:
         """Remove a user for any reason (quit, closed, timeout, ...); others sharing a room see `quit`."""
         if self.users.get(user.key) is not user:
             return []
+        self.before_change()
         del self.users[user.key]
-        event = events.Quit(user.nick, reason)
+        event = events.Quit(user.nick, reason, user.userhost)
         recipients: Dict[User, None] = {}
         for room in list(user.rooms.values()):
             if len(room.members) <= self.max_presence:
@@ -178,13 +192,13 @@ class Chat:
         """Carry out one request of a registered user; raise ChatError when it is refused."""
         kind = type(request)
         if kind is Say:
-            return self.say(user, request.room, request.text, now_ms)  # type: ignore[union-attr]
+            return self.say(user, request.room, request.text, now_ms, request.action)  # type: ignore[union-attr]
         if kind is Msg:
-            return self.private(user, request.to, request.text, now_ms)  # type: ignore[union-attr]
+            return self.private(user, request.to, request.text, now_ms, request.action)  # type: ignore[union-attr]
         if kind is JoinRoom:
-            return self.join(user, request.room)  # type: ignore[union-attr]
+            return self.join(user, request.room, now_ms)  # type: ignore[union-attr]
         if kind is PartRoom:
-            return self.part(user, request.room)  # type: ignore[union-attr]
+            return self.part(user, request.room, request.reason or "")  # type: ignore[union-attr]
         if kind is ChangeNick:
             return self.change_nick(user, request.nick)  # type: ignore[union-attr]
         if kind is Who:
@@ -193,41 +207,51 @@ class Chat:
             return [reply(self.room_list(), user)]
         if kind is HistoryRequest:
             return self.history(user, request)  # type: ignore[arg-type]
-        if kind is PingRequest:
-            return [reply(events.Pong(request.token), user)]  # type: ignore[union-attr]
-        if kind is PongReply:
-            return []
-        if kind is QuitRequest:
-            return self.disconnect(user, request.reason or "quit")  # type: ignore[union-attr]
-        raise ChatError("already_registered", "already registered")  # a second hello
+        raise TypeError(f"not a chat request: {request!r}")  # pragma: no cover - a door's bug
 
-    def say(self, user: User, room_name: str, text: str, now_ms: int) -> List[Delivery]:
+    def next_id(self) -> int:
+        """The next message id, made durable by the store before it is used."""
+        if self._allocate is not None:
+            try:
+                message_id = self._allocate()
+            except StoreError as exc:
+                log.error("cannot reserve message ids: %s", exc)
+                raise ChatError("not_stored", "the message cannot be stored right now; "
+                                "it was not sent") from None
+        else:
+            message_id = self.last_id + 1
+        self.last_id = message_id
+        return message_id
+
+    def say(self, user: User, room_name: str, text: str, now_ms: int,
+            action: bool = False) -> List[Delivery]:
         room = user.rooms.get(fold(room_name))
         if room is None:
             raise ChatError("not_in_room", f"you are not in {room_name}")
-        self.last_id += 1
-        message = events.Message(self.last_id, now_ms, user.nick, text, room=room.name)
+        message = events.Message(self.next_id(), now_ms, user.nick, text, room.name, None,
+                                 action, user.userhost)
         self.store.add(message)
-        return [Delivery(message, room.members, skip=user), reply(message, user)]
+        return [Delivery(message, room.members, skip=user, room=room), reply(message, user)]
 
-    def private(self, user: User, to: str, text: str, now_ms: int) -> List[Delivery]:
+    def private(self, user: User, to: str, text: str, now_ms: int,
+                action: bool = False) -> List[Delivery]:
         target = self.users.get(fold(to)) if valid_nick(to) else None
         if target is None:
             raise ChatError("no_such_nick", f"no user is called {shorten(to)!r}")
-        self.last_id += 1
-        message = events.Message(self.last_id, now_ms, user.nick, text, to=target.nick)
+        message = events.Message(self.next_id(), now_ms, user.nick, text, None, target.nick,
+                                 action, user.userhost)
         self.store.note_id(message.id)
         out = [reply(message, user)]
         if target is not user:
             out.append(Delivery(message, (target,)))
         return out
 
-    def join(self, user: User, room_name: str) -> List[Delivery]:
+    def join(self, user: User, room_name: str, now_ms: int = 0) -> List[Delivery]:
         key = fold(room_name)
         room = user.rooms.get(key)
         out: List[Delivery] = []
         if room is not None:  # already there: a no-op that still answers names
-            out.append(reply(events.Names(room.name, self._sorted_nicks(room)), user))
+            out.append(reply(self._names(room), user))
             return out
         if len(user.rooms) >= self.max_rooms_per_user:
             raise ChatError("too_many_rooms", f"you are in {self.max_rooms_per_user} rooms already")
@@ -235,15 +259,17 @@ class Chat:
         if room is None:
             if len(self.rooms) >= self.max_rooms:
                 raise ChatError("too_many_rooms", "the server has as many rooms as it may hold")
-            room = self._room(room_name)
+            room = self._room(room_name, now_ms)
+            room.operators[user] = None  # whoever creates a room is its operator
         self._join(user, room, out)
         return out
 
-    def part(self, user: User, room_name: str) -> List[Delivery]:
+    def part(self, user: User, room_name: str, reason: str = "") -> List[Delivery]:
         room = user.rooms.get(fold(room_name))
         if room is None:
             raise ChatError("not_in_room", f"you are not in {room_name}")
-        event = events.Part(room.name, user.nick)
+        self.before_change()
+        event = events.Part(room.name, user.nick, user.userhost, reason)
         if len(room.members) > self.max_presence:
             out = [reply(event, user)]
         else:
@@ -252,11 +278,15 @@ class Chat:
         return out
 
     def change_nick(self, user: User, nick: str) -> List[Delivery]:
+        if nick == user.nick:
+            # Nothing changes: only the asker hears back, so nobody sees an old == new event.
+            return [reply(events.NickChange(nick, nick, user.userhost), user)]
         key = fold(nick)
         holder = self.users.get(key)
         if holder is not None and holder is not user:
             raise ChatError("nick_taken", f"nick {nick!r} is taken")
-        event = events.NickChange(user.nick, nick)
+        self.before_change()
+        event = events.NickChange(user.nick, nick, user.userhost)
         del self.users[user.key]
         user.nick = nick
         user.key = key
@@ -271,11 +301,14 @@ class Chat:
             out.insert(0, Delivery(event, recipients))
         return out
 
+    def set_away(self, user: User, text: Optional[str]) -> None:
+        user.away = text or None
+
     def names(self, room_name: str) -> events.Names:
         room = self.rooms.get(fold(room_name))
         if room is None:
             return events.Names(room_name, ())
-        return events.Names(room.name, self._sorted_nicks(room))
+        return self._names(room)
 
     def room_list(self) -> events.RoomList:
         rooms = sorted(self.rooms.values(), key=lambda r: (-len(r.members), r.key))
@@ -294,22 +327,23 @@ class Chat:
 
     # --- helpers ----------------------------------------------------------------------------
 
-    def _room(self, name: str) -> Room:
-        room = Room(name)
+    def _room(self, name: str, now_ms: int) -> Room:
+        room = Room(name, now_ms)
         self.rooms[room.key] = room
         return room
 
     def _join(self, user: User, room: Room, out: List[Delivery]) -> None:
         """Membership, then `join` (to all or, in a large room, the joiner), `names`, `history`."""
+        self.before_change()
         room.members[user] = None
         user.rooms[room.key] = room
-        event = events.Join(room.name, user.nick)
+        event = events.Join(room.name, user.nick, user.userhost)
         large = len(room.members) > self.max_presence
         if not large:
             out.append(Delivery(event, room.members, skip=user))
         out.append(reply(event, user))
         if not large:
-            out.append(reply(events.Names(room.name, self._sorted_nicks(room)), user))
+            out.append(reply(self._names(room), user))
         try:
             messages, more = self.store.recent(room.name, None, self.history_on_join)
         except StoreError as exc:
@@ -321,10 +355,14 @@ class Chat:
 
     def _leave(self, user: User, room: Room) -> None:
         del room.members[user]
+        room.operators.pop(user, None)
         del user.rooms[room.key]
         if not room.members and room is not self.lobby:
             del self.rooms[room.key]
 
     @staticmethod
-    def _sorted_nicks(room: Room) -> Tuple[str, ...]:
-        return tuple(sorted((u.nick for u in room.members), key=lambda n: (n.lower(), n)))
+    def _sorted(users: Iterable[User]) -> Tuple[str, ...]:
+        return tuple(sorted((u.nick for u in users), key=lambda n: (n.lower(), n)))
+
+    def _names(self, room: Room) -> events.Names:
+        return events.Names(room.name, self._sorted(room.members), self._sorted(room.operators))

@@ -6,19 +6,17 @@ adapter would turn the same records into its own lines, which is why nothing her
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional, Tuple, Union
 
 
 @dataclass(frozen=True)
 class Welcome:
+    """Registration succeeded; each door adds the limits of its own wire."""
+
     nick: str
     server: str
     motd: str
-    max_frame: int
-    max_text: int
-    rate: float = 0.0  # flood control: requests per second (0: off)
-    burst: int = 0
 
 
 @dataclass  # not frozen: one is made per message said, and a frozen __init__ costs three times as
@@ -31,30 +29,37 @@ class Message:  # much; like every event here it is never changed once made
     text: str
     room: Optional[str] = None
     to: Optional[str] = None
+    action: bool = False  # an emote ("/me waves"), shown as "* sender text"
+    userhost: str = field(default="", compare=False)  # the sender's ident@host (not kept in history)
 
 
 @dataclass(frozen=True)
 class Join:
     room: str
     nick: str
+    userhost: str = field(default="", compare=False)  # display only
 
 
 @dataclass(frozen=True)
 class Part:
     room: str
     nick: str
+    userhost: str = field(default="", compare=False)  # display only
+    reason: str = ""
 
 
 @dataclass(frozen=True)
 class Quit:
     nick: str
     reason: str
+    userhost: str = field(default="", compare=False)  # display only
 
 
 @dataclass(frozen=True)
 class NickChange:
     old: str
     new: str
+    userhost: str = field(default="", compare=False)  # display only
 
 
 @dataclass(frozen=True)
@@ -63,6 +68,7 @@ class Names:
 
     room: str
     nicks: Tuple[str, ...]
+    operators: Tuple[str, ...] = ()  # the members who are the room's operators (sorted)
 
 
 @dataclass(frozen=True)

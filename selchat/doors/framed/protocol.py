@@ -7,11 +7,22 @@ that passed, so it deals in meaning (who may say what where), never in shapes of
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 from selchat.core import events
+from selchat.core.names import NICK_RULE, ROOM_RULE, log_safe, shorten, text_problem, valid_nick, valid_room
+from selchat.core.requests import (
+    ChangeNick,
+    HistoryRequest,
+    JoinRoom,
+    ListRooms,
+    Msg,
+    PartRoom,
+    Say,
+    Who,
+)
+from selchat.core import requests as core_requests
 from selchat.doors.framed import codec
 from selchat.defaults import (
     MAX_FRAME,
@@ -35,44 +46,6 @@ class ProtocolError(Exception):
         self.code = code
         self.message = message
         self.ref = ref
-
-
-# --- names and text -------------------------------------------------------------------------
-
-_NICK = re.compile(r"[A-Za-z_\[\]{}\\|^][A-Za-z0-9_\-\[\]{}\\|^]{0,%d}" % (NICK_MAX - 1))
-_ROOM = re.compile(r"#[A-Za-z0-9_\-]{1,%d}" % ROOM_MAX)
-# C0 controls but tab and newline, DEL, and C1 controls.
-_BAD_TEXT_CHAR = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
-
-
-def valid_nick(nick: str) -> bool:
-    return _NICK.fullmatch(nick) is not None
-
-
-def valid_room(room: str) -> bool:
-    return _ROOM.fullmatch(room) is not None
-
-
-def fold(name: str) -> str:
-    """The key under which nicks and rooms collide: ASCII case folded (names are ASCII only)."""
-    return name.lower()
-
-
-def has_control_characters(text: str) -> bool:
-    return _BAD_TEXT_CHAR.search(text) is not None
-
-
-def text_problem(text: str, max_text: int) -> Optional[str]:
-    """Why `text` may not be carried, or None when it may."""
-    if not text:
-        return "text is empty"
-    if len(text) > max_text:
-        return f"text is longer than {max_text} characters"
-    if text.isspace():
-        return "text is only whitespace"
-    if _BAD_TEXT_CHAR.search(text):
-        return "text holds a control character"
-    return None
 
 
 # A `ref` is copied into answers that also carry other members (an error's message, a message
@@ -105,12 +78,9 @@ def echoable(value: Any, limit: int = REF_MAX_BYTES) -> bool:
     return False
 
 
-def shorten(text: str, limit: int = 40) -> str:
-    """Client-chosen text quoted in an error message, cut so the error stays small."""
-    return text if len(text) <= limit else text[:limit] + "..."
-
-
 # --- requests -------------------------------------------------------------------------------
+# The chat's requests are `selchat.core.requests`; these four are the framed door's own
+# (registration and liveness), which the chat state never sees.
 
 
 @dataclass(frozen=True)
@@ -118,43 +88,6 @@ class Hello:
     nick: str
     client: Optional[str] = None
     password: Optional[str] = None
-
-
-@dataclass  # not frozen, for speed (one per message said); never changed once made
-class Say:
-    room: str
-    text: str
-
-
-@dataclass(frozen=True)
-class Msg:
-    to: str
-    text: str
-
-
-@dataclass(frozen=True)
-class JoinRoom:
-    room: str
-
-
-@dataclass(frozen=True)
-class PartRoom:
-    room: str
-
-
-@dataclass(frozen=True)
-class ChangeNick:
-    nick: str
-
-
-@dataclass(frozen=True)
-class Who:
-    room: str
-
-
-@dataclass(frozen=True)
-class ListRooms:
-    pass
 
 
 @dataclass(frozen=True)
@@ -172,17 +105,7 @@ class QuitRequest:
     reason: Optional[str] = None
 
 
-@dataclass(frozen=True)
-class HistoryRequest:
-    room: str
-    before: Optional[int] = None
-    limit: int = HISTORY_LIMIT_DEFAULT
-
-
-Request = Union[
-    Hello, Say, Msg, JoinRoom, PartRoom, ChangeNick, Who, ListRooms, PingRequest, PongReply,
-    QuitRequest, HistoryRequest,
-]
+Request = Union[Hello, PingRequest, PongReply, QuitRequest, core_requests.Request]
 
 # Requests served before `welcome`; any other known type then gets `not_registered`.
 PRE_REGISTRATION = (Hello, PingRequest, PongReply, QuitRequest)
@@ -286,21 +209,14 @@ class Parser:
         nick = m.string(name)
         assert nick is not None
         if not valid_nick(nick):
-            raise ProtocolError(
-                "bad_nick",
-                f"nick must be 1..{NICK_MAX} of A-Z a-z 0-9 _ - [ ] {{ }} \\ | ^, "
-                "not starting with a digit or '-'",
-                m.ref,
-            )
+            raise ProtocolError("bad_nick", NICK_RULE, m.ref)
         return nick
 
     def _room(self, m: _Members, name: str) -> str:
         room = m.string(name)
         assert room is not None
         if not valid_room(room):
-            raise ProtocolError(
-                "bad_room", f"room must be '#' and 1..{ROOM_MAX} of A-Z a-z 0-9 _ -", m.ref
-            )
+            raise ProtocolError("bad_room", ROOM_RULE, m.ref)
         return room
 
     def _text(self, m: _Members, name: str, max_len: int) -> str:
@@ -316,19 +232,26 @@ class Parser:
         password = m.string("password", required=False)
         nick = self._nick(m, "nick")
         if client is not None:
-            client = codec_safe(client)[:CLIENT_NAME_MAX]
+            client = log_safe(client)[:CLIENT_NAME_MAX]
         return Hello(nick, client, password)
 
     def _say(self, m: _Members) -> Say:
         m.string("text")  # shape errors before name errors, whatever the member order
         room = self._room(m, "room")
-        return Say(room, self._text(m, "text", self.max_text))
+        return Say(room, self._text(m, "text", self.max_text), self._flag(m, "action"))
 
     def _msg(self, m: _Members) -> Msg:
         m.string("text")
         to = m.string("to")
         assert to is not None
-        return Msg(to, self._text(m, "text", self.max_text))
+        return Msg(to, self._text(m, "text", self.max_text), self._flag(m, "action"))
+
+    @staticmethod
+    def _flag(m: _Members, name: str) -> bool:
+        value = m.obj.get(name, False)
+        if not isinstance(value, bool):
+            raise m._fail(f"member '{name}' must be true or false")
+        return value
 
     def _quit(self, m: _Members) -> QuitRequest:
         if m.string("reason", required=False) is None:
@@ -346,11 +269,6 @@ class Parser:
         return HistoryRequest(room, before, limit)
 
 
-def codec_safe(text: str) -> str:
-    """Free text kept only for logs: control characters replaced, so a log line stays one line."""
-    return _BAD_TEXT_CHAR.sub("?", text)
-
-
 # --- events ---------------------------------------------------------------------------------
 
 
@@ -361,6 +279,8 @@ def message_object(msg: events.Message) -> Dict[str, Any]:
     else:
         obj["to"] = msg.to
     obj["text"] = msg.text
+    if msg.action:
+        obj["action"] = True
     return obj
 
 
@@ -384,7 +304,8 @@ def event_object(event: events.Event, ref: Ref = None) -> Dict[str, Any]:
     elif isinstance(event, events.NickChange):
         obj = {"type": "nick", "old": event.old, "new": event.new}
     elif isinstance(event, events.Names):
-        obj = {"type": "names", "room": event.room, "nicks": list(event.nicks), "more": False}
+        obj = {"type": "names", "room": event.room, "nicks": list(event.nicks),
+               "operators": list(event.operators), "more": False}
     elif isinstance(event, events.RoomList):
         obj = {"type": "rooms", "rooms": [{"name": r.name, "members": r.members} for r in event.rooms]}
     elif isinstance(event, events.History):
@@ -405,22 +326,14 @@ def event_object(event: events.Event, ref: Ref = None) -> Dict[str, Any]:
     elif isinstance(event, events.Error):
         obj = {"type": "error", "code": event.code, "message": event.message}
     elif isinstance(event, events.Welcome):
-        obj = {
-            "type": "welcome",
-            "nick": event.nick,
-            "server": event.server,
-            "motd": event.motd,
-            "limits": {"max_frame": event.max_frame, "max_text": event.max_text},
-        }
-        if event.rate:
-            obj["limits"]["rate"] = event.rate
-            obj["limits"]["burst"] = event.burst
+        obj = {"type": "welcome", "nick": event.nick, "server": event.server, "motd": event.motd}
     else:  # pragma: no cover - a new event type without a wire form is a bug here
         raise TypeError(f"no wire form for {event!r}")
     return _with_ref(obj, ref)
 
 
-def encode_event(event: events.Event, ref: Ref, max_frame: int) -> List[bytes]:
+def encode_event(event: events.Event, ref: Ref, max_frame: int,
+                 limits: Optional[Dict[str, Any]] = None) -> List[bytes]:
     """Encode an event as one or more frames, none larger than `max_frame`.
 
     `names` comes in chunks of at most NAMES_CHUNK nicks, each cut further if it would not fit;
@@ -432,19 +345,25 @@ def encode_event(event: events.Event, ref: Ref, max_frame: int) -> List[bytes]:
         return [_encode_history(event, ref, max_frame)]
     if isinstance(event, events.RoomList):
         return _encode_rooms(event, ref, max_frame)
-    return [codec.encode(event_object(event, ref), max_frame)]
+    obj = event_object(event, ref)
+    if limits is not None and isinstance(event, events.Welcome):
+        obj["limits"] = limits
+    return [codec.encode(obj, max_frame)]
 
 
 def _encode_names(event: events.Names, ref: Ref, max_frame: int) -> List[bytes]:
     frames: List[bytes] = []
     nicks = list(event.nicks)
+    operators = set(event.operators)
     start = 0
     while True:
         count = min(NAMES_CHUNK, len(nicks) - start)
         while True:
             chunk = nicks[start : start + count]
             last = start + count >= len(nicks)
-            obj = _with_ref({"type": "names", "room": event.room, "nicks": chunk, "more": not last}, ref)
+            ops = [n for n in chunk if n in operators] if operators else []
+            obj = _with_ref({"type": "names", "room": event.room, "nicks": chunk,
+                             "operators": ops, "more": not last}, ref)
             try:
                 frames.append(codec.encode(obj, max_frame))
                 break

@@ -1,0 +1,64 @@
+"""What a user asks of the chat, whichever door it came in by: small records, already validated.
+
+Each door turns its own wire form into these (the framed door from JSON objects, the IRC door
+from command lines) after checking names and text against `selchat.core.names`, so the chat
+state deals in meaning, never in shapes of input. Liveness (ping/pong) and registration are
+the doors' business and have no record here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Union
+
+from selchat.defaults import HISTORY_LIMIT_DEFAULT
+
+
+@dataclass  # not frozen, for speed (one per message said); never changed once made
+class Say:
+    room: str
+    text: str
+    action: bool = False  # "/me": an emote, shown as "* nick text"
+
+
+@dataclass(frozen=True)
+class Msg:
+    to: str
+    text: str
+    action: bool = False
+
+
+@dataclass(frozen=True)
+class JoinRoom:
+    room: str
+
+
+@dataclass(frozen=True)
+class PartRoom:
+    room: str
+    reason: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class ChangeNick:
+    nick: str
+
+
+@dataclass(frozen=True)
+class Who:
+    room: str
+
+
+@dataclass(frozen=True)
+class ListRooms:
+    pass
+
+
+@dataclass(frozen=True)
+class HistoryRequest:
+    room: str
+    before: Optional[int] = None
+    limit: int = HISTORY_LIMIT_DEFAULT
+
+
+Request = Union[Say, Msg, JoinRoom, PartRoom, ChangeNick, Who, ListRooms, HistoryRequest]

@@ -1,0 +1,142 @@
+"""Fan-out: deliveries from the chat state become bytes queued on the recipients' transports.
+
+Every event is encoded once per wire format (the framed JSON door is one format; IRC clients
+with the same capabilities share another), and the same `bytes` object is queued for every
+recipient of that format. A requester's own copy (which may carry its `ref` or IRC label, or
+be nothing at all for IRC without echo-message) is made by its session.
+
+Room messages are batched: consecutive messages to one room in a pass become one chunk per
+member, built when the batch is flushed. The batch is flushed here whenever anything else is
+delivered, by the chat state before any membership changes (`Chat.before_change`) and by the
+hub before the pass ends, so no caller has to remember it.
+
+A session, as seen from here, has `transport` (with `accepting` and `write`), `wire` (with
+`encode(event) -> list[bytes]` and `message(msg) -> bytes`), `reply(event, ref)` and
+`own_message(msg, ref, shared) -> bytes` (`shared` is the format's common copy, for a
+session whose own copy is the same when there is no `ref`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional
+
+from selchat.core.chat import Delivery, Room, User
+from selchat.core.events import Message
+
+
+class _Entry:
+    __slots__ = ("message", "sender", "ref", "echo")
+
+    def __init__(self, message: Message, sender: Optional[User]) -> None:
+        self.message = message
+        self.sender = sender
+        self.ref: Any = None
+        self.echo = False  # the sender gets its own copy in the batch
+
+
+class Fanout:
+    __slots__ = ("_room", "_entries")
+
+    def __init__(self) -> None:
+        self._room: Optional[Room] = None
+        self._entries: List[_Entry] = []
+
+    def deliver(self, deliveries: List[Delivery], ref: Any) -> None:
+        for delivery in deliveries:
+            event = delivery.event
+            room = delivery.room
+            if room is not None and type(event) is Message:
+                if room is not self._room:
+                    if self._entries:
+                        self.flush()
+                    self._room = room
+                self._entries.append(_Entry(event, delivery.skip))
+                continue
+            if delivery.reply:
+                entries = self._entries
+                if entries and entries[-1].message is event and entries[-1].sender is not None:
+                    # The sender's own copy of the message just batched, in the same place.
+                    entries[-1].ref = ref
+                    entries[-1].echo = True
+                    continue
+                if entries:
+                    self.flush()
+                for user in delivery.recipients:
+                    user.session.reply(event, ref)
+                continue
+            if self._entries:
+                self.flush()
+            skip = delivery.skip
+            encoded: Dict[Any, List[bytes]] = {}
+            for user in delivery.recipients:
+                if user is skip:
+                    continue
+                session = user.session
+                wire = session.wire
+                frames = encoded.get(wire)
+                if frames is None:
+                    frames = encoded[wire] = wire.encode(event)
+                transport = session.transport
+                for data in frames:
+                    transport.write(data)
+
+    def send(self, transport: Any, data: bytes) -> None:
+        """Queue bytes a session writes by itself (an answer, an error, a ping) after whatever
+        the pass has batched, so they never overtake a room message said before them."""
+        if self._entries:
+            self.flush()
+        transport.write(data)
+
+    def flush(self) -> None:
+        """Queue the batched room messages: one chunk per member, shared by every member of a format.
+
+        This is the hot path of a busy room: per member it costs one append, however many
+        messages the pass carried. Only the senders, whose own copies differ, get chunks of
+        their own.
+        """
+        entries = self._entries
+        room = self._room
+        if not entries or room is None:
+            return
+        self._entries = []
+        self._room = None
+        senders = {e.sender for e in entries}
+        parts: Dict[Any, List[bytes]] = {}  # wire -> each entry's bytes in that format
+        common: Dict[Any, bytes] = {}  # wire -> the whole batch in that format
+        last_wire: Any = None
+        last_data = b""
+        last_size = 0
+        for user in room.members:
+            session = user.session
+            transport = session.transport
+            if not transport.accepting:
+                continue
+            wire = session.wire
+            if user in senders:
+                mine = parts.get(wire)
+                if mine is None:
+                    mine = parts[wire] = [wire.message(e.message) for e in entries]
+                data = b"".join([
+                    (session.own_message(e.message, e.ref, mine[i]) if e.echo else b"") if e.sender is user
+                    else mine[i] for i, e in enumerate(entries)])
+                if not data:
+                    continue
+                transport.write(data)
+                continue
+            if wire is not last_wire:
+                data = common.get(wire)  # type: ignore[assignment]
+                if data is None:
+                    mine = parts.get(wire)
+                    if mine is None:
+                        mine = parts[wire] = [wire.message(e.message) for e in entries]
+                    data = common[wire] = mine[0] if len(mine) == 1 else b"".join(mine)
+                last_wire, last_data, last_size = wire, data, len(data)
+            # transport.write, inlined: this line runs once per member per pass.
+            out = transport.out
+            out.chunks.append(last_data)
+            out.size += last_size
+            if out.size > transport.max_outbuf:
+                transport._overflow()
+            elif not transport.dirty:
+                transport.dirty = True
+                transport.writer.dirty.append(transport)

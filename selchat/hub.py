@@ -1,0 +1,107 @@
+"""The hub: the one owner of the chat state and the store, which every door talks to.
+
+Doors turn their wire into requests and call `register`, `handle` and `leave`; the hub runs
+them against the chat state and hands the deliveries to the fan-out. It also keeps the loop's
+promises that belong to the chat rather than to bytes:
+
+* no teardown in the middle of a broadcast: a session that must go (a slow consumer) is
+  *condemned*, and removed between requests, when the chat state is consistent;
+* nothing is sent before it is stored: the pass's messages are committed in one transaction
+  by a before-sleep hook that runs before the writer's (see `selchat.loop.reactor`);
+* a message that was delivered but could not be stored is reported to its sender.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Callable, List, Optional, Tuple
+
+from selchat.core.chat import Chat, ChatError, User
+from selchat.core.requests import Request, Say
+from selchat.fanout import Fanout
+from selchat.loop.reactor import ORDER_COMMIT, ORDER_SETTLE, Reactor
+
+log = logging.getLogger("selchat.server")
+
+__all__ = ["Hub", "ChatError"]
+
+
+class Hub:
+    __slots__ = ("chat", "store", "reactor", "fanout", "wall_ms", "_condemned", "_said",
+                 "_drop_queued", "commits")
+
+    def __init__(self, chat: Chat, reactor: Reactor,
+                 wall_ms: Callable[[], int] = lambda: int(time.time() * 1000)) -> None:
+        self.chat = chat
+        self.store = chat.store
+        self.reactor = reactor
+        self.fanout = Fanout()
+        self.wall_ms = wall_ms
+        self._condemned: List[Tuple[Any, str]] = []
+        self._said: List[Tuple[Any, Any, int]] = []  # (session, ref, id) of the pass's messages
+        self._drop_queued = False
+        self.commits = 0
+        chat.before_change = self.fanout.flush
+        reactor.add_before_sleep(self._settle, ORDER_SETTLE)
+        reactor.add_before_sleep(self._commit, ORDER_COMMIT)
+
+    # --- for doors ----------------------------------------------------------------------------
+
+    def register(self, nick: str, session: Any, ref: Any = None, **details: Any) -> User:
+        """Register `session` as `nick`; raises ChatError (nick_taken) when it cannot be."""
+        user, deliveries = self.chat.register(nick, session, now_ms=self.wall_ms(), **details)
+        self.fanout.deliver(deliveries, ref)
+        return user
+
+    def handle(self, user: User, request: Request, ref: Any = None) -> None:
+        """Carry out a request; raises ChatError for the door to put in its own words."""
+        deliveries = self.chat.handle(user, request, self.wall_ms())
+        self.fanout.deliver(deliveries, ref)
+        if type(request) is Say:
+            self._said.append((user.session, ref, deliveries[0].event.id))  # type: ignore[union-attr]
+
+    def leave(self, user: User, reason: Optional[str]) -> None:
+        """The user leaves the chat; with a reason, those sharing a room see it `quit`."""
+        deliveries = self.chat.disconnect(user, reason or "")
+        if reason is not None:
+            self.fanout.deliver(deliveries, None)
+
+    def condemn(self, session: Any, reason: str) -> None:
+        """Remove `session` between requests, never in the middle of a broadcast."""
+        self._condemned.append((session, reason))
+        if not self._drop_queued:
+            self._drop_queued = True
+            self.reactor.call_soon(self._drop_condemned)
+
+    # --- before sleep -------------------------------------------------------------------------
+
+    def _drop_condemned(self) -> None:
+        self._drop_queued = False
+        self.fanout.flush()
+        while self._condemned:
+            condemned, self._condemned = self._condemned, []
+            for session, reason in condemned:
+                session.drop(reason)
+            self.fanout.flush()
+
+    def _settle(self) -> None:
+        self.fanout.flush()
+        if self._condemned:
+            self._drop_condemned()
+
+    def _commit(self) -> None:
+        said, self._said = self._said, []
+        try:
+            stored = self.store.commit()
+        except Exception as exc:  # StoreError, or anything else the disk throws at us
+            # Keep serving: the messages were queued already and go out, but their senders
+            # learn that history will not have them.
+            log.error("history write failed, %d message(s) not stored: %s", len(said), exc)
+            for session, ref, message_id in said:
+                session.send_error("not_stored", f"message {message_id} was delivered "
+                                   "but could not be stored in history", ref)
+            self.fanout.flush()
+            return
+        if stored:
+            self.commits += 1

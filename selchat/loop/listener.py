@@ -1,0 +1,125 @@
+"""Listening sockets: accept without starving anyone, pause when out of file descriptors.
+
+Also the admission count shared by every door: connections in all and per address.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import selectors
+import socket
+from typing import Any, Callable, Dict, Optional, Tuple
+
+from selchat.defaults import ACCEPT_PAUSE, ACCEPT_PER_PASS, LISTEN_BACKLOG
+from selchat.loop.reactor import Reactor
+
+log = logging.getLogger("selchat.server")
+
+_SHORTAGE = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A non-blocking listening socket; raises OSError with the system's reason."""
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    family, type_, proto, _, sockaddr = infos[0]
+    sock = socket.socket(family, type_, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(sockaddr)
+        sock.listen(LISTEN_BACKLOG)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+class Listener:
+    """Accepts up to ACCEPT_PER_PASS connections a pass and hands each to `on_accept`."""
+
+    __slots__ = ("reactor", "sock", "address", "on_accept", "_registered", "_short", "_closed")
+
+    def __init__(self, reactor: Reactor, sock: socket.socket,
+                 on_accept: Callable[[socket.socket, Any], None]) -> None:
+        self.reactor = reactor
+        self.sock = sock
+        self.address: Tuple[str, int] = sock.getsockname()[:2]
+        self.on_accept = on_accept
+        self._registered = False
+        self._short = False  # out of descriptors: one warning per shortage, not per retry
+        self._closed = False
+        self._register()
+
+    def _register(self) -> None:
+        if not self._registered and not self._closed:
+            self.reactor.register(self.sock, selectors.EVENT_READ, self._on_ready)
+            self._registered = True
+
+    def _on_ready(self, mask: int) -> None:
+        for _ in range(ACCEPT_PER_PASS):
+            try:
+                sock, addr = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in _SHORTAGE:
+                    (log.debug if self._short else log.warning)(
+                        "accept failed (%s): pausing accepts for %.1fs", exc.strerror, ACCEPT_PAUSE)
+                    self._short = True
+                    self._pause()
+                    return
+                log.info("accept failed: %s", exc)  # e.g. the peer gave up before we got to it
+                continue
+            if self._short:
+                self._short = False
+                log.warning("accepting again")
+            self.on_accept(sock, addr)
+
+    def _pause(self) -> None:
+        if self._registered:
+            self.reactor.unregister(self.sock)
+            self._registered = False
+            self.reactor.call_later(ACCEPT_PAUSE, self._resume)
+
+    def _resume(self, _: Any = None) -> None:
+        self._register()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._registered:
+            self.reactor.unregister(self.sock)
+            self._registered = False
+        self.sock.close()
+
+
+class Admission:
+    """Counts connections against --max-clients and --max-per-ip, for every door at once."""
+
+    __slots__ = ("max_clients", "max_per_ip", "count", "per_ip")
+
+    def __init__(self, max_clients: int, max_per_ip: int) -> None:
+        self.max_clients = max_clients
+        self.max_per_ip = max_per_ip
+        self.count = 0
+        self.per_ip: Dict[str, int] = {}
+
+    def admit(self, ip: str) -> Optional[str]:
+        """None and the connection is counted, or the reason it is refused."""
+        if self.count >= self.max_clients:
+            return "server_full"
+        if self.max_per_ip and self.per_ip.get(ip, 0) >= self.max_per_ip:
+            return "too_many_connections"
+        self.count += 1
+        self.per_ip[ip] = self.per_ip.get(ip, 0) + 1
+        return None
+
+    def release(self, ip: str) -> None:
+        self.count -= 1
+        left = self.per_ip[ip] - 1
+        if left:
+            self.per_ip[ip] = left
+        else:
+            del self.per_ip[ip]

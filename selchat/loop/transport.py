@@ -1,0 +1,461 @@
+"""A stream connection: bytes in to a session, bytes out from a queue, one lifecycle.
+
+The transport moves bytes; the session (a wire protocol: framed JSON, IRC, ...) gives them
+meaning. In the spirit of asyncio's transport/protocol pair, the session gets
+`connection_made`, `data_received`, `eof_received`, `resume_serving`, `output_overflow` and
+`connection_lost`, and calls `write`, `close`, `abort` and `wait_for_drain`.
+
+Lifecycle (every transition is a method of this class; `_closed` is the one teardown path):
+
+    HANDSHAKING --handshake done--> OPEN --close()--> CLOSING --all sent--> LINGERING --> CLOSED
+         (TLS only)                   \\__________________ abort(), I/O error, deadline _____/
+
+Flags, one meaning each:
+  * `accepting`: output may still be queued (false once overflowed, lingering or closed);
+  * `throttled`: our queue for the peer passed the high-water mark, so its input waits
+    (backpressure) until the queue drains below the low-water mark;
+  * `eof`: the peer has shut down its sending side;
+  * `dirty`: the transport is in the writer's list for this pass.
+
+Invariants: nothing blocks (non-blocking sockets, readiness from the selector); bytes leave
+in the order queued; the selector is asked for writability only while bytes are pending;
+a closed transport holds no buffer, no timer and no place in any list of the loop.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import selectors
+import socket
+import ssl
+from typing import Any, Callable, List, Optional, Protocol
+
+from selchat.defaults import LINGER_TIMEOUT, RECV_SIZE
+from selchat.loop.outbuffer import OutBuffer
+from selchat.loop.reactor import ORDER_WRITE, Reactor
+from selchat.loop.timers import Timer
+
+log = logging.getLogger("selchat.server")
+
+EVENT_READ = selectors.EVENT_READ
+EVENT_WRITE = selectors.EVENT_WRITE
+
+
+class State(enum.Enum):
+    HANDSHAKING = "handshaking"  # TLS handshake under way: nothing flows to or from the session
+    OPEN = "open"  # bytes flow both ways
+    CLOSING = "closing"  # sending our last bytes; the peer's input is read and discarded
+    LINGERING = "lingering"  # all sent, our side shut; draining input until EOF or the deadline
+    CLOSED = "closed"  # socket closed, buffers and timers released
+
+
+class Session(Protocol):
+    """What a wire protocol implements to sit on a transport."""
+
+    def connection_made(self, transport: "Transport") -> None: ...
+    def data_received(self, data: bytes) -> None: ...
+    def eof_received(self) -> None: ...
+    def resume_serving(self) -> None: ...
+    def output_overflow(self) -> None: ...
+    def connection_lost(self, detail: str) -> None: ...
+
+
+class Writer:
+    """The before-sleep hook that writes every transport queued to during the pass."""
+
+    __slots__ = ("dirty",)
+
+    def __init__(self, reactor: Reactor) -> None:
+        self.dirty: List[Transport] = []
+        reactor.add_before_sleep(self.flush_all, ORDER_WRITE)
+
+    def flush_all(self) -> None:
+        # Writing can fail and close a transport, which may queue bytes for others (a `quit`):
+        # keep going until the list stays empty.
+        while self.dirty:
+            dirty, self.dirty = self.dirty, []
+            for t in dirty:
+                t.dirty = False
+                out = t.out
+                if t.plain and t.state is State.OPEN and len(out.chunks) == 1 and not out.offset:
+                    # The common case, written out: one whole chunk for a reading peer.
+                    data = out.chunks[0]
+                    try:
+                        sent = t.sock.send(data)
+                    except OSError:
+                        sent = -1  # would-block or a dead peer: the general path sorts it out
+                    if sent == len(data):
+                        out.chunks.clear()
+                        out.size = 0
+                        if t.mask != EVENT_READ or t.throttled:
+                            t.flush()  # interest or backpressure changes
+                        continue
+                    if sent > 0:
+                        out.consume(sent)
+                if t.state is not State.CLOSED:
+                    t.flush()
+
+
+class Transport:
+    """A plain TCP stream. `TLSTransport` is the same stream with TLS underneath."""
+
+    __slots__ = (
+        "reactor", "writer", "sock", "fd", "ip", "peer", "session", "state", "out", "mask",
+        "accepting", "throttled", "eof", "dirty", "max_outbuf", "high_water", "low_water",
+        "close_detail", "linger_until", "_linger_timer", "on_closed", "grace", "__weakref__",
+    )
+
+    plain = True  # a gather write (sendmsg) may be used
+
+    def __init__(self, reactor: Reactor, writer: Writer, sock: socket.socket, peer: str, ip: str,
+                 max_outbuf: int, high_water: int, low_water: int, grace: float = 0.0) -> None:
+        self.reactor = reactor
+        self.writer = writer
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.ip = ip
+        self.peer = peer
+        self.session: Any = None
+        self.state = State.OPEN
+        self.out = OutBuffer()
+        self.mask = 0  # events registered with the selector now
+        self.accepting = True
+        self.throttled = False
+        self.eof = False
+        self.dirty = False
+        self.max_outbuf = max_outbuf
+        self.high_water = high_water
+        self.low_water = low_water
+        self.grace = grace  # extra seconds a graceful close may take to flush
+        self.close_detail = ""
+        self.linger_until = 0.0
+        self._linger_timer: Optional[Timer] = None
+        self.on_closed: Optional[Callable[["Transport"], None]] = None
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.peer} {self.state.value}>"
+
+    # --- for the owner ----------------------------------------------------------------------
+
+    def start(self, session: Any) -> None:
+        """Attach the session and start reading."""
+        self.session = session
+        self._set_interest(EVENT_READ)
+        session.connection_made(self)
+
+    # --- for the session --------------------------------------------------------------------
+
+    @property
+    def open(self) -> bool:
+        """The session may be served: neither closing nor closed."""
+        return self.state is State.OPEN or self.state is State.HANDSHAKING
+
+    @property
+    def congested(self) -> bool:
+        """Our queue for the peer is past the high-water mark: serve it nothing more for now."""
+        return self.out.size > self.high_water
+
+    def write(self, data: bytes) -> None:
+        if not self.accepting:
+            return
+        out = self.out
+        out.chunks.append(data)
+        out.size += len(data)
+        if out.size > self.max_outbuf:
+            self._overflow()
+        elif not self.dirty:
+            self.dirty = True
+            self.writer.dirty.append(self)
+
+    def wait_for_drain(self) -> None:
+        """Stop reading until our queue drains below the low-water mark (backpressure)."""
+        if not self.throttled and self.state is State.OPEN:
+            self.throttled = True
+            self._update_interest()
+
+    def close(self, detail: str, deadline: Optional[float] = None) -> None:
+        """Send what is queued, shut our side, drain the peer briefly, then close.
+
+        The whole close takes until `deadline` at the latest (default: a linger period plus
+        the shutdown grace from now).
+
+        Lingering instead of closing at once means a peer still sending never gets a reset
+        that could destroy our last words (an error, a notice) before it reads them.
+        """
+        if self.state is State.HANDSHAKING:
+            self.abort(detail)
+            return
+        if self.state is not State.OPEN:
+            return
+        self.state = State.CLOSING
+        self.close_detail = detail
+        self.throttled = False
+        self.linger_until = (deadline if deadline is not None
+                             else self.reactor.now + LINGER_TIMEOUT + self.grace)
+        self._linger_timer = self.reactor.call_at(self.linger_until, self._linger_deadline)
+        if not self.dirty:
+            self.dirty = True
+            self.writer.dirty.append(self)
+        self._update_interest()
+
+    def abort(self, detail: str) -> None:
+        """Close now; whatever is queued is lost."""
+        self._closed(detail)
+
+    # --- readiness --------------------------------------------------------------------------
+
+    def on_ready(self, mask: int) -> None:
+        if mask & EVENT_READ:
+            self._read()
+        if mask & EVENT_WRITE and not self.dirty and self.state is not State.CLOSED:
+            self.dirty = True
+            self.writer.dirty.append(self)
+
+    def _recv(self) -> bytes:
+        return self.sock.recv(RECV_SIZE)
+
+    def _read(self) -> None:
+        try:
+            data = self._recv()
+        except (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            return
+        except OSError as exc:
+            self._closed(f"read failed: {exc.strerror or exc}")
+            return
+        state = self.state
+        if data:
+            if state is State.OPEN:
+                try:
+                    self.session.data_received(data)
+                except Exception:
+                    self._internal_error()
+            return  # closing: input is drained and discarded, never served
+        self.eof = True
+        if state is State.OPEN:
+            # Perhaps only half-closed (a script piping requests in): the session still
+            # serves and answers what it has before closing too.
+            self._update_interest()
+            try:
+                self.session.eof_received()
+            except Exception:
+                self._internal_error()
+        elif state is State.CLOSING:
+            self._update_interest()  # nothing more will come; the flush finishes the close
+        elif state is State.LINGERING:
+            self._closed(self.close_detail or "closed")
+
+    # --- writing ----------------------------------------------------------------------------
+
+    def _send(self) -> None:
+        self.out.send_to(self.sock)
+
+    def flush(self) -> None:
+        """Write what the socket takes; then the closing, backpressure and interest that follow."""
+        out = self.out
+        if out.size:
+            try:
+                self._send()
+            except (ssl.SSLWantWriteError, ssl.SSLWantReadError):
+                pass  # TLS wants the socket again first; we stay registered for writing
+            except OSError as exc:
+                out.clear()
+                self._closed(f"write failed: {exc.strerror or exc}" if self.state is State.OPEN
+                             else self.close_detail)
+                return
+        state = self.state
+        if state is State.CLOSING and not out.size:
+            self._start_linger()
+            return
+        if state is State.OPEN:
+            if not self.throttled:
+                if out.size > self.high_water:
+                    self.throttled = True
+            elif out.size <= self.low_water:
+                self.throttled = False
+                # Requests that waited: served next pass, so what they say is committed before
+                # it is sent, like everything else.
+                self.reactor.call_soon(self._resume)
+        self._update_interest()
+
+    def _resume(self) -> None:
+        if self.state is State.OPEN and not self.throttled:
+            try:
+                self.session.resume_serving()
+            except Exception:
+                self._internal_error()
+
+    def _internal_error(self) -> None:
+        """A bug of ours while serving this peer loses this peer, never the server."""
+        log.exception("internal error while serving %s; closing it", self.peer)
+        self._closed("internal error")
+
+    def _overflow(self) -> None:
+        self.out.clear()
+        self.accepting = False
+        self.session.output_overflow()
+
+    # --- interest ---------------------------------------------------------------------------
+
+    def _update_interest(self) -> None:
+        state = self.state
+        want = 0
+        if state is State.OPEN:
+            if not self.eof and not self.throttled:
+                want = EVENT_READ
+        elif not self.eof:  # closing or lingering: keep draining so closing never resets
+            want = EVENT_READ
+        if self.out.size:
+            want |= EVENT_WRITE
+        self._set_interest(want)
+
+    def _set_interest(self, want: int) -> None:
+        if want == self.mask:
+            return
+        selector = self.reactor.selector
+        if self.mask == 0:
+            selector.register(self.sock, want, self.on_ready)
+        elif want == 0:
+            selector.unregister(self.sock)
+        else:
+            selector.modify(self.sock, want, self.on_ready)
+        self.mask = want
+
+    # --- closing ----------------------------------------------------------------------------
+
+    def _start_linger(self) -> None:
+        if self.eof:  # the peer's end of stream came already: nothing to wait for
+            self._closed(self.close_detail)
+            return
+        self.state = State.LINGERING
+        self.accepting = False
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            self._closed(self.close_detail)
+            return
+        until = min(self.linger_until, self.reactor.now + LINGER_TIMEOUT)
+        if until < self.linger_until:
+            if self._linger_timer is not None:
+                self._linger_timer.cancel()
+            self.linger_until = until
+            self._linger_timer = self.reactor.call_at(until, self._linger_deadline)
+        self._update_interest()
+
+    def _linger_deadline(self, _: Any = None) -> None:
+        self._linger_timer = None
+        if self.state is State.CLOSING or self.state is State.LINGERING:
+            self._closed(self.close_detail)
+
+    def _closed(self, detail: str) -> None:
+        """The one teardown path: everything released, the session told once."""
+        if self.state is State.CLOSED:
+            return
+        self.state = State.CLOSED
+        self.accepting = False
+        self.throttled = False
+        self.out.clear()
+        if self._linger_timer is not None:
+            self._linger_timer.cancel()
+            self._linger_timer = None
+        if self.mask:
+            try:
+                self.reactor.selector.unregister(self.sock)
+            except (KeyError, ValueError):
+                pass
+            self.mask = 0
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+        log.info("closed: %s: %s", self.peer, detail)
+        on_closed, self.on_closed = self.on_closed, None
+        if on_closed is not None:
+            on_closed(self)
+        session = self.session
+        if session is not None:
+            session.connection_lost(detail)
+
+
+class TLSTransport(Transport):
+    """The same stream over TLS: a handshake first, then no gather writes (SSLSocket has none)."""
+
+    __slots__ = ("_close_after_handshake",)
+
+    plain = False
+
+    def close(self, detail: str, deadline: Optional[float] = None) -> None:
+        if self.state is State.HANDSHAKING:
+            # What was queued (a refusal) is for a peer that can read it: once TLS is up.
+            self._close_after_handshake = detail
+            return
+        Transport.close(self, detail, deadline)
+
+    def start(self, session: Any) -> None:
+        self.session = session
+        self._close_after_handshake: Optional[str] = None
+        self.state = State.HANDSHAKING
+        self._set_interest(EVENT_READ)
+        session.connection_made(self)
+
+    def on_ready(self, mask: int) -> None:
+        if self.state is State.HANDSHAKING:
+            self._handshake()
+            return
+        Transport.on_ready(self, mask)
+
+    def _handshake(self) -> None:
+        """Drive the TLS handshake a step; it never blocks, it asks for readiness instead."""
+        sock = self.sock
+        assert isinstance(sock, ssl.SSLSocket)
+        try:
+            sock.do_handshake()
+        except ssl.SSLWantReadError:
+            self._set_interest(EVENT_READ)
+            return
+        except ssl.SSLWantWriteError:
+            self._set_interest(EVENT_WRITE)
+            return
+        except (ssl.SSLError, OSError) as exc:
+            self._closed(f"TLS handshake failed: {getattr(exc, 'reason', None) or exc}")
+            return
+        self.state = State.OPEN
+        log.debug("TLS established with %s (%s)", self.peer, sock.version())
+        if self.out.size and not self.dirty:  # written while the handshake went on
+            self.dirty = True
+            self.writer.dirty.append(self)
+        self._update_interest()
+        if self._close_after_handshake is not None:
+            Transport.close(self, self._close_after_handshake)
+
+    def flush(self) -> None:
+        if self.state is State.HANDSHAKING:
+            return  # sent once the handshake is done
+        Transport.flush(self)
+
+    def _recv(self) -> bytes:
+        sock = self.sock
+        assert isinstance(sock, ssl.SSLSocket)
+        data = sock.recv(RECV_SIZE)
+        if not data or not sock.pending():
+            return data
+        # TLS may hold decrypted bytes the kernel no longer reports as readable: take them now.
+        parts = [data]
+        size = len(data)
+        while size < RECV_SIZE and sock.pending():
+            more = sock.recv(min(sock.pending(), RECV_SIZE - size))
+            if not more:
+                break
+            parts.append(more)
+            size += len(more)
+        if sock.pending():
+            # More than one pass's worth: come back next pass even if the socket stays quiet.
+            self.reactor.call_soon(self._read_more)
+        return b"".join(parts)
+
+    def _read_more(self) -> None:
+        if self.state is not State.CLOSED and (self.state is not State.OPEN or not self.throttled):
+            self._read()
+
+    def _send(self) -> None:
+        self.out.send_to(self.sock, gather=False)
