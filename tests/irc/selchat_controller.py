@@ -1,0 +1,204 @@
+"""irctest controller for selchat's IRC door (see /work/shared/IRC_TESTING.md).
+
+irctest imports this module by name (``--controller selchat_controller``, with this folder on
+PYTHONPATH) and calls ``get_irctest_controller_class()``. Each test gets a fresh server
+process: history in memory, flood control and the per-address limit off (irctest opens many
+connections from 127.0.0.1 and sends bursts, as the IRC servers' own controllers allow), and
+the name ``My.Little.Server`` that irctest's assertions expect.
+
+The server always listens on 127.0.0.1, whatever host irctest picked (it binds ``("", 0)``
+to choose a port and then connects to ``0.0.0.0``, which Linux routes to loopback): the
+suite must never open a port on another interface.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Dict, FrozenSet, Optional, Set, Type, Union
+
+from irctest import patma
+from irctest.basecontrollers import BaseServerController, DirectoryBasedController
+from irctest.runner import NotImplementedByController
+from irctest.specifications import Capabilities, OptionalBehaviors
+
+log = logging.getLogger("selchat.irctest")
+
+SERVER_NAME = "My.Little.Server"
+LISTEN_HOST = "127.0.0.1"
+START_TIMEOUT = 20.0  # a loaded 2-core machine running two xdist workers
+CHECK_TIMEOUT = 5.0
+
+
+def project_root() -> Path:
+    """The selchat checkout: $SELCHAT_ROOT (set by run_irctest.sh), else two levels up."""
+    env = os.environ.get("SELCHAT_ROOT")
+    if env:
+        return Path(env).resolve()
+    return Path(__file__).resolve().parents[2]
+
+
+class SelchatController(BaseServerController, DirectoryBasedController):
+    """Starts ``python -m selchat.server`` with the IRC door on irctest's port."""
+
+    software_name = "selchat"
+    supported_sasl_mechanisms: Set[str] = set()
+    supports_sts = False
+    _port_wait_interval = 0.02
+
+    # What PROTOCOL.md 10.1 promises (message-tags, server-time, echo-message, batch) and what
+    # the door advertises besides: a NAK for one of these is a failure, not a skip.
+    capabilities: FrozenSet[Capabilities] = frozenset(
+        (
+            Capabilities.BATCH,
+            Capabilities.ECHO_MESSAGE,
+            Capabilities.LABELED_RESPONSE,
+            Capabilities.MESSAGE_TAGS,
+            Capabilities.MULTI_PREFIX,
+            Capabilities.SERVER_TIME,
+        )
+    )
+    optional_behaviors: FrozenSet[OptionalBehaviors] = frozenset(
+        (OptionalBehaviors.MULTI_JOIN,)
+    )
+    # The ISUPPORT values the door promises (irctest's isupport tests skip without them).
+    isupport: Dict[str, Union[str, patma.Operator, None]] = {
+        "CASEMAPPING": "ascii",
+        "CHANTYPES": "#",
+        "NICKLEN": "32",
+        "CHANNELLEN": "51",
+    }
+
+    def run(
+        self,
+        hostname: str,
+        port: int,
+        *,
+        password: Optional[str],
+        ssl: bool,
+        run_services: bool,
+        faketime: Optional[str],
+        websocket_hostname: Optional[str],
+        websocket_port: Optional[int],
+    ) -> None:
+        if websocket_hostname is not None or websocket_port is not None:
+            raise NotImplementedByController("Websocket")
+        if run_services:
+            raise NotImplementedByController("services")
+        assert self.proc is None
+        self.port = port
+        self.hostname = hostname
+        self.port_open = False
+        self.create_config()
+        assert self.directory is not None
+        directory = self.directory
+
+        command = [
+            sys.executable, "-m", "selchat.server",
+            "--host", LISTEN_HOST, "--port", "0",
+            "--irc-port", str(port),
+            "--db", ":memory:",
+            "--rate", "0",
+            "--server-name", SERVER_NAME,
+            "--max-per-ip", "0",
+            "--log-level", "warning",
+        ]
+        if password is not None:
+            pw_file = directory / "password.txt"
+            pw_file.write_text(password + "\n", encoding="utf-8")
+            command += ["--password-file", str(pw_file)]
+        if ssl:
+            cert, key = self._make_certificate(directory)
+            command += ["--tls-cert", str(cert), "--tls-key", str(key)]
+
+        root = project_root()
+        env = dict(os.environ)
+        env["PYTHONPATH"] = str(root) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        env["PYTHONUNBUFFERED"] = "1"
+        self.log_path = directory / "server.log"
+        if self.debug_mode:
+            self.proc = self.execute(command, proc_name="selchat", cwd=str(root), env=env)
+        else:
+            with self.log_path.open("wb") as logfile:
+                self.proc = self.execute(
+                    command, proc_name="selchat", cwd=str(root), env=env,
+                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=logfile,
+                )
+        self.wait_for_port()
+
+    def _make_certificate(self, directory: Path) -> "tuple[Path, Path]":
+        """A throw-away self-signed certificate for the TLS tests."""
+        cert = directory / "cert.pem"
+        key = directory / "key.pem"
+        openssl = getattr(self, "openssl_bin", None) or shutil.which("openssl") or "openssl"
+        subprocess.run(
+            [
+                openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes",
+                "-keyout", str(key), "-out", str(cert), "-days", "2",
+                "-subj", f"/CN={SERVER_NAME}", "-batch",
+            ],
+            check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60,
+        )
+        return cert, key
+
+    def _server_log(self) -> str:
+        try:
+            return self.log_path.read_text("utf-8", "replace")[-3000:]
+        except (OSError, AttributeError):
+            return ""
+
+    def wait_for_port(self) -> None:
+        """Block until the IRC port accepts a connection (deadline), then leave it cleanly.
+
+        The probe says QUIT and reads until the server closes, so that it is gone before the
+        test starts and never counts in LUSERS or NAMES. With TLS the TCP connect is enough.
+        """
+        if self.port_open:
+            return
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(
+                    f"selchat exited (rc={self.proc.returncode}) before opening port {self.port}:\n"
+                    + self._server_log()
+                )
+            try:
+                probe = socket.create_connection((LISTEN_HOST, self.port), timeout=1.0)
+            except OSError:
+                if time.monotonic() >= deadline:
+                    raise RuntimeError(
+                        f"selchat did not open port {self.port} within {START_TIMEOUT}s:\n" + self._server_log()
+                    ) from None
+                time.sleep(self._port_wait_interval)
+                continue
+            break
+        with probe:
+            probe.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if not self._tls_enabled():
+                self._quit_probe(probe)
+        self.port_open = True
+
+    def _tls_enabled(self) -> bool:
+        return self.directory is not None and (self.directory / "cert.pem").exists()
+
+    @staticmethod
+    def _quit_probe(probe: socket.socket) -> None:
+        probe.settimeout(CHECK_TIMEOUT)
+        try:
+            probe.sendall(b"QUIT :chkport\r\n")
+            end = time.monotonic() + CHECK_TIMEOUT
+            while time.monotonic() < end:
+                if not probe.recv(4096):
+                    return  # closed by the server: the probe is gone
+        except OSError:
+            return
+
+
+def get_irctest_controller_class() -> Type[SelchatController]:
+    return SelchatController
