@@ -60,6 +60,8 @@ class ServerConfig:
     burst: int = BURST
     max_clients: int = MAX_CLIENTS
     max_per_ip: int = MAX_PER_IP
+    irc_port: Optional[int] = None
+    server_name: str = ""  # the IRC server name; "" means the machine's host name
 
     @property
     def high_water(self) -> int:
@@ -399,17 +401,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="connections in all; more get server_full")
     p.add_argument("--max-per-ip", type=_non_negative_int, default=d.max_per_ip,
                    help="connections from one address; more get too_many_connections; 0 = no limit")
+    p.add_argument("--irc-port", type=_port, default=None, metavar="PORT",
+                   help="also speak IRC on this TCP port (same rooms, nicks and history); "
+                        "0 picks a free one; off unless given")
+    p.add_argument("--server-name", default="", metavar="NAME",
+                   help="the name the server goes by on IRC (the source of its own messages); "
+                        "default: this machine's host name")
     p.add_argument("--log-level", default=d.log_level,
                    choices=["debug", "info", "warning", "error", "critical"], help="logging threshold")
     return p
 
 
 def _has_control_characters(text: str) -> bool:
-    """The text rule of the chat core (where it lives moved during the doors rework)."""
-    try:
-        from selchat.core.names import has_control_characters
-    except ImportError:
-        from selchat.doors.framed.protocol import has_control_characters  # type: ignore[attr-defined,no-redef]
+    from selchat.core.names import has_control_characters
+
     return has_control_characters(text)
 
 
@@ -426,6 +431,10 @@ def parse_args(argv: Optional[List[str]] = None) -> ServerConfig:
         parser.error("--tls-cert and --tls-key go together")
     if _has_control_characters(config.motd):
         parser.error("--motd must be printable text (no control characters but newline and tab)")
+    if config.server_name and (len(config.server_name) > 63 or any(
+            not (ch.isascii() and (ch.isalnum() or ch in ".-_")) for ch in config.server_name)):
+        parser.error(f"--server-name {config.server_name[:70]!r} must be a host name "
+                     "(letters, digits, '.', '-', '_'; at most 63)")
     try:
         config = derive_limits(config, given)
     except OptionConflict as conflict:

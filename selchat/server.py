@@ -30,6 +30,7 @@ from selchat.config import ServerConfig, parse_args
 from selchat.core.chat import Chat
 from selchat.core.store import SQLiteStore, StoreError
 from selchat.doors.framed.session import FramedDoor
+from selchat.doors.irc.session import IrcDoor
 from selchat.hub import Hub
 from selchat.loop.listener import Admission, Listener, bind
 from selchat.loop.reactor import Reactor
@@ -71,6 +72,14 @@ class Server:
             self.hub, self.reactor, config.max_frame, config.max_text, config.rate, config.burst,
             config.handshake_timeout, config.ping_interval, config.ping_timeout, password,
         )
+        self.irc: Optional[IrcDoor] = None
+        if config.irc_port is not None:
+            self.irc = IrcDoor(
+                self.hub, self.reactor, config.server_name or _host_name(), config.max_text,
+                config.rate, config.burst, config.handshake_timeout, config.ping_interval,
+                config.ping_timeout, password,
+            )
+        self.irc_address: tuple = ()
         self.transports: Dict[int, Transport] = {}
         self.listeners: List[Listener] = []
         self.address: tuple = ()
@@ -83,12 +92,26 @@ class Server:
     def listen(self) -> None:
         """Open every door's port; raises OSError (the caller says which port failed)."""
         cfg = self.config
-        sock = bind(cfg.host, cfg.port)
+        sock = _bind(cfg.host, cfg.port)
         listener = Listener(self.reactor, sock, lambda s, a: self._accept(self.framed, s, a))
         self.listeners.append(listener)
         self.address = listener.address
-        # Always said, whatever --log-level: scripts and tests read the port from this line.
+        if self.irc is not None:
+            irc = self.irc
+            assert cfg.irc_port is not None
+            try:
+                sock = _bind(cfg.host, cfg.irc_port)
+            except ListenError:
+                listener.close()
+                raise
+            irc_listener = Listener(self.reactor, sock, lambda s, a: self._accept(irc, s, a))
+            self.listeners.append(irc_listener)
+            self.irc_address = irc_listener.address
+        # Always said, whatever --log-level: scripts and tests read the ports from these lines.
         _listening_log.info("listening on %s:%d", self.address[0], self.address[1])
+        if self.irc_address:
+            _listening_log.info("irc listening on %s:%d (server name %s)", self.irc_address[0],
+                                self.irc_address[1], self.irc.server_name)  # type: ignore[union-attr]
 
     def install_signal_handlers(self) -> None:
         """SIGINT/SIGTERM start a graceful shutdown, run inside the loop."""
@@ -179,6 +202,22 @@ class Server:
         log.info("stopped")
 
 
+class ListenError(OSError):
+    """A port that cannot be opened; str() names it and says why."""
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    try:
+        return bind(host, port)
+    except OSError as exc:
+        raise ListenError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+
+
+def _host_name() -> str:
+    name = socket.gethostname() or "selchat"
+    return "".join(ch for ch in name if ch.isascii() and (ch.isalnum() or ch in ".-_")) or "selchat"
+
+
 def read_password(path: str) -> bytes:
     return read_password_file(path).encode("utf-8")
 
@@ -245,8 +284,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         server.listen()
     except OSError as exc:
-        print(f"selchat-server: cannot listen on {config.host}:{config.port}: {exc.strerror or exc}",
-              file=sys.stderr)
+        print(f"selchat-server: {exc}", file=sys.stderr)
         close_store(store)
         return 1
     server.install_signal_handlers()

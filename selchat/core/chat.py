@@ -192,9 +192,11 @@ class Chat:
         """Carry out one request of a registered user; raise ChatError when it is refused."""
         kind = type(request)
         if kind is Say:
-            return self.say(user, request.room, request.text, now_ms, request.action)  # type: ignore[union-attr]
+            return self.say(user, request.room, request.text, now_ms, request.action,  # type: ignore[union-attr]
+                            request.notice)  # type: ignore[union-attr]
         if kind is Msg:
-            return self.private(user, request.to, request.text, now_ms, request.action)  # type: ignore[union-attr]
+            return self.private(user, request.to, request.text, now_ms, request.action,  # type: ignore[union-attr]
+                                request.notice)  # type: ignore[union-attr]
         if kind is JoinRoom:
             return self.join(user, request.room, now_ms)  # type: ignore[union-attr]
         if kind is PartRoom:
@@ -224,22 +226,22 @@ class Chat:
         return message_id
 
     def say(self, user: User, room_name: str, text: str, now_ms: int,
-            action: bool = False) -> List[Delivery]:
+            action: bool = False, notice: bool = False) -> List[Delivery]:
         room = user.rooms.get(fold(room_name))
         if room is None:
             raise ChatError("not_in_room", f"you are not in {room_name}")
         message = events.Message(self.next_id(), now_ms, user.nick, text, room.name, None,
-                                 action, user.userhost)
+                                 action, notice, user.userhost)
         self.store.add(message)
         return [Delivery(message, room.members, skip=user, room=room), reply(message, user)]
 
     def private(self, user: User, to: str, text: str, now_ms: int,
-                action: bool = False) -> List[Delivery]:
+                action: bool = False, notice: bool = False) -> List[Delivery]:
         target = self.users.get(fold(to)) if valid_nick(to) else None
         if target is None:
             raise ChatError("no_such_nick", f"no user is called {shorten(to)!r}")
         message = events.Message(self.next_id(), now_ms, user.nick, text, None, target.nick,
-                                 action, user.userhost)
+                                 action, notice, user.userhost)
         self.store.note_id(message.id)
         out = [reply(message, user)]
         if target is not user:

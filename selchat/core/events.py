@@ -30,6 +30,7 @@ class Message:  # much; like every event here it is never changed once made
     room: Optional[str] = None
     to: Optional[str] = None
     action: bool = False  # an emote ("/me waves"), shown as "* sender text"
+    notice: bool = False  # an IRC NOTICE: clients must never answer it automatically
     userhost: str = field(default="", compare=False)  # the sender's ident@host (not kept in history)
 
 

@@ -19,6 +19,7 @@ class Say:
     room: str
     text: str
     action: bool = False  # "/me": an emote, shown as "* nick text"
+    notice: bool = False  # an IRC NOTICE (no automatic reply may follow it)
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,7 @@ class Msg:
     to: str
     text: str
     action: bool = False
+    notice: bool = False
 
 
 @dataclass(frozen=True)

@@ -156,6 +156,28 @@ def _nothing_below(before: Optional[int]) -> bool:
     return before is not None and before <= 1
 
 
+_LOW = -(1 << 63)
+
+
+def _clamp(value: Optional[int], default: int) -> int:
+    """A bound of any size as one SQLite can bind (int64), with the same meaning."""
+    if value is None:
+        return default
+    return max(_LOW, min(MAX_ID, value))
+
+
+def _pick(found: List[Message], limit: int, latest: bool) -> List[Message]:
+    """`found` sorted by id; the `limit` newest (latest) or oldest, oldest first."""
+    found.sort(key=lambda m: m.id)
+    if len(found) > limit:
+        found = found[len(found) - limit:] if latest else found[:limit]
+    return found
+
+
+def _inside(m: Message, after: int, before: int, after_ts: int, before_ts: int) -> bool:
+    return after < m.id < before and after_ts < m.ts < before_ts
+
+
 class MemoryStore:
     """Room history in memory: at most `cap_per_room` newest messages per room, lost on exit.
 
@@ -232,6 +254,16 @@ class MemoryStore:
         page = found[:limit]
         page.reverse()
         return page, more
+
+    def window(self, room: str, *, after: Optional[int] = None, before: Optional[int] = None,
+               after_ts: Optional[int] = None, before_ts: Optional[int] = None,
+               limit: int = 50, latest: bool = True) -> List[Message]:
+        """Messages of `room` strictly between the id and time bounds given, oldest first:
+        the `limit` newest of them (`latest`) or the `limit` oldest (for IRC's CHATHISTORY)."""
+        a, b = _clamp(after, 0), _clamp(before, MAX_ID)
+        at, bt = _clamp(after_ts, _LOW), _clamp(before_ts, MAX_ID)
+        found = [m for m in self._rooms.get(room.lower(), ()) if _inside(m, a, b, at, bt)]
+        return _pick(found, max(0, limit), latest)
 
     def close(self) -> None:
         self.commit()
@@ -597,6 +629,27 @@ class SQLiteStore:
         page = found[:limit]
         page.reverse()
         return page, more
+
+
+    def window(self, room: str, *, after: Optional[int] = None, before: Optional[int] = None,
+               after_ts: Optional[int] = None, before_ts: Optional[int] = None,
+               limit: int = 50, latest: bool = True) -> List[Message]:
+        """As MemoryStore.window; the messages of this pass not yet committed are included."""
+        a, b = _clamp(after, 0), _clamp(before, MAX_ID)
+        at, bt = _clamp(after_ts, _LOW), _clamp(before_ts, MAX_ID)
+        limit = max(0, min(limit, 10000))
+        order = "DESC" if latest else "ASC"
+        query = ("SELECT id, ts, sender, text, room FROM messages WHERE room_key = ? AND id > ?"
+                 f" AND id < ? AND ts > ? AND ts < ? ORDER BY id {order} LIMIT ?")
+        key = room.lower()
+        try:
+            rows = self._conn.execute(query, (key, a, b, at, bt, limit)).fetchall()
+        except sqlite3.Error as exc:
+            raise StoreError(f"{self.path}: could not read history: {_one_line(exc)}") from exc
+        found = [Message(id=r[0], ts=r[1], sender=r[2], text=r[3], room=r[4]) for r in rows]
+        found += [m for m in self._pending
+                  if m.room.lower() == key and _inside(m, a, b, at, bt)]  # type: ignore[union-attr]
+        return _pick(found, limit, latest)
 
     def close(self) -> None:
         """Commit what is still queued (those messages were accepted), then close the file.

@@ -14,6 +14,7 @@ Flags, one meaning each:
   * `accepting`: output may still be queued (false once overflowed, lingering or closed);
   * `throttled`: our queue for the peer passed the high-water mark, so its input waits
     (backpressure) until the queue drains below the low-water mark;
+  * `paused`: the session asked to read nothing for now (IRC's fake lag);
   * `eof`: the peer has shut down its sending side;
   * `dirty`: the transport is in the writer's list for this pass.
 
@@ -102,7 +103,7 @@ class Transport:
 
     __slots__ = (
         "reactor", "writer", "sock", "fd", "ip", "peer", "session", "state", "out", "mask",
-        "accepting", "throttled", "eof", "dirty", "max_outbuf", "high_water", "low_water",
+        "accepting", "throttled", "paused", "eof", "dirty", "max_outbuf", "high_water", "low_water",
         "close_detail", "linger_until", "_linger_timer", "on_closed", "grace", "__weakref__",
     )
 
@@ -122,6 +123,7 @@ class Transport:
         self.mask = 0  # events registered with the selector now
         self.accepting = True
         self.throttled = False
+        self.paused = False
         self.eof = False
         self.dirty = False
         self.max_outbuf = max_outbuf
@@ -173,6 +175,17 @@ class Transport:
         if not self.throttled and self.state is State.OPEN:
             self.throttled = True
             self._update_interest()
+
+    def pause_reading(self) -> None:
+        if not self.paused:
+            self.paused = True
+            self._update_interest()
+
+    def resume_reading(self) -> None:
+        if self.paused:
+            self.paused = False
+            if self.state is not State.CLOSED:
+                self._update_interest()
 
     def close(self, detail: str, deadline: Optional[float] = None) -> None:
         """Send what is queued, shut our side, drain the peer briefly, then close.
@@ -301,7 +314,7 @@ class Transport:
         state = self.state
         want = 0
         if state is State.OPEN:
-            if not self.eof and not self.throttled:
+            if not self.eof and not self.throttled and not self.paused:
                 want = EVENT_READ
         elif not self.eof:  # closing or lingering: keep draining so closing never resets
             want = EVENT_READ

@@ -281,6 +281,8 @@ def message_object(msg: events.Message) -> Dict[str, Any]:
     obj["text"] = msg.text
     if msg.action:
         obj["action"] = True
+    if msg.notice:
+        obj["notice"] = True
     return obj
 
 

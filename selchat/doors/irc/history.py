@@ -1,0 +1,130 @@
+"""IRCv3 `draft/chathistory` over the same history as the native `history` request.
+
+`CHATHISTORY LATEST|BEFORE|AFTER|AROUND|BETWEEN <target> <ref> [<ref>] <limit>`, where a ref
+is `msgid=N` (our message ids) or `timestamp=ISO-8601`, or `*` for LATEST. Answers come as
+one `chathistory` batch, oldest first. Only rooms the asker is in have history; private
+messages are never served (a nick is not an account: whoever takes a nick later must not read
+what was said to its last owner), so a nick target gets an empty batch.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, List, Optional, Tuple
+
+from selchat.core.events import Message
+from selchat.core.names import fold
+from selchat.core.store import StoreError
+from selchat.defaults import HISTORY_LIMIT_MAX
+from selchat.doors.irc.parser import Line
+from selchat.doors.irc.wire import parse_time
+
+if TYPE_CHECKING:
+    from selchat.doors.irc.session import IrcSession
+
+Ref = Tuple[str, int]  # ("msgid", id) or ("timestamp", ms)
+
+
+def _ref(text: str) -> Optional[Ref]:
+    kind, _, value = text.partition("=")
+    if kind == "msgid" and value.isdigit():
+        return ("msgid", int(value))
+    if kind == "timestamp":
+        ms = parse_time(value)
+        if ms is not None:
+            return ("timestamp", ms)
+    return None
+
+
+def _bounds(ref: Ref, side: str) -> dict:
+    """Store bounds for "strictly after" / "strictly before" a ref."""
+    kind, value = ref
+    if kind == "msgid":
+        return {side: value}
+    return {side + "_ts": value}
+
+
+def chathistory(session: "IrcSession", line: Line) -> None:
+    server = session.door.server_name
+    params = line.params
+
+    def fail(code: str, *context: str, text: str) -> None:
+        middle = " ".join(("CHATHISTORY", code) + context)
+        session._line(f":{server} FAIL {middle} :{text}")
+
+    if len(params) < 3:
+        fail("NEED_MORE_PARAMS", text="Missing parameters")
+        return
+    sub = params[0].upper()
+    if sub == "TARGETS":
+        ref = f"T{id(line) & 0xffff}"
+        session._line(f":{server} BATCH +{ref} draft/chathistory-targets")
+        session._line(f":{server} BATCH -{ref}")
+        return
+    if sub not in ("LATEST", "BEFORE", "AFTER", "AROUND", "BETWEEN"):
+        fail("INVALID_PARAMS", params[0][:32], text="Unknown subcommand")
+        return
+    target = params[1]
+    want = 5 if sub == "BETWEEN" else 4
+    if len(params) < want:
+        fail("NEED_MORE_PARAMS", sub, text="Missing parameters")
+        return
+    limit_text = params[want - 1]
+    if not limit_text.isdigit() or int(limit_text) < 1:
+        fail("INVALID_PARAMS", sub, limit_text[:32], text="Bad limit")
+        return
+    limit = min(int(limit_text), HISTORY_LIMIT_MAX)
+    user = session.user
+    assert user is not None
+    if not target.startswith("#"):
+        if fold(target) not in session.hub.chat.users and target != "*":
+            fail("INVALID_TARGET", sub, target[:64], text="No such target")
+            return
+        session.send_history(target, [], "chathistory")  # private messages are never history
+        return
+    room = user.rooms.get(fold(target))
+    if room is None:
+        fail("INVALID_TARGET", sub, target[:64], text="You are not in that channel")
+        return
+    refs: List[Optional[Ref]] = []
+    for text in params[2:want - 1]:
+        if sub == "LATEST" and text == "*":
+            refs.append(None)
+            continue
+        ref = _ref(text)
+        if ref is None:
+            fail("INVALID_PARAMS", sub, text[:64], text="Bad message reference")
+            return
+        refs.append(ref)
+    store = session.hub.chat.store
+    try:
+        messages = _query(store, room.name, sub, refs, limit)
+    except StoreError:
+        fail("MESSAGE_ERROR", sub, target[:64], text="History cannot be read right now")
+        return
+    session.send_history(room.name, messages, "chathistory")
+
+
+def _query(store, room: str, sub: str, refs: List[Optional[Ref]], limit: int) -> List[Message]:
+    window = store.window
+    if sub == "LATEST":
+        bounds = _bounds(refs[0], "after") if refs[0] is not None else {}
+        return window(room, limit=limit, latest=True, **bounds)
+    ref = refs[0]
+    assert ref is not None
+    if sub == "BEFORE":
+        return window(room, limit=limit, latest=True, **_bounds(ref, "before"))
+    if sub == "AFTER":
+        return window(room, limit=limit, latest=False, **_bounds(ref, "after"))
+    if sub == "AROUND":
+        kind, value = ref
+        # The reference itself (if it is a message) and up to half the limit before it.
+        upto = _bounds((kind, value + 1), "before")
+        lower = window(room, limit=(limit + 1) // 2, latest=True, **upto)
+        upper = window(room, limit=limit - len(lower), latest=False, **_bounds(ref, "after"))
+        return lower + upper
+    other = refs[1]
+    assert other is not None
+    low, high = sorted((ref, other), key=lambda r: r[1]) if ref[0] == other[0] else (ref, other)
+    from_start = ref is low  # counted from the first reference given
+    bounds = {**_bounds(low, "after"), **_bounds(high, "before")}
+    return window(room, limit=limit, latest=not from_start, **bounds)
