@@ -839,7 +839,7 @@ def test_version_2_file_is_upgraded_to_reservations(tmp_path):
     store.close()
     assert user_version(path) == 2
     store = SQLiteStore(path)
-    assert store.schema_version() == SCHEMA_VERSION == 3
+    assert store.schema_version() == SCHEMA_VERSION == 4
     assert meta(store, "reserved_until") == 10 and store.last_id() == 10
     assert store.allocate_id() == 11
     assert ids(store.recent("#lobby", None, 50)) == ([1, 2, 3], False)
@@ -1018,3 +1018,26 @@ def test_before_and_limit_of_any_size(before, limit):
     for s in stores:
         assert s.recent("#A", before, limit) == expected
         s.close()
+
+
+def test_version_3_file_is_upgraded_and_messages_keep_how_they_were_said(tmp_path):
+    """Schema v4: an action or notice, and the sender's ident@host, come back from history as
+    they went out live (IRC clients compare history with what they saw)."""
+    path = tmp_path / "chat.db"
+    old = SQLiteStore(path, migrations=MIGRATIONS[:3])
+    fill(old, 2)
+    old.close()
+    store = SQLiteStore(path)
+    assert store.schema_version() == SCHEMA_VERSION == 4
+    said = Message(store.allocate_id(), 5000, "ann", "waves", room="#lobby", action=True,
+                   userhost="ann@irc.selchat")
+    store.add(said)
+    store.add(Message(store.allocate_id(), 5001, "bob", "psst", room="#lobby", notice=True))
+    store.commit()
+    store.close()
+    store = SQLiteStore(path)
+    page, _ = store.recent("#lobby", None, 50)
+    assert [(m.action, m.notice, m.userhost) for m in page] == [
+        (False, False, ""), (False, False, ""), (True, False, "ann@irc.selchat"), (False, True, "")]
+    assert store.window("#lobby", after=page[1].id, limit=1, latest=False)[0].userhost == "ann@irc.selchat"
+    store.close()

@@ -90,14 +90,22 @@ MIGRATIONS: Tuple[Migration, ...] = (
         "INSERT OR IGNORE INTO meta (key, value)"
         " SELECT 'reserved_until', COALESCE(MAX(value), 0) FROM meta WHERE key = 'last_id'",
     ),
+    # version 4: what IRC shows of a message beyond its text: the sender's ident@host, and
+    # flags (1: an action, "/me"; 2: a notice), so history replays as it was seen live.
+    (
+        "ALTER TABLE messages ADD COLUMN userhost TEXT NOT NULL DEFAULT ''",
+        "ALTER TABLE messages ADD COLUMN flags INTEGER NOT NULL DEFAULT 0",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
-_INSERT = "INSERT INTO messages (id, room_key, room, ts, sender, text) VALUES (?, ?, ?, ?, ?, ?)"
-_RECENT = (
-    "SELECT id, ts, sender, text, room FROM messages"
-    " WHERE room_key = ? AND id < ? ORDER BY id DESC LIMIT ?"
-)
+_INSERT = ("INSERT INTO messages (id, room_key, room, ts, sender, text, userhost, flags)"
+           " VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
+_COLUMNS = "id, ts, sender, text, room, userhost, flags"
+_OLD_COLUMNS = "id, ts, sender, text, room, '', 0"
+_OLD_INSERT = ("INSERT INTO messages (id, room_key, room, ts, sender, text)"
+               " VALUES (?, ?, ?, ?, ?, ?)")
+_RECENT = "SELECT {} FROM messages WHERE room_key = ? AND id < ? ORDER BY id DESC LIMIT ?"
 _SAVE_LAST_ID = "INSERT OR REPLACE INTO meta (key, value) VALUES ('last_id', ?)"
 _SAVE_RESERVED = "INSERT OR REPLACE INTO meta (key, value) VALUES ('reserved_until', ?)"
 _NO_UPPER_BOUND = MAX_ID  # "before" when the caller gave None, or anything beyond int64
@@ -154,6 +162,11 @@ def _nothing_below(before: Optional[int]) -> bool:
     """Ids start at 1: `before` <= 1 has no answer. Checked in Python first, so a `before` of any
     size (a client may send -2**70) never reaches SQLite, which only binds int64."""
     return before is not None and before <= 1
+
+
+def _row_message(r: Tuple) -> Message:
+    flags = r[6]
+    return Message(r[0], r[1], r[2], r[3], r[4], None, bool(flags & 1), bool(flags & 2), r[5])
 
 
 _LOW = -(1 << 63)
@@ -384,6 +397,9 @@ class SQLiteStore:
         try:
             self._configure()
             self._migrate(tuple(migrations))
+            # Files made by tests with older migrations alone have no userhost/flags columns.
+            self._columns = _COLUMNS if len(migrations) >= 4 else _OLD_COLUMNS
+            self._insert = _INSERT if len(migrations) >= 4 else _OLD_INSERT
             self._last_id, self._reserved = self._read_ids()
             self._noted = self._last_id  # the highest id handed out, as far as we know
             self._next = self._last_id + 1  # allocate_id()'s next answer, once reserved
@@ -556,13 +572,16 @@ class SQLiteStore:
         batch, self._pending = self._pending, []
         high = max(self._noted, max(m.id for m in batch))
         self._noted = high  # even if this write fails, the next one records how far ids went
-        rows = [(m.id, m.room.lower(), m.room, m.ts, m.sender, m.text) for m in batch]  # type: ignore[union-attr]
+        rows = [(m.id, m.room.lower(), m.room, m.ts, m.sender, m.text, m.userhost,  # type: ignore[union-attr]
+                 (1 if m.action else 0) | (2 if m.notice else 0)) for m in batch]
         started = self._timer()
         try:
             if self._identity is not None:
                 self._check_file_still_there()
             self._conn.execute("BEGIN IMMEDIATE")
-            self._conn.executemany(_INSERT, rows)
+            if self._insert is _OLD_INSERT:
+                rows = [row[:6] for row in rows]
+            self._conn.executemany(self._insert, rows)
             if high > max(m.id for m in batch):
                 self._conn.execute(_SAVE_LAST_ID, (high,))
             self._conn.execute("COMMIT")
@@ -611,10 +630,10 @@ class SQLiteStore:
         key = room.lower()
         bound = _NO_UPPER_BOUND if before is None else min(before, _NO_UPPER_BOUND)
         try:
-            rows = self._conn.execute(_RECENT, (key, bound, min(limit + 1, MAX_ID))).fetchall()
+            rows = self._conn.execute(_RECENT.format(self._columns), (key, bound, min(limit + 1, MAX_ID))).fetchall()
         except sqlite3.Error as exc:
             raise StoreError(f"{self.path}: could not read history: {_one_line(exc)}") from exc
-        found = [Message(id=r[0], ts=r[1], sender=r[2], text=r[3], room=r[4]) for r in rows]
+        found = [_row_message(r) for r in rows]
         # Messages added but not committed yet: a handful at most (one loop pass). They are
         # normally newer than anything in the file, but merging by id does not rely on that.
         queued = [
@@ -639,14 +658,14 @@ class SQLiteStore:
         at, bt = _clamp(after_ts, _LOW), _clamp(before_ts, MAX_ID)
         limit = max(0, min(limit, 10000))
         order = "DESC" if latest else "ASC"
-        query = ("SELECT id, ts, sender, text, room FROM messages WHERE room_key = ? AND id > ?"
+        query = (f"SELECT {self._columns} FROM messages WHERE room_key = ? AND id > ?"
                  f" AND id < ? AND ts > ? AND ts < ? ORDER BY id {order} LIMIT ?")
         key = room.lower()
         try:
             rows = self._conn.execute(query, (key, a, b, at, bt, limit)).fetchall()
         except sqlite3.Error as exc:
             raise StoreError(f"{self.path}: could not read history: {_one_line(exc)}") from exc
-        found = [Message(id=r[0], ts=r[1], sender=r[2], text=r[3], room=r[4]) for r in rows]
+        found = [_row_message(r) for r in rows]
         found += [m for m in self._pending
                   if m.room.lower() == key and _inside(m, a, b, at, bt)]  # type: ignore[union-attr]
         return _pick(found, limit, latest)
