@@ -157,6 +157,14 @@ def test_461_not_enough_parameters(irc: Irc) -> None:
         assert err.params[:2] == ["Alice", cmd], describe(err)
 
 
+def test_461_for_an_empty_realname(irc: Irc) -> None:
+    c = irc.connect()
+    c.send("NICK Empty")
+    c.send("USER user 0 * :")
+    err = c.recv_line()
+    assert err.command == "461" and err.params[:2] == ["*", "USER"], describe(err)
+
+
 def test_462_user_again_after_registration(irc: Irc) -> None:
     c = irc.user("Alice")
     c.send("USER again 0 * :Again")
@@ -477,6 +485,19 @@ def test_who_lists_every_member(irc: Irc) -> None:
     assert got[-1].params[:2] == ["Alice", "#r"], describe(got[-1])
 
 
+def test_who_a_nick_and_a_mask(irc: Irc) -> None:
+    a = irc.user("Alice")
+    irc.user("Bobby")
+    a.send("WHO bobby")
+    got = a.until_numeric("315")
+    rows = [x for x in got if x.command == "352"]
+    assert [x.params[5] for x in rows] == ["Bobby"], [describe(x) for x in got]
+    assert got[-1].params[:2] == ["Alice", "bobby"], describe(got[-1])
+    a.send("WHO bob*")
+    got = a.until_numeric("315")
+    assert [x.params[5] for x in got if x.command == "352"] == ["Bobby"], [describe(x) for x in got]
+
+
 def test_list_shows_rooms_with_members_but_not_an_empty_lobby(irc: Irc) -> None:
     a = irc.user("Alice")
     b = irc.user("Bob")
@@ -685,8 +706,23 @@ def test_client_tags_are_relayed_only_to_message_tags_clients(irc: Irc) -> None:
     a.send("@+draft/react=x;+example/foo=bar PRIVMSG #r :tagged")
     got = b.wait_for("PRIVMSG", "#r", "tagged")[0]
     assert got.tags.get("msgid"), describe(got)
+    # IRCv3 message-tags: client-only ('+') tags are relayed to clients that enabled it
+    assert got.tags.get("+draft/react") == "x" and got.tags.get("+example/foo") == "bar", describe(got)
     plain = c.wait_for("PRIVMSG", "#r", "tagged")[0]
     assert plain.tags == {}, describe(plain)
+
+
+def test_tagmsg_reaches_only_message_tags_clients(irc: Irc) -> None:
+    a = irc.user("Alice", ("message-tags",))
+    b = irc.user("Bob", ("message-tags",))
+    c = irc.user("Carol")
+    for x in (a, b, c):
+        x.join("#r")
+    a.send("@+typing=active TAGMSG #r")
+    got = b.wait_for("TAGMSG", "#r")[0]
+    assert got.tags.get("+typing") == "active" and source_nick(got) == "Alice", describe(got)
+    for x in c.barrier():
+        assert x.command != "TAGMSG", describe(x)
 
 
 def test_echo_message(irc: Irc) -> None:
