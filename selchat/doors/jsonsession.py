@@ -1,0 +1,340 @@
+"""The native protocol's requests, whatever carries them: what the framed and the web door share.
+
+Both doors speak the JSON objects of docs/protocol.md; they differ only in how an object
+travels (a length prefix on a TCP stream, or one WebSocket text message) and in how a
+connection ends (a web session says goodbye with a WebSocket close frame first). So a door
+provides:
+
+* a wire format (`frames(event, ref, limits)` for one session's own answers, `encode(event)`
+  and `message(msg)` for the fan-out's shared copies), and
+* a session subclass that cuts its input into payloads and hands each to `_on_payload`, and
+  that may override `_goodbye` (last words before the transport closes) and `_send_ping`.
+
+Everything else is here, once: `hello` and the password, flood control by token bucket, the
+echo of `ref`, `ping`/`pong`/`quit`, the hub's requests and their error replies, the handshake
+deadline and the idle timer.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from dataclasses import dataclass
+from typing import Any, Dict, Optional
+
+from selchat.core import events
+from selchat.core.chat import ChatError, User
+from selchat.core.events import Message
+from selchat.core.ratelimit import ALLOW, DISCONNECT, TokenBucket
+from selchat.doors.framed import codec
+from selchat.doors.framed.protocol import (
+    Hello,
+    Parser,
+    PingRequest,
+    PongReply,
+    ProtocolError,
+    QuitRequest,
+    Ref,
+    ref_limit,
+)
+from selchat.hub import Hub
+from selchat.loop.reactor import Reactor
+from selchat.loop.timers import Timer
+from selchat.loop.transport import State, Transport
+
+log = logging.getLogger("selchat.server")
+
+REFUSALS = {
+    "server_full": "the server is full",
+    "too_many_connections": "too many connections from your address",
+}
+
+# WebSocket close codes (RFC 6455, section 7.4.1), named here so the shared code can say why it
+# closes; a door without close frames ignores them.
+CLOSE_NORMAL = 1000
+CLOSE_GOING_AWAY = 1001
+CLOSE_PROTOCOL_ERROR = 1002
+CLOSE_POLICY = 1008
+CLOSE_TOO_BIG = 1009
+CLOSE_TRY_AGAIN = 1013
+
+
+@dataclass
+class JsonDoor:
+    """What every session of one JSON door shares: the hub, the rules, the limits, the timeouts."""
+
+    hub: Hub
+    reactor: Reactor
+    max_frame: int
+    max_text: int
+    rate: float
+    burst: int
+    handshake_timeout: float
+    ping_interval: float
+    ping_timeout: float
+    password: Optional[bytes] = None
+
+    name = "json"  # the door's name in the chat's user records and the logs
+
+    def __post_init__(self) -> None:
+        limits: Dict[str, Any] = {"max_frame": self.max_frame, "max_text": self.max_text}
+        if self.rate:
+            limits["rate"] = self.rate
+            limits["burst"] = self.burst
+        self.limits = limits
+        self.parser = Parser(self.max_text, ref_limit(self.max_frame, self.max_text), self.max_frame)
+
+
+def _password_matches(expected: bytes, given: Optional[str]) -> bool:
+    """Constant time, so the time taken says nothing about how much of a guess was right."""
+    if given is None:
+        return False
+    return hmac.compare_digest(expected, given.encode("utf-8"))
+
+
+class JsonSession:
+    """One connection of a JSON door; subclasses feed `_on_payload` and may say goodbye."""
+
+    __slots__ = ("door", "wire", "transport", "user", "bucket", "last_seen", "pinged", "doomed",
+                 "reject", "_handshake_timer", "_idle_timer", "__weakref__")
+
+    def __init__(self, door: JsonDoor, wire: Any, reject: Optional[str] = None) -> None:
+        self.door = door
+        self.wire = wire
+        self.transport: Transport = None  # type: ignore[assignment]  # set by connection_made
+        self.user: Optional[User] = None
+        self.bucket: Optional[TokenBucket] = None  # made at registration: flood control
+        self.last_seen = door.reactor.now
+        self.pinged = False
+        self.doomed = False  # condemned: nothing more is served
+        self.reject = reject  # the error word to refuse the connection with
+        self._handshake_timer: Optional[Timer] = None
+        self._idle_timer: Optional[Timer] = None
+
+    @property
+    def name(self) -> str:
+        peer = self.transport.peer if self.transport is not None else "?"
+        return f"{peer} ({self.user.nick})" if self.user is not None else peer
+
+    # --- for subclasses -----------------------------------------------------------------------
+
+    def _start_handshake_timer(self) -> None:
+        # Connections that never finish TLS or hello count against the limits until they time out.
+        reactor = self.door.reactor
+        self._handshake_timer = reactor.call_at(reactor.now + self.door.handshake_timeout,
+                                                self._handshake_deadline)
+
+    def _start_idle_timer(self) -> None:
+        reactor = self.door.reactor
+        self._idle_timer = reactor.call_at(reactor.now + self.door.ping_interval, self._idle_check)
+
+    def _refuse(self) -> None:
+        """Say why the connection is refused (admission), then close once that is sent."""
+        assert self.reject is not None
+        self.send_error(self.reject, REFUSALS.get(self.reject, self.reject), None)
+        self._goodbye(CLOSE_TRY_AGAIN, self.reject)
+        self.transport.close(self.reject)
+
+    def _goodbye(self, code: int, reason: str) -> None:
+        """Last words of this door before the transport closes (a WebSocket close frame)."""
+
+    def _send_ping(self, token: str) -> None:
+        """Ask a silent peer to prove it is alive."""
+        self.reply(events.Ping(token), None)
+
+    def _release(self) -> None:
+        """Free what the subclass buffers; the connection is gone."""
+
+    # --- transport callbacks ------------------------------------------------------------------
+
+    def output_overflow(self) -> None:
+        """Past max_outbuf: the queue is gone already; the session goes between requests."""
+        if not self.doomed:
+            self.doomed = True
+            self.door.hub.condemn(self, "slow consumer")
+
+    def connection_lost(self, detail: str) -> None:
+        for timer in (self._handshake_timer, self._idle_timer):
+            if timer is not None:
+                timer.cancel()
+        self._handshake_timer = self._idle_timer = None
+        self._release()
+        self.bucket = None
+        user, self.user = self.user, None
+        if user is not None:
+            self.door.hub.leave(user, "connection closed")
+
+    # --- for the hub and the fan-out ----------------------------------------------------------
+
+    def reply(self, event: events.Event, ref: Any) -> None:
+        limits = self.door.limits if type(event) is events.Welcome else None
+        send = self.door.hub.fanout.send
+        for data in self.wire.frames(event, ref, limits):
+            send(self.transport, data)
+
+    def own_message(self, msg: Message, ref: Any, shared: bytes) -> bytes:
+        if ref is None:
+            return shared
+        return self.wire.frames(msg, ref)[0]
+
+    def send_error(self, code: str, message: str, ref: Ref) -> None:
+        try:
+            frames = self.wire.frames(events.Error(code, message), ref)
+        except codec.EncodeError:
+            # Only with a tiny --max-frame and a long ref: the code and ref matter, not the words.
+            frames = self.wire.frames(events.Error(code, code), ref)
+        send = self.door.hub.fanout.send
+        for data in frames:
+            send(self.transport, data)
+
+    def notice(self, text: str) -> None:
+        self.reply(events.Notice(text), None)
+
+    def drop(self, reason: str) -> None:
+        """Condemned: leave the chat with `reason` and close now."""
+        log.info("dropping %s: %s", self.name, reason)
+        self._leave(reason)
+        self.transport.abort(reason)
+
+    def shutdown(self, deadline: float) -> None:
+        """The server is stopping: a notice, then close after flush, by `deadline` at the latest."""
+        transport = self.transport
+        if transport.state is State.HANDSHAKING:
+            transport.abort("server shutting down during the TLS handshake")
+            return
+        if transport.state is not State.OPEN:
+            return
+        self.notice("server shutting down")
+        self._leave(None)  # everyone leaves at once: no quit storm for the last seconds
+        self._goodbye(CLOSE_GOING_AWAY, "server shutting down")
+        transport.close("server shutting down", deadline)
+
+    # --- serving ------------------------------------------------------------------------------
+
+    def _leave(self, quit_reason: Optional[str]) -> None:
+        user, self.user = self.user, None
+        if user is not None:
+            self.door.hub.leave(user, quit_reason)
+
+    def _close(self, quit_reason: Optional[str], detail: str, code: int = CLOSE_NORMAL) -> None:
+        """Leave the chat now; send what is queued (and our goodbye), then close."""
+        self._leave(quit_reason)
+        self._goodbye(code, detail)
+        self.transport.close(detail)
+
+    def _on_payload(self, payload: bytes) -> None:
+        """Serve one JSON payload: flood control, decode, parse, then the request itself."""
+        door = self.door
+        bucket = self.bucket
+        if bucket is not None and (b'"pong"' not in payload or not _is_pong(payload)):
+            verdict = bucket.take(door.reactor.now)
+            if verdict is not ALLOW:
+                if verdict is DISCONNECT:
+                    log.info("excess flood from %s", self.name)
+                    self.send_error("rate_limited", "excess flood: disconnecting", self._ref_of(payload))
+                    self._close("excess flood", "excess flood", CLOSE_POLICY)
+                else:
+                    self.send_error("rate_limited", "too many requests: slow down", self._ref_of(payload))
+                return
+        try:
+            obj = codec.decode(payload)
+        except codec.PayloadError as exc:
+            self.send_error(exc.code, exc.message, None)
+            return
+        try:
+            request, ref = door.parser.parse(obj, registered=self.user is not None)
+        except ProtocolError as exc:
+            self.send_error(exc.code, exc.message, exc.ref)
+            return
+        user = self.user
+        kind = type(request)
+        if kind is PingRequest:
+            self.reply(events.Pong(request.token), ref)  # type: ignore[union-attr]
+            return
+        if kind is QuitRequest:
+            if user is None:
+                self._close(None, "quit before registering")
+            else:
+                reason = request.reason or "quit"  # type: ignore[union-attr]
+                self._close(reason, f"quit: {reason}")
+            return
+        if user is None:
+            if kind is Hello:
+                self._hello(request, ref)  # type: ignore[arg-type]
+            return  # a pong before registering needs no answer
+        if kind is Hello:
+            self.send_error("already_registered", "you are registered already", ref)
+            return
+        if kind is PongReply:
+            return  # the liveness it proves was noted when its bytes arrived
+        try:
+            door.hub.handle(user, request, ref)  # type: ignore[arg-type]
+        except ChatError as exc:
+            self.send_error(exc.code, exc.message, ref)
+
+    def _hello(self, request: Hello, ref: Ref) -> None:
+        door = self.door
+        if door.password is not None and not _password_matches(door.password, request.password):
+            log.info("bad password from %s", self.transport.peer)
+            self.send_error("bad_password", "wrong or missing password", ref)
+            self._close(None, "bad password", CLOSE_POLICY)
+            return
+        try:
+            self.user = door.hub.register(request.nick, self, ref, door=door.name)
+        except ChatError as exc:
+            self.send_error(exc.code, exc.message, ref)
+            return
+        if self._handshake_timer is not None:
+            self._handshake_timer.cancel()
+            self._handshake_timer = None
+        if door.rate > 0:
+            self.bucket = TokenBucket(door.reactor.now, door.rate, door.burst)
+        log.info("registered: %s as %s (client %r)", self.transport.peer, request.nick, request.client)
+
+    def _ref_of(self, payload: bytes) -> Ref:
+        try:
+            return self.door.parser.ref_of(codec.decode(payload))
+        except codec.PayloadError:
+            return None
+
+    # --- timers -------------------------------------------------------------------------------
+
+    def _handshake_deadline(self, _: Any = None) -> None:
+        self._handshake_timer = None
+        transport = self.transport
+        if transport.state is State.HANDSHAKING or (transport.state is State.OPEN and self.user is None):
+            transport.abort("handshake timeout")
+
+    def _idle_check(self, _: Any = None) -> None:
+        """One timer per connection, re-armed from `last_seen`; no per-frame timer work."""
+        self._idle_timer = None
+        transport = self.transport
+        if transport.state is not State.OPEN:
+            return
+        door = self.door
+        now = door.reactor.now
+        silence = now - self.last_seen
+        if silence >= door.ping_timeout:
+            self._leave("ping timeout")
+            transport.abort("ping timeout")
+            return
+        if silence >= door.ping_interval:
+            if not self.pinged:
+                self.pinged = True
+                self._send_ping(f"{int(now * 1000)}")
+            when = self.last_seen + door.ping_timeout
+        else:
+            when = self.last_seen + door.ping_interval
+        self._idle_timer = door.reactor.call_at(when, self._idle_check)
+
+
+def _is_pong(payload: bytes) -> bool:
+    """Pongs are exempt from flood control; only payloads that mention one are decoded here."""
+    try:
+        return codec.decode(payload).get("type") == "pong"
+    except codec.PayloadError:
+        return False
+
+
+__all__ = ["JsonDoor", "JsonSession", "REFUSALS", "CLOSE_NORMAL", "CLOSE_GOING_AWAY",
+           "CLOSE_PROTOCOL_ERROR", "CLOSE_POLICY", "CLOSE_TOO_BIG", "CLOSE_TRY_AGAIN"]
