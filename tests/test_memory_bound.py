@@ -1,4 +1,4 @@
-"""The server's memory bound under slow consumers (issue "Hardening", section "Proof").
+"""The server's memory bound under slow consumers (the hardening work: a proof that memory stays bounded).
 
 Per connection the server holds at most `max_outbuf` queued bytes, one partial frame
 (<= max_frame + 4), one recv buffer (65536) and a few KiB of fixed state, so with C connections

@@ -1,6 +1,8 @@
-"""Integration tests: the real server process over loopback sockets, held to /work/shared/PROTOCOL.md.
+"""Integration tests: the real server process over loopback sockets, held to the protocol contract.
 
-Section numbers in test names and docstrings refer to PROTOCOL.md. Tests on the shared `server`
+Section numbers in test names and docstrings (test_s1_...) are the contract's: 1 Frames,
+2 Session, 3 Names, 4 Requests, 5 Events, 6 Liveness and limits, 7 History, 8 Access and abuse
+limits, which are the headings of docs/protocol.md, in that order. Tests on the shared `server`
 fixture are followed by a health check (see conftest.py): the server is alive, a client in no
 room received nothing, and a new client can register. Tests that need options start their own
 server with `start(...)`; a server that dies during such a test fails it.

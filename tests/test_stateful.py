@@ -1,4 +1,4 @@
-"""A stateful, model-based test of the live server (issue "Hardening", section "Proof").
+"""A stateful, model-based test of the live server (the hardening work: a model of the contract checked against the real server).
 
 A hypothesis `RuleBasedStateMachine` drives one real server process per example (a fresh one:
 starting costs ~0.2 s, and a fresh server makes every example, and its shrinking, independent

@@ -1,4 +1,4 @@
-"""Benchmark harness for selchat (issue 4): a lean load generator, reference peers, a runner.
+"""Benchmark harness for selchat: lean load generators (native and IRC), a launcher for the servers compared, a runner.
 
 * `loadgen`: R receivers and S senders in #lobby, spread over a few worker processes that
   each run one epoll loop over non-blocking sockets; counts frames by walking length prefixes.

@@ -414,7 +414,7 @@ def report(
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     ap = argparse.ArgumentParser(
         prog="selchat-bench",
-        description="Benchmark selchat against the reference peers (issue 4).",
+        description="Benchmark selchat against reference servers (a thread per connection, asyncio, uvloop, ngIRCd, InspIRCd).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     ap.add_argument(

@@ -1,4 +1,4 @@
-"""The message store: room history that survives restarts (PROTOCOL.md section 7).
+"""The message store: room history that survives restarts (docs/protocol.md, "History").
 
 Sans sockets and sans clocks: messages arrive with their id and timestamp already set by the
 chat state, and the store only keeps them. The server loop drives it:
