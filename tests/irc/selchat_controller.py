@@ -122,6 +122,7 @@ class SelchatController(BaseServerController, DirectoryBasedController):
         env["PYTHONPATH"] = str(root) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         env["PYTHONUNBUFFERED"] = "1"
         self.log_path = directory / "server.log"
+        log.debug("starting %s (log in %s)", " ".join(command), self.log_path)
         if self.debug_mode:
             self.proc = self.execute(command, proc_name="selchat", cwd=str(root), env=env)
         else:
