@@ -1,0 +1,1549 @@
+// selchat web client: one WebSocket to /ws, one JSON object of the native protocol per
+// text message. No framework and no build step, so the page is exactly what the server ships.
+//
+// Safety rule for this file: everything that came from the server (texts, nicks, room names,
+// reasons, the motd) reaches the page only as text nodes (textContent / append(string)) or as
+// an href that passed the http/https check in linkify(). Nothing is ever assigned to innerHTML.
+
+"use strict";
+
+(() => {
+  const LOBBY = "#lobby";
+  const HISTORY_PAGE = 50;
+  const LIVENESS_EVERY_MS = 30000; // our own ping, to notice a server that vanished silently
+  const LIVENESS_WAIT_MS = 15000;
+  const INPUT_HISTORY_MAX = 100;
+  const NOTIFY_KEY = "selchat.notify";
+  const NICK_KEY = "selchat.nick";
+
+  const COMMANDS = [
+    ["/join #room", "join a room and show it"],
+    ["/part [#room]", "leave the current room (or the one named)"],
+    ["/query nick", "open a private conversation with nick"],
+    ["/msg nick text", "send a private message"],
+    ["/me text", "say an action: * you text"],
+    ["/nick newnick", "change your nickname"],
+    ["/who [#room]", "list the members of the current room"],
+    ["/rooms", "list every room with its member count"],
+    ["/history [n]", "load up to n older messages"],
+    ["/close", "close this conversation (or leave this room)"],
+    ["/quit [reason]", "leave the chat"],
+    ["/help", "this list"],
+  ];
+  const KEYS = [
+    ["Enter", "send"],
+    ["Tab", "complete a nick, room or command"],
+    ["Up / Down", "recall what you typed"],
+    ["Alt+Up / Alt+Down", "previous / next room or conversation"],
+    ["Alt+A", "next room or conversation with activity (mentions first)"],
+    ["PageUp / PageDown", "scroll the messages"],
+  ];
+
+  // ----- small helpers ---------------------------------------------------------------------
+
+  const $ = (id) => document.getElementById(id);
+  const el = (tag, cls, text) => {
+    const node = document.createElement(tag);
+    if (cls) node.className = cls;
+    if (text !== undefined) node.textContent = text;
+    return node;
+  };
+  /** Untrusted value as display text: never throws, never returns markup. */
+  const str = (v) => (typeof v === "string" ? v : v === undefined || v === null ? "" : String(v));
+  /** The server compares nicks and rooms case-insensitively (ASCII); so must we. */
+  const fold = (s) => str(s).replace(/[A-Z]/g, (c) => c.toLowerCase());
+  const isInt = (v) => typeof v === "number" && Number.isInteger(v);
+  const normalizeRoom = (name) => (name.startsWith("#") ? name : "#" + name);
+  const pad2 = (n) => (n < 10 ? "0" : "") + n;
+
+  const CRC_TABLE = (() => {
+    const t = new Uint32Array(256);
+    for (let n = 0; n < 256; n++) {
+      let c = n;
+      for (let k = 0; k < 8; k++) c = c & 1 ? 0xedb88320 ^ (c >>> 1) : c >>> 1;
+      t[n] = c >>> 0;
+    }
+    return t;
+  })();
+
+  /** Same palette slot as the terminal client (CRC-32 of the lower-cased nick, mod 12). */
+  function nickClass(nick) {
+    const bytes = new TextEncoder().encode(fold(nick));
+    let c = 0xffffffff;
+    for (const b of bytes) c = CRC_TABLE[(c ^ b) & 0xff] ^ (c >>> 8);
+    return "n" + (((c ^ 0xffffffff) >>> 0) % 12);
+  }
+
+  const URL_RE = /\bhttps?:\/\/[^\s<>"'`]+/gi;
+
+  /** Append `text` to `parent` as text nodes, with http(s) URLs as safe links. */
+  function linkify(parent, text) {
+    let last = 0;
+    for (const m of text.matchAll(URL_RE)) {
+      let url = m[0];
+      // Punctuation that ends a sentence is not part of the link; a ")" is, when balanced.
+      while (/[.,;:!?'")\]}>]$/.test(url)) {
+        if (url.endsWith(")") && (url.match(/\(/g) || []).length >= (url.match(/\)/g) || []).length) break;
+        url = url.slice(0, -1);
+      }
+      let href = null;
+      try {
+        const u = new URL(url);
+        if (u.protocol === "http:" || u.protocol === "https:") href = u.href;
+      } catch (e) {
+        href = null;
+      }
+      if (m.index > last) parent.append(text.slice(last, m.index));
+      if (href) {
+        const a = el("a", null, url);
+        a.href = href;
+        a.target = "_blank";
+        a.rel = "noopener noreferrer";
+        parent.append(a);
+      } else {
+        parent.append(url);
+      }
+      last = m.index + url.length;
+    }
+    if (last < text.length) parent.append(text.slice(last));
+  }
+
+  function timeCell(ms) {
+    const d = new Date(ms);
+    const cell = el("span", "time", pad2(d.getHours()) + ":" + pad2(d.getMinutes()));
+    cell.title = d.toLocaleString();
+    return cell;
+  }
+
+  function nickSpan(nick) {
+    const s = el("span", "nick " + nickClass(nick), nick);
+    s.dataset.nick = nick;
+    return s;
+  }
+
+  // ----- state -----------------------------------------------------------------------------
+
+  const S = {
+    ws: null,
+    nick: "", // the nick we are (or want to be)
+    password: null,
+    registered: false,
+    everRegistered: false,
+    quitting: false,
+    views: new Map(), // key (folded room or nick) -> view
+    current: null, // key of the view shown
+    refs: 1,
+    pending: new Map(), // ref -> the request it answers
+    helloRef: null,
+    rejoin: null, // rooms to join again after a reconnect
+    lobbyWanted: true,
+    delays: null,
+    retryTimer: null,
+    retryAt: 0,
+    countdown: null,
+    livenessTimer: null,
+    livenessDeadline: null,
+    livenessToken: null,
+    pace: { rate: 0, burst: 1, tokens: 1, stamp: 0, queue: [], timer: null },
+    roomsAcc: [],
+    inputHistory: [],
+    inputPos: -1,
+    completion: null,
+    notify: false,
+    motdShown: false,
+  };
+
+  const ui = {};
+
+  // ----- views (rooms and private conversations) -------------------------------------------
+
+  function makeView(kind, name) {
+    const key = fold(name);
+    const log = el("div", "log");
+    log.dataset.view = key;
+    log.setAttribute("role", "log");
+    log.setAttribute("aria-label", name);
+    log.tabIndex = -1;
+    const li = el("li");
+    const button = el("button", "view-item");
+    button.type = "button";
+    button.dataset.view = key;
+    const label = el("span", "view-name", name);
+    const badge = el("span", "badge");
+    button.append(label, badge);
+    li.append(button);
+    const view = {
+      key, kind, name, log, li, button, label, badge,
+      joined: false, unread: 0, mention: false,
+      members: new Map(), ops: new Set(), namesAcc: null,
+      seen: new Set(), oldestId: null, lastId: 0, more: false, loadingOlder: false,
+      startShown: false, stick: true, scrollTop: 0, joining: false, announced: false,
+    };
+    button.addEventListener("click", () => {
+      switchTo(key);
+      closeDrawers();
+      ui.input.focus();
+    });
+    log.addEventListener("scroll", () => onLogScroll(view));
+    ui.logs.append(log);
+    (kind === "room" ? ui.roomList : ui.queryList).append(li);
+    sortList(kind === "room" ? ui.roomList : ui.queryList);
+    S.views.set(key, view);
+    return view;
+  }
+
+  function sortList(list) {
+    const items = Array.from(list.children);
+    items.sort((a, b) => {
+      const ka = a.firstChild.dataset.view;
+      const kb = b.firstChild.dataset.view;
+      if (ka === LOBBY) return -1;
+      if (kb === LOBBY) return 1;
+      return ka < kb ? -1 : ka > kb ? 1 : 0;
+    });
+    for (const li of items) list.append(li);
+  }
+
+  function roomView(name, create) {
+    const key = fold(name);
+    let v = S.views.get(key);
+    if (!v && create) v = makeView("room", name);
+    return v || null;
+  }
+
+  function queryView(nick, create) {
+    const key = fold(nick);
+    let v = S.views.get(key);
+    if (!v && create) v = makeView("query", nick);
+    return v || null;
+  }
+
+  function rename(view, name) {
+    view.name = name;
+    view.label.textContent = name;
+    view.log.setAttribute("aria-label", name);
+    if (S.current === view.key) renderHeader();
+  }
+
+  function rekey(view, newName) {
+    S.views.delete(view.key);
+    view.key = fold(newName);
+    view.log.dataset.view = view.key;
+    view.button.dataset.view = view.key;
+    S.views.set(view.key, view);
+    rename(view, newName);
+    sortList(view.kind === "room" ? ui.roomList : ui.queryList);
+  }
+
+  function removeView(view) {
+    const order = viewOrder();
+    const idx = order.indexOf(view.key);
+    view.log.remove();
+    view.li.remove();
+    S.views.delete(view.key);
+    if (S.current === view.key) {
+      const rest = viewOrder();
+      S.current = null;
+      if (rest.length) switchTo(rest[Math.max(0, Math.min(idx, rest.length) - 1)] || rest[0]);
+      else renderHeader();
+    }
+    updateTitle();
+  }
+
+  /** Views in sidebar order: rooms, then conversations. */
+  function viewOrder() {
+    const keys = [];
+    for (const list of [ui.roomList, ui.queryList]) {
+      for (const li of list.children) keys.push(li.firstChild.dataset.view);
+    }
+    return keys;
+  }
+
+  function currentView() {
+    return S.current ? S.views.get(S.current) || null : null;
+  }
+
+  function switchTo(key) {
+    const view = S.views.get(key);
+    if (!view) return;
+    const old = currentView();
+    if (old && old !== view) {
+      old.scrollTop = old.log.scrollTop;
+      old.log.classList.remove("active");
+      old.button.classList.remove("current");
+      old.button.removeAttribute("aria-current");
+    }
+    S.current = key;
+    view.log.classList.add("active");
+    view.button.classList.add("current");
+    view.button.setAttribute("aria-current", "page");
+    if (view.stick) scrollToBottom(view);
+    else view.log.scrollTop = view.scrollTop;
+    markRead(view);
+    renderHeader();
+    renderMembers();
+    maybeFill(view);
+  }
+
+  function markRead(view) {
+    view.unread = 0;
+    view.mention = false;
+    renderBadge(view);
+    updateTitle();
+  }
+
+  function renderBadge(view) {
+    view.badge.textContent = view.unread ? String(view.unread) : "";
+    view.button.classList.toggle("unread", view.unread > 0);
+    view.button.classList.toggle("mention", view.mention);
+    view.button.classList.toggle("parted", view.kind === "room" && !view.joined && S.registered);
+    view.button.title = view.unread ? `${view.name}: ${view.unread} unread` : view.name;
+  }
+
+  function updateTitle() {
+    let total = 0;
+    let mention = false;
+    for (const v of S.views.values()) {
+      total += v.unread;
+      mention = mention || v.mention;
+    }
+    const cur = currentView();
+    const base = (cur ? cur.name + " - " : "") + "selchat";
+    document.title = (total ? `(${total}${mention ? "!" : ""}) ` : "") + base;
+  }
+
+  function renderHeader() {
+    const view = currentView();
+    ui.title.textContent = view ? view.name : "selchat";
+    if (!view) ui.info.textContent = "";
+    else if (view.kind === "query") ui.info.textContent = "private conversation";
+    else if (!view.joined) ui.info.textContent = S.registered ? "not joined" : "";
+    else ui.info.textContent = view.members.size === 1 ? "1 member" : `${view.members.size} members`;
+    ui.app.classList.toggle("no-members", !view || view.kind !== "room");
+    updateTitle();
+  }
+
+  function renderMembers() {
+    const view = currentView();
+    if (!view || view.kind !== "room") return;
+    const nicks = Array.from(view.members.values());
+    nicks.sort((a, b) => {
+      const oa = view.ops.has(fold(a)) ? 0 : 1;
+      const ob = view.ops.has(fold(b)) ? 0 : 1;
+      if (oa !== ob) return oa - ob;
+      const fa = fold(a);
+      const fb = fold(b);
+      return fa < fb ? -1 : fa > fb ? 1 : 0;
+    });
+    const items = nicks.map((nick) => {
+      const li = el("li");
+      li.dataset.nick = nick;
+      li.title = `open a private conversation with ${nick}`;
+      if (view.ops.has(fold(nick))) {
+        li.classList.add("op");
+        li.append(el("span", "op-mark", "@"));
+      }
+      li.append(el("span", nickClass(nick), nick));
+      return li;
+    });
+    ui.memberList.replaceChildren(...items);
+    ui.memberCount.textContent = `(${nicks.length})`;
+    if (S.current === view.key) {
+      ui.info.textContent = nicks.length === 1 ? "1 member" : `${nicks.length} members`;
+    }
+  }
+
+  // ----- lines -----------------------------------------------------------------------------
+
+  function nearBottom(log) {
+    return log.scrollHeight - log.scrollTop - log.clientHeight < 48;
+  }
+
+  function scrollToBottom(view) {
+    view.log.scrollTop = view.log.scrollHeight;
+  }
+
+  function onLogScroll(view) {
+    view.stick = nearBottom(view.log);
+    if (view.log.scrollTop < 80) loadOlder(view, HISTORY_PAGE);
+  }
+
+  /** Add a line at the end of a view, following the bottom if the reader was there. */
+  function appendLine(view, line) {
+    const stick = view.stick || nearBottom(view.log);
+    view.log.append(line);
+    if (stick) {
+      scrollToBottom(view);
+      view.stick = true;
+    }
+  }
+
+  function systemLine(view, ms, parts, cls) {
+    const line = el("div", "line " + (cls || "system"));
+    const body = el("span", "body");
+    for (const p of parts) body.append(typeof p === "string" ? p : p);
+    line.append(timeCell(ms), body);
+    appendLine(view, line);
+    return line;
+  }
+
+  /** A local note (help, hints, connection news) in the current view, or nowhere yet. */
+  function note(text, cls) {
+    const view = currentView();
+    if (!view) return null;
+    const line = el("div", "line " + (cls || "info"));
+    line.append(timeCell(Date.now()), el("span", "text", text));
+    appendLine(view, line);
+    return line;
+  }
+
+  function divider(text, cls) {
+    return el("div", "divider" + (cls ? " " + cls : ""), text);
+  }
+
+  function mentions(text) {
+    if (!S.nick) return false;
+    const esc = S.nick.replace(/[.*+?^${}()|[\]\\-]/g, "\\$&");
+    const edge = "[A-Za-z0-9_\\-\\[\\]{}\\\\|^]";
+    return new RegExp(`(^|[^A-Za-z0-9_\\-\\[\\]{}\\\\|^])${esc}(?!${edge})`, "i").test(text);
+  }
+
+  function isMe(nick) {
+    return typeof nick === "string" && S.nick !== "" && fold(nick) === fold(S.nick);
+  }
+
+  function messageLine(m, earlier) {
+    const from = str(m.from);
+    const text = str(m.text);
+    const ms = isInt(m.ts) ? m.ts : Date.now();
+    const line = el("div", "line msg");
+    if (isInt(m.id)) line.dataset.id = String(m.id);
+    line.dataset.from = from;
+    if (m.action === true) line.classList.add("action");
+    if (m.notice === true) line.classList.add("notice-msg");
+    if (earlier) line.classList.add("earlier");
+    if (isMe(from)) line.classList.add("own");
+    else if (mentions(text)) line.classList.add("highlight");
+    const body = el("span", "body");
+    if (m.action === true) {
+      body.append("* ", nickSpan(from), " ");
+    } else {
+      body.append(nickSpan(from));
+    }
+    const t = el("span", "text");
+    linkify(t, text);
+    body.append(t);
+    line.append(timeCell(ms), body);
+    return line;
+  }
+
+  /** The view a message belongs to: its room, or the conversation with the other party. */
+  function viewForMessage(m) {
+    if (typeof m.room === "string") return roomView(m.room, false);
+    const peer = isMe(m.from) ? str(m.to) : str(m.from);
+    if (!peer) return null;
+    return queryView(peer, true);
+  }
+
+  function firstMessage(view) {
+    return view.log.querySelector(".line.msg[data-id]");
+  }
+
+  /** Put a message line where its id says, so history and live lines interleave correctly. */
+  function placeById(view, line, id) {
+    if (id > view.lastId) {
+      appendLine(view, line);
+      view.lastId = id;
+      return;
+    }
+    const lines = view.log.querySelectorAll(".line.msg[data-id]");
+    for (let i = lines.length - 1; i >= 0; i--) {
+      if (Number(lines[i].dataset.id) < id) {
+        lines[i].after(line);
+        return;
+      }
+    }
+    const first = lines[0];
+    if (first) first.before(line);
+    else appendLine(view, line);
+  }
+
+  /** Record a message id in a view; false if the view already shows it. */
+  function remember(view, m) {
+    if (!isInt(m.id)) return true;
+    if (view.seen.has(m.id)) return false;
+    view.seen.add(m.id);
+    if (typeof m.room === "string" && (view.oldestId === null || m.id < view.oldestId)) view.oldestId = m.id;
+    return true;
+  }
+
+  function countUnread(view, m) {
+    if (isMe(m.from)) return;
+    const mention = view.kind === "query" || mentions(str(m.text));
+    const away = document.hidden || !document.hasFocus();
+    if (S.current !== view.key || document.hidden) {
+      view.unread += 1;
+      if (mention) view.mention = true;
+      renderBadge(view);
+      updateTitle();
+    }
+    if (mention && (away || S.current !== view.key)) notifyAbout(view, m);
+  }
+
+  // ----- connection ------------------------------------------------------------------------
+
+  function wsUrl() {
+    return (location.protocol === "https:" ? "wss://" : "ws://") + location.host + "/ws";
+  }
+
+  function setConn(state, text) {
+    ui.conn.dataset.state = state;
+    ui.conn.textContent = text;
+    ui.loginState.textContent = S.everRegistered ? "" : state === "online" ? "" : text;
+  }
+
+  function connect() {
+    clearTimeout(S.retryTimer);
+    clearInterval(S.countdown);
+    S.retryTimer = null;
+    const ws = new WebSocket(wsUrl());
+    S.ws = ws;
+    setConn("connecting", S.everRegistered ? "reconnecting..." : "connecting...");
+    ws.addEventListener("open", () => {
+      if (S.ws !== ws) return;
+      setConn("connecting", "signing in...");
+      sendHello();
+    });
+    ws.addEventListener("message", (e) => {
+      if (S.ws !== ws || typeof e.data !== "string") return;
+      let ev;
+      try {
+        ev = JSON.parse(e.data);
+      } catch (err) {
+        return;
+      }
+      if (ev && typeof ev === "object" && !Array.isArray(ev)) handleEvent(ev);
+    });
+    ws.addEventListener("close", () => {
+      if (S.ws === ws) connectionLost();
+    });
+  }
+
+  function sendHello() {
+    const req = { nick: S.nick, client: "selchat-web" };
+    if (S.password !== null) req.password = S.password;
+    S.helloRef = request("hello", req, null, true);
+  }
+
+  /** Forget what died with the connection; keep what the user expects back (views, rooms). */
+  function connectionLost() {
+    const wasRegistered = S.registered;
+    S.ws = null;
+    S.registered = false;
+    S.pending.clear();
+    S.helloRef = null;
+    stopLiveness();
+    const q = S.pace;
+    clearTimeout(q.timer);
+    q.queue = [];
+    q.timer = null;
+    if (wasRegistered) {
+      S.rejoin = [];
+      S.lobbyWanted = false;
+      for (const v of S.views.values()) {
+        if (v.kind === "room" && v.joined) {
+          if (v.key === LOBBY) S.lobbyWanted = true;
+          else S.rejoin.push(v.name);
+        }
+      }
+    }
+    for (const v of S.views.values()) {
+      if (v.kind === "room") {
+        v.joined = false;
+        v.joining = false;
+        v.namesAcc = null;
+        v.loadingOlder = false;
+        renderBadge(v);
+      }
+    }
+    if (S.quitting) {
+      resetToLogin("You left the chat.");
+      return;
+    }
+    if (!S.everRegistered) {
+      setConn("offline", "offline");
+      ui.loginButton.disabled = false;
+      if (!ui.loginError.textContent) showLoginError("Cannot reach the chat server. Try again.");
+      return;
+    }
+    if (wasRegistered) note("Disconnected from the server. Reconnecting...", "error");
+    renderHeader();
+    scheduleReconnect();
+  }
+
+  function* backoff() {
+    let d = 1000;
+    for (;;) {
+      yield d * (0.5 + 0.5 * Math.random());
+      d = Math.min(30000, d * 2);
+    }
+  }
+
+  function scheduleReconnect() {
+    if (!S.delays) S.delays = backoff();
+    const delay = S.delays.next().value;
+    S.retryAt = Date.now() + delay;
+    const tick = () => {
+      const left = Math.max(0, Math.ceil((S.retryAt - Date.now()) / 1000));
+      setConn("offline", `offline, retrying in ${left} s`);
+    };
+    tick();
+    clearInterval(S.countdown);
+    S.countdown = setInterval(tick, 1000);
+    clearTimeout(S.retryTimer);
+    S.retryTimer = setTimeout(() => {
+      clearInterval(S.countdown);
+      connect();
+    }, delay);
+  }
+
+  function retryNow() {
+    if (S.ws || !S.everRegistered || S.quitting) return;
+    clearTimeout(S.retryTimer);
+    clearInterval(S.countdown);
+    connect();
+  }
+
+  function startLiveness() {
+    stopLiveness();
+    S.livenessTimer = setInterval(() => {
+      if (!S.registered || S.livenessDeadline) return;
+      S.livenessToken = "web-" + Date.now();
+      request("ping", { token: S.livenessToken }, null, true);
+      const ws = S.ws;
+      S.livenessDeadline = setTimeout(() => {
+        if (S.ws === ws && ws) ws.close();
+      }, LIVENESS_WAIT_MS);
+    }, LIVENESS_EVERY_MS);
+  }
+
+  function stopLiveness() {
+    clearInterval(S.livenessTimer);
+    clearTimeout(S.livenessDeadline);
+    S.livenessTimer = null;
+    S.livenessDeadline = null;
+  }
+
+  /** Send a request with a fresh ref, remembered with `meta` so its answer can be matched. */
+  function request(type, members, meta, now) {
+    const ref = S.refs++;
+    const req = Object.assign({ type }, members, { ref });
+    S.pending.set(ref, Object.assign({}, req, meta || {}));
+    if (S.pending.size > 1024) S.pending.delete(S.pending.keys().next().value);
+    send(req, now);
+    return ref;
+  }
+
+  /** Stay under the flood limit the server announced, so a burst of rejoins is not refused. */
+  function send(obj, now) {
+    const q = S.pace;
+    const data = JSON.stringify(obj);
+    if (now || q.rate <= 0) {
+      if (S.ws && S.ws.readyState === WebSocket.OPEN) S.ws.send(data);
+      return;
+    }
+    q.queue.push(data);
+    drain();
+  }
+
+  function drain() {
+    const q = S.pace;
+    if (q.timer) return;
+    while (q.queue.length) {
+      const t = performance.now() / 1000;
+      q.tokens = Math.min(q.burst, q.tokens + (t - q.stamp) * q.rate);
+      q.stamp = t;
+      if (q.tokens < 1) {
+        q.timer = setTimeout(() => {
+          q.timer = null;
+          drain();
+        }, ((1 - q.tokens) / q.rate) * 1000 + 5);
+        return;
+      }
+      q.tokens -= 1;
+      const data = q.queue.shift();
+      if (S.ws && S.ws.readyState === WebSocket.OPEN) S.ws.send(data);
+    }
+  }
+
+  function configurePace(limits) {
+    const q = S.pace;
+    const rate = limits && limits.rate;
+    const burst = limits && limits.burst;
+    if (typeof rate === "number" && rate > 0 && typeof burst === "number" && burst > 0) {
+      q.rate = rate * 0.9;
+      q.burst = Math.max(1, burst - 1);
+    } else {
+      q.rate = 0;
+    }
+    q.tokens = q.burst;
+    q.stamp = performance.now() / 1000;
+  }
+
+  // ----- events ----------------------------------------------------------------------------
+
+  function handleEvent(ev) {
+    const ref = ev.ref;
+    const req = isInt(ref) && S.pending.has(ref) ? S.pending.get(ref) : null;
+    if (req && ev.type !== "names" && ev.type !== "rooms") S.pending.delete(ref);
+    if (req && (ev.type === "names" || ev.type === "rooms") && ev.more !== true) S.pending.delete(ref);
+    const handler = HANDLERS[ev.type];
+    if (handler) handler(ev, req);
+  }
+
+  const HANDLERS = {
+    ping(ev) {
+      const reply = { type: "pong" };
+      if ("token" in ev) reply.token = ev.token;
+      send(reply, true);
+    },
+
+    pong(ev) {
+      if (ev.token === S.livenessToken) {
+        clearTimeout(S.livenessDeadline);
+        S.livenessDeadline = null;
+      }
+    },
+
+    welcome(ev) {
+      const first = !S.everRegistered;
+      if (typeof ev.nick === "string") S.nick = ev.nick;
+      S.registered = true;
+      S.everRegistered = true;
+      S.helloRef = null;
+      S.delays = null;
+      configurePace(ev.limits);
+      try {
+        localStorage.setItem(NICK_KEY, S.nick);
+      } catch (e) {
+        /* private mode: nothing to remember */
+      }
+      setConn("online", "online");
+      ui.meNick.textContent = S.nick;
+      ui.inputNick.textContent = S.nick;
+      S.welcome = ev;
+      startLiveness();
+      if (first) {
+        ui.login.hidden = true;
+        ui.app.hidden = false;
+        ui.input.focus();
+      } else {
+        note("Reconnected.", "info");
+        const rooms = S.rejoin || [];
+        for (const name of rooms) {
+          const v = roomView(name, false);
+          if (v) v.joining = true;
+          request("join", { room: name }, { rejoin: true });
+        }
+        if (!S.lobbyWanted) request("part", { room: LOBBY }, { rejoin: true });
+        S.rejoin = null;
+      }
+      renderHeader();
+    },
+
+    message(ev) {
+      const view = viewForMessage(ev);
+      if (!view || !remember(view, ev)) return;
+      const line = messageLine(ev, false);
+      if (isInt(ev.id)) placeById(view, line, ev.id);
+      else appendLine(view, line);
+      countUnread(view, ev);
+    },
+
+    history(ev, req) {
+      const view = roomView(str(ev.room), false);
+      if (!view) return;
+      const messages = Array.isArray(ev.messages) ? ev.messages : [];
+      if (req && req.type === "history") {
+        olderPage(view, messages, ev.more === true);
+        return;
+      }
+      // History after our own join: the room's recent past, or what we missed while offline.
+      const empty = view.lastId === 0;
+      const fresh = messages.filter((m) => m && typeof m === "object" && (empty || (isInt(m.id) && m.id > view.lastId)));
+      if (empty) view.more = ev.more === true;
+      const keep = fresh.filter((m) => remember(view, m));
+      if (keep.length && empty) {
+        // The room's past goes above the "you joined" line, which is when it became the past.
+        const frag = document.createDocumentFragment();
+        frag.append(divider(`earlier messages in ${view.name}`, "earlier"));
+        for (const m of keep) frag.append(messageLine(m, true));
+        const at = view.log.querySelector(".line.self-join");
+        if (at) at.before(frag);
+        else view.log.append(frag);
+        for (const m of keep) if (isInt(m.id) && m.id > view.lastId) view.lastId = m.id;
+        if (view.stick) scrollToBottom(view);
+      } else if (keep.length) {
+        appendLine(view, divider("while you were away", "missed"));
+        for (const m of keep) {
+          const line = messageLine(m, false);
+          if (isInt(m.id)) placeById(view, line, m.id);
+          else appendLine(view, line);
+          countUnread(view, m);
+        }
+      }
+      if (empty && !view.more) markStart(view);
+      maybeFill(view);
+    },
+
+    join(ev, req) {
+      const room = str(ev.room);
+      const nick = str(ev.nick);
+      if (isMe(nick)) {
+        let view = roomView(room, true);
+        const firstTime = !view.announced;
+        view.announced = true;
+        if (view.name !== room) rename(view, room);
+        view.joined = true;
+        view.joining = false;
+        view.members.set(fold(nick), nick);
+        renderBadge(view);
+        if (!S.current) switchTo(view.key);
+        if (firstTime) {
+          if (!S.motdShown && S.welcome) {
+            S.motdShown = true;
+            const w = S.welcome;
+            const motd = str(w.motd);
+            systemLine(view, Date.now(), [`Welcome, ${S.nick}` + (w.server ? ` (${str(w.server)})` : "") + (motd ? `: ${motd}` : "")], "info");
+          }
+          systemLine(view, Date.now(), ["You joined ", room]).classList.add("self-join");
+        }
+        if (S.current === view.key) renderHeader();
+        return;
+      }
+      const view = roomView(room, false);
+      if (!view) return;
+      view.members.set(fold(nick), nick);
+      systemLine(view, Date.now(), [nickSpan(nick), " joined"]);
+      if (S.current === view.key) renderMembers();
+    },
+
+    part(ev) {
+      const room = str(ev.room);
+      const nick = str(ev.nick);
+      const view = roomView(room, false);
+      if (!view) return;
+      if (isMe(nick)) {
+        removeView(view);
+        return;
+      }
+      view.members.delete(fold(nick));
+      view.ops.delete(fold(nick));
+      systemLine(view, Date.now(), [nickSpan(nick), " left"]);
+      if (S.current === view.key) renderMembers();
+    },
+
+    quit(ev) {
+      const nick = str(ev.nick);
+      const reason = str(ev.reason);
+      const key = fold(nick);
+      for (const view of S.views.values()) {
+        if ((view.kind === "room" && view.members.has(key)) || (view.kind === "query" && view.key === key)) {
+          view.members.delete(key);
+          view.ops.delete(key);
+          systemLine(view, Date.now(), [nickSpan(nick), " quit" + (reason ? ` (${reason})` : "")]);
+        }
+      }
+      renderMembers();
+    },
+
+    nick(ev) {
+      const oldNick = str(ev.old);
+      const newNick = str(ev.new);
+      const oldKey = fold(oldNick);
+      const mine = isMe(oldNick);
+      if (mine) {
+        S.nick = newNick;
+        ui.meNick.textContent = newNick;
+        ui.inputNick.textContent = newNick;
+        try {
+          localStorage.setItem(NICK_KEY, newNick);
+        } catch (e) {
+          /* ignore */
+        }
+      }
+      for (const view of Array.from(S.views.values())) {
+        const inRoom = view.kind === "room" && view.members.has(oldKey);
+        const isPeer = view.kind === "query" && view.key === oldKey;
+        if (!inRoom && !isPeer && !(mine && view.kind === "query")) continue;
+        if (inRoom) {
+          view.members.delete(oldKey);
+          view.members.set(fold(newNick), newNick);
+          if (view.ops.delete(oldKey)) view.ops.add(fold(newNick));
+        }
+        if (isPeer && !S.views.has(fold(newNick))) rekey(view, newNick);
+        const parts = mine ? ["You are now known as ", nickSpan(newNick)] : [nickSpan(oldNick), " is now known as ", nickSpan(newNick)];
+        systemLine(view, Date.now(), parts);
+      }
+      renderMembers();
+    },
+
+    names(ev, req) {
+      const room = str(ev.room);
+      const view = roomView(room, false);
+      const acc = (view && view.namesAcc) || { nicks: [], ops: [] };
+      if (Array.isArray(ev.nicks)) acc.nicks.push(...ev.nicks.map(str));
+      if (Array.isArray(ev.operators)) acc.ops.push(...ev.operators.map(str));
+      if (ev.more === true) {
+        if (view) view.namesAcc = acc;
+        else if (req) req.acc = acc;
+        return;
+      }
+      const final = req && req.acc ? req.acc : acc;
+      if (view) {
+        view.namesAcc = null;
+        if (view.joined || !S.registered) {
+          view.members = new Map(final.nicks.map((n) => [fold(n), n]));
+          view.ops = new Set(final.ops.map(fold));
+          if (S.current === view.key) {
+            renderMembers();
+            renderHeader();
+          }
+        }
+      }
+      if (req && req.type === "who") {
+        const opSet = new Set(final.ops.map(fold));
+        const shown = final.nicks.map((n) => (opSet.has(fold(n)) ? "@" + n : n));
+        const where = view || currentView();
+        if (where) {
+          systemLine(where, Date.now(), [`${final.nicks.length} in ${room}: ${shown.join(" ")}`], "info");
+        }
+      }
+    },
+
+    rooms(ev, req) {
+      if (Array.isArray(ev.rooms)) S.roomsAcc.push(...ev.rooms);
+      if (ev.more === true) return;
+      const list = S.roomsAcc;
+      S.roomsAcc = [];
+      const view = currentView();
+      if (!view) return;
+      const parts = [`${list.length} room${list.length === 1 ? "" : "s"}: `];
+      list.forEach((r, i) => {
+        if (i) parts.push(", ");
+        const name = str(r && r.name);
+        const link = el("button", "room-link", name);
+        link.type = "button";
+        link.title = `join ${name}`;
+        link.addEventListener("click", () => runLine("/join " + name));
+        parts.push(link, ` (${str(r && r.members)})`);
+      });
+      systemLine(view, Date.now(), parts, "info");
+    },
+
+    notice(ev) {
+      note("notice: " + str(ev.text), "notice");
+    },
+
+    error(ev, req) {
+      const code = str(ev.code);
+      const message = str(ev.message);
+      if (isInt(ev.ref) && ev.ref === S.helloRef) {
+        S.helloRef = null;
+        helloRefused(code, message);
+        return;
+      }
+      if (req && req.type === "join") {
+        const view = roomView(str(req.room), false);
+        if (view) view.joining = false;
+        if (view && !view.joined && view.log.querySelector(".line.msg") === null) {
+          removeView(view);
+          if (req.previous && S.views.has(req.previous)) switchTo(req.previous);
+        }
+      }
+      if (req && req.type === "history") {
+        const view = roomView(str(req.room), false);
+        if (view) view.loadingOlder = false;
+      }
+      if (req && req.type === "ping") return;
+      note(`error ${code}: ${message}`, "error");
+    },
+  };
+
+  function olderPage(view, messages, more) {
+    view.loadingOlder = false;
+    view.more = more;
+    const log = view.log;
+    const fromBottom = log.scrollHeight - log.scrollTop;
+    const first = firstMessage(view);
+    const anchor = first || log.firstChild;
+    let added = 0;
+    const frag = document.createDocumentFragment();
+    for (const m of messages) {
+      if (!m || typeof m !== "object" || !isInt(m.id)) continue;
+      if (view.oldestId !== null && m.id >= view.oldestId) continue;
+      if (view.seen.has(m.id)) continue;
+      frag.append(messageLine(m, true));
+      added += 1;
+    }
+    for (const m of messages) if (m && isInt(m.id) && (view.oldestId === null || m.id < view.oldestId)) remember(view, m);
+    if (anchor && anchor.previousSibling && anchor.previousSibling.classList && anchor.previousSibling.classList.contains("earlier")) {
+      anchor.previousSibling.after(frag);
+    } else if (anchor) {
+      anchor.before(frag);
+    } else {
+      log.append(frag);
+    }
+    if (!more) markStart(view);
+    log.scrollTop = log.scrollHeight - fromBottom;
+    if (!added && more) return;
+    maybeFill(view);
+  }
+
+  function markStart(view) {
+    if (view.startShown) return;
+    view.startShown = true;
+    const d = divider(`start of ${view.name}`, "start");
+    view.log.prepend(d);
+  }
+
+  /** Ask for an older page of a room's history (scrolling to the top does this). */
+  function loadOlder(view, limit) {
+    if (view.kind !== "room" || !view.joined || !view.more || view.loadingOlder || !S.registered) return false;
+    view.loadingOlder = true;
+    const members = { room: view.name, limit };
+    if (view.oldestId !== null) members.before = view.oldestId;
+    request("history", members);
+    return true;
+  }
+
+  /** A short history does not fill the screen, so there is nothing to scroll: load more. */
+  function maybeFill(view) {
+    if (S.current !== view.key) return;
+    if (view.log.scrollHeight <= view.log.clientHeight + 4) loadOlder(view, HISTORY_PAGE);
+  }
+
+  // ----- login -----------------------------------------------------------------------------
+
+  function showLoginError(text) {
+    ui.loginError.textContent = text;
+  }
+
+  function helloRefused(code, message) {
+    if (!S.everRegistered) {
+      ui.loginButton.disabled = false;
+      const explain = {
+        nick_taken: "That nickname is taken. Choose another.",
+        bad_nick: "Nicknames are 1-32 letters, digits or _-[]{}\\|^, not starting with a digit or -.",
+        bad_password: "The server wants a password.",
+      };
+      showLoginError(explain[code] ? `${explain[code]} (${message})` : `${code}: ${message}`);
+      if (code === "bad_password") {
+        ui.passwordRow.hidden = false;
+        ui.password.focus();
+      } else {
+        ui.nickInput.focus();
+        ui.nickInput.select();
+      }
+      setConn(S.ws ? "connecting" : "offline", S.ws ? "connected, not signed in" : "offline");
+      return;
+    }
+    // Reconnecting: the dead connection may still hold our nick for a while. Keep trying.
+    if (code === "nick_taken") {
+      setConn("connecting", "waiting for the nickname to be free...");
+      const ws = S.ws;
+      setTimeout(() => {
+        if (S.ws === ws && ws && ws.readyState === WebSocket.OPEN && !S.registered) sendHello();
+      }, 2000 * (0.5 + Math.random()));
+      return;
+    }
+    note(`cannot sign in again: ${code}: ${message}`, "error");
+    S.quitting = false;
+    if (S.ws) S.ws.close();
+  }
+
+  function onLoginSubmit(e) {
+    e.preventDefault();
+    const nick = ui.nickInput.value.trim();
+    if (!nick) {
+      showLoginError("Choose a nickname.");
+      ui.nickInput.focus();
+      return;
+    }
+    showLoginError("");
+    S.nick = nick;
+    S.password = ui.passwordRow.hidden ? null : ui.password.value;
+    S.quitting = false;
+    ui.loginButton.disabled = true;
+    if (S.ws && S.ws.readyState === WebSocket.OPEN) {
+      sendHello();
+    } else {
+      connect();
+    }
+  }
+
+  function resetToLogin(message) {
+    clearTimeout(S.retryTimer);
+    clearInterval(S.countdown);
+    for (const v of Array.from(S.views.values())) {
+      v.log.remove();
+      v.li.remove();
+    }
+    S.views.clear();
+    S.current = null;
+    S.everRegistered = false;
+    S.registered = false;
+    S.quitting = false;
+    S.motdShown = false;
+    S.rejoin = null;
+    S.delays = null;
+    setConn("offline", "offline");
+    ui.app.hidden = true;
+    ui.login.hidden = false;
+    ui.loginButton.disabled = false;
+    ui.nickInput.value = S.nick;
+    showLoginError("");
+    ui.loginState.textContent = message;
+    ui.nickInput.focus();
+    updateTitle();
+  }
+
+  // ----- what the user types ---------------------------------------------------------------
+
+  function runLine(line) {
+    if (!line.trim()) return true;
+    if (line.startsWith("/") && !line.startsWith("//")) return command(line);
+    const text = line.startsWith("//") ? line.slice(1) : line;
+    return say(text, false);
+  }
+
+  function say(text, action) {
+    const view = currentView();
+    if (!view) {
+      note("You are in no room: /join #room first.", "error");
+      return false;
+    }
+    if (!connected()) return false;
+    const extra = action ? { action: true } : {};
+    if (view.kind === "room") {
+      if (!view.joined && !view.joining) {
+        note(`You are not in ${view.name}: /join ${view.name} to join it again.`, "error");
+        return false;
+      }
+      request("say", Object.assign({ room: view.name, text }, extra));
+    } else {
+      request("msg", Object.assign({ to: view.name, text }, extra));
+    }
+    return true;
+  }
+
+  function connected() {
+    if (S.registered && S.ws && S.ws.readyState === WebSocket.OPEN) return true;
+    note("Not connected: nothing was sent. It stays in the input; press Enter again once online.", "error");
+    return false;
+  }
+
+  function usage(i) {
+    note(`usage: ${COMMANDS[i][0]} (${COMMANDS[i][1]})`, "error");
+    return false;
+  }
+
+  function command(line) {
+    const space = line.indexOf(" ");
+    const name = (space < 0 ? line.slice(1) : line.slice(1, space)).toLowerCase();
+    const rest = space < 0 ? "" : line.slice(space + 1).trim();
+    const view = currentView();
+    switch (name) {
+      case "join":
+      case "j": {
+        if (!rest || /\s/.test(rest)) return usage(0);
+        if (!connected()) return false;
+        const room = normalizeRoom(rest);
+        const previous = S.current;
+        const v = roomView(room, true);
+        switchTo(v.key);
+        v.joining = true;
+        request("join", { room: v.joined ? v.name : room }, { previous });
+        return true;
+      }
+      case "part":
+      case "leave": {
+        if (/\s/.test(rest)) return usage(1);
+        const target = rest ? roomView(normalizeRoom(rest), false) : view;
+        if (!rest && (!view || view.kind !== "room")) {
+          note("This is not a room: /close closes a conversation.", "error");
+          return false;
+        }
+        if (target && !target.joined) {
+          removeView(target);
+          return true;
+        }
+        if (!connected()) return false;
+        request("part", { room: target ? target.name : normalizeRoom(rest) });
+        return true;
+      }
+      case "close": {
+        if (!view) return true;
+        if (view.kind === "query" || !view.joined) {
+          removeView(view);
+          return true;
+        }
+        if (!connected()) return false;
+        request("part", { room: view.name });
+        return true;
+      }
+      case "query":
+      case "q": {
+        const m = /^(\S+)(?:\s+([\s\S]*))?$/.exec(rest);
+        if (!m || m[1].startsWith("#")) return usage(2);
+        const v = queryView(m[1], true);
+        switchTo(v.key);
+        if (m[2] && m[2].trim()) return say(m[2], false);
+        return true;
+      }
+      case "msg": {
+        const m = /^(\S+)\s+([\s\S]*\S[\s\S]*)$/.exec(rest);
+        if (!m) return usage(3);
+        if (!connected()) return false;
+        request("msg", { to: m[1], text: m[2] });
+        return true;
+      }
+      case "me": {
+        if (!rest) return usage(4);
+        return say(rest, true);
+      }
+      case "nick": {
+        if (!rest || /\s/.test(rest)) return usage(5);
+        if (!connected()) return false;
+        request("nick", { nick: rest });
+        return true;
+      }
+      case "who": {
+        if (/\s/.test(rest)) return usage(6);
+        const room = rest ? normalizeRoom(rest) : view && view.kind === "room" ? view.name : null;
+        if (!room) {
+          note("This is not a room: /who #room", "error");
+          return false;
+        }
+        if (!connected()) return false;
+        request("who", { room });
+        return true;
+      }
+      case "rooms":
+      case "list": {
+        if (!connected()) return false;
+        S.roomsAcc = [];
+        request("rooms", {});
+        return true;
+      }
+      case "history": {
+        let n = HISTORY_PAGE;
+        if (rest) {
+          n = Number(rest);
+          if (!Number.isInteger(n) || n < 1 || n > 200) {
+            note("/history takes 1..200", "error");
+            return false;
+          }
+        }
+        if (!view || view.kind !== "room") {
+          note("History is kept for rooms only.", "error");
+          return false;
+        }
+        if (!connected()) return false;
+        if (!view.more) {
+          note(`That is the start of ${view.name}.`, "info");
+          return true;
+        }
+        loadOlder(view, n);
+        return true;
+      }
+      case "quit": {
+        S.quitting = true;
+        if (S.ws && S.ws.readyState === WebSocket.OPEN) {
+          request("quit", rest ? { reason: rest } : {}, null, true);
+        } else {
+          if (S.ws) S.ws.close();
+          resetToLogin("You left the chat.");
+        }
+        return true;
+      }
+      case "help": {
+        const lines = ["Commands:"]
+          .concat(COMMANDS.map(([u, d]) => `  ${u.padEnd(16)} ${d}`))
+          .concat(["Keys:"], KEYS.map(([k, d]) => `  ${k.padEnd(18)} ${d}`))
+          .concat(["A line starting with // says it with one slash: //shrug says /shrug."]);
+        note(lines.join("\n"), "info help");
+        return true;
+      }
+      default:
+        note(`Unknown command /${name}: /help lists them; //text says /text.`, "error");
+        return false;
+    }
+  }
+
+  function onInputSubmit(e) {
+    e.preventDefault();
+    const line = ui.input.value;
+    if (!line.trim()) return;
+    const done = runLine(line);
+    if (done) {
+      S.inputHistory.push(line);
+      if (S.inputHistory.length > INPUT_HISTORY_MAX) S.inputHistory.shift();
+      S.inputPos = -1;
+      ui.input.value = "";
+    }
+    const view = currentView();
+    if (view && done) {
+      scrollToBottom(view);
+      view.stick = true;
+    }
+  }
+
+  // ----- completion and keys ---------------------------------------------------------------
+
+  function completionCandidates(word) {
+    const view = currentView();
+    if (word.startsWith("/")) return COMMANDS.map(([u]) => u.split(" ")[0]).concat(["/j", "/q"]).filter((c, i, a) => a.indexOf(c) === i);
+    if (word.startsWith("#")) return Array.from(S.views.values()).filter((v) => v.kind === "room").map((v) => v.name);
+    const out = [];
+    if (view && view.kind === "room") out.push(...view.members.values());
+    if (view && view.kind === "query") out.push(view.name);
+    for (const v of S.views.values()) if (v.kind === "query" && !out.includes(v.name)) out.push(v.name);
+    return out.filter((n) => !isMe(n)).sort((a, b) => (fold(a) < fold(b) ? -1 : 1));
+  }
+
+  function complete() {
+    const input = ui.input;
+    const caret = input.selectionStart;
+    if (caret !== input.selectionEnd) return false;
+    const value = input.value;
+    let c = S.completion;
+    if (!c || c.value !== value || c.caret !== caret) {
+      const start = value.lastIndexOf(" ", caret - 1) + 1;
+      const word = value.slice(start, caret);
+      if (!word) return false;
+      const matches = completionCandidates(word).filter((n) => fold(n).startsWith(fold(word)));
+      if (!matches.length) return false;
+      c = { start, end: caret, matches, i: -1, suffix: value.slice(caret) };
+    }
+    c.i = (c.i + 1) % c.matches.length;
+    const pick = c.matches[c.i];
+    const head = value.slice(0, c.start);
+    const isNick = !pick.startsWith("/") && !pick.startsWith("#");
+    const after = c.start === 0 && isNick ? ": " : " ";
+    const tail = c.suffix.startsWith(" ") ? c.suffix.replace(/^ /, "") : c.suffix;
+    input.value = head + pick + after + tail;
+    const pos = head.length + pick.length + after.length;
+    input.setSelectionRange(pos, pos);
+    c.value = input.value;
+    c.caret = pos;
+    S.completion = c;
+    return true;
+  }
+
+  function stepView(delta) {
+    const order = viewOrder();
+    if (!order.length) return;
+    const i = order.indexOf(S.current);
+    const next = order[(i + delta + order.length) % order.length];
+    switchTo(next);
+  }
+
+  function nextActive() {
+    const order = viewOrder();
+    const i = Math.max(0, order.indexOf(S.current));
+    const rotated = order.slice(i + 1).concat(order.slice(0, i + 1));
+    const pick = rotated.find((k) => S.views.get(k).mention) || rotated.find((k) => S.views.get(k).unread > 0);
+    if (pick) switchTo(pick);
+  }
+
+  function onInputKey(e) {
+    if (e.key === "Tab" && !e.altKey && !e.ctrlKey && !e.metaKey && !e.shiftKey) {
+      if (complete()) {
+        e.preventDefault();
+        return;
+      }
+      if (ui.input.value) e.preventDefault();
+      return;
+    }
+    S.completion = null;
+    if (e.altKey || e.ctrlKey || e.metaKey) return;
+    const hist = S.inputHistory;
+    if (e.key === "ArrowUp" && hist.length && (S.inputPos >= 0 || !ui.input.value)) {
+      e.preventDefault();
+      S.inputPos = S.inputPos < 0 ? hist.length - 1 : Math.max(0, S.inputPos - 1);
+      ui.input.value = hist[S.inputPos];
+    } else if (e.key === "ArrowDown" && S.inputPos >= 0) {
+      e.preventDefault();
+      S.inputPos += 1;
+      if (S.inputPos >= hist.length) {
+        S.inputPos = -1;
+        ui.input.value = "";
+      } else {
+        ui.input.value = hist[S.inputPos];
+      }
+    } else if (e.key === "PageUp" || e.key === "PageDown") {
+      const view = currentView();
+      if (view) {
+        e.preventDefault();
+        const step = view.log.clientHeight * 0.85;
+        view.log.scrollTop += e.key === "PageUp" ? -step : step;
+      }
+    }
+  }
+
+  function onDocumentKey(e) {
+    if (ui.app.hidden) return;
+    if (e.altKey && !e.ctrlKey && !e.metaKey) {
+      if (e.key === "ArrowUp" || e.key === "ArrowDown") {
+        e.preventDefault();
+        stepView(e.key === "ArrowUp" ? -1 : 1);
+        return;
+      }
+      if (e.code === "KeyA" || e.key === "a" || e.key === "A") {
+        e.preventDefault();
+        nextActive();
+        return;
+      }
+    }
+    if (e.key === "Escape") closeDrawers();
+  }
+
+  // ----- notifications ---------------------------------------------------------------------
+
+  function setNotify(on) {
+    S.notify = on;
+    ui.notify.setAttribute("aria-pressed", on ? "true" : "false");
+    ui.notify.title = on
+      ? "Desktop notifications are on (mentions and private messages). Click to turn off."
+      : "Turn on desktop notifications for mentions and private messages";
+    try {
+      localStorage.setItem(NOTIFY_KEY, on ? "1" : "0");
+    } catch (e) {
+      /* ignore */
+    }
+  }
+
+  function onNotifyClick() {
+    if (S.notify) {
+      setNotify(false);
+      return;
+    }
+    if (!("Notification" in window)) {
+      note("This browser cannot show desktop notifications.", "error");
+      return;
+    }
+    if (Notification.permission === "granted") {
+      setNotify(true);
+      return;
+    }
+    Notification.requestPermission().then((p) => {
+      setNotify(p === "granted");
+      if (p !== "granted") note("Notifications were not allowed by the browser.", "error");
+    });
+  }
+
+  function notifyAbout(view, m) {
+    if (!S.notify || !("Notification" in window) || Notification.permission !== "granted") return;
+    const from = str(m.from);
+    const title = view.kind === "query" ? `${from} (private)` : `${from} in ${view.name}`;
+    try {
+      const n = new Notification(title, { body: str(m.text).slice(0, 300), tag: "selchat-" + view.key });
+      n.addEventListener("click", () => {
+        window.focus();
+        if (S.views.has(view.key)) switchTo(view.key);
+        n.close();
+      });
+    } catch (e) {
+      /* some browsers only notify from a service worker; the badge and title still tell */
+    }
+  }
+
+  // ----- phone drawers ---------------------------------------------------------------------
+
+  function toggleDrawer(which) {
+    const cls = which === "sidebar" ? "show-sidebar" : "show-members";
+    const other = which === "sidebar" ? "show-members" : "show-sidebar";
+    const on = !ui.app.classList.contains(cls);
+    ui.app.classList.remove(other);
+    ui.app.classList.toggle(cls, on);
+    ui.sidebarToggle.setAttribute("aria-expanded", String(ui.app.classList.contains("show-sidebar")));
+    ui.membersToggle.setAttribute("aria-expanded", String(ui.app.classList.contains("show-members")));
+    ui.scrim.hidden = !on;
+  }
+
+  function closeDrawers() {
+    ui.app.classList.remove("show-sidebar", "show-members");
+    ui.sidebarToggle.setAttribute("aria-expanded", "false");
+    ui.membersToggle.setAttribute("aria-expanded", "false");
+    ui.scrim.hidden = true;
+  }
+
+  // ----- start -----------------------------------------------------------------------------
+
+  function start() {
+    Object.assign(ui, {
+      login: $("login"),
+      loginForm: $("login-form"),
+      nickInput: $("login-nick"),
+      passwordRow: $("login-password-row"),
+      password: $("login-password"),
+      loginButton: $("login-button"),
+      loginError: $("login-error"),
+      loginState: $("login-state"),
+      app: $("app"),
+      title: $("view-title"),
+      info: $("view-info"),
+      conn: $("conn"),
+      notify: $("toggle-notify"),
+      sidebarToggle: $("toggle-sidebar"),
+      membersToggle: $("toggle-members"),
+      roomList: $("room-list"),
+      queryList: $("query-list"),
+      meNick: $("me-nick"),
+      logs: $("logs"),
+      input: $("input"),
+      inputForm: $("input-form"),
+      inputNick: $("input-nick"),
+      memberList: $("member-list"),
+      memberCount: $("member-count"),
+      scrim: $("scrim"),
+    });
+    ui.loginForm.addEventListener("submit", onLoginSubmit);
+    ui.inputForm.addEventListener("submit", onInputSubmit);
+    ui.input.addEventListener("keydown", onInputKey);
+    document.addEventListener("keydown", onDocumentKey);
+    ui.notify.addEventListener("click", onNotifyClick);
+    ui.sidebarToggle.addEventListener("click", () => toggleDrawer("sidebar"));
+    ui.membersToggle.addEventListener("click", () => toggleDrawer("members"));
+    ui.scrim.addEventListener("click", closeDrawers);
+    ui.memberList.addEventListener("click", (e) => {
+      const li = e.target.closest("li[data-nick]");
+      if (!li || isMe(li.dataset.nick)) return;
+      runLine("/query " + li.dataset.nick);
+      closeDrawers();
+      ui.input.focus();
+    });
+    ui.conn.addEventListener("click", retryNow);
+    window.addEventListener("online", retryNow);
+    const seen = () => {
+      const v = currentView();
+      if (v && !document.hidden) markRead(v);
+    };
+    document.addEventListener("visibilitychange", seen);
+    window.addEventListener("focus", seen);
+    try {
+      setNotify(localStorage.getItem(NOTIFY_KEY) === "1" && "Notification" in window && Notification.permission === "granted");
+      const saved = localStorage.getItem(NICK_KEY);
+      if (saved && !ui.nickInput.value) ui.nickInput.value = saved;
+    } catch (e) {
+      setNotify(false);
+    }
+    ui.nickInput.focus();
+    ui.nickInput.select();
+    updateTitle();
+  }
+
+  if (document.readyState === "loading") document.addEventListener("DOMContentLoaded", start);
+  else start();
+})();
