@@ -6,7 +6,7 @@ import argparse
 import inspect
 import logging
 from dataclasses import dataclass, replace
-from typing import AbstractSet, Any, Callable, Dict, List, NoReturn, Optional, Sequence
+from typing import AbstractSet, Any, Callable, Dict, List, NoReturn, Optional, Sequence, Tuple
 
 from selchat import SERVER_NAME
 from selchat.defaults import (
@@ -62,6 +62,8 @@ class ServerConfig:
     max_per_ip: int = MAX_PER_IP
     irc_port: Optional[int] = None
     server_name: str = ""  # the IRC server name; "" means the machine's host name
+    web_port: Optional[int] = None  # HTTP and WebSocket (the web client); off unless given
+    web_origin: Tuple[str, ...] = ()  # origins allowed to open a WebSocket besides the server's own
 
     @property
     def high_water(self) -> int:
@@ -407,6 +409,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--server-name", default="", metavar="NAME",
                    help="the name the server goes by on IRC (the source of its own messages); "
                         "default: this machine's host name")
+    p.add_argument("--web-port", type=_port, default=None, metavar="PORT",
+                   help="also serve the web client (HTTP, and a WebSocket at /ws) on this TCP port; "
+                        "0 picks a free one; off unless given")
+    p.add_argument("--web-origin", action="append", default=None, metavar="ORIGIN",
+                   help="another origin (scheme://host[:port]) whose pages may open the WebSocket, "
+                        "besides the server's own; repeatable")
     p.add_argument("--log-level", default=d.log_level,
                    choices=["debug", "info", "warning", "error", "critical"], help="logging threshold")
     return p
@@ -426,6 +434,7 @@ def parse_args(argv: Optional[List[str]] = None) -> ServerConfig:
     parser = build_parser()
     values = vars(parser.parse_args(argv))
     given = frozenset(name for name in DERIVED_OPTIONS if name in values)
+    values["web_origin"] = tuple(values.get("web_origin") or ())
     config = ServerConfig(**values)  # options not given take the dataclass defaults
     if (config.tls_cert is None) != (config.tls_key is None):
         parser.error("--tls-cert and --tls-key go together")
@@ -435,6 +444,13 @@ def parse_args(argv: Optional[List[str]] = None) -> ServerConfig:
             not (ch.isascii() and (ch.isalnum() or ch in ".-_")) for ch in config.server_name)):
         parser.error(f"--server-name {config.server_name[:70]!r} must be a host name "
                      "(letters, digits, '.', '-', '_'; at most 63)")
+    if config.web_origin:
+        from selchat.doors.web.http import parse_origin
+
+        for origin in config.web_origin:
+            if parse_origin(origin) is None:
+                parser.error(f"--web-origin {origin[:70]!r} must be scheme://host[:port] "
+                             "(http or https, nothing after the port)")
     try:
         config = derive_limits(config, given)
     except OptionConflict as conflict:

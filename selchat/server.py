@@ -8,7 +8,8 @@ This module only assembles; each part keeps its own promises:
   that pass is written; condemned sessions removed between requests;
 * `selchat.fanout` encodes each event once per wire format and queues the same bytes for
   every recipient of that format;
-* each door (`selchat.doors.framed`, `selchat.doors.irc`) is a session over a transport.
+* each door (`selchat.doors.framed`, `selchat.doors.irc`, `selchat.doors.web`) is a session
+  over a transport.
 
 One pass of the loop: wait in `select`; read what is ready and serve every complete request
 in it (deliveries are queued, nothing is sent); run due timers and next-pass callbacks; then,
@@ -31,6 +32,9 @@ from selchat.core.chat import Chat
 from selchat.core.store import SQLiteStore, StoreError
 from selchat.doors.framed.session import FramedDoor
 from selchat.doors.irc.session import IrcDoor
+from selchat.doors.web import static as web_static
+from selchat.doors.web.http import Site
+from selchat.doors.web.session import WebDoor
 from selchat.hub import Hub
 from selchat.loop.listener import Admission, Listener, bind
 from selchat.loop.reactor import Reactor
@@ -80,6 +84,14 @@ class Server:
                 config.ping_timeout, password,
             )
         self.irc_address: tuple = ()
+        self.web: Optional[WebDoor] = None
+        if config.web_port is not None:
+            site = Site(web_static.load(), tls is not None, config.web_origin)
+            self.web = WebDoor(
+                self.hub, self.reactor, config.max_frame, config.max_text, config.rate, config.burst,
+                config.handshake_timeout, config.ping_interval, config.ping_timeout, password, site,
+            )
+        self.web_address: tuple = ()
         self.transports: Dict[int, Transport] = {}
         self.listeners: List[Listener] = []
         self.address: tuple = ()
@@ -97,21 +109,30 @@ class Server:
         self.listeners.append(listener)
         self.address = listener.address
         if self.irc is not None:
-            irc = self.irc
             assert cfg.irc_port is not None
-            try:
-                sock = _bind(cfg.host, cfg.irc_port)
-            except ListenError:
-                listener.close()
-                raise
-            irc_listener = Listener(self.reactor, sock, lambda s, a: self._accept(irc, s, a))
-            self.listeners.append(irc_listener)
-            self.irc_address = irc_listener.address
+            self.irc_address = self._listen_door(self.irc, cfg.irc_port)
+        if self.web is not None:
+            assert cfg.web_port is not None
+            self.web_address = self._listen_door(self.web, cfg.web_port)
         # Always said, whatever --log-level: scripts and tests read the ports from these lines.
         _listening_log.info("listening on %s:%d", self.address[0], self.address[1])
         if self.irc_address:
             _listening_log.info("irc listening on %s:%d (server name %s)", self.irc_address[0],
                                 self.irc_address[1], self.irc.server_name)  # type: ignore[union-attr]
+        if self.web_address:
+            _listening_log.info("web listening on %s:%d", self.web_address[0], self.web_address[1])
+
+    def _listen_door(self, door: Any, port: int) -> tuple:
+        """One more door's port; if it cannot be opened, the ones opened already are closed."""
+        try:
+            sock = _bind(self.config.host, port)
+        except ListenError:
+            for listener in self.listeners:
+                listener.close()
+            raise
+        listener = Listener(self.reactor, sock, lambda s, a: self._accept(door, s, a))
+        self.listeners.append(listener)
+        return listener.address
 
     def install_signal_handlers(self) -> None:
         """SIGINT/SIGTERM start a graceful shutdown, run inside the loop."""

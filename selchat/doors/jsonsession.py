@@ -224,18 +224,9 @@ class JsonSession:
 
     def _on_payload(self, payload: bytes) -> None:
         """Serve one JSON payload: flood control, decode, parse, then the request itself."""
+        if self.bucket is not None and not self._admit(payload):
+            return
         door = self.door
-        bucket = self.bucket
-        if bucket is not None and (b'"pong"' not in payload or not _is_pong(payload)):
-            verdict = bucket.take(door.reactor.now)
-            if verdict is not ALLOW:
-                if verdict is DISCONNECT:
-                    log.info("excess flood from %s", self.name)
-                    self.send_error("rate_limited", "excess flood: disconnecting", self._ref_of(payload))
-                    self._close("excess flood", "excess flood", CLOSE_POLICY)
-                else:
-                    self.send_error("rate_limited", "too many requests: slow down", self._ref_of(payload))
-                return
         try:
             obj = codec.decode(payload)
         except codec.PayloadError as exc:
@@ -271,6 +262,26 @@ class JsonSession:
             door.hub.handle(user, request, ref)  # type: ignore[arg-type]
         except ChatError as exc:
             self.send_error(exc.code, exc.message, ref)
+
+    def _admit(self, payload: bytes) -> bool:
+        """Flood control: may this request be served? Else it was refused (and perhaps the end).
+
+        Every request after `welcome` counts, except a `pong`; a door may charge other input
+        too (a WebSocket ping, a binary message) by passing b"".
+        """
+        bucket = self.bucket
+        if bucket is None or (b'"pong"' in payload and _is_pong(payload)):
+            return True
+        verdict = bucket.take(self.door.reactor.now)
+        if verdict is ALLOW:
+            return True
+        if verdict is DISCONNECT:
+            log.info("excess flood from %s", self.name)
+            self.send_error("rate_limited", "excess flood: disconnecting", self._ref_of(payload))
+            self._close("excess flood", "excess flood", CLOSE_POLICY)
+        else:
+            self.send_error("rate_limited", "too many requests: slow down", self._ref_of(payload))
+        return False
 
     def _hello(self, request: Hello, ref: Ref) -> None:
         door = self.door

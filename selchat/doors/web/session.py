@@ -1,0 +1,285 @@
+"""The web door: HTTP/1.1 for the page, a WebSocket at /ws for the chat (docs/web.md, "Server").
+
+A connection starts as HTTP (`selchat.doors.web.http`, over h11): static files, errors, and at
+most one upgrade. After the upgrade the h11 object is dropped and wsproto parses the client's
+frames; each text message is one JSON object of the native protocol, served by the shared JSON
+handling of `selchat.doors.jsonsession`, exactly as a framed payload is.
+
+The wire format shared by every web session is "one unmasked WebSocket text frame holding the
+JSON payload", so the fan-out encodes a room message once and queues the same bytes for every
+web member, as it does for framed members.
+
+Limits as the native door: a message over max_frame bytes closes the socket with status 1009
+(as soon as that many bytes of it arrived, whatever the frames); a binary message gets `error`
+`bad_json`; flood control counts every message and ping after `welcome`; a silent client is
+pinged with a WebSocket ping frame (browsers answer it by themselves) and closed at the ping
+timeout; one that never gets to `welcome` is closed at the handshake timeout.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional
+
+from wsproto.connection import Connection, ConnectionState, ConnectionType
+from wsproto.events import BytesMessage, CloseConnection, Ping, TextMessage
+from wsproto.frame_protocol import FrameProtocol
+
+from selchat.core import events
+from selchat.core.events import Message
+from selchat.doors.framed import codec
+from selchat.doors.framed.protocol import encode_event, message_object
+from selchat.doors.jsonsession import (
+    CLOSE_PROTOCOL_ERROR,
+    CLOSE_TOO_BIG,
+    JsonDoor,
+    JsonSession,
+)
+from selchat.doors.web.http import HttpConnection, Next, Site
+from selchat.loop.transport import State, Transport
+
+log = logging.getLogger("selchat.server")
+
+__all__ = ["WebDoor", "WebSession", "WebWire"]
+
+_SENDING = (ConnectionState.OPEN, ConnectionState.REMOTE_CLOSING)
+
+
+class WebWire:
+    """The web door's wire format: a JSON payload as one unmasked WebSocket text frame.
+
+    The frames are made by wsproto's own `FrameProtocol`, one instance shared by every web
+    session: on the server side and without extensions (we offer none, so no
+    permessage-deflate), its output for a complete message depends on the payload alone (no
+    mask, no compression context; the opcode it remembers for a fragmented message is reset
+    by every final frame), so the same bytes are right for every connection. That is what lets
+    the fan-out encode a room message once for all web members.
+    """
+
+    __slots__ = ("max_frame", "_proto")
+
+    def __init__(self, max_frame: int) -> None:
+        self.max_frame = max_frame
+        self._proto = FrameProtocol(client=False, extensions=[])
+
+    def text_frame(self, payload: bytes) -> bytes:
+        """One text frame holding `payload` (UTF-8 JSON)."""
+        return bytes(self._proto.send_data(str(payload, "utf-8")))
+
+    def _from_framed(self, framed: bytes) -> bytes:
+        return self.text_frame(memoryview(framed)[codec.HEADER:])  # type: ignore[arg-type]
+
+    def encode(self, event: events.Event) -> List[bytes]:
+        return [self._from_framed(f) for f in encode_event(event, None, self.max_frame)]
+
+    def message(self, msg: Message) -> bytes:
+        return self._from_framed(codec.encode(message_object(msg), self.max_frame))
+
+    def frames(self, event: events.Event, ref: Any, limits: Optional[Dict[str, Any]] = None) -> List[bytes]:
+        """One session's own copy of `event`, with its `ref` (and the limits in a welcome)."""
+        return [self._from_framed(f) for f in encode_event(event, ref, self.max_frame, limits)]
+
+
+@dataclass
+class WebDoor(JsonDoor):
+    """What every web session shares: the JSON door's rules, the site (files, origins), the wire."""
+
+    site: Optional[Site] = None
+
+    name = "web"
+
+    def __post_init__(self) -> None:
+        JsonDoor.__post_init__(self)
+        if self.site is None:
+            self.site = Site({})
+        self.wire = WebWire(self.max_frame)
+
+    def session(self, reject: Optional[str] = None) -> "WebSession":
+        return WebSession(self, reject)
+
+
+class WebSession(JsonSession):
+    """HTTP until the upgrade (`http`), then a WebSocket (`ws`); never both."""
+
+    __slots__ = ("http", "ws", "parts", "size", "binary")
+
+    def __init__(self, door: WebDoor, reject: Optional[str] = None) -> None:
+        JsonSession.__init__(self, door, door.wire, reject)
+        assert door.site is not None
+        self.http: Optional[HttpConnection] = HttpConnection(door.site, reject)
+        self.ws: Optional[Connection] = None
+        self.parts: Optional[List[bytes]] = None  # a text message arriving in pieces
+        self.size = 0  # bytes of the message arriving
+        self.binary = False  # the message arriving is binary (its bytes are only counted)
+
+    # --- transport callbacks ------------------------------------------------------------------
+
+    def connection_made(self, transport: Transport) -> None:
+        self.transport = transport
+        self._start_handshake_timer()  # the page, the upgrade and hello: all before it fires
+
+    def data_received(self, data: bytes) -> None:
+        self.last_seen = self.door.reactor.now
+        self.pinged = False
+        ws = self.ws
+        if ws is not None:
+            ws.receive_data(data)
+        else:
+            assert self.http is not None
+            self.http.receive(data)
+        self._serve()
+
+    def eof_received(self) -> None:
+        ws = self.ws
+        if ws is not None:
+            if ws.state is not ConnectionState.CLOSED:
+                ws.receive_data(None)  # wsproto's own word for it: a close with 1006
+        elif self.http is not None:
+            self.http.receive(b"")
+        self._serve()
+
+    def resume_serving(self) -> None:
+        self._serve()
+
+    def _release(self) -> None:
+        self.http = None
+        self.ws = None
+        self.parts = None
+
+    # --- the JSON session's hooks -------------------------------------------------------------
+
+    def _goodbye(self, code: int, reason: str) -> None:
+        ws = self.ws
+        if ws is not None and ws.state in _SENDING:
+            self.door.hub.fanout.send(self.transport, ws.send(CloseConnection(code, reason)))
+
+    def _send_ping(self, token: str) -> None:
+        ws = self.ws
+        if ws is not None and ws.state is ConnectionState.OPEN:
+            self.door.hub.fanout.send(self.transport, ws.send(Ping(token.encode("ascii"))))
+
+    # --- serving ------------------------------------------------------------------------------
+
+    def _serve(self) -> None:
+        if self.ws is None:
+            self._serve_http()
+        if self.ws is not None:
+            self._serve_ws()
+
+    def _serve_http(self) -> None:
+        transport = self.transport
+        http = self.http
+        send = self.door.hub.fanout.send
+        while http is not None and transport.state is State.OPEN:
+            if transport.congested:
+                transport.wait_for_drain()
+                return
+            step = http.step()
+            if step.data:
+                send(transport, step.data)
+            if step.status >= 400:
+                log.info("http %d to %s: %s", step.status, transport.peer, step.detail)
+            kind = step.next
+            if kind is Next.AGAIN:
+                continue
+            if kind is Next.NEED_DATA:
+                if transport.eof:
+                    transport.close("peer closed")
+                return
+            if kind is Next.CLOSE:
+                transport.close(step.detail or "http done")
+                return
+            self._upgraded(step.trailing)
+            return
+
+    def _upgraded(self, trailing: bytes) -> None:
+        """The 101 is queued: from here on the bytes are WebSocket frames."""
+        self.http = None  # its buffers and state machine are no longer needed
+        self.ws = Connection(ConnectionType.SERVER)
+        log.debug("websocket open: %s", self.transport.peer)
+        if self.reject is not None:
+            self._refuse()
+            return
+        self._start_idle_timer()
+        if trailing:
+            self.ws.receive_data(trailing)
+        if self.transport.eof:
+            self.ws.receive_data(None)
+
+    def _serve_ws(self) -> None:
+        """Serve the messages buffered, in order, until our output is too full.
+
+        Leaving wsproto's event generator half-way loses nothing: the frame parser lives on in
+        the connection, and the next call takes up where this one stopped.
+        """
+        ws = self.ws
+        transport = self.transport
+        if ws is None or transport.state is not State.OPEN:
+            return
+        if self.doomed:
+            return
+        if transport.congested:
+            transport.wait_for_drain()
+            return
+        for event in ws.events():
+            kind = type(event)
+            if kind is TextMessage or kind is BytesMessage:
+                self._on_data(event)  # type: ignore[arg-type]
+            elif kind is Ping:
+                if self._admit(b""):
+                    self.door.hub.fanout.send(transport, ws.send(event.response()))  # type: ignore[union-attr]
+            elif kind is CloseConnection:
+                self._on_close(event)  # type: ignore[arg-type]
+            # a Pong needs nothing: its bytes proved the peer alive when they arrived
+            if transport.state is not State.OPEN or self.doomed:
+                return
+            if transport.congested:
+                transport.wait_for_drain()
+                return
+
+    def _on_data(self, event: Any) -> None:
+        data = event.data
+        if type(event) is TextMessage:
+            chunk = data.encode("utf-8")  # wsproto checked it is UTF-8 and gives it as text
+        else:
+            chunk = b""
+            self.binary = True
+        self.size += len(data) if self.binary else len(chunk)
+        max_frame = self.door.max_frame
+        if self.size > max_frame:
+            log.info("message over max_frame from %s", self.name)
+            self._close("protocol error", f"message over max_frame ({max_frame} bytes)", CLOSE_TOO_BIG)
+            return
+        if not event.message_finished:
+            if not self.binary:
+                if self.parts is None:
+                    self.parts = []
+                self.parts.append(chunk)
+            return
+        parts, self.parts = self.parts, None
+        binary, self.binary = self.binary, False
+        self.size = 0
+        if binary:
+            if self._admit(b""):
+                self.send_error("bad_json", "binary message: send each JSON object as a text message", None)
+            return
+        if parts:
+            parts.append(chunk)
+            chunk = b"".join(parts)
+        self._on_payload(chunk)
+
+    def _on_close(self, event: CloseConnection) -> None:
+        ws = self.ws
+        assert ws is not None
+        if ws.state is ConnectionState.OPEN:
+            # Not the peer's close: wsproto found a broken frame and names the code to close with.
+            log.info("websocket protocol error from %s: %s", self.name, event.reason)
+            self._close("protocol error", event.reason or "protocol error",
+                        event.code or CLOSE_PROTOCOL_ERROR)
+            return
+        if ws.state is ConnectionState.REMOTE_CLOSING:
+            self.door.hub.fanout.send(self.transport, ws.send(event.response()))
+        # The peer closed (or its stream ended: 1006): it is gone for the others too.
+        self._leave("connection closed")
+        self.transport.close("peer closed")
