@@ -194,9 +194,11 @@ class HttpConnection:
                 if self._body > MAX_BODY:
                     return self._error(413, f"request body over {MAX_BODY} bytes")
             elif kind is h11.EndOfMessage:
-                request, self._pending = self._pending, None
+                request = self._pending
                 if request is not None:
-                    return self._answer(request)
+                    step = self._answer(request)
+                    self._pending = None
+                    return step
             elif kind is h11.ConnectionClosed:
                 return Step(Next.CLOSE, detail="peer closed")
 
