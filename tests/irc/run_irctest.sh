@@ -13,6 +13,8 @@
 #                       e.g. irctest.controllers.ngircd to check the harness itself.
 #   IRCTEST_VENV        virtualenv to create/use (default: .irctest-venv at the repo root).
 #   IRCTEST_JOBS        pytest-xdist workers (default: 2).
+#   SELCHAT_PYTHON      interpreter for the server (default: python3 on PATH, not the venv's).
+#   IRCTEST_LOG         copy the full pytest output there.
 #
 # Why a virtualenv: irctest pins its own pytest; the project's test tools stay untouched.
 # Why loopback only: irctest binds ("", 0) to pick ports; our controller always listens on
@@ -33,6 +35,10 @@ case "$SELECTION" in
     core|all) ;;
     *) echo "usage: $0 [core|all] [pytest args...]" >&2; exit 2 ;;
 esac
+
+# The server runs on the project's interpreter (its dependencies), irctest on the venv's.
+SELCHAT_PYTHON=${SELCHAT_PYTHON:-$(command -v python3)}
+export SELCHAT_PYTHON
 
 if [ ! -x "$VENV/bin/python" ]; then
     echo "creating $VENV (irctest requirements)" >&2

@@ -44,6 +44,18 @@ def project_root() -> Path:
     return Path(__file__).resolve().parents[2]
 
 
+def server_python() -> str:
+    """The interpreter that runs the server: $SELCHAT_PYTHON, else the base of irctest's venv.
+
+    Not irctest's own interpreter: its virtualenv holds irctest's requirements, not the
+    project's (the server's dependencies are installed for the system Python).
+    """
+    env = os.environ.get("SELCHAT_PYTHON")
+    if env:
+        return env
+    return getattr(sys, "_base_executable", None) or sys.executable
+
+
 class SelchatController(BaseServerController, DirectoryBasedController):
     """Starts ``python -m selchat.server`` with the IRC door on irctest's port."""
 
@@ -100,7 +112,7 @@ class SelchatController(BaseServerController, DirectoryBasedController):
         directory = self.directory
 
         command = [
-            sys.executable, "-m", "selchat.server",
+            server_python(), "-m", "selchat.server",
             "--host", LISTEN_HOST, "--port", "0",
             "--irc-port", str(port),
             "--db", ":memory:",
