@@ -66,12 +66,13 @@
     return t;
   })();
 
-  /** Same palette slot as the terminal client (CRC-32 of the lower-cased nick, mod 12). */
+  /** The same colour for a nick everywhere: CRC-32 of the lower-cased nick (the terminal
+   * client's hash), here into sixteen hues. */
   function nickClass(nick) {
     const bytes = new TextEncoder().encode(fold(nick));
     let c = 0xffffffff;
     for (const b of bytes) c = CRC_TABLE[(c ^ b) & 0xff] ^ (c >>> 8);
-    return "n" + (((c ^ 0xffffffff) >>> 0) % 12);
+    return "nc n" + (((c ^ 0xffffffff) >>> 0) % 16);
   }
 
   const URL_RE = /\bhttps?:\/\/[^\s<>"'`]+/gi;
@@ -309,6 +310,17 @@
     }
     const cur = currentView();
     const base = (cur ? cur.name + " - " : "") + "selchat";
+    // On a phone the sidebar is hidden: its button shows that something happened elsewhere.
+    let elsewhere = false;
+    let elsewhereMention = false;
+    for (const v of S.views.values()) {
+      if (v.key !== S.current && v.unread) {
+        elsewhere = true;
+        elsewhereMention = elsewhereMention || v.mention;
+      }
+    }
+    ui.sidebarToggle.classList.toggle("activity", elsewhere);
+    ui.sidebarToggle.classList.toggle("mention", elsewhereMention);
     document.title = (total ? `(${total}${mention ? "!" : ""}) ` : "") + base;
   }
 
@@ -987,8 +999,9 @@
       added += 1;
     }
     for (const m of messages) if (m && isInt(m.id) && (view.oldestId === null || m.id < view.oldestId)) remember(view, m);
-    if (anchor && anchor.previousSibling && anchor.previousSibling.classList && anchor.previousSibling.classList.contains("earlier")) {
-      anchor.previousSibling.after(frag);
+    const before = anchor ? anchor.previousElementSibling : null;
+    if (before && before.classList.contains("divider") && before.classList.contains("earlier")) {
+      before.after(frag);
     } else if (anchor) {
       anchor.before(frag);
     } else {
@@ -1003,8 +1016,14 @@
   function markStart(view) {
     if (view.startShown) return;
     view.startShown = true;
-    const d = divider(`start of ${view.name}`, "start");
-    view.log.prepend(d);
+    const first = view.log.firstElementChild;
+    if (first && first.classList.contains("divider") && first.classList.contains("earlier")) {
+      // Everything there is fits on the page: one line says both.
+      first.classList.add("start");
+      first.textContent = `start of ${view.name}: earlier messages`;
+      return;
+    }
+    view.log.prepend(divider(`start of ${view.name}`, "start"));
   }
 
   /** Ask for an older page of a room's history (scrolling to the top does this). */

@@ -1,0 +1,391 @@
+"""The web client in a real browser (Debian's chromium, driven by Playwright).
+
+Each test starts its own server with `--web-port 0` and opens pages in fresh browser
+contexts (no shared storage). People on the other doors take part through the real thing:
+an IRC client on a raw socket and the terminal client in script mode. What is asserted is
+what a person sees: lines, names, badges, the title, focus, the connection state.
+
+Screenshots of a realistic session go to a temporary folder; with SELCHAT_SCREENSHOTS=1 they
+are written to docs/web-desktop.png and docs/web-phone.png instead.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import zlib
+from pathlib import Path
+from typing import Iterator, List
+
+import pytest
+
+from browser.pages import CHROMIUM, LAUNCH_ARGS, ChatPage, missing
+
+_why = missing()
+if _why:
+    pytest.skip(f"browser tests need Chromium and Playwright: {_why}", allow_module_level=True)
+
+from playwright.sync_api import Browser, expect, sync_playwright  # noqa: E402
+
+from browser.peers import IrcPeer, TerminalPeer, irc_port, run_script, web_port  # noqa: E402
+
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+CURRENT = re.compile(r"\bcurrent\b")
+MENTION = re.compile(r"\bmention\b")
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    with sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=CHROMIUM, args=LAUNCH_ARGS)
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+@pytest.fixture
+def pages(browser: Browser):
+    """Factory: pages(url, n=1, **context options) -> list of ChatPage, each in its own context."""
+    contexts = []
+    made: List[ChatPage] = []
+
+    def make(url: str, n: int = 1, **options) -> List[ChatPage]:
+        out = []
+        for _ in range(n):
+            ctx = browser.new_context(**options)
+            contexts.append(ctx)
+            page = ChatPage(ctx.new_page(), url)
+            made.append(page)
+            out.append(page)
+        return out
+
+    yield make
+    errors = [e for p in made for e in p.errors]
+    for ctx in contexts:
+        ctx.close()
+    assert errors == [], f"JavaScript errors on the page: {errors}"
+
+
+def url_of(srv) -> str:
+    return f"http://127.0.0.1:{web_port(srv)}/"
+
+
+def nick_class(nick: str) -> str:
+    """The page's hue slot: the terminal client's hash (CRC-32 of the lower-cased nick), mod 16."""
+    return f"n{zlib.crc32(nick.lower().encode()) % 16}"
+
+
+# --- tests ----------------------------------------------------------------------------------
+
+
+def test_four_doors_share_a_room(start_server, pages) -> None:
+    """Two pages, a terminal client and an IRC client chat in one room, and all see it all."""
+    srv = start_server("--web-port", "0", "--irc-port", "0")
+    url = url_of(srv)
+    alice, bob = pages(url, 2)
+
+    alice.open().login("alice")
+    # A taken nick is refused inline, and the field keeps focus for another try.
+    bob.open()
+    bob.page.keyboard.type("alice")
+    bob.page.keyboard.press("Enter")
+    expect(bob.page.locator("#login-error")).to_contain_text("taken")
+    expect(bob.page.locator("#login-nick")).to_be_focused()
+    bob.page.fill("#login-nick", "")
+    bob.login("bob")
+
+    alice.join("#den")
+    alice.type("early bird")
+    alice.shows("#den", "early bird")
+    bob.join("#den")
+    # What was said before bob came is history, marked as earlier messages.
+    expect(bob.log("#den").locator(".divider.earlier")).to_have_count(1)
+    expect(bob.message("#den", "early bird")).to_have_class(re.compile(r"\bearlier\b"))
+
+    irc = IrcPeer(irc_port(srv), "ircy")
+    term = TerminalPeer(srv.port, "termy")
+    try:
+        irc.join("#den")
+        term.send("/join #den")
+        term.expect(r"#den \* termy joined")
+        # The member list: alice made the room, so she is its operator.
+        members = bob.page.locator("#member-list li")
+        expect(members).to_have_text(["@alice", "bob", "ircy", "termy"])
+        expect(alice.log("#den").locator(".line.system")).to_contain_text(["ircy joined", "termy joined"])
+
+        alice.type("hello from the web")
+        bob.shows("#den", "hello from the web")
+        irc.expect(r"^:alice!\S+ PRIVMSG #den :hello from the web$")
+        term.expect(r"#den <alice> hello from the web")
+
+        irc.say("#den", "hello from irc")
+        term.send("hello from the terminal")
+        for page in (alice, bob):
+            page.shows("#den", "hello from irc")
+            page.shows("#den", "hello from the terminal")
+        line = bob.message("#den", "hello from irc")
+        expect(line.locator(".nick")).to_have_text("ircy")
+        expect(line.locator(".nick")).to_have_class(re.compile(rf"\b{nick_class('ircy')}\b"))
+        expect(line.locator(".time")).to_have_text(re.compile(r"^\d\d:\d\d$"))
+
+        # /me both ways.
+        bob.type("/me waves")
+        expect(alice.message("#den", "waves")).to_have_text(re.compile(r"\* bob waves"))
+        expect(alice.message("#den", "waves")).to_have_class(re.compile(r"\baction\b"))
+        irc.expect(r"^:bob!\S+ PRIVMSG #den :\x01ACTION waves\x01$")
+        term.expect(r"#den (\* bob|<bob>) waves")  # the terminal client may not mark actions yet
+        irc.say("#den", "\x01ACTION bows\x01")
+        expect(bob.message("#den", "bows")).to_have_text(re.compile(r"\* ircy bows"))
+
+        # Tab completes the nicks of the room.
+        alice.page.keyboard.type("ir")
+        alice.page.keyboard.press("Tab")
+        expect(alice.input).to_have_value("ircy: ")
+        alice.page.keyboard.type("tab works")
+        alice.page.keyboard.press("Enter")
+        irc.expect(r"PRIVMSG #den :ircy: tab works$")
+
+        # Others leaving and renaming are quieter system lines.
+        term.send("/part #den")
+        expect(bob.log("#den").locator(".line.system").filter(has_text="termy left")).to_have_count(1)
+        irc.send("NICK ircy2")
+        expect(bob.log("#den").locator(".line.system").filter(has_text="ircy is now known as ircy2")).to_have_count(1)
+        expect(members).to_have_text(["@alice", "bob", "ircy2"])
+    finally:
+        irc.close()
+        assert term.finish() == 0
+
+
+def test_private_conversation(start_server, pages) -> None:
+    srv = start_server("--web-port", "0")
+    alice, bob = pages(url_of(srv), 2)
+    alice.open().login("alice")
+    bob.open().login("bob")
+
+    alice.type("/query bob")
+    expect(alice.item("bob")).to_have_class(CURRENT)
+    expect(alice.page.locator("#view-title")).to_have_text("bob")
+    alice.type("psst, bob")  # a plain line in a conversation is a private message
+
+    # bob has a new conversation, unread and highlighted, and the title counts it.
+    expect(bob.item("alice")).to_have_class(MENTION)
+    expect(bob.badge("alice")).to_have_text("1")
+    expect(bob.page).to_have_title(re.compile(r"^\(1!\) "))
+    bob.item("alice").click()
+    expect(bob.badge("alice")).to_have_text("")
+    bob.shows("alice", "psst, bob")
+    expect(bob.page).to_have_title("alice - selchat")
+    expect(bob.input).to_be_focused()
+
+    bob.type("hi alice, only you see this")
+    alice.shows("bob", "hi alice, only you see this")
+    bob.type("/me whispers")
+    expect(alice.message("bob", "whispers")).to_have_text(re.compile(r"\* bob whispers"))
+    # /msg from a room goes to the conversation too, without switching to it.
+    bob.type("/join #lobby")
+    bob.type("/msg alice from the lobby")
+    alice.shows("bob", "from the lobby")
+    expect(bob.item("#lobby")).to_have_class(CURRENT)
+    bob.shows("alice", "from the lobby")
+    # Nothing private reached the lobby.
+    expect(alice.messages("#lobby")).to_have_count(0)
+
+
+def test_html_in_messages_is_only_text(start_server, pages) -> None:
+    srv = start_server("--web-port", "0", "--irc-port", "0")
+    alice, bob = pages(url_of(srv), 2)
+    alice.open().login("alice")
+    bob.open().login("bob")
+    payloads = [
+        '<img src=x onerror="window.pwned=1">',
+        "<script>window.pwned=2</script>",
+        '"><svg onload="window.pwned=3">',
+        "javascript:alert(1) and data:text/html,<b>x</b>",
+        "&lt;b&gt;not bold&lt;/b&gt;",
+    ]
+    for text in payloads:
+        bob.type(text)
+    irc = IrcPeer(irc_port(srv), "mallory")
+    try:
+        irc.join("#lobby")
+        irc.say("#lobby", "see https://example.com/path?q=1&x=2, <b>then</b> javascript:void(0)")
+        for text in payloads:
+            expect(alice.message("#lobby", text).locator(".text")).to_have_text(text)
+        link_line = alice.message("#lobby", "see https://example.com")
+        expect(link_line).to_have_count(1)
+    finally:
+        irc.close()
+    log = alice.log("#lobby")
+    expect(log.locator("img, script, svg, iframe, b")).to_have_count(0)
+    links = log.locator("a")
+    expect(links).to_have_count(1)
+    expect(links).to_have_attribute("href", "https://example.com/path?q=1&x=2")
+    expect(links).to_have_text("https://example.com/path?q=1&x=2")
+    expect(links).to_have_attribute("rel", "noopener noreferrer")
+    expect(links).to_have_attribute("target", "_blank")
+    assert alice.page.evaluate("typeof window.pwned") == "undefined"
+    assert bob.page.evaluate("typeof window.pwned") == "undefined"
+
+
+def test_unread_mentions_keys_history_pages_and_notifications(start_server, pages) -> None:
+    srv = start_server("--web-port", "0", "--rate", "0")
+    # 70 messages in #old before anyone on the web joins: 50 come on join, 20 by scrolling up.
+    done = run_script(srv.port, "scribe", ["/join #old"] + [f"old message {i}" for i in range(70)])
+    assert done.returncode == 0, done.stderr
+    (alice,) = pages(url_of(srv), 1, viewport={"width": 1280, "height": 800})
+    alice.page.add_init_script(path=str(Path(__file__).parent / "browser" / "fake_notification.js"))
+    (bob,) = pages(url_of(srv), 1)
+    alice.open().login("alice")
+    bob.open().login("bob")
+
+    # Desktop notifications are opt-in.
+    notify = alice.page.locator("#toggle-notify")
+    expect(notify).to_have_attribute("aria-pressed", "false")
+    notify.click()
+    expect(notify).to_have_attribute("aria-pressed", "true")
+    alice.input.focus()
+
+    alice.join("#old")
+    expect(alice.messages("#old")).to_have_count(50)
+    expect(alice.message("#old", "old message 69")).to_have_count(1)
+    alice.log("#old").evaluate("el => { el.scrollTop = 0; }")
+    expect(alice.messages("#old")).to_have_count(70)
+    expect(alice.log("#old").locator(".divider.start")).to_have_count(1)
+    texts = alice.messages("#old").locator(".text").all_text_contents()
+    assert texts == [f"old message {i}" for i in range(70)]
+
+    alice.join("#side")
+    alice.type("/join #lobby")
+    expect(alice.item("#lobby")).to_have_class(CURRENT)
+    bob.join("#side")
+    bob.type("just chatting")
+    bob.type("hey alice, look at this")
+    expect(alice.badge("#side")).to_have_text("2")
+    expect(alice.item("#side")).to_have_class(MENTION)
+    expect(alice.page).to_have_title("(2!) #lobby - selchat")
+    expect(alice.message("#side", "hey alice").first).to_have_class(re.compile(r"\bhighlight\b"))
+    expect(alice.message("#side", "just chatting").first).not_to_have_class(re.compile(r"\bhighlight\b"))
+    notes = alice.page.evaluate("window.__notifications")
+    assert notes == [["bob in #side", "hey alice, look at this"]]
+
+    # Alt+A goes to the room with activity and reads it; Alt+Up/Down walk the sidebar.
+    alice.page.keyboard.press("Alt+A")
+    expect(alice.item("#side")).to_have_class(CURRENT)
+    expect(alice.badge("#side")).to_have_text("")
+    expect(alice.page).to_have_title("#side - selchat")
+    order = alice.page.locator("#room-list .view-item").all_text_contents()
+    assert order == ["#lobby", "#old", "#side"]
+    alice.page.keyboard.press("Alt+ArrowUp")
+    expect(alice.item("#old")).to_have_class(CURRENT)
+    alice.page.keyboard.press("Alt+ArrowDown")
+    alice.page.keyboard.press("Alt+ArrowDown")
+    expect(alice.item("#lobby")).to_have_class(CURRENT)
+    expect(alice.input).to_be_focused()
+
+    # A private message counts as a mention too.
+    bob.type("/msg alice ping")
+    expect(alice.badge("bob")).to_have_text("1")
+    expect(alice.item("bob")).to_have_class(MENTION)
+    assert alice.page.evaluate("window.__notifications.length") == 2
+
+
+def test_reconnect_after_restart(start_server, pages, tmp_path) -> None:
+    db = str(tmp_path / "chat.db")
+    srv = start_server("--web-port", "0", "--db", db)
+    port = web_port(srv)
+    (alice,) = pages(f"http://127.0.0.1:{port}/", 1)
+    alice.open().login("alice")
+    alice.join("#keep")
+    alice.type("said before the restart")
+    alice.type("/part #lobby")
+    expect(alice.item("#lobby")).to_have_count(0)
+    alice.shows("#keep", "said before the restart")
+    alice.page.keyboard.type("half a thought")
+
+    srv.stop()
+    expect(alice.conn).to_have_attribute("data-state", "offline")
+    expect(alice.conn).to_contain_text("retrying")
+    # Keep the page away until someone has spoken in the new server's #keep.
+    alice.page.context.set_offline(True)
+    srv2 = start_server("--web-port", str(port), "--db", db)
+    assert web_port(srv2) == port
+    said = run_script(srv2.port, "carol", ["/join #keep", "said while alice was away"])
+    assert said.returncode == 0, said.stderr
+    alice.page.context.set_offline(False)
+
+    expect(alice.conn).to_have_attribute("data-state", "online")
+    expect(alice.log("#keep").locator(".divider.missed")).to_have_count(1)
+    alice.shows("#keep", "said while alice was away")
+    alice.shows("#keep", "said before the restart")  # history overlap is not shown twice
+    expect(alice.item("#lobby")).to_have_count(0)  # it had left the lobby, and leaves again
+    expect(alice.input).to_be_focused()
+    expect(alice.input).to_have_value("half a thought")
+    alice.page.keyboard.press("Enter")
+    alice.shows("#keep", "half a thought")
+    texts = alice.messages("#keep").locator(".text").all_text_contents()
+    assert texts == ["said before the restart", "said while alice was away", "half a thought"]
+
+
+def test_screenshots_and_phone_layout(start_server, pages, tmp_path) -> None:
+    srv = start_server("--web-port", "0", "--irc-port", "0", "--rate", "0")
+    url = url_of(srv)
+    out = DOCS if os.environ.get("SELCHAT_SCREENSHOTS") == "1" else tmp_path
+    chatter = [
+        "/join #selchat",
+        "morning all",
+        "the web door is up on the staging box",
+        "docs at https://example.com/selchat/web",
+    ]
+    said = run_script(srv.port, "carol", chatter)
+    assert said.returncode == 0, said.stderr
+    (desk,) = pages(url, 1, viewport={"width": 1280, "height": 800})
+    (phone,) = pages(url, 1, viewport={"width": 390, "height": 844}, is_mobile=True, has_touch=True,
+                     device_scale_factor=2)
+    desk.open().login("alice")
+    phone.open().login("bob")
+    irc = IrcPeer(irc_port(srv), "dave")
+    try:
+        desk.join("#selchat")
+        phone.join("#selchat")
+        irc.join("#selchat")
+        desk.type("nice, trying it now")
+        irc.say("#selchat", "alice: works from irssi too")
+        phone.type("and from my phone")
+        irc.say("alice", "got a minute later?")
+        desk.join("#ops")
+        desk.type("/join #selchat")
+        expect(desk.item("#selchat")).to_have_class(CURRENT)
+        irc.join("#ops")
+        irc.say("#ops", "deploy at 3")
+        irc.say("#selchat", "\x01ACTION is reading the diff\x01")
+        desk.shows("#selchat", "and from my phone")
+        expect(desk.badge("#ops")).to_have_text("1")
+        expect(desk.badge("dave")).to_have_text("1")
+        desk.page.keyboard.type("see you at ")
+        phone.shows("#selchat", "works from irssi too")
+    finally:
+        irc.close()
+    expect(desk.log("#selchat").locator(".line.system").filter(has_text="dave quit")).to_have_count(1)
+    desk.page.screenshot(path=str(out / "web-desktop.png"))
+    phone.page.screenshot(path=str(out / "web-phone.png"))
+
+    # Usable at 390 px: nothing wider than the screen, the input and the rooms within reach.
+    width = phone.page.evaluate("document.documentElement.scrollWidth")
+    assert width <= 390, f"the page is {width}px wide on a 390px phone"
+    box = phone.input.bounding_box()
+    assert box is not None and box["x"] >= 0 and box["x"] + box["width"] <= 390
+    assert box["y"] + box["height"] <= 844
+    expect(phone.page.locator("#sidebar")).not_to_be_in_viewport()
+    phone.page.locator("#toggle-sidebar").click()
+    expect(phone.page.locator("#sidebar")).to_be_in_viewport()
+    phone.item("#lobby").click()
+    expect(phone.item("#lobby")).to_have_class(CURRENT)
+    expect(phone.page.locator("#sidebar")).not_to_be_in_viewport()
+
+    # Dark when the system is dark.
+    light = desk.page.evaluate("getComputedStyle(document.body).backgroundColor")
+    desk.page.emulate_media(color_scheme="dark")
+    dark = desk.page.evaluate("getComputedStyle(document.body).backgroundColor")
+    assert light == "rgb(255, 255, 255)" and dark != light
+    desk.page.screenshot(path=str(tmp_path / "web-desktop-dark.png"))
