@@ -277,3 +277,108 @@ def test_room_caps() -> None:
     with pytest.raises(ChatError) as info:
         w.do("b", JoinRoom("#three"))  # lobby, one, two exist: the server is full
     assert info.value.code == "too_many_rooms"
+
+
+# --- the room table is shared out by origin (one address cannot drain it) ----------------------
+
+def hoard(chat: Chat, origin: str, users: int, tries: int, tag: str) -> int:
+    """`users` connections from `origin` each try to create `tries` rooms; rooms created."""
+    created = 0
+    for u in range(users):
+        user, _ = chat.register(f"{tag}u{u}", Endpoint(tag), origin=origin)
+        for r in range(tries):
+            try:
+                chat.join(user, f"#{tag}u{u}r{r}")
+            except ChatError as exc:
+                assert exc.code == "too_many_rooms"
+            else:
+                created += 1
+    return created
+
+
+def test_connections_at_the_per_address_limit_cannot_fill_the_room_table() -> None:
+    """The review's attack: 7 addresses x 16 connections x 100 rooms would pass 10,000."""
+    chat = Chat(MemoryStore())
+    for a in range(7):
+        created = hoard(chat, f"203.0.113.{a}", 16, 100, f"h{a}")
+        assert created == chat.max_rooms_per_origin == 500
+    assert len(chat.rooms) == 1 + 7 * 500
+    newcomer, _ = chat.register("newcomer", Endpoint("n"), origin="198.51.100.7")
+    chat.join(newcomer, "#mine")
+    assert chat.rooms["#mine"].members == {newcomer: None}
+
+
+def test_many_hoarding_addresses_leave_the_reserve_to_those_holding_few() -> None:
+    chat = Chat(MemoryStore(), max_rooms=1000, max_rooms_per_user=20)  # 50 per origin, 100 kept
+    assert (chat.max_rooms_per_origin, chat.room_reserve, chat.few_rooms) == (50, 100, 10)
+    for a in range(25):
+        hoard(chat, f"203.0.113.{a}", 16, 20, f"h{a}")
+    # 18 addresses took their share (the last one a room short: the lobby counts in the table),
+    # and every later one only the few rooms a small holder may still take from the reserve.
+    assert sorted(chat.rooms_held.values()) == [10] * 7 + [49] + [50] * 17
+    for n in range(30):  # room enough for 30 newcomers yet
+        newcomer, _ = chat.register(f"new{n}", Endpoint("n"), origin=f"198.51.100.{n}")
+        chat.join(newcomer, f"#new{n}")
+    assert len(chat.rooms) == chat.max_rooms
+    # At this scale it takes 18 + 100 / 10 = 28 addresses to take every room (with the
+    # defaults 18 + 1000 / 10 = 118); what they hold goes back as soon as they leave.
+
+
+def test_the_reserve_refuses_big_holders_only() -> None:
+    chat = Chat(MemoryStore(), max_rooms=20, max_rooms_per_user=100, max_rooms_per_origin=15,
+                room_reserve=5, few_rooms=2)
+    big, _ = chat.register("big", Endpoint("b"), origin="10.0.0.1")
+    for r in range(14):  # the lobby and 14: 15 rooms, the reserve starts
+        chat.join(big, f"#b{r}")
+    with pytest.raises(ChatError) as info:
+        chat.join(big, "#b14")
+    assert info.value.code == "too_many_rooms" and "kept" in info.value.message
+    small, _ = chat.register("small", Endpoint("s"), origin="10.0.0.2")
+    chat.join(small, "#s0")
+    chat.join(small, "#s1")
+    with pytest.raises(ChatError):
+        chat.join(small, "#s2")  # holds 2 now: no longer few
+    other, _ = chat.register("other", Endpoint("o"), origin="10.0.0.3")
+    chat.join(other, "#o0")
+    chat.join(other, "#o1")
+    last, _ = chat.register("last", Endpoint("l"), origin="10.0.0.4")
+    chat.join(last, "#l0")
+    assert len(chat.rooms) == 20
+    with pytest.raises(ChatError) as info:
+        chat.join(last, "#l1")
+    assert "as many rooms" in info.value.message
+    chat.join(last, "#b0")  # joining an existing room is never refused by these caps
+
+
+def test_a_room_counts_for_its_creators_origin_while_it_exists() -> None:
+    chat = Chat(MemoryStore(), max_rooms_per_origin=2)
+    alice, _ = chat.register("alice", Endpoint("a"), origin="10.0.0.1")
+    mallet, _ = chat.register("mallet", Endpoint("m"), origin="10.0.0.1")
+    bob, _ = chat.register("bob", Endpoint("b"), origin="10.0.0.2")
+    assert alice.origin == "10.0.0.1" and alice.holder == mallet.holder
+    chat.join(alice, "#one")
+    chat.join(mallet, "#two")
+    with pytest.raises(ChatError) as info:
+        chat.join(alice, "#three")  # the address holds two rooms, whoever made them
+    assert "address" in info.value.message
+    chat.join(bob, "#one")
+    chat.part(alice, "#one")  # #one lives on with bob in it: still alice's address's
+    with pytest.raises(ChatError):
+        chat.join(mallet, "#three")
+    chat.part(bob, "#one")  # now it is gone, and its place is free again
+    assert "#one" not in chat.rooms and chat.rooms_held == {"10.0.0.1": 1}
+    chat.join(mallet, "#three")
+    chat.disconnect(mallet, "quit")
+    chat.disconnect(alice, "quit")
+    assert chat.rooms_held == {}  # and the lobby never counts
+
+
+def test_users_without_an_origin_each_count_alone() -> None:
+    chat = Chat(MemoryStore(), max_rooms_per_origin=1)
+    a, _ = chat.register("a", Endpoint("a"))
+    b, _ = chat.register("b", Endpoint("b"))
+    assert a.origin == "" and a.holder != b.holder
+    chat.join(a, "#a")
+    chat.join(b, "#b")
+    with pytest.raises(ChatError):
+        chat.join(a, "#a2")

@@ -190,7 +190,7 @@ def test_a_billed_answer_makes_the_next_requests_wait() -> None:
     bucket.bill(24.0)  # e.g. a 384 KiB `rooms` list
     assert bucket.tokens == -5.0
     assert bucket.take(0.0) == REFUSE
-    assert bucket.ready_in(0.0) == pytest.approx(0.6)  # -5 +1 (one refused... not taken) -> 6 tokens
+    assert bucket.ready_in(0.0) == pytest.approx(0.6)  # from -5 to 1 token: 6 tokens at 10 a second
     assert bucket.take(0.55) == REFUSE
     assert bucket.take(0.61) == ALLOW
     assert bucket.ready_in(0.61) > 0

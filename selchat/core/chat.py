@@ -10,6 +10,8 @@ Invariants:
 * a user is in `users` exactly while registered, and is a member of every room in `user.rooms`;
 * a room exists while it has members, except the lobby, which always exists;
 * a room's operators are members of it;
+* `rooms_held[k]` is the number of existing rooms created by users of holder key `k` (their
+  origin, the address a door passed, or a key of their own when the door passed none);
 * message ids only grow, across restarts too (the store hands them out durably);
 * `before_change()` is called before any membership or nick changes, so whoever batches
   broadcasts can send what was said to the members who were there when it was said.
@@ -17,6 +19,7 @@ Invariants:
 
 from __future__ import annotations
 
+import itertools
 import logging
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
@@ -44,6 +47,18 @@ from selchat.defaults import (
 
 log = logging.getLogger(__name__)
 
+# The room table is shared by everyone, so what one address may hold is bounded, and the last
+# part of it is kept for those who hold few rooms (docs/protocol.md, "Requests"). With the
+# defaults: 10,000 rooms; one address may have created at most 500 of the rooms that exist
+# (1/20 of the cap; 16 connections at 100 rooms each could otherwise keep 1,600 alive); past
+# 9,000 rooms (the last 1/10 kept back), only an address holding fewer than 10 may create one.
+# Filling the table then takes 18 addresses at 500 and over 100 more at 9 each.
+ORIGIN_SHARE = 20  # one origin may hold max_rooms / ORIGIN_SHARE rooms it created
+RESERVE_SHARE = 10  # the last max_rooms / RESERVE_SHARE rooms are kept for small holders
+FEW_ROOMS = 10  # "holds few rooms": fewer than this many
+
+_holders = itertools.count(1)
+
 
 class ChatError(Exception):
     """A request the chat state refuses; `code` is the protocol's error word."""
@@ -55,13 +70,18 @@ class ChatError(Exception):
 
 
 class User:
-    """A registered user, from any door. `session` is the door's; `ident@host` is for display."""
+    """A registered user, from any door. `session` is the door's; `ident@host` is for display.
+
+    `origin` is opaque to the chat: the door's word for where the user comes from (the peer's
+    address), used only to share out the room table. `holder` is the key its rooms count
+    under: the origin, or a key of the user's own when the door gave none.
+    """
 
     __slots__ = ("nick", "key", "rooms", "session", "ident", "host", "realname", "userhost",
-                 "away", "door", "since", "__weakref__")
+                 "away", "door", "since", "origin", "holder", "__weakref__")
 
     def __init__(self, nick: str, session: Any, ident: str = "", host: str = "selchat",
-                 realname: str = "", door: str = "") -> None:
+                 realname: str = "", door: str = "", origin: str = "") -> None:
         self.nick = nick
         self.key = fold(nick)
         self.rooms: Dict[str, Room] = {}
@@ -73,15 +93,18 @@ class User:
         self.away: Optional[str] = None
         self.door = door
         self.since = 0  # registration time, ms since the epoch (for WHOIS idle/signon)
+        self.origin = origin
+        # NUL cannot be in an address a door passes, so a user's own key never meets an origin.
+        self.holder = origin if origin else f"\0user{next(_holders)}"
 
     def __repr__(self) -> str:
         return f"User({self.nick!r})"
 
 
 class Room:
-    __slots__ = ("name", "key", "members", "operators", "created", "topic")
+    __slots__ = ("name", "key", "members", "operators", "created", "topic", "holder")
 
-    def __init__(self, name: str, created: int = 0) -> None:
+    def __init__(self, name: str, created: int = 0, holder: Optional[str] = None) -> None:
         self.name = name
         self.key = fold(name)
         # A dict used as an ordered set: O(1) membership, cheap iteration for broadcasts.
@@ -89,6 +112,7 @@ class Room:
         self.operators: Dict[User, None] = {}
         self.created = created  # ms since the epoch
         self.topic = ""
+        self.holder = holder  # whose share of the room table it takes (None: the server's)
 
 
 class Delivery:
@@ -139,6 +163,9 @@ class Chat:
         history_on_join: int = HISTORY_ON_JOIN,
         max_rooms: int = MAX_ROOMS,
         max_rooms_per_user: int = MAX_ROOMS_PER_USER,
+        max_rooms_per_origin: Optional[int] = None,
+        room_reserve: Optional[int] = None,
+        few_rooms: int = FEW_ROOMS,
     ) -> None:
         self.store = store
         self.server_name = server_name
@@ -147,6 +174,11 @@ class Chat:
         self.history_on_join = history_on_join
         self.max_rooms = max_rooms
         self.max_rooms_per_user = max_rooms_per_user
+        self.max_rooms_per_origin = (max(1, max_rooms // ORIGIN_SHARE)
+                                     if max_rooms_per_origin is None else max_rooms_per_origin)
+        self.room_reserve = max_rooms // RESERVE_SHARE if room_reserve is None else room_reserve
+        self.few_rooms = few_rooms
+        self.rooms_held: Dict[str, int] = {}  # holder key -> rooms it created that still exist
         self.users: Dict[str, User] = {}
         self.rooms: Dict[str, Room] = {}
         self.lobby = self._room(LOBBY, 0)
@@ -158,12 +190,16 @@ class Chat:
 
     def register(self, nick: str, session: Any, *, join_lobby: bool = True, ident: str = "",
                  host: str = "selchat", realname: str = "", door: str = "",
-                 now_ms: int = 0) -> Tuple[User, List[Delivery]]:
-        """Add a user with a nick that the door already found well-formed."""
+                 origin: str = "", now_ms: int = 0) -> Tuple[User, List[Delivery]]:
+        """Add a user with a nick that the door already found well-formed.
+
+        `origin` is where the user comes from as the door sees it (the peer's IP address; for
+        IPv6 better its /64): rooms created by users of one origin share one bound.
+        """
         key = fold(nick)
         if key in self.users:
             raise ChatError("nick_taken", f"nick {nick!r} is taken")
-        user = User(nick, session, ident, host, realname, door)
+        user = User(nick, session, ident, host, realname, door, origin)
         user.since = now_ms
         self.users[key] = user
         out = [reply(events.Welcome(nick, self.server_name, self.motd), user)]
@@ -259,9 +295,8 @@ class Chat:
             raise ChatError("too_many_rooms", f"you are in {self.max_rooms_per_user} rooms already")
         room = self.rooms.get(key)
         if room is None:
-            if len(self.rooms) >= self.max_rooms:
-                raise ChatError("too_many_rooms", "the server has as many rooms as it may hold")
-            room = self._room(room_name, now_ms)
+            self._may_create(user)
+            room = self._room(room_name, now_ms, user.holder)
             room.operators[user] = None  # whoever creates a room is its operator
         self._join(user, room, out)
         return out
@@ -329,9 +364,29 @@ class Chat:
 
     # --- helpers ----------------------------------------------------------------------------
 
-    def _room(self, name: str, now_ms: int) -> Room:
-        room = Room(name, now_ms)
+    def _may_create(self, user: User) -> None:
+        """Raise `too_many_rooms` unless `user` may create a room now.
+
+        A global cap alone makes the table a pool that a few addresses can drain; a cap per
+        origin bounds each address, and the reserve keeps the last rooms for origins that hold
+        few, so a newcomer can create a room even when many addresses hoard their share.
+        """
+        count = len(self.rooms)
+        if count >= self.max_rooms:
+            raise ChatError("too_many_rooms", "the server has as many rooms as it may hold")
+        held = self.rooms_held.get(user.holder, 0)
+        if held >= self.max_rooms_per_origin:
+            raise ChatError("too_many_rooms", f"rooms created from your address: {held} exist "
+                            f"already, the most one address may hold")
+        if held >= self.few_rooms and count >= self.max_rooms - self.room_reserve:
+            raise ChatError("too_many_rooms", "the server is nearly full of rooms; the last "
+                            "ones are kept for those who hold few")
+
+    def _room(self, name: str, now_ms: int, holder: Optional[str] = None) -> Room:
+        room = Room(name, now_ms, holder)
         self.rooms[room.key] = room
+        if holder is not None:
+            self.rooms_held[holder] = self.rooms_held.get(holder, 0) + 1
         return room
 
     def _join(self, user: User, room: Room, out: List[Delivery]) -> None:
@@ -361,6 +416,13 @@ class Chat:
         del user.rooms[room.key]
         if not room.members and room is not self.lobby:
             del self.rooms[room.key]
+            holder = room.holder
+            if holder is not None:
+                left = self.rooms_held[holder] - 1
+                if left:
+                    self.rooms_held[holder] = left
+                else:
+                    del self.rooms_held[holder]
 
     @staticmethod
     def _sorted(users: Iterable[User]) -> Tuple[str, ...]:
