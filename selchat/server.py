@@ -69,12 +69,14 @@ class Server:
             motd=config.motd,
             max_presence=config.max_presence,
             history_on_join=config.history_on_join,
+            history_bytes=config.max_frame,
         )
         self.hub = Hub(self.chat, self.reactor)
         self.admission = Admission(config.max_clients, config.max_per_ip)
         self.framed = FramedDoor(
             self.hub, self.reactor, config.max_frame, config.max_text, config.rate, config.burst,
             config.handshake_timeout, config.ping_interval, config.ping_timeout, password,
+            config.high_water,
         )
         self.irc: Optional[IrcDoor] = None
         if config.irc_port is not None:
@@ -89,7 +91,7 @@ class Server:
             site = Site(web_static.load(), tls is not None, config.web_origin)
             self.web = WebDoor(
                 self.hub, self.reactor, config.max_frame, config.max_text, config.rate, config.burst,
-                config.handshake_timeout, config.ping_interval, config.ping_timeout, password, site,
+                config.handshake_timeout, config.ping_interval, config.ping_timeout, password, site=site,
             )
         self.web_address: tuple = ()
         self.transports: Dict[int, Transport] = {}

@@ -1041,3 +1041,18 @@ def test_version_3_file_is_upgraded_and_messages_keep_how_they_were_said(tmp_pat
         (False, False, ""), (False, False, ""), (True, False, "ann@irc.selchat"), (False, True, "")]
     assert store.window("#lobby", after=page[1].id, limit=1, latest=False)[0].userhost == "ann@irc.selchat"
     store.close()
+
+
+@pytest.mark.parametrize("kind", ["memory", "sqlite"])
+def test_a_page_stops_at_its_byte_budget_and_says_more(tmp_path, kind):
+    store = MemoryStore() if kind == "memory" else SQLiteStore(tmp_path / "chat.db")
+    for i in range(30):
+        store.add(Message(store.allocate_id(), i, "w", f"{i:02d}" + "x" * 998, room="#r"))
+    store.commit()
+    page, more = store.recent("#r", None, 200, max_bytes=5000)
+    assert [m.text[:2] for m in page] == ["26", "27", "28", "29"] and more
+    whole, more = store.recent("#r", None, 200)
+    assert len(whole) == 30 and not more
+    one, more = store.recent("#r", None, 200, max_bytes=10)  # never less than one message
+    assert [m.text[:2] for m in one] == ["29"] and more
+    store.close()

@@ -166,12 +166,14 @@ class Chat:
         max_rooms_per_origin: Optional[int] = None,
         room_reserve: Optional[int] = None,
         few_rooms: int = FEW_ROOMS,
+        history_bytes: Optional[int] = None,
     ) -> None:
         self.store = store
         self.server_name = server_name
         self.motd = motd
         self.max_presence = max_presence
         self.history_on_join = history_on_join
+        self.history_bytes = history_bytes  # history read for one answer stops past this many bytes
         self.max_rooms = max_rooms
         self.max_rooms_per_user = max_rooms_per_user
         self.max_rooms_per_origin = (max(1, max_rooms // ORIGIN_SHARE)
@@ -183,6 +185,9 @@ class Chat:
         self.rooms: Dict[str, Room] = {}
         self.lobby = self._room(LOBBY, 0)
         self.before_change: Callable[[], None] = _noop
+        self._membership_version = 0  # grows at every join and leave
+        self._room_list_version = -1
+        self._room_list: Tuple[events.RoomInfo, ...] = ()
         self._allocate: Optional[Callable[[], int]] = getattr(store, "allocate_id", None)
         self.last_id: int = store.last_id()
 
@@ -242,7 +247,7 @@ class Chat:
         if kind is Who:
             return [reply(self.names(request.room), user)]  # type: ignore[union-attr]
         if kind is ListRooms:
-            return [reply(self.room_list(), user)]
+            return [reply(self.room_list(request.offset), user)]  # type: ignore[union-attr]
         if kind is HistoryRequest:
             return self.history(user, request)  # type: ignore[arg-type]
         raise TypeError(f"not a chat request: {request!r}")  # pragma: no cover - a door's bug
@@ -347,16 +352,22 @@ class Chat:
             return events.Names(room_name, ())
         return self._names(room)
 
-    def room_list(self) -> events.RoomList:
-        rooms = sorted(self.rooms.values(), key=lambda r: (-len(r.members), r.key))
-        return events.RoomList(tuple(events.RoomInfo(r.name, len(r.members)) for r in rooms))
+    def room_list(self, offset: int = 0) -> events.RoomList:
+        """Every room, largest first. The sorted list is made once per change of membership,
+        not per request: a busy server answers many `rooms` with one sort."""
+        if self._room_list_version != self._membership_version:
+            rooms = sorted(self.rooms.values(), key=lambda r: (-len(r.members), r.key))
+            self._room_list = tuple(events.RoomInfo(r.name, len(r.members)) for r in rooms)
+            self._room_list_version = self._membership_version
+        return events.RoomList(self._room_list, offset)
 
     def history(self, user: User, request: HistoryRequest) -> List[Delivery]:
         room = user.rooms.get(fold(request.room))
         if room is None:
             raise ChatError("not_in_room", f"you are not in {request.room}")
         try:
-            messages, more = self.store.recent(room.name, request.before, request.limit)
+            budget = request.max_bytes if request.max_bytes is not None else self.history_bytes
+            messages, more = self.store.recent(room.name, request.before, request.limit, budget)
         except StoreError as exc:
             log.error("history read failed: %s", exc)
             raise ChatError("history_unavailable", "history cannot be read right now") from None
@@ -392,6 +403,7 @@ class Chat:
     def _join(self, user: User, room: Room, out: List[Delivery]) -> None:
         """Membership, then `join` (to all or, in a large room, the joiner), `names`, `history`."""
         self.before_change()
+        self._membership_version += 1
         room.members[user] = None
         user.rooms[room.key] = room
         event = events.Join(room.name, user.nick, user.userhost)
@@ -402,7 +414,8 @@ class Chat:
         if not large:
             out.append(reply(self._names(room), user))
         try:
-            messages, more = self.store.recent(room.name, None, self.history_on_join)
+            messages, more = self.store.recent(room.name, None, self.history_on_join,
+                                               self.history_bytes)
         except StoreError as exc:
             # The join stands; the history is empty and says older messages exist, so a client
             # can ask again with `history` later.
@@ -411,6 +424,7 @@ class Chat:
         out.append(reply(events.History(room.name, tuple(messages), more), user))
 
     def _leave(self, user: User, room: Room) -> None:
+        self._membership_version += 1
         del room.members[user]
         room.operators.pop(user, None)
         del user.rooms[room.key]

@@ -80,7 +80,10 @@ class RoomInfo:
 
 @dataclass(frozen=True)
 class RoomList:
+    """Every room, largest first; the door sends them from `offset` on, as much as fits."""
+
     rooms: Tuple[RoomInfo, ...]
+    offset: int = 0
 
 
 @dataclass(frozen=True)

@@ -53,7 +53,7 @@ class Who:
 
 @dataclass(frozen=True)
 class ListRooms:
-    pass
+    offset: int = 0  # where a long list goes on from (the `next` of the answer before)
 
 
 @dataclass(frozen=True)
@@ -61,6 +61,7 @@ class HistoryRequest:
     room: str
     before: Optional[int] = None
     limit: int = HISTORY_LIMIT_DEFAULT
+    max_bytes: Optional[int] = None  # what the door's answer can carry: reading stops there
 
 
 Request = Union[Say, Msg, JoinRoom, PartRoom, ChangeNick, Who, ListRooms, HistoryRequest]

@@ -136,7 +136,8 @@ class MessageStore(Protocol):
     def commit(self) -> int:
         """Write everything queued in one transaction; return how many. StoreError on failure."""
 
-    def recent(self, room: str, before: Optional[int], limit: int) -> Tuple[List[Message], bool]:
+    def recent(self, room: str, before: Optional[int], limit: int,
+               max_bytes: Optional[int] = None) -> Tuple[List[Message], bool]:
         """Up to `limit` messages of `room` with id < `before`, oldest first, and whether older exist."""
 
     def close(self) -> None:
@@ -162,6 +163,27 @@ def _nothing_below(before: Optional[int]) -> bool:
     """Ids start at 1: `before` <= 1 has no answer. Checked in Python first, so a `before` of any
     size (a client may send -2**70) never reaches SQLite, which only binds int64."""
     return before is not None and before <= 1
+
+
+def _weight(m: Message) -> int:
+    """A lower bound of a message's size in an answer: its text, plus its other members."""
+    return len(m.text) + len(m.sender) + 48
+
+
+def _page(newest_first: List[Message], limit: int, max_bytes: Optional[int]) -> Tuple[List[Message], bool]:
+    """The newest `limit` messages that weigh at most `max_bytes`, oldest first, and whether
+    older ones exist. At least one message is kept (the answer's encoder cuts further)."""
+    kept = newest_first[:limit]
+    if max_bytes is not None:
+        size = 0
+        for i, m in enumerate(kept):
+            size += _weight(m)
+            if size > max_bytes and i > 0:
+                kept = kept[:i]
+                break
+    more = len(newest_first) > len(kept)
+    kept.reverse()
+    return kept, more
 
 
 def _row_message(r: Tuple) -> Message:
@@ -249,24 +271,24 @@ class MemoryStore:
             self._written += count
         return count
 
-    def recent(self, room: str, before: Optional[int], limit: int) -> Tuple[List[Message], bool]:
+    def recent(self, room: str, before: Optional[int], limit: int,
+               max_bytes: Optional[int] = None) -> Tuple[List[Message], bool]:
         _check_query(before, limit)
         messages = self._rooms.get(room.lower())
         if not messages or _nothing_below(before):
             return [], False
-        # Newest first until `limit` + 1 are found: the extra one only says whether more exist.
-        # A linear walk over at most `cap_per_room` entries: this store is for tests.
+        # Newest first until `limit` + 1 are found (the extra one only says whether more exist)
+        # or the page outweighs `max_bytes`. A linear walk: this store is for tests.
         found: List[Message] = []
+        size = 0
         for message in reversed(messages):
             if before is not None and message.id >= before:
                 continue
             found.append(message)
-            if len(found) > limit:
+            size += _weight(message)
+            if len(found) > limit or (max_bytes is not None and size > max_bytes and len(found) > 1):
                 break
-        more = len(found) > limit
-        page = found[:limit]
-        page.reverse()
-        return page, more
+        return _page(found, limit, max_bytes)
 
     def window(self, room: str, *, after: Optional[int] = None, before: Optional[int] = None,
                after_ts: Optional[int] = None, before_ts: Optional[int] = None,
@@ -623,17 +645,27 @@ class SQLiteStore:
         if identity != self._identity:
             raise OSError("database file was replaced by another file")
 
-    def recent(self, room: str, before: Optional[int], limit: int) -> Tuple[List[Message], bool]:
+    def recent(self, room: str, before: Optional[int], limit: int,
+               max_bytes: Optional[int] = None) -> Tuple[List[Message], bool]:
         _check_query(before, limit)
         if _nothing_below(before):
             return [], False
         key = room.lower()
         bound = _NO_UPPER_BOUND if before is None else min(before, _NO_UPPER_BOUND)
+        found: List[Message] = []
+        size = 0
         try:
-            rows = self._conn.execute(_RECENT.format(self._columns), (key, bound, min(limit + 1, MAX_ID))).fetchall()
+            # Rows are stepped one by one, newest first, so reading stops at what the answer
+            # can carry: a page of 200 long messages costs what fits in one frame, not 3 MB.
+            cursor = self._conn.execute(_RECENT.format(self._columns), (key, bound, min(limit + 1, MAX_ID)))
+            for row in cursor:
+                found.append(_row_message(row))
+                size += _weight(found[-1])
+                if max_bytes is not None and size > max_bytes and len(found) > 1:
+                    break  # one past the budget: it tells whether older ones exist
+            cursor.close()
         except sqlite3.Error as exc:
             raise StoreError(f"{self.path}: could not read history: {_one_line(exc)}") from exc
-        found = [_row_message(r) for r in rows]
         # Messages added but not committed yet: a handful at most (one loop pass). They are
         # normally newer than anything in the file, but merging by id does not rely on that.
         queued = [
@@ -643,11 +675,7 @@ class SQLiteStore:
         if queued:
             found.extend(queued)
             found.sort(key=lambda m: m.id, reverse=True)
-            del found[limit + 1 :]
-        more = len(found) > limit
-        page = found[:limit]
-        page.reverse()
-        return page, more
+        return _page(found, limit, max_bytes)
 
 
     def window(self, room: str, *, after: Optional[int] = None, before: Optional[int] = None,

@@ -73,6 +73,7 @@ class JsonDoor:
     ping_interval: float
     ping_timeout: float
     password: Optional[bytes] = None
+    answer_budget: Optional[int] = None  # bytes one answer may take in all (the high-water mark)
 
     name = "json"  # the door's name in the chat's user records and the logs
 

@@ -177,7 +177,7 @@ class Parser:
             "part": lambda m: PartRoom(self._room(m, "room")),
             "nick": lambda m: ChangeNick(self._nick(m, "nick")),
             "who": lambda m: Who(self._room(m, "room")),
-            "rooms": lambda m: ListRooms(),
+            "rooms": self._rooms,
             "ping": lambda m: PingRequest(m.token("token", self.token_max_bytes)),
             "pong": lambda m: PongReply(m.obj.get("token")),  # never echoed: taken as it is
             "quit": self._quit,
@@ -245,6 +245,12 @@ class Parser:
         to = m.string("to")
         assert to is not None
         return Msg(to, self._text(m, "text", self.max_text), self._flag(m, "action"))
+
+    def _rooms(self, m: _Members) -> ListRooms:
+        offset = m.integer("offset")
+        if offset is not None and offset < 0:
+            raise ProtocolError("bad_request", "rooms: offset must be 0 or more", m.ref)
+        return ListRooms(offset or 0)
 
     @staticmethod
     def _flag(m: _Members, name: str) -> bool:
@@ -335,7 +341,7 @@ def event_object(event: events.Event, ref: Ref = None) -> Dict[str, Any]:
 
 
 def encode_event(event: events.Event, ref: Ref, max_frame: int,
-                 limits: Optional[Dict[str, Any]] = None) -> List[bytes]:
+                 limits: Optional[Dict[str, Any]] = None, budget: Optional[int] = None) -> List[bytes]:
     """Encode an event as one or more frames, none larger than `max_frame`.
 
     `names` comes in chunks of at most NAMES_CHUNK nicks, each cut further if it would not fit;
@@ -346,7 +352,7 @@ def encode_event(event: events.Event, ref: Ref, max_frame: int,
     if isinstance(event, events.History):
         return [_encode_history(event, ref, max_frame)]
     if isinstance(event, events.RoomList):
-        return _encode_rooms(event, ref, max_frame)
+        return _encode_rooms(event, ref, max_frame, budget)
     obj = event_object(event, ref)
     if limits is not None and isinstance(event, events.Welcome):
         obj["limits"] = limits
@@ -392,24 +398,66 @@ def _fitting(obj: Dict[str, Any], member: str, items: List[Dict[str, Any]], max_
     return kept
 
 
-def _encode_rooms(event: events.RoomList, ref: Ref, max_frame: int) -> List[bytes]:
-    """Every room, in as many `rooms` events as it takes; all but the last say `more: true`."""
-    obj = event_object(event, ref)
-    try:
-        return [codec.encode(obj, max_frame)]
-    except codec.EncodeError:
-        pass
-    rooms = obj["rooms"]
-    frames = []
-    start = 0
-    while start < len(rooms):
-        obj["more"] = True
-        count = max(1, _fitting(obj, "rooms", rooms[start:], max_frame))
-        obj["rooms"] = rooms[start : start + count]
-        obj["more"] = start + count < len(rooms)
-        frames.append(codec.encode(obj, max_frame))
-        start += count
-    return frames
+_rooms_cache: List[Any] = [None, []]  # [the rooms tuple last encoded, its JSON fragments]
+
+
+def _room_fragments(rooms: Tuple[events.RoomInfo, ...]) -> List[bytes]:
+    """Each room as JSON, made once per room list: the chat hands out the same tuple until a
+    membership changes, so many `rooms` requests in between cost no encoding."""
+    if _rooms_cache[0] is not rooms:
+        _rooms_cache[1] = [codec.encode_json({"name": r.name, "members": r.members}) for r in rooms]
+        _rooms_cache[0] = rooms
+    return _rooms_cache[1]
+
+
+def _encode_rooms(event: events.RoomList, ref: Ref, max_frame: int,
+                  budget: Optional[int] = None) -> List[bytes]:
+    """The rooms from `event.offset` on, in as many `rooms` events as fit in `max_frame` each.
+
+    All but the last say `more: true`. **(our choice)** When the whole list would take more than
+    `budget` bytes (what the client's buffer can hold), the answer stops there: its last event
+    says `more: true` and `next: N`, and `rooms {offset: N}` asks for the rest.
+    """
+    fragments = _room_fragments(event.rooms)
+    head = b'{"type":"rooms","rooms":['
+    ref_part = b',"ref":' + codec.encode_json(ref) if ref is not None else b""
+    end_more = b'],"more":true' + ref_part + b"}"
+    frames: List[bytes] = []
+    total = 0
+    start = max(0, event.offset)
+    count = len(fragments)
+    while True:
+        room_for = max_frame - len(head) - len(end_more) - len(b',"next":18446744073709551615')
+        size = 0
+        stop = start
+        while stop < count and size + len(fragments[stop]) + 1 <= room_for:
+            size += len(fragments[stop]) + 1
+            stop += 1
+        if stop == start and start < count:
+            raise codec.EncodeError("one room entry does not fit in a frame")
+        body = head + b",".join(fragments[start:stop])
+        last = stop >= count
+        out_of_budget = budget is not None and total + len(body) + 64 > budget and frames
+        if out_of_budget:
+            # The frame before is the last of this answer: it says where to go on from.
+            frames[-1] = _with_next(frames[-1], start, ref_part, max_frame)
+            return frames
+        ending = (b'],"more":false' + ref_part + b"}") if last else end_more
+        payload = body + ending
+        frames.append(codec.frame(payload, max_frame))
+        total += len(frames[-1])
+        if last:
+            return frames
+        start = stop
+
+
+def _with_next(frame_bytes: bytes, next_offset: int, ref_part: bytes, max_frame: int) -> bytes:
+    """A `rooms` frame ending in `more: true`, given `next` too."""
+    payload = frame_bytes[codec.HEADER:]
+    tail = b'],"more":true' + ref_part + b"}"
+    assert payload.endswith(tail)
+    payload = payload[: -len(tail)] + b'],"more":true,"next":' + str(next_offset).encode() + ref_part + b"}"
+    return codec.frame(payload, max_frame)
 
 
 def _encode_history(event: events.History, ref: Ref, max_frame: int) -> bytes:

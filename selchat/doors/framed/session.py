@@ -27,11 +27,12 @@ __all__ = ["FramedDoor", "FramedSession", "FramedWire", "REFUSALS"]
 class FramedWire:
     """The framed door's wire format: every framed session shares this one instance."""
 
-    __slots__ = ("max_frame", "limits")
+    __slots__ = ("max_frame", "limits", "budget")
 
-    def __init__(self, max_frame: int, limits: Dict[str, Any]) -> None:
+    def __init__(self, max_frame: int, limits: Dict[str, Any], budget: Optional[int] = None) -> None:
         self.max_frame = max_frame
         self.limits = limits
+        self.budget = budget  # what one answer may take in all: it never drops a reading client
 
     def encode(self, event: events.Event) -> List[bytes]:
         return encode_event(event, None, self.max_frame)
@@ -41,7 +42,7 @@ class FramedWire:
 
     def frames(self, event: events.Event, ref: Any, limits: Optional[Dict[str, Any]] = None) -> List[bytes]:
         """One session's own copy of `event` (with its `ref`, and the limits in a welcome)."""
-        return encode_event(event, ref, self.max_frame, limits)
+        return encode_event(event, ref, self.max_frame, limits, self.budget)
 
 
 @dataclass
@@ -52,7 +53,7 @@ class FramedDoor(JsonDoor):
 
     def __post_init__(self) -> None:
         JsonDoor.__post_init__(self)
-        self.wire = FramedWire(self.max_frame, self.limits)
+        self.wire = FramedWire(self.max_frame, self.limits, self.answer_budget)
 
     def session(self, reject: Optional[str] = None) -> "FramedSession":
         return FramedSession(self, reject)
