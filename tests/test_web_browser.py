@@ -335,7 +335,10 @@ def test_screenshots_and_phone_layout(start_server, pages, tmp_path) -> None:
         "/join #selchat",
         "morning all",
         "the web door is up on the staging box",
+        "it serves the page and the WebSocket from the same port",
+        "no build step: three plain files",
         "docs at https://example.com/selchat/web",
+        "history comes along when you join, scroll up for more",
     ]
     said = run_script(srv.port, "carol", chatter)
     assert said.returncode == 0, said.stderr
