@@ -9,6 +9,9 @@ promises that belong to the chat rather than to bytes:
 * nothing is sent before it is stored: the pass's messages are committed in one transaction
   by a before-sleep hook that runs before the writer's (see `selchat.loop.reactor`);
 * a message that was delivered but could not be stored is reported to its sender.
+
+While the disk refuses writes, every pass fails its commit; the log gets that once per period
+with a count (`selchat.loop.ratelog`), not once per pass.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from typing import Any, Callable, List, Optional, Tuple
 from selchat.core.chat import Chat, ChatError, User
 from selchat.core.requests import Request, Say
 from selchat.fanout import Fanout
+from selchat.loop import ratelog
 from selchat.loop.reactor import ORDER_COMMIT, ORDER_SETTLE, Reactor
 
 log = logging.getLogger("selchat.server")
@@ -29,7 +33,7 @@ __all__ = ["Hub", "ChatError"]
 
 class Hub:
     __slots__ = ("chat", "store", "reactor", "fanout", "wall_ms", "_condemned", "_said",
-                 "_drop_queued", "commits")
+                 "_drop_queued", "commits", "ratelog")
 
     def __init__(self, chat: Chat, reactor: Reactor,
                  wall_ms: Callable[[], int] = lambda: int(time.time() * 1000)) -> None:
@@ -42,6 +46,8 @@ class Hub:
         self._said: List[Tuple[Any, Any, int]] = []  # (session, ref, id) of the pass's messages
         self._drop_queued = False
         self.commits = 0
+        self.ratelog = ratelog.shared(log)
+        self.ratelog.attach(reactor.call_later, lambda: reactor.now)
         chat.before_change = self.fanout.flush
         reactor.add_before_sleep(self._settle, ORDER_SETTLE)
         reactor.add_before_sleep(self._commit, ORDER_COMMIT)
@@ -97,7 +103,8 @@ class Hub:
         except Exception as exc:  # StoreError, or anything else the disk throws at us
             # Keep serving: the messages were queued already and go out, but their senders
             # learn that history will not have them.
-            log.error("history write failed, %d message(s) not stored: %s", len(said), exc)
+            self.ratelog.log(logging.ERROR, "history write failed",
+                             "history write failed, %d message(s) not stored: %s", len(said), exc)
             for session, ref, message_id in said:
                 session.send_error("not_stored", f"message {message_id} was delivered "
                                    "but could not be stored in history", ref)

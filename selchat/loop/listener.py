@@ -1,6 +1,9 @@
 """Listening sockets: accept without starving anyone, pause when out of file descriptors.
 
 Also the admission count shared by every door: connections in all and per address.
+
+Whatever repeats at the rate of connection attempts (failed accepts, refusals) is logged once
+per period with a count (`selchat.loop.ratelog`): an attacker must not be able to fill the log.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import socket
 from typing import Any, Callable, Dict, Optional, Tuple
 
 from selchat.defaults import ACCEPT_PAUSE, ACCEPT_PER_PASS, LISTEN_BACKLOG
+from selchat.loop import ratelog
 from selchat.loop.reactor import Reactor
 
 log = logging.getLogger("selchat.server")
@@ -38,7 +42,8 @@ def bind(host: str, port: int) -> socket.socket:
 class Listener:
     """Accepts up to ACCEPT_PER_PASS connections a pass and hands each to `on_accept`."""
 
-    __slots__ = ("reactor", "sock", "address", "on_accept", "_registered", "_short", "_closed")
+    __slots__ = ("reactor", "sock", "address", "on_accept", "_registered", "_short", "_closed",
+                 "ratelog")
 
     def __init__(self, reactor: Reactor, sock: socket.socket,
                  on_accept: Callable[[socket.socket, Any], None]) -> None:
@@ -49,6 +54,8 @@ class Listener:
         self._registered = False
         self._short = False  # out of descriptors: one warning per shortage, not per retry
         self._closed = False
+        self.ratelog = ratelog.shared(log)
+        self.ratelog.attach(reactor.call_later, lambda: reactor.now)
         self._register()
 
     def _register(self) -> None:
@@ -64,16 +71,23 @@ class Listener:
                 return
             except OSError as exc:
                 if exc.errno in _SHORTAGE:
-                    (log.debug if self._short else log.warning)(
-                        "accept failed (%s): pausing accepts for %.1fs", exc.strerror, ACCEPT_PAUSE)
+                    # One warning per shortage, and shortages that come and go as fast as
+                    # connections close are one warning per period.
+                    if self._short:
+                        log.debug("accept failed (%s): still short", exc.strerror)
+                    else:
+                        self.ratelog.log(logging.WARNING, "accept short",
+                                         "accept failed (%s): pausing accepts for %.1fs",
+                                         exc.strerror, ACCEPT_PAUSE)
                     self._short = True
                     self._pause()
                     return
-                log.info("accept failed: %s", exc)  # e.g. the peer gave up before we got to it
+                # e.g. the peer gave up before we got to it
+                self.ratelog.log(logging.INFO, ("accept failed", exc.errno), "accept failed: %s", exc)
                 continue
             if self._short:
                 self._short = False
-                log.warning("accepting again")
+                self.ratelog.log(logging.WARNING, "accepting again", "accepting again")
             self.on_accept(sock, addr)
 
     def _pause(self) -> None:
@@ -105,6 +119,11 @@ class Admission:
         self.max_per_ip = max_per_ip
         self.count = 0
         self.per_ip: Dict[str, int] = {}
+
+    def log_refusal(self, peer: str, reason: str) -> None:
+        """Say that `peer` was refused for `reason`: once per reason and period, with a count."""
+        ratelog.shared(log).log(logging.WARNING, ("refusing", reason), "refusing %s: %s",
+                                peer, reason)
 
     def admit(self, ip: str) -> Optional[str]:
         """None and the connection is counted, or the reason it is refused."""
