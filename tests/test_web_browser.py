@@ -191,6 +191,21 @@ def test_private_conversation(start_server, pages) -> None:
     # Nothing private reached the lobby.
     expect(alice.messages("#lobby")).to_have_count(0)
 
+    # A new nick follows the conversation; /who and /rooms answer in the current view.
+    bob.type("/nick bobby")
+    expect(bob.page.locator("#me-nick")).to_have_text("bobby")
+    expect(alice.item("bobby")).to_have_count(1)
+    expect(alice.item("bob")).to_have_count(0)
+    expect(alice.log("bobby").locator(".line.system .body")).to_have_text(["bob is now known as bobby"])
+    alice.type("still there?")
+    bob.shows("alice", "still there?")
+    bob.type("/who")
+    expect(bob.log("#lobby").locator(".line.info").filter(has_text="in #lobby:")).to_have_text(
+        re.compile(r"2 in #lobby: alice bobby$"))
+    bob.type("/rooms")
+    link = bob.log("#lobby").locator(".room-link")
+    expect(link).to_have_text(["#lobby"])
+
 
 def test_html_in_messages_is_only_text(start_server, pages) -> None:
     srv = start_server("--web-port", "0", "--irc-port", "0")

@@ -228,7 +228,9 @@
 
   function rekey(view, newName) {
     S.views.delete(view.key);
+    const wasCurrent = S.current === view.key;
     view.key = fold(newName);
+    if (wasCurrent) S.current = view.key;
     view.log.dataset.view = view.key;
     view.button.dataset.view = view.key;
     S.views.set(view.key, view);
@@ -935,7 +937,11 @@
 
     rooms(ev, req) {
       if (Array.isArray(ev.rooms)) S.roomsAcc.push(...ev.rooms);
-      if (ev.more === true) return;
+      if (ev.more === true) {
+        // A long list stops where the server's buffer for us is full; `next` says where to go on.
+        if (isInt(ev.next) && ev.next > 0 && S.roomsAcc.length < 100000) request("rooms", { offset: ev.next });
+        return;
+      }
       const list = S.roomsAcc;
       S.roomsAcc = [];
       const view = currentView();
@@ -975,7 +981,10 @@
       }
       if (req && req.type === "history") {
         const view = roomView(str(req.room), false);
-        if (view) view.loadingOlder = false;
+        if (view) {
+          view.loadingOlder = false;
+          view.olderPausedUntil = Date.now() + 10000; // no error storm while scrolling at the top
+        }
       }
       if (req && req.type === "ping") return;
       note(`error ${code}: ${message}`, "error");
@@ -1029,6 +1038,7 @@
   /** Ask for an older page of a room's history (scrolling to the top does this). */
   function loadOlder(view, limit) {
     if (view.kind !== "room" || !view.joined || !view.more || view.loadingOlder || !S.registered) return false;
+    if (view.olderPausedUntil && Date.now() < view.olderPausedUntil) return false;
     view.loadingOlder = true;
     const members = { room: view.name, limit };
     if (view.oldestId !== null) members.before = view.oldestId;
