@@ -1061,12 +1061,12 @@
   function helloRefused(code, message) {
     if (!S.everRegistered) {
       ui.loginButton.disabled = false;
-      const explain = {
+      const fallback = {
         nick_taken: "That nickname is taken. Choose another.",
         bad_nick: "Nicknames are 1-32 letters, digits or _-[]{}\\|^, not starting with a digit or -.",
         bad_password: "The server wants a password.",
       };
-      showLoginError(explain[code] ? `${explain[code]} (${message})` : `${code}: ${message}`);
+      showLoginError(message || fallback[code] || code);
       if (code === "bad_password") {
         ui.passwordRow.hidden = false;
         ui.password.focus();
@@ -1297,17 +1297,30 @@
         return true;
       }
       case "help": {
-        const lines = ["Commands:"]
-          .concat(COMMANDS.map(([u, d]) => `  ${u.padEnd(16)} ${d}`))
-          .concat(["Keys:"], KEYS.map(([k, d]) => `  ${k.padEnd(18)} ${d}`))
-          .concat(["A line starting with // says it with one slash: //shrug says /shrug."]);
-        note(lines.join("\n"), "info help");
+        showHelp();
         return true;
       }
       default:
         note(`Unknown command /${name}: /help lists them; //text says /text.`, "error");
         return false;
     }
+  }
+
+  /** The commands and keys as a two-column table (a proportional font cannot align spaces). */
+  function showHelp() {
+    const view = currentView();
+    if (!view) return;
+    const table = el("div", "help-table");
+    const section = (title, rows) => {
+      table.append(el("span", "help-title", title));
+      for (const [what, does] of rows) table.append(el("code", null, what), el("span", null, does));
+    };
+    section("Commands", COMMANDS);
+    section("Keys", KEYS);
+    table.append(el("span", "help-foot", "A line starting with // is said with one slash: //shrug says /shrug."));
+    const line = el("div", "line info help");
+    line.append(timeCell(Date.now()), table);
+    appendLine(view, line);
   }
 
   function onInputSubmit(e) {
