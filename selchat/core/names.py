@@ -62,8 +62,8 @@ def text_problem(text: str, max_text: int) -> Optional[str]:
     """Why `text` may not be carried (the words of a `bad_text`), or None when it may.
 
     On the hot path (every message): plain ASCII text, the common case, costs one regex search
-    (`isascii` is a flag CPython keeps, not a scan); other text costs two, and the second stops
-    at the first visible character.
+    (`isascii` is a flag CPython keeps, not a scan); other text costs one more, which stops at
+    the first visible character, unless the text starts with a visible ASCII one.
     """
     if not text:
         return "text is empty"
@@ -81,7 +81,8 @@ def text_problem(text: str, max_text: int) -> Optional[str]:
         if char >= "\u202a":
             return f"text holds a bidirectional control character (U+{ord(char):04X})"
         return "text holds a control character"
-    if _VISIBLE.search(text) is None:
+    # A printable ASCII first character is visible: no second search for most such texts.
+    if not "!" <= text[0] <= "~" and _VISIBLE.search(text) is None:
         return "text is only whitespace or invisible"
     return None
 
