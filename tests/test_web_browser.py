@@ -269,6 +269,16 @@ def test_unread_mentions_keys_history_pages_and_notifications(start_server, page
     expect(alice.log("#old").locator(".divider.start")).to_have_count(1)
     texts = alice.messages("#old").locator(".text").all_text_contents()
     assert texts == [f"old message {i}" for i in range(70)]
+    # Reading up there, a new line does not move the page: a button says it came.
+    bob.join("#old")
+    bob.type("news at the bottom")
+    jump = alice.page.locator("#jump")
+    expect(jump).to_have_text(re.compile(r"^1 new message"))
+    expect(alice.message("#old", "news at the bottom")).not_to_be_in_viewport()
+    jump.click()
+    expect(jump).to_be_hidden()
+    expect(alice.message("#old", "news at the bottom")).to_be_in_viewport()
+    expect(alice.input).to_be_focused()
 
     alice.join("#side")
     alice.type("/join #lobby")

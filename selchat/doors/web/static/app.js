@@ -178,7 +178,7 @@
       joined: false, unread: 0, mention: false,
       members: new Map(), ops: new Set(), namesAcc: null,
       seen: new Set(), oldestId: null, lastId: 0, more: false, loadingOlder: false,
-      startShown: false, stick: true, scrollTop: 0, joining: false, announced: false,
+      startShown: false, stick: true, scrollTop: 0, joining: false, announced: false, below: 0,
     };
     button.addEventListener("click", () => {
       switchTo(key);
@@ -285,6 +285,7 @@
     markRead(view);
     renderHeader();
     renderMembers();
+    renderJump();
     maybeFill(view);
   }
 
@@ -377,8 +378,20 @@
     view.log.scrollTop = view.log.scrollHeight;
   }
 
+  /** While you read further up, new lines do not move the page; a button says they came. */
+  function renderJump() {
+    const view = currentView();
+    const n = view && !view.stick ? view.below : 0;
+    ui.jump.hidden = !n;
+    ui.jump.textContent = n === 1 ? "1 new message \u2193" : `${n} new messages \u2193`;
+  }
+
   function onLogScroll(view) {
     view.stick = nearBottom(view.log);
+    if (view.stick && view.below) {
+      view.below = 0;
+      if (S.current === view.key) renderJump();
+    }
     if (view.log.scrollTop < 80) loadOlder(view, HISTORY_PAGE);
   }
 
@@ -389,6 +402,9 @@
     if (stick) {
       scrollToBottom(view);
       view.stick = true;
+    } else if (line.classList.contains("msg")) {
+      view.below += 1;
+      if (S.current === view.key) renderJump();
     }
   }
 
@@ -1338,6 +1354,8 @@
     if (view && done) {
       scrollToBottom(view);
       view.stick = true;
+      view.below = 0;
+      renderJump();
     }
   }
 
@@ -1550,6 +1568,17 @@
       memberList: $("member-list"),
       memberCount: $("member-count"),
       scrim: $("scrim"),
+      jump: $("jump"),
+    });
+    ui.jump.addEventListener("click", () => {
+      const v = currentView();
+      if (v) {
+        scrollToBottom(v);
+        v.stick = true;
+        v.below = 0;
+      }
+      renderJump();
+      ui.input.focus();
     });
     ui.loginForm.addEventListener("submit", onLoginSubmit);
     ui.inputForm.addEventListener("submit", onInputSubmit);
