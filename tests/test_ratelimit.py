@@ -1,8 +1,10 @@
+from typing import List, Tuple
+
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from selchat.core.ratelimit import ALLOW, DISCONNECT, REFUSE, TokenBucket
+from selchat.core.ratelimit import ALLOW, DISCONNECT, REFUSE, Arrivals, TokenBucket, answer_cost
 
 
 def test_burst_then_refusals_then_disconnect() -> None:
@@ -34,12 +36,6 @@ def test_allowed_requests_never_exceed_burst_plus_rate_times_time(gaps: list) ->
 
 
 # --- charging at arrival (a stall must not turn a good client into a flooder) -----------------
-
-from typing import List, Tuple  # noqa: E402
-
-from hypothesis import assume, settings  # noqa: E402
-
-from selchat.core.ratelimit import Arrivals, answer_cost  # noqa: E402
 
 
 def serve_reads(bucket: TokenBucket, sends: List[float], reads: List[float],
