@@ -206,6 +206,16 @@ def test_private_conversation(start_server, pages) -> None:
     link = bob.log("#lobby").locator(".room-link")
     expect(link).to_have_text(["#lobby"])
 
+    # /quit: the others see the reason, and the page is back at the nickname field.
+    alice.page.keyboard.type("/quit gone fishing")
+    alice.page.keyboard.press("Enter")
+    expect(bob.log("#lobby").locator(".line.system").filter(has_text="quit")).to_have_text(
+        re.compile(r"alice quit \(gone fishing\)$"))
+    expect(alice.page.locator("#login-nick")).to_be_focused()
+    expect(alice.page.locator("#login-nick")).to_have_value("alice")
+    expect(alice.page.locator("#login-state")).to_have_text("You left the chat.")
+    expect(alice.conn).to_have_attribute("data-state", "offline")
+
 
 def test_html_in_messages_is_only_text(start_server, pages) -> None:
     srv = start_server("--web-port", "0", "--irc-port", "0")

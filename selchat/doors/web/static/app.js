@@ -152,6 +152,7 @@
     completion: null,
     notify: false,
     motdShown: false,
+    welcome: null, // the last welcome, for the greeting line
   };
 
   const ui = {};
@@ -411,7 +412,7 @@
   function systemLine(view, ms, parts, cls) {
     const line = el("div", "line " + (cls || "system"));
     const body = el("span", "body");
-    for (const p of parts) body.append(typeof p === "string" ? p : p);
+    body.append(...parts); // strings become text nodes
     line.append(timeCell(ms), body);
     appendLine(view, line);
     return line;
