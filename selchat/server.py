@@ -91,7 +91,8 @@ class Server:
             site = Site(web_static.load(), tls is not None, config.web_origin)
             self.web = WebDoor(
                 self.hub, self.reactor, config.max_frame, config.max_text, config.rate, config.burst,
-                config.handshake_timeout, config.ping_interval, config.ping_timeout, password, site=site,
+                config.handshake_timeout, config.ping_interval, config.ping_timeout, password,
+                answer_budget=config.high_water, site=site,
             )
         self.web_address: tuple = ()
         self.transports: Dict[int, Transport] = {}

@@ -57,10 +57,13 @@ class WebWire:
     the fan-out encode a room message once for all web members.
     """
 
-    __slots__ = ("max_frame", "_proto")
+    __slots__ = ("max_frame", "budget", "_proto")
 
-    def __init__(self, max_frame: int) -> None:
+    def __init__(self, max_frame: int, budget: Optional[int] = None) -> None:
         self.max_frame = max_frame
+        # What one answer may take in all, as on the native port (a frame header here is at
+        # most 10 bytes where a length prefix is 4: well inside the margin the budget keeps).
+        self.budget = budget
         self._proto = FrameProtocol(client=False, extensions=[])
 
     def text_frame(self, payload: bytes) -> bytes:
@@ -78,7 +81,7 @@ class WebWire:
 
     def frames(self, event: events.Event, ref: Any, limits: Optional[Dict[str, Any]] = None) -> List[bytes]:
         """One session's own copy of `event`, with its `ref` (and the limits in a welcome)."""
-        return [self._from_framed(f) for f in encode_event(event, ref, self.max_frame, limits)]
+        return [self._from_framed(f) for f in encode_event(event, ref, self.max_frame, limits, self.budget)]
 
 
 @dataclass
@@ -93,7 +96,7 @@ class WebDoor(JsonDoor):
         JsonDoor.__post_init__(self)
         if self.site is None:
             self.site = Site({})
-        self.wire = WebWire(self.max_frame)
+        self.wire = WebWire(self.max_frame, self.answer_budget)
 
     def session(self, reject: Optional[str] = None) -> "WebSession":
         return WebSession(self, reject)
