@@ -7,7 +7,6 @@ from __future__ import annotations
 import gc
 import itertools
 import json
-import select
 import signal
 import socket
 import ssl
@@ -25,7 +24,6 @@ from wsproto.events import (
     AcceptConnection,
     BytesMessage,
     CloseConnection,
-    Message,
     Ping,
     Pong,
     RejectConnection,
