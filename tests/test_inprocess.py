@@ -10,7 +10,6 @@ from __future__ import annotations
 import errno
 import logging
 import socket
-import struct
 import time
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
@@ -115,13 +114,8 @@ def test_listener_accepts_a_bounded_number_per_pass(reactor: Reactor) -> None:
     clients: List[socket.socket] = []
     try:
         for _ in range(ACCEPT_PER_PASS + 10):
-            c = socket.socket()
-            c.setblocking(False)
-            try:
-                c.connect(listener.address)
-            except BlockingIOError:
-                pass
-            clients.append(c)
+            # A blocking connect returns once the connection waits in the accept queue.
+            clients.append(socket.create_connection(listener.address, timeout=DEADLINE))
         reactor.run_once(timeout=1.0)
         assert len(accepted) == ACCEPT_PER_PASS  # the rest wait for the next pass
         wait_until(lambda: len(accepted) == len(clients), lambda: reactor.run_once(timeout=0.01))
