@@ -34,6 +34,7 @@ from selchat.core.requests import (
     PartRoom,
     Request,
     Say,
+    Tag,
     Who,
 )
 from selchat.core.store import StoreError
@@ -167,6 +168,7 @@ class Chat:
         room_reserve: Optional[int] = None,
         few_rooms: int = FEW_ROOMS,
         history_bytes: Optional[int] = None,
+        started_ms: int = 0,
     ) -> None:
         self.store = store
         self.server_name = server_name
@@ -183,9 +185,10 @@ class Chat:
         self.rooms_held: Dict[str, int] = {}  # holder key -> rooms it created that still exist
         self.users: Dict[str, User] = {}
         self.rooms: Dict[str, Room] = {}
-        self.lobby = self._room(LOBBY, 0)
+        self.lobby = self._room(LOBBY, started_ms)  # made by the server when it starts
         self.before_change: Callable[[], None] = _noop
         self._membership_version = 0  # grows at every join and leave
+        self._signals = 0
         self._room_list_version = -1
         self._room_list: Tuple[events.RoomInfo, ...] = ()
         self._allocate: Optional[Callable[[], int]] = getattr(store, "allocate_id", None)
@@ -234,10 +237,10 @@ class Chat:
         kind = type(request)
         if kind is Say:
             return self.say(user, request.room, request.text, now_ms, request.action,  # type: ignore[union-attr]
-                            request.notice)  # type: ignore[union-attr]
+                            request.notice, request.client_tags)  # type: ignore[union-attr]
         if kind is Msg:
             return self.private(user, request.to, request.text, now_ms, request.action,  # type: ignore[union-attr]
-                                request.notice)  # type: ignore[union-attr]
+                                request.notice, request.client_tags)  # type: ignore[union-attr]
         if kind is JoinRoom:
             return self.join(user, request.room, now_ms)  # type: ignore[union-attr]
         if kind is PartRoom:
@@ -250,6 +253,8 @@ class Chat:
             return [reply(self.room_list(request.offset), user)]  # type: ignore[union-attr]
         if kind is HistoryRequest:
             return self.history(user, request)  # type: ignore[arg-type]
+        if kind is Tag:
+            return self.signal(user, request.target, request.client_tags)  # type: ignore[union-attr]
         raise TypeError(f"not a chat request: {request!r}")  # pragma: no cover - a door's bug
 
     def next_id(self) -> int:
@@ -267,26 +272,47 @@ class Chat:
         return message_id
 
     def say(self, user: User, room_name: str, text: str, now_ms: int,
-            action: bool = False, notice: bool = False) -> List[Delivery]:
+            action: bool = False, notice: bool = False,
+            client_tags: Tuple[Tuple[str, str], ...] = ()) -> List[Delivery]:
         room = user.rooms.get(fold(room_name))
         if room is None:
             raise ChatError("not_in_room", f"you are not in {room_name}")
         message = events.Message(self.next_id(), now_ms, user.nick, text, room.name, None,
-                                 action, notice, user.userhost)
+                                 action, notice, user.userhost, client_tags)
         self.store.add(message)
         return [Delivery(message, room.members, skip=user, room=room), reply(message, user)]
 
     def private(self, user: User, to: str, text: str, now_ms: int,
-                action: bool = False, notice: bool = False) -> List[Delivery]:
+                action: bool = False, notice: bool = False,
+                client_tags: Tuple[Tuple[str, str], ...] = ()) -> List[Delivery]:
         target = self.users.get(fold(to)) if valid_nick(to) else None
         if target is None:
             raise ChatError("no_such_nick", f"no user is called {shorten(to)!r}")
         message = events.Message(self.next_id(), now_ms, user.nick, text, None, target.nick,
-                                 action, notice, user.userhost)
+                                 action, notice, user.userhost, client_tags)
         self.store.note_id(message.id)
         out = [reply(message, user)]
         if target is not user:
             out.append(Delivery(message, (target,)))
+        return out
+
+    def signal(self, user: User, target: str, client_tags: Tuple[Tuple[str, str], ...]) -> List[Delivery]:
+        """Client tags without text, to a room's members or one user; nothing is stored."""
+        self._signals += 1
+        tag_id = f"s{self._signals}"
+        if target.startswith("#"):
+            room = user.rooms.get(fold(target))
+            if room is None:
+                raise ChatError("not_in_room", f"you are not in {shorten(target)}")
+            event = events.Signal(user.nick, client_tags, room.name, None, user.userhost, tag_id)
+            return [Delivery(event, room.members, skip=user), reply(event, user)]
+        to = self.users.get(fold(target)) if valid_nick(target) else None
+        if to is None:
+            raise ChatError("no_such_nick", f"no user is called {shorten(target)!r}")
+        event = events.Signal(user.nick, client_tags, None, to.nick, user.userhost, tag_id)
+        out = [reply(event, user)]
+        if to is not user:
+            out.append(Delivery(event, (to,)))
         return out
 
     def join(self, user: User, room_name: str, now_ms: int = 0) -> List[Delivery]:

@@ -32,6 +32,9 @@ class Message:  # much; like every event here it is never changed once made
     action: bool = False  # an emote ("/me waves"), shown as "* sender text"
     notice: bool = False  # an IRC NOTICE: clients must never answer it automatically
     userhost: str = field(default="", compare=False)  # the sender's ident@host (not kept in history)
+    # Client-only tags (IRCv3 "+key" = value) the sender attached: relayed to clients that take
+    # them, never stored, never interpreted.
+    client_tags: Tuple[Tuple[str, str], ...] = field(default=(), compare=False)
 
 
 @dataclass(frozen=True)
@@ -70,6 +73,18 @@ class Names:
     room: str
     nicks: Tuple[str, ...]
     operators: Tuple[str, ...] = ()  # the members who are the room's operators (sorted)
+
+
+@dataclass(frozen=True)
+class Signal:
+    """Client tags with no text (IRC's TAGMSG: typing notices, reactions): relayed, never stored."""
+
+    sender: str
+    client_tags: Tuple[Tuple[str, str], ...]
+    room: Optional[str] = None
+    to: Optional[str] = None
+    userhost: str = field(default="", compare=False)
+    tag_id: str = ""  # an id of its own (IRC msgid), not one of the message ids
 
 
 @dataclass(frozen=True)
@@ -119,5 +134,6 @@ class Error:
 
 
 Event = Union[
-    Welcome, Message, Join, Part, Quit, NickChange, Names, RoomList, History, Pong, Ping, Notice, Error
+    Welcome, Message, Join, Part, Quit, NickChange, Names, RoomList, History, Pong, Ping, Notice, Error,
+    Signal,
 ]

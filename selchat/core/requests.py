@@ -9,7 +9,7 @@ the doors' business and have no record here.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Optional, Tuple, Union
 
 from selchat.defaults import HISTORY_LIMIT_DEFAULT
 
@@ -20,6 +20,7 @@ class Say:
     text: str
     action: bool = False  # "/me": an emote, shown as "* nick text"
     notice: bool = False  # an IRC NOTICE (no automatic reply may follow it)
+    client_tags: Tuple[Tuple[str, str], ...] = ()  # IRCv3 client-only tags, relayed as they are
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,15 @@ class Msg:
     text: str
     action: bool = False
     notice: bool = False
+    client_tags: Tuple[Tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class Tag:
+    """Client tags without text (IRC's TAGMSG) to a room or a nick."""
+
+    target: str
+    client_tags: Tuple[Tuple[str, str], ...]
 
 
 @dataclass(frozen=True)
@@ -64,4 +74,4 @@ class HistoryRequest:
     max_bytes: Optional[int] = None  # what the door's answer can carry: reading stops there
 
 
-Request = Union[Say, Msg, JoinRoom, PartRoom, ChangeNick, Who, ListRooms, HistoryRequest]
+Request = Union[Say, Msg, JoinRoom, PartRoom, ChangeNick, Who, ListRooms, HistoryRequest, Tag]

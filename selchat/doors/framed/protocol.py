@@ -353,6 +353,8 @@ def encode_event(event: events.Event, ref: Ref, max_frame: int,
         return [_encode_history(event, ref, max_frame)]
     if isinstance(event, events.RoomList):
         return _encode_rooms(event, ref, max_frame, budget)
+    if isinstance(event, events.Signal):
+        return []  # client tags without text: only IRC clients take them
     obj = event_object(event, ref)
     if limits is not None and isinstance(event, events.Welcome):
         obj["limits"] = limits

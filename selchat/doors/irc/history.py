@@ -26,8 +26,9 @@ Ref = Tuple[str, int]  # ("msgid", id) or ("timestamp", ms)
 
 def _ref(text: str) -> Optional[Ref]:
     kind, _, value = text.partition("=")
-    if kind == "msgid" and value.isdigit():
-        return ("msgid", int(value))
+    number, _, part = value.partition(".")  # N.k names line k of message N: message N
+    if kind == "msgid" and number.isdigit() and (not part or part.isdigit()):
+        return ("msgid", int(number))
     if kind == "timestamp":
         ms = parse_time(value)
         if ms is not None:

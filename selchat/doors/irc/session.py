@@ -12,6 +12,7 @@ RECVQ bytes of it is disconnected with `ERROR :Excess Flood`.
 
 from __future__ import annotations
 
+import fnmatch
 import hmac
 import itertools
 import logging
@@ -22,15 +23,15 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 from selchat import __version__
 from selchat.core import events
 from selchat.core.chat import ChatError, Room, User
-from selchat.core.names import fold, has_control_characters, valid_nick, valid_room
+from selchat.core.names import fold, has_control_characters, text_problem, valid_nick, valid_room
 from selchat.core.ratelimit import ALLOW, TokenBucket
-from selchat.core.requests import ChangeNick, JoinRoom, Msg, PartRoom, Say
+from selchat.core.requests import ChangeNick, JoinRoom, Msg, PartRoom, Say, Tag
 from selchat.core.store import StoreError
 from selchat.defaults import HISTORY_LIMIT_MAX, NICK_MAX, ROOM_MAX
 from selchat.doors.irc.numerics import Numeric as N
 from selchat.doors.irc.parser import TOO_LONG, IrcParseError, Line, LineDecoder, parse_line
 from selchat.doors.irc.text import ctcp_action, parse_ctcp, split_for_irc, strip_formatting
-from selchat.doors.irc.wire import IrcWire, WireSet, iso_time, message_lines, parse_time
+from selchat.doors.irc.wire import IrcWire, WireSet
 from selchat.hub import Hub
 from selchat.loop.reactor import Reactor
 from selchat.loop.timers import Timer
@@ -41,6 +42,7 @@ log = logging.getLogger("selchat.server")
 RECVQ = 8192  # unread input bytes a lagged client may pile up before "Excess Flood"
 HOST = "irc.selchat"  # the host part every IRC user shows (addresses are never shown)
 TARGMAX = 4  # targets of one PRIVMSG/NOTICE
+WHO_MAX = 200  # users one WHO with a mask may list
 CAPS = ("message-tags", "server-time", "echo-message", "batch", "labeled-response",
         "multi-prefix", "userhost-in-names", "draft/chathistory", "cap-notify")
 
@@ -73,7 +75,7 @@ class IrcDoor:
             f"CHANNELLEN={ROOM_MAX + 1}", "CHANTYPES=#", f"CHATHISTORY={HISTORY_LIMIT_MAX}",
             "LINELEN=512", "MAXTARGETS=4", "MODES=0", "MSGREFTYPES=msgid,timestamp",
             "NETWORK=selchat", f"NICKLEN={NICK_MAX}", "PREFIX=(ov)@+", "STATUSMSG=",
-            f"TARGMAX=PRIVMSG:{TARGMAX},NOTICE:{TARGMAX},JOIN:,PART:,NAMES:1,WHOIS:1,ISON:,USERHOST:5",
+            f"TARGMAX=PRIVMSG:{TARGMAX},NOTICE:{TARGMAX},JOIN:,PART:,NAMES:{TARGMAX},WHOIS:1,ISON:,USERHOST:5",
             "TOPICLEN=390", "USERLEN=16", "UTF8ONLY",
         ]
 
@@ -87,7 +89,7 @@ _batch_ids = itertools.count(1)
 class IrcSession:
     __slots__ = ("door", "hub", "wire", "transport", "decoder", "user", "bucket", "last_seen",
                  "pinged", "doomed", "reject", "nick", "ident", "realname", "password", "caps",
-                 "cap_negotiating", "cap_version", "label", "_collected", "_timers", "_lagged",
+                 "cap_negotiating", "cap_version", "label", "welcoming", "_collected", "_timers", "_lagged",
                  "_handshake_timer", "_idle_timer", "__weakref__")
 
     def __init__(self, door: IrcDoor, reject: Optional[str] = None) -> None:
@@ -110,6 +112,7 @@ class IrcSession:
         self.cap_negotiating = False
         self.cap_version = 0
         self.label: Optional[str] = None  # the label of the command being served
+        self.welcoming = False  # registering now: the welcome burst is addressed to our nick
         self._collected: Optional[List[str]] = None  # lines answering a labeled command
         self._lagged: Optional[Timer] = None
         self._handshake_timer: Optional[Timer] = None
@@ -117,7 +120,10 @@ class IrcSession:
 
     @property
     def me(self) -> str:
-        return self.user.nick if self.user is not None else (self.nick or "*")
+        """Our nick as the target of our numerics: "*" until registration is done."""
+        if self.user is not None:
+            return self.user.nick
+        return self.nick if self.welcoming and self.nick else "*"
 
     @property
     def name(self) -> str:
@@ -177,6 +183,14 @@ class IrcSession:
         elif kind is events.Message:
             if "echo-message" in self.caps:
                 self._raw(self.own_message(event, None, b""))  # type: ignore[arg-type]
+        elif kind is events.Signal:
+            if "echo-message" in self.caps:
+                extra = f"label={self.label}" if self.label and "labeled-response" in self.caps else ""
+                line = self.wire.signal(event, extra)  # type: ignore[arg-type]
+                if line and extra:
+                    self.label = None  # the echo is the labeled answer
+                    self._collected = None
+                self._raw(line)
         elif kind is events.Join:
             self._line(f":{self._source(user)} JOIN {event.room}")  # type: ignore[union-attr]
             room = self.hub.chat.rooms.get(fold(event.room))  # type: ignore[union-attr]
@@ -283,7 +297,7 @@ class IrcSession:
                 self._dispatch(line)
             if transport.state is not State.OPEN:
                 return
-            if transport.congested:
+            if self.door.hub.fanout.congested(transport):
                 transport.wait_for_drain()
                 return
             bucket = self.bucket
@@ -334,7 +348,7 @@ class IrcSession:
     def _finish_label(self, command: str) -> None:
         lines, self._collected = self._collected or [], None
         label = self.label
-        if command in ("PRIVMSG", "NOTICE") and "echo-message" in self.caps and not lines:
+        if command in ("PRIVMSG", "NOTICE", "TAGMSG") and "echo-message" in self.caps and not lines:
             self.hub.fanout.flush()  # the echo is the answer: it carries the label
             self.label = None
             return
@@ -417,7 +431,7 @@ class IrcSession:
             self._num(N.ERR_NICKNAMEINUSE, nick, "Nickname is already in use")
 
     def _user_cmd(self, line: Line) -> None:
-        if len(line.params) < 4 or not line.params[0]:
+        if len(line.params) < 4 or not line.params[0] or not line.params[3]:
             self._num(N.ERR_NEEDMOREPARAMS, "USER", "Not enough parameters")
             return
         ident = "".join(ch for ch in line.params[0] if ch.isalnum() or ch in "-_.")[:16] or "user"
@@ -437,13 +451,17 @@ class IrcSession:
                 self._error("Bad password")
                 self._close(None, "bad password")
                 return
+        self.welcoming = True
         try:
             self.user = self.hub.register(self.nick, self, None, join_lobby=False, ident=self.ident,
-                                          host=HOST, realname=self.realname, door="irc")
+                                          host=HOST, realname=self.realname, door="irc",
+                                          origin=self.transport.ip)
         except ChatError:
+            self.welcoming = False
             self._num(N.ERR_NICKNAMEINUSE, self.nick, "Nickname is already in use")
             self.nick = None
             return
+        self.welcoming = False
         if self._handshake_timer is not None:
             self._handshake_timer.cancel()
             self._handshake_timer = None
@@ -532,6 +550,29 @@ class IrcSession:
     def _notice(self, line: Line) -> None:
         self._message(line, notice=True)
 
+    def _tagmsg(self, line: Line) -> None:
+        user = self.user
+        assert user is not None
+        if not line.params or not line.params[0]:
+            self._num(N.ERR_NORECIPIENT, "No recipient given (TAGMSG)")
+            return
+        tags = _client_tags(line)
+        if "message-tags" not in self.caps or not tags:
+            return  # nothing to relay
+        for target in line.params[0].split(",")[:TARGMAX]:
+            if not target:
+                continue
+            try:
+                self.hub.handle(user, Tag(target, tags))
+            except ChatError as exc:
+                if exc.code == "not_in_room":
+                    if fold(target) in self.hub.chat.rooms:
+                        self._num(N.ERR_CANNOTSENDTOCHAN, target[:64], "Cannot send to channel")
+                    else:
+                        self._num(N.ERR_NOSUCHCHANNEL, target[:64], "No such channel")
+                else:
+                    self._num(N.ERR_NOSUCHNICK, target[:64], "No such nick/channel")
+
     def _message(self, line: Line, notice: bool) -> None:
         user = self.user
         assert user is not None
@@ -545,6 +586,14 @@ class IrcSession:
                 self._num(N.ERR_NOTEXTTOSEND, "No text to send")
             return
         text = line.params[1]
+        # What the recipients get is our source prefix plus this text: if that cannot be one
+        # line of 512 bytes, the message is refused whole (417) rather than cut or split, as
+        # an IRC server does; only texts from other doors (which may be long) are split.
+        prefix = len(f":{user.nick}!{user.userhost} {line.command} {line.params[0]} :".encode())
+        if prefix + len(text.encode("utf-8", "replace")) > 510:
+            if not quiet:
+                self._num(N.ERR_INPUTTOOLONG, "Input line was too long")
+            return
         action = False
         ctcp = parse_ctcp(text)
         if ctcp is not None:
@@ -553,6 +602,7 @@ class IrcSession:
             action = True
             text = ctcp_action(text) or ""
         text = strip_formatting(text)
+        tags = _client_tags(line) if "message-tags" in self.caps else ()
         targets = line.params[0].split(",")
         if len(targets) > TARGMAX:
             if not quiet:
@@ -561,14 +611,16 @@ class IrcSession:
         for target in targets:
             if not target:
                 continue
-            if not text.strip():
+            problem = text_problem(text, self.door.max_text)
+            if problem is not None:
                 if not quiet:
-                    self._num(N.ERR_NOTEXTTOSEND, "No text to send")
-                return
-            if has_control_characters(text):
-                if not quiet:
-                    self._num(N.ERR_CANNOTSENDTOCHAN, target[:64],
-                              "Cannot send: control characters are not allowed")
+                    if has_control_characters(text):
+                        self._num(N.ERR_CANNOTSENDTOCHAN, target[:64],
+                                  "Cannot send: control characters are not allowed")
+                    elif "empty" in problem or "only" in problem:
+                        self._num(N.ERR_NOTEXTTOSEND, "No text to send")
+                    else:
+                        self._num(N.ERR_CANNOTSENDTOCHAN, target[:64], f"Cannot send: {problem}")
                 continue
             if target.startswith("#"):
                 room = self.hub.chat.rooms.get(fold(target))
@@ -580,14 +632,14 @@ class IrcSession:
                     if not quiet:
                         self._num(N.ERR_CANNOTSENDTOCHAN, target, "Cannot send to channel")
                     continue
-                request: Any = Say(target, text, action, notice)
+                request: Any = Say(target, text, action, notice, tags)
             else:
                 to = self.hub.chat.users.get(fold(target))
                 if to is None:
                     if not quiet:
                         self._num(N.ERR_NOSUCHNICK, target[:64], "No such nick/channel")
                     continue
-                request = Msg(target, text, action, notice)
+                request = Msg(target, text, action, notice, tags)
             try:
                 self.hub.handle(user, request)
             except ChatError as exc:
@@ -604,14 +656,23 @@ class IrcSession:
         if not line.params:
             self._num(N.RPL_ENDOFNAMES, "*", "End of /NAMES list")
             return
-        for name in line.params[0].split(",")[:1]:
+        names = [n for n in line.params[0].split(",") if n][:TARGMAX]
+        if len(names) > 1:
+            # Several channels: their lists, then one end naming them all (RFC 1459, 2812).
+            for name in names:
+                room = self.hub.chat.rooms.get(fold(name))
+                if room is not None:
+                    self._names(room, end=False)
+            self._num(N.RPL_ENDOFNAMES, ",".join(names)[:300], "End of /NAMES list")
+            return
+        for name in names:
             room = self.hub.chat.rooms.get(fold(name))
             if room is None:
                 self._num(N.RPL_ENDOFNAMES, name[:64], "End of /NAMES list")
             else:
                 self._names(room)
 
-    def _names(self, room: Room) -> None:
+    def _names(self, room: Room, end: bool = True) -> None:
         uhnames = "userhost-in-names" in self.caps
         ops = room.operators
         entries = sorted(
@@ -631,7 +692,8 @@ class IrcSession:
             size += len(entry) + 1
         if chunk:
             self._line(head + " ".join(chunk))
-        self._num(N.RPL_ENDOFNAMES, room.name, "End of /NAMES list")
+        if end:
+            self._num(N.RPL_ENDOFNAMES, room.name, "End of /NAMES list")
 
     def _who(self, line: Line) -> None:
         mask = line.params[0] if line.params else "*"
@@ -643,10 +705,16 @@ class IrcSession:
             if room is not None:
                 rows = [(room.name, u, u in room.operators) for u in room.members]
         else:
-            u = chat.users.get(fold(mask))
-            if u is not None:
+            if any(ch in mask for ch in "*?"):
+                pattern = fold(mask)
+                found = [u for u in chat.users.values() if fnmatch.fnmatchcase(u.key, pattern)]
+                found = sorted(found, key=lambda u: u.key)[:WHO_MAX]
+            else:
+                u = chat.users.get(fold(mask))
+                found = [u] if u is not None else []
+            for u in found:
                 room = next(iter(u.rooms.values()), None)
-                rows = [(room.name if room else "*", u, room is not None and u in room.operators)]
+                rows.append((room.name if room else "*", u, room is not None and u in room.operators))
         for channel, u, op in rows:
             flags = ("G" if u.away else "H") + ("@" if op else "")
             self._line(f":{server} 352 {self.me} {channel} {u.ident} {u.host} {server} {u.nick} "
@@ -770,9 +838,10 @@ class IrcSession:
                 self._num(N.ERR_CHANOPRIVSNEEDED, room.name, "Channel modes cannot be changed here")
         elif fold(target) != fold(self.me):
             self._num(N.ERR_USERSDONTMATCH, "Cannot change mode for other users")
-        elif len(line.params) == 1:
+        else:
+            # No user modes here: setting one (irssi's +i on connect) changes nothing, and the
+            # answer says so by showing the modes in force.
             self._line(f":{self.door.server_name} 221 {self.me} +")
-        # setting one's own modes (+i on connect): accepted without effect
 
     def _chathistory(self, line: Line) -> None:
         from selchat.doors.irc.history import chathistory
@@ -797,14 +866,14 @@ class IrcSession:
         with_time = "server-time" in self.caps
         for msg in messages:
             extra = f"batch={ref}" if batch else ""
-            if with_time or batch or "message-tags" in self.caps:
+            if with_time:
                 data = self.wire.message(msg, extra)
             else:
                 # No server-time: say when it was, or old lines would read as if said now.
                 stamp = time.strftime("%H:%M", time.gmtime(msg.ts // 1000))
-                data = message_lines(events.Message(msg.id, msg.ts, msg.sender, f"[{stamp}] {msg.text}",
-                                                    msg.room, msg.to, msg.action, msg.notice),
-                                     "", msg.sender, target)
+                data = self.wire.message(events.Message(
+                    msg.id, msg.ts, msg.sender, f"[{stamp} UTC] {msg.text}", msg.room, msg.to,
+                    msg.action, msg.notice, msg.userhost), extra)
             for text in data.decode("utf-8").split("\r\n"):
                 if text:
                     self._line(text)
@@ -842,6 +911,11 @@ class IrcSession:
         self._idle_timer = door.reactor.call_at(when, self._idle_check)
 
 
+def _client_tags(line: Line) -> tuple:
+    """The client-only tags ("+key") of a line, to relay; all other tags are the server's to set."""
+    return tuple((k, v) for k, v in line.tags.items() if k.startswith("+") and len(k) > 1)
+
+
 def _tag(line: str, tag: str) -> str:
     """Add a tag to a line of ours, which may already carry some."""
     if line.startswith("@"):
@@ -869,6 +943,7 @@ _REGISTERED: Dict[str, Callable[[IrcSession, Line], None]] = {
     "PART": IrcSession._part,
     "PRIVMSG": IrcSession._privmsg,
     "NOTICE": IrcSession._notice,
+    "TAGMSG": IrcSession._tagmsg,
     "NAMES": IrcSession._names_cmd,
     "WHO": IrcSession._who,
     "WHOIS": IrcSession._whois,

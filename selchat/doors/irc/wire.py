@@ -16,6 +16,7 @@ import time
 from typing import Dict, List, Optional, Tuple
 
 from selchat.core import events
+from selchat.doors.irc.parser import escape_tag_value
 from selchat.doors.irc.text import split_for_irc
 
 LINE_MAX = 510  # bytes of a line without its CRLF (RFC 1459)
@@ -30,18 +31,29 @@ def iso_time(ms: int) -> str:
 def message_lines(msg: events.Message, tags: str, source: str, target: str) -> bytes:
     """One message as its PRIVMSG (or NOTICE) lines; `tags` is "" or "@k=v;... "."""
     command = "NOTICE" if msg.notice else "PRIVMSG"
-    head = f"{tags}:{source} {command} {target} :"
+    rest = f":{source} {command} {target} :"
     text = msg.text
     action = msg.action
-    budget = LINE_MAX - len(head.encode("utf-8")) + len(tags.encode("utf-8"))
+    budget = LINE_MAX - len(rest.encode("utf-8"))
     if action:
         budget -= 9  # "\x01ACTION " and the closing "\x01"
-    if not action and "\n" not in text and len(text) * 4 <= budget:
-        return (head + text + "\r\n").encode("utf-8")
+    if not action and "\n" not in text and "\t" not in text and len(text) * 4 <= budget:
+        return (tags + rest + text + "\r\n").encode("utf-8")
+    # A tab shows as garbage in most IRC clients: a space instead. A text of several lines
+    # becomes one line each. Every line gets an msgid of its own (a msgid names one IRC
+    # message, and a client may drop a repeated one): the first the message's id N, the
+    # next N.1, N.2, ... (CHATHISTORY takes either as a reference to message N).
+    parts = split_for_irc(text.replace("\t", " "), max(budget, 16))
     out = []
-    for part in split_for_irc(text, max(budget, 16)):
-        out.append(head + ("\x01ACTION " + part + "\x01" if action else part) + "\r\n")
+    for i, part in enumerate(parts):
+        out.append((tags if i == 0 else continuation_tags(tags, msg.id, i)) + rest
+                   + ("\x01ACTION " + part + "\x01" if action else part) + "\r\n")
     return "".join(out).encode("utf-8")
+
+
+def continuation_tags(tags: str, message_id: int, part: int) -> str:
+    """The tags of line `part` (1, 2, ...) of a message: its msgid is N.part."""
+    return tags.replace(f"msgid={message_id}", f"msgid={message_id}.{part}", 1) if tags else tags
 
 
 class IrcWire:
@@ -60,6 +72,8 @@ class IrcWire:
             parts.append(extra)
         if self.msgid:
             parts.append(f"msgid={msg.id}")
+            if msg.client_tags:
+                parts.append(client_tag_text(msg.client_tags))
         if self.time:
             parts.append(f"time={iso_time(msg.ts)}")
         return "@" + ";".join(parts) + " " if parts else ""
@@ -84,7 +98,26 @@ class IrcWire:
             return [f":{_source(event.old, event.userhost)} NICK {event.new}\r\n".encode()]  # type: ignore[union-attr]
         if kind is events.Notice:
             return [f":{self.server} NOTICE * :{_one_line(event.text)}\r\n".encode()]  # type: ignore[union-attr]
-        return []  # answers (names, history, ...) are per session: see IrcSession.reply
+        if kind is events.Signal:
+            line = self.signal(event)  # type: ignore[arg-type]
+            return [line] if line else []
+        return []
+
+    def signal(self, event: events.Signal, extra: str = "") -> bytes:
+        """TAGMSG: only to clients that take message tags (the others would see nothing)."""
+        if not self.msgid:
+            return b""
+        parts = [extra] if extra else []
+        parts.append(f"msgid={event.tag_id}")
+        if event.client_tags:
+            parts.append(client_tag_text(event.client_tags))
+        target = event.room if event.room is not None else event.to
+        source = _source(event.sender, event.userhost)
+        return f"@{';'.join(parts)} :{source} TAGMSG {target}\r\n".encode("utf-8")  # answers (names, history, ...) are per session: see IrcSession.reply
+
+
+def client_tag_text(tags: Tuple[Tuple[str, str], ...]) -> str:
+    return ";".join(f"{k}={escape_tag_value(v)}" if v else k for k, v in tags)
 
 
 def _source(nick: str, userhost: str) -> str:
