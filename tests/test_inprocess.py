@@ -500,13 +500,6 @@ def test_slow_consumer_is_dropped_and_the_others_see_why(make: Callable[..., Har
     assert not any(e["type"] == "quit" and e["nick"] in ("alice", "bob") for e in bob.events)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "Backpressure does not see the room batch: FramedSession._serve checks transport.congested "
-    "(out.size) between requests, but the echoes of `say` wait in Fanout._entries until the "
-    "pass's flush, so one read of small `say`s queues far more than max_outbuf in one chunk and "
-    "a client that reads promptly is dropped as a slow consumer (and so is every other member, "
-    "whose one chunk for the pass is as large) - selchat/doors/framed/session.py _serve and "
-    "selchat/fanout.py Fanout.deliver/flush"))
 def test_a_reading_client_is_not_dropped_for_its_own_echoes(make: Callable[..., Harness]) -> None:
     h = make(max_outbuf=16384, max_frame=4096, max_text=970)  # what --max-outbuf 16384 derives
     alice, bob = h.hello("alice"), h.hello("bob")

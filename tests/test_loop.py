@@ -315,11 +315,6 @@ def test_next_deadline_skips_cancelled_entries() -> None:
     assert heap.entries == 1 and len(heap) == 1
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "TimerHeap.run_due keeps a local alias of self._heap; when a callback cancels enough timers "
-    "to trigger _cancelled_one's rebuild, run_due goes on popping the old list and decrements "
-    "_cancelled for entries the rebuild already dropped, so len() and the compaction count go "
-    "wrong (negative _cancelled) - selchat/loop/timers.py run_due / _cancelled_one"))
 def test_mass_cancel_inside_a_timer_callback_keeps_the_count_exact() -> None:
     heap = TimerHeap()
     victims: List[Any] = []
@@ -414,10 +409,6 @@ def test_signal_wakes_a_blocking_pass(clock: FakeClock) -> None:
         _restore(saved)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "Reactor.close() sets every handled signal to SIG_DFL instead of the handler that was in "
-    "place before install_signal_handlers (e.g. Python's default_int_handler for SIGINT), so an "
-    "in-process reactor breaks its host's signal handling - selchat/loop/reactor.py close()"))
 def test_close_restores_the_previous_signal_handlers(clock: FakeClock) -> None:
     def previous(signum: int, frame: Any) -> None:  # pragma: no cover - never called
         pass

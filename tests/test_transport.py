@@ -578,11 +578,6 @@ def test_resume_reading_after_close_is_a_no_op(rig: Rig) -> None:
     assert rig.registered(t) is None
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "Transport.pause_reading() does not check the state: on a CLOSED transport "
-    "_update_interest treats CLOSED like CLOSING (wants EVENT_READ) and registers the closed "
-    "socket, raising ValueError('Invalid file descriptor: -1') - selchat/loop/transport.py "
-    "pause_reading / _update_interest"))
 def test_pause_reading_after_close_is_a_no_op(rig: Rig) -> None:
     t, session, peer = rig.transport()
     t.abort("gone")

@@ -6,9 +6,10 @@ callback". One pass (`run_once`):
   1. wait in `select` until a file is ready, the nearest timer is due, or (timeout 0) the
      next-pass queue holds work;
   2. call the ready files' callbacks with their event mask;
-  3. run the due timers, then the callbacks queued with `call_soon` *before* this step began
-     (one queued during the step runs in the next pass: "soon" always means "next pass", so a
-     callback that re-queues itself cannot starve the selector);
+  3. run the due timers, then the callbacks queued with `call_soon` before this step began
+     (during this pass's I/O or timers, or in an earlier pass); one queued by a soon-callback
+     or a before-sleep hook waits for the next pass, so a callback that re-queues itself
+     cannot starve the selector;
   4. run the before-sleep hooks in their fixed order (lowest `order` first): the owner of the
      chat commits what the pass said, then the writer sends what the pass queued.
 
@@ -40,7 +41,7 @@ ORDER_WRITE = 90  # queued bytes written (nothing is sent before it is stored)
 
 class Reactor:
     __slots__ = (
-        "selector", "timers", "clock", "now", "_soon", "_hooks", "_stopping",
+        "selector", "timers", "clock", "now", "prev_now", "_soon", "_hooks", "_stopping",
         "_wakeup_r", "_wakeup_w", "_signal_handlers", "passes",
     )
 
@@ -50,6 +51,9 @@ class Reactor:
         self.timers = TimerHeap()
         self.clock = clock
         self.now = clock()
+        # When the previous `select` returned: bytes read in this pass arrived after it (else
+        # they would have been read then), which is what flood control needs after a stall.
+        self.prev_now = self.now
         self._soon: Deque[Tuple[Callable[..., Any], Tuple[Any, ...]]] = deque()
         self._hooks: List[Tuple[int, int, Callable[[], Any]]] = []
         self._stopping = False
@@ -78,7 +82,8 @@ class Reactor:
         return self.timers.call_at(self.now + delay, callback, arg)
 
     def call_soon(self, callback: Callable[..., Any], *args: Any) -> None:
-        """Run `callback(*args)` in the next pass, after its I/O and timers."""
+        """Run `callback(*args)` after the I/O and timers of a pass: this one if queued during
+        them, else the next (from a soon-callback or a before-sleep hook)."""
         self._soon.append((callback, args))
 
     # --- hooks and stopping ---------------------------------------------------------------------
@@ -109,7 +114,7 @@ class Reactor:
         signal.set_wakeup_fd(self._wakeup_w.fileno(), warn_on_full_buffer=False)
         self.selector.register(self._wakeup_r, selectors.EVENT_READ, self._on_wakeup)
         for signum in signals:
-            self._signal_handlers[signum] = handler
+            self._signal_handlers[signum] = (handler, signal.getsignal(signum))
             signal.signal(signum, lambda *_: None)  # the wake-up fd carries the number
 
     def _on_wakeup(self, mask: int) -> None:
@@ -119,9 +124,9 @@ class Reactor:
         except (BlockingIOError, InterruptedError):
             return
         for signum in data:
-            handler = self._signal_handlers.get(signum)
-            if handler is not None:
-                handler(signum)
+            entry = self._signal_handlers.get(signum)
+            if entry is not None:
+                entry[0](signum)
 
     # --- running ------------------------------------------------------------------------------
 
@@ -139,6 +144,7 @@ class Reactor:
         if timeout is not None:
             wait = timeout if wait is None else min(wait, timeout)
         ready = self.selector.select(wait)
+        self.prev_now = self.now
         self.now = self.clock()
         self.passes += 1
         for key, mask in ready:
@@ -154,8 +160,9 @@ class Reactor:
     def close(self) -> None:
         if self._wakeup_r is not None:
             signal.set_wakeup_fd(-1)
-            for signum in self._signal_handlers:
-                signal.signal(signum, signal.SIG_DFL)
+            for signum, (_, previous) in self._signal_handlers.items():
+                signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
+            self._signal_handlers.clear()
             self._wakeup_r.close()
             assert self._wakeup_w is not None
             self._wakeup_w.close()

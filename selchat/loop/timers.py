@@ -92,6 +92,8 @@ class TimerHeap:
     def _cancelled_one(self) -> None:
         self._cancelled += 1
         if self._cancelled > _COMPACT_MIN and self._cancelled * 2 > len(self._heap):
-            self._heap = [entry for entry in self._heap if entry[2].callback is not None]
-            heapq.heapify(self._heap)
+            # In place: `run_due` may be walking this very list (a callback cancelling timers).
+            heap = self._heap
+            heap[:] = [entry for entry in heap if entry[2].callback is not None]
+            heapq.heapify(heap)
             self._cancelled = 0

@@ -177,7 +177,7 @@ class Transport:
             self._update_interest()
 
     def pause_reading(self) -> None:
-        if not self.paused:
+        if not self.paused and self.state is not State.CLOSED:
             self.paused = True
             self._update_interest()
 
@@ -234,7 +234,9 @@ class Transport:
         except (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
             return
         except OSError as exc:
-            self._closed(f"read failed: {exc.strerror or exc}")
+            # While closing, the peer going away is the end we were waiting for.
+            self._closed(f"read failed: {exc.strerror or exc}" if self.state is State.OPEN
+                         else self.close_detail)
             return
         state = self.state
         if data:
@@ -465,6 +467,14 @@ class TLSTransport(Transport):
             # More than one pass's worth: come back next pass even if the socket stays quiet.
             self.reactor.call_soon(self._read_more)
         return b"".join(parts)
+
+    def _start_linger(self) -> None:
+        # Our close_notify first, so the peer sees a clean end of TLS, not a truncated stream.
+        try:
+            self.sock.unwrap()  # type: ignore[attr-defined]
+        except (ssl.SSLError, OSError, ValueError):
+            pass  # sent (or not possible); waiting for the peer's own close_notify is not needed
+        Transport._start_linger(self)
 
     def _read_more(self) -> None:
         if self.state is not State.CLOSED and (self.state is not State.OPEN or not self.throttled):
