@@ -24,6 +24,7 @@ import resource
 import socket
 import ssl
 import sys
+import time
 from typing import Any, Callable, Dict, List, Optional
 
 from selchat import SERVER_NAME
@@ -70,6 +71,7 @@ class Server:
             max_presence=config.max_presence,
             history_on_join=config.history_on_join,
             history_bytes=config.max_frame,
+            started_ms=int(time.time() * 1000),
         )
         self.hub = Hub(self.chat, self.reactor)
         self.admission = Admission(config.max_clients, config.max_per_ip)
@@ -179,7 +181,7 @@ class Server:
         self.transports[transport.fd] = transport
         self.accepted += 1
         if reject is not None:
-            log.warning("refusing %s: %s", peer, reject)
+            self.admission.log_refusal(peer, reject)  # one line per reason and period, with a count
         else:
             log.debug("connected: %s", peer)
         transport.start(door.session(reject))

@@ -41,6 +41,11 @@ OUTPUT_BYTES_PER_TOKEN = 16384  # a request's answer beyond the first token: 1 p
 ROWS_PER_TOKEN = 50  # and 1 per 50 rows read from the store (history pages are up to 200 rows)
 
 
+# A token, less what float arithmetic may lose over a refill: a debt repaid "exactly" at its
+# due time must admit the request then, not ask for another wait of a picosecond.
+_ONE = 1.0 - 1e-9
+
+
 def answer_cost(output_bytes: int = 0, rows: int = 0) -> float:
     """The tokens an answer cost *beyond* the one its request took: for `TokenBucket.bill`.
 
@@ -123,13 +128,13 @@ class TokenBucket:
         if when > end:
             when = end
         self._refill(when)
-        if self.count >= 1.0:
+        if self.count >= _ONE:
             self.count -= 1.0
             self.refused = 0
         else:
             self.refused += 1
             return DISCONNECT if self.refused > self.burst else REFUSE
-        if self.tokens >= 1.0:
+        if self.tokens >= _ONE:
             self.tokens = max(-self.max_debt, self.tokens - cost)
             return ALLOW
         return REFUSE  # in debt for expensive answers, but not flooding: refused, never dropped
@@ -142,6 +147,24 @@ class TokenBucket:
         """
         if cost > 0:
             self.tokens = max(-self.max_debt, self.tokens - cost)
+
+    def debt_wait(self, now: float) -> float:
+        """Seconds to wait before serving more, when expensive answers (not the request count)
+        left a debt; 0 when the next request may be charged as usual.
+
+        A session waits this long instead of refusing: the contract's rate counts requests, so
+        a client within it is never refused for what its answers cost, only served later.
+        """
+        if self.rate <= 0 or self.tokens >= self.count:
+            return 0.0  # no bill outstanding: the request count decides, as usual
+        # Projected to `now` without refilling: charges are made at arrival times, which may
+        # be earlier than now, and refilling here would lose what they are owed.
+        gained = max(0.0, now - self.stamp) * self.rate
+        burst = float(self.burst)
+        tokens = min(burst, self.tokens + gained)
+        if tokens >= _ONE or min(burst, self.count + gained) < _ONE:
+            return 0.0
+        return (1.0 - tokens) / self.rate
 
     def ready_in(self, now: float) -> float:
         """Seconds from `now` until a request would be admitted (0 when it would be now).

@@ -25,7 +25,7 @@ from typing import Any, Dict, Optional
 from selchat.core import events
 from selchat.core.chat import ChatError, User
 from selchat.core.events import Message
-from selchat.core.ratelimit import ALLOW, DISCONNECT, TokenBucket
+from selchat.core.ratelimit import ALLOW, DISCONNECT, OUTPUT_BYTES_PER_TOKEN, Arrivals, TokenBucket, answer_cost
 from selchat.doors.framed import codec
 from selchat.doors.framed.protocol import (
     Hello,
@@ -96,15 +96,25 @@ def _password_matches(expected: bytes, given: Optional[str]) -> bool:
 class JsonSession:
     """One connection of a JSON door; subclasses feed `_on_payload` and may say goodbye."""
 
-    __slots__ = ("door", "wire", "transport", "user", "bucket", "last_seen", "pinged", "doomed",
-                 "reject", "_handshake_timer", "_idle_timer", "__weakref__")
+    __slots__ = ("door", "wire", "transport", "user", "bucket", "arrivals", "consumed",
+                 "pings_owed", "_debt_timer", "not_before", "last_seen", "pinged", "doomed", "reject", "_handshake_timer",
+                 "_idle_timer", "__weakref__")
 
     def __init__(self, door: JsonDoor, wire: Any, reject: Optional[str] = None) -> None:
         self.door = door
         self.wire = wire
         self.transport: Transport = None  # type: ignore[assignment]  # set by connection_made
         self.user: Optional[User] = None
-        self.bucket: Optional[TokenBucket] = None  # made at registration: flood control
+        # Flood control from the first byte, before registration too: every frame is paid for.
+        self.bucket: Optional[TokenBucket] = None
+        self.arrivals: Optional[Arrivals] = None
+        if door.rate > 0:
+            self.bucket = TokenBucket(door.reactor.now, door.rate, door.burst)
+            self.arrivals = Arrivals()
+        self.consumed = 0  # input bytes served so far (framing counted as 4 bytes a payload)
+        self.pings_owed = 0  # our pings not yet answered: their pongs are free
+        self._debt_timer: Optional[Timer] = None
+        self.not_before = float("-inf")  # requests are charged no earlier than this (a debt)
         self.last_seen = door.reactor.now
         self.pinged = False
         self.doomed = False  # condemned: nothing more is served
@@ -141,7 +151,44 @@ class JsonSession:
 
     def _send_ping(self, token: str) -> None:
         """Ask a silent peer to prove it is alive."""
+        self.pings_owed = 1
         self.reply(events.Ping(token), None)
+
+    def _in_debt(self) -> bool:
+        """Expensive answers left a debt: serve nothing more until it is repaid (then resume)."""
+        bucket = self.bucket
+        if bucket is None or bucket.tokens >= bucket.count:
+            return False
+        if self._debt_timer is not None:
+            return True
+        # Judged at the time the next request arrived (or, if it waited for a debt already,
+        # when that debt was repaid), which is when its charge will be made.
+        when = max(self._charge_time(self.consumed + 1), self.not_before)
+        wait = bucket.debt_wait(when)
+        if wait <= 0:
+            return False
+        self.not_before = when + wait
+        self.transport.pause_reading()
+        reactor = self.door.reactor
+        # Never in the past: a timer due now would fire in this very pass, again and again.
+        self._debt_timer = reactor.call_at(max(self.not_before, reactor.now + 0.001), self._debt_repaid)
+        return True
+
+    def _charge_time(self, offset: int) -> float:
+        start, end, fraction = self.arrivals.at(offset)  # type: ignore[union-attr]
+        return end if fraction >= 1.0 else start + (end - start) * fraction
+
+    def _debt_repaid(self, _: Any = None) -> None:
+        self._debt_timer = None
+        if self.transport.state is State.OPEN:
+            self.transport.resume_reading()
+            self.resume_serving()
+
+    def _arrived(self, n: int) -> None:
+        """`n` bytes were read now: for flood control, when they may have arrived."""
+        if self.arrivals is not None:
+            reactor = self.door.reactor
+            self.arrivals.read(n, reactor.prev_now, reactor.now)
 
     def _release(self) -> None:
         """Free what the subclass buffers; the connection is gone."""
@@ -155,12 +202,13 @@ class JsonSession:
             self.door.hub.condemn(self, "slow consumer")
 
     def connection_lost(self, detail: str) -> None:
-        for timer in (self._handshake_timer, self._idle_timer):
+        for timer in (self._handshake_timer, self._idle_timer, self._debt_timer):
             if timer is not None:
                 timer.cancel()
-        self._handshake_timer = self._idle_timer = None
+        self._handshake_timer = self._idle_timer = self._debt_timer = None
         self._release()
         self.bucket = None
+        self.arrivals = None
         user, self.user = self.user, None
         if user is not None:
             self.door.hub.leave(user, "connection closed")
@@ -225,6 +273,7 @@ class JsonSession:
 
     def _on_payload(self, payload: bytes) -> None:
         """Serve one JSON payload: flood control, decode, parse, then the request itself."""
+        self.consumed += len(payload) + 4
         if self.bucket is not None and not self._admit(payload):
             return
         door = self.door
@@ -259,10 +308,17 @@ class JsonSession:
             return
         if kind is PongReply:
             return  # the liveness it proves was noted when its bytes arrived
+        bucket = self.bucket
+        before = self.transport.out.size
         try:
             door.hub.handle(user, request, ref)  # type: ignore[arg-type]
         except ChatError as exc:
             self.send_error(exc.code, exc.message, ref)
+            return
+        if bucket is not None:
+            # An expensive answer (a long room list, a page of history) costs what it
+            # produced: a debt that the next requests wait out.
+            bucket.bill(answer_cost(self.transport.out.size - before))
 
     def _admit(self, payload: bytes) -> bool:
         """Flood control: may this request be served? Else it was refused (and perhaps the end).
@@ -271,9 +327,19 @@ class JsonSession:
         too (a WebSocket ping, a binary message) by passing b"".
         """
         bucket = self.bucket
-        if bucket is None or (b'"pong"' in payload and _is_pong(payload)):
+        if bucket is None:
             return True
-        verdict = bucket.take(self.door.reactor.now)
+        if self.pings_owed and b'"pong"' in payload and _is_pong(payload):
+            self.pings_owed = 0  # the answer to our own ping is never charged
+            return True
+        # Charged when it arrived, not when it is served (a stall must not turn a backlog
+        # into a burst), and by its size: a large frame costs as many small ones.
+        start, end, fraction = self.arrivals.at(self.consumed)  # type: ignore[union-attr]
+        if self._charge_time(self.consumed) < self.not_before:
+            start = end = self.not_before  # it waited for a debt: charged when that was repaid
+            fraction = 1.0
+        # (one more token per whole 16 KiB, so that small requests cost exactly one each)
+        verdict = bucket.charge(start, end, fraction, 1.0 + len(payload) // OUTPUT_BYTES_PER_TOKEN)
         if verdict is ALLOW:
             return True
         if verdict is DISCONNECT:
@@ -292,7 +358,8 @@ class JsonSession:
             self._close(None, "bad password", CLOSE_POLICY)
             return
         try:
-            self.user = door.hub.register(request.nick, self, ref, door=door.name)
+            self.user = door.hub.register(request.nick, self, ref, door=door.name,
+                                          origin=self.transport.ip)
         except ChatError as exc:
             self.send_error(exc.code, exc.message, ref)
             return
@@ -300,6 +367,8 @@ class JsonSession:
             self._handshake_timer.cancel()
             self._handshake_timer = None
         if door.rate > 0:
+            # A bucket of its own from here: what was spent getting in (hello, pings, bad
+            # frames) is not taken from what the contract promises after welcome.
             self.bucket = TokenBucket(door.reactor.now, door.rate, door.burst)
         log.info("registered: %s as %s (client %r)", self.transport.peer, request.nick, request.client)
 

@@ -80,6 +80,7 @@ class FramedSession(JsonSession):
     def data_received(self, data: bytes) -> None:
         self.last_seen = self.door.reactor.now
         self.pinged = False
+        self._arrived(len(data))
         self.decoder.feed(data)
         self._serve()
 
@@ -107,9 +108,11 @@ class FramedSession(JsonSession):
         while transport.state is State.OPEN:
             if self.doomed:
                 return
-            if transport.congested:
+            if self.door.hub.fanout.congested(transport):
                 transport.wait_for_drain()
                 return
+            if self._in_debt():
+                return  # expensive answers: served again once they are paid for
             try:
                 payload = decoder.next_frame()
             except codec.FrameError as exc:

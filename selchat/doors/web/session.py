@@ -125,6 +125,7 @@ class WebSession(JsonSession):
     def data_received(self, data: bytes) -> None:
         self.last_seen = self.door.reactor.now
         self.pinged = False
+        self._arrived(len(data))
         ws = self.ws
         if ws is not None:
             ws.receive_data(data)
@@ -175,7 +176,7 @@ class WebSession(JsonSession):
         http = self.http
         send = self.door.hub.fanout.send
         while http is not None and transport.state is State.OPEN:
-            if transport.congested:
+            if self.door.hub.fanout.congested(transport):
                 transport.wait_for_drain()
                 return
             step = http.step()
@@ -222,9 +223,11 @@ class WebSession(JsonSession):
             return
         if self.doomed:
             return
-        if transport.congested:
+        if self.door.hub.fanout.congested(transport):
             transport.wait_for_drain()
             return
+        if self._in_debt():
+            return  # expensive answers: served again once they are paid for
         for event in ws.events():
             kind = type(event)
             if kind is TextMessage or kind is BytesMessage:
@@ -237,8 +240,10 @@ class WebSession(JsonSession):
             # a Pong needs nothing: its bytes proved the peer alive when they arrived
             if transport.state is not State.OPEN or self.doomed:
                 return
-            if transport.congested:
+            if self.door.hub.fanout.congested(transport):
                 transport.wait_for_drain()
+                return
+            if self._in_debt():
                 return
 
     def _on_data(self, event: Any) -> None:
