@@ -1468,6 +1468,8 @@ def table(runs: List[Dict[str, Any]]) -> str:
         spans = [(o, o + n + settle_s) for o, n in r["stall_schedule"]]
         secs = {k: v for k, v in good_of(r, "p99_by_second_ms").items()
                 if not any(a - 1 < int(k) + 1 and int(k) < b for a, b in spans)}
+        if not secs:
+            return "– (every second touches a stall)"
         k = max(secs, key=lambda s: secs[s])
         return f"{fmt(secs[k])} at +{k} s"
 
