@@ -577,7 +577,7 @@ def test_in_process_the_handshake_deadline_follows_the_clock() -> None:
 
 def test_an_idle_web_client_costs_at_most_8_kib() -> None:
     server, clock = in_process_server()
-    count = 200
+    count = 60
     socks: List[socket.socket] = []
     conns: List[WSConnection] = []
 
@@ -607,7 +607,7 @@ def test_an_idle_web_client_costs_at_most_8_kib() -> None:
     # test's own client connections are in the same process. The server's end of each
     # socketpair was made by the test; its size is added by hand.
     server_side = [tracemalloc.Filter(True, "*/selchat/*", all_frames=True)]
-    tracemalloc.start(40)
+    tracemalloc.start(25)
     try:
         before = tracemalloc.take_snapshot().filter_traces(server_side)
         open_clients(count)

@@ -175,6 +175,12 @@ class Transport:
         if not self.throttled and self.state is State.OPEN:
             self.throttled = True
             self._update_interest()
+            # The writer looks at us at the end of this pass even if nothing is queued for us
+            # (the caller may be waiting for bytes batched elsewhere): below the low-water
+            # mark by then, we resume in the next pass instead of waiting for ever.
+            if not self.dirty:
+                self.dirty = True
+                self.writer.dirty.append(self)
 
     def pause_reading(self) -> None:
         if not self.paused and self.state is not State.CLOSED:
