@@ -47,9 +47,10 @@ def _find_repo() -> Path:
 
 REPO = _find_repo()
 PEERS_DIR = REPO / "benchmarks" / "peers"
-_LISTENING = re.compile(r"(?<!irc )listening on (\S+):(\d+)")  # the native door
+_LISTENING = re.compile(r"(?<!irc )(?<!web )listening on (\S+):(\d+)")  # the native door
 _IRC_LISTENING = re.compile(r"irc listening on (\S+):(\d+)")
-NATIVE, IRC = "native", "irc"  # the protocols a server can be measured with
+_WEB_LISTENING = re.compile(r"web listening on (\S+):(\d+)")
+NATIVE, IRC, WS = "native", "irc", "ws"  # the protocols a server can be measured with
 NGIRCD = "/usr/sbin/ngircd"
 INSPIRCD = "/usr/sbin/inspircd"
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -171,7 +172,7 @@ def git_label(path: Path) -> str:
     return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
-SELCHAT_NAMES = ("selchat", "selchat-db", "selchat-irc", "selchat-base")
+SELCHAT_NAMES = ("selchat", "selchat-db", "selchat-irc", "selchat-web", "selchat-base")
 
 
 def known_servers(overrides: Optional[Dict[str, str]] = None, baseline: Optional[Path] = None) -> Dict[str, ServerSpec]:
@@ -188,6 +189,9 @@ def known_servers(overrides: Optional[Dict[str, str]] = None, baseline: Optional
         "selchat-db": ServerSpec("selchat-db", [py, "-m", "selchat.server"]),
         # The same server measured through its IRC door (`--irc-port 0`).
         "selchat-irc": ServerSpec("selchat-irc", [py, "-m", "selchat.server"], protocols=(IRC,)),
+        # The same server with its receivers on the WebSocket door (`--web-port 0`); the
+        # senders of `wsfanout` stay on the native port.
+        "selchat-web": ServerSpec("selchat-web", [py, "-m", "selchat.server"], protocols=(WS,)),
         # The server of another checkout (--baseline PATH), for before/after in one run.
         "selchat-base": ServerSpec("selchat-base", [py, "-m", "selchat.server"], root=baseline),
         "threaded": ServerSpec("threaded", [py, str(PEERS_DIR / "threaded_server.py")]),
@@ -220,6 +224,8 @@ def known_servers(overrides: Optional[Dict[str, str]] = None, baseline: Optional
             spec.fixed_flags = True
             if name == "selchat-irc" and "--irc-port" not in spec.extra:
                 spec.extra += ["--irc-port", "0"]
+            if name == "selchat-web" and "--web-port" not in spec.extra:
+                spec.extra += ["--web-port", "0"]
     return specs
 
 
@@ -237,9 +243,14 @@ def resolve_flags(spec: ServerSpec) -> None:
     wanted = list(SELCHAT_WANTED_FLAGS)
     if spec.name == "selchat-irc":
         wanted += ["--irc-port", "0"]
+    if spec.name == "selchat-web":
+        wanted += ["--web-port", "0"]
     kept, dropped = _supported(spec.argv, wanted, root=spec.root)
     if spec.name == "selchat-irc" and "--irc-port" in dropped:
         spec.unavailable = "selchat.server has no --irc-port yet"
+        return
+    if spec.name == "selchat-web" and "--web-port" in dropped:
+        spec.unavailable = "selchat.server has no --web-port yet"
         return
     if spec.name == "selchat-db":
         kept = [DB_PLACEHOLDER if v == ":memory:" else v for v in kept]
@@ -352,7 +363,8 @@ DB_PLACEHOLDER = "{tmpdb}"  # replaced by a fresh temporary database file at eac
 class RunningServer:
     """A started server process; use as a context manager so it is always killed.
 
-    `port` is the native door (None for a server without one), `irc_port` the IRC one.
+    `port` is the native door (None for a server without one), `irc_port` the IRC one,
+    `web_port` the web door (HTTP and WebSocket).
     """
 
     def __init__(self, spec: ServerSpec, host: str = "127.0.0.1", start_timeout: float = 20.0, attempts: int = 3) -> None:
@@ -362,6 +374,7 @@ class RunningServer:
         self.confdir: Optional[str] = None
         self.port: Optional[int] = None
         self.irc_port: Optional[int] = None
+        self.web_port: Optional[int] = None
         for attempt in range(attempts):
             self._start(start_timeout)
             try:
@@ -415,7 +428,13 @@ class RunningServer:
             else:
                 m = _LISTENING.search(text)
                 native = int(m.group(2)) if m else 0
-                if not irc_door:
+                if WS in self.spec.protocols:
+                    # selchat says `web listening on` whatever its log level
+                    mw = _WEB_LISTENING.search(text)
+                    if native and mw:
+                        self.port, self.web_port = native, int(mw.group(2))
+                        return
+                elif not irc_door:
                     port = native or (min(ports) if ports else 0)
                     if port:
                         self.port = port

@@ -362,19 +362,26 @@ class _Worker:
         t_open = time.monotonic()
         if not self.t_first_connect:
             self.t_first_connect = t_open
-        err = sock.connect_ex(self.addr)
+        err = sock.connect_ex(self._address(sid))
         if err not in (0, errno.EINPROGRESS):
             sock.close()
             self._count_error(errno.errorcode.get(err, str(err)))
             self.reg_failed += 1
             return
-        c = self.conn_class(sock, nick, sid)
+        c = self._new_conn(sock, nick, sid)
         c.t_open = t_open
         if sid >= 0:
             c.say_head = self.say_head + SID_ALPHABET[sid : sid + 1]
         self.conns[c.fd] = c
         self.pending += 1
         self.ep.register(c.fd, _EPOLLOUT)
+
+    def _address(self, sid: int) -> Tuple[str, int]:
+        """Where a member connects (the WebSocket workload sends receivers to another port)."""
+        return self.addr
+
+    def _new_conn(self, sock: socket.socket, nick: str, sid: int) -> _Conn:
+        return self.conn_class(sock, nick, sid)
 
     def _connected(self, c: _Conn) -> None:
         err = c.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
@@ -638,13 +645,17 @@ class _Worker:
         self.samples = []
 
 
-def _worker_main(pipe: Any, host: str, port: int, msg_size: int, protocol: str = "native") -> None:
+def _worker_main(pipe: Any, host: str, port: int, msg_size: int, protocol: str = "native", ws_port: int = 0) -> None:
     raise_nofile()
     try:
         if protocol == "irc":
             from selchat.bench.ircload import IrcWorker
 
             IrcWorker(pipe, host, port, msg_size).run()
+        elif protocol == "ws":
+            from selchat.bench.wsload import WsWorker
+
+            WsWorker(pipe, host, port, msg_size, ws_port).run()
         else:
             _Worker(pipe, host, port, msg_size).run()
     except BaseException as exc:  # report, never hang the driver
@@ -665,13 +676,15 @@ class GenError(RuntimeError):
 class Fleet:
     """The driver's handle on its worker processes."""
 
-    def __init__(self, host: str, port: int, workers: int, msg_size: int = 100, protocol: str = "native") -> None:
+    def __init__(
+        self, host: str, port: int, workers: int, msg_size: int = 100, protocol: str = "native", ws_port: int = 0,
+    ) -> None:
         ctx = mp.get_context("fork")
         self.pipes = []
         self.procs = []
         for _ in range(workers):
             parent, child = ctx.Pipe()
-            proc = ctx.Process(target=_worker_main, args=(child, host, port, msg_size, protocol), daemon=True)
+            proc = ctx.Process(target=_worker_main, args=(child, host, port, msg_size, protocol, ws_port), daemon=True)
             proc.start()
             child.close()
             self.pipes.append(parent)
@@ -807,6 +820,8 @@ class LoadConfig:
     drain_timeout: float = 10.0
     drain_quiet: float = 0.3
     protocol: str = "native"  # or "irc": NICK/USER/JOIN and PRIVMSG lines (selchat.bench.ircload)
+    # or "ws": receivers on the WebSocket door at ws_port, senders native on port (selchat.bench.wsload)
+    ws_port: int = 0
 
 
 @dataclass
@@ -887,7 +902,9 @@ def run_load(cfg: LoadConfig, probe: Optional[Probe] = None) -> LoadResult:
         from selchat.bench.ircload import plan_irc_shares
 
         shares = plan_irc_shares(cfg)
-    elif cfg.protocol == "native":
+    elif cfg.protocol in ("native", "ws"):
+        if cfg.protocol == "ws" and not cfg.ws_port:
+            raise ValueError("the WebSocket workload needs ws_port")
         shares = plan_shares(cfg)
     else:
         raise ValueError(f"unknown protocol {cfg.protocol!r}")
@@ -902,7 +919,7 @@ def run_load(cfg: LoadConfig, probe: Optional[Probe] = None) -> LoadResult:
         samplings = [cfg.sample_every or 1] * len(shares)
     raise_nofile()
     t_send = 0.0
-    with Fleet(cfg.host, cfg.port, len(shares), cfg.msg_size, cfg.protocol) as fleet:
+    with Fleet(cfg.host, cfg.port, len(shares), cfg.msg_size, cfg.protocol, cfg.ws_port) as fleet:
         reg = fleet.connect(shares, cfg.ramp_rate, cfg.max_pending, cfg.register_timeout)
         want = cfg.receivers + cfg.senders
         if reg["ok"] != want:
@@ -1034,8 +1051,11 @@ def run_idle(
     extra_joins: int = 100,
     workers: int = 2,
     register_timeout: float = 60.0,
+    protocol: str = "native",
 ) -> IdleResult:
     """Ramp `connections` clients into #lobby, let them sit, then add `extra_joins` more.
+
+    With `protocol="ws"`, `port` is a WebSocket door and every client registers over it.
 
     `probe("before")` runs before the first connect and `probe("after")` once everybody is
     registered and the traffic has settled, so the caller can difference the server's RSS.
@@ -1043,7 +1063,7 @@ def run_idle(
     """
     raise_nofile()
     specs: List[Spec] = [(f"i{i:05d}", -1) for i in range(connections)]
-    with Fleet(host, port, workers) as fleet:
+    with Fleet(host, port, workers, protocol=protocol, ws_port=port if protocol == "ws" else 0) as fleet:
         if probe:
             probe("before")
         reg = fleet.connect(split_round_robin(specs, workers), ramp_rate, max_pending, register_timeout)
@@ -1090,18 +1110,27 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--fast-poll-ms", type=float, default=LoadConfig.fast_poll * 1000)
     ap.add_argument("--idle", type=int, default=0, help="instead: ramp this many idle clients and report")
     ap.add_argument("--irc", action="store_true", help="speak IRC to an IRC server (NICK/USER/JOIN #lobby, PRIVMSG lines)")
+    ap.add_argument(
+        "--ws-port", type=int, default=0,
+        help="receivers on this WebSocket door (GET /ws), senders native on --port; with --idle: idle clients there",
+    )
     args = ap.parse_args(argv)
     if args.idle and args.irc:
-        ap.error("--idle speaks the native protocol only")
+        ap.error("--idle speaks the native protocol or WebSocket only")
+    if args.irc and args.ws_port:
+        ap.error("--irc and --ws-port exclude each other")
     if args.idle:
-        res: Any = run_idle(args.host, args.port, args.idle, workers=args.bulk_workers or 2)
+        res: Any = run_idle(
+            args.host, args.ws_port or args.port, args.idle, workers=args.bulk_workers or 2,
+            protocol="ws" if args.ws_port else "native",
+        )
     else:
         cfg = LoadConfig(
             host=args.host, port=args.port, receivers=args.receivers, senders=args.senders,
             duration=args.duration, warmup=args.warmup, rate=args.rate, window=args.window,
             bulk_workers=args.bulk_workers, fast_poll=args.fast_poll_ms / 1000,
             bulk_poll=None if args.bulk_poll_ms is None else args.bulk_poll_ms / 1000,
-            protocol="irc" if args.irc else "native",
+            protocol="irc" if args.irc else "ws" if args.ws_port else "native", ws_port=args.ws_port,
         )
         res = run_load(cfg)
     json.dump(res.as_dict(), sys.stdout, indent=2)

@@ -6,10 +6,11 @@ favouring one. The server's CPU time and RSS are read from /proc at the edges of
 window. The table goes to stdout and is appended to benchmarks/RESULTS.md with the exact
 command, the machine and the date; the fan-out points also give a PNG plot.
 
-Points come in two protocols: the native ones (fan-out, latency, idle) run against the
+Points come in three protocols: the native ones (fan-out, latency, idle) run against the
 servers that speak selchat's framed protocol, `ircfanout` against those that speak IRC
-(selchat's IRC door, ngIRCd, InspIRCd); a server is only run on the points it can serve,
-and both kinds share the table's columns.
+(selchat's IRC door, ngIRCd, InspIRCd), `wsfanout` against selchat's WebSocket door
+(`selchat-web`, whose idle point also registers over WebSocket); a server is only run on
+the points it can serve, and all kinds share the table's columns.
 """
 
 from __future__ import annotations
@@ -31,12 +32,12 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from selchat.bench import loadgen
 from selchat.bench.launcher import (
-    IRC, NATIVE, REPO, RunningServer, ServerError, ServerSpec, known_servers, resolve_flags, uvloop_available,
+    IRC, NATIVE, REPO, WS, RunningServer, ServerError, ServerSpec, known_servers, resolve_flags, uvloop_available,
 )
 
-ALL_POINTS = ("fanout", "latency", "idle", "sweep", "ircfanout")
-KIND_ORDER = ("fanout", "ircfanout", "latency", "idle")
-DEFAULT_SERVERS = "selchat,threaded,asyncio,uvloop,selchat-irc,ngircd,inspircd"
+ALL_POINTS = ("fanout", "latency", "idle", "sweep", "ircfanout", "wsfanout")
+KIND_ORDER = ("fanout", "wsfanout", "ircfanout", "latency", "idle")
+DEFAULT_SERVERS = "selchat,threaded,asyncio,uvloop,selchat-irc,ngircd,inspircd,selchat-web"
 IRC_DRAIN_QUIET = 1.0  # InspIRCd can pause a few hundred ms under load; do not call that the end
 GEN_LIMIT = 0.8  # generator cores above which a throughput figure is not trusted
 OTHER_LIMIT = 0.25  # cores of other processes' load above which a figure is flagged
@@ -44,14 +45,20 @@ OTHER_LIMIT = 0.25  # cores of other processes' load above which a figure is fla
 
 @dataclass(frozen=True)
 class Case:
-    """One benchmark point; `kind` is fanout, ircfanout, latency or idle."""
+    """One benchmark point; `kind` is fanout, wsfanout, ircfanout, latency or idle."""
 
     kind: str
     size: int  # receivers (fanout, ircfanout, latency) or idle connections
 
     @property
     def protocol(self) -> str:
-        return IRC if self.kind == "ircfanout" else NATIVE
+        return IRC if self.kind == "ircfanout" else WS if self.kind == "wsfanout" else NATIVE
+
+    def runs_on(self, spec: ServerSpec) -> bool:
+        """The idle point is run over WebSocket on a server measured through its web door."""
+        if self.kind == "idle":
+            return NATIVE in spec.protocols or WS in spec.protocols
+        return self.protocol in spec.protocols
 
     @property
     def label(self) -> str:
@@ -59,6 +66,8 @@ class Case:
             return f"fan-out R={self.size}"
         if self.kind == "ircfanout":
             return f"IRC fan-out R={self.size}"
+        if self.kind == "wsfanout":
+            return f"WebSocket fan-out R={self.size}"
         if self.kind == "latency":
             return f"latency R={self.size}"
         return f"idle {self.size:,}"
@@ -146,6 +155,13 @@ def _run_load(case: Case, srv: RunningServer, opts: argparse.Namespace, out: Out
             port=srv.irc_port, receivers=case.size, senders=opts.senders, duration=opts.duration,
             warmup=opts.warmup, window=opts.window, protocol="irc", drain_quiet=IRC_DRAIN_QUIET,
         )
+    elif case.kind == "wsfanout":
+        if srv.web_port is None or srv.port is None:
+            raise loadgen.GenError(f"{srv.spec.name} has no web port and native port")
+        cfg = loadgen.LoadConfig(
+            port=srv.port, ws_port=srv.web_port, receivers=case.size, senders=opts.senders, duration=opts.duration,
+            warmup=opts.warmup, window=opts.window, protocol="ws",
+        )
     else:
         cfg = loadgen.LoadConfig(
             port=srv.port, receivers=case.size, senders=opts.senders, duration=opts.duration,
@@ -185,9 +201,14 @@ def _run_idle(case: Case, srv: RunningServer, opts: argparse.Namespace, out: Out
     def probe(edge: str) -> None:
         samples[edge] = (time.monotonic(), srv.cpu_seconds(), srv.rss_kib())
 
+    over_ws = NATIVE not in srv.spec.protocols and WS in srv.spec.protocols
+    port = srv.web_port if over_ws else srv.port
+    if port is None:
+        raise loadgen.GenError(f"{srv.spec.name} has no port for idle clients")
     res = loadgen.run_idle(
-        "127.0.0.1", srv.port, case.size, probe, ramp_rate=opts.ramp_rate,
+        "127.0.0.1", port, case.size, probe, ramp_rate=opts.ramp_rate,
         register_timeout=opts.register_timeout, extra_joins=opts.extra_joins,
+        protocol="ws" if over_ws else "native",
     )
     if res.registered != case.size:
         out.failed = f"n/a: {res.registered:,} of {case.size:,} registered within {opts.register_timeout:.0f} s ({res.errors})"
@@ -217,6 +238,8 @@ def plan(opts: argparse.Namespace) -> List[Case]:
             cases += [Case("fanout", r) for r in opts.fanout_receivers]
         elif point == "ircfanout":
             cases += [Case("ircfanout", r) for r in opts.fanout_receivers]
+        elif point == "wsfanout":
+            cases += [Case("wsfanout", r) for r in opts.fanout_receivers]
         elif point == "sweep":
             cases += [Case("fanout", r) for r in opts.sweep]
         elif point == "latency":
@@ -324,6 +347,26 @@ def table(
     return "\n".join(lines)
 
 
+def ws_ratios(cases: Sequence[Case], servers: Sequence[str], results: Dict[Tuple[Case, str], Outcome]) -> List[str]:
+    """WebSocket fan-out over native fan-out at each R, when one run measured both."""
+    out: List[str] = []
+    native = [n for n in servers if n == "selchat"] or [n for n in servers if n.startswith("selchat") and n != "selchat-web"]
+    for case in cases:
+        if case.kind != "wsfanout":
+            continue
+        for ws in servers:
+            o = results.get((case, ws))
+            if o is None or "deliveries_per_s" not in o.metrics:
+                continue
+            for nat in native:
+                ref = results.get((Case("fanout", case.size), nat))
+                if ref is None or not ref.metrics.get("deliveries_per_s"):
+                    continue
+                a, b = o.metrics["deliveries_per_s"], ref.metrics["deliveries_per_s"]
+                out.append(f"* WebSocket / native fan-out at R={case.size}: {ws} {a:,.0f} / {nat} {b:,.0f} = **{a / b:.2f}x**")
+    return out
+
+
 def plot(cases: Sequence[Case], servers: Sequence[str], results: Dict[Tuple[Case, str], Outcome], path: Path) -> bool:
     fan = [c for c in cases if c.kind == "fanout"]
     if not fan:
@@ -404,7 +447,17 @@ def report(
             "100-character text; a delivery is one PRIVMSG line received by one member (each message reaches "
             "R + S - 1: IRC does not echo to the sender); each sender's window is counted by one designated receiver.",
         ]
+    if any(c.kind == "wsfanout" for c in cases):
+        lines += [
+            "",
+            "WebSocket fan-out: the same R receivers on selchat's web door (`GET /ws`, one unmasked text frame per "
+            "JSON message), the same S native senders counting their own echoes; a delivery is one `message` "
+            "received by one member (R + S per message). An idle row of `selchat-web` registers its clients over WebSocket.",
+        ]
     lines += ["", table(cases, servers, results, {n: specs[n].shown for n in servers}), ""]
+    ratio_lines = ws_ratios(cases, servers, results)
+    if ratio_lines:
+        lines += ratio_lines + [""]
     if plotted:
         rel = os.path.relpath(plotted, Path(opts.results).parent) if opts.results else str(plotted)
         lines += [f"![throughput and p99 latency against receivers]({rel})", ""]
@@ -420,16 +473,17 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     ap.add_argument(
         "--servers", default=DEFAULT_SERVERS,
         help="comma-separated: selchat, selchat-db (history in an SQLite file), selchat-base (the server of --baseline), "
-        "threaded, asyncio, uvloop (native protocol); selchat-irc (selchat's IRC door), ngircd, inspircd (IRC)",
+        "threaded, asyncio, uvloop (native protocol); selchat-irc (selchat's IRC door), ngircd, inspircd (IRC); "
+        "selchat-web (selchat's WebSocket door)",
     )
-    ap.add_argument("--points", default=",".join(ALL_POINTS), help="comma-separated: fanout, latency, idle, sweep (native); ircfanout (IRC)")
+    ap.add_argument("--points", default=",".join(ALL_POINTS), help="comma-separated: fanout, latency, idle, sweep (native); ircfanout (IRC); wsfanout (WebSocket)")
     ap.add_argument("--baseline", default="", metavar="PATH", help="another checkout whose selchat.server runs as selchat-base (e.g. the code before a redesign)")
     ap.add_argument("--duration", type=float, default=5.0, help="seconds of each measured window")
     ap.add_argument("--warmup", type=float, default=1.0, help="seconds of load before the window opens")
     ap.add_argument("--repeat", type=int, default=3, help="repetitions of each point (medians are reported)")
     ap.add_argument("--senders", type=int, default=10)
     ap.add_argument("--window", type=int, default=loadgen.LoadConfig.window, help="messages in flight per sender in fan-out runs")
-    ap.add_argument("--fanout-receivers", default="100,1000", help="receiver counts of fanout and ircfanout")
+    ap.add_argument("--fanout-receivers", default="100,1000", help="receiver counts of fanout, wsfanout and ircfanout")
     ap.add_argument("--sweep", default="100,300,1000,3000", help="receiver counts of the plot")
     ap.add_argument("--latency-rate", type=float, default=200.0, help="messages/s offered in the latency point")
     ap.add_argument("--latency-receivers", type=int, default=100)
@@ -489,13 +543,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     cases = []
     for case in plan(opts):
-        if any(case.protocol in specs[n].protocols for n in servers):
+        if any(case.runs_on(specs[n]) for n in servers):
             cases.append(case)
         else:
             print(f"skipping {case.label}: no server in --servers speaks {case.protocol}", file=sys.stderr)
     runs: Dict[Tuple[Case, str], List[Outcome]] = {}
     for case in cases:
-        able = [n for n in servers if case.protocol in specs[n].protocols]
+        able = [n for n in servers if case.runs_on(specs[n])]
         for rep in range(opts.repeat):
             for name in able:  # interleaved: A B C A B C ...
                 t = time.monotonic()

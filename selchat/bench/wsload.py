@@ -1,0 +1,352 @@
+"""The WebSocket workload: the native fan-out with its receivers on the web door.
+
+The senders are the native fan-out's own (framed connections on the native port, counting
+their own echoes to keep `window` messages in flight), so the only thing that changes between
+`fanout` and `wsfanout` is how the R receivers are served: one unmasked WebSocket text frame
+per JSON message instead of a length-prefixed frame. A delivery is one `message` received by
+one member, as in the native run.
+
+A receiver upgrades with a hand-written HTTP/1.1 request (`GET /ws`, `Origin` the server's
+own, a random `Sec-WebSocket-Key`, checked against `Sec-WebSocket-Accept`), then sends
+`hello` as a masked text frame. Until the load starts it walks the server's frames one by
+one and decodes them (`welcome`, `error`, joins while settling); that costs nothing that is
+measured. Once the load starts it only counts: server frames are unmasked and the payload of
+each benchmark message holds the `~@` marker exactly once (a frame header cannot hold it:
+headers here are 0x81 plus length bytes, and the texts are ASCII), so `bytearray.count` of
+the marker over the raw bytes of a receive is the number of messages. The last byte of each
+receive is kept for the next one, so a marker cut in two by the receive boundary is counted
+once, when its second byte arrives.
+
+The server pings a WebSocket client only after `--ping-interval` (60 s) without a byte from
+it, which a benchmark run never reaches; still, pings are answered. In counting mode a ping
+frame is found without walking frames: 0x89 cannot occur in an ASCII payload, and where it
+occurs in a header it is followed by a length byte and then `{` or `"`, while the server's
+ping token is a run of digits. A ping frame (0x89, n <= 125, n digits) gets a masked pong
+with the same payload, as a client must send it.
+
+Latency (probe receivers in the fast worker only, every `sample_every`-th message): the
+send time follows the marker and the sender-id byte. Messages of a run have one length, so
+the sampled marker is first looked for at the stride of the first two markers of the
+receive, and searched for one by one only if it is not there.
+"""
+
+from __future__ import annotations
+
+import base64
+import errno
+import hashlib
+import json
+import os
+import socket
+import time
+from typing import Any, Dict, Optional, Tuple
+
+from selchat.bench.loadgen import (
+    DEAD, HELLO, MARK, READY, RECV_SIZE, TEXT_HEAD, _Conn, _Worker, _EPOLLIN, now_us,
+)
+
+WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+MAX_HTTP_HEAD = 16384  # bytes of a 101 answer before the connection counts as broken
+OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
+_PING = 0x80 | OP_PING  # a final ping frame's first byte
+_PING_BYTE = bytes((_PING,))
+_MAX_SAMPLES = 500_000
+
+
+def accept_token(key: bytes) -> bytes:
+    """RFC 6455, 4.2.2: what the server must answer to `key` in Sec-WebSocket-Accept."""
+    return base64.b64encode(hashlib.sha1(key + WS_GUID).digest())
+
+
+def upgrade_request(host: str, port: int, key: bytes, path: str = "/ws") -> bytes:
+    """The client's opening handshake, with the server's own origin (anything else is refused)."""
+    authority = f"{host}:{port}".encode()
+    return (
+        b"GET " + path.encode() + b" HTTP/1.1\r\n"
+        b"Host: " + authority + b"\r\n"
+        b"Upgrade: websocket\r\n"
+        b"Connection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: " + key + b"\r\n"
+        b"Sec-WebSocket-Version: 13\r\n"
+        b"Origin: http://" + authority + b"\r\n"
+        b"\r\n"
+    )
+
+
+def client_frame(opcode: int, payload: bytes, mask: Optional[bytes] = None) -> bytes:
+    """One final client frame: masked, as RFC 6455 requires of everything a client sends."""
+    mask = os.urandom(4) if mask is None else mask
+    n = len(payload)
+    if n < 126:
+        head = bytes((0x80 | opcode, 0x80 | n))
+    elif n < 1 << 16:
+        head = bytes((0x80 | opcode, 0x80 | 126)) + n.to_bytes(2, "big")
+    else:
+        head = bytes((0x80 | opcode, 0x80 | 127)) + n.to_bytes(8, "big")
+    if n:
+        key = (mask * (n // 4 + 1))[:n]
+        body = (int.from_bytes(payload, "big") ^ int.from_bytes(key, "big")).to_bytes(n, "big")
+    else:
+        body = b""
+    return head + mask + body
+
+
+def parse_frame(buf: Any, off: int, end: int) -> Optional[Tuple[int, int, int, int]]:
+    """(first byte, payload start, payload end, masked) of the frame at `off`, None if incomplete."""
+    if end - off < 2:
+        return None
+    b0, b1 = buf[off], buf[off + 1]
+    n = b1 & 0x7F
+    start = off + 2
+    if n == 126:
+        if end - off < 4:
+            return None
+        n = (buf[off + 2] << 8) | buf[off + 3]
+        start = off + 4
+    elif n == 127:
+        if end - off < 10:
+            return None
+        n = int.from_bytes(buf[off + 2 : off + 10], "big")
+        start = off + 10
+    if b1 & 0x80:
+        start += 4
+    if end < start + n:
+        return None
+    return b0, start, start + n, b1 & 0x80
+
+
+def find_pings(buf: Any, end: int) -> Tuple[list, int]:
+    """Ping payloads among raw server bytes buf[:end] (see the module docstring).
+
+    Returns (payloads, keep): `keep` is where a ping frame that may be incomplete starts
+    (its bytes must be looked at again with the next receive), or `end` if there is none.
+    """
+    pings = []
+    p = buf.find(_PING_BYTE, 0, end)
+    while p >= 0:
+        if p + 1 >= end:
+            return pings, p
+        n = buf[p + 1]
+        if 1 <= n <= 125:
+            body = bytes(buf[p + 2 : min(p + 2 + n, end)])
+            if body.isdigit():
+                if p + 2 + n > end:
+                    return pings, p
+                pings.append(body)
+                p = buf.find(_PING_BYTE, p + 2 + n, end)
+                continue
+        p = buf.find(_PING_BYTE, p + 1, end)
+    return pings, end
+
+
+class WsConn(_Conn):
+    """A receiver on the web door: HTTP upgrade, then frames; `counting` once the load runs."""
+
+    __slots__ = ("key", "upgraded", "counting", "parts")
+
+    def __init__(self, sock: socket.socket, nick: str, sid: int) -> None:
+        super().__init__(sock, nick, sid)
+        self.key = base64.b64encode(os.urandom(16))
+        self.upgraded = False
+        self.counting = False
+        self.parts: Optional[bytearray] = None  # a fragmented text message arriving
+
+
+class WsWorker(_Worker):
+    """A generator process whose receivers are WebSocket clients and senders native ones."""
+
+    def __init__(self, pipe: Any, host: str, port: int, msg_size: int, ws_port: int) -> None:
+        super().__init__(pipe, host, port, msg_size)
+        self.ws_addr = (host, ws_port)
+
+    def _address(self, sid: int) -> Tuple[str, int]:
+        return self.addr if sid >= 0 else self.ws_addr
+
+    def _new_conn(self, sock: socket.socket, nick: str, sid: int) -> _Conn:
+        return _Conn(sock, nick, sid) if sid >= 0 else WsConn(sock, nick, sid)
+
+    # ---- registration ------------------------------------------------------------------
+    def _connected(self, c: _Conn) -> None:
+        if type(c) is not WsConn:
+            super()._connected(c)
+            return
+        err = c.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            self._fail(c, errno.errorcode.get(err, str(err)))
+            return
+        c.state = HELLO
+        c.out += upgrade_request(self.ws_addr[0], self.ws_addr[1], c.key)
+        self.ep.modify(c.fd, _EPOLLIN)
+        self._flush(c)
+
+    def _http_answer(self, c: WsConn, end: int) -> int:
+        """Check the 101; return where the frames start, or -1 (need more bytes, or failed)."""
+        rb = self.rb
+        stop = rb.find(b"\r\n\r\n", 0, end)
+        if stop < 0:
+            if end > MAX_HTTP_HEAD:
+                self._fail(c, "http_head_too_long")
+            else:
+                c.tail = rb[:end]
+            return -1
+        head = bytes(rb[:stop]).split(b"\r\n")
+        status = head[0].split(b" ", 2)
+        if len(status) < 2 or status[1] != b"101":
+            self._fail(c, "http_" + (status[1].decode("latin-1") if len(status) > 1 else "garbage"))
+            return -1
+        fields = {}
+        for line in head[1:]:
+            name, _, value = line.partition(b":")
+            fields[name.strip().lower()] = value.strip()
+        if fields.get(b"sec-websocket-accept") != accept_token(c.key):
+            self._fail(c, "ws_bad_accept")
+            return -1
+        c.upgraded = True
+        hello = json.dumps({"type": "hello", "nick": c.nick, "client": "selchat-bench"}).encode()
+        c.out += client_frame(OP_TEXT, hello)
+        self._flush(c)
+        return stop + 4
+
+    # ---- reading -------------------------------------------------------------------------
+    def _read(self, c: _Conn) -> None:
+        if type(c) is not WsConn:
+            super()._read(c)
+            return
+        rb = self.rb
+        k = len(c.tail)
+        if k:
+            rb[:k] = c.tail
+        try:
+            n = c.sock.recv_into(self.rbv[k : k + RECV_SIZE])
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self._fail(c, "closed_by_server:" + errno.errorcode.get(exc.errno or 0, "recv"))
+            return
+        if n == 0:
+            self._fail(c, "closed_by_server")
+            return
+        end = k + n
+        self.last_rx = time.monotonic()
+        if c.counting:  # type: ignore[attr-defined]
+            self._count(c, end)  # type: ignore[arg-type]
+        else:
+            self._frames(c, end)  # type: ignore[arg-type]
+
+    def _count(self, c: WsConn, end: int) -> None:
+        """The hot path: messages are markers in the raw bytes; keep one byte for the next read."""
+        rb = self.rb
+        msgs = rb.count(MARK, 0, end)
+        keep = end - 1
+        if rb.find(_PING_BYTE, 0, end) >= 0:
+            pings, at = find_pings(rb, end)
+            for body in pings:
+                c.out += client_frame(OP_PONG, body)
+            if pings:
+                self._flush(c)
+                if c.state == DEAD:
+                    return
+            keep = min(keep, at)
+        c.tail = rb[keep:end]
+        if msgs:
+            c.msgs += msgs
+            c.frames += msgs
+            if self.sampling and self.sample_every and len(self.samples) < _MAX_SAMPLES:
+                self._sample(c, end, msgs)
+
+    def _sample(self, c: WsConn, end: int, msgs: int) -> None:
+        """Time every `sample_every`-th message of this member (the countdown carries over)."""
+        cd = c.countdown
+        if cd > msgs:
+            c.countdown = cd - msgs
+            return
+        rb = self.rb
+        t_us = now_us()
+        every = self.sample_every
+        first = rb.find(MARK, 0, end)
+        step = rb.find(MARK, first + 2, end) - first if msgs > 1 else 0
+        pos, idx = first, 1  # a marker known to be the idx-th of this receive
+        while cd <= msgs:
+            q = first + (cd - 1) * step
+            if step <= 0 or q + 2 > end or rb[q : q + 2] != MARK:
+                while idx < cd and pos >= 0:  # not at the stride: walk from the last one known
+                    pos = rb.find(MARK, pos + 2, end)
+                    idx += 1
+                q = pos
+            if q < 0:
+                break
+            if q + TEXT_HEAD <= end:
+                digits = rb[q + 3 : q + TEXT_HEAD]
+                if digits.isdigit():
+                    self.samples.append(t_us - int(digits))
+            cd += every
+        c.countdown = cd - msgs
+
+    def _frames(self, c: WsConn, end: int) -> None:
+        """The slow path (before the load): the 101, then every frame decoded."""
+        rb = self.rb
+        off = 0
+        if not c.upgraded:
+            off = self._http_answer(c, end)
+            if off < 0:
+                return
+        while True:
+            f = parse_frame(rb, off, end)
+            if f is None:
+                break
+            b0, start, stop, masked = f
+            off = stop
+            if masked:
+                self._fail(c, "ws_masked_server_frame")
+                return
+            op = b0 & 0x0F
+            fin = b0 & 0x80
+            if op == OP_PING:
+                c.out += client_frame(OP_PONG, bytes(rb[start:stop]))
+                self._flush(c)
+            elif op == OP_CLOSE:
+                code = (rb[start] << 8 | rb[start + 1]) if stop - start >= 2 else 1005
+                self._fail(c, f"ws_close_{code}")
+                return
+            elif op in (OP_TEXT, OP_BINARY, OP_CONT):
+                chunk = bytes(rb[start:stop])
+                if op != OP_CONT:
+                    c.parts = None
+                if c.parts is not None:
+                    chunk = bytes(c.parts) + chunk
+                if not fin:
+                    c.parts = bytearray(chunk)
+                    continue
+                c.parts = None
+                c.frames += 1
+                self._payload(c, chunk)
+            if c.state == DEAD:
+                return
+        c.tail = rb[off:end] if off < end else b""
+
+    def _payload(self, c: WsConn, payload: bytes) -> None:
+        if c.state == READY:
+            c.msgs += payload.count(MARK)
+            return
+        try:
+            obj = json.loads(payload)
+        except ValueError:
+            obj = {}
+        kind = obj.get("type")
+        if kind == "welcome":
+            c.state = READY
+            self.pending -= 1
+            self.reg_ok += 1
+            self.t_last_welcome = time.monotonic()
+            self.handshakes.append(self.t_last_welcome - c.t_open)
+        elif kind == "error":
+            self._fail(c, str(obj.get("code")))
+
+    # ---- load bookkeeping ------------------------------------------------------------------
+    def _start_load(self, params: Dict[str, Any]) -> None:
+        super()._start_load(params)
+        for c in self.conns.values():
+            if type(c) is WsConn and c.state == READY:
+                # from here on only counted; a partial frame left in the tail is just bytes
+                # whose marker (if any) has not been counted yet
+                c.counting = True
