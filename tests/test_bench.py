@@ -436,3 +436,198 @@ def test_installed_irc_daemons_run_the_irc_workload(name: str) -> None:
         assert res.complete and res.errors == {} and res.sent_total > 0
         assert srv.cpu_seconds() >= 0 and srv.rss_kib() > 0
     assert not srv.alive()
+
+
+# ---- WebSocket: the frame scanner, client frames, the workload against selchat's web door ----
+
+import json  # noqa: E402
+import multiprocessing  # noqa: E402
+import select as _select  # noqa: E402
+
+from wsproto.frame_protocol import FrameProtocol  # noqa: E402
+
+from selchat.bench import wsload  # noqa: E402
+
+
+def _server_frames(objs: list, rng: random.Random) -> tuple:
+    """Server frames (unmasked, as selchat's web door writes them) and the pings among them."""
+    proto = FrameProtocol(client=False, extensions=[])
+    out = bytearray()
+    pings = []
+    for o in objs:
+        if o is None:
+            token = str(rng.randrange(10**12)).encode()
+            pings.append(token)
+            out += bytes((0x89, len(token))) + token
+        else:
+            out += proto.send_data(json.dumps(o, separators=(",", ":")))
+    return bytes(out), pings
+
+
+def test_ws_scan_agrees_with_the_objects_on_random_streams() -> None:
+    rng = random.Random(6)
+    for _ in range(200):
+        objs: list = []
+        for i in range(rng.randint(0, 60)):
+            r = rng.random()
+            if r < 0.1:
+                objs.append({"type": "join", "room": "#lobby", "nick": "n" * rng.randint(1, 30)})
+            elif r < 0.15:
+                objs.append(None)  # a ping
+            elif r < 0.17:  # long enough for a 64-bit length
+                objs.append(_message(i, 1, rng.randrange(10**9), 70000))
+            else:
+                objs.append(_message(rng.choice([7, 70, 70000]), rng.randrange(3), rng.randrange(10**9), rng.choice([78, 78, 78, 90])))
+        stream, pings = _server_frames(objs, rng)
+        buf = bytearray()
+        frames = msgs = 0
+        samples: list = []
+        cache: dict = {}
+        found = wsload.Scan()
+        countdown = 1
+        pos = 0
+        while pos < len(stream):
+            step = rng.randint(1, 700)
+            buf += stream[pos : pos + step]
+            pos += step
+            off, f, m, countdown = wsload.ws_scan(buf, 0, len(buf), countdown, 3, 10**9, samples, cache, found)
+            del buf[:off]
+            frames, msgs = frames + f, msgs + m
+        assert not buf
+        assert frames == len(objs)
+        texts = [o for o in objs if o is not None]
+        assert msgs == sum(o["type"] == "message" for o in texts)
+        assert found.pings == pings and found.close is None
+        expected = [10**9 - int(o["text"][3:19]) for i, o in enumerate(texts) if i % 3 == 0 and o["type"] == "message"]
+        # a ping is a frame too: the countdown counts text frames only
+        assert samples == expected
+
+
+def test_ws_scan_refuses_a_masked_frame_and_stops_at_a_close() -> None:
+    with pytest.raises(loadgen.BadFrame):
+        wsload.ws_scan(bytearray(wsload.client_frame(wsload.OP_TEXT, b"{}")), 0, 8, 1, 0, 0, [], {}, wsload.Scan())
+    found = wsload.Scan()
+    data = bytearray(b"\x88\x02\x03\xe9" + b"\x81\x02{}")
+    off, frames, msgs, _ = wsload.ws_scan(data, 0, len(data), 1, 0, 0, [], {}, found)
+    assert (off, frames, msgs, found.close) == (4, 0, 0, 1001)
+
+
+@pytest.mark.parametrize("size", [0, 5, 125, 126, 65535, 65536])
+def test_client_frames_are_masked_and_parse_as_wsproto_server_reads_them(size: int) -> None:
+    payload = bytes(random.Random(size).randrange(256) for _ in range(size))
+    frame = wsload.client_frame(wsload.OP_BINARY, payload, b"\x01\x02\x03\x04")
+    assert frame[1] & 0x80  # the mask bit
+    server_side = FrameProtocol(client=False, extensions=[])  # wsproto's server parser: refuses unmasked frames
+    server_side.receive_bytes(frame)
+    got = list(server_side.received_frames())
+    assert len(got) == 1 and bytes(got[0].payload) == payload and got[0].message_finished
+
+
+def test_accept_token_is_rfc_6455s_example() -> None:
+    assert wsload.accept_token(b"dGhlIHNhbXBsZSBub25jZQ==") == b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+
+
+def test_a_counting_receiver_answers_pings_with_masked_pongs() -> None:
+    parent, child = multiprocessing.Pipe()
+    worker = wsload.WsWorker(child, "127.0.0.1", 1, 100, 2)
+    ours, theirs = socket.socketpair()
+    try:
+        ours.setblocking(False)
+        c = wsload.WsConn(ours, "r00001", -1)
+        c.state, c.upgraded, c.counting = loadgen.READY, True, True
+        worker.conns[c.fd] = c
+        worker.ep.register(c.fd, _select.EPOLLIN)
+        proto = FrameProtocol(client=False, extensions=[])
+        msg = json.dumps(_message(1, 0, 5, 78), separators=(",", ":"))
+        stream = bytes(proto.send_data(msg)) * 3 + b"\x89\x0417" + b"42" + bytes(proto.send_data(msg))
+        # the ping cut in two between receives
+        theirs.sendall(stream[:-len(msg) - 4 - 3])
+        deadline = time.monotonic() + 5
+        while c.msgs < 3 and time.monotonic() < deadline:
+            worker._read(c)
+        theirs.sendall(stream[-len(msg) - 4 - 3 :])
+        while c.msgs < 4 and time.monotonic() < deadline:
+            worker._read(c)
+        assert c.msgs == 4 and c.state == loadgen.READY
+        theirs.settimeout(5)
+        got = theirs.recv(100)
+        frames = FrameProtocol(client=False, extensions=[])
+        frames.receive_bytes(got)
+        (pong,) = list(frames.received_frames())
+        assert pong.opcode.value == wsload.OP_PONG and bytes(pong.payload) == b"1742"
+        assert got[1] & 0x80  # masked, as a client must
+    finally:
+        ours.close()
+        theirs.close()
+        worker.ep.close()
+        parent.close()
+        child.close()
+
+
+@pytest.fixture(scope="module")
+def web_selchat():
+    spec = launcher.known_servers()["selchat-web"]
+    launcher.resolve_flags(spec)
+    if spec.unavailable:
+        pytest.skip(spec.unavailable)
+    with RunningServer(spec) as srv:
+        yield srv
+
+
+def test_wsfanout_every_message_reaches_every_member(web_selchat: RunningServer) -> None:
+    assert web_selchat.port and web_selchat.web_port and web_selchat.port != web_selchat.web_port
+    cfg = loadgen.LoadConfig(
+        port=web_selchat.port, ws_port=web_selchat.web_port, receivers=6, senders=2, duration=0.8, warmup=0.2,
+        drain_quiet=0.2, protocol="ws",
+    )
+    res = loadgen.run_load(cfg)
+    assert res.sent_total > 0 and res.errors == {} and res.dropped == 0
+    assert res.per_member_min == res.per_member_max == res.sent_total and res.complete
+    slack = 2 * cfg.window * cfg.senders * 8
+    assert abs(res.deliveries - res.sent_per_s * res.duration * 8) <= slack
+    assert res.samples > 0 and res.p50_ms is not None and res.p50_ms >= 0
+
+
+def test_idle_clients_register_over_websocket(web_selchat: RunningServer) -> None:
+    rss: dict = {}
+    res = loadgen.run_idle(
+        "127.0.0.1", web_selchat.web_port, 30, lambda edge: rss.setdefault(edge, web_selchat.rss_kib()),
+        extra_joins=4, workers=2, protocol="ws",
+    )
+    assert res.registered == 30 and res.extra_joins == 4 and res.errors == {}
+    assert res.join_frames >= 4 and set(rss) == {"before", "after"}
+
+
+def test_a_foreign_origin_is_refused_and_counted(web_selchat: RunningServer) -> None:
+    host, port = "127.0.0.1", web_selchat.web_port
+    with socket.create_connection((host, port), timeout=5) as s:
+        s.sendall(wsload.upgrade_request(host, port, b"dGhlIHNhbXBsZSBub25jZQ==").replace(b"http://127.0.0.1", b"http://evil.example"))
+        assert s.recv(100).startswith(b"HTTP/1.1 403")
+    with socket.create_connection((host, port), timeout=5) as s:
+        s.sendall(wsload.upgrade_request(host, port, b"dGhlIHNhbXBsZSBub25jZQ=="))
+        head = s.recv(1000)
+        assert head.startswith(b"HTTP/1.1 101") and b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo=" in head
+
+
+def test_the_web_line_is_not_taken_for_the_native_one() -> None:
+    text = "INFO web listening on 127.0.0.1:7002\nINFO listening on 127.0.0.1:7000\n"
+    assert launcher._LISTENING.search(text).group(2) == "7000"
+    assert launcher._WEB_LISTENING.search(text).group(2) == "7002"
+
+
+def test_wsfanout_is_planned_and_idle_runs_over_websocket_on_selchat_web() -> None:
+    opts = runner.parse_args(["--points", "wsfanout,fanout,idle", "--fanout-receivers", "100,1000", "--idle-sizes", "1000"])
+    cases = runner.plan(opts)
+    assert [c.label for c in cases] == [
+        "fan-out R=100", "fan-out R=1000", "WebSocket fan-out R=100", "WebSocket fan-out R=1000", "idle 1,000",
+    ]
+    specs = launcher.known_servers()
+    web, native = specs["selchat-web"], specs["selchat"]
+    assert [c.runs_on(web) for c in cases] == [False, False, True, True, True]
+    assert [c.runs_on(native) for c in cases] == [True, True, False, False, True]
+    results = {
+        (cases[0], "selchat"): runner.Outcome(metrics={"deliveries_per_s": 2000.0}),
+        (cases[2], "selchat-web"): runner.Outcome(metrics={"deliveries_per_s": 1500.0}),
+    }
+    (line,) = runner.ws_ratios(cases, ["selchat", "selchat-web"], results)
+    assert "R=100" in line and "**0.75x**" in line

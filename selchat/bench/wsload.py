@@ -39,17 +39,15 @@ import json
 import os
 import socket
 import time
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from selchat.bench.loadgen import (
-    DEAD, HELLO, MARK, READY, RECV_SIZE, TEXT_HEAD, _Conn, _Worker, _EPOLLIN, now_us,
+    DEAD, HELLO, MARK, READY, RECV_SIZE, TEXT_HEAD, BadFrame, _Conn, _Worker, _EPOLLIN, _MARK0, _MARK1, now_us,
 )
 
 WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 MAX_HTTP_HEAD = 16384  # bytes of a 101 answer before the connection counts as broken
 OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
-_PING = 0x80 | OP_PING  # a final ping frame's first byte
-_PING_BYTE = bytes((_PING,))
 _MAX_SAMPLES = 500_000
 
 
@@ -115,28 +113,104 @@ def parse_frame(buf: Any, off: int, end: int) -> Optional[Tuple[int, int, int, i
     return b0, start, start + n, b1 & 0x80
 
 
-def find_pings(buf: Any, end: int) -> Tuple[list, int]:
-    """Ping payloads among raw server bytes buf[:end] (see the module docstring).
+class Scan:
+    """What `ws_scan` found besides messages: ping payloads to answer, a close code."""
 
-    Returns (payloads, keep): `keep` is where a ping frame that may be incomplete starts
-    (its bytes must be looked at again with the next receive), or `end` if there is none.
+    __slots__ = ("pings", "close")
+
+    def __init__(self) -> None:
+        self.pings: List[bytes] = []
+        self.close: Optional[int] = None
+
+
+def ws_scan(
+    buf: bytearray,
+    off: int,
+    end: int,
+    countdown: int,
+    every: int,
+    t_us: int,
+    samples: List[int],
+    rel_cache: Dict[int, int],
+    found: Scan,
+) -> Tuple[int, int, int, int]:
+    """Walk the complete server frames in buf[off:end] and count messages without decoding.
+
+    Returns (end of the last complete frame, frames, messages, countdown). The native
+    generator's method with WebSocket headers: a run of frames that share one length also
+    share their header (0x81 and the length bytes), so the header bytes of all of them are
+    compared at once with strided slices; the marker's offset within a frame of that length
+    (learned once, in `rel_cache`) is checked the same way, and `bytearray.count` of the
+    marker takes over where it is not uniform. Any other frame (a ping, a close, a fragment)
+    ends the run and is looked at alone. Every `every`-th message adds `t_us` minus its send
+    time to `samples`.
     """
-    pings = []
-    p = buf.find(_PING_BYTE, 0, end)
-    while p >= 0:
-        if p + 1 >= end:
-            return pings, p
-        n = buf[p + 1]
-        if 1 <= n <= 125:
-            body = bytes(buf[p + 2 : min(p + 2 + n, end)])
-            if body.isdigit():
-                if p + 2 + n > end:
-                    return pings, p
-                pings.append(body)
-                p = buf.find(_PING_BYTE, p + 2 + n, end)
-                continue
-        p = buf.find(_PING_BYTE, p + 1, end)
-    return pings, end
+    frames = msgs = 0
+    while end - off >= 2:
+        b0 = buf[off]
+        b1 = buf[off + 1]
+        if b1 & 0x80:
+            raise BadFrame("masked server frame")
+        n = b1
+        h = 2
+        if n == 126:
+            if end - off < 4:
+                break
+            n = (buf[off + 2] << 8) | buf[off + 3]
+            h = 4
+        elif n == 127:
+            if end - off < 10:
+                break
+            n = int.from_bytes(buf[off + 2 : off + 10], "big")
+            h = 10
+        step = h + n
+        if b0 != 0x81:  # not a whole text message: alone, on the slow side
+            if end - off < step:
+                break
+            op = b0 & 0x0F
+            if op == OP_PING:
+                found.pings.append(bytes(buf[off + h : off + step]))
+            elif op == OP_CLOSE:
+                found.close = (buf[off + h] << 8 | buf[off + h + 1]) if n >= 2 else 1005
+                return off + step, frames, msgs, countdown
+            elif op in (OP_TEXT, OP_BINARY, OP_CONT):
+                msgs += buf.count(MARK, off + h, off + step)
+            off += step
+            frames += 1
+            continue
+        k = (end - off) // step
+        if k == 0:
+            break
+        lim = off + k * step
+        if k > 1:
+            for j in range(h):
+                col = buf[off + j : lim : step]
+                lead = k - len(col.lstrip(col[:1]))
+                if lead < k:
+                    k = lead
+                    lim = off + k * step
+        rel = rel_cache.get(step, -1)
+        if rel < 0 or buf[off + rel : off + rel + 2] != MARK:
+            p = buf.find(MARK, off + h, off + step)
+            rel = p - off
+            if p >= 0:
+                rel_cache[step] = rel
+        uniform = rel >= 0 and (
+            k == 1
+            or (buf[off + rel : lim : step].count(_MARK0) == k and buf[off + rel + 1 : lim : step].count(_MARK1) == k)
+        )
+        msgs += k if uniform else buf.count(MARK, off, lim)
+        if every:
+            while countdown <= k:
+                pos = off + (countdown - 1) * step
+                q = pos + rel if uniform else buf.find(MARK, pos + h, pos + step)
+                if q >= 0:
+                    samples.append(t_us - int(buf[q + 3 : q + TEXT_HEAD]))
+                countdown += every
+            countdown -= k
+        off = lim
+        frames += k
+    return off, frames, msgs, countdown
 
 
 class WsConn(_Conn):
@@ -234,53 +308,27 @@ class WsWorker(_Worker):
             self._frames(c, end)  # type: ignore[arg-type]
 
     def _count(self, c: WsConn, end: int) -> None:
-        """The hot path: messages are markers in the raw bytes; keep one byte for the next read."""
-        rb = self.rb
-        msgs = rb.count(MARK, 0, end)
-        keep = end - 1
-        if rb.find(_PING_BYTE, 0, end) >= 0:
-            pings, at = find_pings(rb, end)
-            for body in pings:
-                c.out += client_frame(OP_PONG, body)
-            if pings:
-                self._flush(c)
-                if c.state == DEAD:
-                    return
-            keep = min(keep, at)
-        c.tail = rb[keep:end]
-        if msgs:
-            c.msgs += msgs
-            c.frames += msgs
-            if self.sampling and self.sample_every and len(self.samples) < _MAX_SAMPLES:
-                self._sample(c, end, msgs)
-
-    def _sample(self, c: WsConn, end: int, msgs: int) -> None:
-        """Time every `sample_every`-th message of this member (the countdown carries over)."""
-        cd = c.countdown
-        if cd > msgs:
-            c.countdown = cd - msgs
+        """The hot path: frames walked at C speed by `ws_scan`, messages counted by their marker."""
+        every = self.sample_every if self.sampling else 0
+        samples = self.samples
+        found = Scan()
+        try:
+            off, frames, msgs, c.countdown = ws_scan(
+                self.rb, 0, end, c.countdown, every, now_us() if every else 0,
+                samples if len(samples) < _MAX_SAMPLES else [], self.rel_cache, found,
+            )
+        except BadFrame as exc:
+            self._fail(c, f"bad_frame:{exc}")
             return
-        rb = self.rb
-        t_us = now_us()
-        every = self.sample_every
-        first = rb.find(MARK, 0, end)
-        step = rb.find(MARK, first + 2, end) - first if msgs > 1 else 0
-        pos, idx = first, 1  # a marker known to be the idx-th of this receive
-        while cd <= msgs:
-            q = first + (cd - 1) * step
-            if step <= 0 or q + 2 > end or rb[q : q + 2] != MARK:
-                while idx < cd and pos >= 0:  # not at the stride: walk from the last one known
-                    pos = rb.find(MARK, pos + 2, end)
-                    idx += 1
-                q = pos
-            if q < 0:
-                break
-            if q + TEXT_HEAD <= end:
-                digits = rb[q + 3 : q + TEXT_HEAD]
-                if digits.isdigit():
-                    self.samples.append(t_us - int(digits))
-            cd += every
-        c.countdown = cd - msgs
+        c.tail = self.rb[off:end] if off < end else b""
+        c.frames += frames
+        c.msgs += msgs
+        if found.pings:
+            for body in found.pings:
+                c.out += client_frame(OP_PONG, body)
+            self._flush(c)
+        if found.close is not None:
+            self._fail(c, f"ws_close_{found.close}")
 
     def _frames(self, c: WsConn, end: int) -> None:
         """The slow path (before the load): the 101, then every frame decoded."""
