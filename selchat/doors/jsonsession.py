@@ -182,7 +182,10 @@ class JsonSession:
         self._debt_timer = None
         if self.transport.state is State.OPEN:
             self.transport.resume_reading()
-            self.resume_serving()
+            try:
+                self.resume_serving()
+            except Exception:  # from a timer: a bug of ours loses this peer, never the server
+                self.transport._internal_error()
 
     def _arrived(self, n: int) -> None:
         """`n` bytes were read now: for flood control, when they may have arrived."""

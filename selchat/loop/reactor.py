@@ -148,12 +148,23 @@ class Reactor:
         self.now = self.clock()
         self.passes += 1
         for key, mask in ready:
-            key.data(mask)
-        self.timers.run_due(self.now)
+            try:
+                key.data(mask)
+            except Exception:
+                log.exception("internal error in a ready callback; the loop goes on")
+        try:
+            self.timers.run_due(self.now)
+        except Exception:
+            # The heap is consistent (the timer was popped before its callback ran): the
+            # remaining due timers run in the next pass.
+            log.exception("internal error in a timer; the loop goes on")
         soon = self._soon
         for _ in range(len(soon)):
             callback, args = soon.popleft()
-            callback(*args)
+            try:
+                callback(*args)
+            except Exception:
+                log.exception("internal error in a next-pass callback; the loop goes on")
         for _, _, hook in self._hooks:
             hook()
 

@@ -24,10 +24,15 @@ if TYPE_CHECKING:
 Ref = Tuple[str, int]  # ("msgid", id) or ("timestamp", ms)
 
 
+def _digits(text: str) -> bool:
+    """ASCII digits only: str.isdigit also takes '²', which int() refuses."""
+    return text.isascii() and text.isdigit()
+
+
 def _ref(text: str) -> Optional[Ref]:
     kind, _, value = text.partition("=")
     number, _, part = value.partition(".")  # N.k names line k of message N: message N
-    if kind == "msgid" and number.isdigit() and (not part or part.isdigit()):
+    if kind == "msgid" and _digits(number) and (not part or _digits(part)):
         return ("msgid", int(number))
     if kind == "timestamp":
         ms = parse_time(value)
@@ -70,7 +75,7 @@ def chathistory(session: "IrcSession", line: Line) -> None:
         fail("NEED_MORE_PARAMS", sub, text="Missing parameters")
         return
     limit_text = params[want - 1]
-    if not limit_text.isdigit() or int(limit_text) < 1:
+    if not _digits(limit_text) or int(limit_text) < 1:
         fail("INVALID_PARAMS", sub, limit_text[:32], text="Bad limit")
         return
     limit = min(int(limit_text), HISTORY_LIMIT_MAX)

@@ -217,6 +217,8 @@ class IrcSession:
         extra = f"label={self.label}" if self.label and "labeled-response" in self.caps else ""
         if not extra and shared:
             return shared
+        if extra:
+            self.label = None  # one answer carries the label, the first
         return self.wire.message(msg, extra)
 
     def send_error(self, code: str, message: str, ref: Any) -> None:
@@ -283,10 +285,22 @@ class IrcSession:
 
     def _serve(self) -> None:
         transport = self.transport
-        decoder = self.decoder
-        for item in decoder:
+        lines = iter(self.decoder)
+        bucket = self.bucket
+        now = self.door.reactor.now
+        while True:
             if self.doomed or transport.state is not State.OPEN:
                 return
+            # Charged before it is served: a line is taken only when a token is there, so a
+            # lagged client gets exactly the rate, never one line more per resume.
+            if bucket is not None and bucket.ready_in(now) > 0:
+                self._lag()
+                return
+            item = next(lines, None)
+            if item is None:
+                break
+            if bucket is not None:
+                bucket.take(now)
             if item is TOO_LONG:
                 self._num(N.ERR_INPUTTOOLONG, "Input line was too long")
             else:
@@ -299,10 +313,6 @@ class IrcSession:
                 return
             if self.door.hub.fanout.congested(transport):
                 transport.wait_for_drain()
-                return
-            bucket = self.bucket
-            if bucket is not None and bucket.take(self.door.reactor.now) is not ALLOW:
-                self._lag()
                 return
         if transport.eof and transport.state is State.OPEN:
             self._close("connection closed", "peer closed")
@@ -323,13 +333,17 @@ class IrcSession:
         self._lagged = None
         if self.transport.state is State.OPEN:
             self.transport.resume_reading()
-            self._serve()
+            try:
+                self._serve()
+            except Exception:  # from a timer: a bug of ours loses this peer, never the server
+                self.transport._internal_error()
 
     def _dispatch(self, line: Line) -> None:
         command = line.command
         handler = _REGISTERED.get(command) if self.user is not None else _UNREGISTERED.get(command)
         label = line.tags.get("label") if "labeled-response" in self.caps else None
         if label is not None:
+            self.hub.fanout.flush()  # what was said before carries no label of this command
             self.label = label
             self._collected = []
         try:
@@ -350,8 +364,10 @@ class IrcSession:
         label = self.label
         if command in ("PRIVMSG", "NOTICE", "TAGMSG") and "echo-message" in self.caps and not lines:
             self.hub.fanout.flush()  # the echo is the answer: it carries the label
+            echoed = self.label is None  # own_message (or the TAGMSG echo) used it up
             self.label = None
-            return
+            if echoed:
+                return
         self.label = None
         server = self.door.server_name
         if not lines:
@@ -377,7 +393,7 @@ class IrcSession:
         if sub == "LS":
             if self.user is None:
                 self.cap_negotiating = True
-            version = int(params[1]) if len(params) > 1 and params[1].isdigit() else 0
+            version = int(params[1]) if len(params) > 1 and params[1].isascii() and params[1].isdigit() else 0
             self.cap_version = max(self.cap_version, version)
             offered = " ".join(c for c in CAPS if c != "cap-notify" or version >= 302)
             self._line(f":{server} CAP {self.me} LS :{offered}")
@@ -542,7 +558,8 @@ class IrcSession:
             elif fold(name) not in user.rooms:
                 self._num(N.ERR_NOTONCHANNEL, name, "You're not on that channel")
             else:
-                self.hub.handle(user, PartRoom(name, reason[:300] or None))
+                cut = reason.encode("utf-8")[:300].decode("utf-8", "ignore")  # fits any line
+                self.hub.handle(user, PartRoom(name, cut or None))
 
     def _privmsg(self, line: Line) -> None:
         self._message(line, notice=False)
@@ -656,7 +673,7 @@ class IrcSession:
         if not line.params:
             self._num(N.RPL_ENDOFNAMES, "*", "End of /NAMES list")
             return
-        names = [n for n in line.params[0].split(",") if n][:TARGMAX]
+        names = [n for n in (line.params[0].split() or [""])[0].split(",") if n][:TARGMAX]
         if len(names) > 1:
             # Several channels: their lists, then one end naming them all (RFC 1459, 2812).
             for name in names:
@@ -696,7 +713,7 @@ class IrcSession:
             self._num(N.RPL_ENDOFNAMES, room.name, "End of /NAMES list")
 
     def _who(self, line: Line) -> None:
-        mask = line.params[0] if line.params else "*"
+        mask = (line.params[0].split() or ["*"])[0] if line.params else "*"
         chat = self.hub.chat
         server = self.door.server_name
         rows: List[tuple] = []
@@ -725,7 +742,7 @@ class IrcSession:
         if not line.params:
             self._num(N.ERR_NONICKNAMEGIVEN, "No nickname given")
             return
-        nick = line.params[-1]
+        nick = (line.params[-1].split() or ["*"])[0]
         chat = self.hub.chat
         u = chat.users.get(fold(nick))
         server = self.door.server_name
@@ -886,6 +903,9 @@ class IrcSession:
         self._handshake_timer = None
         transport = self.transport
         if transport.state is State.HANDSHAKING or (transport.state is State.OPEN and self.user is None):
+            if transport.state is State.HANDSHAKING:
+                transport.abort("handshake timeout")  # nothing can be said before TLS is up
+                return
             self._error("Registration timeout")
             transport.close("handshake timeout")
 

@@ -90,7 +90,7 @@ class IrcWire:
         if kind is events.Join:
             return [f":{_source(event.nick, event.userhost)} JOIN {event.room}\r\n".encode()]  # type: ignore[union-attr]
         if kind is events.Part:
-            reason = f" :{event.reason}" if event.reason else ""  # type: ignore[union-attr]
+            reason = f" :{_one_line(event.reason)}" if event.reason else ""  # type: ignore[union-attr]
             return [f":{_source(event.nick, event.userhost)} PART {event.room}{reason}\r\n".encode()]  # type: ignore[union-attr]
         if kind is events.Quit:
             return [f":{_source(event.nick, event.userhost)} QUIT :{_one_line(event.reason)}\r\n".encode()]  # type: ignore[union-attr]
@@ -124,8 +124,13 @@ def _source(nick: str, userhost: str) -> str:
     return f"{nick}!{userhost}" if userhost else nick
 
 
-def _one_line(text: str) -> str:
-    return " ".join(text.split("\n"))[:400]
+def _one_line(text: str, limit: int = 300) -> str:
+    """A reason or notice as one line of at most `limit` bytes, cut at a character boundary."""
+    line = " ".join(text.split("\n"))
+    data = line.encode("utf-8")
+    if len(data) <= limit:
+        return line
+    return data[:limit].decode("utf-8", "ignore")
 
 
 class WireSet:
@@ -150,7 +155,7 @@ def parse_time(text: str) -> Optional[int]:
     frac = 0
     if "." in value:
         value, _, digits = value.partition(".")
-        if not digits.isdigit():
+        if not (digits.isascii() and digits.isdigit()):
             return None
         frac = int((digits + "000")[:3])
     try:
