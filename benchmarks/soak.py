@@ -375,6 +375,7 @@ def _good_worker(port: int, n: int, rooms: int, rates: List[float], duration: fl
     # Deliveries to members other than the sender: when sent (ns), how long it took (µs).
     lat_send = array.array("q")
     lat_us = array.array("q")
+    lat_from = array.array("h")  # the sender, to tell one stuck client from a slow server
     quits: Dict[str, str] = {}
     closed: List[int] = []
     pongs = set()
@@ -420,6 +421,7 @@ def _good_worker(port: int, n: int, rooms: int, rates: List[float], duration: fl
             elif j != i:
                 lat_send.append(t_ns)
                 lat_us.append((now_ns - t_ns) // 1000)
+                lat_from.append(j)
         elif kind == "error":
             if ev.get("code") == "rate_limited":
                 refused += 1
@@ -510,6 +512,7 @@ def _good_worker(port: int, n: int, rooms: int, rates: List[float], duration: fl
         "refused": refused, "other_errors": dict(other_errors), "expected": expected,
         "delivered": delivered, "lost": lost, "lost_examples": lost_examples, "duplicates": duplicates,
         "order_violations": order_violations, "lat_send_ns": lat_send.tolist(), "lat_us": lat_us.tolist(),
+        "lat_from": lat_from.tolist(),
         "quit_reasons": dict(collections.Counter(quits.values())), "limits": limits,
         "well_behaved_closed": len(closed), "closed_which": sorted(closed), "cpu_s": cpu, "wall_s": wall,
         "t0_ns": int(t0 * 1e9),
@@ -1317,6 +1320,8 @@ def run(args: argparse.Namespace, abusers: bool, stalls: bool) -> Dict[str, Any]
         out["server_closes"] = srv.closes_by_reason()
         out["server_errors"] = [l.strip() for l in srv.lines if " ERROR " in l or "Traceback" in l][:5]
         out["server_excess_flood_lines"] = sum(1 for l in srv.lines if "excess flood from" in l)
+        if args.server_log:
+            Path(f"{args.server_log}.{'abusers' if abusers else 'clean'}").write_text("".join(srv.lines))
         try:
             for name in os.listdir(tmp):
                 os.unlink(os.path.join(tmp, name))
@@ -1331,7 +1336,11 @@ def summarize(r: Dict[str, Any], args: argparse.Namespace) -> None:
     """Latency over the run and outside the stalls, and the memory bound for this run."""
     good = r.get("good")
     if isinstance(good, dict) and "lat_us" in good:
-        send, lat = good.pop("lat_send_ns"), good.pop("lat_us")
+        send, lat, senders = good.pop("lat_send_ns"), good.pop("lat_us"), good.pop("lat_from")
+        by_sender: Dict[int, List[int]] = collections.defaultdict(list)
+        for j, v in zip(senders, lat):
+            by_sender[j].append(v)
+        good["p99_by_sender_ms"] = {j: percentile(sorted(v), 99) / 1000.0 for j, v in sorted(by_sender.items())}
         every = sorted(lat)
         outside = sorted(outside_windows(send, lat, r["stall_windows"], int(args.settle * 1e9)))
         good["latency_ms"] = {k: (v / 1000.0 if v is not None else None) for k, v in (
@@ -1498,11 +1507,11 @@ def table(runs: List[Dict[str, Any]]) -> str:
     row(f"**bystander latency p50 / p99 / max (ms), outside stalls** (+{settle_s:g} s after each)",
         lambda r: "**" + lat(r, "latency_outside_ms") + "**"
         + f" ({fmt(good_of(r, 'latency_outside_count'))} of {fmt(good_of(r, 'latency_count'))})")
+    row("worst second outside stalls: p99 (ms) at +N s", worst_second)
     clean = [r for r in runs if not r["abusers"]]
     if clean:
         c = clean[0]
-        row("worst second outside stalls: p99 (ms) at +N s", lambda r: worst_second(r))
-    row("p99 vs the run without abusers: all / outside stalls (must be <= 3x)", lambda r: " / ".join(
+        row("p99 vs the run without abusers: all / outside stalls (must be <= 3x)", lambda r: " / ".join(
             fmt(p99_of(r, o) / p99_of(c, o)) + "x" for o in (False, True)))
     row("**server peak RSS (VmHWM) / README bound (MiB)**", lambda r: f"**{fmt(r['peak_rss_kib'] / 1024, 1)} / "
         f"{fmt(r['bound_kib'] / 1024, 1)}**")
@@ -1585,6 +1594,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--no-write", action="store_true", help=f"print only; do not append to {RESULTS}")
     ap.add_argument("--json", help="also write the raw numbers to this file")
+    ap.add_argument("--server-log", help="write each server's log to PATH.abusers / PATH.clean")
     args = ap.parse_args(argv)
     if args.duration <= 0 or args.duration > 600:
         ap.error("--duration must be in (0, 600]")
