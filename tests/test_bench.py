@@ -631,3 +631,17 @@ def test_wsfanout_is_planned_and_idle_runs_over_websocket_on_selchat_web() -> No
     }
     (line,) = runner.ws_ratios(cases, ["selchat", "selchat-web"], results)
     assert "R=100" in line and "**0.75x**" in line
+
+
+def test_websocket_and_native_fanout_of_one_size_take_turns() -> None:
+    opts = runner.parse_args(["--points", "fanout,wsfanout,idle", "--fanout-receivers", "100,1000", "--idle-sizes", "1000"])
+    specs = launcher.known_servers()
+    groups = runner.interleave_groups(runner.plan(opts), ["selchat", "selchat-web"], specs)
+    shown = [[(c.label, n) for c, n in g] for g in groups]
+    assert shown == [
+        [("fan-out R=100", "selchat"), ("WebSocket fan-out R=100", "selchat-web")],
+        [("fan-out R=1000", "selchat"), ("WebSocket fan-out R=1000", "selchat-web")],
+        [("idle 1,000", "selchat"), ("idle 1,000", "selchat-web")],
+    ]
+    alone = runner.interleave_groups(runner.plan(runner.parse_args(["--points", "wsfanout", "--fanout-receivers", "100"])), ["selchat-web"], specs)
+    assert [[(c.label, n) for c, n in g] for g in alone] == [[("WebSocket fan-out R=100", "selchat-web")]]

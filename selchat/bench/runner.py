@@ -255,6 +255,20 @@ def plan(opts: argparse.Namespace) -> List[Case]:
     return unique
 
 
+def interleave_groups(cases: Sequence[Case], servers: Sequence[str], specs: Dict[str, ServerSpec]) -> List[List[Tuple[Case, str]]]:
+    """The (case, server) runs that take turns within each repetition.
+
+    Normally one case on every server that can run it. A WebSocket fan-out joins the native
+    fan-out group of the same R: the two are compared with each other, so they must share the
+    machine's drift (A B A B ...), not run one after the other.
+    """
+    groups: Dict[Tuple[str, int], List[Tuple[Case, str]]] = {}
+    for case in cases:
+        key = ("fanout", case.size) if case.kind == "wsfanout" and Case("fanout", case.size) in cases else (case.kind, case.size)
+        groups.setdefault(key, []).extend((case, n) for n in servers if case.runs_on(specs[n]))
+    return [g for g in groups.values() if g]
+
+
 def median_outcome(runs: Sequence[Outcome]) -> Outcome:
     ok = [r for r in runs if r.failed is None]
     out = Outcome()
@@ -548,10 +562,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         else:
             print(f"skipping {case.label}: no server in --servers speaks {case.protocol}", file=sys.stderr)
     runs: Dict[Tuple[Case, str], List[Outcome]] = {}
-    for case in cases:
-        able = [n for n in servers if case.runs_on(specs[n])]
+    for group in interleave_groups(cases, servers, specs):
         for rep in range(opts.repeat):
-            for name in able:  # interleaved: A B C A B C ...
+            for case, name in group:  # interleaved: A B C A B C ...
                 t = time.monotonic()
                 try:
                     o = run_case(case, specs[name], opts)
