@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any, Dict, Optional
 
@@ -43,6 +44,11 @@ from selchat.loop.timers import Timer
 from selchat.loop.transport import State, Transport
 
 log = logging.getLogger("selchat.server")
+
+# Serving time beyond what a cheap request takes is billed too: one token per 2 ms of it, so a
+# request that makes the loop work (a rooms list to sort) costs what it costs everyone else.
+CHEAP_SECONDS = 0.001
+SECONDS_PER_TOKEN = 0.002
 
 REFUSALS = {
     "server_full": "the server is full",
@@ -313,6 +319,7 @@ class JsonSession:
             return  # the liveness it proves was noted when its bytes arrived
         bucket = self.bucket
         before = self.transport.out.size
+        started = time.perf_counter()
         try:
             door.hub.handle(user, request, ref)  # type: ignore[arg-type]
         except ChatError as exc:
@@ -320,8 +327,10 @@ class JsonSession:
             return
         if bucket is not None:
             # An expensive answer (a long room list, a page of history) costs what it
-            # produced: a debt that the next requests wait out.
-            bucket.bill(answer_cost(self.transport.out.size - before))
+            # produced and the time it took: a debt that the next requests wait out.
+            spent = time.perf_counter() - started
+            bucket.bill(answer_cost(self.transport.out.size - before)
+                        + max(0.0, spent - CHEAP_SECONDS) / SECONDS_PER_TOKEN)
 
     def _admit(self, payload: bytes) -> bool:
         """Flood control: may this request be served? Else it was refused (and perhaps the end).
