@@ -34,23 +34,12 @@ class _Entry:
         self.echo = False  # the sender gets its own copy in the batch
 
 
-ENVELOPE = 160  # bytes a message's frame or line takes beyond its text, at most (about)
-
-
 class Fanout:
-    __slots__ = ("_room", "_entries", "pending")
+    __slots__ = ("_room", "_entries")
 
     def __init__(self) -> None:
         self._room: Optional[Room] = None
         self._entries: List[_Entry] = []
-        # About how many bytes the batch will queue for each member when it is flushed. A
-        # session's backpressure counts it with its own queue, or one read of many small
-        # requests could batch past a reading client's buffer before anything is queued.
-        self.pending = 0
-
-    def congested(self, transport: Any) -> bool:
-        """Whether serving `transport`'s peer more now could pile past its high-water mark."""
-        return transport.out.size + self.pending > transport.high_water
 
     def deliver(self, deliveries: List[Delivery], ref: Any) -> None:
         for delivery in deliveries:
@@ -62,7 +51,6 @@ class Fanout:
                         self.flush()
                     self._room = room
                 self._entries.append(_Entry(event, delivery.skip))
-                self.pending += 2 * len(event.text) + ENVELOPE  # type: ignore[union-attr]
                 continue
             if delivery.reply:
                 entries = self._entries
@@ -112,7 +100,6 @@ class Fanout:
             return
         self._entries = []
         self._room = None
-        self.pending = 0
         senders = {e.sender for e in entries}
         parts: Dict[Any, List[bytes]] = {}  # wire -> each entry's bytes in that format
         common: Dict[Any, bytes] = {}  # wire -> the whole batch in that format

@@ -108,7 +108,7 @@ class FramedSession(JsonSession):
         while transport.state is State.OPEN:
             if self.doomed:
                 return
-            if self.door.hub.fanout.congested(transport):
+            if transport.congested:
                 transport.wait_for_drain()
                 return
             if self._in_debt():

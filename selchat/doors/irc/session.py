@@ -311,7 +311,7 @@ class IrcSession:
                 self._dispatch(line)
             if transport.state is not State.OPEN:
                 return
-            if self.door.hub.fanout.congested(transport):
+            if transport.congested:
                 transport.wait_for_drain()
                 return
         if transport.eof and transport.state is State.OPEN:

@@ -176,7 +176,7 @@ class WebSession(JsonSession):
         http = self.http
         send = self.door.hub.fanout.send
         while http is not None and transport.state is State.OPEN:
-            if self.door.hub.fanout.congested(transport):
+            if transport.congested:
                 transport.wait_for_drain()
                 return
             step = http.step()
@@ -223,7 +223,7 @@ class WebSession(JsonSession):
             return
         if self.doomed:
             return
-        if self.door.hub.fanout.congested(transport):
+        if transport.congested:
             transport.wait_for_drain()
             return
         if self._in_debt():
@@ -240,7 +240,7 @@ class WebSession(JsonSession):
             # a Pong needs nothing: its bytes proved the peer alive when they arrived
             if transport.state is not State.OPEN or self.doomed:
                 return
-            if self.door.hub.fanout.congested(transport):
+            if transport.congested:
                 transport.wait_for_drain()
                 return
             if self._in_debt():
