@@ -41,6 +41,7 @@ from selchat.doors.framed.protocol import (
 from selchat.hub import Hub
 from selchat.loop.reactor import Reactor
 from selchat.loop.timers import Timer
+from selchat.doors.base import DoorSession
 from selchat.loop.transport import State, Transport
 
 log = logging.getLogger("selchat.server")
@@ -99,7 +100,7 @@ def _password_matches(expected: bytes, given: Optional[str]) -> bool:
     return hmac.compare_digest(expected, given.encode("utf-8"))
 
 
-class JsonSession:
+class JsonSession(DoorSession):
     """One connection of a JSON door; subclasses feed `_on_payload` and may say goodbye."""
 
     __slots__ = ("door", "wire", "transport", "user", "bucket", "arrivals", "consumed",
@@ -248,31 +249,10 @@ class JsonSession:
     def notice(self, text: str) -> None:
         self.reply(events.Notice(text), None)
 
-    def drop(self, reason: str) -> None:
-        """Condemned: leave the chat with `reason` and close now."""
-        log.info("dropping %s: %s", self.name, reason)
-        self._leave(reason)
-        self.transport.abort(reason)
-
-    def shutdown(self, deadline: float) -> None:
-        """The server is stopping: a notice, then close after flush, by `deadline` at the latest."""
-        transport = self.transport
-        if transport.state is State.HANDSHAKING:
-            transport.abort("server shutting down during the TLS handshake")
-            return
-        if transport.state is not State.OPEN:
-            return
-        self.notice("server shutting down")
-        self._leave(None)  # everyone leaves at once: no quit storm for the last seconds
+    def _shutdown_words(self) -> None:
         self._goodbye(CLOSE_GOING_AWAY, "server shutting down")
-        transport.close("server shutting down", deadline)
 
     # --- serving ------------------------------------------------------------------------------
-
-    def _leave(self, quit_reason: Optional[str]) -> None:
-        user, self.user = self.user, None
-        if user is not None:
-            self.door.hub.leave(user, quit_reason)
 
     def _close(self, quit_reason: Optional[str], detail: str, code: int = CLOSE_NORMAL) -> None:
         """Leave the chat now; send what is queued (and our goodbye), then close."""

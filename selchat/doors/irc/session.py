@@ -32,6 +32,7 @@ from selchat.doors.irc.numerics import Numeric as N
 from selchat.doors.irc.parser import TOO_LONG, IrcParseError, Line, LineDecoder, parse_line
 from selchat.doors.irc.text import ctcp_action, parse_ctcp, split_for_irc, strip_formatting
 from selchat.doors.irc.wire import IrcWire, WireSet
+from selchat.doors.base import DoorSession
 from selchat.hub import Hub
 from selchat.loop.reactor import Reactor
 from selchat.loop.timers import Timer
@@ -86,7 +87,7 @@ class IrcDoor:
 _batch_ids = itertools.count(1)
 
 
-class IrcSession:
+class IrcSession(DoorSession):
     __slots__ = ("door", "hub", "wire", "transport", "decoder", "user", "bucket", "last_seen",
                  "pinged", "doomed", "reject", "nick", "ident", "realname", "password", "caps",
                  "cap_negotiating", "cap_version", "label", "welcoming", "_collected", "_timers", "_lagged",
@@ -227,22 +228,10 @@ class IrcSession:
     def notice(self, text: str) -> None:
         self._line(f":{self.door.server_name} NOTICE {self.me} :{text}")
 
-    def drop(self, reason: str) -> None:
-        log.info("dropping %s: %s", self.name, reason)
-        self._leave(reason)
-        self.transport.abort(reason)
+    SHUTDOWN_NOTICE = "Server shutting down"
 
-    def shutdown(self, deadline: float) -> None:
-        transport = self.transport
-        if transport.state is State.HANDSHAKING:
-            transport.abort("server shutting down during the TLS handshake")
-            return
-        if transport.state is not State.OPEN:
-            return
-        self.notice("Server shutting down")
-        self._leave(None)
+    def _shutdown_words(self) -> None:
         self._error("Server shutting down")
-        transport.close("server shutting down", deadline)
 
     # --- output -------------------------------------------------------------------------------
 
@@ -271,11 +260,6 @@ class IrcSession:
         if user is None:
             return self.me
         return f"{user.nick}!{user.userhost}"
-
-    def _leave(self, quit_reason: Optional[str]) -> None:
-        user, self.user = self.user, None
-        if user is not None:
-            self.hub.leave(user, quit_reason)
 
     def _close(self, quit_reason: Optional[str], detail: str) -> None:
         self._leave(quit_reason)
