@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import itertools
 import logging
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from selchat.core import events
 from selchat.core.names import fold, shorten, valid_nick
+from selchat.core.roomindex import RoomIndex
 from selchat.core.requests import (
     ChangeNick,
     HistoryRequest,
@@ -103,7 +104,8 @@ class User:
 
 
 class Room:
-    __slots__ = ("name", "key", "members", "operators", "created", "topic", "holder")
+    __slots__ = ("name", "key", "members", "operators", "created", "topic", "holder",
+                 "names_cache", "recent_cache")
 
     def __init__(self, name: str, created: int = 0, holder: Optional[str] = None) -> None:
         self.name = name
@@ -114,6 +116,10 @@ class Room:
         self.created = created  # ms since the epoch
         self.topic = ""
         self.holder = holder  # whose share of the room table it takes (None: the server's)
+        # Made once and kept until what they show changes: a lobby that many join in turn
+        # sorts its nicks and reads its history once, not once per joiner.
+        self.names_cache: Optional[events.Names] = None  # until a member, op or nick changes
+        self.recent_cache: Optional[Tuple[Tuple[events.Message, ...], bool]] = None  # until said
 
 
 class Delivery:
@@ -185,12 +191,10 @@ class Chat:
         self.rooms_held: Dict[str, int] = {}  # holder key -> rooms it created that still exist
         self.users: Dict[str, User] = {}
         self.rooms: Dict[str, Room] = {}
+        self.index = RoomIndex()  # the rooms by size and by name, kept up to date
         self.lobby = self._room(LOBBY, started_ms)  # made by the server when it starts
         self.before_change: Callable[[], None] = _noop
-        self._membership_version = 0  # grows at every join and leave
         self._signals = 0
-        self._room_list_version = -1
-        self._room_list: Tuple[events.RoomInfo, ...] = ()
         self._allocate: Optional[Callable[[], int]] = getattr(store, "allocate_id", None)
         self.last_id: int = store.last_id()
 
@@ -280,6 +284,7 @@ class Chat:
         message = events.Message(self.next_id(), now_ms, user.nick, text, room.name, None,
                                  action, notice, user.userhost, client_tags)
         self.store.add(message)
+        room.recent_cache = None
         return [Delivery(message, room.members, skip=user, room=room), reply(message, user)]
 
     def private(self, user: User, to: str, text: str, now_ms: int,
@@ -361,6 +366,7 @@ class Chat:
         self.users[key] = user
         recipients: Dict[User, None] = {}
         for room in user.rooms.values():
+            room.names_cache = None
             if len(room.members) <= self.max_presence:
                 recipients.update(room.members)
         recipients.pop(user, None)
@@ -379,13 +385,16 @@ class Chat:
         return self._names(room)
 
     def room_list(self, offset: int = 0) -> events.RoomList:
-        """Every room, largest first. The sorted list is made once per change of membership,
-        not per request: a busy server answers many `rooms` with one sort."""
-        if self._room_list_version != self._membership_version:
-            rooms = sorted(self.rooms.values(), key=lambda r: (-len(r.members), r.key))
-            self._room_list = tuple(events.RoomInfo(r.name, len(r.members)) for r in rooms)
-            self._room_list_version = self._membership_version
-        return events.RoomList(self._room_list, offset)
+        """Every room, largest first, as a view of the index: what a door reads of it costs
+        what it reads, however many rooms there are. The view is valid until the next change,
+        so a door encodes it at once (the fan-out does)."""
+        return events.RoomList(RoomsBySize(self), offset)
+
+    def rooms_by_name(self, after: str = "", count: int = 100) -> List[Room]:
+        """Up to `count` rooms whose key comes after `after`, in key order (IRC's LIST pages
+        with this: a cursor by name stays right while rooms come and go)."""
+        rooms = self.rooms
+        return [rooms[key] for key in self.index.by_key(after, count)]
 
     def history(self, user: User, request: HistoryRequest) -> List[Delivery]:
         room = user.rooms.get(fold(request.room))
@@ -422,6 +431,7 @@ class Chat:
     def _room(self, name: str, now_ms: int, holder: Optional[str] = None) -> Room:
         room = Room(name, now_ms, holder)
         self.rooms[room.key] = room
+        self.index.add(room.key)
         if holder is not None:
             self.rooms_held[holder] = self.rooms_held.get(holder, 0) + 1
         return room
@@ -429,8 +439,10 @@ class Chat:
     def _join(self, user: User, room: Room, out: List[Delivery]) -> None:
         """Membership, then `join` (to all or, in a large room, the joiner), `names`, `history`."""
         self.before_change()
-        self._membership_version += 1
         room.members[user] = None
+        size = len(room.members)
+        self.index.resize(room.key, size - 1, size)
+        room.names_cache = None
         user.rooms[room.key] = room
         event = events.Join(room.name, user.nick, user.userhost)
         large = len(room.members) > self.max_presence
@@ -439,23 +451,29 @@ class Chat:
         out.append(reply(event, user))
         if not large:
             out.append(reply(self._names(room), user))
-        try:
-            messages, more = self.store.recent(room.name, None, self.history_on_join,
-                                               self.history_bytes)
-        except StoreError as exc:
-            # The join stands; the history is empty and says older messages exist, so a client
-            # can ask again with `history` later.
-            log.error("history read failed: %s", exc)
-            messages, more = [], True
-        out.append(reply(events.History(room.name, tuple(messages), more), user))
+        recent = room.recent_cache
+        if recent is None:
+            try:
+                messages, more = self.store.recent(room.name, None, self.history_on_join,
+                                                   self.history_bytes)
+                recent = room.recent_cache = (tuple(messages), more)
+            except StoreError as exc:
+                # The join stands; the history is empty and says older messages exist, so a
+                # client can ask again with `history` later.
+                log.error("history read failed: %s", exc)
+                recent = ((), True)
+        out.append(reply(events.History(room.name, recent[0], recent[1]), user))
 
     def _leave(self, user: User, room: Room) -> None:
-        self._membership_version += 1
         del room.members[user]
+        size = len(room.members)
+        self.index.resize(room.key, size + 1, size)
+        room.names_cache = None
         room.operators.pop(user, None)
         del user.rooms[room.key]
         if not room.members and room is not self.lobby:
             del self.rooms[room.key]
+            self.index.remove(room.key, 0)
             holder = room.holder
             if holder is not None:
                 left = self.rooms_held[holder] - 1
@@ -469,4 +487,44 @@ class Chat:
         return tuple(sorted((u.nick for u in users), key=lambda n: (n.lower(), n)))
 
     def _names(self, room: Room) -> events.Names:
-        return events.Names(room.name, self._sorted(room.members), self._sorted(room.operators))
+        names = room.names_cache
+        if names is None:
+            names = room.names_cache = events.Names(room.name, self._sorted(room.members),
+                                                    self._sorted(room.operators))
+        return names
+
+
+class RoomsBySize(Sequence):  # type: ignore[type-arg]
+    """The chat's rooms, largest first, read from its index one entry at a time."""
+
+    __slots__ = ("_chat",)
+
+    def __init__(self, chat: Chat) -> None:
+        self._chat = chat
+
+    def __len__(self) -> int:
+        return len(self._chat.index)
+
+    def __getitem__(self, position: Any) -> Any:
+        chat = self._chat
+        if isinstance(position, slice):
+            start, stop, step = position.indices(len(chat.index))
+            if step != 1:
+                return [self[i] for i in range(start, stop, step)]
+            rooms = chat.rooms
+            Info = events.RoomInfo
+            return [Info(room.name, len(room.members))
+                    for room in [rooms[key] for key in chat.index.by_size(start, stop - start)]]
+        if position < 0:
+            position += len(chat.index)
+        if not 0 <= position < len(chat.index):
+            raise IndexError(position)
+        room = chat.rooms[chat.index.key_at(position)]
+        return events.RoomInfo(room.name, len(room.members))
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Sequence) and not isinstance(other, (str, bytes)):
+            return tuple(self) == tuple(other)
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]  # live, so not hashable

@@ -7,7 +7,7 @@ adapter would turn the same records into its own lines, which is why nothing her
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional, Tuple, Union
+from typing import Optional, Sequence, Tuple, Union
 
 
 @dataclass(frozen=True)
@@ -95,9 +95,12 @@ class RoomInfo:
 
 @dataclass(frozen=True)
 class RoomList:
-    """Every room, largest first; the door sends them from `offset` on, as much as fits."""
+    """Every room, largest first; the door sends them from `offset` on, as much as fits.
 
-    rooms: Tuple[RoomInfo, ...]
+    `rooms` may be a live view of the chat's index (valid until the chat next changes): a
+    door reads only what it sends."""
+
+    rooms: Sequence[RoomInfo]
     offset: int = 0
 
 

@@ -400,16 +400,21 @@ def _fitting(obj: Dict[str, Any], member: str, items: List[Dict[str, Any]], max_
     return kept
 
 
-_rooms_cache: List[Any] = [None, []]  # [the rooms tuple last encoded, its JSON fragments]
+_fragments: Dict[Tuple[str, int], bytes] = {}  # (room name, members) -> its JSON
+_FRAGMENTS_KEPT = 20000  # past this many, the cache starts again (it is only a cache)
+_READ_AHEAD = 256  # rooms read from the list at a time
 
 
-def _room_fragments(rooms: Tuple[events.RoomInfo, ...]) -> List[bytes]:
-    """Each room as JSON, made once per room list: the chat hands out the same tuple until a
-    membership changes, so many `rooms` requests in between cost no encoding."""
-    if _rooms_cache[0] is not rooms:
-        _rooms_cache[1] = [codec.encode_json({"name": r.name, "members": r.members}) for r in rooms]
-        _rooms_cache[0] = rooms
-    return _rooms_cache[1]
+def _room_fragment(room: events.RoomInfo) -> bytes:
+    """One room as JSON, made once per (name, size): a room's entry changes only when its
+    member count does, so a long list costs its encoding once, not once per request."""
+    key = (room.name, room.members)
+    fragment = _fragments.get(key)
+    if fragment is None:
+        if len(_fragments) >= _FRAGMENTS_KEPT:
+            _fragments.clear()
+        fragment = _fragments[key] = codec.encode_json({"name": room.name, "members": room.members})
+    return fragment
 
 
 def _encode_rooms(event: events.RoomList, ref: Ref, max_frame: int,
@@ -418,26 +423,37 @@ def _encode_rooms(event: events.RoomList, ref: Ref, max_frame: int,
 
     All but the last say `more: true`. **(our choice)** When the whole list would take more than
     `budget` bytes (what the client's buffer can hold), the answer stops there: its last event
-    says `more: true` and `next: N`, and `rooms {offset: N}` asks for the rest.
+    says `more: true` and `next: N`, and `rooms {offset: N}` asks for the rest. Only the rooms
+    sent are read from the list, so a page costs the page however many rooms exist.
     """
-    fragments = _room_fragments(event.rooms)
+    rooms = event.rooms
     head = b'{"type":"rooms","rooms":['
     ref_part = b',"ref":' + codec.encode_json(ref) if ref is not None else b""
     end_more = b'],"more":true' + ref_part + b"}"
     frames: List[bytes] = []
     total = 0
     start = max(0, event.offset)
-    count = len(fragments)
+    count = len(rooms)
+    room_for = max_frame - len(head) - len(end_more) - len(b',"next":18446744073709551615')
+    batch: List[bytes] = []  # fragments read ahead from the list, from position `stop` on
     while True:
-        room_for = max_frame - len(head) - len(end_more) - len(b',"next":18446744073709551615')
         size = 0
         stop = start
-        while stop < count and size + len(fragments[stop]) + 1 <= room_for:
-            size += len(fragments[stop]) + 1
+        parts: List[bytes] = []
+        while stop < count:
+            if not batch:
+                # Read ahead in slices: one slice of the index costs less than many lookups.
+                batch = [_room_fragment(r) for r in rooms[stop: stop + _READ_AHEAD]][::-1]
+            fragment = batch[-1]
+            if size + len(fragment) + 1 > room_for:
+                break
+            batch.pop()
+            parts.append(fragment)
+            size += len(fragment) + 1
             stop += 1
         if stop == start and start < count:
             raise codec.EncodeError("one room entry does not fit in a frame")
-        body = head + b",".join(fragments[start:stop])
+        body = head + b",".join(parts)
         last = stop >= count
         out_of_budget = budget is not None and total + len(body) + 64 > budget and frames
         if out_of_budget:
