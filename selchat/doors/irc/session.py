@@ -8,6 +8,15 @@ Flood control is IRC's: lines are charged to the connection's token bucket from 
 byte; when the bucket is empty the session stops reading ("fake lag") and serves the next line
 when a token is due; a peer that keeps sending while lagged piles up unread input, and past
 RECVQ bytes of it is disconnected with `ERROR :Excess Flood`.
+
+Expensive answers are weighed and bounded, as the native door's are. What a line's answer
+queued beyond its first FREE_ANSWER_BYTES is billed to the bucket (`answer_cost`), and the
+debt is waited out by the same fake lag: later lines are served later, never refused, and a
+client lagged only by such a debt (its count of lines within the rate) is not an excess flood.
+No answer queues more than the client's output buffer can hold: `LIST` streams ("safelist"),
+writing its rooms in key order while the queue is below `_answer_budget()` and continuing
+from the last key sent once the client has read them (nothing else is served meanwhile);
+`NAMES` and `WHO` are cut at that budget, with 416 before their usual end numeric.
 """
 
 from __future__ import annotations
@@ -18,13 +27,13 @@ import itertools
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
 
 from selchat import __version__
 from selchat.core import events
 from selchat.core.chat import ChatError, Room, User
 from selchat.core.names import fold, has_control_characters, text_problem, valid_nick, valid_room
-from selchat.core.ratelimit import ALLOW, TokenBucket
+from selchat.core.ratelimit import ALLOW, TokenBucket, answer_cost
 from selchat.core.requests import ChangeNick, JoinRoom, Msg, PartRoom, Say, Tag
 from selchat.core.store import StoreError
 from selchat.defaults import HISTORY_LIMIT_MAX, NICK_MAX, ROOM_MAX
@@ -44,6 +53,11 @@ RECVQ = 8192  # unread input bytes a lagged client may pile up before "Excess Fl
 HOST = "irc.selchat"  # the host part every IRC user shows (addresses are never shown)
 TARGMAX = 4  # targets of one PRIVMSG/NOTICE
 WHO_MAX = 200  # users one WHO with a mask may list
+ANSWER_BYTES = 65536  # one answer's queue above the low-water mark (see _answer_budget)
+FREE_ANSWER_BYTES = 4096  # what a line's answer may queue before it costs more than its token
+LIST_PAGE = 100  # rooms a streaming LIST asks the chat for at a time
+ERR_TOOMANYMATCHES = 416  # an answer cut short (hybrid, ratbox: "output too large, truncated")
+MIN_LAG = 0.001  # seconds: a lag timer is never due in the past (it would fire in this pass)
 CAPS = ("message-tags", "server-time", "echo-message", "batch", "labeled-response",
         "multi-prefix", "userhost-in-names", "draft/chathistory", "cap-notify")
 
@@ -75,7 +89,7 @@ class IrcDoor:
             "AWAYLEN=390", "CASEMAPPING=ascii", "CHANLIMIT=#:100", "CHANMODES=,,,",
             f"CHANNELLEN={ROOM_MAX + 1}", "CHANTYPES=#", f"CHATHISTORY={HISTORY_LIMIT_MAX}",
             "LINELEN=512", "MAXTARGETS=4", "MODES=0", "MSGREFTYPES=msgid,timestamp",
-            "NETWORK=selchat", f"NICKLEN={NICK_MAX}", "PREFIX=(ov)@+", "STATUSMSG=",
+            "NETWORK=selchat", f"NICKLEN={NICK_MAX}", "PREFIX=(ov)@+", "SAFELIST", "STATUSMSG=",
             f"TARGMAX=PRIVMSG:{TARGMAX},NOTICE:{TARGMAX},JOIN:,PART:,NAMES:{TARGMAX},WHOIS:1,ISON:,USERHOST:5",
             "TOPICLEN=390", "USERLEN=16", "UTF8ONLY",
         ]
@@ -87,11 +101,23 @@ class IrcDoor:
 _batch_ids = itertools.count(1)
 
 
+class _ListStream:
+    """A LIST being streamed: the key of the last room looked at, where its output began."""
+
+    __slots__ = ("after", "start", "batch")
+
+    def __init__(self, start: int) -> None:
+        self.after = ""  # rooms_by_name's cursor: a key, so rooms coming and going never shift it
+        self.start = start  # `_produced` when the answer began (for billing)
+        self.batch: Optional[str] = None  # the labeled-response batch its lines belong to
+
+
 class IrcSession(DoorSession):
     __slots__ = ("door", "hub", "wire", "transport", "decoder", "user", "bucket", "last_seen",
                  "pinged", "doomed", "reject", "nick", "ident", "realname", "password", "caps",
                  "cap_negotiating", "cap_version", "label", "welcoming", "_collected", "_timers", "_lagged",
-                 "_handshake_timer", "_idle_timer", "__weakref__")
+                 "_handshake_timer", "_idle_timer", "_produced", "_billed", "_answer_start",
+                 "_listing", "_label_taken", "__weakref__")
 
     def __init__(self, door: IrcDoor, reject: Optional[str] = None) -> None:
         self.door = door
@@ -118,6 +144,11 @@ class IrcSession(DoorSession):
         self._lagged: Optional[Timer] = None
         self._handshake_timer: Optional[Timer] = None
         self._idle_timer: Optional[Timer] = None
+        self._produced = 0  # bytes of our own lines so far (answers, collected ones included)
+        self._billed = 0  # `_produced` up to which output has been billed
+        self._answer_start = 0  # `_produced` when the line being served began
+        self._listing: Optional[_ListStream] = None  # a LIST still streaming: no line is served
+        self._label_taken = False  # the command's label went to a stream's batch of its own
 
     @property
     def me(self) -> str:
@@ -151,10 +182,15 @@ class IrcSession(DoorSession):
 
     def eof_received(self) -> None:
         self._serve()
-        if self.transport.state is State.OPEN:
-            self._close("connection closed", "peer closed")
+        if self.transport.state is State.OPEN and self._listing is None:
+            self._close("connection closed", "peer closed")  # else once the LIST has been sent
 
     def resume_serving(self) -> None:
+        """Our queue drained: the LIST being streamed goes on, or the next lines are served."""
+        if self._listing is not None:
+            self._list_more()
+            if self._listing is not None:
+                return
         self._serve()
 
     def output_overflow(self) -> None:
@@ -167,6 +203,7 @@ class IrcSession(DoorSession):
             if timer is not None:
                 timer.cancel()
         self._handshake_timer = self._idle_timer = self._lagged = None
+        self._listing = None  # a stream is driven by our drain and timers only: it just ends
         self.decoder = LineDecoder()
         self.bucket = None
         user, self.user = self.user, None
@@ -243,15 +280,46 @@ class IrcSession(DoorSession):
         """One line of ours (without CRLF), as an answer to the command being served."""
         if self._collected is not None:
             self._collected.append(line)
+            self._produced += len(line) + 2
             return
+        data = (line + "\r\n").encode("utf-8", "replace")
+        self._produced += len(data)
+        self.hub.fanout.send(self.transport, data)
+
+    def _emit(self, line: str) -> None:
+        """A line already counted in `_produced` (a labeled answer's lines, sent at its end)."""
         self.hub.fanout.send(self.transport, (line + "\r\n").encode("utf-8", "replace"))
 
-    def _num(self, code: N, *params: str) -> None:
+    def _num_text(self, code: int, *params: str) -> str:
         """A numeric to ourselves: `params` are the middle ones, the last is the trailing text."""
         middle = " ".join(params[:-1])
         text = params[-1] if params else ""
-        self._line(f":{self.door.server_name} {int(code):03d} {self.me}"
-                   + (f" {middle}" if middle else "") + f" :{text}")
+        return (f":{self.door.server_name} {int(code):03d} {self.me}"
+                + (f" {middle}" if middle else "") + f" :{text}")
+
+    def _num(self, code: int, *params: str) -> None:
+        self._line(self._num_text(code, *params))
+
+    def _answer_budget(self) -> int:
+        """Bytes one answer may have queued for the client: a LIST waits there, NAMES and WHO stop.
+
+        Above the transport's low-water mark, so that waiting for the drain is waiting for the
+        client to read, and at most its high-water mark (a quarter of max_outbuf), so that an
+        answer and the lines served before it never come near max_outbuf: a client that reads
+        is never dropped as a slow consumer for what it asked.
+        """
+        transport = self.transport
+        return max(1, min(transport.high_water, transport.low_water + ANSWER_BYTES))
+
+    def _bill(self, answer_start: int) -> None:
+        """Bill the output since the last bill, beyond the answer's first FREE_ANSWER_BYTES."""
+        produced = self._produced
+        bucket = self.bucket
+        if bucket is not None:
+            extra = produced - max(self._billed, answer_start + FREE_ANSWER_BYTES)
+            if extra > 0:
+                bucket.bill(answer_cost(extra))
+        self._billed = produced
 
     def _error(self, text: str) -> None:
         self._line(f"ERROR :{text}")
@@ -273,18 +341,20 @@ class IrcSession(DoorSession):
         bucket = self.bucket
         now = self.door.reactor.now
         while True:
-            if self.doomed or transport.state is not State.OPEN:
+            if self.doomed or transport.state is not State.OPEN or self._listing is not None:
                 return
             # Charged before it is served: a line is taken only when a token is there, so a
-            # lagged client gets exactly the rate, never one line more per resume.
+            # lagged client gets exactly the rate, never one line more per resume. A debt
+            # billed for expensive answers is waited out here too.
             if bucket is not None and bucket.ready_in(now) > 0:
-                self._lag()
+                self._lag(now)
                 return
             item = next(lines, None)
             if item is None:
                 break
             if bucket is not None:
                 bucket.take(now)
+            self._answer_start = self._billed = self._produced
             if item is TOO_LONG:
                 self._num(N.ERR_INPUTTOOLONG, "Input line was too long")
             else:
@@ -293,7 +363,8 @@ class IrcSession(DoorSession):
                 except IrcParseError:
                     continue  # an empty or blank line: nothing to say
                 self._dispatch(line)
-            if transport.state is not State.OPEN:
+            self._bill(self._answer_start)
+            if transport.state is not State.OPEN or self._listing is not None:
                 return
             if transport.congested:
                 transport.wait_for_drain()
@@ -301,21 +372,35 @@ class IrcSession(DoorSession):
         if transport.eof and transport.state is State.OPEN:
             self._close("connection closed", "peer closed")
 
-    def _lag(self) -> None:
+    def _lag(self, now: float) -> None:
         """Out of tokens: read nothing more until one is due ("fake lag")."""
-        if self.decoder.buffered > RECVQ:
+        bucket = self.bucket
+        assert bucket is not None
+        if self.decoder.buffered > RECVQ and self._flooding(bucket, now):
             log.info("excess flood from %s", self.name)
             self._error("Excess Flood")
             self._close("excess flood", "excess flood")
             return
         self.transport.pause_reading()
         if self._lagged is None:
-            assert self.bucket is not None
-            self._lagged = self.door.reactor.call_later(1.0 / self.bucket.rate, self._unlag)
+            wait = max(MIN_LAG, bucket.ready_in(now))  # a debt makes it longer than 1/rate
+            self._lagged = self.door.reactor.call_later(wait, self._unlag)
+
+    @staticmethod
+    def _flooding(bucket: TokenBucket, now: float) -> bool:
+        """Lagged by its count of lines, not by a debt we billed: only that is a flood.
+
+        (While lagged nothing is read, so what a debt leaves unread stays in the kernel and
+        the decoder holds at most one read: waiting out a debt needs no excess-flood bound.)
+        """
+        count = min(float(bucket.burst), bucket.count + max(0.0, now - bucket.stamp) * bucket.rate)
+        return count < 1.0
 
     def _unlag(self, _: Any = None) -> None:
         self._lagged = None
         if self.transport.state is State.OPEN:
+            if self._listing is not None:
+                return  # reading resumes, and lines are served, once the LIST has been sent
             self.transport.resume_reading()
             try:
                 self._serve()
@@ -341,7 +426,10 @@ class IrcSession(DoorSession):
                 self._num(N.ERR_UNKNOWNCOMMAND, command[:32], "Unknown command")
         finally:
             if label is not None:
-                self._finish_label(command)
+                if self._label_taken:
+                    self._label_taken = False  # a LIST stream sends its own labeled batch
+                else:
+                    self._finish_label(command)
 
     def _finish_label(self, command: str) -> None:
         lines, self._collected = self._collected or [], None
@@ -355,15 +443,15 @@ class IrcSession(DoorSession):
         self.label = None
         server = self.door.server_name
         if not lines:
-            self._line(f"@label={label} :{server} ACK")
+            self._emit(f"@label={label} :{server} ACK")
         elif len(lines) == 1:
-            self._line(_tag(lines[0], f"label={label}"))
+            self._emit(_tag(lines[0], f"label={label}"))
         else:
             ref = f"L{next(_batch_ids)}"
-            self._line(f"@label={label} :{server} BATCH +{ref} labeled-response")
+            self._emit(f"@label={label} :{server} BATCH +{ref} labeled-response")
             for text in lines:
-                self._line(_tag(text, f"batch={ref}"))
-            self._line(f":{server} BATCH -{ref}")
+                self._emit(_tag(text, f"batch={ref}"))
+            self._emit(f":{server} BATCH -{ref}")
 
     # --- registration -------------------------------------------------------------------------
 
@@ -683,16 +771,30 @@ class IrcSession(DoorSession):
         server = self.door.server_name
         head = f":{server} 353 {self.me} = {room.name} :"
         budget = 510 - len(head.encode())
+        # A room of thousands: what fits in this answer's share of the client's buffer, then
+        # 416 and the usual end, so a client that reads is never dropped for asking.
+        limit = self._answer_start + self._answer_budget()
+        cut = False
         chunk: List[str] = []
         size = 0
         for entry in entries:
             if chunk and size + len(entry) + 1 > budget:
-                self._line(head + " ".join(chunk))
+                text = head + " ".join(chunk)
+                if self._produced + len(text) + 2 > limit:
+                    cut = True
+                    break
+                self._line(text)
                 chunk, size = [], 0
             chunk.append(entry)
             size += len(entry) + 1
-        if chunk:
-            self._line(head + " ".join(chunk))
+        if chunk and not cut:
+            text = head + " ".join(chunk)
+            if self._produced + len(text) + 2 > limit:
+                cut = True
+            else:
+                self._line(text)
+        if cut:
+            self._num(ERR_TOOMANYMATCHES, "NAMES", f"Output too large, truncated ({room.name})")
         if end:
             self._num(N.RPL_ENDOFNAMES, room.name, "End of /NAMES list")
 
@@ -700,12 +802,14 @@ class IrcSession(DoorSession):
         mask = (line.params[0].split() or ["*"])[0] if line.params else "*"
         chat = self.hub.chat
         server = self.door.server_name
-        rows: List[tuple] = []
+        rows: Iterable[tuple] = []
         if mask.startswith("#"):
             room = chat.rooms.get(fold(mask))
             if room is not None:
-                rows = [(room.name, u, u in room.operators) for u in room.members]
+                rows = ((room.name, u, u in room.operators) for u in room.members)
         else:
+            matched: List[tuple] = []
+            rows = matched
             if any(ch in mask for ch in "*?"):
                 pattern = fold(mask)
                 found = [u for u in chat.users.values() if fnmatch.fnmatchcase(u.key, pattern)]
@@ -715,11 +819,16 @@ class IrcSession(DoorSession):
                 found = [u] if u is not None else []
             for u in found:
                 room = next(iter(u.rooms.values()), None)
-                rows.append((room.name if room else "*", u, room is not None and u in room.operators))
+                matched.append((room.name if room else "*", u, room is not None and u in room.operators))
+        limit = self._answer_start + self._answer_budget()  # as for NAMES: cut, never dropped
         for channel, u, op in rows:
             flags = ("G" if u.away else "H") + ("@" if op else "")
-            self._line(f":{server} 352 {self.me} {channel} {u.ident} {u.host} {server} {u.nick} "
-                       f"{flags} :0 {u.realname}")
+            text = (f":{server} 352 {self.me} {channel} {u.ident} {u.host} {server} {u.nick} "
+                    f"{flags} :0 {u.realname}")
+            if self._produced + len(text) + 2 > limit:
+                self._num(ERR_TOOMANYMATCHES, "WHO", "Output too large, truncated")
+                break
+            self._line(text)
         self._num(N.RPL_ENDOFWHO, mask[:64], "End of /WHO list")
 
     def _whois(self, line: Line) -> None:
@@ -745,13 +854,82 @@ class IrcSession(DoorSession):
 
     def _list(self, line: Line) -> None:
         chat = self.hub.chat
-        wanted = {fold(n) for n in line.params[0].split(",")} if line.params and line.params[0] else None
-        self._num(N.RPL_LISTSTART, "Channel", "Users  Name")
-        for room in sorted(chat.rooms.values(), key=lambda r: r.key):
-            if not room.members or (wanted is not None and room.key not in wanted):
-                continue
-            self._num(N.RPL_LIST, room.name, str(len(room.members)), room.topic)
-        self._num(N.RPL_LISTEND, "End of /LIST")
+        if line.params and line.params[0]:
+            # Named channels: a lookup each (at most one line's worth of names), in key order.
+            self._num(N.RPL_LISTSTART, "Channel", "Users  Name")
+            for key in sorted({fold(n) for n in line.params[0].split(",") if n}):
+                room = chat.rooms.get(key)
+                if room is not None and room.members:
+                    self._num(N.RPL_LIST, room.name, str(len(room.members)), room.topic)
+            self._num(N.RPL_LISTEND, "End of /LIST")
+            return
+        # Every room: streamed as the client reads ("safelist"), so the answer is never more
+        # than its buffer holds. Until RPL_LISTEND nothing is read or served, so what the
+        # client says next is answered after the list, in order.
+        stream = _ListStream(self._produced)
+        label = self.label if self._collected is not None else None
+        if label is not None:
+            # Labeled: its own batch, opened now and closed after the last room, instead of
+            # collecting the whole list to wrap it at the end of the command.
+            self._collected = None
+            self.label = None
+            self._label_taken = True
+            stream.batch = f"L{next(_batch_ids)}"
+            self._line(f"@label={label} :{self.door.server_name} BATCH +{stream.batch} labeled-response")
+        self._line(self._in_stream(stream, self._num_text(N.RPL_LISTSTART, "Channel", "Users  Name")))
+        self._listing = stream
+        self.transport.pause_reading()
+        self._list_more()
+
+    @staticmethod
+    def _in_stream(stream: _ListStream, text: str) -> str:
+        return _tag(text, f"batch={stream.batch}") if stream.batch else text
+
+    def _list_more(self) -> None:
+        """Write the next rooms of the LIST while our queue is below the answer budget.
+
+        Then either wait for the client to read (the transport calls `resume_serving` once the
+        queue is below its low-water mark) or, after the last room, end the list and go back
+        to reading. Each chunk is billed as it is written. Nothing but the transport's drain
+        drives this: a connection that closes meanwhile leaves nothing behind.
+        """
+        stream = self._listing
+        if stream is None:
+            return
+        transport = self.transport
+        if self.doomed or transport.state is not State.OPEN or not transport.accepting:
+            self._listing = None
+            return
+        out = transport.out
+        budget = self._answer_budget()
+        stop = self._produced + ANSWER_BYTES  # one pass's share of the loop's time, too
+        rooms_by_name = self.hub.chat.rooms_by_name
+        done = False
+        while out.size < budget and self._produced < stop:
+            page = rooms_by_name(stream.after, LIST_PAGE)
+            if not page:
+                done = True
+                break
+            for room in page:
+                stream.after = room.key
+                if room.members:
+                    self._line(self._in_stream(stream, self._num_text(
+                        N.RPL_LIST, room.name, str(len(room.members)), room.topic)))
+                    if out.size >= budget or self._produced >= stop:
+                        break
+        if done:
+            self._line(self._in_stream(stream, self._num_text(N.RPL_LISTEND, "End of /LIST")))
+            if stream.batch:
+                self._line(f":{self.door.server_name} BATCH -{stream.batch}")
+        self._bill(stream.start)
+        if not transport.accepting or transport.state is not State.OPEN:
+            self._listing = None  # overflowed after all (other traffic): condemned already
+            return
+        if not done:
+            transport.wait_for_drain()
+            return
+        self._listing = None
+        transport.resume_reading()
 
     def _topic(self, line: Line) -> None:
         if not line.params:
