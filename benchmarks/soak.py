@@ -1144,16 +1144,24 @@ class Server:
         return self.proc.returncode
 
     def closes_by_reason(self) -> Dict[str, int]:
-        """The server's own `closed: PEER: detail` lines, details normalised."""
+        """The server's own `closed: PEER: detail` lines, details normalised.
+
+        Closes of connections that never registered are logged once per kind and period with
+        a count ("(N more like this in the last 10 s)"): the count is added back here."""
         out: collections.Counter = collections.Counter()
         for line in self.lines:
             m = re.search(r"selchat\.server: closed: \S+: (.*)$", line)
             if m:
                 detail = m.group(1).strip()
+                more = re.search(r" \((\d+) more like this in the last \d+ s\)$", detail)
+                repeats = 1
+                if more:
+                    repeats += int(more.group(1))
+                    detail = detail[: more.start()]
                 if detail.startswith("quit:"):
                     detail = "quit"
                 detail = re.sub(r"\d+", "N", detail)
-                out[detail] += 1
+                out[detail] += repeats
         return dict(out)
 
 

@@ -26,6 +26,8 @@ from selchat.defaults import (
     BURST,
     MAX_CLIENTS,
     MAX_PER_IP,
+    REGISTER_RATE,
+    REGISTER_BURST,
     MOTD,
     FRAME_LENGTH_MAX,
     TEXT_LIMIT_MAX,
@@ -60,6 +62,8 @@ class ServerConfig:
     burst: int = BURST
     max_clients: int = MAX_CLIENTS
     max_per_ip: int = MAX_PER_IP
+    register_rate: float = REGISTER_RATE
+    register_burst: int = REGISTER_BURST
     irc_port: Optional[int] = None
     server_name: str = ""  # the IRC server name; "" means the machine's host name
     web_port: Optional[int] = None  # HTTP and WebSocket (the web client); off unless given
@@ -403,6 +407,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="connections in all; more get server_full")
     p.add_argument("--max-per-ip", type=_non_negative_int, default=d.max_per_ip,
                    help="connections from one address; more get too_many_connections; 0 = no limit")
+    p.add_argument("--register-rate", type=_rate, default=d.register_rate,
+                   help="registrations per second from one address once its --register-burst is "
+                        "spent; the others wait their turn (they are not refused); 0 = no pacing")
+    p.add_argument("--register-burst", type=_positive_int, default=d.register_burst,
+                   help="registrations from one address at once before --register-rate applies; the "
+                        "others wait their turn (within --handshake-timeout)")
     p.add_argument("--irc-port", type=_port, default=None, metavar="PORT",
                    help="also speak IRC on this TCP port (same rooms, nicks and history); "
                         "0 picks a free one; off unless given")

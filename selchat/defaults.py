@@ -35,6 +35,8 @@ RATE = 10.0  # requests per second per connection, on average (0 turns flood con
 BURST = 20  # requests a connection may send at once
 MAX_CLIENTS = 10000  # connections in all, registered or not
 MAX_PER_IP = 16  # connections from one address (0: no limit)
+REGISTER_RATE = 10.0  # registrations per second from one address past its burst (0: no pacing)
+REGISTER_BURST = 32  # registrations from one address at once
 
 # Bounds of the options themselves (selchat.config checks them; see docs/protocol.md, "Options").
 MOTD = "Welcome to selchat."  # dropped when it cannot fit in the welcome and --motd was not given

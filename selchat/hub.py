@@ -24,6 +24,7 @@ from selchat.core.chat import Chat, ChatError, User
 from selchat.core.requests import Request, Say
 from selchat.fanout import Fanout
 from selchat.loop import ratelog
+from selchat.loop.pacing import Pacer
 from selchat.loop.reactor import ORDER_COMMIT, ORDER_SETTLE, Reactor
 
 log = logging.getLogger("selchat.server")
@@ -33,7 +34,7 @@ __all__ = ["Hub", "ChatError"]
 
 class Hub:
     __slots__ = ("chat", "store", "reactor", "fanout", "wall_ms", "_condemned", "_said",
-                 "_drop_queued", "commits", "ratelog")
+                 "_drop_queued", "commits", "ratelog", "pacer")
 
     def __init__(self, chat: Chat, reactor: Reactor,
                  wall_ms: Callable[[], int] = lambda: int(time.time() * 1000)) -> None:
@@ -48,6 +49,9 @@ class Hub:
         self.commits = 0
         self.ratelog = ratelog.shared(log)
         self.ratelog.attach(reactor.call_later, lambda: reactor.now)
+        # Registrations per address, paced (selchat.loop.pacing); None: every door registers
+        # at once. Set by whoever assembles the server.
+        self.pacer: Optional[Pacer] = None
         chat.before_change = self.fanout.flush
         reactor.add_before_sleep(self._settle, ORDER_SETTLE)
         reactor.add_before_sleep(self._commit, ORDER_COMMIT)
@@ -72,6 +76,10 @@ class Hub:
         deliveries = self.chat.disconnect(user, reason or "")
         if reason is not None:
             self.fanout.deliver(deliveries, None)
+
+    def log_refusal(self, peer: str, reason: str) -> None:
+        """One line per reason and period, with a count (an attacker must not fill the log)."""
+        self.ratelog.log(logging.WARNING, ("refusing", reason), "refusing %s: %s", peer, reason)
 
     def condemn(self, session: Any, reason: str) -> None:
         """Remove `session` between requests, never in the middle of a broadcast."""

@@ -38,6 +38,7 @@ from selchat.doors.web.http import Site
 from selchat.doors.web.session import WebDoor
 from selchat.hub import Hub
 from selchat.loop.listener import Admission, Listener, bind
+from selchat.loop.pacing import Pacer
 from selchat.loop.reactor import Reactor
 from selchat.loop.transport import State, TLSTransport, Transport, Writer
 from selchat.password import read_password_file
@@ -74,6 +75,11 @@ class Server:
             started_ms=int(time.time() * 1000),
         )
         self.hub = Hub(self.chat, self.reactor)
+        if config.register_rate > 0:
+            # The waiting are connections, so the admission limits bound them already; a
+            # waiting hello ends at the handshake timeout like any that does not get in.
+            self.hub.pacer = Pacer(self.reactor, config.register_rate, config.register_burst,
+                                   max_waiting=config.max_clients)
         self.admission = Admission(config.max_clients, config.max_per_ip)
         self.framed = FramedDoor(
             self.hub, self.reactor, config.max_frame, config.max_text, config.rate, config.burst,

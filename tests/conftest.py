@@ -192,7 +192,7 @@ def start_server() -> Iterator[Callable[..., ServerProcess]]:
         pytest.fail("\n".join(problems))
 
 
-SHARED_OPTIONS = ("--rate", "0", "--max-per-ip", "0")
+SHARED_OPTIONS = ("--rate", "0", "--max-per-ip", "0", "--register-rate", "0")
 
 
 class _Shared:

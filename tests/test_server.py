@@ -1032,7 +1032,7 @@ def test_s5_names_sorted_case_insensitively(server):
 
 
 def test_s5_names_over_1000_come_in_chunks(start):
-    srv = start("--max-presence", "0")
+    srv = start("--max-presence", "0", "--register-rate", "0")  # 1001 users from one address
     clients = []
     nicks = []
     t0 = time.monotonic()

@@ -59,6 +59,8 @@ PING_INTERVAL, PING_TIMEOUT = 0.6, 1.2  # short, so a client that goes quiet is 
 MAX_PRESENCE = 3  # small: rooms of 4 well-behaved clients are "large" (section 6), smaller ones are not
 SERVER_OPTIONS = (
     "--max-per-ip", "0",  # throwaways come and go from 127.0.0.1 all the time
+    "--register-rate", "0",  # and register as fast as they like (tests/test_pacing.py paces)
+    "--log-level", "debug",  # a `closed:` line for every connection, registered or not
     "--rate", str(RATE), "--burst", str(BURST),
     "--max-text", str(MAX_TEXT),
     "--history-on-join", str(HISTORY_ON_JOIN),

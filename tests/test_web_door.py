@@ -533,7 +533,7 @@ def in_process_server(**options: Any) -> Any:
     from selchat.server import Server
 
     clock = FakeClock()
-    config = ServerConfig(web_port=0, rate=0, max_per_ip=0, db=":memory:", **options)
+    config = ServerConfig(web_port=0, rate=0, max_per_ip=0, register_rate=0, db=":memory:", **options)
     server = Server(config, SQLiteStore(":memory:"), reactor=Reactor(clock=clock))
     return server, clock
 

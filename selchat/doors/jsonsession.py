@@ -21,7 +21,7 @@ import hmac
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 from selchat.core import events
 from selchat.core.chat import ChatError, User
@@ -40,6 +40,7 @@ from selchat.doors.framed.protocol import (
 )
 from selchat.hub import Hub
 from selchat.loop.reactor import Reactor
+from selchat.loop.pacing import Full
 from selchat.loop.timers import Timer
 from selchat.doors.base import DoorSession
 from selchat.loop.transport import State, Transport
@@ -105,7 +106,7 @@ class JsonSession(DoorSession):
 
     __slots__ = ("door", "wire", "transport", "user", "bucket", "arrivals", "consumed",
                  "pings_owed", "_debt_timer", "not_before", "last_seen", "pinged", "doomed", "reject", "_handshake_timer",
-                 "_idle_timer", "__weakref__")
+                 "_idle_timer", "_turn", "_hello_waiting", "__weakref__")
 
     def __init__(self, door: JsonDoor, wire: Any, reject: Optional[str] = None) -> None:
         self.door = door
@@ -128,6 +129,10 @@ class JsonSession(DoorSession):
         self.reject = reject  # the error word to refuse the connection with
         self._handshake_timer: Optional[Timer] = None
         self._idle_timer: Optional[Timer] = None
+        # A hello waiting for its address's turn to register (selchat.loop.pacing): its ticket
+        # (or _NOW while the pacer decides), and the hello itself.
+        self._turn: Any = None
+        self._hello_waiting: Optional[Tuple[Hello, Ref]] = None
 
     @property
     def name(self) -> str:
@@ -203,6 +208,22 @@ class JsonSession(DoorSession):
     def _release(self) -> None:
         """Free what the subclass buffers; the connection is gone."""
 
+    def _waiting_turn(self, buffered: int) -> bool:
+        """True while the hello waits for its turn: nothing is served until welcome.
+
+        Reading goes on, so a peer that resets or closes while it waits is seen at once and
+        leaves the queue (a churner's dead connections never take a turn); a peer that sends
+        more than a little meanwhile is no longer read until its turn comes.
+        """
+        if self._turn is None:
+            return False
+        transport = self.transport
+        if transport.eof:
+            transport.close("peer closed before its turn to register")
+        elif buffered > 2 * self.door.max_frame:
+            transport.pause_reading()
+        return True
+
     # --- transport callbacks ------------------------------------------------------------------
 
     def output_overflow(self) -> None:
@@ -216,6 +237,9 @@ class JsonSession(DoorSession):
             if timer is not None:
                 timer.cancel()
         self._handshake_timer = self._idle_timer = self._debt_timer = None
+        turn, self._turn, self._hello_waiting = self._turn, None, None
+        if turn is not None and turn is not _NOW:
+            turn.cancel()
         self._release()
         self.bucket = None
         self.arrivals = None
@@ -349,12 +373,51 @@ class JsonSession(DoorSession):
             self.send_error("bad_password", "wrong or missing password", ref)
             self._close(None, "bad password", CLOSE_POLICY)
             return
+        pacer = door.hub.pacer
+        if pacer is None or self._turn is not None:
+            self._register(request, ref)
+            return
+        # Registrations are paced per address: this one now, or when its turn comes.
+        self._hello_waiting = (request, ref)
+        self._turn = _NOW
+        try:
+            ticket = pacer.request(self.transport.ip, self._turn_came)
+        except Full:
+            self._turn = self._hello_waiting = None
+            door.hub.log_refusal(self.transport.peer, "too many waiting to register")
+            self.send_error("too_many_connections", "too many new connections from your "
+                            "address at once: try again in a few seconds", ref)
+            self._close(None, "too many waiting to register", CLOSE_TRY_AGAIN)
+            return
+        if self._turn is _NOW:  # not gone through at once: it waits in the queue
+            self._turn = ticket
+            log.debug("%s waits %.2f s for its turn to register", self.transport.peer,
+                      pacer.wait_for(self.transport.ip))
+
+    def _turn_came(self) -> None:
+        queued = self._turn is not _NOW
+        waiting, self._turn, self._hello_waiting = self._hello_waiting, None, None
+        transport = self.transport
+        if waiting is None or transport.state is not State.OPEN:
+            return
+        self._register(*waiting)
+        if queued and transport.state is State.OPEN:
+            # Called by the pacer's timer: serve what came after the hello.
+            transport.resume_reading()
+            try:
+                self.resume_serving()
+            except Exception:  # from a timer: a bug of ours loses this peer, never the server
+                transport._internal_error()
+
+    def _register(self, request: Hello, ref: Ref) -> None:
+        door = self.door
         try:
             self.user = door.hub.register(request.nick, self, ref, door=door.name,
                                           origin=self.transport.ip)
         except ChatError as exc:
             self.send_error(exc.code, exc.message, ref)
             return
+        self.transport.noted = True
         if self._handshake_timer is not None:
             self._handshake_timer.cancel()
             self._handshake_timer = None
@@ -399,6 +462,9 @@ class JsonSession(DoorSession):
         else:
             when = self.last_seen + door.ping_interval
         self._idle_timer = door.reactor.call_at(when, self._idle_check)
+
+
+_NOW = object()  # the pacer is deciding: if it calls back at once, nothing waited
 
 
 def _is_pong(payload: bytes) -> bool:

@@ -33,6 +33,7 @@ import ssl
 from typing import Any, Callable, List, Optional, Protocol
 
 from selchat.defaults import LINGER_TIMEOUT, RECV_SIZE
+from selchat.loop import ratelog
 from selchat.loop.outbuffer import OutBuffer
 from selchat.loop.reactor import ORDER_WRITE, Reactor
 from selchat.loop.timers import Timer
@@ -104,7 +105,7 @@ class Transport:
     __slots__ = (
         "reactor", "writer", "sock", "fd", "ip", "peer", "session", "state", "out", "mask",
         "accepting", "throttled", "paused", "eof", "dirty", "max_outbuf", "high_water", "low_water",
-        "close_detail", "linger_until", "_linger_timer", "on_closed", "grace", "__weakref__",
+        "close_detail", "linger_until", "_linger_timer", "on_closed", "grace", "noted", "__weakref__",
     )
 
     plain = True  # a gather write (sendmsg) may be used
@@ -130,6 +131,7 @@ class Transport:
         self.high_water = high_water
         self.low_water = low_water
         self.grace = grace  # extra seconds a graceful close may take to flush
+        self.noted = False  # registered (set by its session): its close gets a line of its own
         self.close_detail = ""
         self.linger_until = 0.0
         self._linger_timer: Optional[Timer] = None
@@ -389,7 +391,13 @@ class Transport:
             self.sock.close()
         except OSError:
             pass
-        log.info("closed: %s: %s", self.peer, detail)
+        if self.noted or log.isEnabledFor(logging.DEBUG):
+            log.info("closed: %s: %s", self.peer, detail)
+        else:
+            # Connections that never got in come and go at the rate of connection attempts:
+            # one line per kind of end and period, with a count (selchat.loop.ratelog).
+            ratelog.shared(log).log(logging.INFO, ("closed", detail), "closed: %s: %s",
+                                    self.peer, detail)
         on_closed, self.on_closed = self.on_closed, None
         if on_closed is not None:
             on_closed(self)

@@ -113,6 +113,8 @@ class FramedSession(JsonSession):
                 return
             if self._in_debt():
                 return  # expensive answers: served again once they are paid for
+            if self._waiting_turn(decoder.buffered):
+                return  # the hello waits for its address's turn: served from welcome on
             try:
                 payload = decoder.next_frame()
             except codec.FrameError as exc:

@@ -44,11 +44,13 @@ from selchat.doors.irc.wire import IrcWire, WireSet
 from selchat.doors.base import DoorSession
 from selchat.hub import Hub
 from selchat.loop.reactor import Reactor
+from selchat.loop.pacing import Full
 from selchat.loop.timers import Timer
 from selchat.loop.transport import State, Transport
 
 log = logging.getLogger("selchat.server")
 
+_NOW = object()  # the pacer is deciding: if it calls back at once, nothing waited
 RECVQ = 8192  # unread input bytes a lagged client may pile up before "Excess Flood"
 HOST = "irc.selchat"  # the host part every IRC user shows (addresses are never shown)
 TARGMAX = 4  # targets of one PRIVMSG/NOTICE
@@ -117,7 +119,7 @@ class IrcSession(DoorSession):
                  "pinged", "doomed", "reject", "nick", "ident", "realname", "password", "caps",
                  "cap_negotiating", "cap_version", "label", "welcoming", "_collected", "_timers", "_lagged",
                  "_handshake_timer", "_idle_timer", "_produced", "_billed", "_answer_start",
-                 "_listing", "_label_taken", "__weakref__")
+                 "_listing", "_label_taken", "__weakref__", "_turn")
 
     def __init__(self, door: IrcDoor, reject: Optional[str] = None) -> None:
         self.door = door
@@ -142,6 +144,7 @@ class IrcSession(DoorSession):
         self.welcoming = False  # registering now: the welcome burst is addressed to our nick
         self._collected: Optional[List[str]] = None  # lines answering a labeled command
         self._lagged: Optional[Timer] = None
+        self._turn: Any = None  # waiting for the address's turn to register (a pacer ticket)
         self._handshake_timer: Optional[Timer] = None
         self._idle_timer: Optional[Timer] = None
         self._produced = 0  # bytes of our own lines so far (answers, collected ones included)
@@ -204,6 +207,9 @@ class IrcSession(DoorSession):
                 timer.cancel()
         self._handshake_timer = self._idle_timer = self._lagged = None
         self._listing = None  # a stream is driven by our drain and timers only: it just ends
+        turn, self._turn = self._turn, None
+        if turn is not None and turn is not _NOW:
+            turn.cancel()  # it leaves the queue: a dead connection never takes a turn
         self.decoder = LineDecoder()
         self.bucket = None
         user, self.user = self.user, None
@@ -342,6 +348,14 @@ class IrcSession(DoorSession):
         now = self.door.reactor.now
         while True:
             if self.doomed or transport.state is not State.OPEN or self._listing is not None:
+                return
+            if self._turn is not None:
+                # Registration waits for the address's turn: nothing is served until then, but
+                # reading goes on (so a reset is seen at once) unless much piles up.
+                if transport.eof:
+                    transport.close("peer closed before its turn to register")
+                elif self.decoder.buffered > RECVQ:
+                    transport.pause_reading()
                 return
             # Charged before it is served: a line is taken only when a token is there, so a
             # lagged client gets exactly the rate, never one line more per resume. A debt
@@ -539,6 +553,41 @@ class IrcSession(DoorSession):
                 self._error("Bad password")
                 self._close(None, "bad password")
                 return
+        pacer = self.hub.pacer
+        if pacer is None:
+            self._register()
+            return
+        self._turn = _NOW
+        try:
+            ticket = pacer.request(self.transport.ip, self._turn_came)
+        except Full:
+            self._turn = None
+            self.hub.log_refusal(self.transport.peer, "too many waiting to register")
+            self._error("Too many new connections from your address at once; try again soon")
+            self._close(None, "too many waiting to register")
+            return
+        if self._turn is _NOW:  # it waits: the lines after this one are served from its turn
+            self._turn = ticket
+
+    def _turn_came(self) -> None:
+        queued = self._turn is not _NOW
+        self._turn = None
+        transport = self.transport
+        if transport.state is not State.OPEN:
+            return
+        if queued:  # from the pacer's timer: register, then serve what came meanwhile
+            self._register()
+            transport.resume_reading()
+            try:
+                self._serve()
+            except Exception:  # from a timer: a bug of ours loses this peer, never the server
+                transport._internal_error()
+        else:
+            self._register()
+
+    def _register(self) -> None:
+        if self.user is not None or self.nick is None or self.ident is None:
+            return
         self.welcoming = True
         try:
             self.user = self.hub.register(self.nick, self, None, join_lobby=False, ident=self.ident,
@@ -550,6 +599,7 @@ class IrcSession(DoorSession):
             self.nick = None
             return
         self.welcoming = False
+        self.transport.noted = True
         if self._handshake_timer is not None:
             self._handshake_timer.cancel()
             self._handshake_timer = None

@@ -228,6 +228,8 @@ class WebSession(JsonSession):
             return
         if self._in_debt():
             return  # expensive answers: served again once they are paid for
+        if self._waiting_turn(3 * self.door.max_frame):
+            return
         for event in ws.events():
             kind = type(event)
             if kind is TextMessage or kind is BytesMessage:
@@ -245,6 +247,8 @@ class WebSession(JsonSession):
                 return
             if self._in_debt():
                 return
+            if self._waiting_turn(3 * self.door.max_frame):
+                return  # wsproto keeps the rest: nothing more is read until welcome
 
     def _on_data(self, event: Any) -> None:
         data = event.data
