@@ -27,7 +27,7 @@ def test_a_costly_request_is_billed_by_the_time_it_took(monkeypatch) -> None:
     from selchat.doors import jsonsession
 
     clock = [1000.0]
-    monkeypatch.setattr(jsonsession.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(jsonsession.time, "thread_time", lambda: clock[0])
     reactor = Reactor()
     server = Server(ServerConfig(port=0, db=":memory:", max_per_ip=0), MemoryStore(), reactor=reactor)
     server.listen()
@@ -46,7 +46,7 @@ def test_a_costly_request_is_billed_by_the_time_it_took(monkeypatch) -> None:
     listing = chat.room_list
 
     def slow_room_list(offset: int = 0):
-        clock[0] += 0.020  # this answer took 20 ms of the loop
+        clock[0] += 0.020  # this answer took 20 ms of the loop's CPU
         return listing(offset)
 
     monkeypatch.setattr(chat, "room_list", slow_room_list)
@@ -54,6 +54,72 @@ def test_a_costly_request_is_billed_by_the_time_it_took(monkeypatch) -> None:
     for _ in range(10):
         reactor.run_once(0.01)
     assert bucket.count - bucket.tokens >= 1.0, "the 20 ms of serving were not billed"
+    server.request_stop()
+    server._finish()
+    sock.close()
+
+
+def test_a_stalled_pass_is_not_billed_to_the_client_being_served(monkeypatch) -> None:
+    """Wall time that passed while a request was being served (the process was stopped, the
+    machine busy) is no one's doing: 9 requests a second for 40 s (says and small `who`s,
+    under the rate of 10) are all answered although every 30th took 4 s of wall time. Billing
+    wall time made one such stall a debt of 2,000 tokens."""
+    from selchat.doors import jsonsession
+
+    class Clock:
+        now = 5000.0
+
+        def __call__(self) -> float:
+            return self.now
+
+    clock = Clock()
+    wall = [100.0]
+    monkeypatch.setattr(jsonsession.time, "perf_counter", lambda: wall[0])
+    reactor = Reactor(clock=clock)
+    server = Server(ServerConfig(port=0, db=":memory:", max_per_ip=0), MemoryStore(), reactor=reactor)
+    server.listen()
+    from selchat.hub import Hub
+
+    handle = Hub.handle
+    calls = [0]
+
+    def stalled_handle(self, *args, **kwargs):
+        calls[0] += 1
+        if calls[0] % 30 == 0:
+            wall[0] += 4.0  # SIGSTOP in the middle of serving this request
+        return handle(self, *args, **kwargs)
+
+    monkeypatch.setattr(Hub, "handle", stalled_handle)
+    sock = socket.create_connection(("127.0.0.1", server.address[1]))
+    sock.setblocking(False)
+    sock.sendall(frame({"type": "hello", "nick": "talker"}))
+    received = bytearray()
+
+    def pump() -> None:
+        for _ in range(3):
+            reactor.run_once(0)
+            try:
+                while True:
+                    chunk = sock.recv(1 << 20)
+                    if not chunk:
+                        break
+                    received.extend(chunk)
+            except BlockingIOError:
+                pass
+
+    pump()
+    for i in range(360):  # 9 a second for 40 s of the server's clock
+        if i % 3:
+            request = {"type": "say", "room": "#lobby", "text": "x" * 1000, "ref": i}
+        else:
+            request = {"type": "who", "room": "#lobby", "ref": i}
+        sock.sendall(frame(request))
+        pump()
+        clock.now += 1 / 9
+    pump()
+    assert b'"rate_limited"' not in received
+    assert received.count(b'"type":"message"') == 240
+    assert received.count(b'"type":"names"') >= 120
     server.request_stop()
     server._finish()
     sock.close()

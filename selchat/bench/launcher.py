@@ -64,6 +64,7 @@ SELCHAT_WANTED_FLAGS: List[str] = [
     "--rate", "0",  # flood control off: the senders are meant to be fast
     "--db", ":memory:",  # history kept, but no disk in the measurement
     "--max-per-ip", "0",  # every benchmark client comes from 127.0.0.1
+    "--register-rate", "0",  # and registers at once (the peers' throttles are off too)
     "--max-clients", "20000",  # the idle point holds 10,000 + 100 joiners
 ]
 

@@ -26,6 +26,7 @@ from typing import Any, Dict, Optional, Tuple
 from selchat.core import events
 from selchat.core.chat import ChatError, User
 from selchat.core.events import Message
+from selchat.core.requests import HistoryRequest, JoinRoom, ListRooms, Who
 from selchat.core.ratelimit import ALLOW, DISCONNECT, OUTPUT_BYTES_PER_TOKEN, Arrivals, TokenBucket, answer_cost
 from selchat.doors.framed import codec
 from selchat.doors.framed.protocol import (
@@ -51,6 +52,10 @@ log = logging.getLogger("selchat.server")
 # request that makes the loop work (a rooms list to sort) costs what it costs everyone else.
 CHEAP_SECONDS = 0.001
 SECONDS_PER_TOKEN = 0.002
+FREE_OUTPUT = 4096  # bytes of an answer that its request's token pays for
+# The requests whose answers grow with the data (rooms, members, history) and are billed
+# beyond their token; a say, a msg, a ping or a nick costs its token and nothing more.
+BILLED = frozenset((ListRooms, HistoryRequest, Who, JoinRoom))
 
 REFUSALS = {
     "server_full": "the server is full",
@@ -322,19 +327,25 @@ class JsonSession(DoorSession):
         if kind is PongReply:
             return  # the liveness it proves was noted when its bytes arrived
         bucket = self.bucket
-        before = self.transport.out.size
-        started = time.perf_counter()
+        billed = bucket is not None and kind in BILLED
+        if billed:
+            before = self.transport.out.size
+            started = time.thread_time()
         try:
             door.hub.handle(user, request, ref)  # type: ignore[arg-type]
         except ChatError as exc:
             self.send_error(exc.code, exc.message, ref)
             return
-        if bucket is not None:
+        if billed:
             # An expensive answer (a long room list, a page of history) costs what it
-            # produced and the time it took: a debt that the next requests wait out.
-            spent = time.perf_counter() - started
-            bucket.bill(answer_cost(self.transport.out.size - before)
-                        + max(0.0, spent - CHEAP_SECONDS) / SECONDS_PER_TOKEN)
+            # produced and the CPU time it took: a debt that the next requests wait out.
+            # CPU time, not wall time: a pass that the machine or a SIGSTOP held up is no
+            # one's doing. Messages are not billed: their echo is part of the request.
+            spent = time.thread_time() - started
+            cost = (answer_cost(self.transport.out.size - before - FREE_OUTPUT)
+                    + max(0.0, spent - CHEAP_SECONDS) / SECONDS_PER_TOKEN)
+            if cost > 0:
+                bucket.bill(cost)  # type: ignore[union-attr]
 
     def _admit(self, payload: bytes) -> bool:
         """Flood control: may this request be served? Else it was refused (and perhaps the end).
