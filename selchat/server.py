@@ -19,6 +19,7 @@ messages, and only then write each dirty transport with one gather write.
 
 from __future__ import annotations
 
+import gc
 import logging
 import resource
 import socket
@@ -289,6 +290,21 @@ def close_store(store: Any) -> None:
         log.info("history store closed: %s", store.stats())
 
 
+def tune_garbage_collector() -> None:
+    """Keep the cyclic collector's pauses out of everyone's latency.
+
+    Everything made while starting (modules, classes, the options) lives as long as the
+    process: frozen, a full collection no longer walks it. A closed connection leaves no cycle
+    (the transport lets go of its session), so most garbage goes by reference counting and
+    young collections can be rarer: 700 allocations between them made one every few
+    milliseconds under churn, each promoting survivors towards the full collection that took
+    20-36 ms in the soak run.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(20_000, 20, 20)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     config = parse_args(argv)
     logging.basicConfig(
@@ -320,6 +336,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         close_store(store)
         return 1
     server.install_signal_handlers()
+    tune_garbage_collector()
     try:
         server.serve_forever()
     finally:

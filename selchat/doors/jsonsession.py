@@ -208,7 +208,7 @@ class JsonSession(DoorSession):
         """`n` bytes were read now: for flood control, when they may have arrived."""
         if self.arrivals is not None:
             reactor = self.door.reactor
-            self.arrivals.read(n, reactor.prev_now, reactor.now)
+            self.arrivals.read(n, self.transport.arrived_after, reactor.now)
 
     def _release(self) -> None:
         """Free what the subclass buffers; the connection is gone."""

@@ -19,7 +19,9 @@ over socketpairs with a fake clock.
 
 from __future__ import annotations
 
+import gc
 import logging
+import os
 import selectors
 import signal
 import socket
@@ -42,7 +44,7 @@ ORDER_WRITE = 90  # queued bytes written (nothing is sent before it is stored)
 class Reactor:
     __slots__ = (
         "selector", "timers", "clock", "now", "prev_now", "_soon", "_hooks", "_stopping",
-        "_wakeup_r", "_wakeup_w", "_signal_handlers", "passes",
+        "_wakeup_r", "_wakeup_w", "_signal_handlers", "passes", "_slow_pass",
     )
 
     def __init__(self, clock: Callable[[], float] = time.monotonic,
@@ -61,6 +63,11 @@ class Reactor:
         self._wakeup_w: Optional[socket.socket] = None
         self._signal_handlers: dict = {}
         self.passes = 0
+        # A developer's tool: SELCHAT_SLOW_PASS_MS=N logs every pass longer than N ms with its
+        # slowest callbacks (and garbage collections), at a cost only while it is set.
+        self._slow_pass = float(os.environ.get("SELCHAT_SLOW_PASS_MS", "0") or 0) / 1000
+        if self._slow_pass > 0 and _gc_timer not in gc.callbacks:
+            gc.callbacks.append(_gc_timer)
 
     # --- files --------------------------------------------------------------------------------
 
@@ -136,6 +143,63 @@ class Reactor:
 
     def run_once(self, timeout: Optional[float] = None) -> None:
         """One pass. `timeout` caps the wait (tests pass 0 to never block)."""
+        if self._slow_pass:
+            self._timed_pass(self._slow_pass, timeout)
+        else:
+            self._pass(timeout)
+
+    def _timed_pass(self, slow: float, timeout: Optional[float]) -> None:
+        """A pass that logs itself when it took longer than `slow` seconds, with its slowest
+        callbacks: a developer's tool (SELCHAT_SLOW_PASS_MS), off the normal path."""
+        clock = time.perf_counter
+        spent: List[Tuple[float, str]] = []
+
+        def timed(fn: Callable[..., Any]) -> Callable[..., Any]:
+            def run(*args: Any) -> Any:
+                t0 = clock()
+                try:
+                    return fn(*args)
+                finally:
+                    spent.append((clock() - t0, _describe(fn)))
+            return run
+
+        selector = self.selector
+        real_select = selector.select
+
+        def select(timeout: Optional[float] = None) -> Any:
+            ready = real_select(timeout)
+            due = self.clock()
+            for when, _, timer in self.timers._heap:  # the timers this pass will run
+                if when <= due and timer.callback is not None:
+                    timer.callback = timed(timer.callback)
+            wrapped = [(_Key(timed(key.data)), mask) for key, mask in ready]
+            nonlocal started
+            started = clock()
+            return wrapped
+
+        started = clock()
+        selector.select = select  # type: ignore[method-assign]
+        saved_soon = list(self._soon)
+        self._soon.clear()
+        self._soon.extend((timed(cb), args) for cb, args in saved_soon)
+        hooks = self._hooks
+        self._hooks = [(o, n, timed(h)) for o, n, h in hooks]
+        try:
+            self._pass(timeout)
+        finally:
+            del selector.select
+            self._hooks = hooks
+        total = clock() - started
+        spent.append((total - sum(t for t, _ in spent), "timers and the rest"))
+        spent.extend(_gc_spent)
+        _gc_spent.clear()
+        if total >= slow:
+            spent.sort(reverse=True)
+            worst = ", ".join(f"{name} {t * 1000:.1f}" for t, name in spent[:4])
+            log.warning("slow pass: %.1f ms over %d callbacks; slowest (ms): %s",
+                        total * 1000, len(spent), worst)
+
+    def _pass(self, timeout: Optional[float]) -> None:
         if self._soon:
             wait: Optional[float] = 0.0
         else:
@@ -179,3 +243,31 @@ class Reactor:
             self._wakeup_w.close()
             self._wakeup_r = self._wakeup_w = None
         self.selector.close()
+
+
+_gc_spent: List[Tuple[float, str]] = []
+_gc_started = [0.0]
+
+
+def _gc_timer(phase: str, info: Any) -> None:
+    if phase == "start":
+        _gc_started[0] = time.perf_counter()
+    else:
+        _gc_spent.append((time.perf_counter() - _gc_started[0], f"gc gen{info['generation']}"))
+
+
+class _Key:
+    __slots__ = ("data",)
+
+    def __init__(self, data: Callable[[int], None]) -> None:
+        self.data = data
+
+
+def _describe(fn: Any) -> str:
+    owner = getattr(fn, "__self__", None)
+    name = getattr(fn, "__qualname__", repr(fn))
+    session = getattr(owner, "session", owner)
+    who = getattr(session, "name", None)
+    if isinstance(who, str):
+        return f"{name}[{who}]"
+    return name

@@ -105,7 +105,8 @@ class Transport:
     __slots__ = (
         "reactor", "writer", "sock", "fd", "ip", "peer", "session", "state", "out", "mask",
         "accepting", "throttled", "paused", "eof", "dirty", "max_outbuf", "high_water", "low_water",
-        "close_detail", "linger_until", "_linger_timer", "on_closed", "grace", "noted", "__weakref__",
+        "close_detail", "linger_until", "_linger_timer", "on_closed", "grace", "noted",
+        "unread_since", "arrived_after", "__weakref__",
     )
 
     plain = True  # a gather write (sendmsg) may be used
@@ -132,6 +133,14 @@ class Transport:
         self.low_water = low_water
         self.grace = grace  # extra seconds a graceful close may take to flush
         self.noted = False  # registered (set by its session): its close gets a line of its own
+        # When the bytes of a read may have begun to arrive, for flood control. The socket was
+        # last emptied at `unread_since`: what is read later came after it. Normally that is
+        # the previous pass; but while reading is off (backpressure, a debt, a registration
+        # waiting its turn) or after a read that filled the buffer, bytes wait in the kernel
+        # since that earlier time, and charging them as if they had just arrived would make a
+        # client within its rate look like a burst (the soak saw it after every stall).
+        self.unread_since = reactor.now
+        self.arrived_after = reactor.now  # for the bytes being handed to the session now
         self.close_detail = ""
         self.linger_until = 0.0
         self._linger_timer: Optional[Timer] = None
@@ -237,6 +246,7 @@ class Transport:
         return self.sock.recv(RECV_SIZE)
 
     def _read(self) -> None:
+        self.arrived_after = self.unread_since
         try:
             data = self._recv()
         except (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
@@ -248,6 +258,8 @@ class Transport:
             return
         state = self.state
         if data:
+            if len(data) < RECV_SIZE:  # emptied: whatever comes next arrives from now on
+                self.unread_since = self.reactor.now
             if state is State.OPEN:
                 try:
                     self.session.data_received(data)
@@ -401,7 +413,7 @@ class Transport:
         on_closed, self.on_closed = self.on_closed, None
         if on_closed is not None:
             on_closed(self)
-        session = self.session
+        session, self.session = self.session, None  # nothing more for it; and no cycle
         if session is not None:
             session.connection_lost(detail)
 

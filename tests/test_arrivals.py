@@ -1,0 +1,79 @@
+"""Requests are charged when their bytes may have arrived, also when the server was not reading.
+
+Backpressure stops reading a client whose queue is above the high-water mark. What the client
+sent meanwhile waits in the kernel; once the client has read its answers, one read takes it
+all. Charging it as if it had all arrived in the last pass made a client within its rate look
+like a burst (the soak run: well-behaved clients refused after every stall, because the stall
+left each of them a backlog of output). In-process, with a fake clock the test moves: the
+client sends 8 pings a second, well under the rate of 10, while it does not read.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import struct
+import time
+
+from selchat.config import ServerConfig
+from selchat.core.store import MemoryStore
+from selchat.loop.reactor import Reactor
+from selchat.server import Server
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 7000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def frame(obj: dict) -> bytes:
+    payload = json.dumps(obj).encode()
+    return struct.pack(">I", len(payload)) + payload
+
+
+def test_what_waited_behind_backpressure_is_charged_when_it_arrived() -> None:
+    clock = Clock()
+    reactor = Reactor(clock=clock)
+    server = Server(ServerConfig(port=0, db=":memory:", max_per_ip=0, max_outbuf=262144),
+                    MemoryStore(), reactor=reactor)
+    # A socketpair handed to the server as if accepted: its kernel buffers are small and fixed,
+    # so the answers pile up in the server's queue after a few (loopback TCP autotunes to MBs).
+    sock, theirs = socket.socketpair()
+    server._accept(server.framed, theirs, ("127.0.0.9", 4000))
+    sock.setblocking(False)
+    sock.sendall(frame({"type": "hello", "nick": "reader"}))
+    for _ in range(5):
+        reactor.run_once(0)
+    transport = next(iter(server.transports.values()))
+    token = "t" * 8000  # every pong is 8 KB: a few fill the queue past the high-water mark
+    sent = 0
+    deadline = time.monotonic() + 10
+    while not transport.throttled:  # 8 a second until the server stops reading
+        assert time.monotonic() < deadline, "the queue never passed the high-water mark"
+        sock.sendall(frame({"type": "ping", "token": f"{sent}{token}"}))
+        sent += 1
+        clock.now += 1 / 8
+        reactor.run_once(0)
+    for _ in range(40):  # five more seconds at 8 a second, none of it read by the server
+        sock.sendall(frame({"type": "ping", "token": f"small{sent}"}))
+        sent += 1
+        clock.now += 1 / 8
+        reactor.run_once(0)
+    assert transport.throttled
+    received = bytearray()
+    deadline = time.monotonic() + 10
+    while received.count(b'"type":"pong"') + received.count(b'"rate_limited"') < sent:
+        assert time.monotonic() < deadline, f"{received.count(b'pong')} of {sent} answered"
+        # (the client reads now; the server goes on once its queue has drained)
+        reactor.run_once(0)
+        try:
+            received.extend(sock.recv(1 << 20))
+        except BlockingIOError:
+            pass
+    assert received.count(b'"rate_limited"') == 0, "a client within its rate was refused"
+    server.request_stop()
+    server._finish()
+    sock.close()
