@@ -29,12 +29,15 @@ from selchat.loop.reactor import ORDER_COMMIT, ORDER_SETTLE, Reactor
 
 log = logging.getLogger("selchat.server")
 
+EXPENSIVE_PER_PASS = 0.002  # CPU seconds of deferred expensive answers one loop pass may serve
+
 __all__ = ["Hub", "ChatError"]
 
 
 class Hub:
     __slots__ = ("chat", "store", "reactor", "fanout", "wall_ms", "_condemned", "_said",
-                 "_drop_queued", "commits", "ratelog", "pacer")
+                 "_drop_queued", "commits", "ratelog", "pacer", "_expensive_pass",
+                 "_expensive_spent")
 
     def __init__(self, chat: Chat, reactor: Reactor,
                  wall_ms: Callable[[], int] = lambda: int(time.time() * 1000)) -> None:
@@ -52,6 +55,8 @@ class Hub:
         # Registrations per address, paced (selchat.loop.pacing); None: every door registers
         # at once. Set by whoever assembles the server.
         self.pacer: Optional[Pacer] = None
+        self._expensive_pass = -1  # the pass `_expensive_spent` counts for
+        self._expensive_spent = 0.0  # CPU seconds of expensive answers served in that pass
         chat.before_change = self.fanout.flush
         reactor.add_before_sleep(self._settle, ORDER_SETTLE)
         reactor.add_before_sleep(self._commit, ORDER_COMMIT)
@@ -76,6 +81,18 @@ class Hub:
         deliveries = self.chat.disconnect(user, reason or "")
         if reason is not None:
             self.fanout.deliver(deliveries, None)
+
+    def spent_expensive(self, seconds: float) -> None:
+        """An expensive answer (rooms, history, who, join) took `seconds` of this pass."""
+        passes = self.reactor.passes
+        if self._expensive_pass != passes:
+            self._expensive_pass, self._expensive_spent = passes, 0.0
+        self._expensive_spent += seconds
+
+    def expensive_room(self) -> bool:
+        """May this pass serve one more expensive answer that waited? One pass serves at most
+        EXPENSIVE_PER_PASS seconds of them, so a pass stays short however many fall due."""
+        return self._expensive_pass != self.reactor.passes or self._expensive_spent < EXPENSIVE_PER_PASS
 
     def log_refusal(self, peer: str, reason: str) -> None:
         """One line per reason and period, with a count (an attacker must not fill the log)."""

@@ -123,3 +123,76 @@ def test_a_stalled_pass_is_not_billed_to_the_client_being_served(monkeypatch) ->
     server.request_stop()
     server._finish()
     sock.close()
+
+
+def test_one_pass_serves_a_bounded_share_of_waiting_expensive_answers(monkeypatch) -> None:
+    """After a stall every asker's debt falls due in the same pass; serving all of their
+    answers in it would make that pass as long as all of them together. Each answer here takes
+    1.5 ms of CPU (the clock the session measures with is moved by the test): one pass serves
+    two (2 ms is the share), and the rest come in the passes after, all of them answered."""
+    from selchat.doors import jsonsession
+    from selchat.hub import EXPENSIVE_PER_PASS
+
+    class Clock:
+        now = 9000.0
+
+        def __call__(self) -> float:
+            return self.now
+
+    cpu = [50.0]
+    monkeypatch.setattr(jsonsession.time, "thread_time", lambda: cpu[0])
+    clock = Clock()
+    reactor = Reactor(clock=clock)
+    server = Server(ServerConfig(port=0, db=":memory:", max_per_ip=0, register_rate=0),
+                    MemoryStore(), reactor=reactor)
+    server.listen()
+    chat = server.chat
+    listing = chat.room_list
+
+    def costly_room_list(offset: int = 0):
+        cpu[0] += 0.0015
+        return listing(offset)
+
+    monkeypatch.setattr(chat, "room_list", costly_room_list)
+    askers = []
+    for i in range(5):
+        s = socket.create_connection(("127.0.0.1", server.address[1]))
+        s.setblocking(False)
+        s.sendall(frame({"type": "hello", "nick": f"asker{i}"}))
+        askers.append(s)
+    for _ in range(5):
+        reactor.run_once(0)
+    sessions = [u.session for u in chat.users.values()]
+    assert len(sessions) == 5
+    for session in sessions:  # in debt, each as much as the others (as after a stall)
+        session.bucket.bill(30.0)
+    for s in askers:
+        s.sendall(frame({"type": "rooms", "ref": 2}))
+    for _ in range(5):
+        reactor.run_once(0)
+    assert all(session._debt_timer is not None for session in sessions), "no debt to wait out"
+
+    def answered() -> int:
+        got = 0
+        for s in askers:
+            try:
+                got += s.recv(1 << 20).count(b'"ref":2')
+            except BlockingIOError:
+                pass
+        return got
+
+    assert answered() == 0
+    clock.now += 10.0
+    reactor.run_once(0)  # every debt is due in this pass
+    first = answered()
+    assert 1 <= first <= int(EXPENSIVE_PER_PASS / 0.0015) + 1, first
+    total = first
+    for _ in range(20):
+        clock.now += 0.001
+        reactor.run_once(0)
+        total += answered()
+    assert total == 5
+    server.request_stop()
+    server._finish()
+    for s in askers:
+        s.close()

@@ -197,6 +197,15 @@ class JsonSession(DoorSession):
 
     def _debt_repaid(self, _: Any = None) -> None:
         self._debt_timer = None
+        hub = self.door.hub
+        if self.transport.state is State.OPEN and not hub.expensive_room():
+            # This pass has served its share of expensive answers already (after a stall all
+            # the askers' debts fall due at once): this one goes in a pass of its own, so
+            # that everyone else's messages get through in between.
+            # (Not due now: a timer due now would run again in this very pass.)
+            reactor = self.door.reactor
+            self._debt_timer = reactor.call_at(reactor.now + 0.0005, self._debt_repaid)
+            return
         if self.transport.state is State.OPEN:
             self.transport.resume_reading()
             try:
@@ -342,6 +351,7 @@ class JsonSession(DoorSession):
             # CPU time, not wall time: a pass that the machine or a SIGSTOP held up is no
             # one's doing. Messages are not billed: their echo is part of the request.
             spent = time.thread_time() - started
+            door.hub.spent_expensive(spent)
             cost = (answer_cost(self.transport.out.size - before - FREE_OUTPUT)
                     + max(0.0, spent - CHEAP_SECONDS) / SECONDS_PER_TOKEN)
             if cost > 0:
