@@ -25,7 +25,8 @@ HISTORY_LIMIT_MAX = 200
 
 RECV_SIZE = 65536  # one recv per readable event; a pass never holds more than this per client
 LISTEN_BACKLOG = 4096
-ACCEPT_PER_PASS = 256  # accepts per loop pass, so a storm cannot starve clients already connected
+ACCEPT_PER_PASS = 64  # accepts per loop pass, so a storm cannot starve clients already connected
+REQUESTS_PER_PASS = 64  # requests one loop pass serves in all; the rest wait for the next pass
 ACCEPT_PAUSE = 0.1  # seconds to stop accepting after EMFILE/ENFILE
 MAX_ROOMS = 10000  # rooms that may exist at once
 MAX_ROOMS_PER_USER = 100  # rooms one user may be in

@@ -22,6 +22,7 @@ from typing import Any, Callable, List, Optional, Tuple
 
 from selchat.core.chat import Chat, ChatError, User
 from selchat.core.requests import Request, Say
+from selchat.defaults import REQUESTS_PER_PASS
 from selchat.fanout import Fanout
 from selchat.loop import ratelog
 from selchat.loop.pacing import Pacer
@@ -37,7 +38,7 @@ __all__ = ["Hub", "ChatError"]
 class Hub:
     __slots__ = ("chat", "store", "reactor", "fanout", "wall_ms", "_condemned", "_said",
                  "_drop_queued", "commits", "ratelog", "pacer", "_expensive_pass",
-                 "_expensive_spent")
+                 "_expensive_spent", "_served_pass", "_served")
 
     def __init__(self, chat: Chat, reactor: Reactor,
                  wall_ms: Callable[[], int] = lambda: int(time.time() * 1000)) -> None:
@@ -55,6 +56,8 @@ class Hub:
         # Registrations per address, paced (selchat.loop.pacing); None: every door registers
         # at once. Set by whoever assembles the server.
         self.pacer: Optional[Pacer] = None
+        self._served_pass = -1  # the pass `_served` counts requests of
+        self._served = 0
         self._expensive_pass = -1  # the pass `_expensive_spent` counts for
         self._expensive_spent = 0.0  # CPU seconds of expensive answers served in that pass
         chat.before_change = self.fanout.flush
@@ -81,6 +84,18 @@ class Hub:
         deliveries = self.chat.disconnect(user, reason or "")
         if reason is not None:
             self.fanout.deliver(deliveries, None)
+
+    def take_request(self) -> bool:
+        """May a session serve one more request in this pass? A pass serves REQUESTS_PER_PASS
+        in all: however many connections have much to ask at once (a stall's backlog, a
+        hundred clients sending their bursts), the pass stays short, and whoever was not
+        served goes on in the next one, so a bystander's message waits a short pass, not a
+        long one."""
+        passes = self.reactor.passes
+        if self._served_pass != passes:
+            self._served_pass, self._served = passes, 0
+        self._served += 1
+        return self._served <= REQUESTS_PER_PASS
 
     def spent_expensive(self, seconds: float) -> None:
         """An expensive answer (rooms, history, who, join) took `seconds` of this pass."""

@@ -8,6 +8,8 @@ import socket
 from typing import Any, Callable, Iterator, List, Tuple
 
 import pytest
+
+from selchat.defaults import ACCEPT_PER_PASS
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -252,13 +254,13 @@ def test_failed_accepts_are_counted_not_logged_one_by_one(caplog: pytest.LogCapt
         listener = Listener(reactor, sock, lambda s, a: None)  # type: ignore[arg-type]
         caplog.set_level(logging.INFO, logger="selchat.server")
         for _ in range(20):
-            listener._on_ready(1)  # 256 failed accepts a pass
+            listener._on_ready(1)  # ACCEPT_PER_PASS failed accepts a pass
         got = [r.getMessage() for r in caplog.records if "accept failed" in r.getMessage()]
         assert got == ["accept failed: [Errno %d] simulated" % errno.ECONNABORTED]
         clock.now += 10.0
         reactor.run_once(timeout=0)
         got = [r.getMessage() for r in caplog.records if "accept failed" in r.getMessage()]
-        assert len(got) == 2 and f"({20 * 256 - 2} more like this in the last 10 s)" in got[1]
+        assert len(got) == 2 and f"({20 * ACCEPT_PER_PASS - 2} more like this in the last 10 s)" in got[1]
         listener.close()
     finally:
         reactor.close()

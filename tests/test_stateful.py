@@ -210,7 +210,9 @@ _FIXED_BAD_PAYLOADS: List[Tuple[bytes, str, Any]] = [
     (b'{"type": "ping", "token": Infinity}', "bad_json", None),
     ("\ufeff{\"type\": \"ping\"}".encode(), "bad_json", None),
     (b'{"type": "ping", "token": "\\ud800"}', "bad_json", None),
-    (b"[" * 60000, "bad_json", None),  # deeper than any JSON parser recurses, and cut short
+    # deeper than any JSON parser recurses, and cut short; within max_frame (since MAX_FRAME
+    # became 4096 the 60000 of the first version was a frame_too_large that ends the connection)
+    (b"[" * (MAX_FRAME - 96), "bad_json", None),
     (b'{"type": "frobnicate", "ref": 7}', "unknown_type", 7),
     (b'{"type": "PING", "ref": "r"}', "unknown_type", "r"),
     (b'{"type": "", "ref": 8}', "unknown_type", 8),

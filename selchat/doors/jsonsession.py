@@ -111,7 +111,8 @@ class JsonSession(DoorSession):
 
     __slots__ = ("door", "wire", "transport", "user", "bucket", "arrivals", "consumed",
                  "pings_owed", "_debt_timer", "not_before", "last_seen", "pinged", "doomed", "reject", "_handshake_timer",
-                 "_idle_timer", "_turn", "_hello_waiting", "__weakref__")
+                 "_idle_timer", "_turn", "_hello_waiting", "_next_pass", "_pass_id", "_pass_bytes",
+                 "__weakref__")
 
     def __init__(self, door: JsonDoor, wire: Any, reject: Optional[str] = None) -> None:
         self.door = door
@@ -136,6 +137,9 @@ class JsonSession(DoorSession):
         self._idle_timer: Optional[Timer] = None
         # A hello waiting for its address's turn to register (selchat.loop.pacing): its ticket
         # (or _NOW while the pacer decides), and the hello itself.
+        self._next_pass = False  # the pass's share of requests is served: going on in the next
+        self._pass_id = -1  # the loop pass `_pass_bytes` counts for
+        self._pass_bytes = 0  # request bytes served in that pass
         self._turn: Any = None
         self._hello_waiting: Optional[Tuple[Hello, Ref]] = None
 
@@ -190,6 +194,31 @@ class JsonSession(DoorSession):
         # Never in the past: a timer due now would fire in this very pass, again and again.
         self._debt_timer = reactor.call_at(max(self.not_before, reactor.now + 0.001), self._debt_repaid)
         return True
+
+    def _pass_full(self) -> bool:
+        """This pass has served its share of requests (`Hub.take_request`), or this session's
+        (its requests' bytes reached the high-water mark: the echoes of its messages wait in
+        the room batch until the pass ends, and backpressure cannot see them): stop reading
+        and serving until the next pass, which goes on where this one stopped."""
+        mine = (self._pass_id == self.door.reactor.passes
+                and self._pass_bytes >= self.transport.high_water)
+        if not mine and self.door.hub.take_request():
+            return False
+        if not self._next_pass:
+            self._next_pass = True
+            self.transport.pause_reading()
+            self.door.reactor.call_soon(self._go_on)
+        return True
+
+    def _go_on(self) -> None:
+        self._next_pass = False
+        transport = self.transport
+        if transport is not None and transport.state is State.OPEN:
+            transport.resume_reading()
+            try:
+                self.resume_serving()
+            except Exception:  # from the loop: a bug of ours loses this peer, never the server
+                transport._internal_error()
 
     def _charge_time(self, offset: int) -> float:
         start, end, fraction = self.arrivals.at(offset)  # type: ignore[union-attr]
@@ -301,6 +330,10 @@ class JsonSession(DoorSession):
     def _on_payload(self, payload: bytes) -> None:
         """Serve one JSON payload: flood control, decode, parse, then the request itself."""
         self.consumed += len(payload) + 4
+        passes = self.door.reactor.passes
+        if self._pass_id != passes:
+            self._pass_id, self._pass_bytes = passes, 0
+        self._pass_bytes += len(payload) + 4
         if self.bucket is not None and not self._admit(payload):
             return
         door = self.door

@@ -119,7 +119,7 @@ class IrcSession(DoorSession):
                  "pinged", "doomed", "reject", "nick", "ident", "realname", "password", "caps",
                  "cap_negotiating", "cap_version", "label", "welcoming", "_collected", "_timers", "_lagged",
                  "_handshake_timer", "_idle_timer", "_produced", "_billed", "_answer_start",
-                 "_listing", "_label_taken", "__weakref__", "_turn")
+                 "_listing", "_label_taken", "__weakref__", "_turn", "_next_pass")
 
     def __init__(self, door: IrcDoor, reject: Optional[str] = None) -> None:
         self.door = door
@@ -145,6 +145,7 @@ class IrcSession(DoorSession):
         self._collected: Optional[List[str]] = None  # lines answering a labeled command
         self._lagged: Optional[Timer] = None
         self._turn: Any = None  # waiting for the address's turn to register (a pacer ticket)
+        self._next_pass = False  # the pass's share of requests is served: going on in the next
         self._handshake_timer: Optional[Timer] = None
         self._idle_timer: Optional[Timer] = None
         self._produced = 0  # bytes of our own lines so far (answers, collected ones included)
@@ -357,6 +358,13 @@ class IrcSession(DoorSession):
                 elif self.decoder.buffered > RECVQ:
                     transport.pause_reading()
                 return
+            if self.decoder.buffered and not self.hub.take_request():
+                # This pass has served its share of requests (Hub.take_request): go on next pass.
+                if not self._next_pass:
+                    self._next_pass = True
+                    transport.pause_reading()
+                    self.door.reactor.call_soon(self._go_on)
+                return
             # Charged before it is served: a line is taken only when a token is there, so a
             # lagged client gets exactly the rate, never one line more per resume. A debt
             # billed for expensive answers is waited out here too.
@@ -385,6 +393,16 @@ class IrcSession(DoorSession):
                 return
         if transport.eof and transport.state is State.OPEN:
             self._close("connection closed", "peer closed")
+
+    def _go_on(self) -> None:
+        self._next_pass = False
+        transport = self.transport
+        if transport.state is State.OPEN and self._lagged is None:
+            transport.resume_reading()
+            try:
+                self.resume_serving()
+            except Exception:  # from the loop: a bug of ours loses this peer, never the server
+                transport._internal_error()
 
     def _lag(self, now: float) -> None:
         """Out of tokens: read nothing more until one is due ("fake lag")."""

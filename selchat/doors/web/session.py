@@ -249,6 +249,8 @@ class WebSession(JsonSession):
                 return
             if self._waiting_turn(3 * self.door.max_frame):
                 return  # wsproto keeps the rest: nothing more is read until welcome
+            if self._pass_full():
+                return  # the pass's share is served: wsproto keeps the rest till the next
 
     def _on_data(self, event: Any) -> None:
         data = event.data
