@@ -9,6 +9,7 @@ answer, so the asker's next requests wait (they are not refused).
 from __future__ import annotations
 
 import json
+import re
 import socket
 import struct
 
@@ -196,3 +197,59 @@ def test_one_pass_serves_a_bounded_share_of_waiting_expensive_answers(monkeypatc
     server._finish()
     for s in askers:
         s.close()
+
+
+def test_expensive_requests_read_in_one_pass_share_it_with_others(monkeypatch) -> None:
+    """Not only answers that waited out a debt: five `rooms` requests arriving together (each
+    taking 1.5 ms of CPU, by the clock the test moves) are not all served in one pass; the
+    ones past the pass's 2 ms are held, in order, and served in the passes after."""
+    from selchat.doors import jsonsession
+
+    class Clock:
+        now = 9500.0
+
+        def __call__(self) -> float:
+            return self.now
+
+    cpu = [70.0]
+    monkeypatch.setattr(jsonsession.time, "thread_time", lambda: cpu[0])
+    clock = Clock()
+    reactor = Reactor(clock=clock)
+    server = Server(ServerConfig(port=0, db=":memory:", max_per_ip=0, register_rate=0),
+                    MemoryStore(), reactor=reactor)
+    server.listen()
+    listing = server.chat.room_list
+
+    def costly_room_list(offset: int = 0):
+        cpu[0] += 0.0015
+        return listing(offset)
+
+    monkeypatch.setattr(server.chat, "room_list", costly_room_list)
+    sock = socket.create_connection(("127.0.0.1", server.address[1]))
+    sock.setblocking(False)
+    sock.sendall(frame({"type": "hello", "nick": "lister"}))
+    for _ in range(5):
+        reactor.run_once(0)
+    received = bytearray()
+
+    def drain() -> None:
+        try:
+            received.extend(sock.recv(1 << 20))
+        except BlockingIOError:
+            pass
+
+    drain()
+    sock.sendall(b"".join(frame({"type": "rooms", "ref": i}) for i in range(5)))
+    reactor.run_once(2.0)  # one pass: it reads the five (one segment) and serves what it may
+    drain()
+    first = sum(received.count(b'"ref":%d' % i) for i in range(5))
+    assert 1 <= first <= 2, f"{first} expensive answers in the pass that read them"
+    for _ in range(10):
+        clock.now += 0.001
+        reactor.run_once(0)
+    drain()
+    refs = [int(m) for m in re.findall(rb'"ref":(\d)', bytes(received))]
+    assert sorted(set(refs)) == [0, 1, 2, 3, 4] and refs == sorted(refs), refs
+    server.request_stop()
+    server._finish()
+    sock.close()

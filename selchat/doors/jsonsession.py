@@ -112,7 +112,7 @@ class JsonSession(DoorSession):
     __slots__ = ("door", "wire", "transport", "user", "bucket", "arrivals", "consumed",
                  "pings_owed", "_debt_timer", "not_before", "last_seen", "pinged", "doomed", "reject", "_handshake_timer",
                  "_idle_timer", "_turn", "_hello_waiting", "_next_pass", "_pass_id", "_pass_bytes",
-                 "__weakref__")
+                 "_held", "__weakref__")
 
     def __init__(self, door: JsonDoor, wire: Any, reject: Optional[str] = None) -> None:
         self.door = door
@@ -138,6 +138,7 @@ class JsonSession(DoorSession):
         # A hello waiting for its address's turn to register (selchat.loop.pacing): its ticket
         # (or _NOW while the pacer decides), and the hello itself.
         self._next_pass = False  # the pass's share of requests is served: going on in the next
+        self._held: Optional[Tuple[Any, Ref]] = None  # an expensive request kept for a later pass
         self._pass_id = -1  # the loop pass `_pass_bytes` counts for
         self._pass_bytes = 0  # request bytes served in that pass
         self._turn: Any = None
@@ -200,15 +201,20 @@ class JsonSession(DoorSession):
         (its requests' bytes reached the high-water mark: the echoes of its messages wait in
         the room batch until the pass ends, and backpressure cannot see them): stop reading
         and serving until the next pass, which goes on where this one stopped."""
+        if self._next_pass:
+            return True  # waiting for the next pass already (a request is held, perhaps)
         mine = (self._pass_id == self.door.reactor.passes
                 and self._pass_bytes >= self.transport.high_water)
         if not mine and self.door.hub.take_request():
             return False
+        self._next_pass_please()
+        return True
+
+    def _next_pass_please(self) -> None:
         if not self._next_pass:
             self._next_pass = True
             self.transport.pause_reading()
             self.door.reactor.call_soon(self._go_on)
-        return True
 
     def _go_on(self) -> None:
         self._next_pass = False
@@ -216,6 +222,11 @@ class JsonSession(DoorSession):
         if transport is not None and transport.state is State.OPEN:
             transport.resume_reading()
             try:
+                held, self._held = self._held, None
+                if held is not None:
+                    self._carry_out(*held)
+                    if self._next_pass:
+                        return  # held again: this pass had no room for it either
                 self.resume_serving()
             except Exception:  # from the loop: a bug of ours loses this peer, never the server
                 transport._internal_error()
@@ -368,8 +379,22 @@ class JsonSession(DoorSession):
             return
         if kind is PongReply:
             return  # the liveness it proves was noted when its bytes arrived
+        self._carry_out(request, ref)
+
+    def _carry_out(self, request: Any, ref: Ref) -> None:
+        """A registered user's chat request: to the hub; an expensive one is billed, and waits
+        for a later pass when this one has served its share of expensive answers."""
+        door = self.door
+        user = self.user
+        if user is None:
+            return
+        kind = type(request)
         bucket = self.bucket
         billed = bucket is not None and kind in BILLED
+        if billed and not door.hub.expensive_room():
+            self._held = (request, ref)  # served first in the next pass, in its order
+            self._next_pass_please()
+            return
         if billed:
             before = self.transport.out.size
             started = time.thread_time()

@@ -28,7 +28,7 @@ from selchat.loop.timers import Timer
 
 log = logging.getLogger("selchat.server")
 
-MAX_ADDRESSES = 65536
+MAX_ADDRESSES = 16384  # about 5 MiB of table at most (~300 bytes an address)
 SWEEP_FROM = 1024  # the table is swept of settled addresses when it reaches this, then 2x that
 
 

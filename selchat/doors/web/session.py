@@ -230,6 +230,8 @@ class WebSession(JsonSession):
             return  # expensive answers: served again once they are paid for
         if self._waiting_turn(3 * self.door.max_frame):
             return
+        if self._next_pass:
+            return  # going on in the next pass (a request may be held for it)
         for event in ws.events():
             kind = type(event)
             if kind is TextMessage or kind is BytesMessage:
