@@ -54,7 +54,11 @@ DEFAULT_CAP_PER_ROOM = 1000
 # one every 6 minutes, and 2**63 ids still last longer than any server.
 ID_BLOCK = 65536
 MAX_ID = (1 << 63) - 1  # SQLite's largest integer, hence the largest id
-WAL_PAGES = 4000  # pages (4 KiB each) the WAL may grow to before a checkpoint
+# Pages (4 KiB each) the WAL may grow to before a checkpoint. A checkpoint copies them into the
+# database and syncs it, inside a commit, in the one loop thread: at 4,000 pages that was a
+# 40-70 ms pause (the soak run's largest), at 128 it is about 2 ms, more often, for the same
+# total (measured on the soak machine; docs/design.md).
+WAL_PAGES = 128
 CACHE_KIB = 32768  # SQLite's page cache: the hot end of every room's history stays in memory
 
 # `PRAGMA application_id` marks the file as ours, so `--db` pointed at another program's SQLite
@@ -450,9 +454,10 @@ class SQLiteStore:
         if mode != ("memory" if self._memory else "wal"):
             raise StoreError(f"{self.path}: cannot switch the database to WAL mode (got {mode!r})")
         conn.execute(f"PRAGMA synchronous = {self._synchronous}")
-        # Checkpoints copy the WAL into the database in the loop's thread (with an fsync): fewer,
-        # larger ones cost less per message (measured: 0.5 -> 0.35 ms per 50-message commit);
-        # WAL_PAGES bounds both the WAL file (~16 MiB) and the longest pause one can cause.
+        # Checkpoints copy the WAL into the database in the loop's thread (with an fsync). Fewer,
+        # larger ones cost a little less per message (0.5 -> 0.35 ms per 50-message commit at
+        # 4,000 pages), but each is a pause for everyone; small ones keep every pass short.
+        # WAL_PAGES bounds both the WAL file (~0.5 MiB) and the longest pause one can cause.
         conn.execute(f"PRAGMA wal_autocheckpoint = {WAL_PAGES}")
         conn.execute(f"PRAGMA cache_size = -{CACHE_KIB}")
 
