@@ -149,9 +149,7 @@ def test_before_sleep_hooks_run_by_order_then_by_insertion(reactor: Reactor) -> 
     assert ran == ["first", "settle-1", "settle-2", "commit", "write"]  # every pass
 
 
-def test_soon_comes_first_then_io_timers_and_hooks(reactor: Reactor, clock: FakeClock) -> None:
-    """What an earlier pass queued with call_soon runs first in the next pass (work held over
-    goes before the newly ready), then the I/O, the timers and the before-sleep hooks."""
+def test_hooks_run_after_io_timers_and_soon(reactor: Reactor, clock: FakeClock) -> None:
     a, b = socket.socketpair()
     try:
         a.setblocking(False)
@@ -163,7 +161,7 @@ def test_soon_comes_first_then_io_timers_and_hooks(reactor: Reactor, clock: Fake
         b.send(b"x")
         clock.advance(1)
         reactor.run_once(timeout=0)
-        assert ran == ["soon", "io", "timer", "hook"]
+        assert ran == ["io", "timer", "soon", "hook"]
         reactor.unregister(a)
     finally:
         a.close()

@@ -5,11 +5,11 @@ callback". One pass (`run_once`):
 
   1. wait in `select` until a file is ready, the nearest timer is due, or (timeout 0) the
      next-pass queue holds work;
-  2. run the callbacks queued with `call_soon` in the passes before (one queued now waits for
-     the next pass, so a callback that re-queues itself cannot starve the selector). They come
-     first: work a pass held over (a session that had used up the pass's share of requests)
-     goes before the newly ready, so it is not passed over again and again;
-  3. call the ready files' callbacks with their event mask, then run the due timers;
+  2. call the ready files' callbacks with their event mask;
+  3. run the due timers, then the callbacks queued with `call_soon` before this step began
+     (during this pass's I/O or timers, or in an earlier pass); one queued by a soon-callback
+     or a before-sleep hook waits for the next pass, so a callback that re-queues itself
+     cannot starve the selector;
   4. run the before-sleep hooks in their fixed order (lowest `order` first): the owner of the
      chat commits what the pass said, then the writer sends what the pass queued.
 
@@ -89,7 +89,8 @@ class Reactor:
         return self.timers.call_at(self.now + delay, callback, arg)
 
     def call_soon(self, callback: Callable[..., Any], *args: Any) -> None:
-        """Run `callback(*args)` at the start of the next pass, before its I/O and timers."""
+        """Run `callback(*args)` after the I/O and timers of a pass: this one if queued during
+        them, else the next (from a soon-callback or a before-sleep hook)."""
         self._soon.append((callback, args))
 
     # --- hooks and stopping ---------------------------------------------------------------------
@@ -210,15 +211,6 @@ class Reactor:
         self.prev_now = self.now
         self.now = self.clock()
         self.passes += 1
-        # What the passes before left for this one comes first: a session held over because a
-        # pass had served its share goes before the newly ready, so it is not passed over again.
-        soon = self._soon
-        for _ in range(len(soon)):
-            callback, args = soon.popleft()
-            try:
-                callback(*args)
-            except Exception:
-                log.exception("internal error in a next-pass callback; the loop goes on")
         for key, mask in ready:
             try:
                 key.data(mask)
@@ -230,6 +222,13 @@ class Reactor:
             # The heap is consistent (the timer was popped before its callback ran): the
             # remaining due timers run in the next pass.
             log.exception("internal error in a timer; the loop goes on")
+        soon = self._soon
+        for _ in range(len(soon)):
+            callback, args = soon.popleft()
+            try:
+                callback(*args)
+            except Exception:
+                log.exception("internal error in a next-pass callback; the loop goes on")
         for _, _, hook in self._hooks:
             hook()
 
