@@ -507,7 +507,7 @@ def test_a_reading_client_is_not_dropped_for_its_own_echoes(make: Callable[..., 
     wait in the fan-out's room batch until the pass ends. One read of many says (300 short
     ones, or 40 long ones: 36 KB) once batched past --max-outbuf 16384 and dropped a client
     that reads everything at once. A pass now serves one session's requests up to the
-    high-water mark of bytes (and 64 requests in all); the rest go on in the next pass."""
+    high-water mark of bytes (and 256 requests in all); the rest go on in the next pass."""
     h = make(max_outbuf=16384, max_frame=4096, max_text=970)  # what --max-outbuf 16384 derives
     alice, bob = h.hello("alice"), h.hello("bob")
     h.settle()
