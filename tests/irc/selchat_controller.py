@@ -119,6 +119,7 @@ class SelchatController(BaseServerController, DirectoryBasedController):
             "--rate", "0",
             "--server-name", SERVER_NAME,
             "--max-per-ip", "0",
+            "--register-rate", "0",  # registration pacing off, as the peers' throttles are
             "--log-level", "warning",
         ]
         if password is not None:
