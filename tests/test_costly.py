@@ -24,6 +24,38 @@ def frame(obj: dict) -> bytes:
     return struct.pack(">I", len(payload)) + payload
 
 
+class Clock:
+    """A clock the test moves."""
+
+    def __init__(self, now: float = 5000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def server_with_costly_rooms(monkeypatch, seconds: float):
+    """An in-process server on a test clock whose `rooms` answers each take `seconds` of the
+    CPU clock the session measures serving time with."""
+    from selchat.doors import jsonsession
+
+    cpu = [100.0]
+    monkeypatch.setattr(jsonsession.time, "thread_time", lambda: cpu[0])
+    clock = Clock()
+    reactor = Reactor(clock=clock)
+    server = Server(ServerConfig(port=0, db=":memory:", max_per_ip=0, register_rate=0),
+                    MemoryStore(), reactor=reactor)
+    server.listen()
+    listing = server.chat.room_list
+
+    def costly_room_list(offset: int = 0):
+        cpu[0] += seconds
+        return listing(offset)
+
+    monkeypatch.setattr(server.chat, "room_list", costly_room_list)
+    return clock, reactor, server
+
+
 def test_a_costly_request_is_billed_by_the_time_it_took(monkeypatch) -> None:
     from selchat.doors import jsonsession
 
@@ -131,30 +163,10 @@ def test_one_pass_serves_a_bounded_share_of_waiting_expensive_answers(monkeypatc
     answers in it would make that pass as long as all of them together. Each answer here takes
     1.5 ms of CPU (the clock the session measures with is moved by the test): one pass serves
     two (2 ms is the share), and the rest come in the passes after, all of them answered."""
-    from selchat.doors import jsonsession
     from selchat.hub import EXPENSIVE_PER_PASS
 
-    class Clock:
-        now = 9000.0
-
-        def __call__(self) -> float:
-            return self.now
-
-    cpu = [50.0]
-    monkeypatch.setattr(jsonsession.time, "thread_time", lambda: cpu[0])
-    clock = Clock()
-    reactor = Reactor(clock=clock)
-    server = Server(ServerConfig(port=0, db=":memory:", max_per_ip=0, register_rate=0),
-                    MemoryStore(), reactor=reactor)
-    server.listen()
+    clock, reactor, server = server_with_costly_rooms(monkeypatch, 0.0015)
     chat = server.chat
-    listing = chat.room_list
-
-    def costly_room_list(offset: int = 0):
-        cpu[0] += 0.0015
-        return listing(offset)
-
-    monkeypatch.setattr(chat, "room_list", costly_room_list)
     askers = []
     for i in range(5):
         s = socket.create_connection(("127.0.0.1", server.address[1]))
@@ -203,28 +215,7 @@ def test_expensive_requests_read_in_one_pass_share_it_with_others(monkeypatch) -
     """Not only answers that waited out a debt: five `rooms` requests arriving together (each
     taking 1.5 ms of CPU, by the clock the test moves) are not all served in one pass; the
     ones past the pass's 2 ms are held, in order, and served in the passes after."""
-    from selchat.doors import jsonsession
-
-    class Clock:
-        now = 9500.0
-
-        def __call__(self) -> float:
-            return self.now
-
-    cpu = [70.0]
-    monkeypatch.setattr(jsonsession.time, "thread_time", lambda: cpu[0])
-    clock = Clock()
-    reactor = Reactor(clock=clock)
-    server = Server(ServerConfig(port=0, db=":memory:", max_per_ip=0, register_rate=0),
-                    MemoryStore(), reactor=reactor)
-    server.listen()
-    listing = server.chat.room_list
-
-    def costly_room_list(offset: int = 0):
-        cpu[0] += 0.0015
-        return listing(offset)
-
-    monkeypatch.setattr(server.chat, "room_list", costly_room_list)
+    clock, reactor, server = server_with_costly_rooms(monkeypatch, 0.0015)
     sock = socket.create_connection(("127.0.0.1", server.address[1]))
     sock.setblocking(False)
     sock.sendall(frame({"type": "hello", "nick": "lister"}))
