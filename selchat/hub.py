@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Callable, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from selchat.core.chat import Chat, ChatError, User
 from selchat.core.requests import Request, Say
@@ -38,7 +38,7 @@ __all__ = ["Hub", "ChatError"]
 class Hub:
     __slots__ = ("chat", "store", "reactor", "fanout", "wall_ms", "_condemned", "_said",
                  "_drop_queued", "commits", "ratelog", "pacer", "_expensive_pass",
-                 "_expensive_spent", "_served_pass", "_served")
+                 "_expensive_spent", "_served_pass", "_served", "_held")
 
     def __init__(self, chat: Chat, reactor: Reactor,
                  wall_ms: Callable[[], int] = lambda: int(time.time() * 1000)) -> None:
@@ -56,6 +56,9 @@ class Hub:
         # Registrations per address, paced (selchat.loop.pacing); None: every door registers
         # at once. Set by whoever assembles the server.
         self.pacer: Optional[Pacer] = None
+        # Sessions holding an expensive request for a later pass, oldest first: they are served
+        # in this order, and a fresh expensive request waits behind them (no one starves).
+        self._held: Dict[Any, None] = {}
         self._served_pass = -1  # the pass `_served` counts requests of
         self._served = 0
         self._expensive_pass = -1  # the pass `_expensive_spent` counts for
@@ -104,10 +107,23 @@ class Hub:
             self._expensive_pass, self._expensive_spent = passes, 0.0
         self._expensive_spent += seconds
 
-    def expensive_room(self) -> bool:
-        """May this pass serve one more expensive answer that waited? One pass serves at most
-        EXPENSIVE_PER_PASS seconds of them, so a pass stays short however many fall due."""
+    def expensive_room(self, session: Any) -> bool:
+        """May `session` have an expensive answer served now? One pass serves at most
+        EXPENSIVE_PER_PASS seconds of them, so a pass stays short however many fall due; and
+        those held over from earlier passes go first, oldest first, so fresh ones arriving
+        every pass cannot push them back for ever."""
+        held = self._held
+        if held and next(iter(held)) is not session:
+            return False
         return self._expensive_pass != self.reactor.passes or self._expensive_spent < EXPENSIVE_PER_PASS
+
+    def hold(self, session: Any) -> None:
+        """`session` keeps an expensive request for a later pass: it queues for its turn."""
+        self._held[session] = None
+
+    def unhold(self, session: Any) -> None:
+        """`session`'s held request was served, or the session is gone."""
+        self._held.pop(session, None)
 
     def log_refusal(self, peer: str, reason: str) -> None:
         """One line per reason and period, with a count (an attacker must not fill the log)."""

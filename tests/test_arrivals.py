@@ -77,3 +77,39 @@ def test_what_waited_behind_backpressure_is_charged_when_it_arrived() -> None:
     server.request_stop()
     server._finish()
     sock.close()
+
+
+def test_a_burst_after_a_silence_is_still_a_burst() -> None:
+    """The other side of it: a client read every pass that was quiet for 50 s, then sends 60
+    requests in one write, gets its burst (20) and then refusals; its silence is not taken for
+    time over which the 60 could have arrived."""
+    clock = Clock()
+    reactor = Reactor(clock=clock)
+    server = Server(ServerConfig(port=0, db=":memory:", max_per_ip=0), MemoryStore(), reactor=reactor)
+    sock, theirs = socket.socketpair()
+    server._accept(server.framed, theirs, ("127.0.0.9", 4001))
+    sock.setblocking(False)
+    sock.sendall(frame({"type": "hello", "nick": "sleeper"}))
+    for _ in range(5):
+        reactor.run_once(0)
+    for _ in range(50):  # 50 s of passes (another client keeps the loop turning)
+        clock.now += 1.0
+        reactor.run_once(0)
+    sock.sendall(b"".join(frame({"type": "ping", "token": f"p{i}"}) for i in range(60)))
+    received = bytearray()
+    deadline = time.monotonic() + 10
+    closed = False  # past burst refusals in a row it is disconnected (excess flood)
+    while not closed and received.count(b'"type":"pong"') + received.count(b'"rate_limited"') < 60:
+        assert time.monotonic() < deadline
+        reactor.run_once(0)
+        try:
+            chunk = sock.recv(1 << 20)
+            closed = not chunk
+            received.extend(chunk)
+        except BlockingIOError:
+            pass
+    assert received.count(b'"rate_limited"') > 0, "a burst of 60 after a silence was let through"
+    assert received.count(b'"type":"pong"') <= 25
+    server.request_stop()
+    server._finish()
+    sock.close()

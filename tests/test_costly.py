@@ -34,7 +34,7 @@ class Clock:
         return self.now
 
 
-def server_with_costly_rooms(monkeypatch, seconds: float):
+def server_with_costly_rooms(monkeypatch, seconds: float, **config):
     """An in-process server on a test clock whose `rooms` answers each take `seconds` of the
     CPU clock the session measures serving time with."""
     from selchat.doors import jsonsession
@@ -43,7 +43,7 @@ def server_with_costly_rooms(monkeypatch, seconds: float):
     monkeypatch.setattr(jsonsession.time, "thread_time", lambda: cpu[0])
     clock = Clock()
     reactor = Reactor(clock=clock)
-    server = Server(ServerConfig(port=0, db=":memory:", max_per_ip=0, register_rate=0),
+    server = Server(ServerConfig(port=0, db=":memory:", max_per_ip=0, register_rate=0, **config),
                     MemoryStore(), reactor=reactor)
     server.listen()
     listing = server.chat.room_list
@@ -244,3 +244,51 @@ def test_expensive_requests_read_in_one_pass_share_it_with_others(monkeypatch) -
     server.request_stop()
     server._finish()
     sock.close()
+
+
+def test_a_held_request_is_not_passed_over_by_fresh_ones_for_ever(monkeypatch) -> None:
+    """Ten clients ask for an expensive answer every pass (one fits in a pass's share); a
+    bystander asks once. Held requests are served oldest first and fresh ones wait behind
+    them, so the bystander's answer comes within a few passes; when fresh requests took the
+    share first, it waited as long as the others kept asking."""
+    clock, reactor, server = server_with_costly_rooms(monkeypatch, 0.0025, rate=1000.0, burst=1000)
+    socks = []
+    for i in range(11):
+        s = socket.create_connection(("127.0.0.1", server.address[1]))
+        s.setblocking(False)
+        s.sendall(frame({"type": "hello", "nick": f"u{i}"}))
+        socks.append(s)
+    for _ in range(5):
+        reactor.run_once(0)
+    *busy, bystander = socks
+    got = bytearray()
+
+    def read_all() -> None:
+        for s in busy:
+            try:
+                s.recv(1 << 20)
+            except BlockingIOError:
+                pass
+        try:
+            got.extend(bystander.recv(1 << 20))
+        except BlockingIOError:
+            pass
+
+    for s in busy:
+        s.sendall(frame({"type": "rooms"}))
+    reactor.run_once(0)
+    bystander.sendall(frame({"type": "rooms", "ref": "mine"}))
+    for passes in range(1, 101):
+        for s in busy:  # a fresh request from each busy client, every pass
+            s.sendall(frame({"type": "rooms"}))
+        clock.now += 0.01
+        reactor.run_once(0.05)
+        read_all()
+        if b'"ref":"mine"' in got:
+            break
+    assert b'"ref":"mine"' in got, "the bystander's request was passed over for 100 passes"
+    assert passes <= 40, passes
+    server.request_stop()
+    server._finish()
+    for s in socks:
+        s.close()

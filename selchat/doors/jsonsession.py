@@ -53,6 +53,7 @@ log = logging.getLogger("selchat.server")
 CHEAP_SECONDS = 0.001
 SECONDS_PER_TOKEN = 0.002
 FREE_OUTPUT = 4096  # bytes of an answer that its request's token pays for
+QUANTUM = 4  # requests a session held over to a later pass serves there past the pass's share
 # The requests whose answers grow with the data (rooms, members, history) and are billed
 # beyond their token; a say, a msg, a ping or a nick costs its token and nothing more.
 BILLED = frozenset((ListRooms, HistoryRequest, Who, JoinRoom))
@@ -112,7 +113,7 @@ class JsonSession(DoorSession):
     __slots__ = ("door", "wire", "transport", "user", "bucket", "arrivals", "consumed",
                  "pings_owed", "_debt_timer", "not_before", "last_seen", "pinged", "doomed", "reject", "_handshake_timer",
                  "_idle_timer", "_turn", "_hello_waiting", "_next_pass", "_pass_id", "_pass_bytes",
-                 "_held", "__weakref__")
+                 "_held", "_quantum", "__weakref__")
 
     def __init__(self, door: JsonDoor, wire: Any, reject: Optional[str] = None) -> None:
         self.door = door
@@ -139,6 +140,7 @@ class JsonSession(DoorSession):
         # (or _NOW while the pacer decides), and the hello itself.
         self._next_pass = False  # the pass's share of requests is served: going on in the next
         self._held: Optional[Tuple[Any, Ref]] = None  # an expensive request kept for a later pass
+        self._quantum = 0  # requests a held-over session may serve past the pass's share
         self._pass_id = -1  # the loop pass `_pass_bytes` counts for
         self._pass_bytes = 0  # request bytes served in that pass
         self._turn: Any = None
@@ -205,6 +207,11 @@ class JsonSession(DoorSession):
             return True  # waiting for the next pass already (a request is held, perhaps)
         mine = (self._pass_id == self.door.reactor.passes
                 and self._pass_bytes >= self.transport.high_water)
+        if not mine and self._quantum > 0:
+            # Held over from an earlier pass: a few requests now whatever the share says, so
+            # that fresh requests arriving every pass cannot push it back for ever.
+            self._quantum -= 1
+            return False
         if not mine and self.door.hub.take_request():
             return False
         self._next_pass_please()
@@ -220,13 +227,15 @@ class JsonSession(DoorSession):
         self._next_pass = False
         transport = self.transport
         if transport is not None and transport.state is State.OPEN:
-            transport.resume_reading()
+            if self._debt_timer is None:  # (a debt keeps reading off until it is repaid)
+                transport.resume_reading()
             try:
                 held, self._held = self._held, None
                 if held is not None:
                     self._carry_out(*held)
                     if self._next_pass:
-                        return  # held again: this pass had no room for it either
+                        return  # held again: its turn has not come yet
+                self._quantum = QUANTUM
                 self.resume_serving()
             except Exception:  # from the loop: a bug of ours loses this peer, never the server
                 transport._internal_error()
@@ -237,15 +246,6 @@ class JsonSession(DoorSession):
 
     def _debt_repaid(self, _: Any = None) -> None:
         self._debt_timer = None
-        hub = self.door.hub
-        if self.transport.state is State.OPEN and not hub.expensive_room():
-            # This pass has served its share of expensive answers already (after a stall all
-            # the askers' debts fall due at once): this one goes in a pass of its own, so
-            # that everyone else's messages get through in between.
-            # (Not due now: a timer due now would run again in this very pass.)
-            reactor = self.door.reactor
-            self._debt_timer = reactor.call_at(reactor.now + 0.0005, self._debt_repaid)
-            return
         if self.transport.state is State.OPEN:
             self.transport.resume_reading()
             try:
@@ -291,6 +291,8 @@ class JsonSession(DoorSession):
             if timer is not None:
                 timer.cancel()
         self._handshake_timer = self._idle_timer = self._debt_timer = None
+        self.door.hub.unhold(self)  # a held request dies with its connection, not the queue
+        self._held = None
         turn, self._turn, self._hello_waiting = self._turn, None, None
         if turn is not None and turn is not _NOW:
             turn.cancel()
@@ -391,10 +393,13 @@ class JsonSession(DoorSession):
         kind = type(request)
         bucket = self.bucket
         billed = bucket is not None and kind in BILLED
-        if billed and not door.hub.expensive_room():
-            self._held = (request, ref)  # served first in the next pass, in its order
+        if billed and not door.hub.expensive_room(self):
+            self._held = (request, ref)  # served in a later pass, in its turn
+            door.hub.hold(self)
             self._next_pass_please()
             return
+        if billed:
+            door.hub.unhold(self)  # its turn came (a no-op when nothing was held)
         if billed:
             before = self.transport.out.size
             started = time.thread_time()

@@ -106,7 +106,7 @@ class Transport:
         "reactor", "writer", "sock", "fd", "ip", "peer", "session", "state", "out", "mask",
         "accepting", "throttled", "paused", "eof", "dirty", "max_outbuf", "high_water", "low_water",
         "close_detail", "linger_until", "_linger_timer", "on_closed", "grace", "noted",
-        "unread_since", "arrived_after", "__weakref__",
+        "unread_since", "held_back", "arrived_after", "__weakref__",
     )
 
     plain = True  # a gather write (sendmsg) may be used
@@ -140,6 +140,9 @@ class Transport:
         # since that earlier time, and charging them as if they had just arrived would make a
         # client within its rate look like a burst (the soak saw it after every stall).
         self.unread_since = reactor.now
+        # Reading was off, or a read filled the buffer, since the socket was last emptied: only
+        # then may bytes be older than the previous pass (else they would have been read then).
+        self.held_back = False
         self.arrived_after = reactor.now  # for the bytes being handed to the session now
         self.close_detail = ""
         self.linger_until = 0.0
@@ -185,6 +188,7 @@ class Transport:
         """Stop reading until our queue drains below the low-water mark (backpressure)."""
         if not self.throttled and self.state is State.OPEN:
             self.throttled = True
+            self.held_back = True
             self._update_interest()
             # The writer looks at us at the end of this pass even if nothing is queued for us
             # (the caller may be waiting for bytes batched elsewhere): below the low-water
@@ -196,6 +200,7 @@ class Transport:
     def pause_reading(self) -> None:
         if not self.paused and self.state is not State.CLOSED:
             self.paused = True
+            self.held_back = True
             self._update_interest()
 
     def resume_reading(self) -> None:
@@ -246,7 +251,9 @@ class Transport:
         return self.sock.recv(RECV_SIZE)
 
     def _read(self) -> None:
-        self.arrived_after = self.unread_since
+        # A connection read every pass: its bytes came after the previous pass began, however
+        # long it was quiet before (else a burst after a silence would count as spread over it).
+        self.arrived_after = self.unread_since if self.held_back else self.reactor.prev_now
         try:
             data = self._recv()
         except (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
@@ -260,6 +267,9 @@ class Transport:
         if data:
             if len(data) < RECV_SIZE:  # emptied: whatever comes next arrives from now on
                 self.unread_since = self.reactor.now
+                self.held_back = self.paused or self.throttled
+            else:
+                self.held_back = True  # more waits in the kernel, since before this read
             if state is State.OPEN:
                 try:
                     self.session.data_received(data)
@@ -306,6 +316,7 @@ class Transport:
             if not self.throttled:
                 if out.size > self.high_water:
                     self.throttled = True
+                    self.held_back = True
             elif out.size <= self.low_water:
                 self.throttled = False
                 # Requests that waited: served next pass, so what they say is committed before

@@ -397,7 +397,7 @@ class IrcSession(DoorSession):
     def _go_on(self) -> None:
         self._next_pass = False
         transport = self.transport
-        if transport.state is State.OPEN and self._lagged is None:
+        if transport.state is State.OPEN and self._lagged is None and self._listing is None:
             transport.resume_reading()
             try:
                 self.resume_serving()
