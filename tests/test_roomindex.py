@@ -110,3 +110,24 @@ def test_an_index_out_of_step_with_the_chat_is_a_loud_bug() -> None:
     else:
         raise AssertionError("a wrong old size went unnoticed")
     assert index.by_size(0, 5) == ["#a"]
+
+
+def test_history_on_join_is_kept_for_a_bounded_number_of_rooms() -> None:
+    """Each room's cached history can be a frame of messages: only the rooms last joined keep
+    one, so thousands of rooms with history cannot hold thousands of frames in memory."""
+    from selchat.core.chat import RECENT_CACHED
+
+    chat = Chat(MemoryStore(), max_rooms=1000, max_rooms_per_origin=1000, room_reserve=0,
+                max_rooms_per_user=1000)
+    talker, _ = chat.register("talker", None, join_lobby=False)
+    for i in range(RECENT_CACHED * 3):
+        chat.join(talker, f"#r{i}")
+        chat.say(talker, f"#r{i}", f"hello {i}", i + 1)
+    joiner, _ = chat.register("joiner", None, join_lobby=False)
+    for i in range(RECENT_CACHED * 3):
+        chat.join(joiner, f"#r{i}")
+    held = [room for room in chat.rooms.values() if room.recent_cache is not None]
+    assert 0 < len(held) <= RECENT_CACHED
+    # and what is kept is still right: the last room joined has its message
+    last = chat.rooms[f"#r{RECENT_CACHED * 3 - 1}"]
+    assert last.recent_cache is not None and last.recent_cache[0][-1].text.endswith(str(RECENT_CACHED * 3 - 1))

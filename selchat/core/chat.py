@@ -58,6 +58,7 @@ log = logging.getLogger(__name__)
 ORIGIN_SHARE = 20  # one origin may hold max_rooms / ORIGIN_SHARE rooms it created
 RESERVE_SHARE = 10  # the last max_rooms / RESERVE_SHARE rooms are kept for small holders
 FEW_ROOMS = 10  # "holds few rooms": fewer than this many
+RECENT_CACHED = 64  # rooms whose history-on-join is kept in memory (a frame each at most)
 
 _holders = itertools.count(1)
 
@@ -195,6 +196,7 @@ class Chat:
         self.lobby = self._room(LOBBY, started_ms)  # made by the server when it starts
         self.before_change: Callable[[], None] = _noop
         self._signals = 0
+        self._recent_rooms: Dict[Room, None] = {}  # rooms holding a recent_cache, oldest first
         self._allocate: Optional[Callable[[], int]] = getattr(store, "allocate_id", None)
         self.last_id: int = store.last_id()
 
@@ -284,7 +286,9 @@ class Chat:
         message = events.Message(self.next_id(), now_ms, user.nick, text, room.name, None,
                                  action, notice, user.userhost, client_tags)
         self.store.add(message)
-        room.recent_cache = None
+        if room.recent_cache is not None:
+            room.recent_cache = None
+            self._recent_rooms.pop(room, None)
         return [Delivery(message, room.members, skip=user, room=room), reply(message, user)]
 
     def private(self, user: User, to: str, text: str, now_ms: int,
@@ -457,6 +461,14 @@ class Chat:
                 messages, more = self.store.recent(room.name, None, self.history_on_join,
                                                    self.history_bytes)
                 recent = room.recent_cache = (tuple(messages), more)
+                # Kept for the RECENT_CACHED rooms last joined only: each may hold up to a
+                # frame of messages, and 10,000 of them would be a table without a bound.
+                cached = self._recent_rooms
+                cached[room] = None
+                if len(cached) > RECENT_CACHED:
+                    oldest = next(iter(cached))
+                    del cached[oldest]
+                    oldest.recent_cache = None
             except StoreError as exc:
                 # The join stands; the history is empty and says older messages exist, so a
                 # client can ask again with `history` later.
@@ -474,6 +486,9 @@ class Chat:
         if not room.members and room is not self.lobby:
             del self.rooms[room.key]
             self.index.remove(room.key, 0)
+            if room.recent_cache is not None:
+                room.recent_cache = None
+                self._recent_rooms.pop(room, None)
             holder = room.holder
             if holder is not None:
                 left = self.rooms_held[holder] - 1
