@@ -2,17 +2,22 @@
 
 A session leaves the chat once (`_leave`), is dropped between requests when the hub condemns
 it (`drop`), and at shutdown gets a notice, leaves without a quit storm, says its door's last
-words (`_shutdown_words`) and closes after flushing, by the server's deadline.
+words (`_shutdown_words`) and closes after flushing, by the server's deadline. Two more things
+every door does alike: going on from a timer or a later pass (`_serve_again`), and asking the
+hub's pacer for a turn to register (`_ask_turn`, `_take_turn`, `_cancel_turn`).
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
+from selchat.loop.pacing import Full
 from selchat.loop.transport import State
 
 log = logging.getLogger("selchat.server")
+
+_NOW = object()  # the pacer is deciding: if it calls back at once, nothing waited
 
 
 class DoorSession:
@@ -27,6 +32,47 @@ class DoorSession:
 
     def notice(self, text: str) -> None:  # pragma: no cover - every door says it its own way
         raise NotImplementedError
+
+    def resume_serving(self) -> None:  # pragma: no cover - every door serves its own way
+        raise NotImplementedError
+
+    def _serve_again(self, read: bool = True) -> None:
+        """From a timer or a later pass: read again (unless `read` is False) and serve what
+        waits. A bug of ours while serving loses this peer, never the server."""
+        transport = self.transport
+        if read:
+            transport.resume_reading()
+        try:
+            self.resume_serving()
+        except Exception:
+            transport._internal_error()
+
+    def _ask_turn(self, go: Callable[[], None]) -> Optional[bool]:
+        """Ask the hub's pacer for this address's turn to register (selchat.loop.pacing):
+        True when `go` ran at once, False when it waits (the ticket is kept in `_turn`), None
+        when too many of the address wait already (the caller refuses)."""
+        self._turn = _NOW
+        try:
+            ticket = self.door.hub.pacer.request(self.transport.ip, go)
+        except Full:
+            self._turn = None
+            return None
+        if self._turn is _NOW:
+            self._turn = ticket
+            return False
+        return True
+
+    def _take_turn(self) -> bool:
+        """In `go`: the turn is taken; True when it had waited (called by the pacer's timer)."""
+        queued = self._turn is not _NOW
+        self._turn = None
+        return queued
+
+    def _cancel_turn(self) -> None:
+        """The connection is gone: it leaves the queue at once and never takes a turn."""
+        turn, self._turn = self._turn, None
+        if turn is not None and turn is not _NOW:
+            turn.cancel()
 
     def _shutdown_words(self) -> None:
         """The door's last words before its transport closes at shutdown (none by default)."""

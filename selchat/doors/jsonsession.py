@@ -41,7 +41,6 @@ from selchat.doors.framed.protocol import (
 )
 from selchat.hub import Hub
 from selchat.loop.reactor import Reactor
-from selchat.loop.pacing import Full
 from selchat.loop.timers import Timer
 from selchat.doors.base import DoorSession
 from selchat.loop.transport import State, Transport
@@ -136,13 +135,13 @@ class JsonSession(DoorSession):
         self.reject = reject  # the error word to refuse the connection with
         self._handshake_timer: Optional[Timer] = None
         self._idle_timer: Optional[Timer] = None
-        # A hello waiting for its address's turn to register (selchat.loop.pacing): its ticket
-        # (or _NOW while the pacer decides), and the hello itself.
         self._next_pass = False  # the pass's share of requests is served: going on in the next
         self._held: Optional[Tuple[Any, Ref]] = None  # an expensive request kept for a later pass
         self._quantum = 0  # requests a held-over session may serve past the pass's share
         self._pass_id = -1  # the loop pass `_pass_bytes` counts for
         self._pass_bytes = 0  # request bytes served in that pass
+        # A hello waiting for its address's turn to register (selchat.loop.pacing): its ticket
+        # (DoorSession._ask_turn), and the hello itself.
         self._turn: Any = None
         self._hello_waiting: Optional[Tuple[Hello, Ref]] = None
 
@@ -247,11 +246,7 @@ class JsonSession(DoorSession):
     def _debt_repaid(self, _: Any = None) -> None:
         self._debt_timer = None
         if self.transport.state is State.OPEN:
-            self.transport.resume_reading()
-            try:
-                self.resume_serving()
-            except Exception:  # from a timer: a bug of ours loses this peer, never the server
-                self.transport._internal_error()
+            self._serve_again()
 
     def _arrived(self, n: int) -> None:
         """`n` bytes were read now: for flood control, when they may have arrived."""
@@ -293,9 +288,8 @@ class JsonSession(DoorSession):
         self._handshake_timer = self._idle_timer = self._debt_timer = None
         self.door.hub.unhold(self)  # a held request dies with its connection, not the queue
         self._held = None
-        turn, self._turn, self._hello_waiting = self._turn, None, None
-        if turn is not None and turn is not _NOW:
-            turn.cancel()
+        self._hello_waiting = None
+        self._cancel_turn()
         self._release()
         self.bucket = None
         self.arrivals = None
@@ -400,7 +394,6 @@ class JsonSession(DoorSession):
             return
         if billed:
             door.hub.unhold(self)  # its turn came (a no-op when nothing was held)
-        if billed:
             before = self.transport.out.size
             started = time.thread_time()
         try:
@@ -463,35 +456,26 @@ class JsonSession(DoorSession):
             return
         # Registrations are paced per address: this one now, or when its turn comes.
         self._hello_waiting = (request, ref)
-        self._turn = _NOW
-        try:
-            ticket = pacer.request(self.transport.ip, self._turn_came)
-        except Full:
-            self._turn = self._hello_waiting = None
+        went = self._ask_turn(self._turn_came)
+        if went is None:
+            self._hello_waiting = None
             door.hub.log_refusal(self.transport.peer, "too many waiting to register")
             self.send_error("too_many_connections", "too many new connections from your "
                             "address at once: try again in a few seconds", ref)
             self._close(None, "too many waiting to register", CLOSE_TRY_AGAIN)
-            return
-        if self._turn is _NOW:  # not gone through at once: it waits in the queue
-            self._turn = ticket
+        elif not went:
             log.debug("%s waits %.2f s for its turn to register", self.transport.peer,
                       pacer.wait_for(self.transport.ip))
 
     def _turn_came(self) -> None:
-        queued = self._turn is not _NOW
-        waiting, self._turn, self._hello_waiting = self._hello_waiting, None, None
+        queued = self._take_turn()
+        waiting, self._hello_waiting = self._hello_waiting, None
         transport = self.transport
         if waiting is None or transport.state is not State.OPEN:
             return
         self._register(*waiting)
         if queued and transport.state is State.OPEN:
-            # Called by the pacer's timer: serve what came after the hello.
-            transport.resume_reading()
-            try:
-                self.resume_serving()
-            except Exception:  # from a timer: a bug of ours loses this peer, never the server
-                transport._internal_error()
+            self._serve_again()  # from the pacer's timer: what came after the hello
 
     def _register(self, request: Hello, ref: Ref) -> None:
         door = self.door
@@ -546,9 +530,6 @@ class JsonSession(DoorSession):
         else:
             when = self.last_seen + door.ping_interval
         self._idle_timer = door.reactor.call_at(when, self._idle_check)
-
-
-_NOW = object()  # the pacer is deciding: if it calls back at once, nothing waited
 
 
 def _is_pong(payload: bytes) -> bool:

@@ -33,9 +33,8 @@ from selchat import __version__
 from selchat.core import events
 from selchat.core.chat import ChatError, Room, User
 from selchat.core.names import fold, has_control_characters, text_problem, valid_nick, valid_room
-from selchat.core.ratelimit import ALLOW, TokenBucket, answer_cost
+from selchat.core.ratelimit import TokenBucket, answer_cost
 from selchat.core.requests import ChangeNick, JoinRoom, Msg, PartRoom, Say, Tag
-from selchat.core.store import StoreError
 from selchat.defaults import HISTORY_LIMIT_MAX, NICK_MAX, ROOM_MAX
 from selchat.doors.irc.numerics import Numeric as N
 from selchat.doors.irc.parser import TOO_LONG, IrcParseError, Line, LineDecoder, parse_line
@@ -44,13 +43,11 @@ from selchat.doors.irc.wire import IrcWire, WireSet
 from selchat.doors.base import DoorSession
 from selchat.hub import Hub
 from selchat.loop.reactor import Reactor
-from selchat.loop.pacing import Full
 from selchat.loop.timers import Timer
 from selchat.loop.transport import State, Transport
 
 log = logging.getLogger("selchat.server")
 
-_NOW = object()  # the pacer is deciding: if it calls back at once, nothing waited
 RECVQ = 8192  # unread input bytes a lagged client may pile up before "Excess Flood"
 HOST = "irc.selchat"  # the host part every IRC user shows (addresses are never shown)
 TARGMAX = 4  # targets of one PRIVMSG/NOTICE
@@ -208,9 +205,7 @@ class IrcSession(DoorSession):
                 timer.cancel()
         self._handshake_timer = self._idle_timer = self._lagged = None
         self._listing = None  # a stream is driven by our drain and timers only: it just ends
-        turn, self._turn = self._turn, None
-        if turn is not None and turn is not _NOW:
-            turn.cancel()  # it leaves the queue: a dead connection never takes a turn
+        self._cancel_turn()
         self.decoder = LineDecoder()
         self.bucket = None
         user, self.user = self.user, None
@@ -398,11 +393,7 @@ class IrcSession(DoorSession):
         self._next_pass = False
         transport = self.transport
         if transport.state is State.OPEN and self._lagged is None and self._listing is None:
-            transport.resume_reading()
-            try:
-                self.resume_serving()
-            except Exception:  # from the loop: a bug of ours loses this peer, never the server
-                transport._internal_error()
+            self._serve_again()
 
     def _lag(self, now: float) -> None:
         """Out of tokens: read nothing more until one is due ("fake lag")."""
@@ -433,11 +424,7 @@ class IrcSession(DoorSession):
         if self.transport.state is State.OPEN:
             if self._listing is not None:
                 return  # reading resumes, and lines are served, once the LIST has been sent
-            self.transport.resume_reading()
-            try:
-                self._serve()
-            except Exception:  # from a timer: a bug of ours loses this peer, never the server
-                self.transport._internal_error()
+            self._serve_again()
 
     def _dispatch(self, line: Line) -> None:
         command = line.command
@@ -575,33 +562,19 @@ class IrcSession(DoorSession):
         if pacer is None:
             self._register()
             return
-        self._turn = _NOW
-        try:
-            ticket = pacer.request(self.transport.ip, self._turn_came)
-        except Full:
-            self._turn = None
+        if self._ask_turn(self._turn_came) is None:
             self.hub.log_refusal(self.transport.peer, "too many waiting to register")
             self._error("Too many new connections from your address at once; try again soon")
             self._close(None, "too many waiting to register")
-            return
-        if self._turn is _NOW:  # it waits: the lines after this one are served from its turn
-            self._turn = ticket
+        # (when it waits, the lines after this one are served from its turn)
 
     def _turn_came(self) -> None:
-        queued = self._turn is not _NOW
-        self._turn = None
-        transport = self.transport
-        if transport.state is not State.OPEN:
+        queued = self._take_turn()
+        if self.transport.state is not State.OPEN:
             return
-        if queued:  # from the pacer's timer: register, then serve what came meanwhile
-            self._register()
-            transport.resume_reading()
-            try:
-                self._serve()
-            except Exception:  # from a timer: a bug of ours loses this peer, never the server
-                transport._internal_error()
-        else:
-            self._register()
+        self._register()
+        if queued and self.transport.state is State.OPEN:
+            self._serve_again()  # from the pacer's timer: what came meanwhile
 
     def _register(self) -> None:
         if self.user is not None or self.nick is None or self.ident is None:
