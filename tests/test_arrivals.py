@@ -36,19 +36,25 @@ def frame(obj: dict) -> bytes:
     return struct.pack(">I", len(payload)) + payload
 
 
+def accepted(server: Server, reactor: Reactor, nick: str, port: int):
+    """A socketpair handed to the server as if accepted, past its welcome. Its kernel buffers
+    are small and fixed, so answers pile up in the server's queue after a few (loopback TCP
+    autotunes to megabytes)."""
+    sock, theirs = socket.socketpair()
+    server._accept(server.framed, theirs, ("127.0.0.9", port))
+    sock.setblocking(False)
+    sock.sendall(frame({"type": "hello", "nick": nick}))
+    for _ in range(5):
+        reactor.run_once(0)
+    return sock
+
+
 def test_what_waited_behind_backpressure_is_charged_when_it_arrived() -> None:
     clock = Clock()
     reactor = Reactor(clock=clock)
     server = Server(ServerConfig(port=0, db=":memory:", max_per_ip=0, max_outbuf=262144),
                     MemoryStore(), reactor=reactor)
-    # A socketpair handed to the server as if accepted: its kernel buffers are small and fixed,
-    # so the answers pile up in the server's queue after a few (loopback TCP autotunes to MBs).
-    sock, theirs = socket.socketpair()
-    server._accept(server.framed, theirs, ("127.0.0.9", 4000))
-    sock.setblocking(False)
-    sock.sendall(frame({"type": "hello", "nick": "reader"}))
-    for _ in range(5):
-        reactor.run_once(0)
+    sock = accepted(server, reactor, "reader", 4000)
     transport = next(iter(server.transports.values()))
     token = "t" * 8000  # every pong is 8 KB: a few fill the queue past the high-water mark
     sent = 0
@@ -93,12 +99,7 @@ def test_a_burst_after_a_silence_is_still_a_burst() -> None:
     clock = Clock()
     reactor = Reactor(clock=clock)
     server = Server(ServerConfig(port=0, db=":memory:", max_per_ip=0), MemoryStore(), reactor=reactor)
-    sock, theirs = socket.socketpair()
-    server._accept(server.framed, theirs, ("127.0.0.9", 4001))
-    sock.setblocking(False)
-    sock.sendall(frame({"type": "hello", "nick": "sleeper"}))
-    for _ in range(5):
-        reactor.run_once(0)
+    sock = accepted(server, reactor, "sleeper", 4001)
     for _ in range(50):  # 50 s of passes (another client keeps the loop turning)
         clock.now += 1.0
         reactor.run_once(0)

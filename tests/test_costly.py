@@ -56,6 +56,19 @@ def server_with_costly_rooms(monkeypatch, seconds: float, **config):
     return clock, reactor, server
 
 
+def registered(server: Server, reactor: Reactor, nicks: list) -> list:
+    """Non-blocking client sockets, one per nick, each past its welcome."""
+    socks = []
+    for nick in nicks:
+        s = socket.create_connection(("127.0.0.1", server.address[1]))
+        s.setblocking(False)
+        s.sendall(frame({"type": "hello", "nick": nick}))
+        socks.append(s)
+    for _ in range(5):
+        reactor.run_once(0)
+    return socks
+
+
 def test_a_costly_request_is_billed_by_the_time_it_took(monkeypatch) -> None:
     from selchat.doors import jsonsession
 
@@ -167,14 +180,7 @@ def test_one_pass_serves_a_bounded_share_of_waiting_expensive_answers(monkeypatc
 
     clock, reactor, server = server_with_costly_rooms(monkeypatch, 0.0015)
     chat = server.chat
-    askers = []
-    for i in range(5):
-        s = socket.create_connection(("127.0.0.1", server.address[1]))
-        s.setblocking(False)
-        s.sendall(frame({"type": "hello", "nick": f"asker{i}"}))
-        askers.append(s)
-    for _ in range(5):
-        reactor.run_once(0)
+    askers = registered(server, reactor, [f"asker{i}" for i in range(5)])
     sessions = [u.session for u in chat.users.values()]
     assert len(sessions) == 5
     for session in sessions:  # in debt, each as much as the others (as after a stall)
@@ -252,14 +258,7 @@ def test_a_held_request_is_not_passed_over_by_fresh_ones_for_ever(monkeypatch) -
     them, so the bystander's answer comes within a few passes; when fresh requests took the
     share first, it waited as long as the others kept asking."""
     clock, reactor, server = server_with_costly_rooms(monkeypatch, 0.0025, rate=1000.0, burst=1000)
-    socks = []
-    for i in range(11):
-        s = socket.create_connection(("127.0.0.1", server.address[1]))
-        s.setblocking(False)
-        s.sendall(frame({"type": "hello", "nick": f"u{i}"}))
-        socks.append(s)
-    for _ in range(5):
-        reactor.run_once(0)
+    socks = registered(server, reactor, [f"u{i}" for i in range(11)])
     *busy, bystander = socks
     got = bytearray()
 
