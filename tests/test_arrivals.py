@@ -4,16 +4,23 @@ Backpressure stops reading a client whose queue is above the high-water mark. Wh
 sent meanwhile waits in the kernel; once the client has read its answers, one read takes it
 all. Charging it as if it had all arrived in the last pass made a client within its rate look
 like a burst (the soak run: well-behaved clients refused after every stall, because the stall
-left each of them a backlog of output). In-process, with a fake clock the test moves: the
-client sends 8 pings a second, well under the rate of 10, while it does not read.
+left each of them a backlog of output). The same goes for a server stopped (SIGSTOP, a busy
+machine) at an awkward moment: after `select` took its list from the kernel, or in the middle
+of a pass. The other side: a burst is a burst, however long the client or the whole server
+was quiet before it.
+
+In-process, with a fake clock the test moves, and selectors that play the stop or the sleep:
+the well-behaved client sends 8 pings a second, under the rate of 10.
 """
 
 from __future__ import annotations
 
 import json
+import selectors
 import socket
 import struct
 import time
+from typing import Any, Callable, Optional, Tuple
 
 import pytest
 
@@ -87,11 +94,38 @@ def test_what_waited_behind_backpressure_is_charged_when_it_arrived() -> None:
     sock.close()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "Known hole (review of 2026-12-02): bytes are charged from when the socket was last "
-    "emptied, so a client quiet for 50 s that sends 60 requests at once has them spread over "
-    "its silence. Charging from the previous pass when reading was on all along fixes it, but "
-    "brought back refusals of well-behaved clients after stalls in the soak run; not found yet"))
+def answers(reactor: Reactor, sock: socket.socket, n: int) -> Tuple[int, int]:
+    """Serve and read until `n` pings are answered (pong or rate_limited) or the connection
+    ends (past `burst` refusals in a row: excess flood); (pongs, refusals)."""
+    received = bytearray()
+    deadline = time.monotonic() + 10
+    closed = False
+    while not closed and received.count(b'"type":"pong"') + received.count(b'"rate_limited"') < n:
+        assert time.monotonic() < deadline, f"{received.count(b'pong')} of {n} answered"
+        reactor.run_once(0)
+        try:
+            chunk = sock.recv(1 << 20)
+            closed = not chunk
+            received.extend(chunk)
+        except BlockingIOError:
+            pass
+    return received.count(b'"type":"pong"'), received.count(b'"rate_limited"')
+
+
+def pings(first: int, n: int) -> bytes:
+    return b"".join(frame({"type": "ping", "token": f"p{i}"}) for i in range(first, first + n))
+
+
+def steady(clock: Clock, reactor: Reactor, sock: socket.socket, seconds: float) -> None:
+    """The well-behaved client at 8 a second, a pass between its pings; all answered."""
+    n = int(seconds * 8)
+    for i in range(n):
+        sock.sendall(pings(i, 1))
+        clock.now += 1 / 8
+        reactor.run_once(0)
+    assert answers(reactor, sock, n) == (n, 0)
+
+
 def test_a_burst_after_a_silence_is_still_a_burst() -> None:
     """The other side of it: a client read every pass that was quiet for 50 s, then sends 60
     requests in one write, gets its burst (20) and then refusals; its silence is not taken for
@@ -103,21 +137,124 @@ def test_a_burst_after_a_silence_is_still_a_burst() -> None:
     for _ in range(50):  # 50 s of passes (another client keeps the loop turning)
         clock.now += 1.0
         reactor.run_once(0)
-    sock.sendall(b"".join(frame({"type": "ping", "token": f"p{i}"}) for i in range(60)))
-    received = bytearray()
-    deadline = time.monotonic() + 10
-    closed = False  # past burst refusals in a row it is disconnected (excess flood)
-    while not closed and received.count(b'"type":"pong"') + received.count(b'"rate_limited"') < 60:
-        assert time.monotonic() < deadline
-        reactor.run_once(0)
-        try:
-            chunk = sock.recv(1 << 20)
-            closed = not chunk
-            received.extend(chunk)
-        except BlockingIOError:
-            pass
-    assert received.count(b'"rate_limited"') > 0, "a burst of 60 after a silence was let through"
-    assert received.count(b'"type":"pong"') <= 25
+    sock.sendall(pings(0, 60))
+    pongs, refused = answers(reactor, sock, 60)
+    assert refused > 0, "a burst of 60 after a silence was let through"
+    assert pongs <= 25
+    server.request_stop()
+    server._finish()
+    sock.close()
+
+
+class Stopping(selectors.DefaultSelector):  # type: ignore[misc, valid-type]
+    """Never sleeps (the clock is the test's); runs `stop` once, at the moment a SIGSTOP would
+    land, then returns the list as the real call would."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stop: Optional[Callable[[], None]] = None
+        self.mid_pass = False  # stop after select returned (and the pass took its time)
+
+    def select(self, timeout: Optional[float] = None) -> Any:
+        ready = super().select(0)
+        stop, self.stop = self.stop, None
+        if stop is None:
+            return ready
+        if self.mid_pass:  # a callback before everyone else's: the pass is under way
+            return [(selectors.SelectorKey(None, -1, selectors.EVENT_READ, lambda _: stop()),
+                     selectors.EVENT_READ)] + list(ready)
+        stop()  # between the kernel's taking the list and select returning: the list is stale
+        return ready
+
+
+def stopped_server(selector: Stopping) -> Tuple[Clock, Reactor, Server, socket.socket]:
+    clock = Clock()
+    reactor = Reactor(clock=clock, selector=selector)
+    server = Server(ServerConfig(port=0, db=":memory:", max_per_ip=0), MemoryStore(), reactor=reactor)
+    sock = accepted(server, reactor, "steady", 4002)
+    return clock, reactor, server, sock
+
+
+def test_a_stop_after_the_kernel_gave_its_list_is_not_a_burst() -> None:
+    """The soak's stalls: `select` returned with the list the kernel gave it before the stop,
+    without the sockets that filled during the 4 s stop. Read in the next pass, their backlog
+    was charged as if it had all come then: 32 pings at once, 12 refused."""
+    selector = Stopping()
+    clock, reactor, server, sock = stopped_server(selector)
+    steady(clock, reactor, sock, 2.0)
+
+    def stop() -> None:
+        for i in range(32):  # 4 s stopped, the client goes on at 8 a second
+            sock.sendall(pings(100 + i, 1))
+            clock.now += 1 / 8
+    selector.stop = stop
+    assert answers(reactor, sock, 32) == (32, 0), "a client within its rate was refused"
+    server.request_stop()
+    server._finish()
+    sock.close()
+
+
+def test_a_stop_in_the_middle_of_a_pass_is_not_a_burst() -> None:
+    """Stopped in the middle of a pass, before this client's read: the read takes what came
+    during the stop too, and must not count it as having come before the pass's `now`."""
+    selector = Stopping()
+    selector.mid_pass = True
+    clock, reactor, server, sock = stopped_server(selector)
+    steady(clock, reactor, sock, 2.0)
+    sock.sendall(pings(100, 1))  # readable when the list is taken, so read in that pass
+
+    def stop() -> None:
+        for i in range(32):
+            sock.sendall(pings(101 + i, 1))
+            clock.now += 1 / 8
+    selector.stop = stop
+    assert answers(reactor, sock, 33) == (33, 0), "a client within its rate was refused"
+    server.request_stop()
+    server._finish()
+    sock.close()
+
+
+class Sleeping(selectors.DefaultSelector):  # type: ignore[misc, valid-type]
+    """Sleeps as long as it is asked on the test's clock, unless something is readable; a
+    `wake` due during a sleep happens then (the sleep ends there, as the kernel's would)."""
+
+    def __init__(self, clock: Clock) -> None:
+        super().__init__()
+        self.clock = clock
+        self.wake: Optional[Tuple[float, Callable[[], None]]] = None
+
+    def select(self, timeout: Optional[float] = None) -> Any:
+        ready = super().select(0)
+        if ready or timeout == 0:
+            return ready
+        until = self.clock.now + (3600.0 if timeout is None else timeout)
+        if self.wake is not None and self.wake[0] <= until:
+            (self.clock.now, wake), self.wake = self.wake, None
+            wake()
+            return super().select(0)
+        self.clock.now = until
+        return ready
+
+
+def test_a_burst_that_wakes_a_sleeping_server_is_still_a_burst() -> None:
+    """Nobody else about: the server sleeps in `select` until a timer. A client quiet for 50 s
+    that wakes it with 60 pings in one write gets its burst and refusals; it does not get
+    its 60 spread over the server's sleep."""
+    clock = Clock()
+    selector = Sleeping(clock)
+    reactor = Reactor(clock=clock, selector=selector)
+    server = Server(ServerConfig(port=0, db=":memory:", max_per_ip=0), MemoryStore(), reactor=reactor)
+    sock = accepted(server, reactor, "waker", 4003)
+    start = clock.now
+    selector.wake = (start + 50.0, lambda: sock.sendall(pings(0, 60)))
+    for _ in range(100000):
+        if selector.wake is None:
+            break
+        reactor.run_once()
+    assert selector.wake is None and clock.now == start + 50.0
+    pongs, refused = answers(reactor, sock, 60)
+    assert refused > 0, "a burst of 60 that woke the server was let through"
+    assert pongs <= 25
     server.request_stop()
     server._finish()
     sock.close()

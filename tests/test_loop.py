@@ -21,7 +21,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from selchat.loop.reactor import ORDER_COMMIT, ORDER_SETTLE, ORDER_WRITE, Reactor
+from selchat.loop.reactor import MAX_SLEEP, ORDER_COMMIT, ORDER_SETTLE, ORDER_WRITE, Reactor
 from selchat.loop.timers import TimerHeap
 
 
@@ -330,7 +330,8 @@ def test_mass_cancel_inside_a_timer_callback_keeps_the_count_exact() -> None:
 
 
 def test_wait_is_capped_by_the_nearest_timer() -> None:
-    """Without a timeout, a pass sleeps until the nearest deadline (here: already due)."""
+    """Without a timeout, a pass sleeps until the nearest deadline (here: already due), and
+    never longer than MAX_SLEEP (flood control's sense of when a sleeping server's input came)."""
     clock = FakeClock()
     waits: List[Any] = []
 
@@ -341,12 +342,15 @@ def test_wait_is_capped_by_the_nearest_timer() -> None:
 
     r = Reactor(clock=clock, selector=RecordingSelector())
     try:
+        r.run_once()  # nothing to wait for
         r.call_at(clock() + 7.5, lambda _: None)
         r.run_once()
-        r.run_once(timeout=2.0)
+        r.call_at(clock() + MAX_SLEEP / 2, lambda _: None)
+        r.run_once()
+        r.run_once(timeout=MAX_SLEEP / 5)
         clock.advance(10)
         r.run_once()
-        assert waits == [7.5, 2.0, 0.0]
+        assert waits == pytest.approx([MAX_SLEEP, MAX_SLEEP, MAX_SLEEP / 2, MAX_SLEEP / 5, 0.0])
     finally:
         r.close()
 

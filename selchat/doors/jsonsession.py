@@ -251,8 +251,8 @@ class JsonSession(DoorSession):
     def _arrived(self, n: int) -> None:
         """`n` bytes were read now: for flood control, when they may have arrived."""
         if self.arrivals is not None:
-            reactor = self.door.reactor
-            self.arrivals.read(n, self.transport.arrived_after, reactor.now)
+            transport = self.transport
+            self.arrivals.read(n, transport.arrived_after, transport.read_at)
 
     def _release(self) -> None:
         """Free what the subclass buffers; the connection is gone."""

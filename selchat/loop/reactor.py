@@ -41,10 +41,17 @@ ORDER_COMMIT = 20  # the pass's messages made durable
 ORDER_WRITE = 90  # queued bytes written (nothing is sent before it is stored)
 
 
+# The longest sleep in `select`, even with nothing to do. Flood control can only tell that the
+# bytes a sleeping server wakes up to came during its last two sleeps (see `_pass`): a burst
+# that wakes it is spread over them, which this keeps short (two requests more at the default
+# rate, not one per second of silence). Ten empty passes a second cost nothing to speak of.
+MAX_SLEEP = 0.1
+
+
 class Reactor:
     __slots__ = (
-        "selector", "timers", "clock", "now", "prev_now", "_soon", "_hooks", "_stopping",
-        "_wakeup_r", "_wakeup_w", "_signal_handlers", "passes", "_slow_pass",
+        "selector", "timers", "clock", "now", "listed_at", "prev_listed_at", "_soon", "_hooks",
+        "_stopping", "_wakeup_r", "_wakeup_w", "_signal_handlers", "passes", "_slow_pass",
     )
 
     def __init__(self, clock: Callable[[], float] = time.monotonic,
@@ -52,10 +59,13 @@ class Reactor:
         self.selector = selector if selector is not None else selectors.DefaultSelector()
         self.timers = TimerHeap()
         self.clock = clock
-        self.now = clock()
-        # When the previous `select` returned: bytes read in this pass arrived after it (else
-        # they would have been read then), which is what flood control needs after a stall.
-        self.prev_now = self.now
+        self.now = clock()  # when this pass's `select` returned: the pass's time for timers
+        # For flood control, which charges a request when its bytes may have arrived: no later
+        # than the moment this pass's ready list was taken from the kernel, and the previous
+        # pass's. A socket watched for reading through the previous pass and emptied then had
+        # nothing in that list, so what it has now came after `prev_listed_at`.
+        self.listed_at = self.now
+        self.prev_listed_at = self.now
         self._soon: Deque[Tuple[Callable[..., Any], Tuple[Any, ...]]] = deque()
         self._hooks: List[Tuple[int, int, Callable[[], Any]]] = []
         self._stopping = False
@@ -200,16 +210,25 @@ class Reactor:
                         total * 1000, len(spent), worst)
 
     def _pass(self, timeout: Optional[float]) -> None:
+        clock = self.clock
+        before = clock()
         if self._soon:
             wait: Optional[float] = 0.0
         else:
             deadline = self.timers.next_deadline()
-            wait = None if deadline is None else max(0.0, deadline - self.clock())
+            wait = None if deadline is None else max(0.0, deadline - before)
         if timeout is not None:
             wait = timeout if wait is None else min(wait, timeout)
+        if wait is None or wait > MAX_SLEEP:
+            wait = MAX_SLEEP
         ready = self.selector.select(wait)
-        self.prev_now = self.now
-        self.now = self.clock()
+        # The list was taken from the kernel after `before`, but perhaps long before `now`: a
+        # process stopped (SIGSTOP, a busy machine) between the two comes back with a list
+        # from before the stop, without the sockets that filled during it. Read in the next
+        # pass, their backlog came after `before`, not after `now`.
+        self.prev_listed_at = self.listed_at
+        self.listed_at = before
+        self.now = clock()
         self.passes += 1
         for key, mask in ready:
             try:

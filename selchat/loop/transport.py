@@ -106,7 +106,7 @@ class Transport:
         "reactor", "writer", "sock", "fd", "ip", "peer", "session", "state", "out", "mask",
         "accepting", "throttled", "paused", "eof", "dirty", "max_outbuf", "high_water", "low_water",
         "close_detail", "linger_until", "_linger_timer", "on_closed", "grace", "noted",
-        "unread_since", "held_back", "arrived_after", "__weakref__",
+        "unread_since", "held_back", "arrived_after", "read_at", "__weakref__",
     )
 
     plain = True  # a gather write (sendmsg) may be used
@@ -144,6 +144,7 @@ class Transport:
         # then may bytes be older than the previous pass (else they would have been read then).
         self.held_back = False
         self.arrived_after = reactor.now  # for the bytes being handed to the session now
+        self.read_at = reactor.now  # and when they were read (the clock then, not the pass's)
         self.close_detail = ""
         self.linger_until = 0.0
         self._linger_timer: Optional[Timer] = None
@@ -250,12 +251,21 @@ class Transport:
     def _recv(self) -> bytes:
         return self.sock.recv(RECV_SIZE)
 
+    def _emptied(self, data: bytes) -> bool:
+        """The read just made took all the kernel had."""
+        return len(data) < RECV_SIZE
+
     def _read(self) -> None:
-        # (Known hole, left open: for a connection read every pass the previous pass's start
-        # would be the tighter bound, so that a burst after a silence is not spread over the
-        # silence; using it brought back refusals of well-behaved clients after stalls in the
-        # soak run, for a reason not found yet. `held_back` is kept for that work.)
-        self.arrived_after = self.unread_since
+        reactor = self.reactor
+        # Watched and emptied through the previous pass: what is here now came after that
+        # pass's ready list was taken, however long the peer was quiet before (else a burst
+        # after a silence would count as spread over the silence). Otherwise it may have
+        # waited in the kernel since the socket was last emptied.
+        self.arrived_after = (self.unread_since if self.held_back
+                              else max(self.unread_since, reactor.prev_listed_at))
+        # The clock at the read, not the pass's `now`: a stop (SIGSTOP, a busy machine) in the
+        # middle of a pass would otherwise squeeze what came during it into a moment.
+        before = reactor.clock()
         try:
             data = self._recv()
         except (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
@@ -267,8 +277,9 @@ class Transport:
             return
         state = self.state
         if data:
-            if len(data) < RECV_SIZE:  # emptied: whatever comes next arrives from now on
-                self.unread_since = self.reactor.now
+            self.read_at = reactor.clock()
+            if self._emptied(data):  # whatever comes next arrives from the read on
+                self.unread_since = before
                 self.held_back = self.paused or self.throttled
             else:
                 self.held_back = True  # more waits in the kernel, since before this read
@@ -434,7 +445,7 @@ class Transport:
 class TLSTransport(Transport):
     """The same stream over TLS: a handshake first, then no gather writes (SSLSocket has none)."""
 
-    __slots__ = ("_close_after_handshake",)
+    __slots__ = ("_close_after_handshake", "_drained")
 
     plain = False
 
@@ -448,6 +459,7 @@ class TLSTransport(Transport):
     def start(self, session: Any) -> None:
         self.session = session
         self._close_after_handshake: Optional[str] = None
+        self._drained = False
         self.state = State.HANDSHAKING
         self._set_interest(EVENT_READ)
         session.connection_made(self)
@@ -490,22 +502,35 @@ class TLSTransport(Transport):
     def _recv(self) -> bytes:
         sock = self.sock
         assert isinstance(sock, ssl.SSLSocket)
+        self._drained = False
         data = sock.recv(RECV_SIZE)
-        if not data or not sock.pending():
+        if not data:
             return data
-        # TLS may hold decrypted bytes the kernel no longer reports as readable: take them now.
+        # One TLS record per call: read on until the kernel and TLS have nothing more (or a
+        # pass's worth), so that flood control knows the socket was emptied (`_emptied`).
         parts = [data]
         size = len(data)
-        while size < RECV_SIZE and sock.pending():
-            more = sock.recv(min(sock.pending(), RECV_SIZE - size))
+        while size < RECV_SIZE:
+            try:
+                more = sock.recv(RECV_SIZE - size)
+            except ssl.SSLWantReadError:
+                self._drained = True
+                break
+            except OSError:  # (SSLWantWriteError too) the next read meets it again
+                break
             if not more:
+                self._drained = True  # the end of the stream: the next read sees it
                 break
             parts.append(more)
             size += len(more)
         if sock.pending():
-            # More than one pass's worth: come back next pass even if the socket stays quiet.
+            # Decrypted bytes the kernel no longer reports as readable: come back next pass
+            # even if the socket stays quiet.
             self.reactor.call_soon(self._read_more)
-        return b"".join(parts)
+        return data if len(parts) == 1 else b"".join(parts)
+
+    def _emptied(self, data: bytes) -> bool:
+        return self._drained
 
     def _start_linger(self) -> None:
         # Our close_notify first, so the peer sees a clean end of TLS, not a truncated stream.
