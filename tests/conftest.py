@@ -8,6 +8,8 @@
   the process is alive, a sentinel client registered at start (in no room) still gets its
   `pong` and nothing else, and a new client can still register. So every bad-input test also
   proves that the server is alive and unharmed, and that nothing leaked to other connections.
+* `make_certificate(folder, name, san)`, and the fixture `certificate` (one per module): a
+  self-signed certificate for localhost, made at test time with the openssl command.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Iterator, List, Optional
+from typing import Callable, Dict, Iterator, List, Optional
 
 import pytest
 
@@ -32,6 +34,25 @@ from wire import ABSENT, Client  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 START_TIMEOUT = 10.0
 STOP_TIMEOUT = 8.0
+
+def make_certificate(folder: Path, name: str = "cert",
+                     san: str = "DNS:localhost,IP:127.0.0.1") -> Dict[str, Path]:
+    """A self-signed certificate and its key for the names in `san`: {"cert": ..., "key": ...}."""
+    cert, key = folder / f"{name}.pem", folder / f"{name}.key"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+         "-nodes", "-days", "2", "-subj", "/CN=localhost", "-keyout", str(key), "-out", str(cert),
+         "-addext", f"subjectAltName={san}"],
+        check=True, capture_output=True, timeout=30,
+    )
+    return {"cert": cert, "key": key}
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory: pytest.TempPathFactory) -> Dict[str, Path]:
+    """One certificate for localhost and 127.0.0.1 for the tests of a module."""
+    return make_certificate(tmp_path_factory.mktemp("tls"))
+
 
 _LISTENING = re.compile(r"listening on 127\.0\.0\.1:(\d+)")
 _nicks = itertools.count(1)

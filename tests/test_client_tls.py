@@ -3,26 +3,15 @@ real server processes. Certificates are made at test time with the openssl comma
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 from typing import Dict, Iterator
 
 import pytest
 
+from conftest import make_certificate
 from test_client_script import Server, nick, run
 
 INSECURE_WARNING = "warning: TLS certificate NOT verified (--insecure)"
-
-
-def make_certificate(folder: Path, name: str, san: str) -> Dict[str, Path]:
-    cert, key = folder / f"{name}.pem", folder / f"{name}.key"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-         "-nodes", "-days", "2", "-subj", "/CN=localhost", "-keyout", str(key), "-out", str(cert),
-         "-addext", f"subjectAltName={san}"],
-        check=True, capture_output=True, timeout=30,
-    )
-    return {"cert": cert, "key": key}
 
 
 @pytest.fixture(scope="module")

@@ -3,11 +3,9 @@ flood control, connection limits."""
 
 from __future__ import annotations
 
-import select
 import socket
 import ssl
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any, Dict
@@ -15,26 +13,12 @@ from typing import Any, Dict
 import pytest
 
 from conftest import ServerProcess, server_command, server_env, unique_nick
-from wire import ConnectionClosed, Client
+from wire import Client
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 # --- TLS --------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def certificate(tmp_path_factory: pytest.TempPathFactory) -> Dict[str, Path]:
-    """A self-signed certificate for localhost / 127.0.0.1, made now with the openssl command."""
-    folder = tmp_path_factory.mktemp("tls")
-    cert, key = folder / "cert.pem", folder / "key.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-         "-nodes", "-days", "2", "-subj", "/CN=localhost", "-keyout", str(key), "-out", str(cert),
-         "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
-        check=True, capture_output=True, timeout=30,
-    )
-    return {"cert": cert, "key": key}
 
 
 class TLSClient(Client):

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import select
 import socket
-import subprocess
 import time
 from pathlib import Path
 
+from conftest import make_certificate
 from ircwire import irc_port
 
 
@@ -57,11 +57,8 @@ def test_fake_lag_admits_the_rate_and_no_more(start_server) -> None:
 
 
 def test_a_stalled_tls_handshake_on_the_irc_port_is_closed(start_server, tmp_path: Path) -> None:
-    key, cert = tmp_path / "k.pem", tmp_path / "c.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-                    "-subj", "/CN=localhost", "-keyout", str(key), "-out", str(cert)],
-                   check=True, capture_output=True)
-    srv = start_server("--irc-port", "0", "--tls-cert", str(cert), "--tls-key", str(key),
+    files = make_certificate(tmp_path)
+    srv = start_server("--irc-port", "0", "--tls-cert", str(files["cert"]), "--tls-key", str(files["key"]),
                        "--handshake-timeout", "0.5")
     s = socket.create_connection(("127.0.0.1", irc_port(srv)))  # and never says a word
     s.settimeout(5.0)

@@ -491,16 +491,8 @@ def test_shutdown_says_so_and_closes_with_1001(start_server, clients) -> None:
     assert srv.wait_exit(8.0) == 0
 
 
-def test_wss_with_the_same_certificate(start_server, clients, tmp_path: Path) -> None:
-    import subprocess
-
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-         "-nodes", "-days", "2", "-subj", "/CN=localhost", "-keyout", str(key), "-out", str(cert),
-         "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
-        check=True, capture_output=True, timeout=30,
-    )
+def test_wss_with_the_same_certificate(start_server, clients, certificate) -> None:
+    cert, key = certificate["cert"], certificate["key"]
     srv = start_server("--web-port", "0", "--tls-cert", str(cert), "--tls-key", str(key))
     port = web_port(srv)
     context = ssl.create_default_context(cafile=str(cert))
