@@ -103,9 +103,9 @@ class TokenBucket:
         """Charge one request whose bytes arrived between `start` and `end`, at `fraction` of them.
 
         The caller (a session) knows, for each read, the interval in which its bytes may have
-        arrived: after the later of (its own previous read, the moment the previous `select`
-        returned: bytes there before that would have been read then) and before `end`, the
-        moment this read was made (the loop's `now`). A request whose last byte is at offset
+        arrived: after the later of (its own previous read, the moment the previous pass asked
+        the kernel for readable sockets: bytes there before that would have been read then)
+        and before `end`, the moment this read was made. A request whose last byte is at offset
         `k` of the `n` bytes read is charged at `start + (end - start) * k / n`: the bytes are
         assumed to have come in evenly over the interval. After a stall of s seconds the
         backlog is spread over those s seconds, and a client that sent within its rate finds
@@ -114,11 +114,10 @@ class TokenBucket:
 
         What a client gains is bounded: charge times never go backwards (a time before the
         last one charged counts as the last one) and never pass `end`, so over any stretch of
-        time no more than `burst + rate * stretch` requests are admitted. The stretch a read is
-        spread over is at most the time since the previous pass of the loop; when that is long
-        because the whole server slept in `select`, spreading a read over it lets a client
-        that was quiet send up to `rate` requests per idle second more in that one read, at a
-        moment when the server had nothing else to do.
+        time no more than `burst + rate * stretch` requests are admitted. For a client read
+        all along, the stretch a read is spread over begins at the previous pass, however long
+        the client was quiet; an idle server sleeps at most `reactor.MAX_SLEEP` at a time, so
+        a burst that wakes it gains at most two such sleeps' worth of requests.
 
         `cost` is the tokens the request takes when admitted (1 for a request; more if its
         cost is known up front). It is admitted when at least one token is there, and may
@@ -200,8 +199,8 @@ class Arrivals:
     def read(self, n: int, start: float, end: float) -> None:
         """`n` bytes were read at `end`; none of them was there before `start`.
 
-        `start` is what the session knows of the loop (when the previous `select` returned);
-        the previous read of this connection is taken into account here.
+        `start` is what the transport knows (`Transport.arrived_after`); the previous read
+        of this connection is taken into account here.
         """
         if n <= 0:
             return

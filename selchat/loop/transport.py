@@ -134,11 +134,12 @@ class Transport:
         self.grace = grace  # extra seconds a graceful close may take to flush
         self.noted = False  # registered (set by its session): its close gets a line of its own
         # When the bytes of a read may have begun to arrive, for flood control. The socket was
-        # last emptied at `unread_since`: what is read later came after it. Normally that is
-        # the previous pass; but while reading is off (backpressure, a debt, a registration
-        # waiting its turn) or after a read that filled the buffer, bytes wait in the kernel
-        # since that earlier time, and charging them as if they had just arrived would make a
-        # client within its rate look like a burst (the soak saw it after every stall).
+        # last emptied at `unread_since`: what is read later came after it. While reading is
+        # off (backpressure, a debt, a registration waiting its turn) or after a read that
+        # filled the buffer, bytes wait in the kernel since then, and charging them as if they
+        # had just arrived would make a client within its rate look like a burst (the soak saw
+        # it after every stall). Read all along, a socket's bytes came after the previous
+        # pass's ready list (`Reactor.prev_listed_at`), however long ago it was emptied.
         self.unread_since = reactor.now
         # Reading was off, or a read filled the buffer, since the socket was last emptied: only
         # then may bytes be older than the previous pass (else they would have been read then).
