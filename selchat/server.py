@@ -26,7 +26,7 @@ import socket
 import ssl
 import sys
 import time
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 from selchat import SERVER_NAME
 from selchat.config import ServerConfig, parse_args

@@ -305,3 +305,59 @@ def test_refusals_are_one_warning_per_reason_and_period(caplog: pytest.LogCaptur
             "refusing 127.0.0.2:999: server_full (998 more like this in the last 10 s)"]
     finally:
         reactor.close()
+
+
+def test_ends_worded_by_the_peer_are_still_one_line_per_kind(caplog: pytest.LogCaptureFixture) -> None:
+    """Connections that never register, each ending with words or numbers of its own choosing:
+    a frame length, a QUIT text, a bad HTTP request line. Keyed by the whole text, each was a
+    new kind and got its line (the soak: 592 lines for 592 garbage senders)."""
+    import struct
+
+    from selchat.config import ServerConfig
+    from selchat.server import Server
+
+    clock = FakeClock()
+    reactor = Reactor(clock=clock)
+    server = Server(ServerConfig(port=0, irc_port=0, web_port=0, db=":memory:", max_per_ip=0,
+                                 register_rate=0), MemoryStore(), reactor=reactor)
+    caplog.set_level(logging.INFO, logger="selchat.server")
+    ours = []
+    try:
+        for i in range(40):
+            for door, words in ((server.framed, struct.pack(">I", 70000 + i)),
+                                (server.irc, f"QUIT :gone for {i} days\r\n".encode()),
+                                (server.web, f"GET /x{i} HTTP/1.1\r\nBad{i} header\r\n\r\n".encode())):
+                mine, theirs = socket.socketpair()
+                server._accept(door, theirs, ("127.0.0.5", 5000 + len(ours)))
+                mine.sendall(words)
+                mine.setblocking(False)
+                ours.append(mine)
+        ended = set()
+        for _ in range(200):
+            reactor.run_once(0)
+            for k, s in enumerate(ours):
+                try:
+                    while s.recv(65536):
+                        pass
+                    ended.add(k)
+                except BlockingIOError:
+                    pass
+                except OSError:
+                    ended.add(k)
+            if len(ended) == len(ours):
+                break
+        assert len(ended) == len(ours), "not every connection was closed by the server"
+        for s in ours:
+            s.close()  # the server lingers until it sees our end
+        for _ in range(5):
+            reactor.run_once(0)
+        assert not server.transports
+        lines = [r.getMessage() for r in caplog.records if r.name == "selchat.server"]
+        for what in ("frame length", "quit: gone for", "http 400"):
+            assert any(what in line for line in lines), f"no line about {what!r}: {lines}"
+        assert len(lines) <= 10, "\n".join(lines)
+    finally:
+        for s in ours:
+            s.close()
+        server.request_stop()
+        server._finish()

@@ -85,7 +85,8 @@ class DoorSession:
 
     def drop(self, reason: str) -> None:
         """Condemned: leave the chat with `reason` and close now."""
-        log.info("dropping %s: %s", self.name, reason)  # type: ignore[attr-defined]
+        name = self.name  # type: ignore[attr-defined]
+        self.transport.log_info(f"dropping: {reason}", "dropping %s: %s", name, reason)
         self._leave(reason)
         self.transport.abort(reason)
 

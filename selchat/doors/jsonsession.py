@@ -436,7 +436,7 @@ class JsonSession(DoorSession):
         if verdict is ALLOW:
             return True
         if verdict is DISCONNECT:
-            log.info("excess flood from %s", self.name)
+            self.transport.log_info("excess flood", "excess flood from %s", self.name)
             self.send_error("rate_limited", "excess flood: disconnecting", self._ref_of(payload))
             self._close("excess flood", "excess flood", CLOSE_POLICY)
         else:
@@ -446,7 +446,7 @@ class JsonSession(DoorSession):
     def _hello(self, request: Hello, ref: Ref) -> None:
         door = self.door
         if door.password is not None and not _password_matches(door.password, request.password):
-            log.info("bad password from %s", self.transport.peer)
+            self.transport.log_info("bad password", "bad password from %s", self.transport.peer)
             self.send_error("bad_password", "wrong or missing password", ref)
             self._close(None, "bad password", CLOSE_POLICY)
             return

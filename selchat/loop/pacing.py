@@ -21,7 +21,7 @@ none is settled a newcomer address is let through unpaced rather than refused.
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Dict, Optional
+from typing import Callable, Dict, Optional
 
 from selchat.loop.reactor import Reactor
 from selchat.loop.timers import Timer

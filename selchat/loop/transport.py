@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import re
 import selectors
 import socket
 import ssl
@@ -97,6 +98,17 @@ class Writer:
                         out.consume(sent)
                 if t.state is not State.CLOSED:
                     t.flush()
+
+
+_NUMBERS = re.compile(r"\d+")
+
+
+def kind_of(what: str) -> str:
+    """`what` as a log key: up to the first ": " after its first one, numbers as N, 64 at most."""
+    head, sep, rest = what.partition(": ")
+    if sep:
+        head = head + sep + rest.partition(": ")[0]
+    return _NUMBERS.sub("N", head)[:64]
 
 
 class Transport:
@@ -239,6 +251,20 @@ class Transport:
     def abort(self, detail: str) -> None:
         """Close now; whatever is queued is lost."""
         self._closed(detail)
+
+    def log_info(self, what: str, msg: str, *args: Any) -> None:
+        """One line about this connection: each one once it is registered (`noted`).
+
+        Connections that never got in come and go at the rate of connection attempts, so
+        for them one line per kind and period, with a count (selchat.loop.ratelog). The kind
+        is `what` up to its first ": " after the first word, numbers left out: what follows
+        may be the peer's own words (a QUIT text, the bytes of a bad request line), and a
+        peer that could make each line new would flood the log again.
+        """
+        if self.noted or log.isEnabledFor(logging.DEBUG):
+            log.info(msg, *args)
+        else:
+            ratelog.shared(log).log(logging.INFO, kind_of(what), msg, *args)
 
     # --- readiness --------------------------------------------------------------------------
 
@@ -428,13 +454,7 @@ class Transport:
             self.sock.close()
         except OSError:
             pass
-        if self.noted or log.isEnabledFor(logging.DEBUG):
-            log.info("closed: %s: %s", self.peer, detail)
-        else:
-            # Connections that never got in come and go at the rate of connection attempts:
-            # one line per kind of end and period, with a count (selchat.loop.ratelog).
-            ratelog.shared(log).log(logging.INFO, ("closed", detail), "closed: %s: %s",
-                                    self.peer, detail)
+        self.log_info(f"closed: {detail}", "closed: %s: %s", self.peer, detail)
         on_closed, self.on_closed = self.on_closed, None
         if on_closed is not None:
             on_closed(self)

@@ -120,7 +120,8 @@ class FramedSession(JsonSession):
             try:
                 payload = decoder.next_frame()
             except codec.FrameError as exc:
-                log.info("protocol error from %s: %s", self.name, exc.message)
+                transport.log_info(f"protocol error: {exc.message}", "protocol error from %s: %s",
+                                   self.name, exc.message)
                 self.send_error(exc.code, exc.message, None)
                 self._close("protocol error", exc.message)
                 return

@@ -400,7 +400,7 @@ class IrcSession(DoorSession):
         bucket = self.bucket
         assert bucket is not None
         if self.decoder.buffered > RECVQ and self._flooding(bucket, now):
-            log.info("excess flood from %s", self.name)
+            self.transport.log_info("excess flood", "excess flood from %s", self.name)
             self._error("Excess Flood")
             self._close("excess flood", "excess flood")
             return
@@ -553,7 +553,7 @@ class IrcSession(DoorSession):
         if door.password is not None:
             given = (self.password or "").encode("utf-8", "replace")
             if not hmac.compare_digest(door.password, given):
-                log.info("bad password from %s", self.transport.peer)
+                self.transport.log_info("bad password", "bad password from %s", self.transport.peer)
                 self._num(N.ERR_PASSWDMISMATCH, "Password incorrect")
                 self._error("Bad password")
                 self._close(None, "bad password")

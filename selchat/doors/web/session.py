@@ -183,7 +183,8 @@ class WebSession(JsonSession):
             if step.data:
                 send(transport, step.data)
             if step.status >= 400:
-                log.info("http %d to %s: %s", step.status, transport.peer, step.detail)
+                transport.log_info(f"http {step.status}: {step.detail}", "http %d to %s: %s",
+                                   step.status, transport.peer, step.detail)
             kind = step.next
             if kind is Next.AGAIN:
                 continue
@@ -264,7 +265,7 @@ class WebSession(JsonSession):
         self.size += len(data) if self.binary else len(chunk)
         max_frame = self.door.max_frame
         if self.size > max_frame:
-            log.info("message over max_frame from %s", self.name)
+            self.transport.log_info("message over max_frame", "message over max_frame from %s", self.name)
             self._close("protocol error", f"message over max_frame ({max_frame} bytes)", CLOSE_TOO_BIG)
             return
         if not event.message_finished:
@@ -290,7 +291,8 @@ class WebSession(JsonSession):
         assert ws is not None
         if ws.state is ConnectionState.OPEN:
             # Not the peer's close: wsproto found a broken frame and names the code to close with.
-            log.info("websocket protocol error from %s: %s", self.name, event.reason)
+            self.transport.log_info(f"websocket protocol error: {event.reason}",
+                                    "websocket protocol error from %s: %s", self.name, event.reason)
             self._close("protocol error", event.reason or "protocol error",
                         event.code or CLOSE_PROTOCOL_ERROR)
             return
