@@ -54,6 +54,26 @@ def test_any_split_gives_the_same_frames(objs: list, data: st.DataObject) -> Non
     assert [decode(p) for p in got] == objs
 
 
+@given(st.binary(max_size=64), st.integers(1, 40))
+def test_ready_says_whether_next_frame_has_something(stream: bytes, max_frame: int) -> None:
+    """What a session asks before it takes a share of the pass for a request: True exactly
+    when `next_frame` gives a frame or raises, never for part of a frame."""
+    decoder = FrameDecoder(max_frame)
+    for k in range(len(stream) + 1):
+        if k:
+            decoder.feed(stream[k - 1:k])
+        while True:
+            ready = decoder.ready
+            try:
+                got = decoder.next_frame()
+            except FrameError:
+                assert ready
+                return
+            assert ready == (got is not None)
+            if got is None:
+                break
+
+
 def test_byte_by_byte_and_coalesced() -> None:
     objs = [{"type": "say", "n": i} for i in range(300)]
     stream = b"".join(encode(o) for o in objs)

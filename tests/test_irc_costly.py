@@ -449,6 +449,28 @@ def test_a_names_answer_past_the_free_bytes_is_billed(rig_factory) -> None:
     assert bucket.count - bucket.tokens == pytest.approx(0.75, abs=0.05)
 
 
+def test_a_who_mask_matched_against_every_user_is_billed_its_cpu(rig_factory, monkeypatch) -> None:
+    """A mask is matched against every user on the server: CPU that grows with the server,
+    while the answer (here: no one matches) is a line. Billed as the native door bills its
+    expensive answers, at one token per 2 ms past the first; the CPU clock is the test's."""
+    from selchat.core.ratelimit import cpu_cost
+
+    rig = rig_factory(rate=20.0, burst=20)
+    for i in range(300):
+        rig.chat.register(f"m{i:03d}", None, join_lobby=False)
+    c = rig.register("masker")
+    bucket = rig.session("masker").bucket
+    assert bucket is not None
+    ticks = iter(range(1000000))
+    monkeypatch.setattr(time, "thread_time", lambda: next(ticks) * 0.005)  # 5 ms a look
+    before = bucket.count - bucket.tokens
+    c.send("WHO zz*")
+    got = rig.collect(c, lambda x: x.command == "315")
+    monkeypatch.undo()
+    assert [x.command for x in got] == ["315"]
+    assert bucket.count - bucket.tokens - before == pytest.approx(cpu_cost(0.005)) == 2.0
+
+
 # ------------------------------------------------------------------------ the real process
 
 

@@ -231,6 +231,19 @@ def test_ping_pong(irc: Irc) -> None:
     assert pong.params[-1] == "some token" and pong.source == SERVER_NAME, describe(pong)
 
 
+def test_a_ping_token_as_long_as_a_line_allows_gets_a_pong_within_512_bytes(irc: Irc) -> None:
+    """The token is echoed after the server's name twice: cut (at a character boundary) so
+    that the PONG, too, is a line of at most 512 bytes (the test client checks every line)."""
+    c = irc.user("Alice")
+    token = "t" * 400 + "\u00e9" * 50  # 500 bytes: "PING :" and the token fit in 510
+    c.send(f"PING :{token}")
+    pong = c.expect("PONG")
+    got = pong.params[-1]
+    assert token.startswith(got) and len(got.encode("utf-8")) > 400, describe(pong)
+    c.send("PING :after")
+    assert c.expect("PONG").params[-1] == "after"
+
+
 def test_417_for_a_line_over_512_bytes_and_the_connection_stays(irc: Irc) -> None:
     a = irc.user("Alice")
     b = irc.user("Bob")

@@ -46,6 +46,18 @@ ROWS_PER_TOKEN = 50  # and 1 per 50 rows read from the store (history pages are 
 _ONE = 1.0 - 1e-9
 
 
+# Serving time beyond what a cheap request takes is billed too: one token per 2 ms of it, so a
+# request that makes the loop work (a rooms list to sort, a mask to match against every user)
+# costs what it costs everyone else.
+CHEAP_SECONDS = 0.001
+SECONDS_PER_TOKEN = 0.002
+
+
+def cpu_cost(seconds: float) -> float:
+    """The tokens `seconds` of CPU spent on one answer cost beyond its request's token."""
+    return max(0.0, seconds - CHEAP_SECONDS) / SECONDS_PER_TOKEN
+
+
 def answer_cost(output_bytes: int = 0, rows: int = 0) -> float:
     """The tokens an answer cost *beyond* the one its request took: for `TokenBucket.bill`.
 

@@ -27,7 +27,8 @@ from selchat.core import events
 from selchat.core.chat import ChatError, User
 from selchat.core.events import Message
 from selchat.core.requests import HistoryRequest, JoinRoom, ListRooms, Who
-from selchat.core.ratelimit import ALLOW, DISCONNECT, OUTPUT_BYTES_PER_TOKEN, Arrivals, TokenBucket, answer_cost
+from selchat.core.ratelimit import (ALLOW, DISCONNECT, OUTPUT_BYTES_PER_TOKEN, Arrivals, TokenBucket,
+                                    answer_cost, cpu_cost)
 from selchat.doors.framed import codec
 from selchat.doors.framed.protocol import (
     Hello,
@@ -47,10 +48,6 @@ from selchat.loop.transport import State, Transport
 
 log = logging.getLogger("selchat.server")
 
-# Serving time beyond what a cheap request takes is billed too: one token per 2 ms of it, so a
-# request that makes the loop work (a rooms list to sort) costs what it costs everyone else.
-CHEAP_SECONDS = 0.001
-SECONDS_PER_TOKEN = 0.002
 FREE_OUTPUT = 4096  # bytes of an answer that its request's token pays for
 QUANTUM = 4  # requests a session held over to a later pass serves there past the pass's share
 # The requests whose answers grow with the data (rooms, members, history) and are billed
@@ -409,7 +406,7 @@ class JsonSession(DoorSession):
             spent = time.thread_time() - started
             door.hub.spent_expensive(spent)
             cost = (answer_cost(self.transport.out.size - before - FREE_OUTPUT)
-                    + max(0.0, spent - CHEAP_SECONDS) / SECONDS_PER_TOKEN)
+                    + cpu_cost(spent))
             if cost > 0:
                 bucket.bill(cost)  # type: ignore[union-attr]
 

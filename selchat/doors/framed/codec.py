@@ -82,6 +82,16 @@ class FrameDecoder:
         """Bytes received but not yet returned as frames (an incomplete frame, if any)."""
         return len(self._buf) - self._pos
 
+    @property
+    def ready(self) -> bool:
+        """`next_frame` has something to give: a whole frame, or a bad length to raise."""
+        buf = self._buf
+        pos = self._pos
+        if len(buf) - pos < HEADER:
+            return False
+        (length,) = _LENGTH.unpack_from(buf, pos)
+        return length == 0 or length > self.max_frame or pos + HEADER + length <= len(buf)
+
     def clear(self) -> None:
         """Drop whatever is buffered (the connection is gone)."""
         self._buf = bytearray()

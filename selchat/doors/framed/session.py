@@ -115,7 +115,7 @@ class FramedSession(JsonSession):
                 return  # expensive answers: served again once they are paid for
             if self._waiting_turn(decoder.buffered):
                 return  # the hello waits for its address's turn: served from welcome on
-            if self._next_pass or (decoder.buffered and self._pass_full()):
+            if self._next_pass or (decoder.ready and self._pass_full()):
                 return  # the pass's share is served: this goes on in the next pass
             try:
                 payload = decoder.next_frame()

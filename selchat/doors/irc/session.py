@@ -22,6 +22,7 @@ from the last key sent once the client has read them (nothing else is served mea
 from __future__ import annotations
 
 import fnmatch
+import heapq
 import hmac
 import itertools
 import logging
@@ -33,11 +34,11 @@ from selchat import __version__
 from selchat.core import events
 from selchat.core.chat import ChatError, Room, User
 from selchat.core.names import fold, has_control_characters, text_problem, valid_nick, valid_room
-from selchat.core.ratelimit import TokenBucket, answer_cost
+from selchat.core.ratelimit import TokenBucket, answer_cost, cpu_cost
 from selchat.core.requests import ChangeNick, JoinRoom, Msg, PartRoom, Say, Tag
 from selchat.defaults import HISTORY_LIMIT_MAX, NICK_MAX, ROOM_MAX
 from selchat.doors.irc.numerics import Numeric as N
-from selchat.doors.irc.parser import TOO_LONG, IrcParseError, Line, LineDecoder, parse_line
+from selchat.doors.irc.parser import TOO_LONG, IrcParseError, Line, LineDecoder, body_budget, parse_line
 from selchat.doors.irc.text import ctcp_action, parse_ctcp, split_for_irc, strip_formatting
 from selchat.doors.irc.wire import IrcWire, WireSet
 from selchat.doors.base import DoorSession
@@ -616,7 +617,15 @@ class IrcSession(DoorSession):
             self._num(N.ERR_NOORIGIN, "No origin specified")
             return
         server = self.door.server_name
-        self._line(f":{server} PONG {server} :{line.params[-1]}")
+        token = line.params[-1]
+        # Echoed after our name twice, a token as long as the client's line allows would make
+        # our line longer than 512 bytes: it is cut to fit (at a character boundary).
+        budget = body_budget("PONG", server, source=server)
+        if len(token) > budget // 4:
+            data = token.encode("utf-8", "replace")
+            if len(data) > budget:
+                token = data[:budget].decode("utf-8", "ignore")
+        self._line(f":{server} PONG {server} :{token}")
 
     def _pong(self, line: Line) -> None:
         pass  # the liveness it proves was noted when its bytes arrived
@@ -852,9 +861,16 @@ class IrcSession(DoorSession):
             matched: List[tuple] = []
             rows = matched
             if any(ch in mask for ch in "*?"):
+                # Matched against every user: the CPU it takes grows with the server, and is
+                # billed (the output alone would not show it).
+                started = time.thread_time()
                 pattern = fold(mask)
                 found = [u for u in chat.users.values() if fnmatch.fnmatchcase(u.key, pattern)]
-                found = sorted(found, key=lambda u: u.key)[:WHO_MAX]
+                found = heapq.nsmallest(WHO_MAX, found, key=lambda u: u.key)
+                spent = time.thread_time() - started
+                self.hub.spent_expensive(spent)
+                if self.bucket is not None:
+                    self.bucket.bill(cpu_cost(spent))
             else:
                 u = chat.users.get(fold(mask))
                 found = [u] if u is not None else []
