@@ -117,7 +117,8 @@ class Server:
         """Open every door's port; raises OSError (the caller says which port failed)."""
         cfg = self.config
         sock = _bind(cfg.host, cfg.port)
-        listener = Listener(self.reactor, sock, lambda s, a: self._accept(self.framed, s, a))
+        listener = Listener(self.reactor, sock,
+                            lambda s, a: self._accept(self.framed, s, a, listener.arrived_after))
         self.listeners.append(listener)
         self.address = listener.address
         if self.irc is not None:
@@ -142,7 +143,8 @@ class Server:
             for listener in self.listeners:
                 listener.close()
             raise
-        listener = Listener(self.reactor, sock, lambda s, a: self._accept(door, s, a))
+        listener = Listener(self.reactor, sock,
+                            lambda s, a: self._accept(door, s, a, listener.arrived_after))
         self.listeners.append(listener)
         return listener.address
 
@@ -159,7 +161,7 @@ class Server:
 
     # --- accepting ----------------------------------------------------------------------------
 
-    def _accept(self, door: Any, sock: socket.socket, addr: Any) -> None:
+    def _accept(self, door: Any, sock: socket.socket, addr: Any, since: Optional[float] = None) -> None:
         sock.setblocking(False)
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -182,7 +184,7 @@ class Server:
                 return
             kind = TLSTransport
         transport = kind(self.reactor, self.writer, sock, peer, ip, cfg.max_outbuf,
-                         cfg.high_water, cfg.low_water, cfg.shutdown_grace)
+                         cfg.high_water, cfg.low_water, cfg.shutdown_grace, since)
         reject = self.admission.admit(ip)
         transport.on_closed = self._forget if reject is not None else self._release
         self.transports[transport.fd] = transport

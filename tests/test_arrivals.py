@@ -21,7 +21,10 @@ import socket
 import ssl
 import struct
 import time
-from typing import Any, Callable, Optional, Tuple
+from pathlib import Path
+from typing import Any, Callable, Dict, Optional, Tuple
+
+import pytest
 
 
 from selchat.config import ServerConfig
@@ -260,18 +263,110 @@ def test_a_burst_that_wakes_a_sleeping_server_is_still_a_burst() -> None:
     sock.close()
 
 
-def test_a_tls_backlog_is_read_whole(certificate) -> None:
-    """TLS hands over one record per read. Taken for an emptied socket, the first record of
-    a backlog left the others to the next pass, charged as if they had come then: the stop
-    above over TLS, each ping its own record."""
+def test_a_client_once_held_back_and_then_quiet_gets_no_burst_over_its_silence() -> None:
+    """Held back once (its answers backed up, so the server stopped reading it for a while),
+    then quiet for 50 s: reading has been on again all that time, so its burst of 60 is a
+    burst. (Until an emptying read, the hold used to last, and the 60 were spread over the
+    silence.)"""
+    clock = Clock()
+    reactor = Reactor(clock=clock)
+    server = Server(ServerConfig(port=0, db=":memory:", max_per_ip=0, max_outbuf=262144),
+                    MemoryStore(), reactor=reactor)
+    sock = accepted(server, reactor, "held", 4005)
+    transport = next(iter(server.transports.values()))
+    sent = 0
+    deadline = time.monotonic() + 10
+    while not transport.throttled:  # big answers, one a second, until its queue is too long
+        assert time.monotonic() < deadline, "the queue never passed the high-water mark"
+        sock.sendall(frame({"type": "ping", "token": f"{sent}" + "t" * 8000}))
+        sent += 1
+        clock.now += 1.0
+        reactor.run_once(0)
+    assert answers(reactor, sock, sent) == (sent, 0)  # it reads them: reading resumes
+    for _ in range(50):
+        clock.now += 1.0
+        reactor.run_once(0)
+    assert not transport.throttled and not transport.paused
+    sock.sendall(pings(0, 60))
+    pongs, refused = answers(reactor, sock, 60)
+    assert refused > 0 and pongs <= 25, f"{pongs} of a burst of 60 let through"
+    server.request_stop()
+    server._finish()
+    sock.close()
+
+
+def test_a_backlog_larger_than_one_read_is_spread_over_the_whole_stop() -> None:
+    """32 pings of 6 KB at 8 a second during a 4 s stop: 200 KB, more than one read takes.
+    Each read is its share of the stop, so the reads after the first are not a burst at
+    the end of it."""
     selector = Stopping()
+    clock, reactor, server, sock = stopped_server(selector)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+
+    def big(i: int) -> bytes:
+        return frame({"type": "ping", "token": f"{i}" + "b" * 6000})
+    for i in range(16):
+        sock.sendall(big(i))
+        clock.now += 1 / 8
+        reactor.run_once(0)
+    assert answers(reactor, sock, 16) == (16, 0)
+
+    def stop() -> None:
+        sock.setblocking(True)
+        for i in range(32):
+            sock.sendall(big(100 + i))
+            clock.now += 1 / 8
+        sock.setblocking(False)
+    selector.stop = stop
+    assert answers(reactor, sock, 32) == (32, 0), "a client within its rate was refused"
+    server.request_stop()
+    server._finish()
+    sock.close()
+
+
+def test_what_a_client_sends_behind_its_hello_during_a_stop_is_not_a_burst() -> None:
+    """Connected, hello and 32 pings at 8 a second, all while the server was stopped: the
+    bucket that welcome starts is full from when the hello came, not from after the stop."""
+    selector = Stopping()
+    clock = Clock()
+    reactor = Reactor(clock=clock, selector=selector)
+    server = Server(ServerConfig(port=0, db=":memory:", max_per_ip=0), MemoryStore(), reactor=reactor)
+    reactor.run_once(0)
+    sock, theirs = socket.socketpair()
+
+    def stop() -> None:
+        sock.sendall(frame({"type": "hello", "nick": "early"}))
+        for i in range(32):
+            sock.sendall(pings(i, 1))
+            clock.now += 1 / 8
+        # accepted after the stop, as a listener would (what came before is the listener's
+        # knowledge: before the stop)
+        reactor.call_soon(server._accept, server.framed, theirs, ("127.0.0.9", 4006),
+                          reactor.prev_listed_at)
+    selector.stop = stop
+    sock.setblocking(False)
+    assert answers(reactor, sock, 32) == (32, 0), "a client within its rate was refused"
+    server.request_stop()
+    server._finish()
+    sock.close()
+
+
+def tls_server(certificate: Dict[str, Path], selector: Optional[selectors.BaseSelector] = None
+               ) -> Tuple[Clock, Reactor, Server]:
     clock = Clock()
     reactor = Reactor(clock=clock, selector=selector)
     server = Server(ServerConfig(port=0, db=":memory:", max_per_ip=0), MemoryStore(),
                     make_tls_context(str(certificate["cert"]), str(certificate["key"])),
                     reactor=reactor)
+    return clock, reactor, server
+
+
+def tls_client(server: Server, reactor: Reactor, port: int, finish: bool = True) -> ssl.SSLSocket:
+    """A TLS client over a socketpair handed to the server as if accepted. With `finish`, the
+    handshake is driven to its end; without, the client has the server's flight but has not
+    sent its Finished yet (its next `do_handshake` does)."""
     mine, theirs = socket.socketpair()
-    server._accept(server.framed, theirs, ("127.0.0.9", 4004))
+    server._accept(server.framed, theirs, ("127.0.0.9", port))
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
@@ -281,10 +376,22 @@ def test_a_tls_backlog_is_read_whole(certificate) -> None:
     while True:
         assert time.monotonic() < deadline, "no TLS handshake"
         try:
-            sock.do_handshake()
-            break
+            sock.do_handshake()  # (the first call sends the ClientHello)
+            return sock
         except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
-            reactor.run_once(0)
+            for _ in range(3):
+                reactor.run_once(0)
+            if not finish:
+                return sock
+
+
+def test_a_tls_backlog_is_read_whole(certificate) -> None:
+    """TLS hands over one record per read. Taken for an emptied socket, the first record of
+    a backlog left the others to the next pass, charged as if they had come then: the stop
+    above over TLS, each ping its own record."""
+    selector = Stopping()
+    clock, reactor, server = tls_server(certificate, selector)
+    sock = tls_client(server, reactor, 4004)
     sock.sendall(frame({"type": "hello", "nick": "sealed"}))
     steady(clock, reactor, sock, 2.0)
 
@@ -294,6 +401,72 @@ def test_a_tls_backlog_is_read_whole(certificate) -> None:
             clock.now += 1 / 8
     selector.stop = stop
     assert answers(reactor, sock, 32) == (32, 0), "a client within its rate was refused"
+    server.request_stop()
+    server._finish()
+    sock.close()
+
+
+def test_what_a_tls_client_sends_behind_its_finished_during_a_stop_is_not_a_burst(certificate) -> None:
+    """The handshake reads up to the client's Finished; what the client sent behind it waits
+    in the kernel, here since before a 4 s stop, and must be charged from then."""
+    selector = Stopping()
+    clock, reactor, server = tls_server(certificate, selector)
+    sock = tls_client(server, reactor, 4007, finish=False)
+
+    def stop() -> None:
+        sock.do_handshake()  # the Finished, then the hello and the pings behind it
+        sock.sendall(frame({"type": "hello", "nick": "piper"}))
+        for i in range(32):
+            sock.sendall(pings(i, 1))
+            clock.now += 1 / 8
+    selector.stop = stop
+    assert answers(reactor, sock, 32) == (32, 0), "a client within its rate was refused"
+    server.request_stop()
+    server._finish()
+    sock.close()
+
+
+@pytest.mark.parametrize("end", ["close_notify", "fin"])
+def test_a_tls_peer_that_ends_right_after_a_request_gets_its_answer_and_is_closed(certificate, end: str) -> None:
+    """A ping and then the end of the stream (TLS's close_notify with TCP left open, or a
+    bare FIN) in the same read: the pong is sent, then the connection is closed. Reading on
+    to empty the socket must not swallow the end (left open for ever) or break the answer."""
+    clock, reactor, server = tls_server(certificate)
+    sock = tls_client(server, reactor, 4008)
+    sock.sendall(frame({"type": "hello", "nick": "leaver"}))
+    for _ in range(5):
+        reactor.run_once(0)
+    received = bytearray()
+
+    def read() -> bool:
+        try:
+            while True:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    return True
+                received.extend(chunk)
+        except (ssl.SSLWantReadError, BlockingIOError):
+            return False
+        except (ssl.SSLError, OSError):
+            return True
+    read()
+    received.clear()
+    sock.sendall(frame({"type": "ping", "token": "last"}))
+    if end == "close_notify":
+        try:
+            sock.unwrap()
+        except ssl.SSLWantReadError:
+            pass
+    else:
+        socket.socket.shutdown(sock, socket.SHUT_WR)
+    deadline = time.monotonic() + 10
+    while server.transports:
+        assert time.monotonic() < deadline, "the server never saw the end of the stream"
+        reactor.run_once(0)
+        if end == "fin":
+            read()
+    if end == "fin":
+        assert b'"last"' in received, "the answer was lost"
     server.request_stop()
     server._finish()
     sock.close()

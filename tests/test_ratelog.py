@@ -309,11 +309,12 @@ def test_refusals_are_one_warning_per_reason_and_period(caplog: pytest.LogCaptur
 
 def test_ends_worded_by_the_peer_are_still_one_line_per_kind(caplog: pytest.LogCaptureFixture) -> None:
     """Connections that never register, each ending with words or numbers of its own choosing:
-    a frame length, a QUIT text, a bad HTTP request line. Keyed by the whole text, each was a
+    a frame length, a QUIT text, a bad HTTP request line, an Origin refused. Keyed by the whole text, each was a
     new kind and got its line (the soak: 592 lines for 592 garbage senders)."""
     import struct
 
     from selchat.config import ServerConfig
+    from selchat.doors.web.http import WS_PATH
     from selchat.server import Server
 
     clock = FakeClock()
@@ -324,9 +325,14 @@ def test_ends_worded_by_the_peer_are_still_one_line_per_kind(caplog: pytest.LogC
     ours = []
     try:
         for i in range(40):
+            upgrade = (b"GET " + WS_PATH + b" HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+                       b"Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+                       b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                       + f"Origin: https://{chr(97 + i % 26)}{chr(97 + i // 26)}.example\r\n\r\n".encode())
             for door, words in ((server.framed, struct.pack(">I", 70000 + i)),
                                 (server.irc, f"QUIT :gone for {i} days\r\n".encode()),
-                                (server.web, f"GET /x{i} HTTP/1.1\r\nBad{i} header\r\n\r\n".encode())):
+                                (server.web, f"GET /x{i} HTTP/1.1\r\nBad{i} header\r\n\r\n".encode()),
+                                (server.web, upgrade)):
                 mine, theirs = socket.socketpair()
                 server._accept(door, theirs, ("127.0.0.5", 5000 + len(ours)))
                 mine.sendall(words)
@@ -353,9 +359,9 @@ def test_ends_worded_by_the_peer_are_still_one_line_per_kind(caplog: pytest.LogC
             reactor.run_once(0)
         assert not server.transports
         lines = [r.getMessage() for r in caplog.records if r.name == "selchat.server"]
-        for what in ("frame length", "quit: gone for", "http 400"):
+        for what in ("frame length", "quit: gone for", "http 400", "http 403"):
             assert any(what in line for line in lines), f"no line about {what!r}: {lines}"
-        assert len(lines) <= 10, "\n".join(lines)
+        assert len(lines) <= 12, "\n".join(lines)
     finally:
         for s in ours:
             s.close()

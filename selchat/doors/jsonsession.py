@@ -488,8 +488,10 @@ class JsonSession(DoorSession):
             self._handshake_timer = None
         if door.rate > 0:
             # A bucket of its own from here: what was spent getting in (hello, pings, bad
-            # frames) is not taken from what the contract promises after welcome.
-            self.bucket = TokenBucket(door.reactor.now, door.rate, door.burst)
+            # frames) is not taken from what the contract promises after welcome. Full from
+            # when the hello arrived, not from now: requests sent behind it (during a stall,
+            # or while it waited its turn) are charged when they came, as any others.
+            self.bucket = TokenBucket(self._charge_time(self.consumed), door.rate, door.burst)
         log.info("registered: %s as %s (client %r)", self.transport.peer, request.nick, request.client)
 
     def _ref_of(self, payload: bytes) -> Ref:

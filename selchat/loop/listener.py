@@ -43,7 +43,7 @@ class Listener:
     """Accepts up to ACCEPT_PER_PASS connections a pass and hands each to `on_accept`."""
 
     __slots__ = ("reactor", "sock", "address", "on_accept", "_registered", "_short", "_closed",
-                 "ratelog")
+                 "ratelog", "empty_since", "_held", "arrived_after")
 
     def __init__(self, reactor: Reactor, sock: socket.socket,
                  on_accept: Callable[[socket.socket, Any], None]) -> None:
@@ -56,6 +56,14 @@ class Listener:
         self._closed = False
         self.ratelog = ratelog.shared(log)
         self.ratelog.attach(reactor.call_later, lambda: reactor.now)
+        # For flood control, what a transport's `unread_since` is when it starts: the
+        # connection being handed over (and what its peer sent) came after `arrived_after`.
+        # As for a transport: after the accept queue was last found empty (`empty_since`),
+        # and after the previous pass's ready list unless the queue was left with more
+        # (a pass's share of accepts taken, or accepts paused).
+        self.empty_since = reactor.now
+        self._held = False
+        self.arrived_after = reactor.now
         self._register()
 
     def _register(self) -> None:
@@ -64,10 +72,17 @@ class Listener:
             self._registered = True
 
     def _on_ready(self, mask: int) -> None:
+        reactor = self.reactor
+        self.arrived_after = (self.empty_since if self._held
+                              else max(self.empty_since, reactor.prev_listed_at))
+        self._held = True  # unless the queue is found empty below
         for _ in range(ACCEPT_PER_PASS):
+            before = reactor.clock()
             try:
                 sock, addr = self.sock.accept()
             except (BlockingIOError, InterruptedError):
+                self.empty_since = before
+                self._held = False
                 return
             except OSError as exc:
                 if exc.errno in _SHORTAGE:
@@ -91,6 +106,7 @@ class Listener:
             self.on_accept(sock, addr)
 
     def _pause(self) -> None:
+        self._held = True
         if self._registered:
             self.reactor.unregister(self.sock)
             self._registered = False

@@ -26,11 +26,14 @@ a closed transport holds no buffer, no timer and no place in any list of the loo
 from __future__ import annotations
 
 import enum
+import fcntl
 import logging
 import re
 import selectors
 import socket
 import ssl
+import struct
+import termios
 from typing import Any, Callable, List, Optional, Protocol
 
 from selchat.defaults import LINGER_TIMEOUT, RECV_SIZE
@@ -101,14 +104,25 @@ class Writer:
 
 
 _NUMBERS = re.compile(r"\d+")
+_QUOTED = re.compile(r"[\'\"(\[{<]")
+_NEVER = float("inf")
+
+
+def _kernel_bytes(fd: int) -> int:
+    """Bytes the kernel holds for `fd`, not yet read (0 if it cannot say)."""
+    try:
+        return int(struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0])
+    except (OSError, ValueError):
+        return 0
 
 
 def kind_of(what: str) -> str:
-    """`what` as a log key: up to the first ": " after its first one, numbers as N, 64 at most."""
+    """`what` as a log key: up to the first ": " after its first one, and before any quote or
+    bracket (what a peer sent is quoted: an Origin, a request line), numbers as N, 64 at most."""
     head, sep, rest = what.partition(": ")
     if sep:
         head = head + sep + rest.partition(": ")[0]
-    return _NUMBERS.sub("N", head)[:64]
+    return _NUMBERS.sub("N", _QUOTED.split(head, 1)[0])[:64]
 
 
 class Transport:
@@ -118,13 +132,14 @@ class Transport:
         "reactor", "writer", "sock", "fd", "ip", "peer", "session", "state", "out", "mask",
         "accepting", "throttled", "paused", "eof", "dirty", "max_outbuf", "high_water", "low_water",
         "close_detail", "linger_until", "_linger_timer", "on_closed", "grace", "noted",
-        "unread_since", "held_back", "arrived_after", "read_at", "__weakref__",
+        "unread_since", "watched_since", "arrived_after", "read_at", "__weakref__",
     )
 
     plain = True  # a gather write (sendmsg) may be used
 
     def __init__(self, reactor: Reactor, writer: Writer, sock: socket.socket, peer: str, ip: str,
-                 max_outbuf: int, high_water: int, low_water: int, grace: float = 0.0) -> None:
+                 max_outbuf: int, high_water: int, low_water: int, grace: float = 0.0,
+                 since: Optional[float] = None) -> None:
         self.reactor = reactor
         self.writer = writer
         self.sock = sock
@@ -145,19 +160,20 @@ class Transport:
         self.low_water = low_water
         self.grace = grace  # extra seconds a graceful close may take to flush
         self.noted = False  # registered (set by its session): its close gets a line of its own
-        # When the bytes of a read may have begun to arrive, for flood control. The socket was
-        # last emptied at `unread_since`: what is read later came after it. While reading is
-        # off (backpressure, a debt, a registration waiting its turn) or after a read that
-        # filled the buffer, bytes wait in the kernel since then, and charging them as if they
-        # had just arrived would make a client within its rate look like a burst (the soak saw
-        # it after every stall). Read all along, a socket's bytes came after the previous
-        # pass's ready list (`Reactor.prev_listed_at`), however long ago it was emptied.
-        self.unread_since = reactor.now
-        # Reading was off, or a read filled the buffer, since the socket was last emptied: only
-        # then may bytes be older than the previous pass (else they would have been read then).
-        self.held_back = False
-        self.arrived_after = reactor.now  # for the bytes being handed to the session now
-        self.read_at = reactor.now  # and when they were read (the clock then, not the pass's)
+        # For flood control, when the bytes of a read may have begun to arrive. The socket was
+        # last emptied at `unread_since`: what is read later came after it (for a new
+        # connection, `since`: what the listener knows of when it came). If the socket has
+        # also been watched for reading, with nothing left over, since before the previous
+        # pass took its ready list (`watched_since`), what it has now came after that list,
+        # however long ago it was emptied: a burst after a silence is a burst. While reading
+        # is off (backpressure, a debt, a registration waiting its turn), or after a read
+        # that left bytes behind, they wait in the kernel since `unread_since`; charging them
+        # as if they had just arrived would make a client within its rate look like a burst
+        # (the soak saw it after every stall). `watched_since` is infinite meanwhile.
+        self.unread_since = reactor.prev_listed_at if since is None else since
+        self.watched_since = _NEVER
+        self.arrived_after = self.unread_since  # for the bytes being handed to the session now
+        self.read_at = reactor.now  # and when the last of them may have come (see `_read`)
         self.close_detail = ""
         self.linger_until = 0.0
         self._linger_timer: Optional[Timer] = None
@@ -202,7 +218,6 @@ class Transport:
         """Stop reading until our queue drains below the low-water mark (backpressure)."""
         if not self.throttled and self.state is State.OPEN:
             self.throttled = True
-            self.held_back = True
             self._update_interest()
             # The writer looks at us at the end of this pass even if nothing is queued for us
             # (the caller may be waiting for bytes batched elsewhere): below the low-water
@@ -214,7 +229,6 @@ class Transport:
     def pause_reading(self) -> None:
         if not self.paused and self.state is not State.CLOSED:
             self.paused = True
-            self.held_back = True
             self._update_interest()
 
     def resume_reading(self) -> None:
@@ -282,14 +296,16 @@ class Transport:
         """The read just made took all the kernel had."""
         return len(data) < RECV_SIZE
 
+    def _waiting(self) -> int:
+        """Bytes still waiting to be read (after a read that did not take them all)."""
+        return _kernel_bytes(self.fd)
+
     def _read(self) -> None:
         reactor = self.reactor
-        # Watched and emptied through the previous pass: what is here now came after that
-        # pass's ready list was taken, however long the peer was quiet before (else a burst
-        # after a silence would count as spread over the silence). Otherwise it may have
-        # waited in the kernel since the socket was last emptied.
-        self.arrived_after = (self.unread_since if self.held_back
-                              else max(self.unread_since, reactor.prev_listed_at))
+        # Watched through the previous pass's list-taking with nothing left over: what is
+        # here now came after that list (or it would have been read then).
+        self.arrived_after = (max(self.unread_since, reactor.prev_listed_at)
+                              if self.watched_since < reactor.prev_listed_at else self.unread_since)
         # The clock at the read, not the pass's `now`: a stop (SIGSTOP, a busy machine) in the
         # middle of a pass would otherwise squeeze what came during it into a moment.
         before = reactor.clock()
@@ -304,12 +320,20 @@ class Transport:
             return
         state = self.state
         if data:
-            self.read_at = reactor.clock()
+            after = reactor.clock()
             if self._emptied(data):  # whatever comes next arrives from the read on
                 self.unread_since = before
-                self.held_back = self.paused or self.throttled
+                self.read_at = after
+                if self.mask & EVENT_READ:
+                    self.watched_since = before
             else:
-                self.held_back = True  # more waits in the kernel, since before this read
+                # More waits in the kernel, since `unread_since` like this read. Taken as
+                # having come evenly, this read is its share of the interval, and the rest
+                # (read in later passes) the remainder, not a burst at their end.
+                self.watched_since = _NEVER
+                start = self.arrived_after
+                rest = self._waiting()
+                self.read_at = start + (after - start) * len(data) / (len(data) + rest) if rest else after
             if state is State.OPEN:
                 try:
                     self.session.data_received(data)
@@ -356,7 +380,6 @@ class Transport:
             if not self.throttled:
                 if out.size > self.high_water:
                     self.throttled = True
-                    self.held_back = True
             elif out.size <= self.low_water:
                 self.throttled = False
                 # Requests that waited: served next pass, so what they say is committed before
@@ -396,16 +419,21 @@ class Transport:
         self._set_interest(want)
 
     def _set_interest(self, want: int) -> None:
-        if want == self.mask:
+        mask = self.mask
+        if want == mask:
             return
         selector = self.reactor.selector
-        if self.mask == 0:
+        if mask == 0:
             selector.register(self.sock, want, self.on_ready)
         elif want == 0:
             selector.unregister(self.sock)
         else:
             selector.modify(self.sock, want, self.on_ready)
         self.mask = want
+        if not want & EVENT_READ:
+            self.watched_since = _NEVER
+        elif not mask & EVENT_READ:
+            self.watched_since = self.reactor.clock()  # (what waits already is still older)
 
     # --- closing ----------------------------------------------------------------------------
 
@@ -466,7 +494,7 @@ class Transport:
 class TLSTransport(Transport):
     """The same stream over TLS: a handshake first, then no gather writes (SSLSocket has none)."""
 
-    __slots__ = ("_close_after_handshake", "_drained")
+    __slots__ = ("_close_after_handshake", "_drained", "_failed")
 
     plain = False
 
@@ -481,6 +509,7 @@ class TLSTransport(Transport):
         self.session = session
         self._close_after_handshake: Optional[str] = None
         self._drained = False
+        self._failed: Optional[OSError] = None
         self.state = State.HANDSHAKING
         self._set_interest(EVENT_READ)
         session.connection_made(self)
@@ -495,9 +524,11 @@ class TLSTransport(Transport):
         """Drive the TLS handshake a step; it never blocks, it asks for readiness instead."""
         sock = self.sock
         assert isinstance(sock, ssl.SSLSocket)
+        before = self.reactor.clock()
         try:
             sock.do_handshake()
         except ssl.SSLWantReadError:
+            self.unread_since = before  # TLS took what there was: the rest comes from now on
             self._set_interest(EVENT_READ)
             return
         except ssl.SSLWantWriteError:
@@ -507,6 +538,9 @@ class TLSTransport(Transport):
             self._closed(f"TLS handshake failed: {getattr(exc, 'reason', None) or exc}")
             return
         self.state = State.OPEN
+        # What the client sent behind its Finished waits in the kernel, perhaps since before
+        # the previous pass (a stop while we waited for it): charged from `unread_since`.
+        self.watched_since = _NEVER
         log.debug("TLS established with %s (%s)", self.peer, sock.version())
         if self.out.size and not self.dirty:  # written while the handshake went on
             self.dirty = True
@@ -524,27 +558,40 @@ class TLSTransport(Transport):
         sock = self.sock
         assert isinstance(sock, ssl.SSLSocket)
         self._drained = False
+        failed, self._failed = self._failed, None
+        if failed is not None:
+            raise failed
         data = sock.recv(RECV_SIZE)
         if not data:
             return data
-        # One TLS record per call: read on until the kernel and TLS have nothing more (or a
-        # pass's worth), so that flood control knows the socket was emptied (`_emptied`).
+        # One TLS record per call: read on while TLS or the kernel holds more (up to a pass's
+        # worth), so that flood control knows when the socket was emptied (`_emptied`). Asked
+        # first, not found by reading: a read past the last record would take the peer's end
+        # of stream (or an error) along with the data, and its answers would be lost.
         parts = [data]
         size = len(data)
         while size < RECV_SIZE:
+            if not sock.pending() and not _kernel_bytes(self.fd):
+                self._drained = True
+                break
             try:
                 more = sock.recv(RECV_SIZE - size)
             except ssl.SSLWantReadError:
-                self._drained = True
+                self._drained = True  # part of a record, which TLS keeps: the rest comes later
                 break
-            except OSError:  # (SSLWantWriteError too) the next read meets it again
+            except OSError as exc:
+                # A bad record behind good ones: those are served; the next read raises it.
+                self._failed = exc
+                self.reactor.call_soon(self._read_more)
                 break
             if not more:
-                self._drained = True  # the end of the stream: the next read sees it
+                # The peer's close_notify: the next read sees the end of the stream again.
+                self._drained = True
+                self.reactor.call_soon(self._read_more)
                 break
             parts.append(more)
             size += len(more)
-        if sock.pending():
+        if size >= RECV_SIZE and sock.pending():
             # Decrypted bytes the kernel no longer reports as readable: come back next pass
             # even if the socket stays quiet.
             self.reactor.call_soon(self._read_more)
@@ -552,6 +599,11 @@ class TLSTransport(Transport):
 
     def _emptied(self, data: bytes) -> bool:
         return self._drained
+
+    def _waiting(self) -> int:
+        sock = self.sock
+        assert isinstance(sock, ssl.SSLSocket)
+        return sock.pending() + _kernel_bytes(self.fd)
 
     def _start_linger(self) -> None:
         # Our close_notify first, so the peer sees a clean end of TLS, not a truncated stream.
