@@ -59,22 +59,29 @@ def accepted(server: Server, reactor: Reactor, nick: str, port: int):
     return sock
 
 
+def until_throttled(server: Server, clock: Clock, reactor: Reactor, sock: socket.socket,
+                    every: float) -> Tuple[Any, int]:
+    """Pings whose pongs are 8 KB, one every `every` s, until the server stops reading the
+    client (its queue is past the high-water mark): (the transport, pings sent)."""
+    transport = next(iter(server.transports.values()))
+    sent = 0
+    deadline = time.monotonic() + 10
+    while not transport.throttled:
+        assert time.monotonic() < deadline, "the queue never passed the high-water mark"
+        sock.sendall(frame({"type": "ping", "token": f"{sent}" + "t" * 8000}))
+        sent += 1
+        clock.now += every
+        reactor.run_once(0)
+    return transport, sent
+
+
 def test_what_waited_behind_backpressure_is_charged_when_it_arrived() -> None:
     clock = Clock()
     reactor = Reactor(clock=clock)
     server = Server(ServerConfig(port=0, db=":memory:", max_per_ip=0, max_outbuf=262144),
                     MemoryStore(), reactor=reactor)
     sock = accepted(server, reactor, "reader", 4000)
-    transport = next(iter(server.transports.values()))
-    token = "t" * 8000  # every pong is 8 KB: a few fill the queue past the high-water mark
-    sent = 0
-    deadline = time.monotonic() + 10
-    while not transport.throttled:  # 8 a second until the server stops reading
-        assert time.monotonic() < deadline, "the queue never passed the high-water mark"
-        sock.sendall(frame({"type": "ping", "token": f"{sent}{token}"}))
-        sent += 1
-        clock.now += 1 / 8
-        reactor.run_once(0)
+    transport, sent = until_throttled(server, clock, reactor, sock, 1 / 8)  # 8 a second
     for _ in range(40):  # five more seconds at 8 a second, none of it read by the server
         sock.sendall(frame({"type": "ping", "token": f"small{sent}"}))
         sent += 1
@@ -92,9 +99,7 @@ def test_what_waited_behind_backpressure_is_charged_when_it_arrived() -> None:
         except BlockingIOError:
             pass
     assert received.count(b'"rate_limited"') == 0, "a client within its rate was refused"
-    server.request_stop()
-    server._finish()
-    sock.close()
+    shut(server, sock)
 
 
 def answers(reactor: Reactor, sock: socket.socket, n: int) -> Tuple[int, int]:
@@ -117,6 +122,21 @@ def answers(reactor: Reactor, sock: socket.socket, n: int) -> Tuple[int, int]:
 
 def pings(first: int, n: int) -> bytes:
     return b"".join(frame({"type": "ping", "token": f"p{i}"}) for i in range(first, first + n))
+
+
+def shut(server: Server, sock: socket.socket) -> None:
+    server.request_stop()
+    server._finish()
+    sock.close()
+
+
+def at_8_a_second(sock: socket.socket, clock: Clock, first: int, n: int = 32) -> Callable[[], None]:
+    """What the client does while the server is stopped: `n` pings, 8 a second."""
+    def stop() -> None:
+        for i in range(n):
+            sock.sendall(pings(first + i, 1))
+            clock.now += 1 / 8
+    return stop
 
 
 def steady(clock: Clock, reactor: Reactor, sock: socket.socket, seconds: float) -> None:
@@ -144,9 +164,7 @@ def test_a_burst_after_a_silence_is_still_a_burst() -> None:
     pongs, refused = answers(reactor, sock, 60)
     assert refused > 0, "a burst of 60 after a silence was let through"
     assert pongs <= 25
-    server.request_stop()
-    server._finish()
-    sock.close()
+    shut(server, sock)
 
 
 class Stopping(selectors.DefaultSelector):  # type: ignore[misc, valid-type]
@@ -186,15 +204,9 @@ def test_a_stop_after_the_kernel_gave_its_list_is_not_a_burst() -> None:
     clock, reactor, server, sock = stopped_server(selector)
     steady(clock, reactor, sock, 2.0)
 
-    def stop() -> None:
-        for i in range(32):  # 4 s stopped, the client goes on at 8 a second
-            sock.sendall(pings(100 + i, 1))
-            clock.now += 1 / 8
-    selector.stop = stop
+    selector.stop = at_8_a_second(sock, clock, 100)  # 4 s stopped, the client goes on
     assert answers(reactor, sock, 32) == (32, 0), "a client within its rate was refused"
-    server.request_stop()
-    server._finish()
-    sock.close()
+    shut(server, sock)
 
 
 def test_a_stop_in_the_middle_of_a_pass_is_not_a_burst() -> None:
@@ -206,15 +218,9 @@ def test_a_stop_in_the_middle_of_a_pass_is_not_a_burst() -> None:
     steady(clock, reactor, sock, 2.0)
     sock.sendall(pings(100, 1))  # readable when the list is taken, so read in that pass
 
-    def stop() -> None:
-        for i in range(32):
-            sock.sendall(pings(101 + i, 1))
-            clock.now += 1 / 8
-    selector.stop = stop
+    selector.stop = at_8_a_second(sock, clock, 101)
     assert answers(reactor, sock, 33) == (33, 0), "a client within its rate was refused"
-    server.request_stop()
-    server._finish()
-    sock.close()
+    shut(server, sock)
 
 
 class Sleeping(selectors.DefaultSelector):  # type: ignore[misc, valid-type]
@@ -258,9 +264,7 @@ def test_a_burst_that_wakes_a_sleeping_server_is_still_a_burst() -> None:
     pongs, refused = answers(reactor, sock, 60)
     assert refused > 0, "a burst of 60 that woke the server was let through"
     assert pongs <= 25
-    server.request_stop()
-    server._finish()
-    sock.close()
+    shut(server, sock)
 
 
 def test_a_client_once_held_back_and_then_quiet_gets_no_burst_over_its_silence() -> None:
@@ -273,15 +277,7 @@ def test_a_client_once_held_back_and_then_quiet_gets_no_burst_over_its_silence()
     server = Server(ServerConfig(port=0, db=":memory:", max_per_ip=0, max_outbuf=262144),
                     MemoryStore(), reactor=reactor)
     sock = accepted(server, reactor, "held", 4005)
-    transport = next(iter(server.transports.values()))
-    sent = 0
-    deadline = time.monotonic() + 10
-    while not transport.throttled:  # big answers, one a second, until its queue is too long
-        assert time.monotonic() < deadline, "the queue never passed the high-water mark"
-        sock.sendall(frame({"type": "ping", "token": f"{sent}" + "t" * 8000}))
-        sent += 1
-        clock.now += 1.0
-        reactor.run_once(0)
+    transport, sent = until_throttled(server, clock, reactor, sock, 1.0)  # one a second
     assert answers(reactor, sock, sent) == (sent, 0)  # it reads them: reading resumes
     for _ in range(50):
         clock.now += 1.0
@@ -290,9 +286,7 @@ def test_a_client_once_held_back_and_then_quiet_gets_no_burst_over_its_silence()
     sock.sendall(pings(0, 60))
     pongs, refused = answers(reactor, sock, 60)
     assert refused > 0 and pongs <= 25, f"{pongs} of a burst of 60 let through"
-    server.request_stop()
-    server._finish()
-    sock.close()
+    shut(server, sock)
 
 
 def test_a_backlog_larger_than_one_read_is_spread_over_the_whole_stop() -> None:
@@ -319,9 +313,7 @@ def test_a_backlog_larger_than_one_read_is_spread_over_the_whole_stop() -> None:
         sock.setblocking(False)
     selector.stop = stop
     assert answers(reactor, sock, 32) == (32, 0), "a client within its rate was refused"
-    server.request_stop()
-    server._finish()
-    sock.close()
+    shut(server, sock)
 
 
 def test_what_a_client_sends_behind_its_hello_during_a_stop_is_not_a_burst() -> None:
@@ -336,9 +328,7 @@ def test_what_a_client_sends_behind_its_hello_during_a_stop_is_not_a_burst() -> 
 
     def stop() -> None:
         sock.sendall(frame({"type": "hello", "nick": "early"}))
-        for i in range(32):
-            sock.sendall(pings(i, 1))
-            clock.now += 1 / 8
+        at_8_a_second(sock, clock, 0)()
         # accepted after the stop, as a listener would (what came before is the listener's
         # knowledge: before the stop)
         reactor.call_soon(server._accept, server.framed, theirs, ("127.0.0.9", 4006),
@@ -346,9 +336,7 @@ def test_what_a_client_sends_behind_its_hello_during_a_stop_is_not_a_burst() -> 
     selector.stop = stop
     sock.setblocking(False)
     assert answers(reactor, sock, 32) == (32, 0), "a client within its rate was refused"
-    server.request_stop()
-    server._finish()
-    sock.close()
+    shut(server, sock)
 
 
 def tls_server(certificate: Dict[str, Path], selector: Optional[selectors.BaseSelector] = None
@@ -395,15 +383,9 @@ def test_a_tls_backlog_is_read_whole(certificate) -> None:
     sock.sendall(frame({"type": "hello", "nick": "sealed"}))
     steady(clock, reactor, sock, 2.0)
 
-    def stop() -> None:
-        for i in range(32):
-            sock.sendall(pings(100 + i, 1))
-            clock.now += 1 / 8
-    selector.stop = stop
+    selector.stop = at_8_a_second(sock, clock, 100)
     assert answers(reactor, sock, 32) == (32, 0), "a client within its rate was refused"
-    server.request_stop()
-    server._finish()
-    sock.close()
+    shut(server, sock)
 
 
 def test_what_a_tls_client_sends_behind_its_finished_during_a_stop_is_not_a_burst(certificate) -> None:
@@ -416,14 +398,10 @@ def test_what_a_tls_client_sends_behind_its_finished_during_a_stop_is_not_a_burs
     def stop() -> None:
         sock.do_handshake()  # the Finished, then the hello and the pings behind it
         sock.sendall(frame({"type": "hello", "nick": "piper"}))
-        for i in range(32):
-            sock.sendall(pings(i, 1))
-            clock.now += 1 / 8
+        at_8_a_second(sock, clock, 0)()
     selector.stop = stop
     assert answers(reactor, sock, 32) == (32, 0), "a client within its rate was refused"
-    server.request_stop()
-    server._finish()
-    sock.close()
+    shut(server, sock)
 
 
 @pytest.mark.parametrize("end", ["close_notify", "fin"])
@@ -467,6 +445,4 @@ def test_a_tls_peer_that_ends_right_after_a_request_gets_its_answer_and_is_close
             read()
     if end == "fin":
         assert b'"last"' in received, "the answer was lost"
-    server.request_stop()
-    server._finish()
-    sock.close()
+    shut(server, sock)
