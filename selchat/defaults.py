@@ -25,7 +25,7 @@ HISTORY_LIMIT_MAX = 200
 
 RECV_SIZE = 65536  # one recv per readable event; a pass never holds more than this per client
 LISTEN_BACKLOG = 4096
-ACCEPT_PER_PASS = 64  # accepts per loop pass, so a storm cannot starve clients already connected
+ACCEPT_PER_PASS = 32  # accepts per loop pass, so a storm cannot starve clients already connected
 REQUESTS_PER_PASS = 256  # requests one loop pass serves in all; the rest wait for the next pass
 # (64 kept passes shorter but split the fan-out's batches: 0.84x at R=1000; benchmarks/RESULTS.md)
 ACCEPT_PAUSE = 0.1  # seconds to stop accepting after EMFILE/ENFILE
