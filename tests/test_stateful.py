@@ -718,8 +718,9 @@ class ChatMachine(RuleBasedStateMachine):
             m.expected.append(error("nick_taken", ref))
         else:
             ev = {"type": "nick", "old": m.nick, "new": nick}
-            for other in self.sharing(m):
-                other.expected.append(dict(ev))
+            if nick != m.nick:  # (exactly the nick one has: only the asker hears of it)
+                for other in self.sharing(m):
+                    other.expected.append(dict(ev))
             m.expected.append(with_ref(ev, ref))
             m.nick = nick
         m.read_until(len(m.expected))

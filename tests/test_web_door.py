@@ -623,3 +623,144 @@ def test_an_idle_web_client_costs_at_most_8_kib() -> None:
     for sock in socks:
         sock.close()
     server.reactor.close()
+
+
+def test_a_web_client_quiet_between_two_pastes_has_its_burst_again() -> None:
+    """Flood control over the WebSocket counts the same bytes as it charges by: the request
+    of the upgrade and each frame's header and mask included. Counted by payload only, the
+    requests were charged at the times of earlier reads, a few messages back: after a quiet
+    minute the first lines of a paste were charged as if sent before it, with the bucket
+    the first paste had left, and refused."""
+    from selchat.config import ServerConfig
+    from selchat.core.store import MemoryStore
+    from selchat.loop.reactor import Reactor
+    from selchat.server import Server
+
+    clock = FakeClock()
+    server = Server(ServerConfig(web_port=0, max_per_ip=0, register_rate=0, db=":memory:"),
+                    MemoryStore(), reactor=Reactor(clock=clock))
+    sock = connect(server, 1)
+    conn = WSConnection(ConnectionType.CLIENT)
+    browser = [("User-Agent", "Mozilla/5.0 " + "x" * 200), ("Cookie", "c=" + "y" * 300)]
+    sock.sendall(conn.send(Request(host="x", target="/ws", extra_headers=browser)))
+    got: List[dict] = []
+
+    def collect(want: int) -> Any:
+        def done() -> bool:
+            for event in conn.events():
+                if isinstance(event, AcceptConnection):
+                    sock.sendall(conn.send(TextMessage(json.dumps({"type": "hello", "nick": "paster"}))))
+                elif isinstance(event, TextMessage):
+                    got.append(json.loads(event.data))
+            return len([e for e in got if e.get("ref") is not None]) >= want
+        return done
+
+    pump(server, [sock], [conn], lambda: any(e["type"] == "welcome" for e in got) or collect(10 ** 6)())
+
+    def paste(first: int, n: int = 16) -> None:
+        sock.sendall(b"".join(conn.send(TextMessage(json.dumps(
+            {"type": "say", "room": "#lobby", "text": f"line {first + i}", "ref": first + i})))
+            for i in range(n)))
+
+    got.clear()
+    paste(0)  # 16 of the burst of 20 at once
+    pump(server, [sock], [conn], collect(16))
+    assert not [e for e in got if e["type"] == "error"], got
+    for _ in range(60):  # a quiet minute: the bucket is full again
+        clock.t += 1.0
+        server.reactor.run_once(0)
+    got.clear()
+    paste(100)
+    pump(server, [sock], [conn], collect(16))
+    assert not [e for e in got if e["type"] == "error"], [e for e in got if e["type"] == "error"]
+    sock.close()
+    server.reactor.close()
+
+
+def test_what_flood_control_counts_of_a_websocket_is_what_was_read() -> None:
+    """Messages of every header size, a message in fragments, pings and pongs: once all is
+    served, the offset flood control charges by is exactly the bytes read (so a request is
+    charged at the read that brought its last byte)."""
+    from selchat.config import ServerConfig
+    from selchat.core.store import MemoryStore
+    from selchat.loop.reactor import Reactor
+    from selchat.server import Server
+
+    clock = FakeClock()
+    server = Server(ServerConfig(web_port=0, max_per_ip=0, register_rate=0, rate=1000, burst=1000,
+                                 db=":memory:"), MemoryStore(), reactor=Reactor(clock=clock))
+    sock = connect(server, 2)
+    conn = WSConnection(ConnectionType.CLIENT)
+    sock.sendall(conn.send(Request(host="x", target="/ws", extra_headers=[("Cookie", "z" * 150)])))
+    pongs = []
+
+    def welcomed() -> bool:
+        for event in conn.events():
+            if isinstance(event, AcceptConnection):
+                sock.sendall(conn.send(TextMessage(json.dumps({"type": "hello", "nick": "counter"}))))
+            elif isinstance(event, TextMessage) and ('"pong"' in event.data or '"error"' in event.data):
+                pongs.append(event.data)  # (the longest token is refused: an answer too)
+            elif isinstance(event, TextMessage) and '"welcome"' in event.data:
+                pongs.append("welcome")
+        return bool(pongs)
+    pump(server, [sock], [conn], welcomed)
+    pongs.clear()
+    session = next(iter(server.transports.values())).session
+    out = []
+    for size in (10, 125, 126, 200, 65535 - 40, 5000):
+        out.append(conn.send(TextMessage(json.dumps({"type": "ping", "token": "p" * size}))))
+    whole = json.dumps({"type": "ping", "token": "in three pieces " + "q" * 300})
+    out.append(conn.send(TextMessage(whole[:100], message_finished=False)))
+    out.append(conn.send(TextMessage(whole[100:200], message_finished=False)))
+    out.append(conn.send(TextMessage(whole[200:], message_finished=True)))
+    out.append(conn.send(Ping(b"are you there")))
+    out.append(conn.send(Pong(b"unasked")))
+    sock.sendall(b"".join(out))
+    pump(server, [sock], [conn], lambda: welcomed() and len(pongs) >= 7, passes=500)
+    assert session.arrivals.received > 70000
+    assert session.consumed == session.arrivals.received
+    sock.close()
+    server.reactor.close()
+
+
+def test_a_web_hello_waiting_its_turn_is_forgotten_as_soon_as_its_peer_resets() -> None:
+    """Registrations are paced per address; a web client waiting for its turn is still read
+    (what it holds is counted), so a reset is seen at once and it leaves the queue then, not
+    when its turn comes."""
+    import struct as _struct
+
+    from selchat.config import ServerConfig
+    from selchat.core.store import MemoryStore
+    from selchat.loop.reactor import Reactor
+    from selchat.server import Server
+
+    clock = FakeClock()
+    server = Server(ServerConfig(web_port=0, max_per_ip=0, register_rate=0.1, register_burst=1,
+                                 db=":memory:"), MemoryStore(), reactor=Reactor(clock=clock))
+    socks, conns = [], []
+    for n in (3, 4):  # the first takes the address's burst; the second waits 10 s for its turn
+        sock = connect(server, n)
+        conn = WSConnection(ConnectionType.CLIENT)
+        sock.sendall(conn.send(Request(host="x", target="/ws")))
+        socks.append(sock)
+        conns.append(conn)
+    accepted: List[int] = []
+
+    def hellos_sent() -> bool:
+        for k, conn in enumerate(conns):
+            for event in conn.events():
+                if isinstance(event, AcceptConnection):
+                    socks[k].sendall(conn.send(TextMessage(json.dumps({"type": "hello", "nick": f"turn{k}"}))))
+                    accepted.append(k)
+        return len(accepted) == 2
+    pump(server, socks, conns, hellos_sent)
+    for _ in range(5):
+        server.reactor.run_once(0)
+    assert len(server.transports) == 2 and server.hub.pacer.waiting("127.0.0.1") == 1
+    socks[1].setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _struct.pack("ii", 1, 0))
+    socks[1].close()  # a reset, while the clock stands still: its turn is 10 s away
+    for _ in range(5):
+        server.reactor.run_once(0)
+    assert len(server.transports) == 1 and server.hub.pacer.waiting("127.0.0.1") == 0
+    socks[0].close()
+    server.reactor.close()

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
 from wsproto.connection import Connection, ConnectionState, ConnectionType
-from wsproto.events import BytesMessage, CloseConnection, Ping, TextMessage
+from wsproto.events import BytesMessage, CloseConnection, Ping, Pong, TextMessage
 from wsproto.frame_protocol import FrameProtocol
 
 from selchat.core import events
@@ -102,10 +102,20 @@ class WebDoor(JsonDoor):
         return WebSession(self, reject)
 
 
+def _frame_header(payload: int) -> int:
+    """Bytes of a client frame's header, its mask included, for a payload of that many bytes."""
+    return 6 if payload < 126 else 8 if payload < 65536 else 14
+
+
+def _control_frame(event: Any) -> int:
+    """Bytes on the wire of a client's ping or pong (a control frame: 125 bytes at most)."""
+    return 6 + len(event.payload)
+
+
 class WebSession(JsonSession):
     """HTTP until the upgrade (`http`), then a WebSocket (`ws`); never both."""
 
-    __slots__ = ("http", "ws", "parts", "size", "binary")
+    __slots__ = ("http", "ws", "parts", "size", "binary", "raw", "frame")
 
     def __init__(self, door: WebDoor, reject: Optional[str] = None) -> None:
         JsonSession.__init__(self, door, door.wire, reject)
@@ -115,6 +125,11 @@ class WebSession(JsonSession):
         self.parts: Optional[List[bytes]] = None  # a text message arriving in pieces
         self.size = 0  # bytes of the message arriving
         self.binary = False  # the message arriving is binary (its bytes are only counted)
+        # Flood control finds when a request came by its offset in the bytes read (`consumed`,
+        # `Arrivals`): here the bytes on the wire, headers and masks included, not the
+        # payloads (counted short, a request would be charged at an earlier read's time).
+        self.raw = 0  # bytes on the wire of the message arriving
+        self.frame = 0  # payload bytes of the frame arriving
 
     # --- transport callbacks ------------------------------------------------------------------
 
@@ -202,6 +217,8 @@ class WebSession(JsonSession):
         """The 101 is queued: from here on the bytes are WebSocket frames."""
         self.http = None  # its buffers and state machine are no longer needed
         self.ws = Connection(ConnectionType.SERVER)
+        if self.arrivals is not None:
+            self.consumed = self.arrivals.received - len(trailing)  # the upgrade's request
         log.debug("websocket open: %s", self.transport.peer)
         if self.reject is not None:
             self._refuse()
@@ -229,7 +246,7 @@ class WebSession(JsonSession):
             return
         if self._in_debt():
             return  # expensive answers: served again once they are paid for
-        if self._waiting_turn(3 * self.door.max_frame):
+        if self._waiting_turn(self._unserved()):
             return
         if self._next_pass:
             return  # going on in the next pass (a request may be held for it)
@@ -238,11 +255,13 @@ class WebSession(JsonSession):
             if kind is TextMessage or kind is BytesMessage:
                 self._on_data(event)  # type: ignore[arg-type]
             elif kind is Ping:
+                self.consumed += _control_frame(event)
                 if self._admit(b""):
                     self.door.hub.fanout.send(transport, ws.send(event.response()))  # type: ignore[union-attr]
+            elif kind is Pong:  # (free: its bytes proved the peer alive when they arrived)
+                self.consumed += _control_frame(event)
             elif kind is CloseConnection:
                 self._on_close(event)  # type: ignore[arg-type]
-            # a Pong needs nothing: its bytes proved the peer alive when they arrived
             if transport.state is not State.OPEN or self.doomed:
                 return
             if transport.congested:
@@ -250,18 +269,30 @@ class WebSession(JsonSession):
                 return
             if self._in_debt():
                 return
-            if self._waiting_turn(3 * self.door.max_frame):
+            if self._waiting_turn(self._unserved()):
                 return  # wsproto keeps the rest: nothing more is read until welcome
             if self._pass_full():
                 return  # the pass's share is served: wsproto keeps the rest till the next
+
+    def _unserved(self) -> int:
+        """Bytes read and not served yet (wsproto holds them), as far as flood control's count
+        tells; without flood control, more than a registration waiting its turn may hold."""
+        if self.arrivals is None:
+            return 3 * self.door.max_frame
+        return self.arrivals.received - self.consumed
 
     def _on_data(self, event: Any) -> None:
         data = event.data
         if type(event) is TextMessage:
             chunk = data.encode("utf-8")  # wsproto checked it is UTF-8 and gives it as text
+            self.frame += len(chunk)
         else:
             chunk = b""
             self.binary = True
+            self.frame += len(data)
+        if event.frame_finished:
+            self.raw += _frame_header(self.frame) + self.frame
+            self.frame = 0
         self.size += len(data) if self.binary else len(chunk)
         max_frame = self.door.max_frame
         if self.size > max_frame:
@@ -277,13 +308,16 @@ class WebSession(JsonSession):
         parts, self.parts = self.parts, None
         binary, self.binary = self.binary, False
         self.size = 0
+        raw, self.raw = self.raw, 0
         if binary:
+            self.consumed += raw
             if self._admit(b""):
                 self.send_error("bad_json", "binary message: send each JSON object as a text message", None)
             return
         if parts:
             parts.append(chunk)
             chunk = b"".join(parts)
+        self.consumed += raw - len(chunk) - 4  # (`_on_payload` counts the payload and 4)
         self._on_payload(chunk)
 
     def _on_close(self, event: CloseConnection) -> None:
