@@ -30,6 +30,8 @@ import pytest
 from selchat.config import ServerConfig
 from selchat.core.store import MemoryStore
 from selchat.loop.reactor import Reactor
+from selchat.defaults import RECV_SIZE
+from selchat.loop.listener import BACKLOG_CREDIT
 from selchat.server import Server, make_tls_context
 
 
@@ -339,11 +341,11 @@ def test_what_a_client_sends_behind_its_hello_during_a_stop_is_not_a_burst() -> 
     shut(server, sock)
 
 
-def tls_server(certificate: Dict[str, Path], selector: Optional[selectors.BaseSelector] = None
-               ) -> Tuple[Clock, Reactor, Server]:
+def tls_server(certificate: Dict[str, Path], selector: Optional[selectors.BaseSelector] = None,
+               **options: Any) -> Tuple[Clock, Reactor, Server]:
     clock = Clock()
     reactor = Reactor(clock=clock, selector=selector)
-    server = Server(ServerConfig(port=0, db=":memory:", max_per_ip=0), MemoryStore(),
+    server = Server(ServerConfig(port=0, db=":memory:", max_per_ip=0, **options), MemoryStore(),
                     make_tls_context(str(certificate["cert"]), str(certificate["key"])),
                     reactor=reactor)
     return clock, reactor, server
@@ -446,3 +448,113 @@ def test_a_tls_peer_that_ends_right_after_a_request_gets_its_answer_and_is_close
     if end == "fin":
         assert b'"last"' in received, "the answer was lost"
     shut(server, sock)
+
+
+def test_a_read_of_exactly_one_buffer_is_still_an_emptying_read() -> None:
+    """8 pings that add up to exactly RECV_SIZE bytes fill one read: that read emptied the
+    socket all the same (nothing was left), so a quiet 50 s after it, a burst is a burst."""
+    clock = Clock()
+    reactor = Reactor(clock=clock)
+    server = Server(ServerConfig(port=0, db=":memory:", max_per_ip=0), MemoryStore(), reactor=reactor)
+    sock = accepted(server, reactor, "exact", 4010)
+    base = len(frame({"type": "ping", "token": ""}))
+    sizes = [RECV_SIZE // 8] * 7 + [RECV_SIZE - 7 * (RECV_SIZE // 8)]
+    blob = b"".join(frame({"type": "ping", "token": "x" * (size - base)}) for size in sizes)
+    assert len(blob) == RECV_SIZE
+    sock.setblocking(True)
+    sock.sendall(blob)
+    sock.setblocking(False)
+    clock.now += 1.0
+    assert answers(reactor, sock, 8) == (8, 0)
+    for _ in range(50):
+        clock.now += 1.0
+        reactor.run_once(0)
+    sock.sendall(pings(100, 60))
+    pongs, refused = answers(reactor, sock, 60)
+    assert refused > 0 and pongs <= 25, f"{pongs} of a burst of 60 let through"
+    shut(server, sock)
+
+
+def test_a_burst_after_a_quiet_tls_handshake_is_a_burst(certificate) -> None:
+    """TLS done, then 9 s of nothing (within the handshake timeout), then hello and 60 pings in
+    one write: a burst, as on a plain connection; the quiet time after the handshake is not
+    taken for time over which they came."""
+    clock, reactor, server = tls_server(certificate)
+    sock = tls_client(server, reactor, 4011)
+    for _ in range(9):
+        clock.now += 1.0
+        reactor.run_once(0)
+    sock.sendall(frame({"type": "hello", "nick": "quietly"}) + pings(0, 60))
+    pongs, refused = answers(reactor, sock, 60)
+    assert refused > 0 and pongs <= 25, f"{pongs} of a burst of 60 let through"
+    shut(server, sock)
+
+
+def test_what_tls_holds_while_a_client_is_throttled_is_served_when_it_drains(certificate) -> None:
+    """A read stops at RECV_SIZE in the middle of a TLS record: the rest is decrypted and held
+    by TLS, and the kernel has nothing to report. If the client is throttled just then, what
+    TLS holds must still be read once its queue drains (select will never say so)."""
+    clock, reactor, server = tls_server(certificate, max_outbuf=131072)
+    mine, theirs = socket.socketpair()
+    theirs.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)  # answers back up at once
+    server._accept(server.framed, theirs, ("127.0.0.9", 4012))
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    sock = context.wrap_socket(mine, do_handshake_on_connect=False)
+    sock.setblocking(False)
+    deadline = time.monotonic() + 10
+    while True:
+        assert time.monotonic() < deadline
+        try:
+            sock.do_handshake()
+            break
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            reactor.run_once(0)
+    sock.sendall(frame({"type": "hello", "nick": "stranded"}))
+    for _ in range(5):
+        reactor.run_once(0)
+    answers(reactor, sock, 0)
+    sock.setblocking(True)
+    for i in range(11):  # 66 KB in 11 records: one read stops inside the last
+        sock.sendall(frame({"type": "ping", "token": f"{i:03d}" + "t" * 6000}))
+    sock.setblocking(False)
+    for _ in range(3):  # the client reads nothing meanwhile: it is throttled
+        clock.now += 0.2
+        reactor.run_once(0)
+    assert answers(reactor, sock, 11) == (11, 0)
+    shut(server, sock)
+
+
+def test_the_listener_spreads_what_came_during_a_stop_and_no_further_than_its_credit() -> None:
+    """Through the real listener: a client that connects during a 4 s stop and sends hello
+    and 32 pings at 8 a second is within its rate. One that connected at the start of a 60 s
+    stop and wrote hello and 300 pings at its end is a burst: what a connection sent before
+    it was accepted is taken to have come at most BACKLOG_CREDIT ago."""
+    for seconds, count, within in ((4.0, 32, True), (60.0, 300, False)):
+        selector = Stopping()
+        clock = Clock()
+        reactor = Reactor(clock=clock, selector=selector)
+        server = Server(ServerConfig(port=0, db=":memory:", max_per_ip=0), MemoryStore(),
+                        reactor=reactor)
+        server.listen()
+        for _ in range(3):
+            clock.now += 1.0
+            reactor.run_once(0)
+        sock = socket.create_connection(server.address[:2])
+
+        def stop() -> None:
+            sock.sendall(frame({"type": "hello", "nick": "caller"}))
+            if within:
+                at_8_a_second(sock, clock, 0, count)()
+            else:
+                clock.now += seconds
+                sock.sendall(pings(0, count))
+        selector.stop = stop
+        sock.setblocking(False)
+        pongs, refused = answers(reactor, sock, count)
+        if within:
+            assert (pongs, refused) == (count, 0), "a client within its rate was refused"
+        else:
+            assert refused > 0 and pongs <= 20 + 10 * BACKLOG_CREDIT + 5, (pongs, refused)
+        shut(server, sock)

@@ -39,6 +39,11 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+# What a connection sent before it was accepted is taken to have come at most this long ago
+# (a stall's backlog, as the soak's 4 s stops make, is still spread over the stall).
+BACKLOG_CREDIT = 10.0
+
+
 class Listener:
     """Accepts up to ACCEPT_PER_PASS connections a pass and hands each to `on_accept`."""
 
@@ -73,8 +78,11 @@ class Listener:
 
     def _on_ready(self, mask: int) -> None:
         reactor = self.reactor
-        self.arrived_after = (self.empty_since if self._held
-                              else max(self.empty_since, reactor.prev_listed_at))
+        since = self.empty_since if self._held else max(self.empty_since, reactor.prev_listed_at)
+        # But no more than BACKLOG_CREDIT back: after a long shortage of descriptors (accepts
+        # paused) the queue was last empty long ago, and a connection's first read would be
+        # spread over all of it.
+        self.arrived_after = max(since, reactor.now - BACKLOG_CREDIT)
         self._held = True  # unless the queue is found empty below
         for _ in range(ACCEPT_PER_PASS):
             before = reactor.clock()

@@ -271,9 +271,9 @@ class Transport:
 
         Connections that never got in come and go at the rate of connection attempts, so
         for them one line per kind and period, with a count (selchat.loop.ratelog). The kind
-        is `what` up to its first ": " after the first word, numbers left out: what follows
-        may be the peer's own words (a QUIT text, the bytes of a bad request line), and a
-        peer that could make each line new would flood the log again.
+        is `kind_of(what)`, without the peer's own words and numbers (a QUIT text, the bytes
+        of a bad request line, an Origin): a peer that could make each line new would flood
+        the log again.
         """
         if self.noted or log.isEnabledFor(logging.DEBUG):
             log.info(msg, *args)
@@ -321,7 +321,8 @@ class Transport:
         state = self.state
         if data:
             after = reactor.clock()
-            if self._emptied(data):  # whatever comes next arrives from the read on
+            rest = 0 if self._emptied(data) else self._waiting()
+            if not rest:  # emptied: whatever comes next arrives from the read on
                 self.unread_since = before
                 self.read_at = after
                 if self.mask & EVENT_READ:
@@ -332,8 +333,7 @@ class Transport:
                 # (read in later passes) the remainder, not a burst at their end.
                 self.watched_since = _NEVER
                 start = self.arrived_after
-                rest = self._waiting()
-                self.read_at = start + (after - start) * len(data) / (len(data) + rest) if rest else after
+                self.read_at = start + (after - start) * len(data) / (len(data) + rest)
             if state is State.OPEN:
                 try:
                     self.session.data_received(data)
@@ -494,7 +494,7 @@ class Transport:
 class TLSTransport(Transport):
     """The same stream over TLS: a handshake first, then no gather writes (SSLSocket has none)."""
 
-    __slots__ = ("_close_after_handshake", "_drained", "_failed")
+    __slots__ = ("_close_after_handshake", "_drained", "_failed", "_more")
 
     plain = False
 
@@ -510,6 +510,7 @@ class TLSTransport(Transport):
         self._close_after_handshake: Optional[str] = None
         self._drained = False
         self._failed: Optional[OSError] = None
+        self._more = False  # TLS holds what the kernel will not report (a `_read_more` skipped)
         self.state = State.HANDSHAKING
         self._set_interest(EVENT_READ)
         session.connection_made(self)
@@ -538,9 +539,12 @@ class TLSTransport(Transport):
             self._closed(f"TLS handshake failed: {getattr(exc, 'reason', None) or exc}")
             return
         self.state = State.OPEN
-        # What the client sent behind its Finished waits in the kernel, perhaps since before
-        # the previous pass (a stop while we waited for it): charged from `unread_since`.
-        self.watched_since = _NEVER
+        if self._waiting():
+            # What the client sent behind its Finished waits in the kernel, perhaps since
+            # before the previous pass (a stop while we waited for it): from `unread_since`.
+            self.watched_since = _NEVER
+        else:  # nothing behind it: what comes next comes from now on, like any emptied socket
+            self.unread_since = self.watched_since = before
         log.debug("TLS established with %s (%s)", self.peer, sock.version())
         if self.out.size and not self.dirty:  # written while the handshake went on
             self.dirty = True
@@ -614,8 +618,22 @@ class TLSTransport(Transport):
         Transport._start_linger(self)
 
     def _read_more(self) -> None:
-        if self.state is not State.CLOSED and (self.state is not State.OPEN or not self.throttled):
-            self._read()
+        if self.state is State.CLOSED:
+            return
+        if self.state is State.OPEN and (self.throttled or self.paused):
+            self._more = True  # read when reading is on again (`_set_interest`)
+            return
+        self._more = False
+        self._read()
+
+    def _set_interest(self, want: int) -> None:
+        was = self.mask
+        Transport._set_interest(self, want)
+        if self._more and want & EVENT_READ and not was & EVENT_READ:
+            # Decrypted bytes, a close_notify or an error wait in TLS, not in the kernel:
+            # select will not say so, so go and read them.
+            self._more = False
+            self.reactor.call_soon(self._read_more)
 
     def _send(self) -> None:
         self.out.send_to(self.sock, gather=False)
