@@ -678,9 +678,11 @@ def test_a_web_client_quiet_between_two_pastes_has_its_burst_again() -> None:
 
 
 def test_what_flood_control_counts_of_a_websocket_is_what_was_read() -> None:
-    """Messages of every header size, a message in fragments, pings and pongs: once all is
-    served, the offset flood control charges by is exactly the bytes read (so a request is
-    charged at the read that brought its last byte)."""
+    """Messages on each side of the frame header's sizes (125/126 and 65535/65536 bytes), a
+    message in fragments, pings and pongs: once all is served, the offset flood control
+    charges by is exactly the bytes read (so a request is charged at the read that brought
+    its last byte). (Not exact, and known: a fragment that splits a UTF-8 character next to
+    a header size's edge is off by the header's difference, which only the sender pays.)"""
     from selchat.config import ServerConfig
     from selchat.core.store import MemoryStore
     from selchat.loop.reactor import Reactor
@@ -707,8 +709,9 @@ def test_what_flood_control_counts_of_a_websocket_is_what_was_read() -> None:
     pongs.clear()
     session = next(iter(server.transports.values())).session
     out = []
-    for size in (10, 125, 126, 200, 65535 - 40, 5000):
-        out.append(conn.send(TextMessage(json.dumps({"type": "ping", "token": "p" * size}))))
+    wrapper = len(json.dumps({"type": "ping", "token": ""}))
+    for size in (10, 125, 126, 5000, 65535, 65536):  # each side of each header size's edges
+        out.append(conn.send(TextMessage(json.dumps({"type": "ping", "token": "p" * (size - wrapper)}))))
     whole = json.dumps({"type": "ping", "token": "in three pieces " + "q" * 300})
     out.append(conn.send(TextMessage(whole[:100], message_finished=False)))
     out.append(conn.send(TextMessage(whole[100:200], message_finished=False)))
