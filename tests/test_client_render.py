@@ -154,3 +154,17 @@ def test_message_text_survives_escaping_visibly(text: str) -> None:
     printable = [c for c in text.replace("\t", "") if not FORBIDDEN.search(c) and c != "\n"]
     it = iter(out)
     assert all(c in it for c in printable)
+
+
+def test_an_action_reads_as_irc_clients_show_it() -> None:
+    room = show("message", {"type": "message", "id": 1, "from": "alice", "room": "#lobby", "text": "waves",
+                            "action": True})
+    assert room == "22:13 #lobby * alice waves"
+    private = show("message", {"type": "message", "id": 2, "from": "alice", "to": "bob", "text": "nods",
+                               "action": True})
+    assert private == "22:13 private * alice -> bob nods"
+    # only a real `true` makes an action: anything else is a plain message, as the server sends
+    assert show("message", {"from": "al", "room": "#r", "text": "hi", "action": "yes"}) == "22:13 #r <al> hi"
+    styles = [style for style, text in render(Item("message", T, {"from": "al", "room": "#r", "text": "waves",
+                                                                    "action": True}), time.gmtime) if text == "waves"]
+    assert styles == ["italic"]

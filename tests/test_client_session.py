@@ -131,6 +131,18 @@ def test_msg_nick_who_rooms_quit() -> None:
     assert isinstance(bare, Send) and bare.quit and "reason" not in bare.request
 
 
+def test_me_says_an_action_in_the_current_room() -> None:
+    s = registered()
+    req = sent(s.parse_line("/me waves  at everyone"))
+    assert (req["type"], req["room"], req["text"], req["action"]) == ("say", "#lobby", "waves  at everyone", True)
+    for line in ["/me", "/me   "]:
+        action = s.parse_line(line)
+        assert isinstance(action, Local) and "usage: /me" in action.items[0].data["text"], line
+    s.parse_line("/part")
+    action = s.parse_line("/me waves")
+    assert isinstance(action, Local) and "no room" in action.items[0].data["text"]
+
+
 def test_usage_errors_are_local() -> None:
     s = registered()
     for line in ["/join", "/join #a #b", "/msg bob", "/msg", "/nick", "/nick a b", "/history x", "/history 0"]:
@@ -151,7 +163,7 @@ def test_help_lists_every_command() -> None:
     action = s.parse_line("/help")
     assert isinstance(action, Local)
     text = "\n".join(action.items[0].data["lines"])
-    for cmd in ["/join", "/part", "/msg", "/nick", "/who", "/rooms", "/quit", "/help", "/history"]:
+    for cmd in ["/join", "/part", "/msg", "/me", "/nick", "/who", "/rooms", "/quit", "/help", "/history"]:
         assert cmd in text
 
 

@@ -58,6 +58,7 @@ STYLE_ERROR = "ansired bold"
 STYLE_NOTICE = "ansiyellow bold"
 STYLE_EARLIER = "dim italic"
 STYLE_LOCAL = "ansicyan"
+STYLE_ACTION = "italic"  # an emote's text
 
 # C0, DEL and C1 controls; the line and paragraph separators, which some terminals and most
 # text widgets treat as line breaks; and the bidirectional overrides and isolates, which can
@@ -225,6 +226,10 @@ def _message(head: Fragments, data: Mapping[str, Any], dim: str) -> Fragments:
     else:
         where = [(f"{STYLE_ROOM} {dim}".strip(), escape(_str(data.get("room")))), ("", " ")]
         who = [(dim, "<"), _nick(sender, dim), (dim, "> ")]
+    if data.get("action") is True:  # an emote (/me waves): "* alice waves", as IRC clients show it
+        arrow: Fragments = [(dim, " -> "), _nick(data.get("to"), dim)] if where[0][1] == "private" else []
+        who = [(dim, "* "), _nick(sender, dim)] + arrow + [(dim, " ")]
+        text_style = f"{STYLE_ACTION} {dim}".strip()
     return _with_body(head + where + who, escape_text(_str(data.get("text"))), text_style)
 
 

@@ -37,6 +37,7 @@ COMMANDS: Dict[str, tuple] = {
     "join": ("/join #room", "join a room and make it the current one"),
     "part": ("/part [#room]", "leave the current room (or the one named)"),
     "msg": ("/msg nick text", "send a private message"),
+    "me": ("/me text", "say an action in the current room: * you text"),
     "nick": ("/nick newnick", "change your nickname"),
     "who": ("/who [#room]", "list the members of the current room (or the one named)"),
     "rooms": ("/rooms", "list every room and its member count"),
@@ -263,6 +264,12 @@ class ClientSession:
             if not to or not text.strip():
                 return self._usage("msg")
             return Send(self.request("msg", to=to, text=text))
+        if name == "me":
+            if not rest.strip():
+                return self._usage("me")
+            if self.current_room is None:
+                return self._hint("you are in no room: /join #room first")
+            return Send(self.request("say", room=self.current_room, text=rest, action=True))
         if name == "nick":
             if not rest or " " in rest:
                 return self._usage("nick")
