@@ -427,3 +427,28 @@ def test_screenshots_and_phone_layout(start_server, pages, tmp_path) -> None:
     dark = desk.page.evaluate("getComputedStyle(document.body).backgroundColor")
     assert light == "rgb(255, 255, 255)" and dark != light
     desk.page.screenshot(path=str(tmp_path / "web-desktop-dark.png"))
+
+
+def test_a_password_newly_required_brings_back_the_login_form(start_server, pages, tmp_path) -> None:
+    """The server comes back with a password: the page, reconnecting, is refused. It shows the
+    login form again, now with the password field, and signs in with it."""
+    srv = start_server("--web-port", "0", "--db", str(tmp_path / "chat.db"))
+    port = web_port(srv)
+    (alice,) = pages(f"http://127.0.0.1:{port}/", 1)
+    alice.open().login("alice")
+    srv.stop()
+    expect(alice.conn).to_have_attribute("data-state", "offline")
+    secret = tmp_path / "password"
+    secret.write_text("open sesame\n")
+    srv2 = start_server("--web-port", str(port), "--db", str(tmp_path / "chat.db"),
+                        "--password-file", str(secret))
+    assert web_port(srv2) == port
+    page = alice.page
+    expect(page.locator("#login")).to_be_visible(timeout=20000)
+    expect(page.locator("#login-password-row")).to_be_visible()
+    expect(page.locator("#login-error")).to_contain_text("password")
+    expect(page.locator("#login-password")).to_be_focused()
+    page.keyboard.type("open sesame")
+    page.keyboard.press("Enter")
+    expect(alice.conn).to_have_attribute("data-state", "online")
+    expect(page.locator("#me-nick")).to_have_text("alice")

@@ -1103,6 +1103,15 @@
       }, 2000 * (0.5 + Math.random()));
       return;
     }
+    if (code === "bad_password") {
+      // The server wants a password now (restarted with one): back to the login form, which
+      // asks for it. Signing in again starts afresh.
+      resetToLogin("");
+      showLoginError(message || "The server now wants a password.");
+      ui.passwordRow.hidden = false;
+      ui.password.focus();
+      return;
+    }
     note(`cannot sign in again: ${code}: ${message}`, "error");
     S.quitting = false;
     if (S.ws) S.ws.close();
