@@ -448,6 +448,7 @@ def test_a_password_newly_required_brings_back_the_login_form(start_server, page
     expect(page.locator("#login-password-row")).to_be_visible()
     expect(page.locator("#login-error")).to_contain_text("password")
     expect(page.locator("#login-password")).to_be_focused()
+    page.screenshot(path=str(tmp_path / "password-login.png"))
     page.keyboard.type("open sesame")
     page.keyboard.press("Enter")
     expect(alice.conn).to_have_attribute("data-state", "online")
