@@ -231,6 +231,32 @@ def test_ping_pong(irc: Irc) -> None:
     assert pong.params[-1] == "some token" and pong.source == SERVER_NAME, describe(pong)
 
 
+def test_a_silent_client_is_pinged_then_let_go_at_the_ping_timeout(start_server) -> None:
+    env = Irc(start_server(*OPTIONS, "--ping-interval", "0.5", "--ping-timeout", "1.2"))
+    try:
+        quiet = env.user("Quiet")
+        other = env.user("Other")
+        quiet.send("JOIN #q")
+        other.send("JOIN #q")
+        quiet.wait_for("JOIN", "#q")
+        other.wait_for("JOIN", "#q")
+        ping, _ = quiet.wait_for("PING", timeout=5.0)
+        assert ping.params[-1] == SERVER_NAME, describe(ping)
+        # Other keeps talking (it is not silent); Quiet never answers.
+        deadline = time.monotonic() + 5.0
+        seen = None
+        while seen is None and time.monotonic() < deadline:
+            other.send("PING :alive")
+            for line in other.collect_until(lambda x: x.command == "PONG", 2.0):
+                if line.command == "QUIT":
+                    seen = line
+        assert seen is not None and seen.params[-1] == "ping timeout", describe(seen) if seen else "no QUIT"
+        got = quiet.assert_closed(5.0)
+        assert any(x.command == "ERROR" and "Ping timeout" in x.params[-1] for x in got), [describe(x) for x in got]
+    finally:
+        env.close()
+
+
 def test_a_ping_token_as_long_as_a_line_allows_gets_a_pong_within_512_bytes(irc: Irc) -> None:
     """The token is echoed after the server's name twice: cut (at a character boundary) so
     that the PONG, too, is a line of at most 512 bytes (the test client checks every line)."""

@@ -3,8 +3,9 @@
 A session leaves the chat once (`_leave`), is dropped between requests when the hub condemns
 it (`drop`), and at shutdown gets a notice, leaves without a quit storm, says its door's last
 words (`_shutdown_words`) and closes after flushing, by the server's deadline. Two more things
-every door does alike: going on from a timer or a later pass (`_serve_again`), and asking the
-hub's pacer for a turn to register (`_ask_turn`, `_take_turn`, `_cancel_turn`).
+every door does alike: going on from a timer or a later pass (`_serve_again`), asking the
+hub's pacer for a turn to register (`_ask_turn`, `_take_turn`, `_cancel_turn`), and the idle
+timer that pings a silent peer and lets it go at the ping timeout (`_idle_check`).
 """
 
 from __future__ import annotations
@@ -32,6 +33,33 @@ class DoorSession:
 
     def notice(self, text: str) -> None:  # pragma: no cover - every door says it its own way
         raise NotImplementedError
+
+    def _send_ping(self, token: str) -> None:  # pragma: no cover - every door pings its own way
+        raise NotImplementedError
+
+    def _ping_timed_out(self) -> None:  # pragma: no cover - and says goodbye its own way
+        raise NotImplementedError
+
+    def _idle_check(self, _: Any = None) -> None:
+        """One timer per connection, re-armed from `last_seen`; no per-frame timer work."""
+        self._idle_timer = None
+        transport = self.transport
+        if transport.state is not State.OPEN:
+            return
+        door = self.door
+        now = door.reactor.now
+        silence = now - self.last_seen  # type: ignore[attr-defined]
+        if silence >= door.ping_timeout:
+            self._ping_timed_out()
+            return
+        if silence >= door.ping_interval:
+            if not self.pinged:  # type: ignore[has-type]
+                self.pinged = True
+                self._send_ping(f"{int(now * 1000)}")
+            when = self.last_seen + door.ping_timeout  # type: ignore[attr-defined]
+        else:
+            when = self.last_seen + door.ping_interval  # type: ignore[attr-defined]
+        self._idle_timer = door.reactor.call_at(when, self._idle_check)
 
     def resume_serving(self) -> None:  # pragma: no cover - every door serves its own way
         raise NotImplementedError

@@ -508,27 +508,9 @@ class JsonSession(DoorSession):
         if transport.state is State.HANDSHAKING or (transport.state is State.OPEN and self.user is None):
             transport.abort("handshake timeout")
 
-    def _idle_check(self, _: Any = None) -> None:
-        """One timer per connection, re-armed from `last_seen`; no per-frame timer work."""
-        self._idle_timer = None
-        transport = self.transport
-        if transport.state is not State.OPEN:
-            return
-        door = self.door
-        now = door.reactor.now
-        silence = now - self.last_seen
-        if silence >= door.ping_timeout:
-            self._leave("ping timeout")
-            transport.abort("ping timeout")
-            return
-        if silence >= door.ping_interval:
-            if not self.pinged:
-                self.pinged = True
-                self._send_ping(f"{int(now * 1000)}")
-            when = self.last_seen + door.ping_timeout
-        else:
-            when = self.last_seen + door.ping_interval
-        self._idle_timer = door.reactor.call_at(when, self._idle_check)
+    def _ping_timed_out(self) -> None:
+        self._leave("ping timeout")
+        self.transport.abort("ping timeout")
 
 
 def _is_pong(payload: bytes) -> bool:

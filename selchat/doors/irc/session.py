@@ -1128,26 +1128,12 @@ class IrcSession(DoorSession):
             self._error("Registration timeout")
             transport.close("handshake timeout")
 
-    def _idle_check(self, _: Any = None) -> None:
-        self._idle_timer = None
-        transport = self.transport
-        if transport.state is not State.OPEN:
-            return
-        door = self.door
-        now = door.reactor.now
-        silence = now - self.last_seen
-        if silence >= door.ping_timeout:
-            self._error("Ping timeout")
-            self._close("ping timeout", "ping timeout")
-            return
-        if silence >= door.ping_interval:
-            if not self.pinged:
-                self.pinged = True
-                self._line(f"PING :{door.server_name}")
-            when = self.last_seen + door.ping_timeout
-        else:
-            when = self.last_seen + door.ping_interval
-        self._idle_timer = door.reactor.call_at(when, self._idle_check)
+    def _send_ping(self, token: str) -> None:
+        self._line(f"PING :{self.door.server_name}")  # (as IRC servers do: their own name)
+
+    def _ping_timed_out(self) -> None:
+        self._error("Ping timeout")
+        self._close("ping timeout", "ping timeout")
 
 
 def _client_tags(line: Line) -> tuple:
