@@ -19,6 +19,7 @@ import time
 from typing import Callable, Iterable, List, Optional, Sequence
 
 from selchat.doors.irc.parser import TOO_LONG, Line, LineDecoder, parse_line
+from wire import ConnectionClosed, Peer
 
 DEFAULT_TIMEOUT = 3.0
 MAX_LINE = 512  # RFC 1459, CRLF included, tags not counted (IRCv3 message-tags)
@@ -26,10 +27,6 @@ MAX_TAGS = 8191  # IRCv3: the server may send up to 8191 bytes of tags (with '@'
 IRC_LISTENING = re.compile(r"irc listening on 127\.0\.0\.1:(\d+)")
 
 _tokens = itertools.count(1)
-
-
-class ConnectionClosed(Exception):
-    """The server closed the connection while we waited for a line."""
 
 
 def irc_port(srv: object, timeout: float = 10.0) -> int:
@@ -52,8 +49,10 @@ def describe(line: Line) -> str:
     return head + line.command + "".join(f" {p!r}" for p in line.params)
 
 
-class IrcClient:
+class IrcClient(Peer):
     """One TCP (or TLS) connection to the IRC door."""
+
+    QUIT = b"QUIT :bye\r\n"
 
     def __init__(
         self,
@@ -89,21 +88,6 @@ class IrcClient:
         return f"<IrcClient {self.label} nick={self.nick!r}>"
 
     # --- sending -----------------------------------------------------------------------------
-
-    def send_raw(self, data: bytes, timeout: float = DEFAULT_TIMEOUT) -> None:
-        view = memoryview(data)
-        deadline = time.monotonic() + timeout
-        while view:
-            try:
-                n = self.sock.send(view)
-                view = view[n:]
-                continue
-            except (BlockingIOError, InterruptedError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
-                pass
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise AssertionError(f"{self.label}: could not send {len(view)} bytes within {timeout}s")
-            select.select([], [self.sock], [], left)
 
     def send(self, line: str) -> None:
         """Send one line (CRLF added)."""
@@ -305,20 +289,7 @@ class IrcClient:
         assert got[0].command == "JOIN", f"{self.label}: JOIN not answered by JOIN first: {describe(got[0])}"
         return got
 
-    def close(self) -> None:
-        try:
-            self.sock.close()
-        except OSError:
-            pass
 
-    def quit_and_close(self, timeout: float = 2.0) -> None:
-        if not self.closed:
-            try:
-                self.send_raw(b"QUIT :bye\r\n", timeout=0.5)
-                self.assert_closed(timeout)
-            except (AssertionError, OSError, ConnectionClosed):
-                pass
-        self.close()
 
 
 def matches(line: Line, command: str, params: Iterable[Optional[str]] = (), **kw: object) -> bool:

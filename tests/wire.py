@@ -14,6 +14,7 @@ import itertools
 import json
 import select
 import socket
+import ssl
 import struct
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -22,6 +23,23 @@ DEFAULT_TIMEOUT = 3.0
 HEADER = struct.Struct(">I")
 LOBBY = "#lobby"
 
+
+
+def send_all(sock: socket.socket, data: bytes, timeout: float, label: str) -> None:
+    """All of `data` on a non-blocking socket (TLS too) within `timeout`, or a test failure."""
+    view = memoryview(data)
+    deadline = time.monotonic() + timeout
+    while view:
+        try:
+            n = sock.send(view)
+            view = view[n:]
+            continue
+        except (BlockingIOError, InterruptedError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
+            pass
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise AssertionError(f"{label}: could not send {len(view)} bytes within {timeout}s")
+        select.select([], [sock], [], left)
 
 class _Absent:
     def __repr__(self) -> str:
@@ -79,8 +97,44 @@ def describe(type: Optional[str], members: Dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
-class Client:
+
+class Peer:
+    """What the test clients of every door share: a non-blocking socket, sending within a
+    deadline, and a polite teardown. A subclass says its door's goodbye (`QUIT`)."""
+
+    QUIT = b""
+    label: str
+    sock: Any
+    closed: bool
+
+    def send_raw(self, data: bytes, timeout: float = DEFAULT_TIMEOUT) -> None:
+        """Send all of `data` within `timeout` (the socket is non-blocking)."""
+        send_all(self.sock, data, timeout, self.label)
+
+    def assert_closed(self, timeout: float = DEFAULT_TIMEOUT) -> Any:  # pragma: no cover
+        raise NotImplementedError
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+    def quit_and_close(self, timeout: float = 2.0) -> None:
+        """Polite teardown: quit, drain until the server closes (so its side effects are done)."""
+        if not self.closed:
+            try:
+                self.send_raw(self.QUIT, timeout=0.5)
+                self.assert_closed(timeout)
+            except (AssertionError, OSError, ConnectionClosed):
+                pass
+        self.close()
+
+
+class Client(Peer):
     """One TCP connection to the server, speaking frames."""
+
+    QUIT = encode({"type": "quit"})
 
     def __init__(
         self,
@@ -117,21 +171,6 @@ class Client:
 
     # --- sending -------------------------------------------------------------------------
 
-    def send_raw(self, data: bytes, timeout: float = DEFAULT_TIMEOUT) -> None:
-        """Send all of `data` within `timeout` (the socket is non-blocking)."""
-        view = memoryview(data)
-        deadline = time.monotonic() + timeout
-        while view:
-            try:
-                n = self.sock.send(view)
-                view = view[n:]
-                continue
-            except (BlockingIOError, InterruptedError):
-                pass
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise AssertionError(f"{self.label}: could not send {len(view)} bytes within {timeout}s")
-            select.select([], [self.sock], [], left)
 
     def send_payload(self, payload: bytes) -> None:
         self.send_raw(frame(payload))
@@ -369,21 +408,7 @@ class Client:
             return False
         return True
 
-    def close(self) -> None:
-        try:
-            self.sock.close()
-        except OSError:
-            pass
 
-    def quit_and_close(self, timeout: float = 2.0) -> None:
-        """Polite teardown: quit, drain until the server closes (so its side effects are done)."""
-        if not self.closed:
-            try:
-                self.send_raw(encode({"type": "quit"}), timeout=0.5)
-                self.assert_closed(timeout)
-            except (AssertionError, OSError, ConnectionClosed):
-                pass
-        self.close()
 
 
 def recv_all_until_closed(sock: socket.socket, timeout: float) -> bytes:
