@@ -34,7 +34,7 @@ import time
 from typing import Any, Dict, List, Optional
 
 from selchat.bench.loadgen import (
-    CONNECTING, DEAD, HELLO, MARK, READY, RECV_SIZE, SID_ALPHABET, TEXT_HEAD, TS_DIGITS, LoadConfig, Spec,
+    DEAD, HELLO, MARK, READY, SID_ALPHABET, TEXT_HEAD, TS_DIGITS, LoadConfig, Spec,
     _Conn, _Worker, _EPOLLIN, now_us, split_round_robin,
 )
 from selchat.defaults import LOBBY
@@ -134,23 +134,12 @@ class IrcWorker(_Worker):
 
     # ---- the hot path --------------------------------------------------------------------
     def _read(self, c: IrcConn) -> None:  # type: ignore[override]
-        rb = self.rb
         k = len(c.tail)
-        if k:
-            rb[:k] = c.tail
-        try:
-            n = c.sock.recv_into(self.rbv[k : k + RECV_SIZE])
-        except BlockingIOError:
+        end = self._fill(c)
+        if not end:
             return
-        except OSError as exc:
-            self._fail(c, "closed_by_server:" + errno.errorcode.get(exc.errno or 0, "recv"))
-            return
-        if n == 0:
-            self._fail(c, "closed_by_server")
-            return
-        end = k + n
-        c.bytes += n
-        self.last_rx = time.monotonic()
+        c.bytes += end - k
+        rb = self.rb
         stop = rb.rfind(b"\n", 0, end) + 1
         if stop == 0:
             if end > MAX_TAIL:

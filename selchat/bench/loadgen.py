@@ -480,7 +480,9 @@ class _Worker:
             c.writing = want
             self.ep.modify(c.fd, _EPOLLIN | _EPOLLOUT if want else _EPOLLIN)
 
-    def _read(self, c: _Conn) -> None:
+    def _fill(self, c: _Conn) -> int:
+        """The connection's unparsed tail, then what one recv brings, in `rb`: where they end
+        (0: nothing came, or the connection is gone and failed). Every generator reads so."""
         rb = self.rb
         k = len(c.tail)
         if k:
@@ -488,15 +490,21 @@ class _Worker:
         try:
             n = c.sock.recv_into(self.rbv[k : k + RECV_SIZE])
         except BlockingIOError:
-            return
+            return 0
         except OSError as exc:
             self._fail(c, "closed_by_server:" + errno.errorcode.get(exc.errno or 0, "recv"))
-            return
+            return 0
         if n == 0:
             self._fail(c, "closed_by_server")
-            return
-        end = k + n
+            return 0
         self.last_rx = time.monotonic()
+        return k + n
+
+    def _read(self, c: _Conn) -> None:
+        end = self._fill(c)
+        if not end:
+            return
+        rb = self.rb
         start = 0
         try:
             if c.state == HELLO:

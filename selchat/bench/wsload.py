@@ -43,7 +43,7 @@ import time
 from typing import Any, Dict, List, Optional, Tuple
 
 from selchat.bench.loadgen import (
-    DEAD, HELLO, MARK, READY, RECV_SIZE, TEXT_HEAD, BadFrame, _Conn, _Worker, _EPOLLIN, _MARK0, _MARK1, now_us,
+    DEAD, HELLO, MARK, READY, TEXT_HEAD, BadFrame, _Conn, _Worker, _EPOLLIN, _MARK0, _MARK1, now_us,
 )
 
 WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
@@ -287,22 +287,9 @@ class WsWorker(_Worker):
         if type(c) is not WsConn:
             super()._read(c)
             return
-        rb = self.rb
-        k = len(c.tail)
-        if k:
-            rb[:k] = c.tail
-        try:
-            n = c.sock.recv_into(self.rbv[k : k + RECV_SIZE])
-        except BlockingIOError:
+        end = self._fill(c)
+        if not end:
             return
-        except OSError as exc:
-            self._fail(c, "closed_by_server:" + errno.errorcode.get(exc.errno or 0, "recv"))
-            return
-        if n == 0:
-            self._fail(c, "closed_by_server")
-            return
-        end = k + n
-        self.last_rx = time.monotonic()
         if c.counting:  # type: ignore[attr-defined]
             self._count(c, end)  # type: ignore[arg-type]
         else:
