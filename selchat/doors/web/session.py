@@ -270,7 +270,7 @@ class WebSession(JsonSession):
             if self._in_debt():
                 return
             if self._waiting_turn(self._unserved()):
-                return  # wsproto keeps the rest: nothing more is read until welcome
+                return  # wsproto keeps the rest until welcome (read on while it is little)
             if self._pass_full():
                 return  # the pass's share is served: wsproto keeps the rest till the next
 
