@@ -15,11 +15,9 @@ the well-behaved client sends 8 pings a second, under the rate of 10.
 
 from __future__ import annotations
 
-import json
 import selectors
 import socket
 import ssl
-import struct
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Tuple
@@ -33,6 +31,7 @@ from selchat.loop.reactor import Reactor
 from selchat.defaults import RECV_SIZE
 from selchat.loop.listener import BACKLOG_CREDIT
 from selchat.server import Server, make_tls_context
+from wire import encode as frame
 
 
 class Clock:
@@ -41,11 +40,6 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
-
-
-def frame(obj: dict) -> bytes:
-    payload = json.dumps(obj).encode()
-    return struct.pack(">I", len(payload)) + payload
 
 
 def accepted(server: Server, reactor: Reactor, nick: str, port: int):
@@ -351,11 +345,15 @@ def tls_server(certificate: Dict[str, Path], selector: Optional[selectors.BaseSe
     return clock, reactor, server
 
 
-def tls_client(server: Server, reactor: Reactor, port: int, finish: bool = True) -> ssl.SSLSocket:
+def tls_client(server: Server, reactor: Reactor, port: int, finish: bool = True,
+               server_sndbuf: int = 0) -> ssl.SSLSocket:
     """A TLS client over a socketpair handed to the server as if accepted. With `finish`, the
     handshake is driven to its end; without, the client has the server's flight but has not
-    sent its Finished yet (its next `do_handshake` does)."""
+    sent its Finished yet (its next `do_handshake` does). `server_sndbuf` (bytes) makes the
+    server's side of the pair small, so that its answers back up at once."""
     mine, theirs = socket.socketpair()
+    if server_sndbuf:
+        theirs.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, server_sndbuf)
     server._accept(server.framed, theirs, ("127.0.0.9", port))
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.check_hostname = False
@@ -495,22 +493,7 @@ def test_what_tls_holds_while_a_client_is_throttled_is_served_when_it_drains(cer
     by TLS, and the kernel has nothing to report. If the client is throttled just then, what
     TLS holds must still be read once its queue drains (select will never say so)."""
     clock, reactor, server = tls_server(certificate, max_outbuf=131072)
-    mine, theirs = socket.socketpair()
-    theirs.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)  # answers back up at once
-    server._accept(server.framed, theirs, ("127.0.0.9", 4012))
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
-    sock = context.wrap_socket(mine, do_handshake_on_connect=False)
-    sock.setblocking(False)
-    deadline = time.monotonic() + 10
-    while True:
-        assert time.monotonic() < deadline
-        try:
-            sock.do_handshake()
-            break
-        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
-            reactor.run_once(0)
+    sock = tls_client(server, reactor, 4012, server_sndbuf=4096)  # answers back up at once
     sock.sendall(frame({"type": "hello", "nick": "stranded"}))
     for _ in range(5):
         reactor.run_once(0)
