@@ -286,10 +286,14 @@ class Chat:
         message = events.Message(self.next_id(), now_ms, user.nick, text, room.name, None,
                                  action, notice, user.userhost, client_tags)
         self.store.add(message)
+        self._forget_recent(room)
+        return [Delivery(message, room.members, skip=user, room=room), reply(message, user)]
+
+    def _forget_recent(self, room: Room) -> None:
+        """The history sent on join is made again next time (it changed, or the room is gone)."""
         if room.recent_cache is not None:
             room.recent_cache = None
             self._recent_rooms.pop(room, None)
-        return [Delivery(message, room.members, skip=user, room=room), reply(message, user)]
 
     def private(self, user: User, to: str, text: str, now_ms: int,
                 action: bool = False, notice: bool = False,
@@ -466,9 +470,7 @@ class Chat:
                 cached = self._recent_rooms
                 cached[room] = None
                 if len(cached) > RECENT_CACHED:
-                    oldest = next(iter(cached))
-                    del cached[oldest]
-                    oldest.recent_cache = None
+                    self._forget_recent(next(iter(cached)))
             except StoreError as exc:
                 # The join stands; the history is empty and says older messages exist, so a
                 # client can ask again with `history` later.
@@ -486,9 +488,7 @@ class Chat:
         if not room.members and room is not self.lobby:
             del self.rooms[room.key]
             self.index.remove(room.key, 0)
-            if room.recent_cache is not None:
-                room.recent_cache = None
-                self._recent_rooms.pop(room, None)
+            self._forget_recent(room)
             holder = room.holder
             if holder is not None:
                 left = self.rooms_held[holder] - 1
