@@ -26,12 +26,13 @@ from typing import Any, Dict, Optional, Tuple
 from selchat.core import events
 from selchat.core.chat import ChatError, User
 from selchat.core.events import Message
-from selchat.core.requests import HistoryRequest, JoinRoom, ListRooms, Who
+from selchat.core.requests import HistoryRequest, JoinRoom, ListRooms, Logout, Who
 from selchat.core.ratelimit import (ALLOW, DISCONNECT, OUTPUT_BYTES_PER_TOKEN, Arrivals, TokenBucket,
                                     answer_cost, cpu_cost)
 from selchat.doors.framed import codec
 from selchat.doors.framed.protocol import (
     Hello,
+    Page,
     Parser,
     PingRequest,
     PongReply,
@@ -109,7 +110,7 @@ class JsonSession(DoorSession):
     __slots__ = ("door", "wire", "transport", "user", "bucket", "arrivals", "consumed",
                  "pings_owed", "_debt_timer", "not_before", "last_seen", "pinged", "doomed", "reject", "_handshake_timer",
                  "_idle_timer", "_turn", "_hello_waiting", "_next_pass", "_pass_id", "_pass_bytes",
-                 "_held", "_quantum", "__weakref__")
+                 "_held", "_quantum", "_job", "_rest", "__weakref__")
 
     def __init__(self, door: JsonDoor, wire: Any, reject: Optional[str] = None) -> None:
         self.door = door
@@ -135,6 +136,12 @@ class JsonSession(DoorSession):
         self._next_pass = False  # the pass's share of requests is served: going on in the next
         self._held: Optional[Tuple[Any, Ref]] = None  # an expensive request kept for a later pass
         self._quantum = 0  # requests a held-over session may serve past the pass's share
+        # A password being checked or hashed off the loop (selchat.kdf): nothing more of this
+        # connection is served until its answer (`job_done`), so answers keep their order.
+        self._job = False
+        # The rest of an answer cut where our buffer for the client was full (a long `rooms`):
+        # asked for once the client has read the part sent, before anything else is served.
+        self._rest: Optional[Tuple[Any, Ref]] = None
         self._pass_id = -1  # the loop pass `_pass_bytes` counts for
         self._pass_bytes = 0  # request bytes served in that pass
         # A hello waiting for its address's turn to register (selchat.loop.pacing): its ticket
@@ -236,6 +243,29 @@ class JsonSession(DoorSession):
             except Exception:  # from the loop: a bug of ours loses this peer, never the server
                 transport._internal_error()
 
+    def _page_on(self, rest: Any, ref: Ref) -> None:
+        """An answer stopped where the client's buffer is full: the rest (a request) is served
+        once the client has read it (`_drained`), and nothing else before it, so answers stay
+        in order and the answer still ends as docs/protocol.md says (`more: false`)."""
+        self._rest = (rest, ref)
+        self._next_pass = True  # the serving loops stop here; `_drained` takes over
+        transport = self.transport
+        transport.pause_reading()
+        transport.wait_for_drain()
+
+    def _drained(self) -> bool:
+        """From `resume_serving`: the client read what was queued. Serve the rest of a cut
+        answer first, if there is one (True), as a request held for this pass is served."""
+        rest = self._rest
+        if rest is None:
+            return False
+        if self.transport.throttled:
+            return True  # (a debt repaid, not the drain): the transport says when it has drained
+        self._rest = None
+        self._held = rest
+        self._go_on()
+        return True
+
     def _charge_time(self, offset: int) -> float:
         start, end, fraction = self.arrivals.at(offset)  # type: ignore[union-attr]
         return end if fraction >= 1.0 else start + (end - start) * fraction
@@ -261,7 +291,7 @@ class JsonSession(DoorSession):
         leaves the queue (a churner's dead connections never take a turn); a peer that sends
         more than a little meanwhile is no longer read until its turn comes.
         """
-        if self._turn is None:
+        if self._turn is None and not self._job:
             return False
         transport = self.transport
         if transport.eof:
@@ -285,6 +315,7 @@ class JsonSession(DoorSession):
         self._handshake_timer = self._idle_timer = self._debt_timer = None
         self.door.hub.unhold(self)  # a held request dies with its connection, not the queue
         self._held = None
+        self._rest = None
         self._hello_waiting = None
         self._cancel_turn()
         self._release()
@@ -292,15 +323,18 @@ class JsonSession(DoorSession):
         self.arrivals = None
         user, self.user = self.user, None
         if user is not None:
-            self.door.hub.leave(user, "connection closed")
+            self.door.hub.leave(user, "connection closed", self)
 
     # --- for the hub and the fan-out ----------------------------------------------------------
 
     def reply(self, event: events.Event, ref: Any) -> None:
         limits = self.door.limits if type(event) is events.Welcome else None
         send = self.door.hub.fanout.send
-        for data in self.wire.frames(event, ref, limits):
+        frames = self.wire.frames(event, ref, limits)
+        for data in frames:
             send(self.transport, data)
+        if type(frames) is Page:
+            self._page_on(ListRooms(frames.rest), ref)  # (only `rooms` answers are cut)
 
     def own_message(self, msg: Message, ref: Any, shared: bytes) -> bytes:
         if ref is None:
@@ -394,9 +428,14 @@ class JsonSession(DoorSession):
             before = self.transport.out.size
             started = time.thread_time()
         try:
-            door.hub.handle(user, request, ref)  # type: ignore[arg-type]
+            if door.hub.handle(user, request, ref, self):  # type: ignore[arg-type]
+                self._job = True  # answered later: `job_done` goes on
+                return
         except ChatError as exc:
             self.send_error(exc.code, exc.message, ref)
+            return
+        if kind is Logout:
+            self._close("quit", "logged out")
             return
         if billed:
             # An expensive answer (a long room list, a page of history) costs what it
@@ -474,11 +513,51 @@ class JsonSession(DoorSession):
         if queued and transport.state is State.OPEN:
             self._serve_again()  # from the pacer's timer: what came after the hello
 
+    def job_done(self) -> None:
+        """The hub answered a request that waited for the password work: go on serving."""
+        if self._job:
+            self._job = False
+            if self.transport is not None and self.transport.state is State.OPEN:
+                self._serve_again()
+
     def _register(self, request: Hello, ref: Ref) -> None:
+        login = request.login
+        if login is None:
+            self._registered(request, ref, None)
+            return
+        self._job = True  # the password is checked off the loop: nothing else meanwhile
+        finished = False
+
+        def proved(account: Optional[str], error: Optional[ChatError]) -> None:
+            nonlocal finished
+            finished = True
+            transport = self.transport
+            if transport is None or transport.state is not State.OPEN:
+                return
+            if account is None:
+                self.send_error(error.code, error.message, ref)  # type: ignore[union-attr]
+                log.info("login failed: %s as %s: %s", transport.peer, login.account,
+                         error.code)  # type: ignore[union-attr]
+            else:
+                self._registered(request, ref, account)
+            if waited:
+                self.job_done()
+            else:
+                self._job = False
+
+        waited = False
+        self.door.hub.authenticate(login.account, login.password, login.token,
+                                   self.transport.ip, proved)
+        waited = not finished
+
+    def _registered(self, request: Hello, ref: Ref, account: Optional[str]) -> None:
         door = self.door
         try:
+            details: Dict[str, Any] = {}
+            if account is not None:
+                details = {"account": account, "remember": bool(request.login and request.login.remember)}
             self.user = door.hub.register(request.nick, self, ref, door=door.name,
-                                          origin=self.transport.ip)
+                                          origin=self.transport.ip, **details)
         except ChatError as exc:
             self.send_error(exc.code, exc.message, ref)
             return
@@ -492,7 +571,8 @@ class JsonSession(DoorSession):
             # when the hello arrived, not from now: requests sent behind it (during a stall,
             # or while it waited its turn) are charged when they came, as any others.
             self.bucket = TokenBucket(self._charge_time(self.consumed), door.rate, door.burst)
-        log.info("registered: %s as %s (client %r)", self.transport.peer, request.nick, request.client)
+        log.info("registered: %s as %s%s (client %r)", self.transport.peer, self.user.nick,
+                 f" (account {account})" if account else "", request.client)
 
     def _ref_of(self, payload: bytes) -> Ref:
         try:

@@ -13,13 +13,23 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 from selchat.core import events
 from selchat.core.names import NICK_RULE, ROOM_RULE, log_safe, shorten, text_problem, valid_nick, valid_room
 from selchat.core.requests import (
+    MODE_FLAGS,
     ChangeNick,
+    ChangePassword,
     HistoryRequest,
+    InviteUser,
     JoinRoom,
+    KickUser,
+    Kill,
     ListRooms,
+    Login,
+    Logout,
     Msg,
     PartRoom,
+    Register,
     Say,
+    SetModes,
+    SetTopic,
     Who,
 )
 from selchat.core import requests as core_requests
@@ -54,6 +64,24 @@ class ProtocolError(Exception):
 # `ref_limit`). A ping `token` needs no bound: a pong is never larger than the ping it answers.
 REF_MAX_BYTES = 1024
 REF_MIN_BYTES = 32
+# A ping `token` is echoed as it came, but the JSON writer recurses once per level of nesting:
+# a token nested near the reader's own limit was read, then could not be written back (an
+# internal error, the connection lost). Deeper than this, it is refused with `bad_request`.
+TOKEN_DEPTH_MAX = 100
+
+
+def nesting_depth(value: Any, stop: int) -> int:
+    """How deeply arrays and objects nest in `value` (0 for a scalar), counted level by level
+    without recursion; counting ends at `stop`."""
+    depth = 0
+    level = [value] if isinstance(value, (dict, list)) else []
+    while level and depth < stop:
+        depth += 1
+        inner: List[Any] = []
+        for item in level:
+            inner.extend(item.values() if isinstance(item, dict) else item)
+        level = [item for item in inner if isinstance(item, (dict, list))]
+    return depth
 
 
 def _answer_envelope() -> int:
@@ -88,6 +116,7 @@ class Hello:
     nick: str
     client: Optional[str] = None
     password: Optional[str] = None
+    login: Optional[Login] = None  # log into an account while registering
 
 
 @dataclass(frozen=True)
@@ -151,9 +180,11 @@ class _Members:
             return value
         if isinstance(value, str) and len(value) * 6 <= max_bytes:
             return value
+        if nesting_depth(value, TOKEN_DEPTH_MAX + 1) > TOKEN_DEPTH_MAX:
+            raise self._fail(f"member '{name}' is nested more than {TOKEN_DEPTH_MAX} deep")
         try:
             size = len(codec.encode_json(value))
-        except (ValueError, TypeError):
+        except (ValueError, TypeError, RecursionError):
             raise self._fail(f"member '{name}' cannot be written back as JSON") from None
         if size > max_bytes:
             raise self._fail(f"member '{name}' is longer than {max_bytes} bytes as JSON")
@@ -173,7 +204,7 @@ class Parser:
             "hello": self._hello,
             "say": self._say,
             "msg": self._msg,
-            "join": lambda m: JoinRoom(self._room(m, "room")),
+            "join": lambda m: JoinRoom(self._room(m, "room"), m.string("key", required=False)),
             "part": lambda m: PartRoom(self._room(m, "room")),
             "nick": lambda m: ChangeNick(self._nick(m, "nick")),
             "who": lambda m: Who(self._room(m, "room")),
@@ -182,6 +213,16 @@ class Parser:
             "pong": lambda m: PongReply(m.obj.get("token")),  # never echoed: taken as it is
             "quit": self._quit,
             "history": self._history,
+            "register": self._register,
+            "login": lambda m: self._login(m, m.obj),
+            "logout": lambda m: Logout(self._secret(m, "token", required=False)),
+            "password": lambda m: ChangePassword(self._secret(m, "old"),  # type: ignore[arg-type]
+                                                 self._secret(m, "new")),  # type: ignore[arg-type]
+            "topic": self._topic,
+            "kick": self._kick,
+            "invite": lambda m: InviteUser(self._room(m, "room"), self._name(m, "nick")),
+            "mode": self._mode,
+            "kill": lambda m: Kill(self._name(m, "nick"), self._reason(m)),
         }
 
     def ref_of(self, obj: Dict[str, Any]) -> Ref:
@@ -230,10 +271,84 @@ class Parser:
     def _hello(self, m: _Members) -> Hello:
         client = m.string("client", required=False)
         password = m.string("password", required=False)
+        login = m.obj.get("login")
+        if login is not None and not isinstance(login, dict):
+            raise m._fail("member 'login' must be an object {account, password or token}")
         nick = self._nick(m, "nick")
         if client is not None:
             client = log_safe(client)[:CLIENT_NAME_MAX]
-        return Hello(nick, client, password)
+        return Hello(nick, client, password, self._login(m, login) if login is not None else None)
+
+    # --- accounts and moderation (contract section 11) ------------------------------------
+
+    def _secret(self, m: _Members, name: str, required: bool = True) -> Optional[str]:
+        """A password or token: a string of bounded size (the rule is checked by the hub)."""
+        value = m.string(name, required=required)
+        if value is not None and len(value) > 1024:
+            raise ProtocolError("bad_password", f"'{name}' is too long", m.ref)
+        return value
+
+    def _name(self, m: _Members, name: str) -> str:
+        """A nick or account named by a request: checked for shape by the chat (no_such_nick)."""
+        value = m.string(name)
+        assert value is not None
+        return value[:NICK_MAX + 1]
+
+    def _login(self, m: _Members, obj: Dict[str, Any]) -> Login:
+        inner = _Members(obj, m.ref, m.kind)
+        account = self._name(inner, "account")
+        password = self._secret(inner, "password", required=False)
+        token = self._secret(inner, "token", required=False)
+        if (password is None) == (token is None):
+            raise m._fail("a login carries 'password' or 'token' (one of them)")
+        return Login(account, password, token, self._flag(inner, "remember"))
+
+    def _register(self, m: _Members) -> Register:
+        return Register(self._secret(m, "password"), self._flag(m, "remember"))  # type: ignore[arg-type]
+
+    def _reason(self, m: _Members) -> str:
+        if m.string("reason", required=False) is None:
+            return ""
+        return self._text(m, "reason", min(self.max_text, 400))
+
+    def _topic(self, m: _Members) -> SetTopic:
+        text = m.string("text")
+        room = self._room(m, "room")
+        if text:
+            text = self._text(m, "text", min(self.max_text, 390))
+        return SetTopic(room, text or "")
+
+    def _kick(self, m: _Members) -> KickUser:
+        return KickUser(self._room(m, "room"), self._name(m, "nick"), self._reason(m))
+
+    def _mode(self, m: _Members) -> SetModes:
+        room = self._room(m, "room")
+        changes = m.obj.get("set")
+        if changes is None:
+            return SetModes(room)
+        if not isinstance(changes, dict):
+            raise m._fail("member 'set' must be an object")
+        out: List[Tuple[str, object]] = []
+        for name, value in changes.items():
+            if name in MODE_FLAGS:
+                if not isinstance(value, bool):
+                    raise m._fail(f"mode '{name}' must be true or false")
+            elif name == "key":
+                if value is not None and not isinstance(value, str):
+                    raise m._fail("mode 'key' must be a string or null")
+            elif name == "limit":
+                if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                          or not 1 <= value <= 1 << 31):
+                    raise m._fail("mode 'limit' must be a member count (1 or more) or null")
+            elif name in ("op", "deop", "voice", "devoice", "ban", "unban"):
+                if (not isinstance(value, list) or len(value) > 100
+                        or not all(isinstance(v, str) for v in value)):
+                    raise m._fail(f"mode '{name}' must be a list of at most 100 strings")
+                value = tuple(v[:200] for v in value)
+            else:
+                raise m._fail(f"unknown mode {shorten(str(name))!r}")
+            out.append((name, value))
+        return SetModes(room, tuple(out))
 
     def _say(self, m: _Members) -> Say:
         m.string("text")  # shape errors before name errors, whatever the member order
@@ -271,6 +386,8 @@ class Parser:
             limit = HISTORY_LIMIT_DEFAULT
         elif not 1 <= limit <= HISTORY_LIMIT_MAX:
             raise ProtocolError("bad_request", f"history: limit must be 1..{HISTORY_LIMIT_MAX}", m.ref)
+        if "with" in m.obj and "room" not in m.obj:
+            return HistoryRequest("", before, limit, with_=self._name(m, "with"))
         room = self._room(m, "room")
         return HistoryRequest(room, before, limit)
 
@@ -289,7 +406,13 @@ def message_object(msg: events.Message) -> Dict[str, Any]:
         obj["action"] = True
     if msg.notice:
         obj["notice"] = True
+    if msg.account is not None:
+        obj["account"] = msg.account
     return obj
+
+
+def _mode_set(changes: Any) -> Dict[str, Any]:
+    return {name: (list(value) if isinstance(value, tuple) else value) for name, value in changes}
 
 
 def _with_ref(obj: Dict[str, Any], ref: Ref) -> Dict[str, Any]:
@@ -305,6 +428,8 @@ def event_object(event: events.Event, ref: Ref = None) -> Dict[str, Any]:
         obj = message_object(event)
     elif isinstance(event, events.Join):
         obj = {"type": "join", "room": event.room, "nick": event.nick}
+        if event.account is not None:
+            obj["account"] = event.account
     elif isinstance(event, events.Part):
         obj = {"type": "part", "room": event.room, "nick": event.nick}
     elif isinstance(event, events.Quit):
@@ -313,16 +438,13 @@ def event_object(event: events.Event, ref: Ref = None) -> Dict[str, Any]:
         obj = {"type": "nick", "old": event.old, "new": event.new}
     elif isinstance(event, events.Names):
         obj = {"type": "names", "room": event.room, "nicks": list(event.nicks),
-               "operators": list(event.operators), "more": False}
+               "operators": list(event.operators), "voiced": list(event.voiced), "more": False}
+        if event.accounts:
+            obj["accounts"] = dict(event.accounts)
     elif isinstance(event, events.RoomList):
         obj = {"type": "rooms", "rooms": [{"name": r.name, "members": r.members} for r in event.rooms]}
     elif isinstance(event, events.History):
-        obj = {
-            "type": "history",
-            "room": event.room,
-            "messages": [message_object(m) for m in event.messages],
-            "more": event.more,
-        }
+        obj = _history_head(event, [message_object(m) for m in event.messages])
     elif isinstance(event, events.Pong):
         obj = {"type": "pong"}
         if event.token is not None:
@@ -335,6 +457,30 @@ def event_object(event: events.Event, ref: Ref = None) -> Dict[str, Any]:
         obj = {"type": "error", "code": event.code, "message": event.message}
     elif isinstance(event, events.Welcome):
         obj = {"type": "welcome", "nick": event.nick, "server": event.server, "motd": event.motd}
+        if event.account is not None:
+            obj["account"] = event.account
+        if event.token is not None:
+            obj["token"] = event.token
+    elif isinstance(event, events.AccountInfo):
+        obj = {"type": "account", "account": event.account, "nick": event.nick}
+        if event.token is not None:
+            obj["token"] = event.token
+    elif isinstance(event, events.AccountChange):
+        obj = {"type": "account", "nick": event.nick, "account": event.account}
+    elif isinstance(event, events.Topic):
+        obj = {"type": "topic", "room": event.room, "text": event.text, "by": event.by, "ts": event.ts}
+    elif isinstance(event, events.Kick):
+        obj = {"type": "kick", "room": event.room, "nick": event.nick, "by": event.by,
+               "reason": event.reason}
+    elif isinstance(event, events.Invite):
+        obj = {"type": "invite", "room": event.room, "by": event.by}
+        if event.nick:
+            obj["nick"] = event.nick
+    elif isinstance(event, events.ModeChange):
+        obj = {"type": "mode", "room": event.room, "by": event.by, "set": _mode_set(event.changes)}
+    elif isinstance(event, events.ModeInfo):
+        obj = {"type": "mode", "room": event.room, "set": _mode_set(event.modes),
+               "bans": list(event.bans)}
     else:  # pragma: no cover - a new event type without a wire form is a bug here
         raise TypeError(f"no wire form for {event!r}")
     return _with_ref(obj, ref)
@@ -365,6 +511,8 @@ def _encode_names(event: events.Names, ref: Ref, max_frame: int) -> List[bytes]:
     frames: List[bytes] = []
     nicks = list(event.nicks)
     operators = set(event.operators)
+    voiced = set(event.voiced)
+    accounts = dict(event.accounts)
     start = 0
     while True:
         count = min(NAMES_CHUNK, len(nicks) - start)
@@ -372,8 +520,12 @@ def _encode_names(event: events.Names, ref: Ref, max_frame: int) -> List[bytes]:
             chunk = nicks[start : start + count]
             last = start + count >= len(nicks)
             ops = [n for n in chunk if n in operators] if operators else []
-            obj = _with_ref({"type": "names", "room": event.room, "nicks": chunk,
-                             "operators": ops, "more": not last}, ref)
+            obj = {"type": "names", "room": event.room, "nicks": chunk, "operators": ops,
+                   "voiced": [n for n in chunk if n in voiced] if voiced else [],
+                   "more": not last}
+            if accounts:
+                obj["accounts"] = {n: accounts[n] for n in chunk if n in accounts}
+            _with_ref(obj, ref)
             try:
                 frames.append(codec.encode(obj, max_frame))
                 break
@@ -417,14 +569,25 @@ def _room_fragment(room: events.RoomInfo) -> bytes:
     return fragment
 
 
+class Page(List[bytes]):
+    """The frames of an answer cut where the client's buffer is full; `rest` is the offset the
+    answer goes on from (the session asks for it once the client has read these)."""
+
+    def __init__(self, frames: List[bytes], rest: int) -> None:
+        super().__init__(frames)
+        self.rest = rest
+
+
 def _encode_rooms(event: events.RoomList, ref: Ref, max_frame: int,
                   budget: Optional[int] = None) -> List[bytes]:
     """The rooms from `event.offset` on, in as many `rooms` events as fit in `max_frame` each.
 
     All but the last say `more: true`. **(our choice)** When the whole list would take more than
-    `budget` bytes (what the client's buffer can hold), the answer stops there: its last event
-    says `more: true` and `next: N`, and `rooms {offset: N}` asks for the rest. Only the rooms
-    sent are read from the list, so a page costs the page however many rooms exist.
+    `budget` bytes (what the client's buffer can hold), this page stops there, still saying
+    `more: true`, and the frames come as a `Page` whose `rest` is the offset of the next page:
+    the session sends it once the client has read this one, so the answer still ends with
+    `more: false`. Only the rooms sent are read from the list, so a page costs the page
+    however many rooms exist.
     """
     rooms = event.rooms
     head = b'{"type":"rooms","rooms":['
@@ -457,9 +620,8 @@ def _encode_rooms(event: events.RoomList, ref: Ref, max_frame: int,
         last = stop >= count
         out_of_budget = budget is not None and total + len(body) + 64 > budget and frames
         if out_of_budget:
-            # The frame before is the last of this answer: it says where to go on from.
-            frames[-1] = _with_next(frames[-1], start, ref_part, max_frame)
-            return frames
+            # The frame before is the last of this page; the session goes on from `start`.
+            return Page(frames, start)
         ending = (b'],"more":false' + ref_part + b"}") if last else end_more
         payload = body + ending
         frames.append(codec.frame(payload, max_frame))
@@ -469,18 +631,15 @@ def _encode_rooms(event: events.RoomList, ref: Ref, max_frame: int,
         start = stop
 
 
-def _with_next(frame_bytes: bytes, next_offset: int, ref_part: bytes, max_frame: int) -> bytes:
-    """A `rooms` frame ending in `more: true`, given `next` too."""
-    payload = frame_bytes[codec.HEADER:]
-    tail = b'],"more":true' + ref_part + b"}"
-    assert payload.endswith(tail)
-    payload = payload[: -len(tail)] + b'],"more":true,"next":' + str(next_offset).encode() + ref_part + b"}"
-    return codec.frame(payload, max_frame)
+def _history_head(event: events.History, messages: List[Dict[str, Any]]) -> Dict[str, Any]:
+    if event.with_ is not None:
+        return {"type": "history", "with": event.with_, "messages": messages, "more": event.more}
+    return {"type": "history", "room": event.room, "messages": messages, "more": event.more}
 
 
 def _encode_history(event: events.History, ref: Ref, max_frame: int) -> bytes:
     messages = [message_object(m) for m in event.messages]
-    obj = _with_ref({"type": "history", "room": event.room, "messages": messages, "more": event.more}, ref)
+    obj = _with_ref(_history_head(event, messages), ref)
     try:
         return codec.encode(obj, max_frame)
     except codec.EncodeError:

@@ -88,6 +88,8 @@ class FramedSession(JsonSession):
         self._serve()
 
     def resume_serving(self) -> None:
+        if self._drained():
+            return  # (it serves what is buffered too, once the rest of an answer is sent)
         if self.decoder.buffered or self.transport.eof:
             self._serve()
 

@@ -29,7 +29,7 @@ from wsproto.frame_protocol import FrameProtocol
 from selchat.core import events
 from selchat.core.events import Message
 from selchat.doors.framed import codec
-from selchat.doors.framed.protocol import encode_event, message_object
+from selchat.doors.framed.protocol import Page, encode_event, message_object
 from selchat.doors.jsonsession import (
     CLOSE_PROTOCOL_ERROR,
     CLOSE_TOO_BIG,
@@ -81,7 +81,9 @@ class WebWire:
 
     def frames(self, event: events.Event, ref: Any, limits: Optional[Dict[str, Any]] = None) -> List[bytes]:
         """One session's own copy of `event`, with its `ref` (and the limits in a welcome)."""
-        return [self._from_framed(f) for f in encode_event(event, ref, self.max_frame, limits, self.budget)]
+        framed = encode_event(event, ref, self.max_frame, limits, self.budget)
+        frames = [self._from_framed(f) for f in framed]
+        return Page(frames, framed.rest) if type(framed) is Page else frames
 
 
 @dataclass
@@ -159,7 +161,8 @@ class WebSession(JsonSession):
         self._serve()
 
     def resume_serving(self) -> None:
-        self._serve()
+        if not self._drained():  # (the rest of a cut answer first; it serves the others after)
+            self._serve()
 
     def _release(self) -> None:
         self.http = None
