@@ -1,0 +1,275 @@
+"""selchat.loop.worker with real child processes (tests/worker_child.py), in a real reactor.
+
+Every wait is a loop of reactor passes until a condition holds or a deadline passes; nothing
+sleeps. What is pinned: answers come back in order, `done` is called exactly once and never
+from inside `submit`, a full queue is refused, a child that dies, hangs, fails a job or talks
+nonsense costs only its own jobs and is replaced, `close()` leaves no process behind, and
+the loop keeps running while a child works.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Callable, Dict, Iterator, List, Optional
+
+import pytest
+
+from selchat.loop.reactor import Reactor
+from selchat.loop.worker import WorkerPool
+
+TESTS = Path(__file__).resolve().parent
+ROOT = TESTS.parent
+DEADLINE = 20.0
+
+
+def child_env(**extra: str) -> Dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env.update(extra)
+    return env
+
+
+def run_until(reactor: Reactor, cond: Callable[[], bool], timeout: float = DEADLINE) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition not met before the deadline"
+        reactor.run_once(timeout=0.05)
+
+
+def gone(pid: int) -> bool:
+    """The process no longer exists (reaped: not even a zombie)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+@pytest.fixture
+def reactor() -> Iterator[Reactor]:
+    r = Reactor()
+    yield r
+    r.close()
+
+
+@pytest.fixture
+def make_pool(reactor: Reactor) -> Iterator[Callable[..., WorkerPool]]:
+    made: List[WorkerPool] = []
+
+    def make(**kwargs: object) -> WorkerPool:
+        env = kwargs.pop("env", None) or child_env()
+        kwargs.setdefault("restart_min", 0.05)
+        pool = WorkerPool(reactor, kwargs.pop("module", "worker_child"), env=env,  # type: ignore[arg-type]
+                          cwd=str(TESTS), **kwargs)  # type: ignore[arg-type]
+        made.append(pool)
+        return pool
+
+    yield make
+    for pool in made:
+        pool.close()
+
+
+class Answers:
+    """Collects answers by job name, and proves each job is answered once."""
+
+    def __init__(self) -> None:
+        self.got: Dict[str, Optional[bytes]] = {}
+        self.order: List[str] = []
+
+    def __call__(self, name: str) -> Callable[[Optional[bytes]], None]:
+        def done(answer: Optional[bytes]) -> None:
+            assert name not in self.got, f"{name} answered twice"
+            self.got[name] = answer
+            self.order.append(name)
+        return done
+
+    def has(self, *names: str) -> Callable[[], bool]:
+        return lambda: all(n in self.got for n in names)
+
+
+def test_answers_come_back_in_order(reactor: Reactor, make_pool: Callable[..., WorkerPool]) -> None:
+    pool = make_pool()
+    answers = Answers()
+    names = [f"j{i}" for i in range(50)]
+    for name in names:
+        assert pool.submit(b"echo:" + name.encode(), answers(name))
+    assert answers.got == {}  # never from inside submit
+    run_until(reactor, answers.has(*names))
+    assert answers.order == names
+    assert all(answers.got[n] == n.encode() for n in names)
+    assert pool.pending == 0 and pool.answered == 50
+
+
+def test_a_large_request_and_answer_cross_the_pipes(reactor: Reactor, make_pool: Callable[..., WorkerPool]) -> None:
+    pool = make_pool()
+    answers = Answers()
+    big = os.urandom(300_000).hex().encode()[:500_000]  # far beyond a pipe's 64 KiB
+    assert pool.submit(b"echo:" + big, answers("big"))
+    run_until(reactor, answers.has("big"))
+    assert answers.got["big"] == big
+
+
+def test_killing_a_child_mid_job_fails_its_jobs_and_the_next_job_works(
+        reactor: Reactor, make_pool: Callable[..., WorkerPool]) -> None:
+    pool = make_pool()
+    answers = Answers()
+    pool.submit(b"pid", answers("pid"))
+    run_until(reactor, answers.has("pid"))
+    pid = int(answers.got["pid"] or b"0")
+    assert pool.pids() == [pid]
+    pool.submit(b"sleep:30", answers("slow"))
+    pool.submit(b"echo:behind", answers("behind"))
+    reactor.run_once(timeout=0.05)  # the jobs are in the pipe
+    os.kill(pid, signal.SIGKILL)
+    run_until(reactor, answers.has("slow", "behind"))
+    assert answers.got["slow"] is None and answers.got["behind"] is None
+    pool.submit(b"echo:after", answers("after"))
+    run_until(reactor, answers.has("after"))
+    assert answers.got["after"] == b"after"
+    assert pool.restarts == 1 and pool.pids() != [pid]
+    run_until(reactor, lambda: gone(pid))  # the dead child was reaped, not left a zombie
+
+
+def test_a_full_queue_is_refused(reactor: Reactor, make_pool: Callable[..., WorkerPool]) -> None:
+    pool = make_pool(max_pending=3)
+    answers = Answers()
+    for i in range(3):
+        assert pool.submit(b"sleep:0.2", answers(f"s{i}"))
+    refused = Answers()
+    assert not pool.submit(b"echo:x", refused("x"))
+    assert pool.pending == 3
+    run_until(reactor, answers.has("s0"))
+    assert pool.submit(b"echo:y", answers("y"))  # room again
+    run_until(reactor, answers.has("s1", "s2", "y"))
+    assert refused.got == {}  # a refused job is never answered
+
+
+def test_close_fails_what_is_pending_and_leaves_no_child(
+        reactor: Reactor, make_pool: Callable[..., WorkerPool]) -> None:
+    pool = make_pool(workers=3)
+    answers = Answers()
+    for i in range(3):
+        pool.submit(b"pid", answers(f"p{i}"))
+    run_until(reactor, answers.has("p0", "p1", "p2"))
+    pids = pool.pids()
+    assert len(set(pids)) == 3
+    for i in range(8):
+        pool.submit(b"sleep:30", answers(f"s{i}"))
+    reactor.run_once(timeout=0.05)
+    started = time.monotonic()
+    pool.close()
+    assert time.monotonic() - started < 2.0
+    assert all(answers.got[f"s{i}"] is None for i in range(8))
+    assert all(gone(pid) for pid in pids)
+    assert pool.pids() == []
+    assert not pool.submit(b"echo:late", answers("late"))
+
+
+def test_a_job_that_raises_fails_alone(reactor: Reactor, make_pool: Callable[..., WorkerPool]) -> None:
+    pool = make_pool()
+    answers = Answers()
+    pool.submit(b"pid", answers("before"))
+    pool.submit(b"raise", answers("bad"))
+    pool.submit(b"pid", answers("after"))
+    run_until(reactor, answers.has("before", "bad", "after"))
+    assert answers.got["bad"] is None
+    assert answers.got["before"] == answers.got["after"]  # the same child served on
+    assert pool.restarts == 0
+
+
+def test_a_child_that_exits_fails_its_jobs_and_is_replaced(
+        reactor: Reactor, make_pool: Callable[..., WorkerPool]) -> None:
+    pool = make_pool()
+    answers = Answers()
+    pool.submit(b"exit", answers("exit"))
+    run_until(reactor, answers.has("exit"))
+    assert answers.got["exit"] is None
+    pool.submit(b"echo:ok", answers("ok"))
+    run_until(reactor, answers.has("ok"))
+    assert answers.got["ok"] == b"ok"
+
+
+def test_a_hung_child_is_killed_at_the_job_timeout(reactor: Reactor, make_pool: Callable[..., WorkerPool]) -> None:
+    pool = make_pool(job_timeout=0.3)
+    answers = Answers()
+    pool.submit(b"sleep:60", answers("hung"))
+    run_until(reactor, answers.has("hung"), timeout=10)
+    assert answers.got["hung"] is None
+    pool.submit(b"echo:next", answers("next"))
+    run_until(reactor, answers.has("next"))
+    assert answers.got["next"] == b"next"
+
+
+def test_a_child_that_sends_garbage_is_replaced(reactor: Reactor, make_pool: Callable[..., WorkerPool]) -> None:
+    pool = make_pool(env=child_env(WORKER_CHILD_GARBAGE="1"))
+    answers = Answers()
+    pool.submit(b"echo:a", answers("a"))
+    run_until(reactor, answers.has("a"))
+    assert answers.got["a"] is None
+    assert pool.restarts >= 1
+
+
+def test_a_child_that_cannot_start_fails_jobs_instead_of_holding_them(
+        reactor: Reactor, make_pool: Callable[..., WorkerPool]) -> None:
+    pool = make_pool(module="no_such_module_here", restart_min=0.05, restart_max=0.2)
+    answers = Answers()
+    names = [f"j{i}" for i in range(6)]
+    for name in names:
+        assert pool.submit(b"echo:x", answers(name))
+    run_until(reactor, answers.has(*names))
+    assert all(answers.got[n] is None for n in names)
+    assert pool.pending == 0
+
+
+def test_jobs_go_to_a_free_child(reactor: Reactor, make_pool: Callable[..., WorkerPool]) -> None:
+    pool = make_pool(workers=2, pipeline=1)
+    answers = Answers()
+    pool.submit(b"sleep:0.3", answers("a"))
+    pool.submit(b"pid", answers("b"))  # not behind the sleeper: the other child is free
+    run_until(reactor, answers.has("b"))
+    assert "a" not in answers.got
+    run_until(reactor, answers.has("a"))
+
+
+def test_the_loop_runs_on_while_a_child_works(reactor: Reactor, make_pool: Callable[..., WorkerPool]) -> None:
+    pool = make_pool()
+    answers = Answers()
+    pool.submit(b"pid", answers("warm"))
+    run_until(reactor, answers.has("warm"))  # the child is up
+    ticks: List[float] = []
+
+    def tick(_: object) -> None:
+        ticks.append(time.monotonic())
+        if "spin" not in answers.got:
+            reactor.call_later(0.01, tick)
+
+    pool.submit(b"spin:0.5", answers("spin"))
+    reactor.call_later(0.01, tick)
+    run_until(reactor, answers.has("spin"))
+    assert answers.got["spin"] == b"spun"
+    assert len(ticks) >= 10  # timers kept firing through half a second of the child's CPU
+    assert max(b - a for a, b in zip(ticks, ticks[1:])) < 0.25
+
+
+def test_a_callback_that_raises_does_not_break_the_pool(
+        reactor: Reactor, make_pool: Callable[..., WorkerPool]) -> None:
+    pool = make_pool()
+    answers = Answers()
+
+    def bad(answer: Optional[bytes]) -> None:
+        raise RuntimeError("a bug in the caller")
+
+    pool.submit(b"echo:1", bad)
+    pool.submit(b"echo:2", answers("2"))
+    run_until(reactor, answers.has("2"))
+    assert answers.got["2"] == b"2" and pool.pending == 0
+
+
+def test_a_request_over_the_size_limit_is_a_caller_error(make_pool: Callable[..., WorkerPool]) -> None:
+    pool = make_pool(max_message=100)
+    with pytest.raises(ValueError):
+        pool.submit(b"x" * 101, lambda answer: None)
+    assert pool.pending == 0
