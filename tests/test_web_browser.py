@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 import zlib
 from pathlib import Path
 from typing import Iterator, List
@@ -71,9 +72,24 @@ def url_of(srv) -> str:
     return f"http://127.0.0.1:{web_port(srv)}/"
 
 
-def nick_class(nick: str) -> str:
-    """The page's hue slot: the terminal client's hash (CRC-32 of the lower-cased nick), mod 16."""
-    return f"n{zlib.crc32(nick.lower().encode()) % 16}"
+PALETTE = 32
+
+
+def nick_colours(members: List[str]) -> dict:
+    """The page's colour slots for a room's members: each, in folded-name order, takes the
+    first slot free from its own (CRC-32 of the folded nick, mod 32). Written from docs/web.md."""
+    taken: set = set()
+    out = {}
+    for key in sorted({m.lower() for m in members}):
+        base = zlib.crc32(key.encode()) % PALETTE
+        slot = next((s % PALETTE for s in range(base, base + PALETTE) if s % PALETTE not in taken), base)
+        taken.add(slot)
+        out[key] = f"c{slot}"
+    return out
+
+
+def nick_class(nick: str, members: List[str]) -> str:
+    return nick_colours(members)[nick.lower()]
 
 
 # --- tests ----------------------------------------------------------------------------------
@@ -126,7 +142,8 @@ def test_four_doors_share_a_room(start_server, pages) -> None:
             page.shows("#den", "hello from the terminal")
         line = bob.message("#den", "hello from irc")
         expect(line.locator(".nick")).to_have_text("ircy")
-        expect(line.locator(".nick")).to_have_class(re.compile(rf"\b{nick_class('ircy')}\b"))
+        expect(line.locator(".nick")).to_have_class(
+            re.compile(rf"\b{nick_class('ircy', ['alice', 'bob', 'ircy', 'termy'])}\b"))
         expect(line.locator(".time")).to_have_text(re.compile(r"^\d\d:\d\d$"))
 
         # /me both ways.
@@ -406,6 +423,11 @@ def test_screenshots_and_phone_layout(start_server, pages, tmp_path) -> None:
         irc.close()
     expect(desk.log("#selchat").locator(".line.system").filter(has_text="dave quit")).to_have_count(1)
     desk.page.screenshot(path=str(out / "web-desktop.png"))
+    # The key hint at the foot of the sidebar is one line, not cut, at 1280 px.
+    hint = desk.page.locator(".sidebar-keys").evaluate(
+        "el => [el.scrollWidth, el.clientWidth, el.getBoundingClientRect().height,"
+        " parseFloat(getComputedStyle(el).lineHeight) || parseFloat(getComputedStyle(el).fontSize) * 1.45]")
+    assert hint[0] <= hint[1] and hint[2] < 1.5 * hint[3] + 17, hint  # 1rem of padding above
     phone.page.screenshot(path=str(out / "web-phone.png"))
 
     # Usable at 390 px: nothing wider than the screen, the input and the rooms within reach.
@@ -453,3 +475,170 @@ def test_a_password_newly_required_brings_back_the_login_form(start_server, page
     page.keyboard.press("Enter")
     expect(alice.conn).to_have_attribute("data-state", "online")
     expect(page.locator("#me-nick")).to_have_text("alice")
+
+
+# --- issue 20: days, colours, reconnecting, reloading, nick errors ----------------------------
+
+DAY_MS = 24 * 3600 * 1000
+
+
+def test_day_separators_and_the_full_date_on_hover(start_server, pages) -> None:
+    """A line from another day than the line before it gets a separator with that day; the
+    time of every line shows the full date on hover. The page's clock is moved so that the
+    server's messages (stamped with the real time) fall on another day than the page's."""
+    srv = start_server("--web-port", "0")
+    url = url_of(srv)
+    (bob,) = pages(url, 1)
+    bob.open().login("bob")
+    bob.type("said today")
+    now_ms = bob.page.evaluate("Date.now()")
+    (alice,) = pages(url, 1)
+    # alice's page lives a day behind: her join line is "yesterday" for the server's messages.
+    alice.page.clock.set_fixed_time(now_ms - DAY_MS)
+    alice.open().login("alice")
+    real_day = alice.page.evaluate(
+        "ms => new Date(ms).toLocaleDateString(undefined, {weekday: 'long', year: 'numeric', month: 'long', day: 'numeric'})",
+        now_ms)
+    # The history of #lobby ("said today") is from her tomorrow: a separator above it, and one
+    # more above her own join line, which comes after it in the log and is a day earlier.
+    days = alice.log("#lobby").locator(".divider.day")
+    expect(days).to_have_count(2)
+    expect(days.first).to_have_text(real_day)
+    bob.type("still today")
+    alice.shows("#lobby", "still today")
+    expect(days).to_have_count(3)
+    expect(days.last).to_have_text(real_day)
+    # Hover: weekday, date, time with seconds.
+    title = alice.message("#lobby", "still today").locator(".time").get_attribute("title")
+    assert title is not None and real_day.split(",")[0] in title and re.search(r"\d\d:\d\d:\d\d", title), title
+    # On bob's page everything is today: no separator at all.
+    expect(bob.log("#lobby").locator(".divider.day")).to_have_count(0)
+
+
+def test_nick_colours_differ_within_a_room_and_agree_across_pages(start_server, pages) -> None:
+    """Four nicks whose own colour slot is the same (CRC-32 mod 32 = 5) get four colours, the
+    same on both pages, in the member list and on their lines."""
+    nicks = ["aix", "bqx", "cgx", "dbx"]
+    assert len({zlib.crc32(n.encode()) % PALETTE for n in nicks}) == 1
+    srv = start_server("--web-port", "0", "--irc-port", "0")
+    url = url_of(srv)
+    a, b = pages(url, 2)
+    a.open().login("aix")
+    b.open().login("bqx")
+    irc = [IrcPeer(irc_port(srv), n) for n in ("cgx", "dbx")]
+    try:
+        for peer in irc:
+            peer.join("#lobby")
+        want = nick_colours(nicks)
+        assert len(set(want.values())) == 4
+        for page in (a, b):
+            expect(page.page.locator("#member-list li")).to_have_count(4)
+            for nick in nicks:
+                span = page.page.locator(f'#member-list li[data-nick="{nick}"] .nc')
+                expect(span).to_have_class(re.compile(rf"\b{want[nick]}\b"))
+        irc[1].say("#lobby", "colours?")
+        line = a.message("#lobby", "colours?")
+        expect(line.locator(".nick")).to_have_class(re.compile(rf"\b{want['dbx']}\b"))
+        # dbx leaves: its lines keep the colour they had; the others keep theirs.
+        irc[1].close()
+        expect(a.page.locator("#member-list li")).to_have_count(3)
+        expect(line.locator(".nick")).to_have_class(re.compile(rf"\b{want['dbx']}\b"))
+    finally:
+        irc[0].close()
+
+
+def test_reconnects_within_a_second_of_the_server_being_back(start_server, pages, tmp_path) -> None:
+    db = str(tmp_path / "chat.db")
+    srv = start_server("--web-port", "0", "--db", db)
+    port = web_port(srv)
+    (alice,) = pages(f"http://127.0.0.1:{port}/", 1)
+    attempts: List[float] = []
+    alice.page.on("websocket", lambda ws: attempts.append(time.monotonic()))
+    alice.open().login("alice")
+    srv.stop()
+    expect(alice.conn).to_contain_text("retrying")
+    # Let the waits grow to their cap: five failed tries (about 3 s).
+    start = len(attempts)
+    deadline = time.monotonic() + 15
+    while len(attempts) < start + 5 and time.monotonic() < deadline:
+        alice.page.wait_for_timeout(100)
+    assert len(attempts) >= start + 5, attempts
+    gaps = [b - a for a, b in zip(attempts[start:], attempts[start + 1:])]
+    assert max(gaps) < 1.6, gaps  # capped at 1 s (plus the failed connect)
+    srv2 = start_server("--web-port", str(port), "--db", db)
+    assert web_port(srv2) == port
+    back = time.monotonic()
+    expect(alice.conn).to_have_attribute("data-state", "online", timeout=5000)
+    took = time.monotonic() - back
+    print(f"online {took:.2f} s after the server was listening again; gaps between tries {gaps}")
+    assert took < 1.5, took
+
+
+def test_a_reload_keeps_rooms_conversations_and_the_current_view(start_server, pages) -> None:
+    srv = start_server("--web-port", "0")
+    alice, bob = pages(url_of(srv), 2)
+    alice.open().login("alice")
+    bob.open().login("bob")
+    alice.join("#one")
+    alice.type("said in one")
+    alice.join("#two")
+    alice.type("/part #lobby")
+    expect(alice.item("#lobby")).to_have_count(0)
+    alice.type("/query bob")
+    alice.type("hello bob")
+    bob.shows("alice", "hello bob")
+    alice.item("#two").click()
+    expect(alice.item("#two")).to_have_class(CURRENT)
+
+    alice.page.reload()
+    expect(alice.conn).to_have_attribute("data-state", "online")
+    expect(alice.page.locator("#login")).to_be_hidden()
+    expect(alice.page.locator("#me-nick")).to_have_text("alice")
+    expect(alice.page.locator("#room-list .view-item")).to_have_text(["#one", "#two"])
+    expect(alice.page.locator("#query-list .view-item")).to_have_text(["bob"])
+    expect(alice.item("#two")).to_have_class(CURRENT)
+    expect(alice.input).to_be_focused()
+    alice.shows("#one", "said in one")  # the room's history comes back with the join
+    expect(alice.page.locator("#member-list li")).to_have_text(["@alice"])
+    alice.type("back after a reload")
+    alice.item("bob").click()
+    alice.type("still here")
+    bob.shows("alice", "still here")
+    # /quit forgets it: a reload then shows the nickname field.
+    alice.type("/quit")
+    expect(alice.page.locator("#login-nick")).to_be_focused()
+    alice.page.reload()
+    expect(alice.page.locator("#login-nick")).to_be_focused()
+    expect(alice.page.locator("#app")).to_be_hidden()
+
+
+def test_nick_errors_say_what_is_wrong_and_suggest_one(start_server, pages) -> None:
+    srv = start_server("--web-port", "0")
+    (alice,) = pages(url_of(srv), 1)
+    alice.open()
+    field = alice.page.locator("#login-nick")
+    error = alice.page.locator("#login-error")
+    cases = [
+        ("john smith", "cannot contain spaces", "john_smith"),
+        ("zo\u00eb\U0001F600", "cannot contain \u201c\u00eb\u201d \u201c\U0001F600\u201d", "zoe"),
+        ("2fast", "cannot start with a digit", "_2fast"),
+        ("-dash", "cannot start with a digit or ‘-’", "dash"),
+    ]
+    # (The field takes at most 32 characters, so a longer nick cannot be typed here.)
+    for typed, why, suggestion in cases:
+        field.fill(typed)
+        field.press("Enter")
+        expect(error).to_contain_text(why)
+        expect(alice.page.locator("#login-suggest")).to_have_text(f"Use \u201c{suggestion}\u201d")
+        expect(field).to_be_focused()
+    alice.page.locator("#login-suggest").click()
+    expect(field).to_have_value("dash")
+    field.fill("")
+    alice.login("alice")
+    # In the chat, /nick with a bad nick explains and puts the suggestion in the input.
+    alice.page.keyboard.type("/nick bad nick")
+    alice.page.keyboard.press("Enter")
+    expect(alice.current_log().locator(".line.error").last).to_contain_text("cannot contain spaces")
+    expect(alice.input).to_have_value("/nick bad_nick")
+    alice.page.keyboard.press("Enter")
+    expect(alice.page.locator("#me-nick")).to_have_text("bad_nick")

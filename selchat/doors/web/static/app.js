@@ -15,6 +15,9 @@
   const INPUT_HISTORY_MAX = 100;
   const NOTIFY_KEY = "selchat.notify";
   const NICK_KEY = "selchat.nick";
+  const SESSION_KEY = "selchat.session"; // per tab: what a reload puts back
+  const NICK_MAX = 32;
+  const NICK_CHAR = /^[A-Za-z0-9_\-[\]{}\\|^]$/;
 
   const COMMANDS = [
     ["/join #room", "join a room and show it"],
@@ -66,13 +69,69 @@
     return t;
   })();
 
-  /** The same colour for a nick everywhere: CRC-32 of the lower-cased nick (the terminal
-   * client's hash), here into sixteen hues. */
-  function nickClass(nick) {
+  const PALETTE = 32; // colour slots .c0 .. .c31 in style.css
+
+  /** CRC-32 of the folded nick (the terminal client's hash): a nick's own colour slot. */
+  function nickHash(nick) {
     const bytes = new TextEncoder().encode(fold(nick));
     let c = 0xffffffff;
     for (const b of bytes) c = CRC_TABLE[(c ^ b) & 0xff] ^ (c >>> 8);
-    return "nc n" + (((c ^ 0xffffffff) >>> 0) % 16);
+    return (c ^ 0xffffffff) >>> 0;
+  }
+
+  /** Colours for the members of a room that no two of them share (while there are fewer
+   * than PALETTE): each, in folded-name order, takes the first free slot from its own. A
+   * function of the member list alone, so every device in the room shows the same colours. */
+  function assignColours(nicks) {
+    const keys = Array.from(new Set(nicks.map(fold))).sort();
+    const taken = new Set();
+    const out = new Map();
+    for (const key of keys) {
+      const base = nickHash(key) % PALETTE;
+      let slot = base;
+      for (let k = 0; k < PALETTE; k++) {
+        const s = (base + k) % PALETTE;
+        if (!taken.has(s)) {
+          slot = s;
+          break;
+        }
+      }
+      taken.add(slot);
+      out.set(key, slot);
+    }
+    return out;
+  }
+
+  /** What is wrong with a nick, in words, and a valid one to suggest; null when it is fine.
+   * The rule is the server's (protocol.md, "Names"): 1..32 of A-Z a-z 0-9 _ - [ ] { } \ | ^,
+   * not starting with a digit or '-'. */
+  function nickProblem(nick) {
+    if (!nick) return { why: "Choose a nickname.", suggestion: "" };
+    const chars = Array.from(nick);
+    const whys = [];
+    if (/\s/.test(nick)) whys.push("cannot contain spaces");
+    const bad = Array.from(new Set(chars.filter((c) => !/\s/.test(c) && !NICK_CHAR.test(c))));
+    if (bad.length) {
+      const shown = bad.slice(0, 4).map((c) => `\u201c${c}\u201d`).join(" ");
+      whys.push(`cannot contain ${shown}` + (bad.length > 4 ? " and others" : "") + " (only letters A-Z, digits and _ - [ ] { } \\ | ^)");
+    }
+    if (/^[0-9-]/.test(nick)) whys.push("cannot start with a digit or \u2018-\u2019");
+    if (chars.length > NICK_MAX) whys.push(`is at most ${NICK_MAX} characters (this one has ${chars.length})`);
+    if (!whys.length) return null;
+    const last = whys.pop();
+    const why = "A nickname " + (whys.length ? whys.join(", ") + " and " : "") + last + ".";
+    return { why, suggestion: suggestNick(nick) };
+  }
+
+  /** The nearest valid nick: spaces become _, accents are dropped from their letters, other
+   * characters go, no digit or '-' first, at most 32. "" when nothing is left. */
+  function suggestNick(nick) {
+    let s = nick.trim().replace(/\s+/g, "_");
+    s = s.normalize("NFKD").replace(/[\u0300-\u036f]/g, "");
+    s = Array.from(s).filter((c) => NICK_CHAR.test(c)).join("");
+    s = s.replace(/^-+/, "");
+    if (/^[0-9]/.test(s)) s = "_" + s;
+    return s.slice(0, NICK_MAX);
   }
 
   const URL_RE = /\bhttps?:\/\/[^\s<>"'`]+/gi;
@@ -109,16 +168,47 @@
     if (last < text.length) parent.append(text.slice(last));
   }
 
+  /** The local calendar day of a time, as a key ("2026-12-07") that sorts and compares. */
+  function dayKey(ms) {
+    const d = new Date(ms);
+    return d.getFullYear() + "-" + pad2(d.getMonth() + 1) + "-" + pad2(d.getDate());
+  }
+
+  function dayLabel(ms) {
+    return new Date(ms).toLocaleDateString(undefined, { weekday: "long", year: "numeric", month: "long", day: "numeric" });
+  }
+
   function timeCell(ms) {
     const d = new Date(ms);
-    const cell = el("span", "time", pad2(d.getHours()) + ":" + pad2(d.getMinutes()));
-    cell.title = d.toLocaleString();
+    const cell = el("time", "time", pad2(d.getHours()) + ":" + pad2(d.getMinutes()));
+    cell.dateTime = d.toISOString();
+    cell.title = d.toLocaleString(undefined, {
+      weekday: "long", year: "numeric", month: "long", day: "numeric",
+      hour: "2-digit", minute: "2-digit", second: "2-digit",
+    });
     return cell;
   }
 
-  function nickSpan(nick) {
-    const s = el("span", "nick " + nickClass(nick), nick);
+  /** A line's time: its cell and the day it belongs to (for the day separators). */
+  function stamp(line, ms) {
+    line.dataset.day = dayKey(ms);
+    line.dataset.ms = String(ms);
+    return timeCell(ms);
+  }
+
+  /** The colour class of a nick in a view: its slot among the room's members, else its own. */
+  function colourOf(view, nick) {
+    const key = fold(nick);
+    let slot = view ? view.colours.get(key) : undefined;
+    if (slot === undefined && view) slot = view.pastColours.get(key);
+    if (slot === undefined) slot = nickHash(key) % PALETTE;
+    return "c" + slot;
+  }
+
+  function nickSpan(nick, view) {
+    const s = el("span", "nick nc " + colourOf(view, nick), nick);
     s.dataset.nick = nick;
+    s.dataset.key = fold(nick);
     return s;
   }
 
@@ -153,6 +243,8 @@
     notify: false,
     motdShown: false,
     welcome: null, // the last welcome, for the greeting line
+    restoring: false, // signing in again after a reload
+    restoreTries: 0,
   };
 
   const ui = {};
@@ -177,7 +269,8 @@
     const view = {
       key, kind, name, log, li, button, label, badge,
       joined: false, unread: 0, mention: false,
-      members: new Map(), ops: new Set(), namesAcc: null,
+      members: new Map(), ops: new Set(), voiced: new Set(), accounts: new Map(), namesAcc: null,
+      colours: new Map(), pastColours: new Map(), topic: null, modes: null, bans: [],
       seen: new Set(), oldestId: null, lastId: 0, more: false, loadingOlder: false,
       startShown: false, stick: true, scrollTop: 0, joining: false, announced: false, below: 0,
     };
@@ -339,27 +432,41 @@
     updateTitle();
   }
 
+  /** Operators first, then voiced members, then the others; by name within each. */
+  function memberRank(view, key) {
+    return view.ops.has(key) ? 0 : view.voiced.has(key) ? 1 : 2;
+  }
+
   function renderMembers() {
     const view = currentView();
     if (!view || view.kind !== "room") return;
     const nicks = Array.from(view.members.values());
     nicks.sort((a, b) => {
-      const oa = view.ops.has(fold(a)) ? 0 : 1;
-      const ob = view.ops.has(fold(b)) ? 0 : 1;
-      if (oa !== ob) return oa - ob;
       const fa = fold(a);
       const fb = fold(b);
+      const ra = memberRank(view, fa);
+      const rb = memberRank(view, fb);
+      if (ra !== rb) return ra - rb;
       return fa < fb ? -1 : fa > fb ? 1 : 0;
     });
     const items = nicks.map((nick) => {
+      const key = fold(nick);
       const li = el("li");
       li.dataset.nick = nick;
-      li.title = `open a private conversation with ${nick}`;
-      if (view.ops.has(fold(nick))) {
+      li.tabIndex = 0;
+      li.setAttribute("role", "button");
+      const account = view.accounts.get(key);
+      const role = view.ops.has(key) ? "operator" : view.voiced.has(key) ? "voiced" : "";
+      li.title = [nick, role, account ? `account ${account}` : ""].filter(Boolean).join(", ");
+      if (view.ops.has(key)) {
         li.classList.add("op");
         li.append(el("span", "op-mark", "@"));
+      } else if (view.voiced.has(key)) {
+        li.classList.add("voiced");
+        li.append(el("span", "voice-mark", "+"));
       }
-      li.append(el("span", nickClass(nick), nick));
+      if (account) li.classList.add("has-account");
+      li.append(el("span", "nc " + colourOf(view, nick), nick));
       return li;
     });
     ui.memberList.replaceChildren(...items);
@@ -367,6 +474,44 @@
     if (S.current === view.key) {
       ui.info.textContent = nicks.length === 1 ? "1 member" : `${nicks.length} members`;
     }
+  }
+
+  function forgetMember(view, nick) {
+    const key = fold(nick);
+    view.members.delete(key);
+    view.ops.delete(key);
+    view.voiced.delete(key);
+    view.accounts.delete(key);
+    recolour(view);
+  }
+
+  /** After the members changed: give them colours no two share, and repaint the nicks (in
+   * the log too) whose colour moved. Who left keeps the colour they had. */
+  function recolour(view) {
+    if (view.kind !== "room") return;
+    const old = view.colours;
+    const next = assignColours(Array.from(view.members.values()));
+    for (const [key, slot] of old) {
+      if (!next.has(key)) {
+        view.pastColours.delete(key);
+        view.pastColours.set(key, slot);
+        if (view.pastColours.size > 500) view.pastColours.delete(view.pastColours.keys().next().value);
+      }
+    }
+    const changed = [];
+    for (const [key, slot] of next) {
+      const before = old.has(key) ? old.get(key) : view.pastColours.has(key) ? view.pastColours.get(key) : nickHash(key) % PALETTE;
+      view.pastColours.delete(key);
+      if (before !== slot) changed.push(key);
+    }
+    view.colours = next;
+    for (const key of changed) {
+      const cls = colourOf(view, key);
+      for (const span of view.log.querySelectorAll(`.nc[data-key="${CSS.escape(key)}"]`)) {
+        span.className = span.className.replace(/\bc\d+\b/, cls);
+      }
+    }
+    if (S.current === view.key) renderMembers();
   }
 
   // ----- lines -----------------------------------------------------------------------------
@@ -399,6 +544,11 @@
   /** Add a line at the end of a view, following the bottom if the reader was there. */
   function appendLine(view, line) {
     const stick = view.stick || nearBottom(view.log);
+    const day = line.dataset.day;
+    if (day) {
+      const prev = lastDay(view);
+      if (day !== prev && (prev !== null || day !== dayKey(Date.now()))) view.log.append(dayDivider(line));
+    }
     view.log.append(line);
     if (stick) {
       scrollToBottom(view);
@@ -409,11 +559,40 @@
     }
   }
 
+  /** The day of the last dated line of a view, or null. */
+  function lastDay(view) {
+    for (let n = view.log.lastElementChild; n; n = n.previousElementSibling) {
+      if (n.dataset.day) return n.dataset.day;
+    }
+    return null;
+  }
+
+  function dayDivider(line) {
+    const d = divider(dayLabel(Number(line.dataset.ms)), "day");
+    d.dataset.when = line.dataset.day;
+    return d;
+  }
+
+  /** Day separators again after lines went in anywhere but at the end (history pages, lines
+   * placed by id): one before each line whose day is not the previous line's, and one at the
+   * top when the first line is not from today. */
+  function fixDays(view) {
+    for (const d of view.log.querySelectorAll(".divider.day")) d.remove();
+    const today = dayKey(Date.now());
+    let prev = null;
+    for (const node of Array.from(view.log.children)) {
+      const day = node.dataset.day;
+      if (!day) continue;
+      if (day !== prev && (prev !== null || day !== today)) node.before(dayDivider(node));
+      prev = day;
+    }
+  }
+
   function systemLine(view, ms, parts, cls) {
     const line = el("div", "line " + (cls || "system"));
     const body = el("span", "body");
     body.append(...parts); // strings become text nodes
-    line.append(timeCell(ms), body);
+    line.append(stamp(line, ms), body);
     appendLine(view, line);
     return line;
   }
@@ -423,7 +602,7 @@
     const view = currentView();
     if (!view) return null;
     const line = el("div", "line " + (cls || "info"));
-    line.append(timeCell(Date.now()), el("span", "text", text));
+    line.append(stamp(line, Date.now()), el("span", "text", text));
     appendLine(view, line);
     return line;
   }
@@ -443,7 +622,7 @@
     return typeof nick === "string" && S.nick !== "" && fold(nick) === fold(S.nick);
   }
 
-  function messageLine(m, earlier) {
+  function messageLine(m, earlier, view) {
     const from = str(m.from);
     const text = str(m.text);
     const ms = isInt(m.ts) ? m.ts : Date.now();
@@ -457,14 +636,14 @@
     else if (mentions(text)) line.classList.add("highlight");
     const body = el("span", "body");
     if (m.action === true) {
-      body.append("* ", nickSpan(from), " ");
+      body.append("* ", nickSpan(from, view), " ");
     } else {
-      body.append(nickSpan(from));
+      body.append(nickSpan(from, view));
     }
     const t = el("span", "text");
     linkify(t, text);
     body.append(t);
-    line.append(timeCell(ms), body);
+    line.append(stamp(line, ms), body);
     return line;
   }
 
@@ -491,12 +670,15 @@
     for (let i = lines.length - 1; i >= 0; i--) {
       if (Number(lines[i].dataset.id) < id) {
         lines[i].after(line);
+        fixDays(view);
         return;
       }
     }
     const first = lines[0];
-    if (first) first.before(line);
-    else appendLine(view, line);
+    if (first) {
+      first.before(line);
+      fixDays(view);
+    } else appendLine(view, line);
   }
 
   /** Record a message id in a view; false if the view already shows it. */
@@ -612,11 +794,20 @@
     scheduleReconnect();
   }
 
+  /** Waits between tries: 0.25 s doubling to a cap of 1 s for the first minute offline (a
+   * restarted server is met within about a second), then 5 s, and 15 s after ten minutes.
+   * Each wait is cut at random by up to half, so that the pages of a restarted server do not
+   * all come at once. */
   function* backoff() {
-    let d = 1000;
+    const since = Date.now();
+    let d = 250;
     for (;;) {
+      const down = Date.now() - since;
+      const cap = down < 60000 ? 1000 : down < 600000 ? 5000 : 15000;
+      d = Math.min(cap, d);
       yield d * (0.5 + 0.5 * Math.random());
-      d = Math.min(30000, d * 2);
+      d = Math.min(cap, d * 2);
+      if (d < cap && down >= 60000) d = cap;
     }
   }
 
@@ -625,7 +816,7 @@
     const delay = S.delays.next().value;
     S.retryAt = Date.now() + delay;
     const tick = () => {
-      const left = Math.max(0, Math.ceil((S.retryAt - Date.now()) / 1000));
+      const left = Math.max(1, Math.ceil((S.retryAt - Date.now()) / 1000));
       setConn("offline", `offline, retrying in ${left} s`);
     };
     tick();
@@ -769,7 +960,8 @@
         ui.app.hidden = false;
         ui.input.focus();
       } else {
-        note("Reconnected.", "info");
+        if (!S.restoring) note("Reconnected.", "info");
+        S.restoring = false;
         const rooms = S.rejoin || [];
         for (const name of rooms) {
           const v = roomView(name, false);
@@ -785,7 +977,7 @@
     message(ev) {
       const view = viewForMessage(ev);
       if (!view || !remember(view, ev)) return;
-      const line = messageLine(ev, false);
+      const line = messageLine(ev, false, view);
       if (isInt(ev.id)) placeById(view, line, ev.id);
       else appendLine(view, line);
       countUnread(view, ev);
@@ -808,16 +1000,17 @@
         // The room's past goes above the "you joined" line, which is when it became the past.
         const frag = document.createDocumentFragment();
         frag.append(divider(`earlier messages in ${view.name}`, "earlier"));
-        for (const m of keep) frag.append(messageLine(m, true));
+        for (const m of keep) frag.append(messageLine(m, true, view));
         const at = view.log.querySelector(".line.self-join");
         if (at) at.before(frag);
         else view.log.append(frag);
+        fixDays(view);
         for (const m of keep) if (isInt(m.id) && m.id > view.lastId) view.lastId = m.id;
         if (view.stick) scrollToBottom(view);
       } else if (keep.length) {
         appendLine(view, divider("while you were away", "missed"));
         for (const m of keep) {
-          const line = messageLine(m, false);
+          const line = messageLine(m, false, view);
           if (isInt(m.id)) placeById(view, line, m.id);
           else appendLine(view, line);
           countUnread(view, m);
@@ -855,7 +1048,8 @@
       const view = roomView(room, false);
       if (!view) return;
       view.members.set(fold(nick), nick);
-      systemLine(view, Date.now(), [nickSpan(nick), " joined"]);
+      recolour(view);
+      systemLine(view, Date.now(), [nickSpan(nick, view), " joined"]);
       if (S.current === view.key) renderMembers();
     },
 
@@ -868,9 +1062,8 @@
         removeView(view);
         return;
       }
-      view.members.delete(fold(nick));
-      view.ops.delete(fold(nick));
-      systemLine(view, Date.now(), [nickSpan(nick), " left"]);
+      forgetMember(view, nick);
+      systemLine(view, Date.now(), [nickSpan(nick, view), " left"]);
       if (S.current === view.key) renderMembers();
     },
 
@@ -880,9 +1073,8 @@
       const key = fold(nick);
       for (const view of S.views.values()) {
         if ((view.kind === "room" && view.members.has(key)) || (view.kind === "query" && view.key === key)) {
-          view.members.delete(key);
-          view.ops.delete(key);
-          systemLine(view, Date.now(), [nickSpan(nick), " quit" + (reason ? ` (${reason})` : "")]);
+          forgetMember(view, nick);
+          systemLine(view, Date.now(), [nickSpan(nick, view), " quit" + (reason ? ` (${reason})` : "")]);
         }
       }
       renderMembers();
@@ -907,13 +1099,20 @@
         const inRoom = view.kind === "room" && view.members.has(oldKey);
         const isPeer = view.kind === "query" && view.key === oldKey;
         if (!inRoom && !isPeer && !(mine && view.kind === "query")) continue;
+        const newKey = fold(newNick);
         if (inRoom) {
           view.members.delete(oldKey);
-          view.members.set(fold(newNick), newNick);
-          if (view.ops.delete(oldKey)) view.ops.add(fold(newNick));
+          view.members.set(newKey, newNick);
+          if (view.ops.delete(oldKey)) view.ops.add(newKey);
+          if (view.voiced.delete(oldKey)) view.voiced.add(newKey);
+          if (view.accounts.has(oldKey)) {
+            view.accounts.set(newKey, view.accounts.get(oldKey));
+            view.accounts.delete(oldKey);
+          }
+          recolour(view);
         }
-        if (isPeer && !S.views.has(fold(newNick))) rekey(view, newNick);
-        const parts = mine ? ["You are now known as ", nickSpan(newNick)] : [nickSpan(oldNick), " is now known as ", nickSpan(newNick)];
+        if (isPeer && !S.views.has(newKey)) rekey(view, newNick);
+        const parts = mine ? ["You are now known as ", nickSpan(newNick, view)] : [nickSpan(oldNick, view), " is now known as ", nickSpan(newNick, view)];
         systemLine(view, Date.now(), parts);
       }
       renderMembers();
@@ -922,9 +1121,13 @@
     names(ev, req) {
       const room = str(ev.room);
       const view = roomView(room, false);
-      const acc = (view && view.namesAcc) || { nicks: [], ops: [] };
+      const acc = (view && view.namesAcc) || (req && req.acc) || { nicks: [], ops: [], voiced: [], accounts: {} };
       if (Array.isArray(ev.nicks)) acc.nicks.push(...ev.nicks.map(str));
       if (Array.isArray(ev.operators)) acc.ops.push(...ev.operators.map(str));
+      if (Array.isArray(ev.voiced)) acc.voiced.push(...ev.voiced.map(str));
+      if (ev.accounts && typeof ev.accounts === "object" && !Array.isArray(ev.accounts)) {
+        for (const [n, a] of Object.entries(ev.accounts)) if (typeof a === "string") acc.accounts[n] = a;
+      }
       if (ev.more === true) {
         if (view) view.namesAcc = acc;
         else if (req) req.acc = acc;
@@ -936,6 +1139,9 @@
         if (view.joined || !S.registered) {
           view.members = new Map(final.nicks.map((n) => [fold(n), n]));
           view.ops = new Set(final.ops.map(fold));
+          view.voiced = new Set(final.voiced.map(fold));
+          view.accounts = new Map(Object.entries(final.accounts).map(([n, a]) => [fold(n), str(a)]));
+          recolour(view);
           if (S.current === view.key) {
             renderMembers();
             renderHeader();
@@ -1012,6 +1218,7 @@
     view.loadingOlder = false;
     view.more = more;
     const log = view.log;
+    for (const d of log.querySelectorAll(".divider.day")) d.remove();
     const fromBottom = log.scrollHeight - log.scrollTop;
     const first = firstMessage(view);
     const anchor = first || log.firstChild;
@@ -1021,7 +1228,7 @@
       if (!m || typeof m !== "object" || !isInt(m.id)) continue;
       if (view.oldestId !== null && m.id >= view.oldestId) continue;
       if (view.seen.has(m.id)) continue;
-      frag.append(messageLine(m, true));
+      frag.append(messageLine(m, true, view));
       added += 1;
     }
     for (const m of messages) if (m && isInt(m.id) && (view.oldestId === null || m.id < view.oldestId)) remember(view, m);
@@ -1033,6 +1240,7 @@
     } else {
       log.append(frag);
     }
+    fixDays(view);
     if (!more) markStart(view);
     log.scrollTop = log.scrollHeight - fromBottom;
     if (!added && more) return;
@@ -1071,8 +1279,20 @@
 
   // ----- login -----------------------------------------------------------------------------
 
-  function showLoginError(text) {
+  /** The form's error line; with a suggestion, a button that puts it in the field. */
+  function showLoginError(text, suggestion) {
     ui.loginError.textContent = text;
+    if (suggestion) {
+      const use = el("button", "suggest", `Use \u201c${suggestion}\u201d`);
+      use.type = "button";
+      use.id = "login-suggest";
+      use.addEventListener("click", () => {
+        ui.nickInput.value = suggestion;
+        showLoginError("");
+        ui.nickInput.focus();
+      });
+      ui.loginError.append(" ", use);
+    }
   }
 
   function helloRefused(code, message) {
@@ -1080,6 +1300,7 @@
       ui.loginButton.disabled = false;
       const fallback = {
         nick_taken: "That nickname is taken. Choose another.",
+        nick_reserved: "That nickname belongs to an account: log in to use it, or choose another.",
         bad_nick: "Nicknames are 1-32 letters, digits or _-[]{}\\|^, not starting with a digit or -.",
         bad_password: "The server wants a password.",
       };
@@ -1095,6 +1316,14 @@
       return;
     }
     // Reconnecting: the dead connection may still hold our nick for a while. Keep trying.
+    if (code === "nick_taken" && S.restoring && ++S.restoreTries > 3) {
+      // After a reload someone else has the nick (another tab, say): back to the form.
+      const nick = S.nick;
+      resetToLogin("");
+      ui.nickInput.value = nick;
+      showLoginError(message || "That nickname is taken. Choose another.");
+      return;
+    }
     if (code === "nick_taken") {
       setConn("connecting", "waiting for the nickname to be free...");
       const ws = S.ws;
@@ -1112,6 +1341,11 @@
       ui.password.focus();
       return;
     }
+    if (S.restoring) {
+      resetToLogin("");
+      showLoginError(message || code);
+      return;
+    }
     note(`cannot sign in again: ${code}: ${message}`, "error");
     S.quitting = false;
     if (S.ws) S.ws.close();
@@ -1120,8 +1354,9 @@
   function onLoginSubmit(e) {
     e.preventDefault();
     const nick = ui.nickInput.value.trim();
-    if (!nick) {
-      showLoginError("Choose a nickname.");
+    const problem = nickProblem(nick);
+    if (problem) {
+      showLoginError(problem.why, problem.suggestion);
       ui.nickInput.focus();
       return;
     }
@@ -1152,6 +1387,14 @@
     S.motdShown = false;
     S.rejoin = null;
     S.delays = null;
+    S.restoring = false;
+    S.restoreTries = 0;
+    if (S.ws) {
+      const ws = S.ws;
+      S.ws = null;
+      ws.close();
+    }
+    forgetSession();
     setConn("offline", "offline");
     ui.app.hidden = true;
     ui.login.hidden = false;
@@ -1161,6 +1404,65 @@
     ui.loginState.textContent = message;
     ui.nickInput.focus();
     updateTitle();
+  }
+
+  // ----- a reload puts the page back ------------------------------------------------------
+
+  /** Kept in this tab's sessionStorage when the page goes away: the nick, the rooms, the
+   * conversations and the view shown. Nothing is kept once the user quits. */
+  function saveSession() {
+    if (!S.everRegistered || S.quitting) return;
+    const rooms = [];
+    const queries = [];
+    for (const key of viewOrder()) {
+      const v = S.views.get(key);
+      if (v.kind === "query") queries.push(v.name);
+      else if (v.joined || v.joining || !S.registered) rooms.push(v.name);
+    }
+    const saved = { nick: S.nick, rooms, queries, current: S.current };
+    try {
+      sessionStorage.setItem(SESSION_KEY, JSON.stringify(saved));
+    } catch (e) {
+      /* storage full or refused: a reload starts afresh */
+    }
+  }
+
+  function forgetSession() {
+    try {
+      sessionStorage.removeItem(SESSION_KEY);
+    } catch (e) {
+      /* ignore */
+    }
+  }
+
+  /** After a reload: the views as they were, then sign in again as after a dropped
+   * connection (same nick, the rooms joined again, #lobby left if it had been). */
+  function restoreSession() {
+    let saved = null;
+    try {
+      saved = JSON.parse(sessionStorage.getItem(SESSION_KEY) || "null");
+    } catch (e) {
+      saved = null;
+    }
+    if (!saved || typeof saved !== "object" || typeof saved.nick !== "string" || nickProblem(saved.nick)) return false;
+    const rooms = Array.isArray(saved.rooms) ? saved.rooms.filter((r) => typeof r === "string" && r.startsWith("#")).slice(0, 100) : [];
+    const queries = Array.isArray(saved.queries) ? saved.queries.filter((q) => typeof q === "string" && !nickProblem(q)).slice(0, 100) : [];
+    S.nick = saved.nick;
+    S.everRegistered = true;
+    S.restoring = true;
+    S.lobbyWanted = rooms.some((r) => fold(r) === LOBBY);
+    S.rejoin = rooms.filter((r) => fold(r) !== LOBBY);
+    for (const r of rooms) roomView(r, true).joining = true;
+    for (const q of queries) queryView(q, true);
+    const current = typeof saved.current === "string" && S.views.has(saved.current) ? saved.current : viewOrder()[0];
+    if (current) switchTo(current);
+    ui.meNick.textContent = S.nick;
+    ui.inputNick.textContent = S.nick;
+    ui.login.hidden = true;
+    ui.app.hidden = false;
+    ui.input.focus();
+    connect();
+    return true;
   }
 
   // ----- what the user types ---------------------------------------------------------------
@@ -1268,7 +1570,14 @@
         return say(rest, true);
       }
       case "nick": {
-        if (!rest || /\s/.test(rest)) return usage(5);
+        if (!rest) return usage(5);
+        const problem = nickProblem(rest);
+        if (problem) {
+          // The suggestion goes into the input: Enter takes it, or edit it.
+          note(problem.why + (problem.suggestion ? ` Press Enter for /nick ${problem.suggestion}, or edit it.` : ""), "error");
+          if (problem.suggestion) ui.input.value = "/nick " + problem.suggestion;
+          return false;
+        }
         if (!connected()) return false;
         request("nick", { nick: rest });
         return true;
@@ -1345,7 +1654,7 @@
     section("Keys", KEYS);
     table.append(el("span", "help-foot", "A line starting with // is said with one slash: //shrug says /shrug."));
     const line = el("div", "line info help");
-    line.append(timeCell(Date.now()), table);
+    line.append(stamp(line, Date.now()), table);
     appendLine(view, line);
   }
 
@@ -1611,7 +1920,10 @@
       const v = currentView();
       if (v && !document.hidden) markRead(v);
     };
-    document.addEventListener("visibilitychange", seen);
+    document.addEventListener("visibilitychange", () => {
+      seen();
+      if (!document.hidden) retryNow();
+    });
     window.addEventListener("focus", seen);
     try {
       setNotify(localStorage.getItem(NOTIFY_KEY) === "1" && "Notification" in window && Notification.permission === "granted");
@@ -1620,9 +1932,14 @@
     } catch (e) {
       setNotify(false);
     }
+    window.addEventListener("pagehide", saveSession);
+    document.addEventListener("visibilitychange", () => {
+      if (document.hidden) saveSession();
+    });
+    updateTitle();
+    if (restoreSession()) return;
     ui.nickInput.focus();
     ui.nickInput.select();
-    updateTitle();
   }
 
   if (document.readyState === "loading") document.addEventListener("DOMContentLoaded", start);
