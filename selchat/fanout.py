@@ -27,19 +27,23 @@ from selchat.core.events import Message
 class _Entry:
     __slots__ = ("message", "sender", "ref", "echo")
 
-    def __init__(self, message: Message, sender: Optional[User]) -> None:
+    def __init__(self, message: Message, sender: Any) -> None:
         self.message = message
-        self.sender = sender
+        self.sender = sender  # the connection that said it (its copy is its own)
         self.ref: Any = None
         self.echo = False  # the sender gets its own copy in the batch
 
 
 class Fanout:
-    __slots__ = ("_room", "_entries")
+    """`current` is the connection whose request is being delivered (set by the hub): the
+    answers (`reply` deliveries) go to it; a user's other connections get `mirror` copies."""
+
+    __slots__ = ("_room", "_entries", "current")
 
     def __init__(self) -> None:
         self._room: Optional[Room] = None
         self._entries: List[_Entry] = []
+        self.current: Any = None
 
     def deliver(self, deliveries: List[Delivery], ref: Any) -> None:
         for delivery in deliveries:
@@ -50,19 +54,26 @@ class Fanout:
                     if self._entries:
                         self.flush()
                     self._room = room
-                self._entries.append(_Entry(event, delivery.skip))
+                self._entries.append(_Entry(event, self.current))
                 continue
             if delivery.reply:
                 entries = self._entries
                 if entries and entries[-1].message is event and entries[-1].sender is not None:
-                    # The sender's own copy of the message just batched, in the same place.
+                    # The sender's own copy of the message just batched, in the same place
+                    # (its other connections, members too, get the common copy).
                     entries[-1].ref = ref
                     entries[-1].echo = True
                     continue
                 if entries:
                     self.flush()
                 for user in delivery.recipients:
-                    user.session.reply(event, ref)
+                    sessions = user.sessions
+                    asker = self.current if self.current in sessions else sessions[0]
+                    asker.reply(event, ref)
+                    if delivery.mirror and len(sessions) > 1:
+                        for session in sessions:
+                            if session is not asker:
+                                session.reply(event, None)
                 continue
             if self._entries:
                 self.flush()
@@ -71,14 +82,14 @@ class Fanout:
             for user in delivery.recipients:
                 if user is skip:
                     continue
-                session = user.session
-                wire = session.wire
-                frames = encoded.get(wire)
-                if frames is None:
-                    frames = encoded[wire] = wire.encode(event)
-                transport = session.transport
-                for data in frames:
-                    transport.write(data)
+                for session in user.sessions:
+                    wire = session.wire
+                    frames = encoded.get(wire)
+                    if frames is None:
+                        frames = encoded[wire] = wire.encode(event)
+                    transport = session.transport
+                    for data in frames:
+                        transport.write(data)
 
     def send(self, transport: Any, data: bytes) -> None:
         """Queue bytes a session writes by itself (an answer, an error, a ping) after whatever
@@ -107,36 +118,36 @@ class Fanout:
         last_data = b""
         last_size = 0
         for user in room.members:
-            session = user.session
-            transport = session.transport
-            if not transport.accepting:
-                continue
-            wire = session.wire
-            if user in senders:
-                mine = parts.get(wire)
-                if mine is None:
-                    mine = parts[wire] = [wire.message(e.message) for e in entries]
-                data = b"".join([
-                    (session.own_message(e.message, e.ref, mine[i]) if e.echo else b"") if e.sender is user
-                    else mine[i] for i, e in enumerate(entries)])
-                if not data:
+            for session in user.sessions:
+                transport = session.transport
+                if not transport.accepting:
                     continue
-                transport.write(data)
-                continue
-            if wire is not last_wire:
-                data = common.get(wire)  # type: ignore[assignment]
-                if data is None:
+                wire = session.wire
+                if session in senders:
                     mine = parts.get(wire)
                     if mine is None:
                         mine = parts[wire] = [wire.message(e.message) for e in entries]
-                    data = common[wire] = mine[0] if len(mine) == 1 else b"".join(mine)
-                last_wire, last_data, last_size = wire, data, len(data)
-            # transport.write, inlined: this line runs once per member per pass.
-            out = transport.out
-            out.chunks.append(last_data)
-            out.size += last_size
-            if out.size > transport.max_outbuf:
-                transport._overflow()
-            elif not transport.dirty:
-                transport.dirty = True
-                transport.writer.dirty.append(transport)
+                    data = b"".join([
+                        (session.own_message(e.message, e.ref, mine[i]) if e.echo else b"")
+                        if e.sender is session else mine[i] for i, e in enumerate(entries)])
+                    if not data:
+                        continue
+                    transport.write(data)
+                    continue
+                if wire is not last_wire:
+                    data = common.get(wire)  # type: ignore[assignment]
+                    if data is None:
+                        mine = parts.get(wire)
+                        if mine is None:
+                            mine = parts[wire] = [wire.message(e.message) for e in entries]
+                        data = common[wire] = mine[0] if len(mine) == 1 else b"".join(mine)
+                    last_wire, last_data, last_size = wire, data, len(data)
+                # transport.write, inlined: this line runs once per connection per pass.
+                out = transport.out
+                out.chunks.append(last_data)
+                out.size += last_size
+                if out.size > transport.max_outbuf:
+                    transport._overflow()
+                elif not transport.dirty:
+                    transport.dirty = True
+                    transport.writer.dirty.append(transport)

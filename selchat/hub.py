@@ -16,12 +16,17 @@ with a count (`selchat.loop.ratelog`), not once per pass.
 
 from __future__ import annotations
 
+import fnmatch
+import heapq
 import logging
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from selchat.core.chat import Chat, ChatError, User
-from selchat.core.requests import Request, Say
+from selchat.core.chat import Chat, ChatError, Room, User
+from selchat.core.events import Message
+from selchat.core.names import fold
+from selchat.core.passwords import password_problem
+from selchat.core.requests import (ChangePassword, Kill, Login, Logout, Register, Request, Say)
 from selchat.defaults import REQUESTS_PER_PASS
 from selchat.fanout import Fanout
 from selchat.loop import ratelog
@@ -34,11 +39,40 @@ EXPENSIVE_PER_PASS = 0.002  # CPU seconds of deferred expensive answers one loop
 
 __all__ = ["Hub", "ChatError"]
 
+_ACCOUNT_REQUESTS = (Register, Login, Logout, ChangePassword)
+
+
+class _Job:
+    """A request whose answer may come later: if it finished at once, the door goes on as
+    after any request; else the door waits for `job_done()`."""
+
+    __slots__ = ("session", "waiting", "done")
+
+    def __init__(self, session: Any) -> None:
+        self.session = session
+        self.waiting = False
+        self.done = False
+
+    def finished(self) -> None:
+        self.done = True
+        if self.waiting:
+            self.session.job_done()
+
+    def pending(self) -> bool:
+        self.waiting = not self.done
+        return self.waiting
+
+
+def _raise(code: str, message: str) -> Callable[[], List[Any]]:
+    def fail() -> List[Any]:
+        raise ChatError(code, message)
+    return fail
+
 
 class Hub:
     __slots__ = ("chat", "store", "reactor", "fanout", "wall_ms", "_condemned", "_said",
                  "_drop_queued", "commits", "ratelog", "pacer", "_expensive_pass",
-                 "_expensive_spent", "_served_pass", "_served", "_held")
+                 "_expensive_spent", "_served_pass", "_served", "_held", "kdf")
 
     def __init__(self, chat: Chat, reactor: Reactor,
                  wall_ms: Callable[[], int] = lambda: int(time.time() * 1000)) -> None:
@@ -63,6 +97,9 @@ class Hub:
         self._served = 0
         self._expensive_pass = -1  # the pass `_expensive_spent` counts for
         self._expensive_spent = 0.0  # CPU seconds of expensive answers served in that pass
+        # Password hashing and checking, off the loop (selchat.kdf); set by whoever assembles
+        # the server. None: accounts cannot be used (`unavailable`).
+        self.kdf: Any = None
         chat.before_change = self.fanout.flush
         reactor.add_before_sleep(self._settle, ORDER_SETTLE)
         reactor.add_before_sleep(self._commit, ORDER_COMMIT)
@@ -70,23 +107,175 @@ class Hub:
     # --- for doors ----------------------------------------------------------------------------
 
     def register(self, nick: str, session: Any, ref: Any = None, **details: Any) -> User:
-        """Register `session` as `nick`; raises ChatError (nick_taken) when it cannot be."""
+        """Register `session` as `nick`; raises ChatError (nick_taken, nick_reserved) when it
+        cannot be. `account=` (from `authenticate`) logs it in; if that account is online
+        already, the session becomes one more connection of that user."""
         user, deliveries = self.chat.register(nick, session, now_ms=self.wall_ms(), **details)
-        self.fanout.deliver(deliveries, ref)
+        self._deliver(deliveries, ref, session)
         return user
 
-    def handle(self, user: User, request: Request, ref: Any = None) -> None:
-        """Carry out a request; raises ChatError for the door to put in its own words."""
-        deliveries = self.chat.handle(user, request, self.wall_ms())
-        self.fanout.deliver(deliveries, ref)
-        if type(request) is Say:
-            self._said.append((user.session, ref, deliveries[0].event.id))  # type: ignore[union-attr]
+    def _deliver(self, deliveries: List[Any], ref: Any, session: Any) -> None:
+        fanout = self.fanout
+        fanout.current = session
+        try:
+            fanout.deliver(deliveries, ref)
+        finally:
+            fanout.current = None
 
-    def leave(self, user: User, reason: Optional[str]) -> None:
-        """The user leaves the chat; with a reason, those sharing a room see it `quit`."""
-        deliveries = self.chat.disconnect(user, reason or "")
+    def handle(self, user: User, request: Request, ref: Any = None, session: Any = None) -> bool:
+        """Carry out a request; raises ChatError for the door to put in its own words.
+
+        `session` is the connection that asked (its answer carries `ref`; the user's other
+        connections see their own copies); doors pass it. True when the answer comes later
+        (a password is being checked off the loop): the door then serves nothing more of
+        this connection until the hub calls its `job_done()`.
+        """
+        if session is None:
+            session = user.session
+        kind = type(request)
+        if kind in _ACCOUNT_REQUESTS:
+            return self._account_request(user, request, ref, session)
+        if kind is Kill:
+            self._kill(user, request, ref, session)  # type: ignore[arg-type]
+            return False
+        deliveries = self.chat.handle(user, request, self.wall_ms())
+        self._deliver(deliveries, ref, session)
+        if kind is Say:
+            self._said.append((session, ref, deliveries[0].event.id))  # type: ignore[union-attr]
+        return False
+
+    def leave(self, user: User, reason: Optional[str], session: Any = None) -> None:
+        """A connection leaves the chat; when it was the user's last one and there is a
+        reason, those sharing a room see the user `quit`. Doors pass their session."""
+        deliveries = self.chat.disconnect(user, reason or "", session)
         if reason is not None:
             self.fanout.deliver(deliveries, None)
+
+    # --- accounts: the slow password work runs in the KDF's worker, never in the loop --------
+
+    def authenticate(self, account: str, password: Optional[str], token: Optional[str],
+                     address: str, done: Callable[[Optional[str], Optional[ChatError]], None]) -> None:
+        """Check a login before registering (or for `login` after it): `done(account, None)`
+        with the account's name, or `done(None, error)`. A token is checked at once; a
+        password in the KDF's worker, so `done` may come in a later pass."""
+        chat = self.chat
+        now = self.reactor.now
+        try:
+            key = chat.login_check(account, address, now)
+        except ChatError as exc:
+            done(None, exc)
+            return
+        if token is not None:
+            if chat.accounts.exists(key) and chat.accounts.token_matches(key, token):
+                done(chat.accounts.name(key), None)
+            else:
+                done(None, chat.login_failed(key, address, now))
+            return
+        verifier = chat.accounts.verifier(key)
+        if verifier is None or password is None or self.kdf is None:
+            done(None, chat.login_failed(key, address, now)
+                 if self.kdf is not None else ChatError("unavailable", "accounts are not available"))
+            return
+
+        def checked(ok: Optional[bool]) -> None:
+            if ok is None:
+                done(None, ChatError("unavailable", "the password could not be checked: try again"))
+            elif ok and chat.accounts.exists(key):
+                done(chat.accounts.name(key), None)
+            else:
+                done(None, chat.login_failed(key, address, self.reactor.now))
+
+        if not self.kdf.verify(password, verifier, checked):
+            done(None, ChatError("login_throttled", "too many logins at once: try again in a "
+                                 "few seconds"))
+
+    def _account_request(self, user: User, request: Any, ref: Any, session: Any) -> bool:
+        chat = self.chat
+        kind = type(request)
+
+        job = _Job(session)
+
+        def finish(make: Callable[[], List[Any]]) -> None:
+            """The job is done: decide (if the user is still there) and answer."""
+            if chat.users.get(user.key) is user and session in user.sessions:
+                try:
+                    self._deliver(make(), ref, session)
+                except ChatError as exc:
+                    session.send_error(exc.code, exc.message, ref)
+            job.finished()
+
+        if kind is Logout:
+            self._deliver(chat.log_out(user, request.token), ref, session)
+            return False
+        if self.kdf is None:
+            raise ChatError("unavailable", "accounts are not available on this server")
+        if kind is Register:
+            chat.may_register_account(user)
+            problem = password_problem(request.password)
+            if problem:
+                raise ChatError("bad_password", problem)
+
+            def hashed(verifier: Optional[str]) -> None:
+                if verifier is None:
+                    finish(_raise("unavailable", "the account could not be made: try again"))
+                else:
+                    finish(lambda: chat.register_account(user, verifier, self.wall_ms(),
+                                                         request.remember))
+
+            if not self.kdf.hash(request.password, hashed):
+                raise ChatError("login_throttled", "too many logins at once: try again soon")
+            return job.pending()
+        if kind is Login:
+            if user.account_key is not None:
+                raise ChatError("already_registered", f"you are logged in as {user.account} already")
+
+            def proved(account: Optional[str], error: Optional[ChatError]) -> None:
+                if account is None:
+                    finish(_raise(error.code, error.message))  # type: ignore[union-attr]
+                else:
+                    finish(lambda: chat.log_in(user, fold(account), session, self.wall_ms(),
+                                               request.remember))
+
+            self.authenticate(request.account, request.password, request.token,
+                              getattr(session.transport, "ip", ""), proved)
+            return job.pending()
+        # ChangePassword: check the old one, then hash the new one.
+        if user.account_key is None:
+            raise ChatError("not_logged_in", "log in first")
+        problem = password_problem(request.new)
+        if problem:
+            raise ChatError("bad_password", problem)
+        key = user.account_key
+        verifier = chat.accounts.verifier(key) or ""
+
+        def rehashed(new: Optional[str]) -> None:
+            if new is None:
+                finish(_raise("unavailable", "the password could not be changed: try again"))
+            else:
+                finish(lambda: chat.set_password(user, new))
+
+        def old_checked(ok: Optional[bool]) -> None:
+            if not ok:
+                if ok is False:
+                    chat.login_failed(key, getattr(session.transport, "ip", ""), self.reactor.now)
+                finish(_raise("login_failed" if ok is False else "unavailable",
+                              "the old password is wrong" if ok is False else "try again"))
+            elif not self.kdf.hash(request.new, rehashed):
+                finish(_raise("login_throttled", "too many logins at once: try again soon"))
+
+        wait = chat.accounts.throttle.wait(key, getattr(session.transport, "ip", ""), self.reactor.now)
+        if wait > 0:
+            raise ChatError("login_throttled", f"too many failed tries: wait {int(wait) + 1} s")
+        if not self.kdf.verify(request.old, verifier, old_checked):
+            raise ChatError("login_throttled", "too many logins at once: try again soon")
+        return job.pending()
+
+    def _kill(self, user: User, request: Kill, ref: Any, session: Any) -> None:
+        target = self.chat.kill_target(user, request.nick)
+        reason = f"killed by {user.nick}" + (f": {request.reason}" if request.reason else "")
+        log.info("kill: %s kills %s (%s)", user.nick, target.nick, request.reason)
+        for victim in list(target.sessions):
+            self.condemn(victim, reason)
 
     def take_request(self) -> bool:
         """May a session serve one more request in this pass? A pass serves REQUESTS_PER_PASS
@@ -168,3 +357,58 @@ class Hub:
             return
         if stored:
             self.commits += 1
+
+    # --- queries for doors ----------------------------------------------------------------------
+    # What a door may read of the chat state, so that it speaks to the hub and nothing below it
+    # (the IRC door's WHO, WHOIS, NAMES, LIST, CHATHISTORY...). The records returned are the
+    # chat's own: a door reads them and never changes them. Two changes that are no request of
+    # the chat's (AWAY, a CHATHISTORY window) come through here too.
+
+    def find_user(self, nick: str) -> Optional[User]:
+        return self.chat.users.get(fold(nick))
+
+    def find_room(self, name: str) -> Optional[Room]:
+        return self.chat.rooms.get(fold(name))
+
+    def is_member(self, user: User, room_name: str) -> bool:
+        return fold(room_name) in user.rooms
+
+    def users_matching(self, mask: str, limit: int) -> List[User]:
+        """The first `limit` users, in nick order, whose nick matches the glob `mask` (`*`,
+        `?`; any case). Its cost grows with the server: the asker bills it (IRC's WHO)."""
+        pattern = fold(mask)
+        found = [u for u in self.chat.users.values() if fnmatch.fnmatchcase(u.key, pattern)]
+        return heapq.nsmallest(limit, found, key=lambda u: u.key)
+
+    def user_count(self) -> int:
+        return len(self.chat.users)
+
+    def formed_room_count(self) -> int:
+        """Rooms with members (the lobby counts only while someone is in it)."""
+        return sum(1 for room in self.chat.rooms.values() if room.members)
+
+    def rooms_by_name(self, after: str = "", count: int = 100) -> List[Room]:
+        """Up to `count` rooms whose key comes after `after`, in key order (IRC's LIST)."""
+        return self.chat.rooms_by_name(after, count)
+
+    @property
+    def motd(self) -> str:
+        return self.chat.motd
+
+    def set_away(self, user: User, text: Optional[str]) -> None:
+        """Mark `user` away with `text`, or back (None)."""
+        self.chat.set_away(user, text)
+
+    def history_window(self, user: User, room_name: str, *, limit: int, latest: bool,
+                       **bounds: int) -> List[Message]:
+        """Messages of a room `user` is in strictly between the bounds given (`after`,
+        `before`, `after_ts`, `before_ts`), oldest first: the `limit` newest (`latest`) or
+        oldest. Raises ChatError not_in_room or history_unavailable."""
+        room = user.rooms.get(fold(room_name))
+        if room is None:
+            raise ChatError("not_in_room", f"you are not in {room_name}")
+        try:
+            return self.store.window(room.name, limit=limit, latest=latest, **bounds)
+        except Exception as exc:  # StoreError, or anything else the disk throws at us
+            log.error("history read failed: %s", exc)
+            raise ChatError("history_unavailable", "history cannot be read right now") from None

@@ -839,7 +839,7 @@ def test_version_2_file_is_upgraded_to_reservations(tmp_path):
     store.close()
     assert user_version(path) == 2
     store = SQLiteStore(path)
-    assert store.schema_version() == SCHEMA_VERSION == 4
+    assert store.schema_version() == SCHEMA_VERSION == 5
     assert meta(store, "reserved_until") == 10 and store.last_id() == 10
     assert store.allocate_id() == 11
     assert ids(store.recent("#lobby", None, 50)) == ([1, 2, 3], False)
@@ -1028,7 +1028,7 @@ def test_version_3_file_is_upgraded_and_messages_keep_how_they_were_said(tmp_pat
     fill(old, 2)
     old.close()
     store = SQLiteStore(path)
-    assert store.schema_version() == SCHEMA_VERSION == 4
+    assert store.schema_version() == SCHEMA_VERSION == 5
     said = Message(store.allocate_id(), 5000, "ann", "waves", room="#lobby", action=True,
                    userhost="ann@irc.selchat")
     store.add(said)

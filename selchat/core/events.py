@@ -1,7 +1,7 @@
 """What the chat state says happened: small frozen records, free of any wire format.
 
-The frame protocol (`selchat.doors.framed.protocol`) turns these into JSON objects; a later IRC or WebSocket
-adapter would turn the same records into its own lines, which is why nothing here knows JSON.
+The native JSON doors (`selchat.doors.framed.protocol`, used by the framed and the web door) turn
+these into JSON objects, the IRC door into its lines; nothing here knows either.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ class Welcome:
     nick: str
     server: str
     motd: str
+    account: Optional[str] = None  # the account the connection is logged into
+    token: Optional[str] = None  # a remember-me token, when the login asked for one
 
 
 @dataclass  # not frozen: one is made per message said, and a frozen __init__ costs three times as
@@ -35,6 +37,7 @@ class Message:  # much; like every event here it is never changed once made
     # Client-only tags (IRCv3 "+key" = value) the sender attached: relayed to clients that take
     # them, never stored, never interpreted.
     client_tags: Tuple[Tuple[str, str], ...] = field(default=(), compare=False)
+    account: Optional[str] = None  # the sender's account, when it was logged in
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,8 @@ class Join:
     room: str
     nick: str
     userhost: str = field(default="", compare=False)  # display only
+    account: Optional[str] = None  # the joiner's account (IRC extended-join too)
+    realname: str = field(default="", compare=False)  # for IRC's extended-join
 
 
 @dataclass(frozen=True)
@@ -73,6 +78,8 @@ class Names:
     room: str
     nicks: Tuple[str, ...]
     operators: Tuple[str, ...] = ()  # the members who are the room's operators (sorted)
+    voiced: Tuple[str, ...] = ()  # the members who may speak in a moderated room (sorted)
+    accounts: Tuple[Tuple[str, str], ...] = ()  # (nick, account) of the logged-in members
 
 
 @dataclass(frozen=True)
@@ -85,6 +92,75 @@ class Signal:
     to: Optional[str] = None
     userhost: str = field(default="", compare=False)
     tag_id: str = ""  # an id of its own (IRC msgid), not one of the message ids
+
+
+@dataclass(frozen=True)
+class AccountInfo:
+    """The answer to register/login/password/logout (`account` None: logged out)."""
+
+    account: Optional[str]
+    nick: str = ""
+    token: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class AccountChange:
+    """A user logged in (IRC's account-notify): to those who share a room with it."""
+
+    nick: str
+    account: Optional[str]
+    userhost: str = field(default="", compare=False)
+
+
+@dataclass(frozen=True)
+class Topic:
+    """A room's topic, set now (`ts`) by `by`; text "" means cleared."""
+
+    room: str
+    text: str
+    by: str
+    ts: int
+
+
+@dataclass(frozen=True)
+class Kick:
+    room: str
+    nick: str
+    by: str
+    reason: str
+    userhost: str = field(default="", compare=False)  # the kicker's, display only
+
+
+@dataclass(frozen=True)
+class Invite:
+    """To the invitee; the inviter's own copy (its answer) carries `nick`."""
+
+    room: str
+    by: str
+    nick: str = ""
+    userhost: str = field(default="", compare=False)  # the inviter's, display only
+
+
+@dataclass(frozen=True)
+class ModeChange:
+    """What changed in a room's modes and roles, in the order applied: (name, value) pairs
+    where value is a bool (the four flags), a str or None (key), an int or None (limit), or a
+    tuple of nicks/masks (op, deop, voice, devoice, ban, unban)."""
+
+    room: str
+    by: str
+    changes: Tuple[Tuple[str, object], ...]
+    userhost: str = field(default="", compare=False)
+
+
+@dataclass(frozen=True)
+class ModeInfo:
+    """A room's modes in force and its ban list: the answer to `mode` {room}."""
+
+    room: str
+    modes: Tuple[Tuple[str, object], ...]
+    bans: Tuple[str, ...]
+    created: int = 0  # ms since the epoch (IRC's 329)
 
 
 @dataclass(frozen=True)
@@ -108,9 +184,10 @@ class RoomList:
 class History:
     """Room messages, oldest first; `more` says older ones exist beyond the first."""
 
-    room: str
+    room: Optional[str]
     messages: Tuple[Message, ...]
     more: bool
+    with_: Optional[str] = None  # a private conversation's other side (then `room` is None)
 
 
 @dataclass(frozen=True)
@@ -138,5 +215,5 @@ class Error:
 
 Event = Union[
     Welcome, Message, Join, Part, Quit, NickChange, Names, RoomList, History, Pong, Ping, Notice, Error,
-    Signal,
+    Signal, AccountInfo, AccountChange, Topic, Kick, Invite, ModeChange, ModeInfo,
 ]

@@ -43,6 +43,7 @@ class Tag:
 @dataclass(frozen=True)
 class JoinRoom:
     room: str
+    key: Optional[str] = None  # a room with a key asks for it
 
 
 @dataclass(frozen=True)
@@ -68,10 +69,78 @@ class ListRooms:
 
 @dataclass(frozen=True)
 class HistoryRequest:
-    room: str
+    room: str  # "" with `with_`
     before: Optional[int] = None
     limit: int = HISTORY_LIMIT_DEFAULT
     max_bytes: Optional[int] = None  # what the door's answer can carry: reading stops there
+    with_: Optional[str] = None  # a private conversation: the other side's nick or account
 
 
-Request = Union[Say, Msg, JoinRoom, PartRoom, ChangeNick, Who, ListRooms, HistoryRequest, Tag]
+@dataclass(frozen=True)
+class SetTopic:
+    room: str
+    text: str  # "" clears
+
+
+@dataclass(frozen=True)
+class KickUser:
+    room: str
+    nick: str
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class InviteUser:
+    room: str
+    nick: str
+
+
+@dataclass(frozen=True)
+class SetModes:
+    """`changes` as in events.ModeChange, validated for shape by the door; empty: a query."""
+
+    room: str
+    changes: Tuple[Tuple[str, object], ...] = ()
+
+
+@dataclass(frozen=True)
+class Kill:
+    nick: str
+    reason: str = ""
+
+
+# Accounts: the door hands these to the hub, which runs the slow password work off the loop
+# (selchat.kdf) and then tells the chat what was decided.
+
+
+@dataclass(frozen=True)
+class Register:
+    password: str
+    remember: bool = False
+
+
+@dataclass(frozen=True)
+class Login:
+    account: str
+    password: Optional[str] = None
+    token: Optional[str] = None
+    remember: bool = False
+
+
+@dataclass(frozen=True)
+class Logout:
+    token: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class ChangePassword:
+    old: str
+    new: str
+
+
+Request = Union[Say, Msg, JoinRoom, PartRoom, ChangeNick, Who, ListRooms, HistoryRequest, Tag,
+                SetTopic, KickUser, InviteUser, SetModes, Kill, Register, Login, Logout,
+                ChangePassword]
+
+MODE_FLAGS = ("moderated", "invite_only", "topic_locked", "secret")
+MODE_LISTS = ("op", "deop", "voice", "devoice", "ban", "unban")

@@ -103,13 +103,37 @@ MIGRATIONS: Tuple[Migration, ...] = (
         "ALTER TABLE messages ADD COLUMN userhost TEXT NOT NULL DEFAULT ''",
         "ALTER TABLE messages ADD COLUMN flags INTEGER NOT NULL DEFAULT 0",
     ),
+    # version 5: accounts and the rooms they run (contract section 11). `account` is the
+    # sender's account when logged in. A private conversation between two accounts is kept in
+    # `messages` too, under the room key '@a/b' (the two account keys, sorted: '/' is in no
+    # name, and room keys start with '#'), its `room` column '@' + the recipient's nick. The
+    # mailbox holds what was sent to an account while no connection of it was there, until
+    # its next login. `tokens` are SHA-256 digests of the remember-me tokens handed out.
+    # `rooms` are the registered ones: their founder and their state (topic, modes, bans,
+    # operator accounts) as one JSON object.
+    (
+        "ALTER TABLE messages ADD COLUMN account TEXT NOT NULL DEFAULT ''",
+        "CREATE TABLE accounts (key TEXT PRIMARY KEY, name TEXT NOT NULL,"
+        " verifier TEXT NOT NULL, created INTEGER NOT NULL)",
+        "CREATE TABLE tokens (digest TEXT PRIMARY KEY, account TEXT NOT NULL,"
+        " created INTEGER NOT NULL)",
+        "CREATE TABLE rooms (key TEXT PRIMARY KEY, name TEXT NOT NULL, founder TEXT NOT NULL,"
+        " state TEXT NOT NULL)",
+        "CREATE TABLE mailbox (seq INTEGER PRIMARY KEY, owner TEXT NOT NULL, id INTEGER NOT NULL,"
+        " ts INTEGER NOT NULL, sender TEXT NOT NULL, account TEXT NOT NULL,"
+        " recipient TEXT NOT NULL, text TEXT NOT NULL, flags INTEGER NOT NULL)",
+        "CREATE INDEX mailbox_owner ON mailbox (owner, seq)",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
-_INSERT = ("INSERT INTO messages (id, room_key, room, ts, sender, text, userhost, flags)"
-           " VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
-_COLUMNS = "id, ts, sender, text, room, userhost, flags"
-_OLD_COLUMNS = "id, ts, sender, text, room, '', 0"
+_INSERT = ("INSERT INTO messages (id, room_key, room, ts, sender, text, userhost, flags, account)"
+           " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)")
+_V4_INSERT = ("INSERT INTO messages (id, room_key, room, ts, sender, text, userhost, flags)"
+              " VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
+_COLUMNS = "id, ts, sender, text, room, userhost, flags, account"
+_V4_COLUMNS = "id, ts, sender, text, room, userhost, flags, ''"
+_OLD_COLUMNS = "id, ts, sender, text, room, '', 0, ''"
 _OLD_INSERT = ("INSERT INTO messages (id, room_key, room, ts, sender, text)"
                " VALUES (?, ?, ?, ?, ?, ?)")
 _RECENT = "SELECT {} FROM messages WHERE room_key = ? AND id < ? ORDER BY id DESC LIMIT ?"
@@ -195,7 +219,95 @@ def _page(newest_first: List[Message], limit: int, max_bytes: Optional[int]) -> 
 
 def _row_message(r: Tuple) -> Message:
     flags = r[6]
-    return Message(r[0], r[1], r[2], r[3], r[4], None, bool(flags & 1), bool(flags & 2), r[5])
+    room = r[4]
+    if room.startswith("@"):  # a private message: its `room` column is '@' + the recipient
+        return Message(r[0], r[1], r[2], r[3], None, room[1:], bool(flags & 1), bool(flags & 2),
+                       r[5], account=r[7] or None)
+    return Message(r[0], r[1], r[2], r[3], room, None, bool(flags & 1), bool(flags & 2), r[5],
+                   account=r[7] or None)
+
+
+def pair_key(a: str, b: str) -> str:
+    """Where the private conversation of two accounts (their keys) is kept: '@a/b', sorted."""
+    return "@" + "/".join(sorted((a, b)))
+
+
+def _flags(m: Message) -> int:
+    return (1 if m.action else 0) | (2 if m.notice else 0)
+
+
+MAILBOX_CAP = 500  # messages one account may have waiting; then `mailbox_full`
+
+
+class Directory:
+    """Accounts, their remember-me tokens, registered rooms and mailboxes, as a store keeps
+    them: read whole at start (they are small), changed by queued writes that the next
+    `commit()` makes durable in the same transaction as the pass's messages, so an `account`
+    answer never reaches a client before the account is on disk."""
+
+    def __init__(self) -> None:
+        self.accounts: Dict[str, Tuple[str, str, int]] = {}  # key -> (name, verifier, created)
+        self.tokens: Dict[str, Tuple[str, int]] = {}  # digest -> (account key, created)
+        self.rooms: Dict[str, Tuple[str, str, str]] = {}  # key -> (name, founder key, state JSON)
+        self.mail: Dict[str, List[Tuple[int, Message]]] = {}  # owner key -> [(seq, message)]
+        self.writes: List[Tuple[str, Tuple]] = []  # (SQL, parameters), run at the next commit
+        self._seq = 0
+
+    def save_account(self, key: str, name: str, verifier: str, created: int) -> None:
+        self.accounts[key] = (name, verifier, created)
+        self.writes.append(("INSERT OR REPLACE INTO accounts (key, name, verifier, created)"
+                            " VALUES (?, ?, ?, ?)", (key, name, verifier, created)))
+
+    def save_token(self, digest: str, account: str, created: int) -> None:
+        self.tokens[digest] = (account, created)
+        self.writes.append(("INSERT OR REPLACE INTO tokens (digest, account, created)"
+                            " VALUES (?, ?, ?)", (digest, account, created)))
+
+    def drop_token(self, digest: str) -> None:
+        if self.tokens.pop(digest, None) is not None:
+            self.writes.append(("DELETE FROM tokens WHERE digest = ?", (digest,)))
+
+    def save_room(self, key: str, name: str, founder: str, state: str) -> None:
+        self.rooms[key] = (name, founder, state)
+        self.writes.append(("INSERT OR REPLACE INTO rooms (key, name, founder, state)"
+                            " VALUES (?, ?, ?, ?)", (key, name, founder, state)))
+
+    def add_mail(self, owner: str, m: Message) -> bool:
+        """Keep `m` for `owner`'s next login; False when its mailbox is full (the fate)."""
+        box = self.mail.setdefault(owner, [])
+        if len(box) >= MAILBOX_CAP:
+            return False
+        self._seq += 1
+        box.append((self._seq, m))
+        self.writes.append(("INSERT INTO mailbox (seq, owner, id, ts, sender, account, recipient,"
+                            " text, flags) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                            (self._seq, owner, m.id, m.ts, m.sender, m.account or "", m.to or "",
+                             m.text, _flags(m))))
+        return True
+
+    def take_mail(self, owner: str) -> List[Message]:
+        """Everything waiting for `owner`, oldest first; gone from the mailbox once committed."""
+        box = self.mail.pop(owner, None)
+        if not box:
+            return []
+        self.writes.append(("DELETE FROM mailbox WHERE owner = ?", (owner,)))
+        return [m for _, m in box]
+
+    def load(self, conn: "sqlite3.Connection") -> None:
+        for key, name, verifier, created in conn.execute(
+                "SELECT key, name, verifier, created FROM accounts"):
+            self.accounts[key] = (name, verifier, created)
+        for digest, account, created in conn.execute("SELECT digest, account, created FROM tokens"):
+            self.tokens[digest] = (account, created)
+        for key, name, founder, state in conn.execute("SELECT key, name, founder, state FROM rooms"):
+            self.rooms[key] = (name, founder, state)
+        for seq, owner, mid, ts, sender, account, recipient, text, flags in conn.execute(
+                "SELECT seq, owner, id, ts, sender, account, recipient, text, flags FROM mailbox"
+                " ORDER BY seq"):
+            m = Message(mid, ts, sender, text, None, recipient, bool(flags & 1), bool(flags & 2),
+                        account=account or None)
+            self.mail.setdefault(owner, []).append((seq, m))
+            self._seq = max(self._seq, seq)
 
 
 _LOW = -(1 << 63)
@@ -239,6 +351,7 @@ class MemoryStore:
         self._allocated = 0  # the last id allocate_id() returned
         self._commits = 0
         self._written = 0
+        self.directory = Directory()
 
     def last_id(self) -> int:
         return self._last_id
@@ -268,7 +381,16 @@ class MemoryStore:
             self._pending_last_id = message_id
         self._pending_ids += 1
 
+    def add_private(self, message: Message, pair: str) -> None:
+        """A private message between two accounts, kept under their `pair_key`."""
+        room = self._rooms.get(pair)
+        if room is None:
+            room = self._rooms[pair] = deque(maxlen=self.cap_per_room)
+        room.append(message)
+        self.note_id(message.id)
+
     def commit(self) -> int:
+        self.directory.writes.clear()
         count, self._pending = self._pending, 0
         if count or self._pending_ids:
             self._pending_ids = 0
@@ -415,6 +537,8 @@ class SQLiteStore:
         self._reservation_failures = 0
         self._closed = False
         self._identity: Optional[Tuple[int, int]] = None
+        self._private: List[Tuple[Message, str]] = []
+        self.directory = Directory()
         if not self.path:
             raise StoreError("'': empty database path (use ':memory:' for a throwaway store)")
         self._memory = self.path == ":memory:"
@@ -427,8 +551,12 @@ class SQLiteStore:
             self._configure()
             self._migrate(tuple(migrations))
             # Files made by tests with older migrations alone have no userhost/flags columns.
-            self._columns = _COLUMNS if len(migrations) >= 4 else _OLD_COLUMNS
-            self._insert = _INSERT if len(migrations) >= 4 else _OLD_INSERT
+            version = len(migrations)
+            self._columns = (_COLUMNS if version >= 5 else _V4_COLUMNS if version >= 4
+                             else _OLD_COLUMNS)
+            self._insert = _INSERT if version >= 5 else _V4_INSERT if version >= 4 else _OLD_INSERT
+            if version >= 5:
+                self.directory.load(self._conn)
             self._last_id, self._reserved = self._read_ids()
             self._noted = self._last_id  # the highest id handed out, as far as we know
             self._next = self._last_id + 1  # allocate_id()'s next answer, once reserved
@@ -594,16 +722,29 @@ class SQLiteStore:
         if message_id > self._noted:
             self._noted = message_id
 
+    def add_private(self, message: Message, pair: str) -> None:
+        """A private message between two accounts, kept under their `pair_key`; written by the
+        next commit with the room messages."""
+        self._private.append((message, pair))
+        if message.id > self._noted:
+            self._noted = message.id
+
     def commit(self) -> int:
-        if not self._pending:
+        writes = self.directory.writes
+        if not self._pending and not self._private and not writes:
             if self._noted > self._last_id:
                 self._save_noted_id()
             return 0
         batch, self._pending = self._pending, []
-        high = max(self._noted, max(m.id for m in batch))
+        private, self._private = self._private, []
+        self.directory.writes = []
+        ids = [m.id for m in batch] + [m.id for m, _ in private]
+        high = max([self._noted] + ids)
         self._noted = high  # even if this write fails, the next one records how far ids went
         rows = [(m.id, m.room.lower(), m.room, m.ts, m.sender, m.text, m.userhost,  # type: ignore[union-attr]
-                 (1 if m.action else 0) | (2 if m.notice else 0)) for m in batch]
+                 _flags(m), m.account or "") for m in batch]
+        rows += [(m.id, pair, "@" + (m.to or ""), m.ts, m.sender, m.text, m.userhost, _flags(m),
+                  m.account or "") for m, pair in private]
         started = self._timer()
         try:
             if self._identity is not None:
@@ -611,8 +752,12 @@ class SQLiteStore:
             self._conn.execute("BEGIN IMMEDIATE")
             if self._insert is _OLD_INSERT:
                 rows = [row[:6] for row in rows]
+            elif self._insert is _V4_INSERT:
+                rows = [row[:8] for row in rows]
             self._conn.executemany(self._insert, rows)
-            if high > max(m.id for m in batch):
+            for statement, parameters in writes:
+                self._conn.execute(statement, parameters)
+            if high > max(ids, default=0):
                 self._conn.execute(_SAVE_LAST_ID, (high,))
             self._conn.execute("COMMIT")
         except (sqlite3.Error, ValueError, OverflowError, OSError) as exc:
@@ -680,6 +825,9 @@ class SQLiteStore:
             m for m in self._pending
             if (before is None or m.id < before) and m.room.lower() == key  # type: ignore[union-attr]
         ]  # type: ignore[union-attr]
+        if key.startswith("@"):
+            queued = [m for m, pair in self._private
+                      if pair == key and (before is None or m.id < before)]
         if queued:
             found.extend(queued)
             found.sort(key=lambda m: m.id, reverse=True)

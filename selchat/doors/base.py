@@ -109,7 +109,7 @@ class DoorSession:
         """Leave the chat, once; with a reason, those sharing a room see the user quit."""
         user, self.user = self.user, None
         if user is not None:
-            self.door.hub.leave(user, quit_reason)
+            self.door.hub.leave(user, quit_reason, self)
 
     def drop(self, reason: str) -> None:
         """Condemned: leave the chat with `reason` and close now."""
