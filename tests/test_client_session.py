@@ -8,7 +8,7 @@ from typing import Any, Dict, List
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from selchat.client.session import ClientSession, Item, Local, Pacer, Reaction, Send, backoff_delays
+from selchat.client.session import COMMANDS, ClientSession, Item, Local, Pacer, Reaction, Send, backoff_delays
 
 
 def registered(nick: str = "alice") -> ClientSession:
@@ -145,7 +145,7 @@ def test_me_says_an_action_in_the_current_room() -> None:
 
 def test_usage_errors_are_local() -> None:
     s = registered()
-    for line in ["/join", "/join #a #b", "/msg bob", "/msg", "/nick", "/nick a b", "/history x", "/history 0"]:
+    for line in ["/join", "/join #a key extra", "/msg bob", "/msg", "/nick", "/nick a b", "/history x", "/history 0"]:
         action = s.parse_line(line)
         assert isinstance(action, Local), line
         assert action.items[0].kind == "hint"
@@ -185,10 +185,22 @@ def test_history_answer_shows_older_messages_marked_earlier() -> None:
     r = s.handle_event({"type": "history", "room": "#lobby", "messages": [msg(3), msg(4)], "more": False, "ref": req["ref"]})
     assert kinds(r) == ["history", "message", "message", "info"]
     assert all(i.earlier for i in r.items[:3])
+    # The server said that is the start: /history says so without asking again.
+    action = s.parse_line("/history")
+    assert isinstance(action, Local) and "all 3 messages of #lobby are shown" in action.items[0].data["text"]
+
+
+def test_history_says_what_is_shown_when_an_answer_brings_nothing_new() -> None:
+    s = registered()
     req = sent(s.parse_line("/history"))
-    assert req["before"] == 3
     r = s.handle_event({"type": "history", "room": "#lobby", "messages": [], "more": False, "ref": req["ref"]})
     assert kinds(r) == ["info"] and "no earlier" in r.items[0].data["text"]
+    s.handle_event(msg(10))
+    s.handle_event(msg(11))
+    s.conversations["#lobby"].complete = False  # as if the join's history had said more
+    req = sent(s.parse_line("/history"))
+    r = s.handle_event({"type": "history", "room": "#lobby", "messages": [msg(10)], "more": False, "ref": req["ref"]})
+    assert kinds(r) == ["info"] and r.items[0].data["text"].startswith("all 2 messages of #lobby are shown")
 
 
 # ----- events ---------------------------------------------------------------------------------
@@ -394,7 +406,7 @@ def test_any_event_is_handled_without_raising(kind: str, members: Dict[str, Any]
 def test_any_line_parses_and_unknown_commands_are_never_sent(line: str) -> None:
     s = registered()
     action = s.parse_line(line)
-    known = {"/join", "/part", "/msg", "/nick", "/who", "/rooms", "/history", "/quit", "/help"}
+    known = {"/" + name for name in COMMANDS}
     word = line.split(" ")[0].lower().rstrip("\r\n")
     if line.startswith("/") and not line.startswith("//") and word not in known:
         assert isinstance(action, Local)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import codecs
+import errno
 import logging
 import os
 import socket
@@ -34,7 +35,19 @@ from selchat.client.security import (
     make_tls_context,
     read_password_file,
 )
-from selchat.client.session import COMMANDS, ClientSession, Item, Local, Reaction, Send, backoff_delays
+from selchat.client.nickhelp import explain, suggest, taken_suggestion
+from selchat.client.session import (
+    COMMANDS,
+    Action,
+    Ask,
+    ClientSession,
+    Item,
+    Local,
+    Reaction,
+    Send,
+    Ui,
+    backoff_delays,
+)
 from selchat.defaults import DEFAULT_HOST, DEFAULT_PORT, HANDSHAKE_TIMEOUT
 
 log = logging.getLogger("selchat.client")
@@ -89,7 +102,24 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["debug", "info", "warning", "error"],
         help="diagnostics on stderr (default: %(default)s; debug shows every frame)",
     )
+    parser.add_argument(
+        "--no-bell",
+        action="store_true",
+        help="do not ring the terminal bell on mentions and private messages (/bell on|off too)",
+    )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    acct = parser.add_argument_group("account")
+    acct.add_argument(
+        "--account",
+        metavar="NAME",
+        help="log in to this account (its name is the nick unless --nick says otherwise); the "
+        "password is asked without echo after connecting, or read from --account-password-file",
+    )
+    acct.add_argument(
+        "--account-password-file",
+        metavar="FILE",
+        help="the account's password is the first line of FILE (required with --account in script mode)",
+    )
     secure = parser.add_argument_group("TLS and password")
     secure.add_argument(
         "--tls",
@@ -157,8 +187,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.log_level)
     interactive = sys.stdin.isatty()
-    if not interactive and not args.nick:
+    if not interactive and not (args.nick or args.account):
         print(f"{PROG}: --nick is required when stdin is not a terminal", file=sys.stderr)
+        return 2
+    if args.account_password_file and not args.account:
+        print(f"{PROG}: --account-password-file needs --account NAME", file=sys.stderr)
+        return 2
+    if not interactive and args.account and not args.account_password_file:
+        print(f"{PROG}: --account needs --account-password-file FILE when stdin is not a terminal", file=sys.stderr)
         return 2
     try:
         _secure_options(args)
@@ -167,7 +203,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     try:
         if interactive:
-            return asyncio.run(Interactive(args).run())
+            terminal = QuietTerminal(sys.stdin)
+            terminal.start()  # first thing: keys typed from now on are not echoed twice
+            try:
+                return asyncio.run(Interactive(args, terminal).run())
+            finally:
+                terminal.restore()
         for stream in (sys.stdout, sys.stderr):
             stream.reconfigure(errors="backslashreplace")  # type: ignore[union-attr]
         sys.stdin.reconfigure(errors="replace")  # type: ignore[union-attr]
@@ -184,6 +225,10 @@ def _secure_options(args: argparse.Namespace) -> None:
     args.tls = bool(args.tls or args.ca or args.insecure)
     args.tls_context = make_tls_context(args.ca, args.insecure) if args.tls else None
     args.password = read_password_file(args.password_file) if args.password_file else None
+    account_file = getattr(args, "account_password_file", None)
+    args.login = (
+        {"account": args.account, "password": read_password_file(account_file)} if account_file else None
+    )
 
 
 # ----- shared by both modes ---------------------------------------------------------------
@@ -279,6 +324,10 @@ def _refusal(nick: str, error: Mapping[str, Any], password_file: Optional[str] =
         if password_file is not None:
             return f"password from {escape(password_file)} refused: {reason}"
         return f"the server wants a password: {reason} (give it with --password-file FILE)"
+    if error.get("code") in ("bad_nick", "nick_taken", "nick_reserved"):
+        return f"nick {escape(nick)!r} refused: {reason}: {explain_refusal(nick, error)}"
+    if error.get("code") in ("login_failed", "login_throttled"):
+        return f"login refused: {reason}"
     return f"nick {escape(nick)!r} refused: {reason}"
 
 
@@ -299,6 +348,7 @@ class Script:
         self.stderr = stderr
         self.session = ClientSession()
         self.session.password = getattr(args, "password", None)
+        self.session.login = getattr(args, "login", None)
         self._eof_token: Optional[str] = None
         self._eof_pong = asyncio.Event()
         self._events = 0
@@ -337,7 +387,7 @@ class Script:
         try:
             conn = await open_connection(self.args, self._err)
         except OSError as exc:
-            self._err(f"cannot connect to {host}:{port}: {_describe(exc, getattr(self.args, 'ca', None))}")
+            self._err(_cannot_connect(host, port, exc, getattr(self.args, "ca", None)))
             return 1
         try:
             return await self._run(conn)
@@ -345,7 +395,7 @@ class Script:
             await conn.close()
 
     async def _run(self, conn: Connection) -> int:
-        nick = self.args.nick
+        nick = self.args.nick or self.args.account
         try:
             refused = await asyncio.wait_for(
                 register(conn, self.session, nick, self._on_event, ref="hello"), REGISTER_TIMEOUT
@@ -369,6 +419,13 @@ class Script:
                     break
                 line_no += 1
                 action = self.session.parse_line(line, ref=line_no)
+                if isinstance(action, Ask):
+                    action = Local([self.session.note(
+                        "script mode cannot ask for a password: give it on the line "
+                        "(/login ACCOUNT PASSWORD, /register PASSWORD, /password OLD NEW) "
+                        "or log in with --account and --account-password-file")])
+                elif isinstance(action, Ui):
+                    action = Local([self.session.note(f"/{action.name} is for the interactive screen")])
                 if isinstance(action, Local):
                     # stderr keeps stdout to events (and valid --json)
                     self._show(action.items, self.stderr, prefix=f"line {line_no}: ")
@@ -451,124 +508,160 @@ class _Stop(Exception):
     the password from --password-file was refused): the message goes to stderr, exit status 1."""
 
 
-class _PasswordWanted(Exception):
-    """Ends the chat prompt early so that the input loop asks for the server password."""
+class QuietTerminal:
+    """Keys typed before the screen is up stay unechoed in the terminal's queue, so they show
+    once, on the input line, when prompt_toolkit reads them (the terminal would otherwise echo
+    them at once, and the input line show them again).
+
+    Started first thing in interactive mode; `suspended` gives getpass the terminal as it was
+    (line editing on); `restore` puts it back as we found it at exit.
+    """
+
+    def __init__(self, stream: TextIO) -> None:
+        self._fd: Optional[int] = None
+        self._saved: Optional[List[Any]] = None
+        try:
+            import termios
+
+            fd = stream.fileno()
+            self._saved = termios.tcgetattr(fd)
+            self._fd = fd
+        except (ImportError, OSError, ValueError, AttributeError):
+            pass  # not a terminal we can set: nothing to do
+
+    def start(self) -> None:
+        if self._fd is None or self._saved is None:
+            return
+        import termios
+
+        quiet = [list(x) if isinstance(x, list) else x for x in self._saved]
+        quiet[3] &= ~(termios.ECHO | termios.ICANON)  # lflag: no echo, no line editing
+        quiet[6][termios.VMIN] = 1
+        quiet[6][termios.VTIME] = 0
+        try:
+            termios.tcsetattr(self._fd, termios.TCSANOW, quiet)
+        except OSError:
+            pass
+
+    def restore(self) -> None:
+        if self._fd is None or self._saved is None:
+            return
+        import termios
+
+        try:
+            termios.tcsetattr(self._fd, termios.TCSANOW, self._saved)
+        except OSError:
+            pass
+
+    async def getpass(self, prompt: str) -> str:
+        """`getpass.getpass` with the terminal as we found it (it turns echo off itself); in a
+        thread, so the connection is still read meanwhile."""
+        import getpass
+
+        self.restore()
+        try:
+            return await asyncio.get_running_loop().run_in_executor(None, getpass.getpass, prompt)
+        finally:
+            self.start()
 
 
 class Interactive:
-    """A prompt at the bottom, events printed above it, and reconnecting when the link drops."""
+    """Connect, ask for a nick, then the full screen (windows, status line, input line), and
+    reconnect when the link drops."""
 
-    def __init__(self, args: argparse.Namespace) -> None:
-        from prompt_toolkit import PromptSession
+    def __init__(self, args: argparse.Namespace, terminal: Optional[QuietTerminal] = None) -> None:
+        from selchat.client.screen import Screen
 
         self.args = args
+        self.terminal = terminal or QuietTerminal(sys.stdin)
         self.session = ClientSession()
         self.session.password = getattr(args, "password", None)
+        self.session.login = getattr(args, "login", None)
         self.conn: Optional[Connection] = None
         self.quitting = False
-        # The typed line is erased once sent: the server's echo shows it, with time and room.
-        self.prompt: PromptSession = PromptSession(erase_when_done=True)
-        # Set by the reconnecting task when the server wants a (new) password; the input loop
-        # asks for it and answers True, or False if the user gave up (Ctrl-C / Ctrl-D).
-        self._password_request: "Optional[asyncio.Future[bool]]" = None
         self._stopped: Optional[_Stop] = None  # set when reconnecting must not go on
+        self._lines: "asyncio.Queue[str]" = asyncio.Queue()
+        self._keeper: "Optional[asyncio.Task[None]]" = None
+        self.screen = Screen(self.session, self._lines.put_nowait, self._interrupted, bell=not args.no_bell)
 
     # output
 
-    def _show(self, items: List[Item]) -> None:
-        from prompt_toolkit import print_formatted_text
-        from prompt_toolkit.formatted_text import FormattedText
-
-        for item in items:
-            print_formatted_text(FormattedText(render(item)))
-
-    def _note(self, text: str) -> None:
-        self._show([self.session.note(text)])
+    def _print(self, text: str) -> None:
+        """A line before the screen is up (or after it is gone)."""
+        print(text, flush=True)
 
     def _warn(self, text: str) -> None:
-        """A line on stderr (above the prompt while it is up)."""
-        print(f"{PROG}: {text}", file=sys.stderr, flush=True)
+        """A line on stderr before the screen is up; on the screen's status window after."""
+        if self.screen.app.is_running:
+            self.screen.note(text)
+        else:
+            print(f"{PROG}: {text}", file=sys.stderr, flush=True)
+
+    def _note(self, text: str) -> None:
+        self.screen.note(text)
 
     def _on_event(self, event: Dict[str, Any], raw: bytes, reaction: Reaction) -> None:
+        items = list(reaction.items) if reaction.refused is None else []  # a refusal is explained apart
         if self.args.json:
-            from prompt_toolkit import print_formatted_text
-            from prompt_toolkit.formatted_text import FormattedText
-
-            print_formatted_text(FormattedText([("", escape_json_line(raw.decode("utf-8")))]))
-        else:
-            self._show(reaction.items)
-        self.prompt.app.invalidate()  # the prompt shows the current room and nick
-
-    def _prompt_message(self) -> List[Any]:
-        room = self.session.current_room
-        nick = self.session.nick or ""
-        state = "" if self.conn is not None else "(offline) "
-        return [
-            ("ansired", state),
-            ("bold", f"[{escape(room) if room else 'no room'}] "),
-            (f"{nick_colour(nick)} bold", escape(nick)),
-            ("", "> "),
-        ]
-
-    def _interrupt_prompt(self, exc: Exception) -> None:
-        """End the chat prompt now with `exc`, if it is up (else the input loop sees the state
-        before it shows the next one)."""
-        app = self.prompt.app
-        if app.is_running:
-            try:
-                app.exit(exception=exc)
-            except Exception:  # already exiting: the loop checks the state next time round
-                pass
+            items.append(Item("info", time.time(), {"text": escape_json_line(raw.decode("utf-8"))}, targets=("(status)",)))
+        self.screen.show(items)
+        self.screen.windows.follow(self.session.focus)
 
     # lifecycle
 
     async def run(self) -> int:
-        from prompt_toolkit.patch_stdout import patch_stdout
-
-        if not await self._first_registration():
+        host, port = self.args.host, self.args.port
+        try:
+            conn: Optional[Connection] = await self._connect()
+        except OSError as exc:
+            self._warn(_cannot_connect(host, port, exc, getattr(self.args, "ca", None)))
+            return 1
+        if not await self._first_registration(conn):
             return 0 if self.quitting else 1
-        with patch_stdout():
-            keeper = asyncio.ensure_future(self._keep_connected())
-            try:
-                await self._input_loop(keeper)
-            finally:
-                keeper.cancel()
-                if self.conn is not None:
-                    await self.conn.close()
+        handler = self.screen.log_handler()
+        root = logging.getLogger("selchat")
+        saved_handlers = root.handlers[:]
+        root.handlers[:] = [handler]
+        self._keeper = asyncio.ensure_future(self._keep_connected())
+        consumer = asyncio.ensure_future(self._consume_lines())
+        try:
+            await self.screen.app.run_async()
+        finally:
+            root.handlers[:] = saved_handlers
+            consumer.cancel()
+            self._keeper.cancel()
+            if self.conn is not None:
+                await self.conn.close()
         if self._stopped is not None:
             self._warn(str(self._stopped))
             return 1
+        keeper = self._keeper
         if keeper.done() and not keeper.cancelled() and keeper.exception() is not None:
             log.error("reconnecting failed", exc_info=keeper.exception())
             return 1
         return 0
 
-    async def _until_input_loop_sees(self, done: Callable[[], bool], exc: Callable[[], Exception]) -> None:
-        """End the chat prompt with exc() until done(): the prompt may be just starting (not
-        running yet) when we first try, and the input loop only looks between two lines."""
-        while not done():
-            self._interrupt_prompt(exc())
-            await asyncio.sleep(0.2)
-
     async def _connect(self) -> Connection:
         return await open_connection(self.args, self._warn)
 
-    async def _ask_nick(self) -> Optional[str]:
+    async def _ask_nick(self, default: str = "") -> Optional[str]:
+        from prompt_toolkit import PromptSession
+
+        asker: PromptSession = PromptSession()
         while True:
             try:
-                nick = (await self.prompt.prompt_async("nickname: ")).strip()
+                nick = (await asker.prompt_async("nickname: ", default=default)).strip()
             except (EOFError, KeyboardInterrupt):
                 return None
             if nick:
                 return nick
 
-    async def _ask_password(self) -> bool:
-        """Ask for the server password without echo; False if the user gives up."""
+    async def _ask_server_password(self) -> bool:
+        """Ask for the server password without echo before the screen is up; False if the user
+        gives up."""
         from prompt_toolkit import PromptSession
 
-        # A session of its own: the chat prompt's history must never hold (and recall) it, and
-        # arguments given to a PromptSession's prompt stick to that session.
-        asker: PromptSession = PromptSession(is_password=True, erase_when_done=True)
+        asker: PromptSession = PromptSession(is_password=True)
         while True:
             try:
                 password = await asker.prompt_async("server password: ")
@@ -578,57 +671,102 @@ class Interactive:
                 self.session.password = password
                 return True
 
-    async def _first_registration(self) -> bool:
-        """Ask for a nick until the server takes one, and for the password when it wants one.
-        A fresh connection per try, since the server drops a connection that has not registered
-        within its handshake timeout while we ask, and closes one after a wrong password."""
-        nick = self.args.nick
+    async def _account_password(self) -> bool:
+        """--account without --account-password-file: asked (getpass, no echo) after connecting."""
+        account = self.args.account
+        try:
+            password = await self.terminal.getpass(f"password for account {account}: ")
+        except (EOFError, KeyboardInterrupt):
+            return False
+        if not password:
+            return False
+        self.session.login = {"account": account, "password": password}
+        return True
+
+    async def _first_registration(self, conn: Optional[Connection]) -> bool:
+        """Ask for a nick (after connecting) until the server takes one, explaining a refusal
+        and offering a nick it would take; ask for the server's or the account's password when
+        needed. While we wait for the person, the server may drop the unregistered connection
+        (its handshake timeout): then we connect again, once per hello, without a word."""
+        nick: Optional[str] = self.args.nick or self.args.account
         host, port = self.args.host, self.args.port
+        suggestion = ""
+        if self.args.account and self.session.login is None:
+            if not await self._account_password():
+                self.quitting = True
+                return False
+        connected_at = time.monotonic()
         while True:
+            waited = False
             if nick is None:
-                nick = await self._ask_nick()
+                nick = await self._ask_nick(suggestion)
+                waited = True
                 if nick is None:
                     self.quitting = True
                     return False
-            try:
-                conn = await self._connect()
-            except OSError as exc:
-                self._warn(f"cannot connect to {host}:{port}: {_describe(exc, getattr(self.args, 'ca', None))}")
-                return False
-            try:
-                refused = await asyncio.wait_for(register(conn, self.session, nick, self._on_event), REGISTER_TIMEOUT)
-            except (ConnectionClosed, asyncio.TimeoutError) as exc:
-                await conn.close()
-                if self.session.close_reason:
+            for attempt in (1, 2):
+                if conn is None or (attempt == 1 and time.monotonic() - connected_at > STALE_AFTER):
+                    if conn is not None:
+                        await conn.close()
+                    try:
+                        conn = await self._connect()
+                    except OSError as exc:
+                        self._warn(_cannot_connect(host, port, exc, getattr(self.args, "ca", None)))
+                        return False
+                    connected_at = time.monotonic()
+                try:
+                    refused = await asyncio.wait_for(register(conn, self.session, nick, self._on_event), REGISTER_TIMEOUT)
+                    break
+                except (ConnectionClosed, asyncio.TimeoutError) as exc:
+                    await conn.close()
+                    conn = None
                     reason = self.session.close_reason
-                elif isinstance(exc, ConnectionClosed):
-                    reason = _closed_reason(exc)
-                    if not getattr(self.args, "tls", False):
-                        reason += " (if the server speaks TLS, use --tls or --ca FILE)"
-                else:
-                    reason = "no answer"
-                self._warn(f"connection closed by server: {escape(reason)}")
-                return False
+                    self.session.connection_lost()
+                    if attempt == 1 and (waited or not reason) and isinstance(exc, ConnectionClosed):
+                        continue  # it timed us out while we asked: once more, on a fresh connection
+                    if reason is None:
+                        reason = _closed_reason(exc) if isinstance(exc, ConnectionClosed) else "no answer"
+                        if isinstance(exc, ConnectionClosed) and not getattr(self.args, "tls", False):
+                            reason += " (if the server speaks TLS, use --tls or --ca FILE)"
+                    self._warn(f"connection closed by server: {escape(reason)}")
+                    return False
             if refused is None:
                 self.conn = conn
                 return True
-            await conn.close()
+            code = refused.get("code")
+            if code in ("bad_nick", "nick_taken", "nick_reserved"):
+                self._print(explain_refusal(nick, refused))  # the connection stays: hello again
+                suggestion = suggestion_for(nick, refused)
+                nick = None
+                continue
+            if code in ("login_failed", "login_throttled"):
+                self._warn(f"login as {escape(str(self.args.account))} refused: {escape(str(code))}: "
+                           f"{escape(str(refused.get('message', '')))}")
+                if self.args.account_password_file is not None or code == "login_throttled":
+                    return False
+                if not await self._account_password():
+                    self.quitting = True
+                    return False
+                continue
+            if conn is not None:
+                await conn.close()
+                conn = None
             self.session.connection_lost()
             if not _is_bad_password(refused):
-                nick = None  # the error was shown by _on_event; ask again
-                continue
+                self._warn(_refusal(nick, refused))
+                return False
             if self.args.password_file is not None:
                 self._warn(_refusal(nick, refused, self.args.password_file))
                 return False
-            if not await self._ask_password():  # then again with the same nick
+            self._print(_refusal(nick, refused))
+            if not await self._ask_server_password():  # then again with the same nick
                 self.quitting = True
                 return False
 
     async def _keep_connected(self) -> None:
         """Run the receiver; when the connection drops, reconnect with backoff, same nick, same rooms.
 
-        Sets `_stopped` when reconnecting must not go on (see `_reconnect`), and the input
-        loop ends."""
+        Sets `_stopped` when reconnecting must not go on (see `_reconnect`), and ends the screen."""
         while True:
             assert self.conn is not None
             try:
@@ -639,22 +777,26 @@ class Interactive:
                 log.exception("receiving failed")
                 reason = "internal error, see the log"
             if self.quitting:
+                self._exit()
                 return
             await self.conn.close()
             self.conn = None
             self.session.connection_lost()
-            self.prompt.app.invalidate()
+            self.screen.offline = True
+            self.screen.invalidate()
             try:
                 conn = await self._reconnect(f"connection lost ({escape(reason)})")
             except _Stop as stop:
                 self._stopped = stop
-                await self._until_input_loop_sees(lambda: False, _Stop)  # run() cancels us
+                self._exit()
                 return
             if conn is None:  # the user gave up at the password prompt, and is quitting
+                self.quitting = True
+                self._exit()
                 return
             self.conn = conn
+            self.screen.offline = False
             self._note("reconnected")
-            self.prompt.app.invalidate()
 
     async def _reconnect(self, why: str) -> Optional[Connection]:
         """Try again and again, one line per attempt; the same nick, the session rejoins rooms.
@@ -691,70 +833,149 @@ class Interactive:
                 return conn
             await conn.close()
             self.session.connection_lost()
+            code = refused.get("code")
             if _is_bad_password(refused):
                 if self.args.password_file is not None:
                     raise _Stop(f"on reconnecting, {_refusal(nick, refused, self.args.password_file)}")
-                if not await self._password_from_input_loop():
+                self._note(_refusal(nick, refused))
+                password = await self.screen.ask_secret("server password: ")
+                if not password:
                     return None
+                self.session.password = password
+                why = "trying the password"
+                delays = backoff_delays()
+                continue
+            if code in ("login_failed", "login_throttled") and self.session.login is not None:
+                if self.args.account_password_file is not None:
+                    raise _Stop(f"on reconnecting, login as {self.session.login['account']} refused: {code}")
+                password = await self.screen.ask_secret(f"password for account {self.session.login['account']}: ")
+                if not password:
+                    return None
+                self.session.login = dict(self.session.login, password=password)
                 why = "trying the password"
                 delays = backoff_delays()
                 continue
             # Usually our old connection still holds the nick until the server notices it is dead.
             why = f"nick {escape(nick)} not free yet"
 
-    async def _password_from_input_loop(self) -> bool:
-        """Have the input loop (which owns the terminal) ask for the password; True once given."""
-        request = self._password_request = asyncio.get_running_loop().create_future()
-        try:
-            # Once the input loop is at the password prompt the chat prompt is not running, so
-            # nudging it again does nothing.
-            await self._until_input_loop_sees(request.done, _PasswordWanted)
-            return request.result()
-        finally:
-            self._password_request = None
-
-    async def _input_loop(self, keeper: "asyncio.Task[None]") -> None:
-        while True:
-            if self._stopped is not None or keeper.done():
-                return  # run() says why
-            request = self._password_request
-            if request is not None and not request.done():
-                given = await self._ask_password()
-                if not request.done():
-                    request.set_result(given)
-                if not given:
-                    self.quitting = True
-                    return
-                continue
+    def _exit(self) -> None:
+        if self.screen.app.is_running:
             try:
-                line = await self.prompt.prompt_async(self._prompt_message)
-            except (_PasswordWanted, _Stop):
-                continue  # the top of the loop sees why
-            except (EOFError, KeyboardInterrupt):
-                await self._quit(self.session.quit(), keeper)
-                return
-            action = self.session.parse_line(line)
-            if isinstance(action, Local):
-                self._show(action.items)
-            elif isinstance(action, Send):
-                if action.quit:
-                    await self._quit(action.request, keeper)
-                    return
-                if self.conn is None:
-                    self._note("not connected: that line was not sent")
-                    continue
-                try:
-                    await self.conn.send_paced(action.request)
-                except ConnectionClosed:
-                    self._note("not connected: that line was not sent")
+                self.screen.app.exit()
+            except Exception:  # already exiting
+                pass
 
-    async def _quit(self, request: Dict[str, Any], keeper: "asyncio.Task[None]") -> None:
-        """Say goodbye if we can, and give the server a moment to pass it on before we hang up."""
-        self.quitting = True
+    def _interrupted(self) -> None:
+        """Ctrl-C, or Ctrl-D on an empty line: quit."""
+        if not self.quitting:
+            asyncio.ensure_future(self._quit(self.session.quit()))
+
+    async def _consume_lines(self) -> None:
+        """One typed line at a time, in order (pacing may hold one back)."""
+        while True:
+            line = await self._lines.get()
+            try:
+                await self._do(self.session.parse_line(line))
+            except Exception:  # a bug of ours must not end the input
+                log.exception("handling a line failed")
+            self.screen.windows.follow(self.session.focus)
+            self.screen.invalidate()
+
+    async def _do(self, action: Action) -> None:
+        while isinstance(action, Ask):
+            secret = await self.screen.ask_secret(action.prompt)
+            if secret is None:
+                self._note("cancelled: nothing sent")
+                return
+            action = action.then(secret)
+        if isinstance(action, Local):
+            self.screen.show(action.items)
+        elif isinstance(action, Ui):
+            await self._ui(action)
+        elif isinstance(action, Send):
+            if action.quit:
+                await self._quit(action.request)
+                return
+            await self._send(action.request)
+
+    async def _send(self, request: Dict[str, Any]) -> None:
         if self.conn is None:
+            self._note("not connected: that line was not sent")
             return
         try:
             await self.conn.send_paced(request)
         except ConnectionClosed:
-            return
-        await asyncio.wait({keeper}, timeout=2.0)
+            self._note("not connected: that line was not sent")
+
+    async def _ui(self, action: Ui) -> None:
+        screen, windows = self.screen, self.screen.windows
+        window = windows.active
+        if action.name == "win":
+            if not screen.windows.switch(int(action.arg) - 1):
+                self._note(f"there is no window {action.arg} (1..{len(windows.windows)})")
+            self.session.set_focus(windows.focus_key())
+        elif action.name == "close":
+            if windows.current == 0:
+                self._note("the status window stays open (/quit leaves the chat)")
+                return
+            if window.is_room and window.key.lower() in self.session.rooms:
+                part = self.session.parse_line(f"/part {window.key}")
+                if isinstance(part, Send):
+                    await self._send(part.request)
+            windows.close()
+            self.session.set_focus(windows.focus_key())
+        elif action.name == "presence":
+            if not window.is_room:
+                self._note("/presence works in a room's window")
+                return
+            window.hide_presence = {"on": False, "off": True}.get(action.arg, not window.hide_presence)
+            state = "hidden" if window.hide_presence else "shown"
+            self._note(f"join, part and quit lines are {state} in {window.key} "
+                       f"(/presence {'on' if window.hide_presence else 'off'} to change)")
+        elif action.name == "bell":
+            screen.bell = {"on": True, "off": False}.get(action.arg, not screen.bell)
+            self._note(f"the bell is {'on' if screen.bell else 'off'} for mentions and private messages")
+        screen.invalidate()
+
+    async def _quit(self, request: Dict[str, Any]) -> None:
+        """Say goodbye if we can, and give the server a moment to pass it on before we hang up."""
+        self.quitting = True
+        if self.conn is not None:
+            try:
+                await self.conn.send_paced(request)
+            except ConnectionClosed:
+                pass
+            else:
+                if self._keeper is not None:
+                    await asyncio.wait({self._keeper}, timeout=2.0)
+        self._exit()
+
+
+STALE_AFTER = HANDSHAKE_TIMEOUT - 3.0  # an unregistered connection older than this may be timed out
+
+
+def _cannot_connect(host: str, port: int, exc: BaseException, ca: Optional[str]) -> str:
+    """One line for a failed connect, with what to do when nothing listens there."""
+    text = f"cannot connect to {host}:{port}: {_describe(exc, ca)}"
+    if isinstance(exc, ConnectionRefusedError) or getattr(exc, "errno", None) == errno.ECONNREFUSED:
+        text += f" (is selchat-server running on port {port}? Start it with: selchat-server --port {port})"
+    return text
+
+
+def explain_refusal(nick: str, error: Mapping[str, Any]) -> str:
+    """Why the server did not take `nick`, in words, and what to try instead."""
+    code = error.get("code")
+    shown = escape(nick)
+    if code == "bad_nick":
+        problems = explain(nick) or [escape(str(error.get("message", "")))]
+        return f"'{shown}' cannot be a nick: {'; '.join(escape(p) for p in problems)}. Try {escape(suggest(nick))}"
+    if code == "nick_taken":
+        return f"the nick {shown} is taken. Try {escape(taken_suggestion(nick))}, or another"
+    if code == "nick_reserved":
+        return (f"{shown} is a registered account: log in with --account {shown}, or pick another "
+                f"nick, such as {escape(taken_suggestion(nick))}")
+    return f"nick {shown!r} refused: {escape(str(code))}: {escape(str(error.get('message', '')))}"
+
+
+def suggestion_for(nick: str, error: Mapping[str, Any]) -> str:
+    return suggest(nick) if error.get("code") == "bad_nick" else taken_suggestion(nick)

@@ -18,6 +18,7 @@ import time
 import zlib
 from typing import Any, Callable, List, Mapping, Optional, Tuple
 
+from selchat.client.modes import describe_modes, describe_set
 from selchat.client.session import Item
 
 __all__ = [
@@ -30,6 +31,7 @@ __all__ = [
     "escape_json_line",
     "escape_text",
     "render_plain",
+    "day_line",
 ]
 
 Fragments = List[Tuple[str, str]]
@@ -59,6 +61,9 @@ STYLE_NOTICE = "ansiyellow bold"
 STYLE_EARLIER = "dim italic"
 STYLE_LOCAL = "ansicyan"
 STYLE_ACTION = "italic"  # an emote's text
+STYLE_MENTION = "ansimagenta bold"  # a room message that names us
+STYLE_DAY = "ansibrightblack bold"
+STYLE_EVENT = "ansigreen"  # topic, kick, invite, mode, account: things that happened to a room
 
 # C0, DEL and C1 controls; the line and paragraph separators, which some terminals and most
 # text widgets treat as line breaks; and the bidirectional overrides and isolates, which can
@@ -125,29 +130,58 @@ def _nick(value: Any, extra: str = "") -> Tuple[str, str]:
     return (f"{nick_colour(nick)} bold {extra}".strip(), escape(nick))
 
 
+def day_line(at: float, localtime: Callable[[float], time.struct_time] = time.localtime) -> str:
+    """The line between two days in a window: `--- Monday 7 December 2026 ---`."""
+    try:
+        t = localtime(at)
+    except (OverflowError, OSError, ValueError):
+        return "--- another day ---"
+    return f"--- {time.strftime('%A', t)} {t.tm_mday} {time.strftime('%B %Y', t)} ---"
+
+
 def render(
-    item: Item, localtime: Callable[[float], time.struct_time] = time.localtime, clock: bool = True
+    item: Item,
+    localtime: Callable[[float], time.struct_time] = time.localtime,
+    clock: bool = True,
+    windowed: bool = False,
+    prefix: Callable[[Any, Any], str] = lambda room, nick: "",
 ) -> Fragments:
     """One item as styled fragments, without a trailing newline; `clock=False` leaves out the
-    time column (script mode's local notes on stderr, which are not events)."""
+    time column (script mode's local notes on stderr, which are not events). `windowed`: the
+    item is shown in its room's or conversation's window, so a message leaves out where it was
+    said; `prefix(room, nick)` gives the `@`/`+` of a member."""
     data = item.data if isinstance(item.data, Mapping) else {}
     dim = STYLE_EARLIER if item.earlier else ""
     head: Fragments = [(f"{STYLE_TIME} {dim}".strip(), _clock(item.at, localtime) + " ")] if clock else []
     kind = item.kind
 
     if kind == "message":
-        return _message(head, data, dim)
+        return _message(head, data, dim, windowed, item.mention)
+    if kind == "day":
+        return [(STYLE_DAY, day_line(item.at, localtime))]
     if kind == "history":
         room = escape(_str(data.get("room")))
+        if "room" not in data and "with" in data:
+            partner = escape(_str(data.get("with")))
+            if data.get("away") is True:
+                count = data.get("count")
+                return head + [(STYLE_NOTICE, f"-- {escape(_str(count))} messages from your conversation with {partner} while you were away --")]
+            return head + [(f"{STYLE_STATUS} {dim}".strip(), f"-- earlier messages with {partner} --")]
         return head + [(f"{STYLE_STATUS} {dim}".strip(), f"-- earlier messages in {room} --")]
     if kind in ("join", "part"):
         verb = "joined" if kind == "join" else "left"
-        return head + [
+        out = head + [
             (STYLE_ROOM, escape(_str(data.get("room")))),
             (STYLE_STATUS, " * "),
             _nick(data.get("nick")),
             (STYLE_STATUS, f" {verb}"),
         ]
+        account = data.get("account")
+        if kind == "join" and isinstance(account, str) and account:
+            out.append((STYLE_STATUS, f" (logged in as {escape(account)})"))
+        return out
+    if kind in ("topic", "kick", "invite", "mode", "account"):
+        return _room_event(head, kind, data, localtime)
     if kind == "quit":
         reason = _str(data.get("reason"))
         line = head + [(STYLE_STATUS, "* "), _nick(data.get("nick")), (STYLE_STATUS, " quit")]
@@ -170,8 +204,12 @@ def render(
             (STYLE_ROOM, escape(_str(data.get("room")))),
             (STYLE_STATUS, f" * {len(nicks)} here:"),
         ]
+        ops = _folded(data.get("operators"))
+        voiced = _folded(data.get("voiced"))
         for n in nicks:
-            out += [("", " "), _nick(n)]
+            key = _str(n).lower()
+            mark = "@" if key in ops else "+" if key in voiced else prefix(data.get("room"), n)
+            out += [("", " "), (STYLE_STATUS, mark), _nick(n)] if mark else [("", " "), _nick(n)]
         return out
     if kind == "rooms":
         rooms = data.get("rooms")
@@ -211,9 +249,79 @@ def render(
     return head + [(STYLE_STATUS, f"* {escape(_str(data.get('type')))} {summary}")]
 
 
-def _message(head: Fragments, data: Mapping[str, Any], dim: str) -> Fragments:
+def _folded(value: Any) -> set:
+    return {_str(v).lower() for v in value} if isinstance(value, list) else set()
+
+
+def _room_event(head: Fragments, kind: str, data: Mapping[str, Any], localtime: Callable[[float], time.struct_time]) -> Fragments:
+    """Topic, kick, invite, mode and account events, in words."""
+    room = [(STYLE_ROOM, escape(_str(data.get("room")))), (STYLE_EVENT, " * ")]
+    by = data.get("by")
+    if kind == "topic":
+        text = _str(data.get("text"))
+        if data.get("_shown") is True:  # a joiner's copy, or /topic without text
+            if not text:
+                return head + room + [(STYLE_EVENT, "no topic")]
+            out = _with_body(head + room + [(STYLE_EVENT, "topic: ")], escape_text(text), "")
+            when = data.get("ts")
+            stamp = ""
+            if isinstance(when, (int, float)) and not isinstance(when, bool):
+                try:
+                    stamp = time.strftime(", %d %b %Y %H:%M", localtime(when / 1000.0))
+                except (OverflowError, OSError, ValueError):
+                    stamp = ""
+            return out + [(STYLE_STATUS, f" (set by {escape(_str(by))}{stamp})")] if by else out
+        if not text:
+            return head + room + [_nick(by), (STYLE_EVENT, " cleared the topic")]
+        return _with_body(head + room + [_nick(by), (STYLE_EVENT, " set the topic: ")], escape_text(text), "")
+    if kind == "kick":
+        reason = _str(data.get("reason"))
+        who = [(STYLE_MENTION, "you")] if data.get("_me") is True else [_nick(data.get("nick"))]
+        verb = " were kicked by " if data.get("_me") is True else " was kicked by "
+        out = head + room + who + [(STYLE_EVENT, verb), _nick(by)]
+        return _with_body(out + [(STYLE_EVENT, ": ")], escape_text(reason), STYLE_EVENT) if reason else out
+    if kind == "invite":
+        if "nick" in data:  # our own invitation went out
+            return head + room + [_nick(data.get("nick")), (STYLE_EVENT, " was invited by "), _nick(by)]
+        target = escape(_str(data.get("room")))
+        return head + [_nick(by), (STYLE_MENTION, f" invites you to {target}"), (STYLE_STATUS, f" (/join {target})")]
+    if kind == "mode":
+        changes = data.get("set")
+        changes = changes if isinstance(changes, Mapping) else {}
+        if by is None:  # the answer to /mode: everything in force
+            return head + room + [(STYLE_EVENT, "modes: " + escape(describe_modes(changes, data.get("bans"))))]
+        phrases = ", ".join(describe_set(changes)) or "nothing"
+        return head + room + [_nick(by), (STYLE_EVENT, " set " + escape(phrases))]
+    # account
+    account = data.get("account")
+    if data.get("_ours") is True:
+        asked = data.get("_asked")
+        if not isinstance(account, str):
+            return head + [(STYLE_EVENT, "* you are logged out")]
+        name = escape(account)
+        if asked == "register":
+            text = f"* your nick is now the account {name}: nobody else can use it"
+        elif asked == "password":
+            text = f"* the password of {name} is changed"
+        else:
+            text = f"* you are logged in as {name}"
+        return head + [(STYLE_EVENT, text)]
+    if isinstance(account, str) and account:
+        return head + [(STYLE_EVENT, "* "), _nick(data.get("nick")), (STYLE_EVENT, f" is logged in as {escape(account)}")]
+    return head + [(STYLE_EVENT, "* "), _nick(data.get("nick")), (STYLE_EVENT, " logged out")]
+
+
+def _message(head: Fragments, data: Mapping[str, Any], dim: str, windowed: bool = False, mention: bool = False) -> Fragments:
     text_style = dim
     sender = data.get("from")
+    if windowed:
+        if mention and "room" in data:
+            text_style = STYLE_MENTION
+        who_: Fragments = [(dim, "<"), _nick(sender, dim), (dim, "> ")]
+        if data.get("action") is True:
+            who_ = [(dim, "* "), _nick(sender, dim), (dim, " ")]
+            text_style = f"{STYLE_ACTION} {text_style}".strip()
+        return _with_body(head + who_, escape_text(_str(data.get("text"))), text_style)
     if "to" in data and "room" not in data:
         where: Fragments = [(f"{STYLE_ROOM} {dim}".strip(), "private"), ("", " ")]
         who: Fragments = [

@@ -107,8 +107,13 @@ def read_password_file(path: str) -> str:
 
 
 def redact(request: Mapping[str, Any]) -> Dict[str, Any]:
-    """The request as it may be logged: a password is replaced by `***`."""
+    """The request as it may be logged: passwords (the server's, an account's in `login`, the old
+    and new of `password`) and remembered-login tokens are replaced by `***`."""
     out = dict(request)
-    if "password" in out:
-        out["password"] = "***"
+    for key in ("password", "old", "new", "token"):
+        if key in out:
+            out[key] = "***"
+    login = out.get("login")
+    if isinstance(login, Mapping):
+        out["login"] = redact(login)
     return out

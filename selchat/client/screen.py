@@ -1,0 +1,348 @@
+"""The interactive client's full screen, on prompt_toolkit: the topic of the current window on
+top, the window's scrollback, a status line (time, nick, window, act list), the input line.
+
+                     #dev (3 here): release on friday
+                     16:16 <alice> hi
+                     16:17 <bob> alice: the build is green
+                     [16:17] [alice] [2:#dev] [act: 3 !4]
+                     [#dev] _
+
+What is drawn comes from the session (topic, nick, focus) and from `Windows` (scrollback,
+activity); this module only lays it out, wraps lines to the terminal's width and maps keys.
+`wrap` is pure and tested; the rest is driven by tests/test_client_tmux.py in a real terminal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Callable, List, Optional
+
+from prompt_toolkit.application import Application
+from prompt_toolkit.buffer import Buffer
+from prompt_toolkit.data_structures import Point
+from prompt_toolkit.filters import Condition
+from prompt_toolkit.formatted_text import StyleAndTextTuples
+from prompt_toolkit.key_binding import KeyBindings, KeyPressEvent
+from prompt_toolkit.layout import HSplit, Layout, Window
+from prompt_toolkit.layout.controls import BufferControl, FormattedTextControl, UIContent, UIControl
+from prompt_toolkit.layout.processors import BeforeInput, ConditionalProcessor, PasswordProcessor
+from prompt_toolkit.styles import Style
+from prompt_toolkit.utils import get_cwidth
+
+from selchat.client.render import Fragments, escape, nick_colour, render
+from selchat.client.session import ClientSession, Item
+from selchat.client.windows import LEVEL_EVENT, LEVEL_MENTION, Windows
+
+__all__ = ["Screen", "wrap"]
+
+STYLE = Style.from_dict(
+    {
+        "topic": "reverse",
+        "status": "reverse",
+        "status.act": "reverse bold",
+        "status.mention": "reverse bold ansimagenta",
+        "status.event": "reverse",
+        "status.more": "reverse bold ansiyellow",
+    }
+)
+
+
+def wrap(fragments: Fragments, width: int) -> List[Fragments]:
+    """Styled fragments as screen rows of at most `width` cells: split at `\\n`, then cut
+    where a row is full (a wide character that does not fit goes to the next row)."""
+    width = max(1, width)
+    rows: List[Fragments] = [[]]
+    used = 0
+    for style, text in fragments:
+        run = ""
+        for char in text:
+            if char == "\n":
+                if run:
+                    rows[-1].append((style, run))
+                rows.append([])
+                run, used = "", 0
+                continue
+            cells = get_cwidth(char)
+            if used + cells > width and used > 0:
+                if run:
+                    rows[-1].append((style, run))
+                rows.append([])
+                run, used = "", 0
+            run += char
+            used += cells
+        if run:
+            rows[-1].append((style, run))
+    return rows
+
+
+class _Scrollback(UIControl):
+    """The current window's lines, newest at the bottom, `scroll` rows up from there."""
+
+    def __init__(self, screen: "Screen") -> None:
+        self.screen = screen
+        self.width = 80
+        self.height = 20
+
+    def is_focusable(self) -> bool:
+        return False
+
+    def create_content(self, width: int, height: int) -> UIContent:
+        self.width, self.height = width, height
+        rows = self.screen.rows(width, height)
+        return UIContent(get_line=lambda i: rows[i], line_count=len(rows), cursor_position=Point(0, max(0, len(rows) - 1)))
+
+
+class _LogToStatus(logging.Handler):
+    """While the screen is up, the client's log lines go to the status window, not stderr."""
+
+    def __init__(self, screen: "Screen") -> None:
+        super().__init__()
+        self.screen = screen
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.screen.note(f"{record.levelname.lower()}: {record.getMessage()}", status_only=True)
+        except Exception:  # never let logging break the screen
+            pass
+
+
+class Screen:
+    """Windows on a full-screen prompt_toolkit Application; lines typed go to `on_line`."""
+
+    def __init__(
+        self,
+        session: ClientSession,
+        on_line: Callable[[str], None],
+        on_interrupt: Callable[[], None],
+        bell: bool = True,
+        localtime: Callable[[float], time.struct_time] = time.localtime,
+    ) -> None:
+        self.session = session
+        self.windows = Windows()
+        self.bell = bell
+        self.offline = False
+        self._localtime = localtime
+        self._on_line = on_line
+        self._on_interrupt = on_interrupt
+        self._secret: Optional["asyncio.Future[Optional[str]]"] = None
+        self._secret_prompt = ""
+        self.buffer = Buffer(multiline=False)
+        self.scrollback = _Scrollback(self)
+        secret = Condition(lambda: self._secret is not None)
+        input_control = BufferControl(
+            self.buffer,
+            input_processors=[
+                BeforeInput(self._prompt, style="bold"),
+                ConditionalProcessor(PasswordProcessor(), secret),
+            ],
+        )
+        layout = Layout(
+            HSplit(
+                [
+                    Window(FormattedTextControl(self._topic), height=1, style="class:topic"),
+                    Window(self.scrollback, wrap_lines=False),
+                    Window(FormattedTextControl(self._status), height=1, style="class:status"),
+                    Window(input_control, height=1),
+                ]
+            ),
+            focused_element=input_control,
+        )
+        self.app: Application[None] = Application(
+            layout=layout, key_bindings=self._keys(), full_screen=True, style=STYLE, mouse_support=False
+        )
+
+    # ----- drawing --------------------------------------------------------------------------
+
+    def rows(self, width: int, height: int) -> List[StyleAndTextTuples]:
+        """The screen rows of the current window: the last `height` after scrolling up."""
+        window = self.windows.active
+        items = window.lines(self._localtime, today=time.time())
+        need = height + window.scroll
+        rows: List[Fragments] = []
+        for item in reversed(items):
+            rows[0:0] = wrap(self._render(item), width)
+            if len(rows) >= need:
+                break
+        window.scroll = max(0, min(window.scroll, len(rows) - height))
+        end = len(rows) - window.scroll
+        shown = rows[max(0, end - height):end]
+        return [[("", "")]] * (height - len(shown)) + shown  # type: ignore[list-item]
+
+    def _render(self, item: Item) -> Fragments:
+        return render(item, self._localtime, windowed=True, prefix=self.session.prefix)
+
+    def _topic(self) -> StyleAndTextTuples:
+        return [("", " " + escape(self.session.topic_line()))]
+
+    def _status(self) -> StyleAndTextTuples:
+        nick = self.session.nick or ""
+        account = self.session.account
+        who = escape(nick) + (f"({escape(account)})" if account and account.lower() != nick.lower() else "")
+        if account and account.lower() == nick.lower():
+            who += "(+a)"  # logged in to the account of that name
+        window = self.windows.active
+        number = self.windows.current + 1
+        out: StyleAndTextTuples = [
+            ("", f" [{time.strftime('%H:%M', self._localtime(time.time()))}] "),
+            ("", f"[{who}] "),
+            ("class:status.act", f"[{number}:{escape(window.name)}]"),
+        ]
+        if window.is_room and self.session.prefix(window.key, nick):
+            out.append(("", f" ({self.session.prefix(window.key, nick)})"))
+        if window.hide_presence:
+            out.append(("", " [presence hidden]"))
+        acts = self.windows.act_list()
+        if acts:
+            out.append(("", " [act:"))
+            for num, level in acts:
+                if level >= LEVEL_MENTION:
+                    out.append(("class:status.mention", f" !{num}"))
+                elif level > LEVEL_EVENT:
+                    out.append(("class:status.act", f" {num}"))
+                else:
+                    out.append(("class:status.event", f" {num}"))
+            out.append(("", "]"))
+        if window.scroll:
+            out.append(("class:status.more", " -- more below (PageDown) --"))
+        if self.offline:
+            out.append(("class:status.mention", " (offline, reconnecting)"))
+        if not self.bell:
+            out.append(("", " [bell off]"))
+        return out
+
+    def _prompt(self) -> StyleAndTextTuples:
+        if self._secret is not None:
+            return [("bold", self._secret_prompt)]
+        window = self.windows.active
+        nick = self.session.nick or ""
+        return [("bold", f"[{escape(window.name)}] "), (f"{nick_colour(nick)} bold", escape(nick)), ("", "> ")]
+
+    def invalidate(self) -> None:
+        self.app.invalidate()
+
+    # ----- what the app tells us ------------------------------------------------------------
+
+    def show(self, items: List[Item]) -> None:
+        """Put the items of one event in their windows; ring once if one of them names us."""
+        if not items:
+            return
+        before = {id(w): len(w.items) for w in self.windows.windows}
+        attention = self.windows.add_all(items)
+        for window in self.windows.windows:  # a window scrolled up stays where it is
+            if window.scroll and len(window.items) > before.get(id(window), 0):
+                added = window.items[before.get(id(window), 0):]
+                window.scroll += sum(len(wrap(self._render(i), self.scrollback.width)) for i in added)
+        self.windows.follow(self.session.focus)
+        if attention and self.bell and self.app.is_running:
+            self.app.output.bell()
+        self.invalidate()
+
+    def note(self, text: str, status_only: bool = False) -> None:
+        item = self.session.note(text)
+        if status_only:
+            item = Item(item.kind, item.at, item.data, targets=("(status)",))
+        self.show([item])
+
+    def switch(self, index: int) -> None:
+        if self.windows.switch(index):
+            self.session.set_focus(self.windows.focus_key())
+            self.invalidate()
+
+    def step(self, delta: int) -> None:
+        self.windows.step(delta)
+        self.session.set_focus(self.windows.focus_key())
+        self.invalidate()
+
+    async def ask_secret(self, prompt: str) -> Optional[str]:
+        """Turn the input line into a password field until Enter (the text) or Ctrl-C (None)."""
+        while self._secret is not None:  # one question at a time
+            await asyncio.wait({self._secret})
+        future: "asyncio.Future[Optional[str]]" = asyncio.get_running_loop().create_future()
+        self._secret, self._secret_prompt = future, prompt
+        saved = self.buffer.document
+        self.buffer.reset()
+        self.invalidate()
+        try:
+            return await future
+        finally:
+            self._secret = None
+            self.buffer.reset(document=saved)  # a half-typed line comes back
+            self.invalidate()
+
+    def log_handler(self) -> logging.Handler:
+        return _LogToStatus(self)
+
+    # ----- keys -----------------------------------------------------------------------------
+
+    def _keys(self) -> KeyBindings:
+        kb = KeyBindings()
+
+        @kb.add("enter", eager=True)
+        def _(event: KeyPressEvent) -> None:
+            text = self.buffer.text
+            if self._secret is not None:
+                future = self._secret
+                self.buffer.reset()
+                if not future.done():
+                    future.set_result(text)
+                return
+            if not _secret_line(text) and text.strip():
+                self.buffer.append_to_history()
+            self.buffer.reset()
+            self.windows.active.scroll = 0  # what you say is at the bottom: show it
+            self._on_line(text)
+
+        @kb.add("c-c")
+        def _(event: KeyPressEvent) -> None:
+            if self._secret is not None:
+                if not self._secret.done():
+                    self._secret.set_result(None)
+                return
+            self._on_interrupt()
+
+        @kb.add("c-d")
+        def _(event: KeyPressEvent) -> None:
+            if self.buffer.text:
+                self.buffer.delete()
+            elif self._secret is not None:
+                if not self._secret.done():
+                    self._secret.set_result(None)
+            else:
+                self._on_interrupt()
+
+        for digit in "1234567890":
+
+            @kb.add("escape", digit)
+            def _(event: KeyPressEvent, digit: str = digit) -> None:
+                self.switch(int(digit) - 1 if digit != "0" else 9)
+
+        @kb.add("escape", "left")
+        @kb.add("c-p")
+        def _(event: KeyPressEvent) -> None:
+            self.step(-1)
+
+        @kb.add("escape", "right")
+        @kb.add("c-n")
+        def _(event: KeyPressEvent) -> None:
+            self.step(1)
+
+        @kb.add("pageup")
+        def _(event: KeyPressEvent) -> None:
+            self.windows.active.scroll += max(1, self.scrollback.height - 2)
+            self.invalidate()
+
+        @kb.add("pagedown")
+        def _(event: KeyPressEvent) -> None:
+            window = self.windows.active
+            window.scroll = max(0, window.scroll - max(1, self.scrollback.height - 2))
+            self.invalidate()
+
+        return kb
+
+
+def _secret_line(text: str) -> bool:
+    """A line that may hold a password (`/login alice hunter22`): never kept in the history."""
+    word = text.split(" ", 1)[0].lower()
+    return word in ("/login", "/register", "/password") and len(text.split()) > (2 if word == "/login" else 1)
