@@ -9,14 +9,14 @@ what was said to its last owner), so a nick target gets an empty batch.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, List, Optional, Tuple
+from typing import TYPE_CHECKING, Callable, List, Optional, Tuple
 
 from selchat.core.events import Message
-from selchat.core.names import fold
-from selchat.core.store import StoreError
 from selchat.defaults import HISTORY_LIMIT_MAX
 from selchat.doors.irc.parser import Line
+from selchat.doors.irc.response import batch_id
 from selchat.doors.irc.wire import parse_time
+from selchat.hub import ChatError
 
 if TYPE_CHECKING:
     from selchat.doors.irc.session import IrcSession
@@ -50,21 +50,20 @@ def _bounds(ref: Ref, side: str) -> dict:
 
 
 def chathistory(session: "IrcSession", line: Line) -> None:
-    server = session.door.server_name
+    server = session.server
     params = line.params
 
     def fail(code: str, *context: str, text: str) -> None:
-        middle = " ".join(("CHATHISTORY", code) + context)
-        session._line(f":{server} FAIL {middle} :{text}")
+        session.fail("CHATHISTORY", code, *context, text=text)
 
     if len(params) < 3:
         fail("NEED_MORE_PARAMS", text="Missing parameters")
         return
     sub = params[0].upper()
     if sub == "TARGETS":
-        ref = f"T{id(line) & 0xffff}"
-        session._line(f":{server} BATCH +{ref} draft/chathistory-targets")
-        session._line(f":{server} BATCH -{ref}")
+        ref = batch_id("T")
+        session.send_line(f":{server} BATCH +{ref} draft/chathistory-targets")
+        session.send_line(f":{server} BATCH -{ref}")
         return
     if sub not in ("LATEST", "BEFORE", "AFTER", "AROUND", "BETWEEN"):
         fail("INVALID_PARAMS", params[0][:32], text="Unknown subcommand")
@@ -81,14 +80,14 @@ def chathistory(session: "IrcSession", line: Line) -> None:
     limit = min(int(limit_text), HISTORY_LIMIT_MAX)
     user = session.user
     assert user is not None
+    hub = session.hub
     if not target.startswith("#"):
-        if fold(target) not in session.hub.chat.users and target != "*":
+        if hub.find_user(target) is None and target != "*":
             fail("INVALID_TARGET", sub, target[:64], text="No such target")
             return
         session.send_history(target, [], "chathistory")  # private messages are never history
         return
-    room = user.rooms.get(fold(target))
-    if room is None:
+    if not hub.is_member(user, target):
         fail("INVALID_TARGET", sub, target[:64], text="You are not in that channel")
         return
     refs: List[Optional[Ref]] = []
@@ -101,36 +100,42 @@ def chathistory(session: "IrcSession", line: Line) -> None:
             fail("INVALID_PARAMS", sub, text[:64], text="Bad message reference")
             return
         refs.append(ref)
-    store = session.hub.chat.store
+    def window(**bounds: object) -> List[Message]:
+        return hub.history_window(user, target, **bounds)  # type: ignore[arg-type]
+
     try:
-        messages = _query(store, room.name, sub, refs, limit)
-    except StoreError:
-        fail("MESSAGE_ERROR", sub, target[:64], text="History cannot be read right now")
+        messages = _query(window, sub, refs, limit)
+    except ChatError as exc:
+        if exc.code == "not_in_room":
+            fail("INVALID_TARGET", sub, target[:64], text="You are not in that channel")
+        else:
+            fail("MESSAGE_ERROR", sub, target[:64], text="History cannot be read right now")
         return
-    session.send_history(room.name, messages, "chathistory")
+    room = hub.find_room(target)
+    session.send_history(room.name if room is not None else target, messages, "chathistory")
 
 
-def _query(store, room: str, sub: str, refs: List[Optional[Ref]], limit: int) -> List[Message]:
-    window = store.window
+def _query(window: Callable[..., List[Message]], sub: str, refs: List[Optional[Ref]],
+           limit: int) -> List[Message]:
     if sub == "LATEST":
         bounds = _bounds(refs[0], "after") if refs[0] is not None else {}
-        return window(room, limit=limit, latest=True, **bounds)
+        return window(limit=limit, latest=True, **bounds)
     ref = refs[0]
     assert ref is not None
     if sub == "BEFORE":
-        return window(room, limit=limit, latest=True, **_bounds(ref, "before"))
+        return window(limit=limit, latest=True, **_bounds(ref, "before"))
     if sub == "AFTER":
-        return window(room, limit=limit, latest=False, **_bounds(ref, "after"))
+        return window(limit=limit, latest=False, **_bounds(ref, "after"))
     if sub == "AROUND":
         kind, value = ref
         # The reference itself (if it is a message) and up to half the limit before it.
         upto = _bounds((kind, value + 1), "before")
-        lower = window(room, limit=(limit + 1) // 2, latest=True, **upto)
-        upper = window(room, limit=limit - len(lower), latest=False, **_bounds(ref, "after"))
+        lower = window(limit=(limit + 1) // 2, latest=True, **upto)
+        upper = window(limit=limit - len(lower), latest=False, **_bounds(ref, "after"))
         return lower + upper
     other = refs[1]
     assert other is not None
     low, high = sorted((ref, other), key=lambda r: r[1]) if ref[0] == other[0] else (ref, other)
     from_start = ref is low  # counted from the first reference given
     bounds = {**_bounds(low, "after"), **_bounds(high, "before")}
-    return window(room, limit=limit, latest=not from_start, **bounds)
+    return window(limit=limit, latest=not from_start, **bounds)

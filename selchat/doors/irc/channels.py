@@ -1,0 +1,247 @@
+"""Channel commands: JOIN, PART, NAMES, LIST, TOPIC, MODE.
+
+The handlers parse and ask the hub; what they read of a room comes from the hub's queries for
+doors. LIST of every room streams (`ListStream`): rooms go out in name order while the
+client's queue is below the answer budget, and go on from the last name sent once it has
+read them, so the answer never holds more than the client's buffer ("safelist").
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, List, Optional
+
+from selchat.core.names import fold, has_control_characters, valid_room
+from selchat.core.requests import JoinRoom, PartRoom
+from selchat.doors.irc.numerics import Numeric as N
+from selchat.doors.irc.parser import Line
+from selchat.doors.irc.queries import ERR_TOOMANYMATCHES
+from selchat.doors.irc.response import add_tag, batch_id
+from selchat.doors.irc.text import strip_formatting
+from selchat.hub import ChatError
+from selchat.loop.transport import State
+
+if TYPE_CHECKING:
+    from selchat.core.chat import Room
+    from selchat.doors.irc.session import IrcSession
+
+NAMES_MAX = 4  # channels one NAMES may name (as TARGMAX says)
+LIST_PAGE = 100  # rooms a streaming LIST asks the hub for at a time
+LIST_SHARE = 65536  # bytes of LIST one pass may write before it lets others go first
+
+
+def join(s: "IrcSession", line: Line) -> None:
+    user = s.user
+    assert user is not None
+    hub = s.hub
+    if line.params[0] == "0":
+        for room in list(user.rooms.values()):
+            hub.handle(user, PartRoom(room.name))
+        return
+    for name in line.params[0].split(","):
+        if not name:
+            continue
+        if not name.startswith("#"):
+            s.numeric(N.ERR_NOSUCHCHANNEL, name[:64], "No such channel")
+            continue
+        if not valid_room(name):
+            s.numeric(N.ERR_BADCHANNAME, name[:64], "Illegal channel name")
+            continue
+        if fold(name) in user.rooms:
+            continue  # already there: IRC servers say nothing
+        try:
+            hub.handle(user, JoinRoom(name))
+        except ChatError as exc:
+            s.numeric(N.ERR_TOOMANYCHANNELS, name, exc.message)
+
+
+def part(s: "IrcSession", line: Line) -> None:
+    user = s.user
+    assert user is not None
+    reason = strip_formatting(line.params[1]) if len(line.params) > 1 else ""
+    if has_control_characters(reason):
+        reason = ""
+    for name in line.params[0].split(","):
+        if not name:
+            continue
+        if s.hub.find_room(name) is None:
+            s.numeric(N.ERR_NOSUCHCHANNEL, name[:64], "No such channel")
+        elif fold(name) not in user.rooms:
+            s.numeric(N.ERR_NOTONCHANNEL, name, "You're not on that channel")
+        else:
+            cut = reason.encode("utf-8")[:300].decode("utf-8", "ignore")  # fits any line
+            s.hub.handle(user, PartRoom(name, cut or None))
+
+
+def names(s: "IrcSession", line: Line) -> None:
+    if not line.params:
+        s.numeric(N.RPL_ENDOFNAMES, "*", "End of /NAMES list")
+        return
+    wanted = [n for n in (line.params[0].split() or [""])[0].split(",") if n][:NAMES_MAX]
+    if len(wanted) > 1:
+        # Several channels: their lists, then one end naming them all (RFC 1459, 2812).
+        for name in wanted:
+            room = s.hub.find_room(name)
+            if room is not None:
+                send_names(s, room, end=False)
+        s.numeric(N.RPL_ENDOFNAMES, ",".join(wanted)[:300], "End of /NAMES list")
+        return
+    for name in wanted:
+        room = s.hub.find_room(name)
+        if room is None:
+            s.numeric(N.RPL_ENDOFNAMES, name[:64], "End of /NAMES list")
+        else:
+            send_names(s, room)
+
+
+def send_names(s: "IrcSession", room: Room, end: bool = True) -> None:
+    """353 lines of the room's members (cut at the answer's budget, then 416), and 366."""
+    uhnames = "userhost-in-names" in s.caps
+    ops = room.operators
+    entries = sorted(
+        (("@" if u in ops else "") + (f"{u.nick}!{u.userhost}" if uhnames else u.nick)
+         for u in room.members),
+        key=lambda n: n.lstrip("@").lower())
+    head = f":{s.server} 353 {s.me} = {room.name} :"
+    budget = 510 - len(head.encode())
+    # A room of thousands: what fits in this answer's share of the client's buffer, then
+    # 416 and the usual end, so a client that reads is never dropped for asking.
+    limit = s.answer_limit()
+    cut = False
+    chunk: List[str] = []
+    size = 0
+    for entry in entries:
+        if chunk and size + len(entry) + 1 > budget:
+            text = head + " ".join(chunk)
+            if s.produced + len(text) + 2 > limit:
+                cut = True
+                break
+            s.send_line(text)
+            chunk, size = [], 0
+        chunk.append(entry)
+        size += len(entry) + 1
+    if chunk and not cut:
+        text = head + " ".join(chunk)
+        if s.produced + len(text) + 2 > limit:
+            cut = True
+        else:
+            s.send_line(text)
+    if cut:
+        s.numeric(ERR_TOOMANYMATCHES, "NAMES", f"Output too large, truncated ({room.name})")
+    if end:
+        s.numeric(N.RPL_ENDOFNAMES, room.name, "End of /NAMES list")
+
+
+def list_(s: "IrcSession", line: Line) -> None:
+    hub = s.hub
+    if line.params and line.params[0]:
+        # Named channels: a lookup each (at most one line's worth of names), in key order.
+        s.numeric(N.RPL_LISTSTART, "Channel", "Users  Name")
+        for key in sorted({fold(n) for n in line.params[0].split(",") if n}):
+            room = hub.find_room(key)
+            if room is not None and room.members:
+                s.numeric(N.RPL_LIST, room.name, str(len(room.members)), room.topic)
+        s.numeric(N.RPL_LISTEND, "End of /LIST")
+        return
+    # Every room: streamed as the client reads ("safelist"), so the answer is never more
+    # than its buffer holds. Until RPL_LISTEND nothing is read or served, so what the
+    # client says next is answered after the list, in order.
+    stream = ListStream(s.produced)
+    if s.response.collecting:
+        # Labeled: its own batch, opened now and closed after the last room, instead of
+        # collecting the whole list to wrap it at the end of the command.
+        label = s.response.take_label()
+        stream.batch = batch_id("L")
+        s.send_line(f"@label={label} :{s.server} BATCH +{stream.batch} labeled-response")
+    s.send_line(stream.tagged(s.numeric_text(N.RPL_LISTSTART, "Channel", "Users  Name")))
+    s.start_stream(stream)
+
+
+class ListStream:
+    """A LIST being streamed: the key of the last room looked at, where its output began."""
+
+    __slots__ = ("after", "start", "batch")
+
+    def __init__(self, start: int) -> None:
+        self.after = ""  # a key, so rooms coming and going never shift the cursor
+        self.start = start  # the session's output count when the answer began (for billing)
+        self.batch: Optional[str] = None  # the labeled-response batch its lines belong to
+
+    def tagged(self, text: str) -> str:
+        return add_tag(text, f"batch={self.batch}") if self.batch else text
+
+    def more(self, s: "IrcSession") -> None:
+        """Write the next rooms while the session's queue is below the answer budget.
+
+        Then either wait for the client to read (the transport calls `resume_serving` once the
+        queue is below its low-water mark) or, after the last room, end the list and go back
+        to reading. Each chunk is billed as it is written. Nothing but the transport's drain
+        drives this: a connection that closes meanwhile leaves nothing behind.
+        """
+        transport = s.transport
+        if s.doomed or transport.state is not State.OPEN or not transport.accepting:
+            s.stream_done()
+            return
+        out = transport.out
+        budget = s._answer_budget()
+        stop = s.produced + LIST_SHARE  # one pass's share of the loop's time, too
+        rooms_by_name = s.hub.rooms_by_name
+        done = False
+        while out.size < budget and s.produced < stop:
+            page = rooms_by_name(self.after, LIST_PAGE)
+            if not page:
+                done = True
+                break
+            for room in page:
+                self.after = room.key
+                if room.members:
+                    s.send_line(self.tagged(s.numeric_text(
+                        N.RPL_LIST, room.name, str(len(room.members)), room.topic)))
+                    if out.size >= budget or s.produced >= stop:
+                        break
+        if done:
+            s.send_line(self.tagged(s.numeric_text(N.RPL_LISTEND, "End of /LIST")))
+            if self.batch:
+                s.send_line(f":{s.server} BATCH -{self.batch}")
+        s.bill(self.start)
+        if not transport.accepting or transport.state is not State.OPEN:
+            s.stream_done()  # overflowed after all (other traffic): condemned already
+            return
+        if not done:
+            transport.wait_for_drain()
+            return
+        s.stream_done()
+        transport.resume_reading()
+
+
+def topic(s: "IrcSession", line: Line) -> None:
+    name = line.params[0]
+    room = s.hub.find_room(name)
+    if room is None:
+        s.numeric(N.ERR_NOSUCHCHANNEL, name[:64], "No such channel")
+    elif len(line.params) > 1:
+        s.numeric(N.ERR_CHANOPRIVSNEEDED, room.name, "Topics cannot be set on this server yet")
+    elif room.topic:
+        s.numeric(N.RPL_TOPIC, room.name, room.topic)
+    else:
+        s.numeric(N.RPL_NOTOPIC, room.name, "No topic is set")
+
+
+def mode(s: "IrcSession", line: Line) -> None:
+    target = line.params[0]
+    if target.startswith("#"):
+        room = s.hub.find_room(target)
+        if room is None:
+            s.numeric(N.ERR_NOSUCHCHANNEL, target[:64], "No such channel")
+        elif len(line.params) == 1:
+            s.send_line(f":{s.server} 324 {s.me} {room.name} +")
+            s.numeric(N.RPL_CREATIONTIME, room.name, str(room.created // 1000))
+        elif line.params[1] in ("b", "+b"):
+            s.numeric(N.RPL_ENDOFBANLIST, room.name, "End of channel ban list")
+        else:
+            s.numeric(N.ERR_CHANOPRIVSNEEDED, room.name, "Channel modes cannot be changed here")
+    elif fold(target) != fold(s.me):
+        s.numeric(N.ERR_USERSDONTMATCH, "Cannot change mode for other users")
+    else:
+        # No user modes here: setting one (irssi's +i on connect) changes nothing, and the
+        # answer says so by showing the modes in force.
+        s.send_line(f":{s.server} 221 {s.me} +")

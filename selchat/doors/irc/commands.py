@@ -1,0 +1,84 @@
+"""The IRC door's command table, checked in one place (as Ergo's `commands.go`).
+
+Each command names its handler, whether it may be used before registration, and how many
+parameters it needs at least; `run` answers the generic refusals from the table (451 before
+registration, 462 for registration commands after it, 461 for too few parameters, 421 for an
+unknown command), so the handlers only parse and ask the hub. Commands whose missing
+parameter has a numeric of its own (NICK's 431, PRIVMSG's 411, PING's 409, CHATHISTORY's FAIL)
+have `min_params` 0 and say it themselves.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Dict
+
+from selchat.doors.irc import channels, history, messaging, queries, registration
+from selchat.doors.irc.numerics import Numeric as N
+from selchat.doors.irc.parser import Line
+
+if TYPE_CHECKING:
+    from selchat.doors.irc.session import IrcSession
+
+Handler = Callable[["IrcSession", Line], None]
+
+
+@dataclass(frozen=True)
+class Command:
+    handler: Handler
+    before_registration: bool = False  # usable before registration (and after it too)
+    only_before: bool = False  # registration itself (PASS, USER): 462 once registered
+    min_params: int = 0
+
+
+COMMANDS: Dict[str, Command] = {
+    # registration (selchat.doors.irc.registration)
+    "CAP": Command(registration.cap, before_registration=True, min_params=1),
+    "PASS": Command(registration.pass_, before_registration=True, only_before=True, min_params=1),
+    "NICK": Command(registration.nick, before_registration=True),
+    "USER": Command(registration.user, before_registration=True, only_before=True, min_params=4),
+    # connection
+    "PING": Command(queries.ping, before_registration=True),
+    "PONG": Command(queries.pong, before_registration=True),
+    "QUIT": Command(queries.quit, before_registration=True),
+    # messaging
+    "PRIVMSG": Command(messaging.privmsg),
+    "NOTICE": Command(messaging.notice),
+    "TAGMSG": Command(messaging.tagmsg),
+    # channels
+    "JOIN": Command(channels.join, min_params=1),
+    "PART": Command(channels.part, min_params=1),
+    "NAMES": Command(channels.names),
+    "LIST": Command(channels.list_),
+    "TOPIC": Command(channels.topic, min_params=1),
+    "MODE": Command(channels.mode, min_params=1),
+    # queries
+    "WHO": Command(queries.who),
+    "WHOIS": Command(queries.whois),
+    "MOTD": Command(queries.motd),
+    "LUSERS": Command(queries.lusers),
+    "AWAY": Command(queries.away),
+    "USERHOST": Command(queries.userhost),
+    "ISON": Command(queries.ison),
+    # history
+    "CHATHISTORY": Command(history.chathistory),
+}
+
+
+def run(session: "IrcSession", line: Line) -> None:
+    """Check `line` against the table, then hand it to its handler."""
+    command = COMMANDS.get(line.command)
+    if command is None:
+        session.numeric(N.ERR_UNKNOWNCOMMAND, line.command[:32], "Unknown command")
+        return
+    registered = session.user is not None
+    if not registered and not command.before_registration:
+        session.numeric(N.ERR_NOTREGISTERED, "You have not registered")
+        return
+    if registered and command.only_before:
+        session.numeric(N.ERR_ALREADYREGISTERED, "You may not reregister")
+        return
+    if len(line.params) < command.min_params:
+        session.numeric(N.ERR_NEEDMOREPARAMS, line.command, "Not enough parameters")
+        return
+    command.handler(session, line)

@@ -1,0 +1,137 @@
+"""PRIVMSG, NOTICE and TAGMSG: IRC lines become `Say`, `Msg` and `Tag` requests for the hub.
+
+What the chat refuses comes back as a ChatError and is put in IRC's words here; a NOTICE is
+never answered with an error (RFC 2812: no automatic reply may follow a notice).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from selchat.core.names import has_control_characters, text_problem
+from selchat.core.requests import Msg, Say, Tag
+from selchat.doors.irc.numerics import Numeric as N
+from selchat.doors.irc.parser import Line
+from selchat.doors.irc.text import ctcp_action, parse_ctcp, strip_formatting
+from selchat.hub import ChatError
+
+if TYPE_CHECKING:
+    from selchat.doors.irc.session import IrcSession
+
+TARGMAX = 4  # targets of one PRIVMSG/NOTICE
+
+
+def client_tags(line: Line) -> tuple:
+    """The client-only tags ("+key") of a line, to relay; all other tags are the server's to set."""
+    return tuple((k, v) for k, v in line.tags.items() if k.startswith("+") and len(k) > 1)
+
+
+def privmsg(s: "IrcSession", line: Line) -> None:
+    _message(s, line, notice=False)
+
+
+def notice(s: "IrcSession", line: Line) -> None:
+    _message(s, line, notice=True)
+
+
+def tagmsg(s: "IrcSession", line: Line) -> None:
+    user = s.user
+    assert user is not None
+    if not line.params or not line.params[0]:
+        s.numeric(N.ERR_NORECIPIENT, "No recipient given (TAGMSG)")
+        return
+    tags = client_tags(line)
+    if "message-tags" not in s.caps or not tags:
+        return  # nothing to relay
+    for target in line.params[0].split(",")[:TARGMAX]:
+        if not target:
+            continue
+        try:
+            s.hub.handle(user, Tag(target, tags))
+        except ChatError as exc:
+            if exc.code == "not_in_room":
+                if s.hub.find_room(target) is not None:
+                    s.numeric(N.ERR_CANNOTSENDTOCHAN, target[:64], "Cannot send to channel")
+                else:
+                    s.numeric(N.ERR_NOSUCHCHANNEL, target[:64], "No such channel")
+            else:
+                s.numeric(N.ERR_NOSUCHNICK, target[:64], "No such nick/channel")
+
+
+def _message(s: "IrcSession", line: Line, notice: bool) -> None:
+    user = s.user
+    assert user is not None
+    quiet = notice  # no automatic replies to a NOTICE, errors included (RFC 2812)
+    if not line.params or not line.params[0]:
+        if not quiet:
+            s.numeric(N.ERR_NORECIPIENT, f"No recipient given ({line.command})")
+        return
+    if len(line.params) < 2 or not line.params[1]:
+        if not quiet:
+            s.numeric(N.ERR_NOTEXTTOSEND, "No text to send")
+        return
+    text = line.params[1]
+    # What the recipients get is our source prefix plus this text: if that cannot be one
+    # line of 512 bytes, the message is refused whole (417) rather than cut or split, as
+    # an IRC server does; only texts from other doors (which may be long) are split.
+    prefix = len(f":{user.nick}!{user.userhost} {line.command} {line.params[0]} :".encode())
+    if prefix + len(text.encode("utf-8", "replace")) > 510:
+        if not quiet:
+            s.numeric(N.ERR_INPUTTOOLONG, "Input line was too long")
+        return
+    action = False
+    ctcp = parse_ctcp(text)
+    if ctcp is not None:
+        if ctcp[0].upper() != "ACTION":
+            return  # other CTCP requests (VERSION, PING, ...) are not carried between doors
+        action = True
+        text = ctcp_action(text) or ""
+    text = strip_formatting(text)
+    tags = client_tags(line) if "message-tags" in s.caps else ()
+    targets = line.params[0].split(",")
+    if len(targets) > TARGMAX:
+        if not quiet:
+            s.numeric(N.ERR_TOOMANYTARGETS, line.params[0][:64], "Too many targets")
+        return
+    hub = s.hub
+    for target in targets:
+        if not target:
+            continue
+        problem = text_problem(text, s.door.max_text)
+        if problem is not None:
+            if not quiet:
+                if has_control_characters(text):
+                    s.numeric(N.ERR_CANNOTSENDTOCHAN, target[:64],
+                              "Cannot send: control characters are not allowed")
+                elif "empty" in problem or "only" in problem:
+                    s.numeric(N.ERR_NOTEXTTOSEND, "No text to send")
+                else:
+                    s.numeric(N.ERR_CANNOTSENDTOCHAN, target[:64], f"Cannot send: {problem}")
+            continue
+        if target.startswith("#"):
+            room = hub.find_room(target)
+            if room is None:
+                if not quiet:
+                    s.numeric(N.ERR_NOSUCHCHANNEL, target[:64], "No such channel")
+                continue
+            if user not in room.members:
+                if not quiet:
+                    s.numeric(N.ERR_CANNOTSENDTOCHAN, target, "Cannot send to channel")
+                continue
+            request: Any = Say(target, text, action, notice, tags)
+        else:
+            if hub.find_user(target) is None:
+                if not quiet:
+                    s.numeric(N.ERR_NOSUCHNICK, target[:64], "No such nick/channel")
+                continue
+            request = Msg(target, text, action, notice, tags)
+        try:
+            hub.handle(user, request)
+        except ChatError as exc:
+            if not quiet:
+                s.fail(line.command, exc.code.upper(), target, text=exc.message)
+            continue
+        if not target.startswith("#") and not quiet:
+            to = hub.find_user(target)
+            if to is not None and to.away:
+                s.numeric(N.RPL_AWAY, to.nick, to.away)

@@ -1,0 +1,171 @@
+"""Commands that ask about users and the server, and the connection's own ones.
+
+WHO, WHOIS, USERHOST, ISON, LUSERS, MOTD, AWAY; PING, PONG, QUIT. Everything they read comes
+from the hub's queries for doors; AWAY is set through the hub.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Iterable, List
+
+from selchat.core.names import has_control_characters
+from selchat.doors.irc.numerics import Numeric as N
+from selchat.doors.irc.parser import Line, body_budget
+from selchat.doors.irc.text import split_for_irc, strip_formatting
+
+if TYPE_CHECKING:
+    from selchat.doors.irc.session import IrcSession
+
+WHO_MAX = 200  # users one WHO with a mask may list
+ERR_TOOMANYMATCHES = 416  # an answer cut short (hybrid, ratbox: "output too large, truncated")
+
+
+# --- the connection -------------------------------------------------------------------------
+
+
+def ping(s: "IrcSession", line: Line) -> None:
+    if not line.params:
+        s.numeric(N.ERR_NOORIGIN, "No origin specified")
+        return
+    server = s.server
+    token = line.params[-1]
+    # Echoed after our name twice, a token as long as the client's line allows would make
+    # our line longer than 512 bytes: it is cut to fit (at a character boundary).
+    budget = body_budget("PONG", server, source=server)
+    if len(token) > budget // 4:
+        data = token.encode("utf-8", "replace")
+        if len(data) > budget:
+            token = data[:budget].decode("utf-8", "ignore")
+    s.send_line(f":{server} PONG {server} :{token}")
+
+
+def pong(s: "IrcSession", line: Line) -> None:
+    pass  # the liveness it proves was noted when its bytes arrived
+
+
+def quit(s: "IrcSession", line: Line) -> None:
+    reason = strip_formatting(line.params[0]) if line.params else ""
+    if has_control_characters(reason) or not reason.strip():
+        reason = "quit"
+    s.error(f"Closing link: {reason}")
+    s.close(reason if s.user is not None else None, f"quit: {reason}")
+
+
+# --- users ------------------------------------------------------------------------------------
+
+
+def who(s: "IrcSession", line: Line) -> None:
+    mask = (line.params[0].split() or ["*"])[0] if line.params else "*"
+    hub = s.hub
+    server = s.server
+    rows: Iterable[tuple] = []
+    if mask.startswith("#"):
+        room = hub.find_room(mask)
+        if room is not None:
+            rows = ((room.name, u, u in room.operators) for u in room.members)
+    else:
+        matched: List[tuple] = []
+        rows = matched
+        if any(ch in mask for ch in "*?"):
+            # Matched against every user: the CPU it takes grows with the server, and is
+            # billed (the output alone would not show it).
+            started = time.thread_time()
+            found = hub.users_matching(mask, WHO_MAX)
+            s.bill_cpu(time.thread_time() - started)
+        else:
+            u = hub.find_user(mask)
+            found = [u] if u is not None else []
+        for u in found:
+            room = next(iter(u.rooms.values()), None)
+            matched.append((room.name if room else "*", u, room is not None and u in room.operators))
+    limit = s.answer_limit()  # as for NAMES: cut, never dropped
+    for channel, u, op in rows:
+        flags = ("G" if u.away else "H") + ("@" if op else "")
+        text = (f":{server} 352 {s.me} {channel} {u.ident} {u.host} {server} {u.nick} "
+                f"{flags} :0 {u.realname}")
+        if s.produced + len(text) + 2 > limit:
+            s.numeric(ERR_TOOMANYMATCHES, "WHO", "Output too large, truncated")
+            break
+        s.send_line(text)
+    s.numeric(N.RPL_ENDOFWHO, mask[:64], "End of /WHO list")
+
+
+def whois(s: "IrcSession", line: Line) -> None:
+    if not line.params:
+        s.numeric(N.ERR_NONICKNAMEGIVEN, "No nickname given")
+        return
+    nick = (line.params[-1].split() or ["*"])[0]
+    u = s.hub.find_user(nick)
+    if u is None:
+        s.numeric(N.ERR_NOSUCHNICK, nick[:64], "No such nick/channel")
+        s.numeric(N.RPL_ENDOFWHOIS, nick[:64], "End of /WHOIS list")
+        return
+    s.numeric(N.RPL_WHOISUSER, u.nick, u.ident, u.host, "*", u.realname)
+    if u.rooms:
+        names = " ".join(("@" if u in r.operators else "") + r.name for r in u.rooms.values())
+        s.numeric(N.RPL_WHOISCHANNELS, u.nick, names)
+    s.numeric(N.RPL_WHOISSERVER, u.nick, s.server, "selchat")
+    if u.away:
+        s.numeric(N.RPL_AWAY, u.nick, u.away)
+    s.numeric(N.RPL_ENDOFWHOIS, u.nick, "End of /WHOIS list")
+
+
+def userhost(s: "IrcSession", line: Line) -> None:
+    replies = []
+    for nick in line.params[:5]:
+        u = s.hub.find_user(nick)
+        if u is not None:
+            replies.append(f"{u.nick}={'-' if u.away else '+'}{u.userhost}")
+    s.numeric(N.RPL_USERHOST, " ".join(replies))
+
+
+def ison(s: "IrcSession", line: Line) -> None:
+    found = (s.hub.find_user(n) for n in " ".join(line.params).split())
+    s.numeric(N.RPL_ISON, " ".join(u.nick for u in found if u is not None))
+
+
+def away(s: "IrcSession", line: Line) -> None:
+    user = s.user
+    assert user is not None
+    text = strip_formatting(line.params[0]) if line.params else ""
+    if text and not has_control_characters(text):
+        s.hub.set_away(user, text[:390])
+        s.numeric(N.RPL_NOWAWAY, "You have been marked as being away")
+    else:
+        s.hub.set_away(user, None)
+        s.numeric(N.RPL_UNAWAY, "You are no longer marked as being away")
+
+
+# --- the server -------------------------------------------------------------------------------
+
+
+def motd(s: "IrcSession", line: Line) -> None:
+    send_motd(s)
+
+
+def send_motd(s: "IrcSession") -> None:
+    text = s.hub.motd
+    if not text:
+        s.numeric(N.ERR_NOMOTD, "MOTD File is missing")
+        return
+    s.numeric(N.RPL_MOTDSTART, f"- {s.server} Message of the day - ")
+    for row in text.split("\n"):
+        for part in split_for_irc(row, 400) or [""]:
+            s.numeric(N.RPL_MOTD, f"- {part}")
+    s.numeric(N.RPL_ENDOFMOTD, "End of /MOTD command.")
+
+
+def lusers(s: "IrcSession", line: Line) -> None:
+    send_lusers(s)
+
+
+def send_lusers(s: "IrcSession") -> None:
+    users = s.hub.user_count()
+    rooms = s.hub.formed_room_count()
+    s.numeric(N.RPL_LUSERCLIENT, f"There are {users} users and 0 invisible on 1 servers")
+    s.numeric(N.RPL_LUSEROP, "0", "operator(s) online")
+    s.numeric(N.RPL_LUSERCHANNELS, str(rooms), "channels formed")
+    s.numeric(N.RPL_LUSERME, f"I have {users} clients and 0 servers")
+    s.numeric(N.RPL_LOCALUSERS, str(users), str(users), f"Current local users {users}, max {users}")
+    s.numeric(N.RPL_GLOBALUSERS, str(users), str(users), f"Current global users {users}, max {users}")
