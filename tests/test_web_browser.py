@@ -75,21 +75,11 @@ def url_of(srv) -> str:
 PALETTE = 32
 
 
-def nick_colours(members: List[str]) -> dict:
-    """The page's colour slots for a room's members: each, in folded-name order, takes the
-    first slot free from its own (CRC-32 of the folded nick, mod 32). Written from docs/web.md."""
-    taken: set = set()
-    out = {}
-    for key in sorted({m.lower() for m in members}):
-        base = zlib.crc32(key.encode()) % PALETTE
-        slot = next((s % PALETTE for s in range(base, base + PALETTE) if s % PALETTE not in taken), base)
-        taken.add(slot)
-        out[key] = f"c{slot}"
-    return out
-
-
-def nick_class(nick: str, members: List[str]) -> str:
-    return nick_colours(members)[nick.lower()]
+def nick_colour(locator) -> str:
+    """The colour slot class (c0..c31) of a nick's element."""
+    found = re.search(r"\bc\d+\b", locator.get_attribute("class") or "")
+    assert found, locator
+    return found.group(0)
 
 
 # --- tests ----------------------------------------------------------------------------------
@@ -142,8 +132,10 @@ def test_four_doors_share_a_room(start_server, pages) -> None:
             page.shows("#den", "hello from the terminal")
         line = bob.message("#den", "hello from irc")
         expect(line.locator(".nick")).to_have_text("ircy")
-        expect(line.locator(".nick")).to_have_class(
-            re.compile(rf"\b{nick_class('ircy', ['alice', 'bob', 'ircy', 'termy'])}\b"))
+        # Four members, four colours; a line's nick has its member's colour.
+        colours = [nick_colour(li.locator(".nc")) for li in members.all()]
+        assert len(set(colours)) == 4, colours
+        expect(line.locator(".nick")).to_have_class(re.compile(rf"\b{colours[2]}\b"))
         expect(line.locator(".time")).to_have_text(re.compile(r"^\d\d:\d\d$"))
 
         # /me both ways.
@@ -529,13 +521,14 @@ def test_nick_colours_differ_within_a_room_and_agree_across_pages(start_server, 
     try:
         for peer in irc:
             peer.join("#lobby")
-        want = nick_colours(nicks)
-        assert len(set(want.values())) == 4
+        seen = []
         for page in (a, b):
             expect(page.page.locator("#member-list li")).to_have_count(4)
-            for nick in nicks:
-                span = page.page.locator(f'#member-list li[data-nick="{nick}"] .nc')
-                expect(span).to_have_class(re.compile(rf"\b{want[nick]}\b"))
+            seen.append({n: nick_colour(page.page.locator(f'#member-list li[data-nick="{n}"] .nc')) for n in nicks})
+        want = seen[0]
+        assert len(set(want.values())) == 4 and seen[1] == want, seen
+        rgb = a.page.locator("#member-list li .nc").evaluate_all("els => els.map(e => getComputedStyle(e).color)")
+        assert len(set(rgb)) == 4, rgb
         irc[1].say("#lobby", "colours?")
         line = a.message("#lobby", "colours?")
         expect(line.locator(".nick")).to_have_class(re.compile(rf"\b{want['dbx']}\b"))

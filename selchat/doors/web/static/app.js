@@ -16,11 +16,12 @@
   const NOTIFY_KEY = "selchat.notify";
   const NICK_KEY = "selchat.nick";
   const SESSION_KEY = "selchat.session"; // per tab: what a reload puts back
+  const LOGIN_KEY = "selchat.login"; // {account, token}: localStorage, or sessionStorage
   const NICK_MAX = 32;
   const NICK_CHAR = /^[A-Za-z0-9_\-[\]{}\\|^]$/;
 
   const COMMANDS = [
-    ["/join #room", "join a room and show it"],
+    ["/join #room [key]", "join a room and show it (with its key, if it has one)"],
     ["/part [#room]", "leave the current room (or the one named)"],
     ["/query nick", "open a private conversation with nick"],
     ["/msg nick text", "send a private message"],
@@ -30,6 +31,19 @@
     ["/rooms", "list every room with its member count"],
     ["/history [n]", "load up to n older messages"],
     ["/close", "close this conversation (or leave this room)"],
+    ["/topic [text]", "show the room's topic, or set it"],
+    ["/invite nick [#room]", "invite someone to this room"],
+    ["/kick nick [reason]", "put someone out of this room (operators)"],
+    ["/ban mask", "ban a nick, account:NAME or nick!user@host (operators)"],
+    ["/unban mask", "lift a ban (operators)"],
+    ["/op nick", "make someone an operator of this room (operators)"],
+    ["/deop nick", "take operator away (operators)"],
+    ["/voice nick", "let someone speak in a moderated room (operators)"],
+    ["/devoice nick", "take voice away (operators)"],
+    ["/mode", "the room's settings"],
+    ["/register password", "make your nick an account"],
+    ["/login account password", "log in to your account"],
+    ["/logout", "log out on this device and leave the chat"],
     ["/quit [reason]", "leave the chat"],
     ["/help", "this list"],
   ];
@@ -79,24 +93,38 @@
     return (c ^ 0xffffffff) >>> 0;
   }
 
-  /** Colours for the members of a room that no two of them share (while there are fewer
-   * than PALETTE): each, in folded-name order, takes the first free slot from its own. A
-   * function of the member list alone, so every device in the room shows the same colours. */
+  // The hues of the colour slots (style.css .c0 .. .c31: slot i has hue HUES[i % 16], in a
+  // lighter tone below 16 and a darker one from 16; the dark theme swaps the lightness).
+  const HUES = [0, 25, 45, 62, 90, 120, 150, 175, 195, 215, 235, 258, 280, 300, 320, 340];
+
+  /** How far apart two colour slots look: the hue angle between them, plus 30 across tones. */
+  function slotDistance(a, b) {
+    const d = Math.abs(HUES[a % 16] - HUES[b % 16]);
+    return Math.min(d, 360 - d) + ((a < 16) !== (b < 16) ? 30 : 0);
+  }
+
+  /** Colours for the members of a room that no two of them share while there are fewer than
+   * PALETTE, and that stay far apart while there are few: the members, in folded-name order,
+   * each take the first slot from their own (nickHash mod PALETTE, onwards) that is at least
+   * 60 from every slot taken, else 40, else 20, else any free one. A function of the member
+   * list alone, so every device in the room shows the same colours. */
   function assignColours(nicks) {
     const keys = Array.from(new Set(nicks.map(fold))).sort();
-    const taken = new Set();
+    const taken = [];
     const out = new Map();
     for (const key of keys) {
       const base = nickHash(key) % PALETTE;
       let slot = base;
-      for (let k = 0; k < PALETTE; k++) {
-        const s = (base + k) % PALETTE;
-        if (!taken.has(s)) {
-          slot = s;
-          break;
+      pick: for (const far of [60, 40, 20, 1]) {
+        for (let k = 0; k < PALETTE; k++) {
+          const s = (base + k) % PALETTE;
+          if (taken.every((t) => t !== s && slotDistance(s, t) >= far)) {
+            slot = s;
+            break pick;
+          }
         }
       }
-      taken.add(slot);
+      taken.push(slot);
       out.set(key, slot);
     }
     return out;
@@ -244,6 +272,14 @@
     motdShown: false,
     welcome: null, // the last welcome, for the greeting line
     restoring: false, // signing in again after a reload
+    account: null, // the account this page is logged into
+    token: null, // its remember token (the password is never kept)
+    tokenRemember: false, // kept in localStorage (this device) or sessionStorage (this tab)
+    loginMode: "guest", // the form's tab: guest, login, register
+    pendingLogin: null, // {account, password}: the form's login, for the next hello only
+    registerPassword: null, // the form's register: sent once the hello is welcomed
+    remember: true,
+    quitMessage: "",
     restoreTries: 0,
   };
 
@@ -270,7 +306,7 @@
       key, kind, name, log, li, button, label, badge,
       joined: false, unread: 0, mention: false,
       members: new Map(), ops: new Set(), voiced: new Set(), accounts: new Map(), namesAcc: null,
-      colours: new Map(), pastColours: new Map(), topic: null, modes: null, bans: [],
+      colours: new Map(), pastColours: new Map(), topic: null, modes: null, bans: [], joinedAt: 0,
       seen: new Set(), oldestId: null, lastId: 0, more: false, loadingOlder: false,
       startShown: false, stick: true, scrollTop: 0, joining: false, announced: false, below: 0,
     };
@@ -371,6 +407,11 @@
       old.button.removeAttribute("aria-current");
     }
     S.current = key;
+    closeMemberMenu();
+    if (!ui.topicForm.hidden) {
+      ui.topicForm.hidden = true;
+      ui.topicText.hidden = false;
+    }
     view.log.classList.add("active");
     view.button.classList.add("current");
     view.button.setAttribute("aria-current", "page");
@@ -429,6 +470,7 @@
     else if (!view.joined) ui.info.textContent = S.registered ? "not joined" : "";
     else ui.info.textContent = view.members.size === 1 ? "1 member" : `${view.members.size} members`;
     ui.app.classList.toggle("no-members", !view || view.kind !== "room");
+    renderTopic();
     updateTitle();
   }
 
@@ -686,7 +728,7 @@
     if (!isInt(m.id)) return true;
     if (view.seen.has(m.id)) return false;
     view.seen.add(m.id);
-    if (typeof m.room === "string" && (view.oldestId === null || m.id < view.oldestId)) view.oldestId = m.id;
+    if (view.oldestId === null || m.id < view.oldestId) view.oldestId = m.id;
     return true;
   }
 
@@ -745,6 +787,11 @@
   function sendHello() {
     const req = { nick: S.nick, client: "selchat-web" };
     if (S.password !== null) req.password = S.password;
+    if (S.pendingLogin) {
+      req.login = { account: S.pendingLogin.account, password: S.pendingLogin.password, remember: true };
+    } else if (S.token && S.account) {
+      req.login = { account: S.account, token: S.token };
+    }
     S.helloRef = request("hello", req, null, true);
   }
 
@@ -780,7 +827,7 @@
       }
     }
     if (S.quitting) {
-      resetToLogin("You left the chat.");
+      resetToLogin(S.quitMessage || "You left the chat.");
       return;
     }
     if (!S.everRegistered) {
@@ -954,6 +1001,16 @@
       ui.meNick.textContent = S.nick;
       ui.inputNick.textContent = S.nick;
       S.welcome = ev;
+      const byForm = S.pendingLogin !== null;
+      S.pendingLogin = null; // the password is forgotten once used
+      S.account = typeof ev.account === "string" ? ev.account : null;
+      if (S.account && typeof ev.token === "string") saveToken(S.account, ev.token, byForm ? S.remember : S.tokenRemember);
+      if (!S.account && S.token) forgetToken();
+      renderAccount();
+      if (S.registerPassword !== null) {
+        request("register", { password: S.registerPassword, remember: true }, { remember: S.remember });
+        S.registerPassword = null;
+      }
       startLiveness();
       if (first) {
         ui.login.hidden = true;
@@ -970,6 +1027,7 @@
         }
         if (!S.lobbyWanted) request("part", { room: LOBBY }, { rejoin: true });
         S.rejoin = null;
+        for (const v of S.views.values()) if (v.kind === "query" && v.lastId === 0) askPrivateHistory(v);
       }
       renderHeader();
     },
@@ -984,11 +1042,35 @@
     },
 
     history(ev, req) {
-      const view = roomView(str(ev.room), false);
+      const priv = typeof ev.with === "string";
+      const view = priv ? queryView(str(ev.with), true) : roomView(str(ev.room), false);
       if (!view) return;
       const messages = Array.isArray(ev.messages) ? ev.messages : [];
       if (req && req.type === "history") {
+        if (req.initial) {
+          // A conversation's past, asked for when it was opened: above whatever it shows.
+          if (!view.log.querySelector(".divider.earlier")) view.log.prepend(divider(`earlier messages with ${view.name}`, "earlier"));
+          olderPage(view, messages, ev.more === true);
+          const d = view.log.querySelector(".divider.earlier");
+          if (d && !view.log.querySelector(".line.msg.earlier")) d.remove();
+          return;
+        }
         olderPage(view, messages, ev.more === true);
+        return;
+      }
+      if (priv) {
+        // Unasked, after welcome: what came while this account was away.
+        const keep = messages.filter((m) => m && typeof m === "object" && remember(view, m));
+        if (keep.length) {
+          appendLine(view, divider("while you were away", "missed"));
+          for (const m of keep) {
+            const line = messageLine(m, false, view);
+            if (isInt(m.id)) placeById(view, line, m.id);
+            else appendLine(view, line);
+            countUnread(view, m);
+          }
+        }
+        if (view.lastId === 0 || ev.more === true) view.more = ev.more === true || view.more;
         return;
       }
       // History after our own join: the room's recent past, or what we missed while offline.
@@ -1028,6 +1110,11 @@
         const firstTime = !view.announced;
         view.announced = true;
         if (view.name !== room) rename(view, room);
+        if (!view.joined) {
+          view.topic = null;
+          view.joinedAt = Date.now();
+          request("mode", { room }, { quiet: true }); // for the topic lock and the settings
+        }
         view.joined = true;
         view.joining = false;
         view.members.set(fold(nick), nick);
@@ -1186,6 +1273,130 @@
       note("notice: " + str(ev.text), "notice");
     },
 
+    account(ev, req) {
+      if (req && (req.type === "register" || req.type === "login" || req.type === "password")) {
+        if (typeof ev.account === "string") {
+          S.account = ev.account;
+          if (typeof ev.token === "string") saveToken(ev.account, ev.token, req.remember !== false);
+          if (req.type === "register") note(`Registered: ${ev.account} is your account now. Log in with it from any device.`, "info");
+          else if (req.type === "login") note(`Logged in as ${ev.account}.`, "info");
+          else note("Password changed.", "info");
+          for (const v of S.views.values()) {
+            if (v.kind === "room" && v.members.has(fold(S.nick))) v.accounts.set(fold(S.nick), ev.account);
+            if (v.kind === "query" && v.lastId === 0) askPrivateHistory(v);
+          }
+        }
+        if (ui.registerPanel.open) ui.registerPanel.close();
+        renderAccount();
+        renderMembers();
+        return;
+      }
+      if (ev.account === null && !("nick" in ev)) {
+        // Logged out: the server closes this connection next.
+        forgetToken();
+        S.account = null;
+        S.quitting = true;
+        S.quitMessage = "You logged out.";
+        return;
+      }
+      const nick = str(ev.nick);
+      const key = fold(nick);
+      for (const v of S.views.values()) {
+        if (v.kind !== "room" || !v.members.has(key)) continue;
+        if (typeof ev.account === "string") v.accounts.set(key, ev.account);
+        else v.accounts.delete(key);
+      }
+      renderMembers();
+    },
+
+    topic(ev) {
+      const view = roomView(str(ev.room), false);
+      if (!view) return;
+      const text = str(ev.text);
+      const by = str(ev.by);
+      const ts = isInt(ev.ts) ? ev.ts : Date.now();
+      // The topic a joiner is told comes right after the join's names; a change, later.
+      const told = view.topic === null && Date.now() - view.joinedAt < 3000;
+      view.topic = { text, by, ts };
+      if (!told) {
+        const parts = text ? [nickSpan(by, view), " set the topic: ", text] : [nickSpan(by, view), " cleared the topic"];
+        systemLine(view, Date.now(), parts);
+      }
+      if (S.current === view.key) renderTopic();
+    },
+
+    kick(ev) {
+      const view = roomView(str(ev.room), false);
+      if (!view) return;
+      const nick = str(ev.nick);
+      const by = str(ev.by);
+      const reason = str(ev.reason);
+      const why = reason && reason !== nick ? ` (${reason})` : "";
+      if (isMe(nick)) {
+        view.joined = false;
+        view.members = new Map();
+        view.ops = new Set();
+        view.voiced = new Set();
+        view.accounts = new Map();
+        systemLine(view, Date.now(), ["You were kicked from ", view.name, " by ", nickSpan(by, view), why + `: /join ${view.name} to come back`], "error");
+        if (S.current !== view.key) {
+          view.unread += 1;
+          view.mention = true;
+        }
+        renderBadge(view);
+        updateTitle();
+        if (S.current === view.key) {
+          renderHeader();
+          renderMembers();
+          renderTopic();
+        }
+        return;
+      }
+      forgetMember(view, nick);
+      systemLine(view, Date.now(), [nickSpan(nick, view), " was kicked by ", nickSpan(by, view), why]);
+      if (S.current === view.key) renderMembers();
+    },
+
+    invite(ev) {
+      const room = str(ev.room);
+      if (ev.nick !== undefined) {
+        note(`You invited ${str(ev.nick)} to ${room}.`, "info");
+        return;
+      }
+      const view = currentView();
+      if (!view) return;
+      const link = el("button", "room-link", room);
+      link.type = "button";
+      link.title = `join ${room}`;
+      link.addEventListener("click", () => runLine("/join " + room));
+      systemLine(view, Date.now(), [nickSpan(str(ev.by), view), " invites you to ", link], "info");
+    },
+
+    mode(ev) {
+      const view = roomView(str(ev.room), false);
+      if (!view) return;
+      const set = ev.set && typeof ev.set === "object" && !Array.isArray(ev.set) ? ev.set : {};
+      if (Array.isArray(ev.bans) || ev.by === undefined) {
+        // The answer to `mode` {room}: everything in force.
+        view.modes = {
+          moderated: set.moderated === true,
+          invite_only: set.invite_only === true,
+          topic_locked: set.topic_locked === true,
+          secret: set.secret === true,
+          key: typeof set.key === "string" ? set.key : null,
+          limit: isInt(set.limit) ? set.limit : null,
+        };
+        view.bans = Array.isArray(ev.bans) ? ev.bans.map(str) : [];
+      } else {
+        applyModeChange(view, str(ev.by), set);
+      }
+      if (S.current === view.key) {
+        renderMembers();
+        renderTopic();
+        renderSettings();
+      }
+    },
+
     error(ev, req) {
       const code = str(ev.code);
       const message = str(ev.message);
@@ -1203,13 +1414,34 @@
         }
       }
       if (req && req.type === "history") {
-        const view = roomView(str(req.room), false);
+        const view = req.with !== undefined ? queryView(str(req.with), false) : roomView(str(req.room), false);
         if (view) {
           view.loadingOlder = false;
           view.olderPausedUntil = Date.now() + 10000; // no error storm while scrolling at the top
         }
+        // A guest on either side has no private history: nothing to say.
+        if (req.with !== undefined && (code === "not_logged_in" || code === "no_such_nick")) {
+          if (view) view.more = false;
+          return;
+        }
       }
-      if (req && req.type === "ping") return;
+      if (req && req.type === "join") {
+        const hint = {
+          bad_key: ` (/join ${str(req.room)} KEY)`,
+          invite_only: ": an operator can /invite you",
+        }[code];
+        if (hint) {
+          note(`Cannot join ${str(req.room)}: ${message}${hint}`, "error");
+          return;
+        }
+      }
+      if (req && (req.type === "register" || req.type === "login")) {
+        const what = req.type === "register" ? "Could not register" : "Could not log in";
+        note(`${what}: ${message || code}`, "error");
+        if (!ui.registerPanel.hidden && ui.registerPanel.open) ui.registerError.textContent = message || code;
+        return;
+      }
+      if (req && (req.type === "ping" || req.quiet)) return;
       note(`error ${code}: ${message}`, "error");
     },
   };
@@ -1262,10 +1494,11 @@
 
   /** Ask for an older page of a room's history (scrolling to the top does this). */
   function loadOlder(view, limit) {
-    if (view.kind !== "room" || !view.joined || !view.more || view.loadingOlder || !S.registered) return false;
+    if (!view.more || view.loadingOlder || !S.registered) return false;
+    if (view.kind === "room" ? !view.joined : !S.account) return false;
     if (view.olderPausedUntil && Date.now() < view.olderPausedUntil) return false;
     view.loadingOlder = true;
-    const members = { room: view.name, limit };
+    const members = view.kind === "room" ? { room: view.name, limit } : { with: view.name, limit };
     if (view.oldestId !== null) members.before = view.oldestId;
     request("history", members);
     return true;
@@ -1275,6 +1508,322 @@
   function maybeFill(view) {
     if (S.current !== view.key) return;
     if (view.log.scrollHeight <= view.log.clientHeight + 4) loadOlder(view, HISTORY_PAGE);
+  }
+
+  // ----- accounts and running a room --------------------------------------------------------
+
+  function loadToken() {
+    for (const [where, remember] of [["localStorage", true], ["sessionStorage", false]]) {
+      try {
+        const v = JSON.parse(window[where].getItem(LOGIN_KEY) || "null");
+        if (v && typeof v.account === "string" && typeof v.token === "string") return { account: v.account, token: v.token, remember };
+      } catch (e) {
+        /* no storage here */
+      }
+    }
+    return null;
+  }
+
+  /** The token only, never the password: in localStorage when the user asked to stay logged
+   * in on this device, else in sessionStorage (a reload keeps it, closing the tab does not). */
+  function saveToken(account, token, remember) {
+    forgetToken();
+    S.token = token;
+    S.tokenRemember = remember;
+    try {
+      (remember ? localStorage : sessionStorage).setItem(LOGIN_KEY, JSON.stringify({ account, token }));
+    } catch (e) {
+      /* kept in memory for this page's reconnects only */
+    }
+  }
+
+  function forgetToken() {
+    S.token = null;
+    try {
+      localStorage.removeItem(LOGIN_KEY);
+      sessionStorage.removeItem(LOGIN_KEY);
+    } catch (e) {
+      /* ignore */
+    }
+  }
+
+  function renderAccount() {
+    ui.meAccount.textContent = S.account ? `account ${S.account}` : "guest";
+    ui.registerOpen.hidden = !!S.account;
+    ui.logout.hidden = !S.account;
+  }
+
+  function amOp(view) {
+    return !!view && view.kind === "room" && view.joined && view.ops.has(fold(S.nick));
+  }
+
+  /** A conversation's past (accounts only; the server says no for guests, quietly). */
+  function askPrivateHistory(view) {
+    if (!S.account || !S.registered || view.kind !== "query" || view.askedHistory) return;
+    view.askedHistory = true;
+    request("history", { with: view.name, limit: HISTORY_PAGE }, { initial: true });
+  }
+
+  function openQuery(nick) {
+    const v = queryView(nick, true);
+    switchTo(v.key);
+    if (v.lastId === 0) askPrivateHistory(v);
+    return v;
+  }
+
+  const FLAG_WORDS = {
+    moderated: ["made the room moderated", "made the room unmoderated"],
+    invite_only: ["made the room invite-only", "opened the room to everyone"],
+    topic_locked: ["locked the topic", "unlocked the topic"],
+    secret: ["made the room secret", "made the room public"],
+  };
+
+  /** A `mode` event: what changed, applied to the view and told in a line of words. */
+  function applyModeChange(view, by, set) {
+    if (!view.modes) view.modes = { moderated: false, invite_only: false, topic_locked: false, secret: false, key: null, limit: null };
+    const said = [];
+    const nicks = (v) => (Array.isArray(v) ? v.map(str) : []);
+    for (const [name, value] of Object.entries(set)) {
+      if (FLAG_WORDS[name]) {
+        view.modes[name] = value === true;
+        said.push(FLAG_WORDS[name][value === true ? 0 : 1]);
+      } else if (name === "key") {
+        view.modes.key = typeof value === "string" ? value : null;
+        said.push(typeof value === "string" ? "set a key" : "removed the key");
+      } else if (name === "limit") {
+        view.modes.limit = isInt(value) ? value : null;
+        said.push(isInt(value) ? `limited the room to ${value}` : "removed the limit");
+      } else if (name === "op" || name === "deop" || name === "voice" || name === "devoice") {
+        const group = name.endsWith("op") ? view.ops : view.voiced;
+        for (const n of nicks(value)) {
+          if (name === "op" || name === "voice") group.add(fold(n));
+          else group.delete(fold(n));
+        }
+        const words = { op: "made %s operator", deop: "took operator from %s", voice: "gave voice to %s", devoice: "took voice from %s" }[name];
+        if (nicks(value).length) said.push(words.replace("%s", nicks(value).join(", ")));
+      } else if (name === "ban" || name === "unban") {
+        for (const m of nicks(value)) {
+          const i = view.bans.indexOf(m);
+          if (name === "ban" && i < 0) view.bans.push(m);
+          if (name === "unban" && i >= 0) view.bans.splice(i, 1);
+        }
+        if (nicks(value).length) said.push(`${name === "ban" ? "banned" : "unbanned"} ${nicks(value).join(", ")}`);
+      }
+    }
+    if (said.length) systemLine(view, Date.now(), [nickSpan(by, view), " " + said.join(", ")]);
+  }
+
+  function setModes(view, set) {
+    if (!connected()) return false;
+    request("mode", { room: view.name, set });
+    return true;
+  }
+
+  // --- the topic bar
+
+  function canSetTopic(view) {
+    return !!view && view.kind === "room" && view.joined && (amOp(view) || !(view.modes && view.modes.topic_locked));
+  }
+
+  function renderTopic() {
+    const view = currentView();
+    const room = view && view.kind === "room";
+    ui.topic.hidden = !room;
+    ui.settingsToggle.hidden = !room || !view.joined;
+    if (!room) return;
+    const t = view.topic;
+    const editable = canSetTopic(view);
+    ui.topicText.replaceChildren();
+    if (t && t.text) {
+      linkify(ui.topicText, t.text);
+      ui.topicText.title = `set by ${t.by} on ${new Date(t.ts).toLocaleString()}` + (editable ? " (click to change)" : "");
+    } else {
+      ui.topicText.append(editable ? "No topic: click to set one" : "No topic");
+      ui.topicText.title = "";
+    }
+    ui.topicText.classList.toggle("empty", !(t && t.text));
+    ui.topicText.disabled = !editable;
+    ui.topic.classList.toggle("editable", editable);
+  }
+
+  function editTopic() {
+    const view = currentView();
+    if (!canSetTopic(view)) return;
+    ui.topicInput.value = view.topic ? view.topic.text : "";
+    ui.topicText.hidden = true;
+    ui.topicForm.hidden = false;
+    ui.topicInput.focus();
+    ui.topicInput.select();
+  }
+
+  function endTopicEdit() {
+    ui.topicForm.hidden = true;
+    ui.topicText.hidden = false;
+    ui.input.focus();
+  }
+
+  // --- the room settings panel
+
+  function openSettings() {
+    const view = currentView();
+    if (!view || view.kind !== "room" || !view.joined) return;
+    ui.settings.dataset.view = view.key;
+    if (S.registered) request("mode", { room: view.name }, { quiet: true });
+    renderSettings();
+    ui.settings.showModal();
+  }
+
+  function settingsView() {
+    return ui.settings.open ? S.views.get(ui.settings.dataset.view) || null : null;
+  }
+
+  function renderSettings() {
+    const view = settingsView();
+    if (!view) return;
+    const op = amOp(view);
+    const m = view.modes || { moderated: false, invite_only: false, topic_locked: false, secret: false, key: null, limit: null };
+    ui.settingsTitle.textContent = `${view.name} settings`;
+    ui.settingsNote.textContent = op ? "You are an operator here: changes apply at once." : "Only the room's operators change these.";
+    for (const box of ui.settings.querySelectorAll("input[data-mode]")) {
+      box.checked = m[box.dataset.mode] === true;
+      box.disabled = !op;
+    }
+    if (document.activeElement !== ui.modeKey) ui.modeKey.value = m.key || "";
+    if (document.activeElement !== ui.modeLimit) ui.modeLimit.value = m.limit === null ? "" : String(m.limit);
+    for (const c of [ui.modeKey, ui.modeLimit, ui.modeKeySet, ui.modeLimitSet, ui.banMask, ui.banAdd]) c.disabled = !op;
+    const items = view.bans.map((mask) => {
+      const li = el("li");
+      li.dataset.mask = mask;
+      li.append(el("code", null, mask));
+      const b = el("button", "unban", "Unban");
+      b.type = "button";
+      b.disabled = !op;
+      b.addEventListener("click", () => setModes(view, { unban: [mask] }));
+      li.append(b);
+      return li;
+    });
+    if (!items.length) items.push(el("li", "none", "Nobody is banned."));
+    ui.banList.replaceChildren(...items);
+  }
+
+  // --- the member menu
+
+  function openMemberMenu(li) {
+    const view = currentView();
+    if (!view || view.kind !== "room") return;
+    const nick = li.dataset.nick;
+    const key = fold(nick);
+    const op = amOp(view);
+    ui.menu.dataset.nick = nick;
+    ui.menuNick.textContent = nick;
+    const account = view.accounts.get(key);
+    const role = view.ops.has(key) ? "operator" : view.voiced.has(key) ? "voiced" : "";
+    ui.menuInfo.textContent = [role, account ? `account ${account}` : "guest"].filter(Boolean).join(", ");
+    ui.menuOps.hidden = !op;
+    ui.menu.querySelector('[data-act="query"]').hidden = isMe(nick);
+    ui.menu.querySelector('[data-act="op"]').hidden = view.ops.has(key);
+    ui.menu.querySelector('[data-act="deop"]').hidden = !view.ops.has(key);
+    ui.menu.querySelector('[data-act="voice"]').hidden = view.voiced.has(key);
+    ui.menu.querySelector('[data-act="devoice"]').hidden = !view.voiced.has(key);
+    for (const act of ["kick", "ban"]) ui.menu.querySelector(`[data-act="${act}"]`).hidden = isMe(nick);
+    ui.menuReason.hidden = isMe(nick);
+    ui.menuReason.value = "";
+    ui.menu.hidden = false;
+    const r = li.getBoundingClientRect();
+    const w = ui.menu.offsetWidth;
+    const h = ui.menu.offsetHeight;
+    const left = Math.max(8, Math.min(r.left, window.innerWidth - w - 8));
+    const top = r.bottom + h + 8 > window.innerHeight ? Math.max(8, r.top - h) : r.bottom;
+    ui.menu.style.left = `${left}px`;
+    ui.menu.style.top = `${top}px`;
+    const first = Array.from(ui.menu.querySelectorAll("button")).find((b) => !b.hidden && b.offsetParent !== null);
+    if (first) first.focus();
+  }
+
+  function closeMemberMenu() {
+    ui.menu.hidden = true;
+  }
+
+  function onMenuClick(e) {
+    const b = e.target.closest("button[data-act]");
+    if (!b) return;
+    const view = currentView();
+    const nick = ui.menu.dataset.nick;
+    const reason = ui.menuReason.value.trim();
+    closeMemberMenu();
+    if (!view || !nick) return;
+    const act = b.dataset.act;
+    if (act === "query") {
+      openQuery(nick);
+      closeDrawers();
+      ui.input.focus();
+      return;
+    }
+    if (!connected()) return;
+    if (act === "kick") request("kick", Object.assign({ room: view.name, nick }, reason ? { reason } : {}));
+    else if (act === "ban") {
+      // By account when there is one, so that a new nick does not get round it.
+      const account = view.accounts.get(fold(nick));
+      setModes(view, { ban: [account ? `account:${account}` : nick] });
+      request("kick", Object.assign({ room: view.name, nick }, reason ? { reason } : {}));
+    } else setModes(view, { [act]: [nick] });
+    ui.input.focus();
+  }
+
+  // --- registering, logging out
+
+  function openRegister() {
+    if (S.account || !S.registered) return;
+    ui.registerNick.textContent = S.nick;
+    ui.registerPassword.value = "";
+    ui.registerError.textContent = "";
+    ui.registerPanel.showModal();
+    ui.registerPassword.focus();
+  }
+
+  function passwordProblem(pw) {
+    const n = new TextEncoder().encode(pw).length;
+    if (n < 8) return "A password has at least 8 characters.";
+    if (n > 256) return "A password has at most 256 bytes.";
+    return null;
+  }
+
+  function onRegisterSubmit(e) {
+    e.preventDefault();
+    const pw = ui.registerPassword.value;
+    const problem = passwordProblem(pw);
+    if (problem) {
+      ui.registerError.textContent = problem;
+      ui.registerPassword.focus();
+      return;
+    }
+    if (!connected()) return;
+    ui.registerError.textContent = "";
+    request("register", { password: pw, remember: true }, { remember: ui.registerRemember.checked });
+    ui.registerPassword.value = "";
+  }
+
+  function logout() {
+    if (!S.account) return;
+    if (!S.registered || !S.ws) {
+      forgetToken();
+      resetToLogin("You logged out.");
+      return;
+    }
+    request("logout", S.token ? { token: S.token } : {}, null, true);
+  }
+
+  // --- the login form's three ways in
+
+  function setLoginMode(mode) {
+    S.loginMode = mode;
+    for (const tab of ui.loginTabs) tab.setAttribute("aria-selected", String(tab.dataset.mode === mode));
+    ui.secretRow.hidden = mode === "guest";
+    ui.nickLabel.textContent = mode === "login" ? "Account" : "Nickname";
+    ui.secretLabel.textContent = mode === "register" ? "Password (8 characters or more)" : "Password";
+    ui.secret.autocomplete = mode === "register" ? "new-password" : "current-password";
+    ui.loginButton.textContent = { guest: "Join the chat", login: "Log in", register: "Register and join" }[mode];
+    showLoginError("");
   }
 
   // ----- login -----------------------------------------------------------------------------
@@ -1296,6 +1845,27 @@
   }
 
   function helloRefused(code, message) {
+    if (code === "login_failed" || code === "login_throttled") {
+      const byToken = S.pendingLogin === null;
+      const account = S.pendingLogin ? S.pendingLogin.account : S.account;
+      S.pendingLogin = null;
+      S.registerPassword = null;
+      if (byToken) forgetToken();
+      S.account = null;
+      resetToLogin("");
+      setLoginMode("login");
+      ui.nickInput.value = account || S.nick;
+      showLoginError(byToken && code === "login_failed" ? "Your saved login is no longer valid: log in again." : message || code);
+      ui.secret.focus();
+      return;
+    }
+    if (code === "nick_reserved" && S.everRegistered) {
+      const nick = S.nick;
+      resetToLogin("");
+      ui.nickInput.value = nick;
+      showLoginError(message || "That nickname belongs to an account: log in to use it, or choose another.");
+      return;
+    }
     if (!S.everRegistered) {
       ui.loginButton.disabled = false;
       const fallback = {
@@ -1308,6 +1878,10 @@
       if (code === "bad_password") {
         ui.passwordRow.hidden = false;
         ui.password.focus();
+      } else if (code === "nick_reserved") {
+        setLoginMode("login");
+        showLoginError(message || fallback[code]);
+        ui.secret.focus();
       } else {
         ui.nickInput.focus();
         ui.nickInput.select();
@@ -1360,10 +1934,24 @@
       ui.nickInput.focus();
       return;
     }
+    const secret = ui.secret.value;
+    if (S.loginMode !== "guest") {
+      const bad = S.loginMode === "register" ? passwordProblem(secret) : secret ? null : "Type your password.";
+      if (bad) {
+        showLoginError(bad);
+        ui.secret.focus();
+        return;
+      }
+    }
     showLoginError("");
     S.nick = nick;
     S.password = ui.passwordRow.hidden ? null : ui.password.value;
     S.quitting = false;
+    S.remember = ui.remember.checked;
+    S.pendingLogin = S.loginMode === "login" ? { account: nick, password: secret } : null;
+    S.registerPassword = S.loginMode === "register" ? secret : null;
+    if (S.loginMode === "guest" && S.token) forgetToken();
+    ui.secret.value = "";
     ui.loginButton.disabled = true;
     if (S.ws && S.ws.readyState === WebSocket.OPEN) {
       sendHello();
@@ -1389,6 +1977,11 @@
     S.delays = null;
     S.restoring = false;
     S.restoreTries = 0;
+    S.quitMessage = "";
+    S.account = S.token ? S.account : null;
+    if (ui.settings.open) ui.settings.close();
+    if (ui.registerPanel.open) ui.registerPanel.close();
+    closeMemberMenu();
     if (S.ws) {
       const ws = S.ws;
       S.ws = null;
@@ -1500,8 +2093,9 @@
     return false;
   }
 
-  function usage(i) {
-    note(`usage: ${COMMANDS[i][0]} (${COMMANDS[i][1]})`, "error");
+  function usage(which) {
+    const c = typeof which === "number" ? COMMANDS[which] : COMMANDS.find(([u]) => u.split(" ")[0] === "/" + which);
+    note(`usage: ${c[0]} (${c[1]})`, "error");
     return false;
   }
 
@@ -1513,14 +2107,17 @@
     switch (name) {
       case "join":
       case "j": {
-        if (!rest || /\s/.test(rest)) return usage(0);
+        const jm = /^(\S+)(?:\s+(\S+))?$/.exec(rest);
+        if (!jm) return usage("join");
         if (!connected()) return false;
-        const room = normalizeRoom(rest);
+        const room = normalizeRoom(jm[1]);
         const previous = S.current;
         const v = roomView(room, true);
         switchTo(v.key);
         v.joining = true;
-        request("join", { room: v.joined ? v.name : room }, { previous });
+        const members = { room: v.joined ? v.name : room };
+        if (jm[2]) members.key = jm[2];
+        request("join", members, { previous });
         return true;
       }
       case "part":
@@ -1553,8 +2150,7 @@
       case "q": {
         const m = /^(\S+)(?:\s+([\s\S]*))?$/.exec(rest);
         if (!m || m[1].startsWith("#")) return usage(2);
-        const v = queryView(m[1], true);
-        switchTo(v.key);
+        openQuery(m[1]);
         if (m[2] && m[2].trim()) return say(m[2], false);
         return true;
       }
@@ -1635,6 +2231,82 @@
         showHelp();
         return true;
       }
+      case "topic": {
+        if (!view || view.kind !== "room") {
+          note("This is not a room.", "error");
+          return false;
+        }
+        if (!rest) {
+          const t = view.topic;
+          note(t && t.text ? `Topic of ${view.name}: ${t.text} (set by ${t.by})` : `${view.name} has no topic.`, "info");
+          return true;
+        }
+        if (!connected()) return false;
+        request("topic", { room: view.name, text: rest });
+        return true;
+      }
+      case "kick": {
+        const m = /^(\S+)(?:\s+([\s\S]*))?$/.exec(rest);
+        if (!m) return usage("kick");
+        if (!view || view.kind !== "room") return usage("kick");
+        if (!connected()) return false;
+        request("kick", Object.assign({ room: view.name, nick: m[1] }, m[2] && m[2].trim() ? { reason: m[2].trim() } : {}));
+        return true;
+      }
+      case "invite": {
+        const m = /^(\S+)(?:\s+(#\S+))?$/.exec(rest);
+        const room = m && m[2] ? m[2] : view && view.kind === "room" ? view.name : null;
+        if (!m || !room) return usage("invite");
+        if (!connected()) return false;
+        request("invite", { room, nick: m[1] });
+        return true;
+      }
+      case "ban":
+      case "unban":
+      case "op":
+      case "deop":
+      case "voice":
+      case "devoice": {
+        if (!rest || /\s/.test(rest) || !view || view.kind !== "room") return usage(name);
+        return setModes(view, { [name]: [rest] });
+      }
+      case "mode": {
+        if (!view || view.kind !== "room" || !view.joined) {
+          note("/mode shows the settings of a room you are in.", "error");
+          return false;
+        }
+        openSettings();
+        return true;
+      }
+      case "register": {
+        if (!rest) {
+          openRegister();
+          return true;
+        }
+        const problem = passwordProblem(rest);
+        if (problem) {
+          note(problem, "error");
+          return false;
+        }
+        if (!connected()) return false;
+        request("register", { password: rest, remember: true }, { remember: true });
+        return true;
+      }
+      case "login": {
+        const m = /^(\S+)\s+(\S[\s\S]*)$/.exec(rest);
+        if (!m) return usage("login");
+        if (!connected()) return false;
+        request("login", { account: m[1], password: m[2], remember: true }, { remember: true });
+        return true;
+      }
+      case "logout": {
+        if (!S.account) {
+          note("You are not logged in.", "error");
+          return false;
+        }
+        logout();
+        return true;
+      }
       default:
         note(`Unknown command /${name}: /help lists them; //text says /text.`, "error");
         return false;
@@ -1663,8 +2335,10 @@
     const line = ui.input.value;
     if (!line.trim()) return;
     const done = runLine(line);
-    if (done) {
+    if (done && !/^\/(register|login)\s/i.test(line)) {
       S.inputHistory.push(line);
+    }
+    if (done) {
       if (S.inputHistory.length > INPUT_HISTORY_MAX) S.inputHistory.shift();
       S.inputPos = -1;
       ui.input.value = "";
@@ -1785,7 +2459,14 @@
         return;
       }
     }
-    if (e.key === "Escape") closeDrawers();
+    if (e.key === "Escape") {
+      if (!ui.menu.hidden) {
+        closeMemberMenu();
+        ui.input.focus();
+        return;
+      }
+      closeDrawers();
+    }
   }
 
   // ----- notifications ---------------------------------------------------------------------
@@ -1888,6 +2569,113 @@
       memberCount: $("member-count"),
       scrim: $("scrim"),
       jump: $("jump"),
+      loginTabs: Array.from(document.querySelectorAll(".login-tabs [data-mode]")),
+      nickLabel: $("login-nick-label"),
+      secretRow: $("login-secret-row"),
+      secretLabel: $("login-secret-label"),
+      secret: $("login-secret"),
+      remember: $("login-remember"),
+      meAccount: $("me-account"),
+      registerOpen: $("register-open"),
+      logout: $("logout"),
+      settingsToggle: $("toggle-settings"),
+      topic: $("topic"),
+      topicText: $("topic-text"),
+      topicForm: $("topic-form"),
+      topicInput: $("topic-input"),
+      menu: $("member-menu"),
+      menuNick: $("menu-nick"),
+      menuInfo: $("menu-info"),
+      menuOps: $("menu-ops"),
+      menuReason: $("menu-reason"),
+      settings: $("settings"),
+      settingsTitle: $("settings-title"),
+      settingsNote: $("settings-note"),
+      modeKey: $("mode-key"),
+      modeKeySet: $("mode-key-set"),
+      modeLimit: $("mode-limit"),
+      modeLimitSet: $("mode-limit-set"),
+      banList: $("ban-list"),
+      banMask: $("ban-mask"),
+      banAdd: $("ban-add"),
+      registerPanel: $("register-panel"),
+      registerForm: $("register-form"),
+      registerNick: $("register-nick"),
+      registerPassword: $("register-password"),
+      registerRemember: $("register-remember"),
+      registerError: $("register-error"),
+    });
+    for (const tab of ui.loginTabs) {
+      tab.addEventListener("click", () => {
+        setLoginMode(tab.dataset.mode);
+        ui.nickInput.focus();
+      });
+    }
+    ui.registerOpen.addEventListener("click", openRegister);
+    ui.registerForm.addEventListener("submit", onRegisterSubmit);
+    $("register-cancel").addEventListener("click", () => ui.registerPanel.close());
+    ui.logout.addEventListener("click", logout);
+    ui.settingsToggle.addEventListener("click", openSettings);
+    ui.settings.addEventListener("close", () => ui.input.focus());
+    ui.registerPanel.addEventListener("close", () => ui.input.focus());
+    for (const box of ui.settings.querySelectorAll("input[data-mode]")) {
+      box.addEventListener("change", () => {
+        const v = settingsView();
+        if (v) setModes(v, { [box.dataset.mode]: box.checked });
+      });
+    }
+    ui.modeKeySet.addEventListener("click", () => {
+      const v = settingsView();
+      const key = ui.modeKey.value.trim();
+      if (v) setModes(v, { key: key || null });
+    });
+    ui.modeLimitSet.addEventListener("click", () => {
+      const v = settingsView();
+      const n = Number(ui.modeLimit.value);
+      if (v) setModes(v, { limit: ui.modeLimit.value.trim() && Number.isInteger(n) && n >= 1 ? n : null });
+    });
+    const addBan = () => {
+      const v = settingsView();
+      const mask = ui.banMask.value.trim();
+      if (v && mask && setModes(v, { ban: [mask] })) ui.banMask.value = "";
+    };
+    ui.banAdd.addEventListener("click", addBan);
+    ui.banMask.addEventListener("keydown", (e) => {
+      if (e.key === "Enter") {
+        e.preventDefault();
+        addBan();
+      }
+    });
+    ui.topicText.addEventListener("click", editTopic);
+    ui.topicForm.addEventListener("submit", (e) => {
+      e.preventDefault();
+      const view = currentView();
+      if (view && view.kind === "room" && connected()) request("topic", { room: view.name, text: ui.topicInput.value.trim() });
+      endTopicEdit();
+    });
+    ui.topicInput.addEventListener("keydown", (e) => {
+      if (e.key === "Escape") {
+        e.preventDefault();
+        e.stopPropagation();
+        endTopicEdit();
+      }
+    });
+    ui.topicInput.addEventListener("blur", () => {
+      if (!ui.topicForm.hidden) {
+        ui.topicForm.hidden = true;
+        ui.topicText.hidden = false;
+      }
+    });
+    ui.menu.addEventListener("click", onMenuClick);
+    ui.menuReason.addEventListener("keydown", (e) => {
+      if (e.key === "Enter") {
+        e.preventDefault();
+        const kick = ui.menu.querySelector('[data-act="kick"]');
+        if (kick && !kick.hidden) kick.click();
+      }
+    });
+    document.addEventListener("mousedown", (e) => {
+      if (!ui.menu.hidden && !ui.menu.contains(e.target) && !e.target.closest("#member-list li")) closeMemberMenu();
     });
     ui.jump.addEventListener("click", () => {
       const v = currentView();
@@ -1909,10 +2697,16 @@
     ui.scrim.addEventListener("click", closeDrawers);
     ui.memberList.addEventListener("click", (e) => {
       const li = e.target.closest("li[data-nick]");
-      if (!li || isMe(li.dataset.nick)) return;
-      runLine("/query " + li.dataset.nick);
-      closeDrawers();
-      ui.input.focus();
+      if (!li) return;
+      if (!ui.menu.hidden && ui.menu.dataset.nick === li.dataset.nick) closeMemberMenu();
+      else openMemberMenu(li);
+    });
+    ui.memberList.addEventListener("keydown", (e) => {
+      const li = e.target.closest("li[data-nick]");
+      if (li && (e.key === "Enter" || e.key === " ")) {
+        e.preventDefault();
+        openMemberMenu(li);
+      }
     });
     ui.conn.addEventListener("click", retryNow);
     window.addEventListener("online", retryNow);
@@ -1937,9 +2731,32 @@
       if (document.hidden) saveSession();
     });
     updateTitle();
+    const saved = loadToken();
+    if (saved) {
+      S.account = saved.account;
+      S.token = saved.token;
+      S.tokenRemember = saved.remember;
+      S.remember = saved.remember;
+    }
+    renderAccount();
     if (restoreSession()) return;
     ui.nickInput.focus();
     ui.nickInput.select();
+    if (saved) {
+      // Logged in on this device before: in again with the token, no form to fill.
+      let nick = saved.account;
+      try {
+        nick = localStorage.getItem(NICK_KEY) || nick;
+      } catch (e) {
+        /* ignore */
+      }
+      if (nickProblem(nick)) nick = saved.account;
+      S.nick = nick;
+      ui.nickInput.value = nick;
+      ui.loginButton.disabled = true;
+      ui.loginState.textContent = `Logging in as ${saved.account}...`;
+      connect();
+    }
   }
 
   if (document.readyState === "loading") document.addEventListener("DOMContentLoaded", start);
