@@ -20,6 +20,7 @@ __all__ = ["explain", "suggest", "taken_suggestion", "ALLOWED"]
 ALLOWED = "letters A-Z a-z, digits 0-9 and _ - [ ] { } \\ | ^"
 _SPECIAL = "_-[]{}\\|^"
 _FALLBACK = "guest"
+_BLANK = "\0"  # where blanks were, until the ends are trimmed
 
 
 def _allowed(char: str) -> bool:
@@ -61,16 +62,18 @@ def suggest(nick: str) -> str:
     characters that are not allowed are left out, a leading digit or `-` is moved behind a
     letter, and the result is cut to the maximum length. Always valid; `guest` if nothing of
     `nick` can be kept."""
+    if not explain(nick):
+        return nick
     # NFKD splits "ë" into "e" and a combining mark, and folds compatibility forms (ｆｕｌｌ).
-    decomposed = unicodedata.normalize("NFKD", nick.strip())
+    decomposed = unicodedata.normalize("NFKD", nick)
     out: List[str] = []
     for char in decomposed:
         if char.isspace():
-            if out and out[-1] != "_":
-                out.append("_")
+            if out and out[-1] != _BLANK:
+                out.append(_BLANK)  # a run of blanks is one `_`, none at either end
         elif _allowed(char):
             out.append(char)
-    text = "".join(out).strip("_") or "".join(out)
+    text = "".join(out).strip(_BLANK).replace(_BLANK, "_")
     if text and (text[0].isdigit() or text[0] == "-"):
         rest = re.sub(r"^[0-9-]+", "", text)
         text = rest if rest and rest != "_" else "n" + text

@@ -134,8 +134,8 @@ class Screen:
         input_control = BufferControl(
             self.buffer,
             input_processors=[
+                ConditionalProcessor(PasswordProcessor(), secret),  # before the prompt: it masks what is there
                 BeforeInput(self._prompt, style="bold"),
-                ConditionalProcessor(PasswordProcessor(), secret),
             ],
         )
         layout = Layout(

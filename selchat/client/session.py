@@ -751,6 +751,8 @@ class ClientSession:
                 return None
             self.seen_ids.add(mid)
         if isinstance(where, str):
+            if not earlier and isinstance(room, str) and _fold(room) in self.room_state:
+                self.room_state[_fold(room)].fresh = False  # talk has begun: a topic now is news
             conv = self.conversations.setdefault(self._conv_key(where), Conversation())
             conv.shown += 1
             if isinstance(mid, int) and not isinstance(mid, bool) and (conv.oldest is None or mid < conv.oldest):
@@ -944,6 +946,7 @@ class ClientSession:
         if state is not None:
             state.topic = event
             data["_shown"] = state.fresh  # the joiner's copy: "topic: ...", not "bob set ..."
+            state.fresh = False
         out.items.append(self._room_item("topic", data, now))
 
     def _on_kick(self, event: Event, request: Any, now: float, out: Reaction) -> None:
