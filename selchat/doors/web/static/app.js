@@ -306,7 +306,7 @@
       key, kind, name, log, li, button, label, badge,
       joined: false, unread: 0, mention: false,
       members: new Map(), ops: new Set(), voiced: new Set(), accounts: new Map(), namesAcc: null,
-      colours: new Map(), pastColours: new Map(), topic: null, modes: null, bans: [], joinedAt: 0,
+      colours: new Map(), pastColours: new Map(), topic: null, modes: null, bans: [],
       seen: new Set(), oldestId: null, lastId: 0, more: false, loadingOlder: false,
       startShown: false, stick: true, scrollTop: 0, joining: false, announced: false, below: 0,
     };
@@ -1112,7 +1112,6 @@
         if (view.name !== room) rename(view, room);
         if (!view.joined) {
           view.topic = null;
-          view.joinedAt = Date.now();
           request("mode", { room }, { quiet: true }); // for the topic lock and the settings
         }
         view.joined = true;
@@ -1291,7 +1290,7 @@
         renderMembers();
         return;
       }
-      if (ev.account === null && !("nick" in ev)) {
+      if (req && req.type === "logout") {
         // Logged out: the server closes this connection next.
         forgetToken();
         S.account = null;
@@ -1309,14 +1308,15 @@
       renderMembers();
     },
 
-    topic(ev) {
+    topic(ev, req) {
       const view = roomView(str(ev.room), false);
       if (!view) return;
       const text = str(ev.text);
       const by = str(ev.by);
       const ts = isInt(ev.ts) ? ev.ts : Date.now();
-      // The topic a joiner is told comes right after the join's names; a change, later.
-      const told = view.topic === null && Date.now() - view.joinedAt < 3000;
+      // The topic a joiner is told comes with the join's ref; a change made by someone else
+      // comes without one, and our own change with the ref of our topic request.
+      const told = isInt(ev.ref) && !(req && req.type === "topic");
       view.topic = { text, by, ts };
       if (!told) {
         const parts = text ? [nickSpan(by, view), " set the topic: ", text] : [nickSpan(by, view), " cleared the topic"];
