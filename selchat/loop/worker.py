@@ -57,11 +57,13 @@ KILL_WAIT = 1.0  # seconds close() waits for one killed child
 class _Child:
     """One running child: its process, its pipes, its unanswered jobs in sending order."""
 
-    __slots__ = ("proc", "rfd", "wfd", "out", "inbuf", "jobs", "head_since", "timer",
+    __slots__ = ("pool", "name", "proc", "rfd", "wfd", "out", "inbuf", "jobs", "head_since", "timer",
                  "writing", "answered")
 
-    def __init__(self, proc: subprocess.Popen) -> None:
+    def __init__(self, pool: "WorkerPool", proc: subprocess.Popen) -> None:
         assert proc.stdin is not None and proc.stdout is not None
+        self.pool = pool
+        self.name = f"{pool.name} {proc.pid}"  # what a slow-pass log line calls it
         self.proc = proc
         self.rfd = proc.stdout.fileno()
         self.wfd = proc.stdin.fileno()
@@ -78,6 +80,12 @@ class _Child:
     @property
     def pid(self) -> int:
         return self.proc.pid
+
+    def on_readable(self, mask: int) -> None:
+        self.pool._on_readable(self)
+
+    def on_writable(self, mask: int) -> None:
+        self.pool._write(self)
 
 
 class WorkerPool:
@@ -185,9 +193,9 @@ class WorkerPool:
             log.warning("%s: cannot start a child: %s", self.name, exc.strerror or exc)
             self._retry(slot)
             return
-        child = _Child(proc)
+        child = _Child(self, proc)
         self.children[slot] = child
-        self.reactor.register(child.rfd, selectors.EVENT_READ, lambda mask: self._on_readable(child))
+        self.reactor.register(child.rfd, selectors.EVENT_READ, child.on_readable)
         log.info("%s: child %d started (python -m %s)", self.name, proc.pid, self.module)
         self._dispatch()
 
@@ -282,7 +290,7 @@ class WorkerPool:
         want = bool(child.out)
         if want != child.writing:
             if want:
-                self.reactor.register(child.wfd, selectors.EVENT_WRITE, lambda mask: self._write(child))
+                self.reactor.register(child.wfd, selectors.EVENT_WRITE, child.on_writable)
             else:
                 self.reactor.unregister(child.wfd)
             child.writing = want
@@ -378,14 +386,20 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view):]
 
 
-def serve(handle: Callable[[bytes], bytes], max_message: int = DEFAULT_MAX_MESSAGE) -> int:
+def serve(handle: Callable[[bytes], bytes], max_message: int = DEFAULT_MAX_MESSAGE, nice: int = 0) -> int:
     """The child's loop: requests on stdin, answers on stdout, until stdin ends.
 
     The parent owns shutdown: a terminal's Ctrl-C reaches the whole process group, so SIGINT is
     ignored here (the parent finishes its graceful shutdown, then closes our stdin or kills us).
-    Anything printed goes to stderr: stdout carries only frames.
+    Anything printed goes to stderr: stdout carries only frames. `nice` lowers this process's
+    CPU priority by that much: work in the background of a loop that must stay responsive.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if nice:
+        try:
+            os.nice(nice)
+        except OSError:
+            pass
     out_fd = os.dup(1)
     try:
         os.dup2(2, 1)
