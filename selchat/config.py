@@ -68,6 +68,8 @@ class ServerConfig:
     server_name: str = ""  # the IRC server name; "" means the machine's host name
     web_port: Optional[int] = None  # HTTP and WebSocket (the web client); off unless given
     web_origin: Tuple[str, ...] = ()  # origins allowed to open a WebSocket besides the server's own
+    trusted_proxy: Tuple[str, ...] = ()  # addresses or CIDR blocks of proxies that say who the client is
+    forwarded_header: str = "x-forwarded-for"  # which header a trusted proxy names the client in
 
     @property
     def high_water(self) -> int:
@@ -425,6 +427,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--web-origin", action="append", default=None, metavar="ORIGIN",
                    help="another origin (scheme://host[:port]) whose pages may open the WebSocket, "
                         "besides the server's own; repeatable")
+    p.add_argument("--trusted-proxy", action="append", default=None, metavar="CIDR",
+                   help="a proxy (address or CIDR block) whose connections say who the client is: "
+                        "a PROXY protocol header (v1 or v2) on the native and IRC ports, forwarded "
+                        "headers at the web door; repeatable; none by default")
+    p.add_argument("--forwarded-header", choices=["x-forwarded-for", "forwarded"],
+                   default=d.forwarded_header,
+                   help="the header a trusted proxy names the client in at the web door "
+                        "(X-Forwarded-For with -Proto and -Host, or RFC 7239 Forwarded)")
     p.add_argument("--log-level", default=d.log_level,
                    choices=["debug", "info", "warning", "error", "critical"], help="logging threshold")
     return p
@@ -445,6 +455,7 @@ def parse_args(argv: Optional[List[str]] = None) -> ServerConfig:
     values = vars(parser.parse_args(argv))
     given = frozenset(name for name in DERIVED_OPTIONS if name in values)
     values["web_origin"] = tuple(values.get("web_origin") or ())
+    values["trusted_proxy"] = tuple(values.get("trusted_proxy") or ())
     config = ServerConfig(**values)  # options not given take the dataclass defaults
     if (config.tls_cert is None) != (config.tls_key is None):
         parser.error("--tls-cert and --tls-key go together")
@@ -461,6 +472,14 @@ def parse_args(argv: Optional[List[str]] = None) -> ServerConfig:
             if parse_origin(origin) is None:
                 parser.error(f"--web-origin {origin[:70]!r} must be scheme://host[:port] "
                              "(http or https, nothing after the port)")
+    from selchat.loop.proxyproto import parse_network
+
+    for network in config.trusted_proxy:
+        try:
+            parse_network(network)
+        except ValueError:
+            parser.error(f"--trusted-proxy {network[:70]!r} must be an address or a CIDR block "
+                         "(192.0.2.10, 10.0.0.0/8, fd00::/8)")
     try:
         config = derive_limits(config, given)
     except OptionConflict as conflict:

@@ -38,10 +38,12 @@ from selchat.doors.web import static as web_static
 from selchat.doors.web.http import Site
 from selchat.doors.web.session import WebDoor
 from selchat.hub import Hub
-from selchat.loop.listener import Admission, Listener, bind
+from selchat.loop import ratelog
+from selchat.loop.listener import Admission, Listener, ProxyGate, bind
+from selchat.loop.proxyproto import TrustedProxies, normal_ip
 from selchat.loop.pacing import Pacer
 from selchat.loop.reactor import Reactor
-from selchat.loop.transport import State, TLSTransport, Transport, Writer
+from selchat.loop.transport import State, TLSTransport, Transport, Writer, kind_of
 from selchat.password import read_password_file
 
 REFUSING_MAX = 256  # connections beyond --max-clients that may be in the middle of a refusal
@@ -95,9 +97,14 @@ class Server:
                 config.ping_timeout, password,
             )
         self.irc_address: tuple = ()
+        # Proxies whose connections may say who the client is (a PROXY header on the native
+        # and IRC ports, forwarded headers at the web door).
+        self.trusted = TrustedProxies(config.trusted_proxy)
+        self.gates: Dict[int, ProxyGate] = {}  # connections from them, until their header
         self.web: Optional[WebDoor] = None
         if config.web_port is not None:
-            site = Site(web_static.load(), tls is not None, config.web_origin)
+            site = Site(web_static.load(), tls is not None, config.web_origin, self.trusted,
+                        config.forwarded_header)
             self.web = WebDoor(
                 self.hub, self.reactor, config.max_frame, config.max_text, config.rate, config.burst,
                 config.handshake_timeout, config.ping_interval, config.ping_timeout, password,
@@ -167,13 +174,44 @@ class Server:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:
             pass
-        if len(self.transports) >= self.config.max_clients + REFUSING_MAX:
+        if len(self.transports) + len(self.gates) >= self.config.max_clients + REFUSING_MAX:
             # Even refusals are bounded: past this, a new connection is closed without a word.
             sock.close()
             return
-        ip = str(addr[0]) if isinstance(addr, tuple) else str(addr)
-        peer = f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else str(addr)
+        ip = normal_ip(str(addr[0])) if isinstance(addr, tuple) else str(addr)
+        peer = f"{ip}:{addr[1]}" if isinstance(addr, tuple) else str(addr)
+        if self.trusted and self.trusted.trusted(ip):
+            if door is self.web:
+                self._open(door, sock, ip, peer, since, via=True)
+                return
+            # The PROXY header comes before anything else, TLS included: read it first.
+            fd = sock.fileno()
+
+            def passed(s: socket.socket, source: Optional[tuple], initial: bytes) -> None:
+                self.gates.pop(fd, None)
+                if source is not None:
+                    self._open(door, s, source[0], f"{source[0]}:{source[1]}", since, initial=initial)
+                else:
+                    self._open(door, s, ip, peer, since, initial=initial)
+
+            def failed(s: socket.socket, why: str) -> None:
+                self.gates.pop(fd, None)
+                ratelog.shared(log).log(logging.INFO, ("proxy header", kind_of(why)),
+                                        "closing %s (a trusted proxy): %s", peer, why)
+                s.close()
+
+            self.gates[fd] = ProxyGate(self.reactor, sock, self.config.handshake_timeout, passed, failed)
+            return
+        self._open(door, sock, ip, peer, since)
+
+    def _open(self, door: Any, sock: socket.socket, ip: str, peer: str, since: Optional[float],
+              via: bool = False, initial: bytes = b"") -> None:
+        """A transport and a session for a connection whose client is `ip` (with `via`, a
+        trusted proxy's web connection: each request names its client)."""
         cfg = self.config
+        if initial and self.tls is not None:
+            sock.close()  # (bytes taken as a PROXY header's start cannot go back under TLS)
+            return
         kind = Transport
         if self.tls is not None:
             try:
@@ -185,7 +223,9 @@ class Server:
             kind = TLSTransport
         transport = kind(self.reactor, self.writer, sock, peer, ip, cfg.max_outbuf,
                          cfg.high_water, cfg.low_water, cfg.shutdown_grace, since)
-        reject = self.admission.admit(ip)
+        reject = self.admission.admit(None if via else ip)
+        if via and reject is None:
+            transport.via = Via(self.admission, transport)
         transport.on_closed = self._forget if reject is not None else self._release
         self.transports[transport.fd] = transport
         self.accepted += 1
@@ -194,13 +234,19 @@ class Server:
         else:
             log.debug("connected: %s", peer)
         transport.start(door.session(reject))
+        if initial and transport.session is not None:
+            try:
+                transport.session.data_received(initial)
+            except Exception:
+                transport._internal_error()
 
     def _forget(self, transport: Transport) -> None:
         self.transports.pop(transport.fd, None)
 
     def _release(self, transport: Transport) -> None:
         self.transports.pop(transport.fd, None)
-        self.admission.release(transport.ip)
+        via = transport.via
+        self.admission.release(via.claimed if via is not None else transport.ip)
 
     # --- running and stopping -----------------------------------------------------------------
 
@@ -220,6 +266,9 @@ class Server:
         self._stop_deadline = reactor.now + self.config.shutdown_grace
         for listener in self.listeners:
             listener.close()
+        for gate in list(self.gates.values()):
+            gate.close()
+        self.gates.clear()
         for transport in list(self.transports.values()):
             if transport.state is not State.CLOSED and transport.session is not None:
                 transport.session.shutdown(self._stop_deadline)
@@ -235,6 +284,38 @@ class Server:
             log.error("history write failed at shutdown: %s", exc)
         self.reactor.close()
         log.info("stopped")
+
+
+class Via:
+    """A web connection from a trusted proxy: the client is whoever its requests name.
+
+    Counted in all when accepted; against its client's address from the first request (and
+    against another's, should a later request on the same connection name another). The
+    transport's `ip` and `peer` become the client's, so every rule keyed by address and every
+    log line name the person, not the proxy.
+    """
+
+    __slots__ = ("admission", "transport", "ip", "claimed")
+
+    def __init__(self, admission: Admission, transport: Transport) -> None:
+        self.admission = admission
+        self.transport = transport
+        self.ip = transport.ip  # the proxy's own address
+        self.claimed: Optional[str] = None
+
+    def claim(self, ip: str, port: Optional[int]) -> Optional[str]:
+        transport = self.transport
+        transport.peer = f"{ip}:{port}" if port else f"{ip} (via {self.ip})"
+        if ip == self.claimed:
+            return None
+        if self.claimed is not None:
+            self.admission.unclaim(self.claimed)
+            self.claimed = None
+        transport.ip = ip
+        refused = self.admission.claim(ip)
+        if refused is None:
+            self.claimed = ip
+        return refused
 
 
 class ListenError(OSError):

@@ -1,6 +1,8 @@
 """Listening sockets: accept without starving anyone, pause when out of file descriptors.
 
-Also the admission count shared by every door: connections in all and per address.
+Also the admission count shared by every door: connections in all and per address; and the
+gate a connection from a trusted proxy passes first, where its PROXY protocol header (if it
+sends one) is read to learn the client's own address.
 
 Whatever repeats at the rate of connection attempts (failed accepts, refusals) is logged once
 per period with a count (`selchat.loop.ratelog`): an attacker must not be able to fill the log.
@@ -15,8 +17,9 @@ import socket
 from typing import Any, Callable, Dict, Optional, Tuple
 
 from selchat.defaults import ACCEPT_PAUSE, ACCEPT_PER_PASS, LISTEN_BACKLOG
-from selchat.loop import ratelog
+from selchat.loop import proxyproto, ratelog
 from selchat.loop.reactor import Reactor
+from selchat.loop.timers import Timer
 
 log = logging.getLogger("selchat.server")
 
@@ -133,8 +136,112 @@ class Listener:
         self.sock.close()
 
 
+class ProxyGate:
+    """A new connection from a trusted proxy, until its PROXY header has been read.
+
+    The header is taken off the socket and nothing more: the bytes are looked at with
+    MSG_PEEK, and only those known to be header are read (all of a header's start, which
+    cannot hold a client's byte, or exactly the header once it is whole), so that what the
+    client sent behind it, TLS included, is still in the kernel for the transport to read.
+    A connection that sends something else first has no header (a trusted address may also
+    connect directly); a start read then is handed on as `initial` bytes (only a plain
+    stream can start that way: a TLS ClientHello never begins like a header).
+
+    `done(sock, source, initial)` gets the client's address (None: the connection's own);
+    `failed(sock, why)` a connection that broke the header, closed, or took too long.
+    """
+
+    __slots__ = ("reactor", "sock", "done", "failed", "buffer", "timer", "finished")
+
+    def __init__(self, reactor: Reactor, sock: socket.socket, timeout: float,
+                 done: Callable[[socket.socket, Optional[Tuple[str, int]], bytes], None],
+                 failed: Callable[[socket.socket, str], None]) -> None:
+        self.reactor = reactor
+        self.sock = sock
+        self.done = done
+        self.failed = failed
+        self.buffer = b""
+        self.finished = False
+        self.timer: Optional[Timer] = reactor.call_later(timeout, self._too_late)
+        reactor.register(sock, selectors.EVENT_READ, self._on_ready)
+
+    def _on_ready(self, mask: int) -> None:
+        sock = self.sock
+        try:
+            peeked = sock.recv(proxyproto.HEADER_MAX - len(self.buffer), socket.MSG_PEEK)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._fail(f"read failed: {exc.strerror or exc}")
+            return
+        if not peeked:
+            self._fail("closed before its PROXY header")
+            return
+        data = self.buffer + peeked
+        try:
+            result = proxyproto.parse(data)
+        except proxyproto.ProxyError as exc:
+            self._fail(str(exc))
+            return
+        try:
+            if result is proxyproto.NEED_MORE:
+                if len(data) >= proxyproto.HEADER_MAX:
+                    self._fail("PROXY header too long")
+                    return
+                self.buffer += sock.recv(len(peeked))  # all of it is the header's start
+                return
+            if result is proxyproto.NOT_PROXY:
+                self._finish(None, self.buffer)
+                return
+            assert isinstance(result, proxyproto.ProxyHeader)
+            rest = result.length - len(self.buffer)
+            taken = sock.recv(rest) if rest > 0 else b""
+        except OSError as exc:
+            self._fail(f"read failed: {exc.strerror or exc}")
+            return
+        if len(taken) != rest:  # (the kernel had them a moment ago)
+            self._fail("PROXY header cut short")
+            return
+        self._finish(result.source, b"")
+
+    def _stop(self) -> None:
+        self.finished = True
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        try:
+            self.reactor.unregister(self.sock)
+        except (KeyError, ValueError):
+            pass
+
+    def _finish(self, source: Optional[Tuple[str, int]], initial: bytes) -> None:
+        self._stop()
+        self.done(self.sock, source, initial)
+
+    def _fail(self, why: str) -> None:
+        self._stop()
+        self.failed(self.sock, why)
+
+    def _too_late(self, _: Any = None) -> None:
+        self.timer = None
+        if not self.finished:
+            self._fail("no PROXY header in time")
+
+    def close(self) -> None:
+        """The server stops: the connection goes without a word."""
+        if not self.finished:
+            self._stop()
+            self.sock.close()
+
+
 class Admission:
-    """Counts connections against --max-clients and --max-per-ip, for every door at once."""
+    """Counts connections against --max-clients and --max-per-ip, for every door at once.
+
+    A connection through a trusted proxy whose client is not known yet (the web door learns
+    it from each request's forwarded headers) is counted in all at once (`admit(None)`) and
+    against its client's address once that is known (`claim`, and `unclaim` when a later
+    request names another).
+    """
 
     __slots__ = ("max_clients", "max_per_ip", "count", "per_ip")
 
@@ -149,20 +256,34 @@ class Admission:
         ratelog.shared(log).log(logging.WARNING, ("refusing", reason), "refusing %s: %s",
                                 peer, reason)
 
-    def admit(self, ip: str) -> Optional[str]:
+    def admit(self, ip: Optional[str]) -> Optional[str]:
         """None and the connection is counted, or the reason it is refused."""
         if self.count >= self.max_clients:
             return "server_full"
+        if ip is not None:
+            refused = self.claim(ip)
+            if refused is not None:
+                return refused
+        self.count += 1
+        return None
+
+    def claim(self, ip: str) -> Optional[str]:
+        """Count a connection admitted already against its client's address `ip` (None), or
+        the reason it is refused (not counted)."""
         if self.max_per_ip and self.per_ip.get(ip, 0) >= self.max_per_ip:
             return "too_many_connections"
-        self.count += 1
         self.per_ip[ip] = self.per_ip.get(ip, 0) + 1
         return None
 
-    def release(self, ip: str) -> None:
-        self.count -= 1
+    def unclaim(self, ip: str) -> None:
         left = self.per_ip[ip] - 1
         if left:
             self.per_ip[ip] = left
         else:
             del self.per_ip[ip]
+
+    def release(self, ip: Optional[str]) -> None:
+        """A counted connection is gone (`ip`: the address it was claimed for, if any)."""
+        self.count -= 1
+        if ip is not None:
+            self.unclaim(ip)

@@ -132,7 +132,7 @@ class Transport:
         "reactor", "writer", "sock", "fd", "ip", "peer", "session", "state", "out", "mask",
         "accepting", "throttled", "paused", "eof", "dirty", "max_outbuf", "high_water", "low_water",
         "close_detail", "linger_until", "_linger_timer", "on_closed", "grace", "noted",
-        "unread_since", "watched_since", "arrived_after", "read_at", "__weakref__",
+        "unread_since", "watched_since", "arrived_after", "read_at", "via", "__weakref__",
     )
 
     plain = True  # a gather write (sendmsg) may be used
@@ -178,6 +178,9 @@ class Transport:
         self.linger_until = 0.0
         self._linger_timer: Optional[Timer] = None
         self.on_closed: Optional[Callable[["Transport"], None]] = None
+        # A connection from a trusted proxy whose client is named by each request (the web
+        # door's forwarded headers): its owner's object that re-keys `ip` and `peer` (`claim`).
+        self.via: Any = None
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.peer} {self.state.value}>"

@@ -16,15 +16,25 @@ Each call to `step()` returns a `Step`: bytes to send, and what happens next:
 Limits, each with its own status: a request line over `MAX_REQUEST_LINE` bytes is 414, header
 fields over `MAX_HEADER_BYTES` 431, a body over `MAX_BODY` 413, a method other than GET/HEAD
 405, an unknown path 404, and anything h11 cannot parse 400.
+
+Behind a proxy (`--trusted-proxy`), a connection from a trusted address carries, with each
+request, where its client really is: `X-Forwarded-For` / `X-Forwarded-Proto` /
+`X-Forwarded-Host`, or RFC 7239's `Forwarded` (`--forwarded-header` says which one the proxy
+sets; the other is ignored, as a client could send it through). The client is the right-most
+address not itself a trusted proxy, so whatever a client writes into the header itself (to
+its left) is never taken. Its scheme and host are what the Origin check and the CSP compare
+with, so a page served over https by a TLS-terminating proxy may open the WebSocket.
 """
+
 
 from __future__ import annotations
 
 import base64
 import binascii
 import enum
+import ipaddress
 import re
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 from urllib.parse import urlsplit
 
 import h11
@@ -32,6 +42,7 @@ from wsproto.utilities import generate_accept_token
 
 from selchat import SERVER_NAME
 from selchat.doors.web.static import StaticFile
+from selchat.loop.proxyproto import TrustedProxies, normal_ip
 
 MAX_REQUEST_LINE = 8192  # bytes of "GET /path HTTP/1.1"
 MAX_HEADER_BYTES = 16384  # bytes of all header fields together
@@ -71,15 +82,24 @@ def _default_port(scheme: str) -> int:
     return 443 if scheme == "https" else 80
 
 
-class Site:
-    """What every connection of the web door shares: the files, the scheme, the origins allowed."""
+FORWARDED_HEADERS = ("x-forwarded-for", "forwarded")  # --forwarded-header's choices
 
-    __slots__ = ("files", "scheme", "origins", "server")
+
+class Site:
+    """What every connection of the web door shares: the files, the scheme, the origins allowed,
+    and the proxies trusted to say who the client is (and which header they say it in)."""
+
+    __slots__ = ("files", "scheme", "origins", "server", "trusted", "forwarded_header")
 
     def __init__(self, files: Dict[bytes, StaticFile], tls: bool = False,
-                 extra_origins: Sequence[str] = ()) -> None:
+                 extra_origins: Sequence[str] = (), trusted: Optional[TrustedProxies] = None,
+                 forwarded_header: str = "x-forwarded-for") -> None:
         self.files = files
         self.scheme = "https" if tls else "http"
+        self.trusted = trusted if trusted is not None else TrustedProxies()
+        if forwarded_header not in FORWARDED_HEADERS:
+            raise ValueError(f"not a forwarded header: {forwarded_header!r}")
+        self.forwarded_header = forwarded_header
         origins = []
         for text in extra_origins:
             origin = parse_origin(text)
@@ -89,13 +109,15 @@ class Site:
         self.origins = frozenset(origins)
         self.server = SERVER_NAME.encode("ascii", "replace")
 
-    def own_origin(self, host: Optional[str]) -> Optional[Origin]:
-        """The origin a page served under this Host header has (our scheme, that host)."""
+    def own_origin(self, host: Optional[str], scheme: Optional[str] = None) -> Optional[Origin]:
+        """The origin a page served under this Host header has (our scheme, or the one a
+        trusted proxy says the client used; that host)."""
         if not host:
             return None
-        return parse_origin(f"{self.scheme}://{host}")
+        return parse_origin(f"{scheme or self.scheme}://{host}")
 
-    def origin_allowed(self, origin: Optional[str], host: Optional[str]) -> bool:
+    def origin_allowed(self, origin: Optional[str], host: Optional[str],
+                       scheme: Optional[str] = None) -> bool:
         """Docs/web.md, "Origin": the server's own origin or one given with --web-origin.
 
         A request without `Origin` comes from a program, not a page (every browser sends one
@@ -106,15 +128,15 @@ class Site:
         parsed = parse_origin(origin)
         if parsed is None:  # "null" (a sandboxed frame, a file: page) or junk
             return False
-        return parsed == self.own_origin(host) or parsed in self.origins
+        return parsed == self.own_origin(host, scheme) or parsed in self.origins
 
-    def csp(self, host: Optional[str]) -> bytes:
+    def csp(self, host: Optional[str], scheme: Optional[str] = None) -> bytes:
         """No inline script, nothing from another origin, never framed.
 
         `connect-src` names the WebSocket URL of this very host: browsers that do not count
         ws:/wss: as 'self' still let the page reach its own server, and nothing else.
         """
-        ws = "wss" if self.scheme == "https" else "ws"
+        ws = "wss" if (scheme or self.scheme) == "https" else "ws"
         connect = f"'self' {ws}://{host}" if host else "'self'"
         return (f"default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'; "
                 f"connect-src {connect}; object-src 'none'; base-uri 'none'; form-action 'self'; "
@@ -147,11 +169,16 @@ _NEED_DATA = Step(Next.NEED_DATA)
 
 
 class HttpConnection:
-    """One HTTP/1.1 connection, from its first byte to its upgrade or close."""
+    """One HTTP/1.1 connection, from its first byte to its upgrade or close.
 
-    __slots__ = ("site", "conn", "refusal", "_pending", "_body", "_host")
+    `via` is set for a connection from a trusted proxy: an object with the proxy's address
+    (`ip`) and `claim(ip, port)`, which makes the client each request names the connection's
+    (for the per-address limits and the log) and returns the reason it is refused, if it is.
+    """
 
-    def __init__(self, site: Site, refusal: Optional[str] = None) -> None:
+    __slots__ = ("site", "conn", "refusal", "_pending", "_body", "_host", "_scheme", "via")
+
+    def __init__(self, site: Site, refusal: Optional[str] = None, via: Any = None) -> None:
         self.site = site
         # h11's own bound is on an incomplete request head; which of our limits it was is
         # sorted out in `_too_long`.
@@ -160,6 +187,8 @@ class HttpConnection:
         self._pending: Optional[h11.Request] = None  # a request whose body is still arriving
         self._body = 0
         self._host: Optional[str] = None
+        self._scheme: Optional[str] = None  # the client's scheme as a trusted proxy says it
+        self.via = via
 
     def receive(self, data: bytes) -> None:
         """Bytes from the peer; b"" is its end of stream."""
@@ -220,6 +249,9 @@ class HttpConnection:
             self._host = text
         else:
             self._host = None
+        self._scheme = None
+        if self.via is not None:
+            self._forwarded(request)
         length = _header(request, b"content-length")
         if length is not None and int(length) > MAX_BODY:  # h11 has checked it is a number
             return self._error(413, f"request body of {int(length)} bytes (at most {MAX_BODY})")
@@ -229,6 +261,19 @@ class HttpConnection:
         if path != WS_PATH and path not in self.site.files:
             return self._error(404, "no such file")
         return None
+
+    def _forwarded(self, request: h11.Request) -> None:
+        """From a trusted proxy: the client this request is for, its scheme and host."""
+        via = self.via
+        client = forwarded_client(request.headers, self.site.trusted, self.site.forwarded_header)
+        if client.proto is not None:
+            self._scheme = client.proto
+        if client.host is not None and _HOST.fullmatch(client.host):
+            self._host = client.host
+        ip, port = (client.ip, client.port) if client.ip is not None else (via.ip, None)
+        refused = via.claim(ip, port)
+        if refused is not None and self.refusal is None:
+            self.refusal = refused
 
     def _answer(self, request: h11.Request) -> Step:
         path = request.target.split(b"?", 1)[0]
@@ -260,7 +305,7 @@ class HttpConnection:
             return self._error(400, "missing or malformed Sec-WebSocket-Key")
         origin = _header(request, b"origin")
         origin_text = origin.decode("latin-1") if origin is not None else None
-        if not self.site.origin_allowed(origin_text, self._host):
+        if not self.site.origin_allowed(origin_text, self._host, self._scheme):
             return self._error(403, f"origin {origin_text!r} not allowed")
         headers = [
             (b"upgrade", b"websocket"),
@@ -279,7 +324,7 @@ class HttpConnection:
         return [
             (b"content-type", content_type),
             (b"content-length", str(length).encode("ascii")),
-            (b"content-security-policy", self.site.csp(self._host)),
+            (b"content-security-policy", self.site.csp(self._host, self._scheme)),
             (b"x-content-type-options", b"nosniff"),
             (b"x-frame-options", b"DENY"),
             (b"referrer-policy", b"no-referrer"),
@@ -337,3 +382,164 @@ def _valid_key(key: bytes) -> bool:
         return len(base64.b64decode(key, validate=True)) == 16
     except (binascii.Error, ValueError):
         return False
+
+
+# --- forwarded headers ---------------------------------------------------------------------
+
+
+class ForwardedClient:
+    """What a trusted proxy's headers say of a request's client (None: they do not say)."""
+
+    __slots__ = ("ip", "port", "proto", "host")
+
+    def __init__(self, ip: Optional[str] = None, port: Optional[int] = None,
+                 proto: Optional[str] = None, host: Optional[str] = None) -> None:
+        self.ip = ip
+        self.port = port
+        self.proto = proto
+        self.host = host
+
+    def __repr__(self) -> str:
+        return f"ForwardedClient({self.ip!r}, {self.port!r}, {self.proto!r}, {self.host!r})"
+
+
+def forwarded_client(headers: Sequence[Tuple[bytes, bytes]], trusted: TrustedProxies,
+                     which: str = "x-forwarded-for") -> ForwardedClient:
+    """The client a request from a trusted proxy is for, from the header `which` names.
+
+    Each proxy on the way appends the address it got the request from, so the list reads
+    client, proxy, proxy...; only the entries appended by proxies we trust can be believed.
+    Walking from the right, trusted proxies are skipped and the first other entry is the
+    client (all trusted: the left-most). An entry that is not an address (`unknown`, an
+    obfuscated name, junk) ends the walk without a client: the proxy's own address is used.
+    """
+    if which == "forwarded":
+        elements = parse_forwarded(_joined(headers, b"forwarded"))
+        nodes = [element.get("for", "") for element in elements]
+        index = _client_index(nodes, trusted)
+        if index is None:
+            return ForwardedClient()
+        chosen = elements[index] if index >= 0 else {}
+        ip, port = _node(nodes[index]) if index >= 0 else (None, None)
+        proto = chosen.get("proto") or _last_with(elements, "proto")
+        host = chosen.get("host") or _last_with(elements, "host")
+        return ForwardedClient(ip, port, _scheme(proto), host)
+    nodes = [part.strip() for part in _joined(headers, b"x-forwarded-for").split(",") if part.strip()]
+    index = _client_index(nodes, trusted)
+    ip, port = _node(nodes[index]) if index is not None and index >= 0 else (None, None)
+    proto = _last_value(headers, b"x-forwarded-proto")
+    host = _last_value(headers, b"x-forwarded-host")
+    return ForwardedClient(ip, port, _scheme(proto), host)
+
+
+def _client_index(nodes: List[str], trusted: TrustedProxies) -> Optional[int]:
+    """Index of the client in `nodes` (right-most untrusted); -1 for none given; None when
+    the walk meets something that is not an address."""
+    if not nodes:
+        return -1
+    for index in range(len(nodes) - 1, -1, -1):
+        ip, _ = _node(nodes[index])
+        if ip is None:
+            return None
+        if not trusted.trusted(ip):
+            return index
+    return 0
+
+
+def _node(text: str) -> Tuple[Optional[str], Optional[int]]:
+    """An address with an optional port, as proxies write them (`1.2.3.4`, `1.2.3.4:80`,
+    `2001:db8::1`, `[2001:db8::1]:80`); (None, None) for anything else."""
+    text = text.strip()
+    port_text = ""
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0:
+            return None, None
+        address, rest = text[1:end], text[end + 1:]
+        if rest:
+            if not rest.startswith(":"):
+                return None, None
+            port_text = rest[1:]
+    elif text.count(":") == 1:
+        address, port_text = text.split(":")
+    else:
+        address = text
+    try:
+        ipaddress.ip_address(address)
+    except ValueError:
+        return None, None
+    port = int(port_text) if port_text.isdigit() and port_text.isascii() and len(port_text) <= 5 \
+        and int(port_text) <= 65535 else None
+    return normal_ip(address), port
+
+
+def _scheme(proto: Optional[str]) -> Optional[str]:
+    if proto is None:
+        return None
+    proto = proto.strip().lower()
+    return proto if proto in ("http", "https") else None
+
+
+def _joined(headers: Sequence[Tuple[bytes, bytes]], name: bytes) -> str:
+    return ", ".join(value.decode("latin-1") for key, value in headers if key == name)
+
+
+def _last_value(headers: Sequence[Tuple[bytes, bytes]], name: bytes) -> Optional[str]:
+    """The right-most value of a comma-separated header (what the nearest proxy set)."""
+    parts = [part.strip() for part in _joined(headers, name).split(",") if part.strip()]
+    return parts[-1] if parts else None
+
+
+def _last_with(elements: List[Dict[str, str]], key: str) -> Optional[str]:
+    for element in reversed(elements):
+        if key in element:
+            return element[key]
+    return None
+
+
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+
+
+def parse_forwarded(text: str) -> List[Dict[str, str]]:
+    """RFC 7239's `Forwarded` as a list of elements, each {parameter (lower case): value}.
+
+    Commas and semicolons inside quoted strings are kept; a pair that is not `token=value`
+    is skipped rather than failing the whole header (the walk then finds no `for` there and
+    stops, if it gets that far).
+    """
+    elements: List[Dict[str, str]] = []
+    element: Dict[str, str] = {}
+    pair: List[str] = []
+    quoted = False
+    escaped = False
+    for ch in text + ",":
+        if quoted:
+            if escaped:
+                pair.append(ch)
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                quoted = False
+            else:
+                pair.append(ch)
+            continue
+        if ch == '"':
+            quoted = True
+        elif ch in ";,":
+            _add_pair(element, "".join(pair))
+            pair = []
+            if ch == ",":
+                if element:
+                    elements.append(element)
+                element = {}
+        else:
+            pair.append(ch)
+    return elements
+
+
+def _add_pair(element: Dict[str, str], text: str) -> None:
+    name, sep, value = text.strip().partition("=")
+    name = name.strip().lower()
+    if sep and _TOKEN.fullmatch(name) and name not in element:
+        element[name] = value.strip()

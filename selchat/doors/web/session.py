@@ -137,6 +137,8 @@ class WebSession(JsonSession):
 
     def connection_made(self, transport: Transport) -> None:
         self.transport = transport
+        if self.http is not None:
+            self.http.via = transport.via  # from a trusted proxy: each request names its client
         self._start_handshake_timer()  # the page, the upgrade and hello: all before it fires
 
     def data_received(self, data: bytes) -> None:
@@ -213,6 +215,8 @@ class WebSession(JsonSession):
             if kind is Next.CLOSE:
                 transport.close(step.detail or "http done")
                 return
+            if self.reject is None:
+                self.reject = http.refusal  # (a proxied client's address, refused at its request)
             self._upgraded(step.trailing)
             return
 
