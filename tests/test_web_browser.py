@@ -6,7 +6,8 @@ an IRC client on a raw socket and the terminal client in script mode. What is as
 what a person sees: lines, names, badges, the title, focus, the connection state.
 
 Screenshots of a realistic session go to a temporary folder; with SELCHAT_SCREENSHOTS=1 they
-are written to docs/web-desktop.png and docs/web-phone.png instead.
+are written to docs/web-desktop.png, docs/web-phone.png, docs/web-login.png and
+docs/web-settings.png instead.
 """
 
 from __future__ import annotations
@@ -390,10 +391,19 @@ def test_screenshots_and_phone_layout(start_server, pages, tmp_path) -> None:
     (phone,) = pages(url, 1, viewport={"width": 390, "height": 844}, is_mobile=True, has_touch=True,
                      device_scale_factor=2)
     desk.open().login("alice")
-    phone.open().login("bob")
+    phone.open()
+    phone.page.locator("#tab-register").click()
+    phone.page.locator("#login-nick").fill("bob")
+    phone.page.locator("#login-secret").fill("a long password")
+    phone.page.screenshot(path=str(out / "web-login.png"))
+    phone.page.locator("#tab-guest").click()
+    expect(phone.page.locator("#login-secret-row")).to_be_hidden()
+    phone.page.locator("#login-nick").press("Enter")
+    expect(phone.conn).to_have_attribute("data-state", "online")
     irc = IrcPeer(irc_port(srv), "dave")
     try:
         desk.join("#selchat")
+        desk.type("/topic Release 1.2 on Friday: notes at https://example.com/selchat/1.2")
         phone.join("#selchat")
         irc.join("#selchat")
         desk.type("nice, trying it now")

@@ -1774,6 +1774,7 @@
 
   function openRegister() {
     if (S.account || !S.registered) return;
+    closeDrawers();
     ui.registerNick.textContent = S.nick;
     ui.registerPassword.value = "";
     ui.registerError.textContent = "";
@@ -1822,6 +1823,7 @@
     ui.nickLabel.textContent = mode === "login" ? "Account" : "Nickname";
     ui.secretLabel.textContent = mode === "register" ? "Password (8 characters or more)" : "Password";
     ui.secret.autocomplete = mode === "register" ? "new-password" : "current-password";
+    ui.nickInput.autocomplete = mode === "guest" ? "off" : "username";
     ui.loginButton.textContent = { guest: "Join the chat", login: "Log in", register: "Register and join" }[mode];
     showLoginError("");
   }
