@@ -52,15 +52,15 @@ class Pane:
 
     def keys(self, *keys: str) -> None:
         """tmux key names: Enter, M-2, M-Left, PageUp, C-c."""
-        self.tmux("send-keys", "-t", self.name, *keys)
+        self.tmux("send-keys", "-t", self.name + ":", *keys)
 
     def type(self, text: str, enter: bool = True) -> None:
-        self.tmux("send-keys", "-t", self.name, "-l", text)
+        self.tmux("send-keys", "-t", self.name + ":", "-l", text)
         if enter:
             self.keys("Enter")
 
     def screen(self, escapes: bool = False) -> str:
-        return self.tmux("capture-pane", "-p", "-J", *(["-e"] if escapes else []), "-t", self.name)
+        return self.tmux("capture-pane", "-p", "-J", *(["-e"] if escapes else []), "-t", self.name + ":")
 
     def wait(self, check: Callable[[str], bool], what: str, timeout: float = WAIT, escapes: bool = False) -> str:
         deadline = time.monotonic() + timeout

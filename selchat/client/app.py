@@ -838,7 +838,7 @@ class Interactive:
                 if self.args.password_file is not None:
                     raise _Stop(f"on reconnecting, {_refusal(nick, refused, self.args.password_file)}")
                 self._note(_refusal(nick, refused))
-                password = await self.screen.ask_secret("server password: ")
+                password = await self._secret("server password: ")
                 if not password:
                     return None
                 self.session.password = password
@@ -848,7 +848,7 @@ class Interactive:
             if code in ("login_failed", "login_throttled") and self.session.login is not None:
                 if self.args.account_password_file is not None:
                     raise _Stop(f"on reconnecting, login as {self.session.login['account']} refused: {code}")
-                password = await self.screen.ask_secret(f"password for account {self.session.login['account']}: ")
+                password = await self._secret(f"password for account {self.session.login['account']}: ")
                 if not password:
                     return None
                 self.session.login = dict(self.session.login, password=password)
@@ -857,6 +857,13 @@ class Interactive:
                 continue
             # Usually our old connection still holds the nick until the server notices it is dead.
             why = f"nick {escape(nick)} not free yet"
+
+    async def _secret(self, prompt: str) -> Optional[str]:
+        """One question on the screen's password line (the reconnecting task asks this way)."""
+        try:
+            return await self.screen.ask_secret(prompt)
+        finally:
+            self.screen.end_secret()
 
     def _exit(self) -> None:
         if self.screen.app.is_running:
@@ -872,22 +879,31 @@ class Interactive:
 
     async def _consume_lines(self) -> None:
         """One typed line at a time, in order (pacing may hold one back)."""
+        from selchat.client.screen import asks_secret
+
         while True:
             line = await self._lines.get()
             try:
-                await self._do(self.session.parse_line(line))
+                await self._do(self.session.parse_line(line), masked=asks_secret(line))
             except Exception:  # a bug of ours must not end the input
                 log.exception("handling a line failed")
             self.screen.windows.follow(self.session.focus)
             self.screen.invalidate()
 
-    async def _do(self, action: Action) -> None:
-        while isinstance(action, Ask):
-            secret = await self.screen.ask_secret(action.prompt)
-            if secret is None:
-                self._note("cancelled: nothing sent")
-                return
-            action = action.then(secret)
+    async def _do(self, action: Action, masked: bool = False) -> None:
+        """Do what a line asks. `masked`: the screen turned the input line into a password
+        field as the line was entered (it will ask); it goes back to a chat line here."""
+        try:
+            while isinstance(action, Ask):
+                secret = await self.screen.ask_secret(action.prompt)
+                if secret is None:
+                    self._note("cancelled: nothing sent")
+                    return
+                action = action.then(secret)
+                masked = True
+        finally:
+            if masked:
+                self.screen.end_secret()
         if isinstance(action, Local):
             self.screen.show(action.items)
         elif isinstance(action, Ui):

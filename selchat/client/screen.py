@@ -22,6 +22,7 @@ from typing import Callable, List, Optional
 from prompt_toolkit.application import Application
 from prompt_toolkit.buffer import Buffer
 from prompt_toolkit.data_structures import Point
+from prompt_toolkit.document import Document
 from prompt_toolkit.filters import Condition
 from prompt_toolkit.formatted_text import StyleAndTextTuples
 from prompt_toolkit.key_binding import KeyBindings, KeyPressEvent
@@ -35,7 +36,7 @@ from selchat.client.render import Fragments, escape, nick_colour, render
 from selchat.client.session import ClientSession, Item
 from selchat.client.windows import LEVEL_EVENT, LEVEL_MENTION, Windows
 
-__all__ = ["Screen", "wrap"]
+__all__ = ["Screen", "wrap", "asks_secret"]
 
 STYLE = Style.from_dict(
     {
@@ -126,8 +127,9 @@ class Screen:
         self._localtime = localtime
         self._on_line = on_line
         self._on_interrupt = on_interrupt
-        self._secret: Optional["asyncio.Future[Optional[str]]"] = None
+        self._secret: "Optional[asyncio.Queue[Optional[str]]]" = None  # answers, while asking
         self._secret_prompt = ""
+        self._saved = Document()
         self.buffer = Buffer(multiline=False)
         self.scrollback = _Scrollback(self)
         secret = Condition(lambda: self._secret is not None)
@@ -256,19 +258,23 @@ class Screen:
         self.invalidate()
 
     async def ask_secret(self, prompt: str) -> Optional[str]:
-        """Turn the input line into a password field until Enter (the text) or Ctrl-C (None)."""
-        while self._secret is not None:  # one question at a time
-            await asyncio.wait({self._secret})
-        future: "asyncio.Future[Optional[str]]" = asyncio.get_running_loop().create_future()
-        self._secret, self._secret_prompt = future, prompt
-        saved = self.buffer.document
-        self.buffer.reset()
+        """Turn the input line into a password field and wait for Enter (the text) or Ctrl-C
+        (None). The field stays a password field until `end_secret`, so that an answer typed
+        ahead of the next question (`the same password again:`) is never taken for a chat
+        line; answers are queued in the order typed."""
+        self._secret_prompt = prompt
+        if self._secret is None:
+            self._secret = asyncio.Queue()
+            self._saved = self.buffer.document
+            self.buffer.reset()
         self.invalidate()
-        try:
-            return await future
-        finally:
+        return await self._secret.get()
+
+    def end_secret(self) -> None:
+        """Back to the chat line (a half-typed line comes back)."""
+        if self._secret is not None:
             self._secret = None
-            self.buffer.reset(document=saved)  # a half-typed line comes back
+            self.buffer.reset(document=self._saved)
             self.invalidate()
 
     def log_handler(self) -> logging.Handler:
@@ -283,22 +289,23 @@ class Screen:
         def _(event: KeyPressEvent) -> None:
             text = self.buffer.text
             if self._secret is not None:
-                future = self._secret
                 self.buffer.reset()
-                if not future.done():
-                    future.set_result(text)
+                self._secret.put_nowait(text)
                 return
             if not _secret_line(text) and text.strip():
                 self.buffer.append_to_history()
             self.buffer.reset()
+            if asks_secret(text):
+                # Mask the line at once: a password typed before the question is up must
+                # not go out as a chat line. The app ends this (end_secret) when done.
+                self._secret, self._saved, self._secret_prompt = asyncio.Queue(), Document(), "password: "
             self.windows.active.scroll = 0  # what you say is at the bottom: show it
             self._on_line(text)
 
         @kb.add("c-c")
         def _(event: KeyPressEvent) -> None:
             if self._secret is not None:
-                if not self._secret.done():
-                    self._secret.set_result(None)
+                self._secret.put_nowait(None)
                 return
             self._on_interrupt()
 
@@ -307,8 +314,7 @@ class Screen:
             if self.buffer.text:
                 self.buffer.delete()
             elif self._secret is not None:
-                if not self._secret.done():
-                    self._secret.set_result(None)
+                self._secret.put_nowait(None)
             else:
                 self._on_interrupt()
 
@@ -340,6 +346,15 @@ class Screen:
             self.invalidate()
 
         return kb
+
+
+def asks_secret(text: str) -> bool:
+    """A line that will ask for a password: /register, /password, /login NAME."""
+    words = text.split()
+    if not words:
+        return False
+    word = words[0].lower()
+    return (word in ("/register", "/password") and len(words) == 1) or (word == "/login" and len(words) == 2)
 
 
 def _secret_line(text: str) -> bool:
