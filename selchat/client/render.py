@@ -225,6 +225,9 @@ def render(
             _nick(data.get("nick")),
             (STYLE_STATUS, f" ({escape(_str(data.get('server')))})"),
         ]
+        account = data.get("account")
+        if isinstance(account, str) and account:
+            out.append((STYLE_EVENT, f", logged in as {escape(account)}"))
         motd = _str(data.get("motd"))
         if motd:
             out = _with_body(out + [(STYLE_STATUS, ": ")], escape_text(motd), "")
