@@ -34,19 +34,20 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_a_tiny_storm_runs_end_to_end() -> None:
     if not _server_has_accounts():
         pytest.skip("selchat.server has no --kdf-workers yet")
-    cfg = StormConfig(accounts=6, rate=20, wrong=0.5, bystanders=2, say_rate=5, quiet=1, storm=1, gap=0.5,
-                      login_timeout=8)
+    cfg = StormConfig(accounts=6, rate=20, wrong=0.5, bystanders=2, say_rate=5, quiet=0.5, storm=1, cycles=2,
+                      gap=0.3, login_timeout=8)
     res = loginstorm.run_point(cfg)
     quiet, storm = res.windows
     assert res.registered == 6
     assert quiet.samples and storm.samples  # both windows measured
     assert res.lost == 0  # every copy of every bystander message arrived
-    assert storm.logins["started"] == 20
+    assert storm.logins["started"] == 40  # 20 a second, two windows of a second
+    assert len(res.cycle_p99) == 2
     assert storm.logins.get("welcome", 0) > 0
     assert storm.logins.get("login_failed", 0) + storm.logins.get("login_throttled", 0) > 0
     odd = [k for k in storm.logins if "with" in k or k in ("timeout", "not_started")]
     assert odd == []  # a right password was never refused, a wrong one never let in
-    assert len(storm.login_ms) == 20
+    assert len(storm.login_ms) == 40
     assert res.worker_pids  # the server's KDF worker was found
     assert res.ratio is not None
     text = loginstorm.table([res])

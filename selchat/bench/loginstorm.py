@@ -58,9 +58,10 @@ class StormConfig:
     wrong: float = 0.3  # the fraction of logins with a wrong password
     bystanders: int = 5
     say_rate: float = 5.0  # messages per second per bystander
-    quiet: float = 10.0  # seconds of the quiet window
-    storm: float = 10.0  # seconds of the storm window
-    gap: float = 1.0  # seconds between the windows, and of warm-up before the first
+    quiet: float = 5.0  # seconds of each quiet window
+    storm: float = 5.0  # seconds of each storm window
+    cycles: int = 3  # quiet and storm windows alternate this many times
+    gap: float = 1.0  # seconds after each storm's last answer, and of warm-up before the first
     login_timeout: float = 10.0  # seconds one login may take before it counts as timed out
     max_open: int = 400  # storm connections open at once; a start beyond it is skipped
     addresses: int = 2000  # loopback source addresses the storm and registrations use
@@ -96,6 +97,7 @@ class StormResult:
     lost: int = 0  # copies the bystanders should have had and did not (all windows)
     worker_pids: List[int] = field(default_factory=list)
     notes: List[str] = field(default_factory=list)
+    cycle_p99: List[Tuple[Optional[float], Optional[float]]] = field(default_factory=list)  # (quiet, storm)
 
     @property
     def ratio(self) -> Optional[float]:
@@ -357,20 +359,21 @@ def _bystanders(pipe: Any, host: str, port: int, cfg: StormConfig) -> None:
         pipe.send(("crashed", f"bystanders: {len(joined)} of {cfg.bystanders} joined ({failures[:5]})"))
         return
     pipe.send(("ready", None))
-    start, stop = pipe.recv()
+    start = pipe.recv()
+    told = _PipeWatch(pipe)
+    sel.register(pipe, selectors.EVENT_READ, told)
     interval = 1.0 / cfg.say_rate
     due = [start + interval * k / cfg.bystanders for k in range(cfg.bystanders)]
     sent = 0
-    while True:
+    while not told.said:
         now = time.monotonic()
-        if now >= stop:
-            break
         for k, peer in enumerate(peers):
             while due[k] <= now:
                 due[k] += interval
                 peer.send({"type": "say", "room": ROOM, "text": f"{MARK}{k % 10}{now_us():016d} bench"})
                 sent += 1
         _pump(sel, min(due) - time.monotonic())
+    sel.unregister(pipe)
     # drain: every copy should arrive (each message reaches every bystander, the sender too)
     expected = sent * cfg.bystanders
     deadline = time.monotonic() + 5
@@ -422,47 +425,66 @@ def _storm(pipe: Any, host: str, port: int, cfg: StormConfig) -> None:
         if peer.data is not None:
             count(why or "closed")
 
+    def expire(now: float) -> None:
+        for peer in [p for p in live.values() if now - p.t_open > cfg.login_timeout]:
+            count("timeout")
+            peer.data = None
+            peer.close()
+
     pipe.send(("ready", None))
-    start, stop = pipe.recv()
     interval = 1.0 / cfg.rate
     n = 0
     while True:
-        now = time.monotonic()
-        if now >= stop:
+        command = pipe.recv()
+        if command[0] == "end":
             break
-        if now >= start:
-            while start + n * interval <= now and start + n * interval < stop:
-                i = n
-                n += 1
-                if len(live) >= cfg.max_open:
-                    count("not_started")
-                    continue
-                acct = rng.randrange(cfg.accounts)
-                right = rng.random() >= cfg.wrong
-                try:
-                    peer = Peer(sel, (host, port), source_address(i, cfg.addresses), on_frame, on_close, data=right)
-                except OSError as exc:
-                    count(f"connect:{errno.errorcode.get(exc.errno or 0, 'error')}")
-                    continue
-                live[id(peer)] = peer
-                peer.send({"type": "hello", "nick": account_name(acct), "client": "selchat-bench",
-                           "login": {"account": account_name(acct),
-                                     "password": right_password(acct) if right else wrong_password(acct)}})
-            for peer in [p for p in live.values() if now - p.t_open > cfg.login_timeout]:
-                count("timeout")
-                peer.data = None
-                peer.close()
-        wait = (start if now < start else start + n * interval) - time.monotonic()
-        _pump(sel, min(max(wait, 0.0), 0.05))
-    deadline = time.monotonic() + cfg.login_timeout
-    while live and time.monotonic() < deadline:
-        _pump(sel, 0.05)
-    for peer in list(live.values()):
-        count("timeout")
-        peer.data = None
-        peer.close()
+        _, start, stop = command
+        first = n
+        k = 0  # logins of this window
+        while True:
+            now = time.monotonic()
+            if now >= stop:
+                break
+            if now >= start:
+                while start + k * interval <= now and start + k * interval < stop:
+                    i = n
+                    n += 1
+                    k += 1
+                    if len(live) >= cfg.max_open:
+                        count("not_started")
+                        continue
+                    acct = rng.randrange(cfg.accounts)
+                    right = rng.random() >= cfg.wrong
+                    try:
+                        peer = Peer(sel, (host, port), source_address(i, cfg.addresses), on_frame, on_close,
+                                    data=right)
+                    except OSError as exc:
+                        count(f"connect:{errno.errorcode.get(exc.errno or 0, 'error')}")
+                        continue
+                    live[id(peer)] = peer
+                    peer.send({"type": "hello", "nick": account_name(acct), "client": "selchat-bench",
+                               "login": {"account": account_name(acct),
+                                         "password": right_password(acct) if right else wrong_password(acct)}})
+                expire(now)
+            wait = (start if now < start else start + k * interval) - time.monotonic()
+            _pump(sel, min(max(wait, 0.0), 0.05))
+        # the window's logins finish (or time out) before the next quiet window begins
+        while live:
+            expire(time.monotonic())
+            _pump(sel, 0.05)
+        pipe.send(("window", n - first))
     sel.close()
     pipe.send(("done", {"started": n, "outcomes": outcomes, "latencies": latencies}))
+
+
+class _PipeWatch:
+    """A pipe in a generator's selector: notes that the driver said something."""
+
+    def __init__(self, pipe: Any) -> None:
+        self.said = False
+
+    def ready(self, mask: int) -> None:
+        self.said = True
 
 
 # --- the driver ---------------------------------------------------------------------------------
@@ -522,11 +544,14 @@ def _self_cpu() -> float:
 
 
 def _between(a: _Edge, b: _Edge, window: Window) -> None:
-    span = b.t - a.t
-    window.server_cores = (b.server - a.server) / span
-    window.worker_cores = sum(b.kids[p] - a.kids.get(p, 0.0) for p in b.kids) / span
-    gen = (b.own - a.own) / span
-    window.other_cores = max(0.0, (b.busy - a.busy) / span - window.server_cores - window.worker_cores - gen)
+    """Add the CPU seconds between two edges to `window` (divided by its seconds at the end)."""
+    server = b.server - a.server
+    workers = sum(b.kids[p] - a.kids.get(p, 0.0) for p in b.kids)
+    gen = b.own - a.own
+    window.seconds += b.t - a.t
+    window.server_cores += server
+    window.worker_cores += workers
+    window.other_cores += max(0.0, (b.busy - a.busy) - server - workers - gen)
 
 
 def _sleep_until(t: float) -> None:
@@ -547,7 +572,12 @@ def _expect(pipe: Any, what: str, timeout: float) -> Any:
 
 
 def run_storm(host: str, port: int, server_pid: int, cfg: StormConfig) -> StormResult:
-    """The scenario against a running server (accounts not yet registered)."""
+    """The scenario against a running server (accounts not yet registered).
+
+    Quiet and storm windows alternate `cycles` times (Q S Q S ...), so a drift of the machine
+    (other tenants) spreads over both kinds instead of favouring one. A quiet window begins
+    only once the storm's logins have all been answered (or timed out).
+    """
     t = time.monotonic()
     registered, errors = register_accounts(host, port, cfg)
     register_s = time.monotonic() - t
@@ -560,44 +590,64 @@ def run_storm(host: str, port: int, server_pid: int, cfg: StormConfig) -> StormR
     st = ctx.Process(target=_storm_main, args=(st_child, host, port, cfg), daemon=True)
     by.start()
     st.start()
+    quiet = Window("quiet", 0.0)
+    storm = Window("storm", 0.0)
+    spans: List[Tuple[str, float, float]] = []
     try:
         _expect(by_pipe, "ready", 30)
         _expect(st_pipe, "ready", 30)
-        start = time.monotonic() + 0.2
-        q0 = start + cfg.gap
-        q1 = q0 + cfg.quiet
-        s0 = q1 + cfg.gap
-        s1 = s0 + cfg.storm
-        by_pipe.send((start, s1 + cfg.gap))
-        st_pipe.send((s0, s1))
         own = [by.pid, st.pid]
-        edges = []
-        for edge in (q0, q1, s0, s1):
-            _sleep_until(edge)
-            edges.append(_Edge(server_pid, own))
-        by_done = _expect(by_pipe, "done", cfg.gap + 30)
-        st_done = _expect(st_pipe, "done", cfg.login_timeout + 30)
+        start = time.monotonic() + 0.2
+        by_pipe.send(start)
+        _sleep_until(start + cfg.gap)  # warm-up
+        for _ in range(cfg.cycles):
+            t0 = time.monotonic()
+            a = _Edge(server_pid, own)
+            _sleep_until(t0 + cfg.quiet)
+            b = _Edge(server_pid, own)
+            _between(a, b, quiet)
+            spans.append(("quiet", a.t, b.t))
+            s0 = time.monotonic() + 0.05
+            st_pipe.send(("window", s0, s0 + cfg.storm))
+            _sleep_until(s0)
+            a = _Edge(server_pid, own)
+            _sleep_until(s0 + cfg.storm)
+            b = _Edge(server_pid, own)
+            _between(a, b, storm)
+            spans.append(("storm", s0, s0 + cfg.storm))
+            _expect(st_pipe, "window", cfg.login_timeout + 30)
+            _sleep_until(time.monotonic() + cfg.gap)
+        by_pipe.send("stop")
+        st_pipe.send(("end",))
+        by_done = _expect(by_pipe, "done", 30)
+        st_done = _expect(st_pipe, "done", 30)
     finally:
         for proc in (by, st):
             proc.join(5)
             if proc.is_alive():
                 proc.kill()
                 proc.join(5)
-    quiet = Window("quiet", cfg.quiet)
-    storm = Window("storm", cfg.storm)
-    q0us, q1us, s0us, s1us = (int(x * 1e6) for x in (q0, q1, s0, s1))
+    per_span: List[List[float]] = [[] for _ in spans]
+    bounds = [(int(a * 1e6), int(b * 1e6)) for _, a, b in spans]
     for sent, latency in by_done["samples"]:
-        if q0us <= sent < q1us:
-            quiet.samples.append(latency / 1000)
-        elif s0us <= sent < s1us:
-            storm.samples.append(latency / 1000)
+        for k, (a, b) in enumerate(bounds):
+            if a <= sent < b:
+                per_span[k].append(latency / 1000)
+                break
+    for (kind, _, _), samples in zip(spans, per_span):
+        (quiet if kind == "quiet" else storm).samples.extend(samples)
     storm.logins = dict(st_done["outcomes"])
     storm.logins["started"] = st_done["started"]
     storm.login_ms = st_done["latencies"]
-    _between(edges[0], edges[1], quiet)
-    _between(edges[2], edges[3], storm)
+    for w in (quiet, storm):
+        if w.seconds:
+            w.server_cores /= w.seconds
+            w.worker_cores /= w.seconds
+            w.other_cores /= w.seconds
     result = StormResult(cfg, [quiet, storm], registered, register_s, sent=by_done["sent"], lost=by_done["lost"],
-                         worker_pids=sorted(edges[-1].kids))
+                         worker_pids=sorted(children(server_pid)))
+    result.cycle_p99 = [(_percentile(per_span[k], 0.99), _percentile(per_span[k + 1], 0.99))
+                        for k in range(0, len(spans) - 1, 2)]
     if by_done["failures"]:
         result.notes.append("bystander errors: " + ", ".join(by_done["failures"][:5]))
     return result
@@ -665,6 +715,9 @@ def summary(results: Sequence[StormResult]) -> List[str]:
                    f"**{'–' if ratio is None else f'{ratio:.2f}x'}** ({verdict}); {res.registered} accounts "
                    f"registered in {res.register_s:.1f} s; {res.sent:,} bystander messages, "
                    f"{res.lost} copies lost")
+        if len(res.cycle_p99) > 1:
+            out.append("  p99 per cycle, quiet / storm ms: " + ", ".join(
+                f"{_ms(q)} / {_ms(st)}" for q, st in res.cycle_p99))
         other = {k: v for k, v in res.windows[1].logins.items()
                  if k not in ("started", "welcome", "login_failed", "login_throttled")}
         if other:
@@ -676,10 +729,10 @@ def summary(results: Sequence[StormResult]) -> List[str]:
 
 def describe(cfg: StormConfig) -> str:
     return (f"{cfg.accounts} accounts; {cfg.bystanders} bystanders saying {cfg.say_rate:g} messages/s each in "
-            f"{ROOM} (every copy to every member is a sample); a quiet window of {cfg.quiet:g} s, then a storm "
-            f"window of {cfg.storm:g} s with {cfg.rate:g} logins/s (`hello` with `login`, "
-            f"{cfg.wrong:.0%} wrong passwords, accounts drawn at random, from {cfg.addresses} loopback "
-            f"addresses, each login answered then closed)")
+            f"{ROOM} (every copy to every member is a sample); {cfg.cycles} cycles of a quiet window of "
+            f"{cfg.quiet:g} s then a storm window of {cfg.storm:g} s with {cfg.rate:g} logins/s (`hello` with "
+            f"`login`, {cfg.wrong:.0%} wrong passwords, accounts drawn at random, from {cfg.addresses} loopback "
+            f"addresses, each login answered then closed; the next quiet window waits for the last answer)")
 
 
 # --- selchat-bench --points loginstorm ------------------------------------------------------------
@@ -696,6 +749,7 @@ def add_arguments(ap: Any) -> None:
     ap.add_argument("--storm-bystanders", type=int, default=d.bystanders, help="loginstorm: clients chatting meanwhile")
     ap.add_argument("--storm-say-rate", type=float, default=d.say_rate, help="loginstorm: messages/s per bystander")
     ap.add_argument("--storm-seconds", type=float, default=d.storm, help="loginstorm: seconds of each window (quiet, storm)")
+    ap.add_argument("--storm-cycles", type=int, default=d.cycles, help="loginstorm: quiet/storm windows, alternated")
     ap.add_argument("--storm-kdf-workers", default="1",
                     help="loginstorm: comma-separated --kdf-workers values, one run each (0: hashing in the loop)")
 
@@ -703,7 +757,8 @@ def add_arguments(ap: Any) -> None:
 def config_from(opts: Any, workers: Optional[int]) -> StormConfig:
     return StormConfig(accounts=opts.storm_accounts, rate=opts.storm_rate, wrong=opts.storm_wrong,
                        bystanders=opts.storm_bystanders, say_rate=opts.storm_say_rate,
-                       quiet=opts.storm_seconds, storm=opts.storm_seconds, kdf_workers=workers)
+                       quiet=opts.storm_seconds, storm=opts.storm_seconds, cycles=opts.storm_cycles,
+                       kdf_workers=workers)
 
 
 def report(results: Sequence[StormResult], command: str, took: float) -> str:
