@@ -242,3 +242,33 @@ def test_history_fetches_the_older_page_then_says_all_are_shown(tmux: Callable[.
     alice.wait(lambda s: "more below" not in s, "the bottom")
     alice.type("/history")
     alice.wait_for(r"all 60 messages of #old are shown")
+
+
+# ----- accounts and rooms (contract 1.2) ----------------------------------------------------------
+
+
+def test_register_and_log_in_without_echo_then_run_a_room(tmux: Callable[..., Pane], start_server) -> None:
+    srv = start_server("--kdf-workers", "0")
+    eve = chat(tmux, srv.port, "eve")
+    eve.type("/register")
+    eve.wait_for(r"^password for the new account eve:")
+    eve.type("eve-password-1")
+    eve.wait_for(r"^the same password again:")
+    eve.type("eve-password-1")
+    screen = eve.wait_for(r"your nick is now the account eve")
+    eve.wait_for(r"\[eve\(\+a\)\]")
+    assert "eve-password-1" not in screen
+    eve.type("/quit")
+    eve.wait_for(r"CLIENT-EXIT=0")
+    # Another terminal logs in to the account: the password is asked after connecting, unechoed.
+    dev = tmux("device", "--port", str(srv.port), "--account", "eve")
+    dev.wait_for(r"^password for account eve:")
+    dev.type("eve-password-1")
+    screen = dev.wait_for(r"\[eve\(\+a\)\] \[2:#lobby\]")
+    assert "eve-password-1" not in screen
+    dev.type("/join #plans")
+    dev.wait_for(r"\[3:#plans\] \(@\)")  # she made the room: its operator
+    dev.type("/topic ship on friday")
+    dev.wait_for(r"^ #plans \(1 here\): ship on friday")
+    dev.type("/who")
+    dev.wait_for(r"#plans \* 1 here: @eve")
