@@ -139,6 +139,7 @@ class Invite:
     by: str
     nick: str = ""
     userhost: str = field(default="", compare=False)  # the inviter's, display only
+    to: str = field(default="", compare=False)  # the invitee, in both copies (IRC's INVITE names it)
 
 
 @dataclass(frozen=True)
