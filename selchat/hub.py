@@ -25,8 +25,9 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 from selchat.core.chat import Chat, ChatError, Room, User
 from selchat.core.events import Message
 from selchat.core.names import fold
-from selchat.core.passwords import password_problem
+from selchat.core.passwords import ScramCredentials, password_problem, scram_credentials
 from selchat.core.requests import (ChangePassword, Kill, Login, Logout, Register, Request, Say)
+from selchat.core.store import pair_key
 from selchat.defaults import REQUESTS_PER_PASS
 from selchat.fanout import Fanout
 from selchat.loop import ratelog
@@ -399,16 +400,53 @@ class Hub:
         """Mark `user` away with `text`, or back (None)."""
         self.chat.set_away(user, text)
 
-    def history_window(self, user: User, room_name: str, *, limit: int, latest: bool,
+    def history_window(self, user: User, target: str, *, limit: int, latest: bool,
                        **bounds: int) -> List[Message]:
-        """Messages of a room `user` is in strictly between the bounds given (`after`,
-        `before`, `after_ts`, `before_ts`), oldest first: the `limit` newest (`latest`) or
-        oldest. Raises ChatError not_in_room or history_unavailable."""
-        room = user.rooms.get(fold(room_name))
-        if room is None:
-            raise ChatError("not_in_room", f"you are not in {room_name}")
+        """Messages of a room `user` is in, or of its private conversation with the account
+        `target` names (both logged in), strictly between the bounds given (`after`, `before`,
+        `after_ts`, `before_ts`), oldest first: the `limit` newest (`latest`) or oldest.
+        Raises ChatError not_in_room, not_logged_in, no_such_nick or history_unavailable."""
+        if target.startswith("#"):
+            room = user.rooms.get(fold(target))
+            if room is None:
+                raise ChatError("not_in_room", f"you are not in {target}")
+            where = room.name
+        else:
+            if user.account_key is None:
+                raise ChatError("not_logged_in", "private history is kept for accounts only")
+            partner = self.chat.partner_account(target)
+            if partner is None:
+                raise ChatError("no_such_nick", "not an account")
+            where = pair_key(user.account_key, partner)
         try:
-            return self.store.window(room.name, limit=limit, latest=latest, **bounds)
+            return self.store.window(where, limit=limit, latest=latest, **bounds)
         except Exception as exc:  # StoreError, or anything else the disk throws at us
             log.error("history read failed: %s", exc)
             raise ChatError("history_unavailable", "history cannot be read right now") from None
+
+    def scram_credentials(self, account: str, address: str) -> Optional[ScramCredentials]:
+        """The SCRAM-SHA-256 credentials stored for `account` (None: no such account, or one
+        that logs in with PLAIN only); raises ChatError login_throttled, as a login would."""
+        key = self.chat.login_check(account, address, self.reactor.now)
+        verifier = self.chat.accounts.verifier(key)
+        return scram_credentials(verifier) if verifier is not None else None
+
+    def login_failed(self, account: str, address: str) -> None:
+        """A proof for `account` failed outside the hub (a SCRAM exchange): it counts."""
+        self.chat.login_failed(fold(account), address, self.reactor.now)
+
+    def account_name(self, account: str) -> Optional[str]:
+        """How the account `account` (any case) is spelt, or None when there is none."""
+        return self.chat.accounts.name(fold(account))
+
+    def is_server_operator(self, user: User) -> bool:
+        return self.chat.accounts.is_operator(user.account_key)
+
+    def operator_count(self) -> int:
+        """Server operators online (IRC's LUSERS)."""
+        is_operator = self.chat.accounts.is_operator
+        return sum(1 for key in self.chat.online if is_operator(key))
+
+    def is_room_operator(self, user: User, room: Room) -> bool:
+        """An operator of the room, or a server operator (who is one in every room)."""
+        return self.chat.is_operator(user, room)

@@ -6,6 +6,13 @@ process: history in memory, flood control and the per-address limit off (irctest
 connections from 127.0.0.1 and sends bursts, as the IRC servers' own controllers allow), and
 the name ``My.Little.Server`` that irctest's assertions expect.
 
+Accounts: the server's operators are accounts (``--operators``), so the controller names
+``operuser`` in that file and, once the port is open, registers that account with the password
+``operpassword`` that irctest's OPER tests send (IRCv3 ``REGISTER`` on the IRC door itself).
+``registerUser`` makes an account the same way, which irctest's SASL and account tests ask for;
+SASL offers ``PLAIN`` and ``SCRAM-SHA-256``. Passwords are checked in the loop
+(``--kdf-workers 0``): no worker process for a server that lives for one test.
+
 The server always listens on 127.0.0.1, whatever host irctest picked (it binds ``("", 0)``
 to choose a port and then connects to ``0.0.0.0``, which Linux routes to loopback): the
 suite must never open a port on another interface.
@@ -21,7 +28,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Dict, FrozenSet, Optional, Set, Type, Union
+from typing import Callable, Dict, FrozenSet, List, Optional, Set, Type, Union
 
 from irctest import patma
 from irctest.basecontrollers import BaseServerController, DirectoryBasedController
@@ -34,6 +41,8 @@ SERVER_NAME = "My.Little.Server"
 LISTEN_HOST = "127.0.0.1"
 START_TIMEOUT = 20.0  # a loaded 2-core machine running two xdist workers
 CHECK_TIMEOUT = 5.0
+OPER_NAME = "operuser"  # the account irctest's OPER tests use, named in --operators
+OPER_PASSWORD = "operpassword"
 
 
 def project_root() -> Path:
@@ -60,7 +69,7 @@ class SelchatController(BaseServerController, DirectoryBasedController):
     """Starts ``python -m selchat.server`` with the IRC door on irctest's port."""
 
     software_name = "selchat"
-    supported_sasl_mechanisms: Set[str] = set()
+    supported_sasl_mechanisms: Set[str] = {"PLAIN", "SCRAM-SHA-256"}
     supports_sts = False
     _port_wait_interval = 0.02
 
@@ -68,8 +77,11 @@ class SelchatController(BaseServerController, DirectoryBasedController):
     # the door advertises besides: a NAK for one of these is a failure, not a skip.
     capabilities: FrozenSet[Capabilities] = frozenset(
         (
+            Capabilities.ACCOUNT_NOTIFY,
+            Capabilities.ACCOUNT_TAG,
             Capabilities.BATCH,
             Capabilities.ECHO_MESSAGE,
+            Capabilities.EXTENDED_JOIN,
             Capabilities.LABELED_RESPONSE,
             Capabilities.MESSAGE_TAGS,
             Capabilities.MULTI_PREFIX,
@@ -106,6 +118,7 @@ class SelchatController(BaseServerController, DirectoryBasedController):
         assert self.proc is None
         self.port = port
         self.hostname = hostname
+        self.password = password
         self.port_open = False
         self.create_config()
         assert self.directory is not None
@@ -121,6 +134,8 @@ class SelchatController(BaseServerController, DirectoryBasedController):
             "--max-per-ip", "0",
             "--register-rate", "0",  # registration pacing off, as the peers' throttles are
             "--log-level", "warning",
+            "--kdf-workers", "0",
+            "--operators", str(self._operators_file(directory)),
         ]
         if password is not None:
             pw_file = directory / "password.txt"
@@ -145,6 +160,40 @@ class SelchatController(BaseServerController, DirectoryBasedController):
                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=logfile,
                 )
         self.wait_for_port()
+        self.registerUser(None, OPER_NAME, OPER_PASSWORD)
+
+    @staticmethod
+    def _operators_file(directory: Path) -> Path:
+        path = directory / "operators.txt"
+        path.write_text(OPER_NAME + "\n", encoding="utf-8")
+        return path
+
+    def registerUser(self, case: object, username: str, password: Optional[str] = None) -> None:
+        """Make the account `username` (with `password`): connect as that nick and REGISTER."""
+        if password is None:
+            password = username + "-password"
+        with self._connect() as sock:
+            reader = _Lines(sock)
+            hello = f"NICK {username}\r\nUSER {username} 0 * :{username}\r\n"
+            if self.password is not None:
+                hello = f"PASS {self.password}\r\n" + hello
+            sock.sendall(hello.encode())
+            reader.wait(lambda parts: parts[1:2] == ["001"], "001")
+            sock.sendall(f"REGISTER * * :{password}\r\n".encode())
+            reader.wait(lambda parts: parts[1:3] == ["REGISTER", "SUCCESS"], "REGISTER SUCCESS")
+            sock.sendall(b"QUIT :registered\r\n")
+            reader.wait(lambda parts: parts[1:2] == ["ERROR"], "ERROR")
+
+    def _connect(self) -> "socket.socket":
+        sock = socket.create_connection((LISTEN_HOST, self.port), timeout=CHECK_TIMEOUT * 4)
+        if self._tls_enabled():
+            import ssl
+
+            context = ssl.create_default_context()
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+            sock = context.wrap_socket(sock, server_hostname=SERVER_NAME)
+        return sock
 
     def _make_certificate(self, directory: Path) -> "tuple[Path, Path]":
         """A throw-away self-signed certificate for the TLS tests."""
@@ -212,6 +261,37 @@ class SelchatController(BaseServerController, DirectoryBasedController):
                     return  # closed by the server: the probe is gone
         except OSError:
             return
+
+
+class _Lines:
+    """Lines from the server, read until one matches (a deadline, never a bare sleep)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buffer = b""
+
+    def wait(self, matches: "Callable[[List[str]], bool]", what: str) -> None:
+        deadline = time.monotonic() + CHECK_TIMEOUT * 4
+        while time.monotonic() < deadline:
+            while b"\r\n" in self.buffer:
+                raw, self.buffer = self.buffer.split(b"\r\n", 1)
+                text = raw.decode("utf-8", "replace")
+                if text.startswith("@"):
+                    text = text.split(" ", 1)[1] if " " in text else ""
+                parts = text.split()
+                if parts and not parts[0].startswith(":"):
+                    parts.insert(0, "")
+                if parts and matches(parts):
+                    return
+                if len(parts) > 1 and parts[1] in ("FAIL", "464", "433"):
+                    raise RuntimeError(f"selchat refused the account: {text}")
+            data = self.sock.recv(4096)
+            if not data:
+                if what == "ERROR":
+                    return
+                raise RuntimeError(f"selchat closed the connection before {what}")
+            self.buffer += data
+        raise RuntimeError(f"no {what} from selchat within the deadline")
 
 
 def get_irctest_controller_class() -> Type[SelchatController]:

@@ -1,7 +1,8 @@
-"""Channel commands: JOIN, PART, NAMES, LIST, TOPIC, MODE.
+"""Channel commands: JOIN, PART, NAMES, LIST, TOPIC, KICK, INVITE, MODE.
 
 The handlers parse and ask the hub; what they read of a room comes from the hub's queries for
-doors. LIST of every room streams (`ListStream`): rooms go out in name order while the
+doors, and every rule (who may set a topic, kick, invite, change a mode; bans, keys, limits) is
+the core's: its refusals come back as ChatError codes and `refuse` puts them in IRC's numerics. LIST of every room streams (`ListStream`): rooms go out in name order while the
 client's queue is below the answer budget, and go on from the last name sent once it has
 read them, so the answer never holds more than the client's buffer ("safelist").
 """
@@ -11,10 +12,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, List, Optional
 
 from selchat.core.names import fold, has_control_characters, valid_room
-from selchat.core.requests import JoinRoom, PartRoom
+from selchat.core.requests import InviteUser, JoinRoom, KickUser, PartRoom, SetModes, SetTopic
 from selchat.doors.irc.numerics import Numeric as N
+from selchat.doors.irc.modes import parse_modes
 from selchat.doors.irc.parser import Line
-from selchat.doors.irc.queries import ERR_TOOMANYMATCHES
+from selchat.doors.irc.queries import ERR_TOOMANYMATCHES, prefix
 from selchat.doors.irc.response import add_tag, batch_id
 from selchat.doors.irc.text import strip_formatting
 from selchat.hub import ChatError
@@ -26,6 +28,7 @@ if TYPE_CHECKING:
 
 NAMES_MAX = 4  # channels one NAMES may name (as TARGMAX says)
 LIST_PAGE = 100  # rooms a streaming LIST asks the hub for at a time
+TOPICLEN = 390  # bytes of a topic (ISUPPORT TOPICLEN)
 LIST_SHARE = 65536  # bytes of LIST one pass may write before it lets others go first
 
 
@@ -35,9 +38,10 @@ def join(s: "IrcSession", line: Line) -> None:
     hub = s.hub
     if line.params[0] == "0":
         for room in list(user.rooms.values()):
-            hub.handle(user, PartRoom(room.name))
+            s.ask(PartRoom(room.name))
         return
-    for name in line.params[0].split(","):
+    keys = line.params[1].split(",") if len(line.params) > 1 else []
+    for i, name in enumerate(line.params[0].split(",")):
         if not name:
             continue
         if not name.startswith("#"):
@@ -46,12 +50,13 @@ def join(s: "IrcSession", line: Line) -> None:
         if not valid_room(name):
             s.numeric(N.ERR_BADCHANNAME, name[:64], "Illegal channel name")
             continue
-        if fold(name) in user.rooms:
+        if hub.is_member(user, name):
             continue  # already there: IRC servers say nothing
+        key = keys[i] if i < len(keys) and keys[i] else None
         try:
-            hub.handle(user, JoinRoom(name))
+            s.ask(JoinRoom(name, key))
         except ChatError as exc:
-            s.numeric(N.ERR_TOOMANYCHANNELS, name, exc.message)
+            refuse(s, exc, name)
 
 
 def part(s: "IrcSession", line: Line) -> None:
@@ -69,7 +74,7 @@ def part(s: "IrcSession", line: Line) -> None:
             s.numeric(N.ERR_NOTONCHANNEL, name, "You're not on that channel")
         else:
             cut = reason.encode("utf-8")[:300].decode("utf-8", "ignore")  # fits any line
-            s.hub.handle(user, PartRoom(name, cut or None))
+            s.ask(PartRoom(name, cut or None))
 
 
 def names(s: "IrcSession", line: Line) -> None:
@@ -96,11 +101,11 @@ def names(s: "IrcSession", line: Line) -> None:
 def send_names(s: "IrcSession", room: Room, end: bool = True) -> None:
     """353 lines of the room's members (cut at the answer's budget, then 416), and 366."""
     uhnames = "userhost-in-names" in s.caps
-    ops = room.operators
+    multi = "multi-prefix" in s.caps
     entries = sorted(
-        (("@" if u in ops else "") + (f"{u.nick}!{u.userhost}" if uhnames else u.nick)
+        (prefix(room, u, multi) + (f"{u.nick}!{u.userhost}" if uhnames else u.nick)
          for u in room.members),
-        key=lambda n: n.lstrip("@").lower())
+        key=lambda n: n.lstrip("@+").lower())
     head = f":{s.server} 353 {s.me} = {room.name} :"
     budget = 510 - len(head.encode())
     # A room of thousands: what fits in this answer's share of the client's buffer, then
@@ -219,11 +224,92 @@ def topic(s: "IrcSession", line: Line) -> None:
     if room is None:
         s.numeric(N.ERR_NOSUCHCHANNEL, name[:64], "No such channel")
     elif len(line.params) > 1:
-        s.numeric(N.ERR_CHANOPRIVSNEEDED, room.name, "Topics cannot be set on this server yet")
+        text = strip_formatting(line.params[1])
+        if has_control_characters(text):
+            s.numeric(N.ERR_CANNOTSENDTOCHAN, room.name, "Cannot set a topic with control characters")
+            return
+        text = text.encode("utf-8")[:TOPICLEN].decode("utf-8", "ignore")
+        try:
+            s.ask(SetTopic(room.name, text))
+        except ChatError as exc:
+            refuse(s, exc, room.name)
     elif room.topic:
-        s.numeric(N.RPL_TOPIC, room.name, room.topic)
+        send_topic(s, room)
     else:
         s.numeric(N.RPL_NOTOPIC, room.name, "No topic is set")
+
+
+def send_topic(s: "IrcSession", room: "Room") -> None:
+    s.numeric(N.RPL_TOPIC, room.name, room.topic)
+    if room.topic_by:
+        s.send_line(f":{s.server} {int(N.RPL_TOPICWHOTIME):03d} {s.me} {room.name} "
+                    f"{room.topic_by} {room.topic_ts // 1000}")
+
+
+def kick(s: "IrcSession", line: Line) -> None:
+    name = line.params[0]
+    room = s.hub.find_room(name)
+    if room is None:
+        s.numeric(N.ERR_NOSUCHCHANNEL, name[:64], "No such channel")
+        return
+    reason = strip_formatting(line.params[2]) if len(line.params) > 2 else ""
+    if has_control_characters(reason):
+        reason = ""
+    reason = reason.encode("utf-8")[:300].decode("utf-8", "ignore")
+    for nick in line.params[1].split(",")[:NAMES_MAX]:
+        if not nick:
+            continue
+        try:
+            s.ask(KickUser(room.name, nick, reason))
+        except ChatError as exc:
+            refuse(s, exc, room.name, nick)
+
+
+def invite(s: "IrcSession", line: Line) -> None:
+    nick, name = line.params[0], line.params[1]
+    if s.hub.find_user(nick) is None:
+        s.numeric(N.ERR_NOSUCHNICK, nick[:64], "No such nick/channel")
+        return
+    room = s.hub.find_room(name)
+    if room is None:
+        s.numeric(N.ERR_NOSUCHCHANNEL, name[:64], "No such channel")
+        return
+    try:
+        s.ask(InviteUser(room.name, nick))
+    except ChatError as exc:
+        refuse(s, exc, room.name, nick)
+
+
+def refuse(s: "IrcSession", exc: ChatError, room: str, nick: str = "") -> None:
+    """A refusal of the core's about a room (and a nick), as IRC's numeric for it."""
+    code = exc.code
+    numeric = _REFUSALS.get(code)
+    if code == "no_such_nick" and nick:
+        if s.hub.find_user(nick) is not None:
+            s.numeric(N.ERR_USERNOTINCHANNEL, nick[:64], room[:64], "They aren't on that channel")
+        else:
+            s.numeric(N.ERR_NOSUCHNICK, nick[:64], "No such nick/channel")
+    elif code == "already_in_room":
+        s.numeric(N.ERR_USERONCHANNEL, nick[:64], room[:64], "is already on channel")
+    elif numeric is not None:
+        s.numeric(numeric[0], room[:64], numeric[1])
+    elif code == "ban_list_full":
+        s.numeric(N.ERR_BANLISTFULL, room[:64], "b", "Channel ban list is full")
+    else:
+        s.numeric(N.ERR_TOOMANYCHANNELS if code == "too_many_rooms" else N.ERR_CANNOTSENDTOCHAN,
+                  room[:64], exc.message)
+
+
+_REFUSALS = {
+    "not_operator": (N.ERR_CHANOPRIVSNEEDED, "You're not channel operator"),
+    "not_in_room": (N.ERR_NOTONCHANNEL, "You're not on that channel"),
+    "no_such_room": (N.ERR_NOSUCHCHANNEL, "No such channel"),
+    "banned": (N.ERR_BANNEDFROMCHAN, "Cannot join channel (+b)"),
+    "invite_only": (N.ERR_INVITEONLYCHAN, "Cannot join channel (+i)"),
+    "bad_key": (N.ERR_BADCHANNELKEY, "Cannot join channel (+k)"),
+    "room_full": (N.ERR_CHANNELISFULL, "Cannot join channel (+l)"),
+    "moderated": (N.ERR_CANNOTSENDTOCHAN, "Cannot send to channel (+m)"),
+}
 
 
 def mode(s: "IrcSession", line: Line) -> None:
@@ -232,16 +318,37 @@ def mode(s: "IrcSession", line: Line) -> None:
         room = s.hub.find_room(target)
         if room is None:
             s.numeric(N.ERR_NOSUCHCHANNEL, target[:64], "No such channel")
-        elif len(line.params) == 1:
-            s.send_line(f":{s.server} 324 {s.me} {room.name} +")
-            s.numeric(N.RPL_CREATIONTIME, room.name, str(room.created // 1000))
-        elif line.params[1] in ("b", "+b"):
-            s.numeric(N.RPL_ENDOFBANLIST, room.name, "End of channel ban list")
-        else:
-            s.numeric(N.ERR_CHANOPRIVSNEEDED, room.name, "Channel modes cannot be changed here")
+            return
+        if len(line.params) == 1:
+            s.ask(SetModes(room.name), pending="MODE")
+            return
+        wanted = parse_modes(line.params[1:])
+        for letter in wanted.unknown:
+            s.numeric(N.ERR_UNKNOWNMODE, letter, "is unknown mode char to me")
+        for letter, arg, why in wanted.invalid:
+            s.numeric(N.ERR_INVALIDMODEPARAM, room.name, letter, arg, why)
+        if wanted.list_bans:
+            s.ask(SetModes(room.name), pending="MODE b")
+        if wanted.changes:
+            try:
+                s.ask(SetModes(room.name, tuple(wanted.changes)))
+            except ChatError as exc:
+                refuse(s, exc, room.name, _nick_of(exc, wanted.changes))
     elif fold(target) != fold(s.me):
         s.numeric(N.ERR_USERSDONTMATCH, "Cannot change mode for other users")
     else:
         # No user modes here: setting one (irssi's +i on connect) changes nothing, and the
         # answer says so by showing the modes in force.
         s.send_line(f":{s.server} 221 {s.me} +")
+
+
+def _nick_of(exc: ChatError, changes: list) -> str:
+    """The nick a refusal names (the core's message quotes it), for 441/401."""
+    if exc.code != "no_such_nick":
+        return ""
+    for name, value in changes:
+        if name in ("op", "deop", "voice", "devoice"):
+            for nick in value:
+                if repr(nick) in exc.message or nick in exc.message:
+                    return nick
+    return ""

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Dict
 
-from selchat.doors.irc import channels, history, messaging, queries, registration
+from selchat.doors.irc import accounts, channels, history, messaging, queries, registration
 from selchat.doors.irc.numerics import Numeric as N
 from selchat.doors.irc.parser import Line
 
@@ -37,6 +37,9 @@ COMMANDS: Dict[str, Command] = {
     "PASS": Command(registration.pass_, before_registration=True, only_before=True, min_params=1),
     "NICK": Command(registration.nick, before_registration=True),
     "USER": Command(registration.user, before_registration=True, only_before=True, min_params=4),
+    "AUTHENTICATE": Command(accounts.authenticate, before_registration=True, only_before=True,
+                            min_params=1),
+    "REGISTER": Command(accounts.register, before_registration=True, min_params=2),
     # connection
     "PING": Command(queries.ping, before_registration=True),
     "PONG": Command(queries.pong, before_registration=True),
@@ -52,6 +55,11 @@ COMMANDS: Dict[str, Command] = {
     "LIST": Command(channels.list_),
     "TOPIC": Command(channels.topic, min_params=1),
     "MODE": Command(channels.mode, min_params=1),
+    "KICK": Command(channels.kick, min_params=2),
+    "INVITE": Command(channels.invite, min_params=2),
+    # server operators
+    "OPER": Command(accounts.oper, min_params=2),
+    "KILL": Command(accounts.kill, min_params=1),
     # queries
     "WHO": Command(queries.who),
     "WHOIS": Command(queries.whois),

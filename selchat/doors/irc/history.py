@@ -2,9 +2,11 @@
 
 `CHATHISTORY LATEST|BEFORE|AFTER|AROUND|BETWEEN <target> <ref> [<ref>] <limit>`, where a ref
 is `msgid=N` (our message ids) or `timestamp=ISO-8601`, or `*` for LATEST. Answers come as
-one `chathistory` batch, oldest first. Only rooms the asker is in have history; private
-messages are never served (a nick is not an account: whoever takes a nick later must not read
-what was said to its last owner), so a nick target gets an empty batch.
+one `chathistory` batch, oldest first. Rooms: those the asker is in. A nick: the private
+conversation of two accounts (contract 11.1), when the asker is logged in and the nick is, or
+names, an account; a guest's private messages are never history (a nick is not an account:
+whoever takes a nick later must not read what was said to its last owner), so a guest gets an
+empty batch.
 """
 
 from __future__ import annotations
@@ -81,13 +83,15 @@ def chathistory(session: "IrcSession", line: Line) -> None:
     user = session.user
     assert user is not None
     hub = session.hub
-    if not target.startswith("#"):
-        if hub.find_user(target) is None and target != "*":
+    private = not target.startswith("#")
+    if private:
+        if hub.find_user(target) is None and hub.account_name(target) is None:
             fail("INVALID_TARGET", sub, target[:64], text="No such target")
             return
-        session.send_history(target, [], "chathistory")  # private messages are never history
-        return
-    if not hub.is_member(user, target):
+        if user.account is None:
+            session.send_history(target, [], "chathistory")  # a guest's are never history
+            return
+    elif not hub.is_member(user, target):
         fail("INVALID_TARGET", sub, target[:64], text="You are not in that channel")
         return
     refs: List[Optional[Ref]] = []
@@ -108,11 +112,17 @@ def chathistory(session: "IrcSession", line: Line) -> None:
     except ChatError as exc:
         if exc.code == "not_in_room":
             fail("INVALID_TARGET", sub, target[:64], text="You are not in that channel")
+        elif exc.code in ("no_such_nick", "not_logged_in"):
+            session.send_history(target, [], "chathistory")  # not an account: no history
         else:
             fail("MESSAGE_ERROR", sub, target[:64], text="History cannot be read right now")
         return
-    room = hub.find_room(target)
-    session.send_history(room.name if room is not None else target, messages, "chathistory")
+    if private:
+        name = target
+    else:
+        room = hub.find_room(target)
+        name = room.name if room is not None else target
+    session.send_history(name, messages, "chathistory")
 
 
 def _query(window: Callable[..., List[Message]], sub: str, refs: List[Optional[Ref]],

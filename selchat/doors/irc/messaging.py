@@ -47,7 +47,7 @@ def tagmsg(s: "IrcSession", line: Line) -> None:
         if not target:
             continue
         try:
-            s.hub.handle(user, Tag(target, tags))
+            s.ask(Tag(target, tags))
         except ChatError as exc:
             if exc.code == "not_in_room":
                 if s.hub.find_room(target) is not None:
@@ -109,29 +109,33 @@ def _message(s: "IrcSession", line: Line, notice: bool) -> None:
                     s.numeric(N.ERR_CANNOTSENDTOCHAN, target[:64], f"Cannot send: {problem}")
             continue
         if target.startswith("#"):
-            room = hub.find_room(target)
-            if room is None:
+            if hub.find_room(target) is None:
                 if not quiet:
                     s.numeric(N.ERR_NOSUCHCHANNEL, target[:64], "No such channel")
                 continue
-            if user not in room.members:
-                if not quiet:
-                    s.numeric(N.ERR_CANNOTSENDTOCHAN, target, "Cannot send to channel")
-                continue
             request: Any = Say(target, text, action, notice, tags)
         else:
-            if hub.find_user(target) is None:
-                if not quiet:
-                    s.numeric(N.ERR_NOSUCHNICK, target[:64], "No such nick/channel")
-                continue
             request = Msg(target, text, action, notice, tags)
         try:
-            hub.handle(user, request)
+            s.ask(request)
         except ChatError as exc:
             if not quiet:
-                s.fail(line.command, exc.code.upper(), target, text=exc.message)
+                _refused(s, line.command, target, exc)
             continue
         if not target.startswith("#") and not quiet:
             to = hub.find_user(target)
             if to is not None and to.away:
                 s.numeric(N.RPL_AWAY, to.nick, to.away)
+
+
+def _refused(s: "IrcSession", command: str, target: str, exc: ChatError) -> None:
+    """The core's refusal of a message, in IRC's words."""
+    code = exc.code
+    if code in ("not_in_room", "moderated", "banned"):
+        why = {"not_in_room": "Cannot send to channel", "moderated": "Cannot send to channel (+m)",
+               "banned": "Cannot send to channel (you are banned)"}[code]
+        s.numeric(N.ERR_CANNOTSENDTOCHAN, target[:64], why)
+    elif code == "no_such_nick":
+        s.numeric(N.ERR_NOSUCHNICK, target[:64], "No such nick/channel")
+    else:
+        s.fail(command, code.upper(), target[:64], text=exc.message)

@@ -15,10 +15,20 @@ from selchat.doors.irc.parser import Line, body_budget
 from selchat.doors.irc.text import split_for_irc, strip_formatting
 
 if TYPE_CHECKING:
+    from selchat.core.chat import Room, User
     from selchat.doors.irc.session import IrcSession
 
 WHO_MAX = 200  # users one WHO with a mask may list
 ERR_TOOMANYMATCHES = 416  # an answer cut short (hybrid, ratbox: "output too large, truncated")
+RPL_WHOISOPERATOR = 313
+RPL_WHOISACCOUNT = 330
+
+
+def prefix(room: "Room", user: "User", multi: bool = False) -> str:
+    """`@` for an operator, `+` for a voiced member; both with multi-prefix."""
+    op = "@" if user in room.operators else ""
+    voice = "+" if user in room.voiced else ""
+    return op + voice if multi else (op or voice)
 
 
 # --- the connection -------------------------------------------------------------------------
@@ -63,7 +73,7 @@ def who(s: "IrcSession", line: Line) -> None:
     if mask.startswith("#"):
         room = hub.find_room(mask)
         if room is not None:
-            rows = ((room.name, u, u in room.operators) for u in room.members)
+            rows = ((room, u) for u in room.members)
     else:
         matched: List[tuple] = []
         rows = matched
@@ -77,11 +87,13 @@ def who(s: "IrcSession", line: Line) -> None:
             u = hub.find_user(mask)
             found = [u] if u is not None else []
         for u in found:
-            room = next(iter(u.rooms.values()), None)
-            matched.append((room.name if room else "*", u, room is not None and u in room.operators))
+            matched.append((next(iter(u.rooms.values()), None), u))
     limit = s.answer_limit()  # as for NAMES: cut, never dropped
-    for channel, u, op in rows:
-        flags = ("G" if u.away else "H") + ("@" if op else "")
+    multi = "multi-prefix" in s.caps
+    for room, u in rows:
+        flags = (("G" if u.away else "H") + ("*" if hub.is_server_operator(u) else "")
+                 + (prefix(room, u, multi) if room is not None else ""))
+        channel = room.name if room is not None else "*"
         text = (f":{server} 352 {s.me} {channel} {u.ident} {u.host} {server} {u.nick} "
                 f"{flags} :0 {u.realname}")
         if s.produced + len(text) + 2 > limit:
@@ -102,10 +114,18 @@ def whois(s: "IrcSession", line: Line) -> None:
         s.numeric(N.RPL_ENDOFWHOIS, nick[:64], "End of /WHOIS list")
         return
     s.numeric(N.RPL_WHOISUSER, u.nick, u.ident, u.host, "*", u.realname)
-    if u.rooms:
-        names = " ".join(("@" if u in r.operators else "") + r.name for r in u.rooms.values())
+    asker = s.user
+    multi = "multi-prefix" in s.caps
+    shown = [r for r in u.rooms.values()
+             if not r.flags["secret"] or (asker is not None and asker in r.members)]
+    if shown:
+        names = " ".join(prefix(r, u, multi) + r.name for r in shown)
         s.numeric(N.RPL_WHOISCHANNELS, u.nick, names)
     s.numeric(N.RPL_WHOISSERVER, u.nick, s.server, "selchat")
+    if s.hub.is_server_operator(u):
+        s.numeric(RPL_WHOISOPERATOR, u.nick, "is an IRC operator")
+    if u.account is not None:
+        s.numeric(RPL_WHOISACCOUNT, u.nick, u.account, "is logged in as")
     if u.away:
         s.numeric(N.RPL_AWAY, u.nick, u.away)
     s.numeric(N.RPL_ENDOFWHOIS, u.nick, "End of /WHOIS list")
@@ -164,7 +184,7 @@ def send_lusers(s: "IrcSession") -> None:
     users = s.hub.user_count()
     rooms = s.hub.formed_room_count()
     s.numeric(N.RPL_LUSERCLIENT, f"There are {users} users and 0 invisible on 1 servers")
-    s.numeric(N.RPL_LUSEROP, "0", "operator(s) online")
+    s.numeric(N.RPL_LUSEROP, str(s.hub.operator_count()), "operator(s) online")
     s.numeric(N.RPL_LUSERCHANNELS, str(rooms), "channels formed")
     s.numeric(N.RPL_LUSERME, f"I have {users} clients and 0 servers")
     s.numeric(N.RPL_LOCALUSERS, str(users), str(users), f"Current local users {users}, max {users}")

@@ -15,7 +15,7 @@ from selchat import __version__
 from selchat.core.names import valid_nick
 from selchat.core.requests import ChangeNick
 from selchat.defaults import NICK_MAX
-from selchat.doors.irc import queries
+from selchat.doors.irc import accounts, queries
 from selchat.doors.irc.numerics import Numeric as N
 from selchat.doors.irc.parser import Line
 from selchat.doors.irc.text import strip_formatting
@@ -29,7 +29,8 @@ log = logging.getLogger("selchat.server")
 
 HOST = "irc.selchat"  # the host part every IRC user shows (addresses are never shown)
 CAPS = ("message-tags", "server-time", "echo-message", "batch", "labeled-response",
-        "multi-prefix", "userhost-in-names", "draft/chathistory", "cap-notify")
+        "multi-prefix", "userhost-in-names", "draft/chathistory", "cap-notify", "sasl",
+        "draft/account-registration", "account-notify", "account-tag", "extended-join")
 
 
 def _digits(text: str) -> bool:
@@ -44,7 +45,7 @@ def cap(s: "IrcSession", line: Line) -> None:
     if sub == "LS":
         version = int(params[1]) if len(params) > 1 and _digits(params[1]) else 0
         reg.cap_started(version)
-        offered = " ".join(c for c in CAPS if c != "cap-notify" or version >= 302)
+        offered = " ".join(_offered(version))
         s.send_line(f":{server} CAP {s.me} LS :{offered}")
     elif sub == "LIST":
         s.send_line(f":{server} CAP {s.me} LIST :{' '.join(sorted(s.caps))}")
@@ -58,7 +59,7 @@ def cap(s: "IrcSession", line: Line) -> None:
                     s.caps.discard(c[1:])
                 else:
                     s.caps.add(c)
-            s.wire = s.door.wires.get("server-time" in s.caps, "message-tags" in s.caps)
+            s.wire = s.door.wires.for_caps(s.caps)
         verdict = "ACK" if ok else "NAK"
         s.send_line(f":{server} CAP {s.me} {verdict} :{' '.join(wanted)}")
     elif sub == "END":
@@ -66,6 +67,18 @@ def cap(s: "IrcSession", line: Line) -> None:
         register(s)
     else:
         s.numeric(N.ERR_INVALIDCAPCMD, params[0][:32], "Invalid CAP command")
+
+
+def _offered(version: int) -> list:
+    """What CAP LS lists: cap-notify from 302 on, and the account capabilities' values."""
+    values = dict(v.partition("=")[::2] for v in accounts.caps_values(version))
+    out = []
+    for cap in CAPS:
+        if cap == "cap-notify" and version < 302:
+            continue
+        value = values.get(cap)
+        out.append(f"{cap}={value}" if value else cap)
+    return out
 
 
 def pass_(s: "IrcSession", line: Line) -> None:
@@ -89,9 +102,11 @@ def nick(s: "IrcSession", line: Line) -> None:
         register(s)
         return
     try:
-        s.hub.handle(user, ChangeNick(wanted))
-    except ChatError:
-        s.numeric(N.ERR_NICKNAMEINUSE, wanted, "Nickname is already in use")
+        s.ask(ChangeNick(wanted))
+    except ChatError as exc:
+        text = ("Nickname is reserved by an account" if exc.code == "nick_reserved"
+                else "Nickname is already in use")
+        s.numeric(N.ERR_NICKNAMEINUSE, wanted, text)
 
 
 def user(s: "IrcSession", line: Line) -> None:
@@ -143,12 +158,15 @@ def _register_now(s: "IrcSession") -> None:
         return
     s.welcoming = True
     try:
+        details = {"account": s.account} if s.account is not None else {}
         s.user = s.hub.register(reg.nick, s, None, join_lobby=False, ident=reg.ident,
                                 host=HOST, realname=reg.realname, door="irc",
-                                origin=s.transport.ip)
-    except ChatError:
+                                origin=s.transport.ip, **details)
+    except ChatError as exc:
         s.welcoming = False
-        s.numeric(N.ERR_NICKNAMEINUSE, reg.nick, "Nickname is already in use")
+        text = ("Nickname is reserved by an account: log in (SASL) to use it"
+                if exc.code == "nick_reserved" else "Nickname is already in use")
+        s.numeric(N.ERR_NICKNAMEINUSE, reg.nick, text)
         reg.nick_refused()
         return
     s.welcoming = False

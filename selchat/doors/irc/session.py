@@ -33,12 +33,12 @@ from selchat.core import events
 from selchat.core.ratelimit import TokenBucket, answer_cost, cpu_cost
 from selchat.defaults import HISTORY_LIMIT_MAX, NICK_MAX, ROOM_MAX
 from selchat.doors.base import DoorSession
-from selchat.doors.irc import commands
-from selchat.doors.irc.channels import ListStream, send_names
+from selchat.doors.irc import commands, replies
+from selchat.doors.irc.channels import ListStream
 from selchat.doors.irc.messaging import TARGMAX
 from selchat.doors.irc.numerics import Numeric as N
 from selchat.doors.irc.parser import TOO_LONG, IrcParseError, Line, LineDecoder, parse_line
-from selchat.doors.irc.registration import welcome
+from selchat.doors.irc.registration import HOST
 from selchat.doors.irc.response import ResponseBuffer, batch_id
 from selchat.doors.irc.state import Registration
 from selchat.doors.irc.wire import IrcWire, WireSet
@@ -82,11 +82,12 @@ class IrcDoor:
     def __post_init__(self) -> None:
         self.wires = WireSet(self.server_name)
         self.isupport = [
-            "AWAYLEN=390", "CASEMAPPING=ascii", "CHANLIMIT=#:100", "CHANMODES=,,,",
+            "ACCOUNTEXTBAN=a", "AWAYLEN=390", "CASEMAPPING=ascii", "CHANLIMIT=#:100",
+            "CHANMODES=b,k,l,imnst",
             f"CHANNELLEN={ROOM_MAX + 1}", "CHANTYPES=#", f"CHATHISTORY={HISTORY_LIMIT_MAX}",
-            "LINELEN=512", "MAXTARGETS=4", "MODES=0", "MSGREFTYPES=msgid,timestamp",
+            "EXTBAN=$,a", "LINELEN=512", "MAXLIST=b:100", "MAXTARGETS=4", "MODES=6", "MSGREFTYPES=msgid,timestamp",
             "NETWORK=selchat", f"NICKLEN={NICK_MAX}", "PREFIX=(ov)@+", "SAFELIST", "STATUSMSG=",
-            f"TARGMAX=PRIVMSG:{TARGMAX},NOTICE:{TARGMAX},JOIN:,PART:,NAMES:{TARGMAX},WHOIS:1,ISON:,USERHOST:5",
+            f"TARGMAX=PRIVMSG:{TARGMAX},NOTICE:{TARGMAX},JOIN:,PART:,NAMES:{TARGMAX},WHOIS:1,ISON:,USERHOST:5,KICK:{TARGMAX}",
             "TOPICLEN=390", "USERLEN=16", "UTF8ONLY",
         ]
 
@@ -98,7 +99,8 @@ class IrcSession(DoorSession):
     __slots__ = ("door", "hub", "wire", "transport", "decoder", "user", "bucket", "last_seen",
                  "pinged", "doomed", "reject", "reg", "caps", "response", "welcoming",
                  "_lagged", "_handshake_timer", "_idle_timer", "_produced", "_billed",
-                 "_answer_start", "_listing", "__weakref__", "_turn", "_next_pass")
+                 "_answer_start", "_listing", "__weakref__", "_turn", "_next_pass", "_job",
+                 "_viewing", "pending", "account", "sasl")
 
     def __init__(self, door: IrcDoor, reject: Optional[str] = None) -> None:
         self.door = door
@@ -125,6 +127,13 @@ class IrcSession(DoorSession):
         self._billed = 0  # `_produced` up to which output has been billed
         self._answer_start = 0  # `_produced` when the line being served began
         self._listing: Optional[ListStream] = None  # a LIST still streaming: no line is served
+        # A password being checked or hashed off the loop (selchat.kdf): nothing more of this
+        # connection is served until its answer (`job_done`), so answers keep their order.
+        self._job = False
+        self._viewing: Optional[str] = None  # the room whose JOIN view (names, topic) is coming
+        self.pending = ""  # the command whose answer comes as an event (MODE b, REGISTER, ...)
+        self.account: Optional[str] = None  # proved by SASL before registration
+        self.sasl: Any = None  # the SASL exchange under way (selchat.doors.irc.accounts.Sasl)
 
     @property
     def me(self) -> str:
@@ -142,6 +151,10 @@ class IrcSession(DoorSession):
     @property
     def server(self) -> str:
         return self.door.server_name
+
+    @property
+    def host(self) -> str:
+        return HOST
 
     # --- transport callbacks ------------------------------------------------------------------
 
@@ -188,46 +201,21 @@ class IrcSession(DoorSession):
         self._cancel_turn()
         self.decoder = LineDecoder()
         self.bucket = None
+        self.sasl = None
         user, self.user = self.user, None
         if user is not None:
-            self.hub.leave(user, "connection closed")
+            self.hub.leave(user, "connection closed", self)
 
     # --- for the hub and the fan-out ----------------------------------------------------------
 
     def reply(self, event: events.Event, ref: Any) -> None:
-        """The requester's own copy of an event; `ref` is unused (the label is in `response`)."""
-        kind = type(event)
-        if kind is events.Welcome:
-            welcome(self)
-        elif kind is events.Message:
-            if "echo-message" in self.caps:
-                self.raw(self.own_message(event, None, b""))  # type: ignore[arg-type]
-        elif kind is events.Signal:
-            if "echo-message" in self.caps:
-                label = self.response.label if "labeled-response" in self.caps else None
-                line = self.wire.signal(event, f"label={label}" if label else "")  # type: ignore[arg-type]
-                if line and label:
-                    self.response.take_label()  # the echo is the labeled answer
-                self.raw(line)
-        elif kind is events.Join:
-            self.send_line(f":{self.source(self.user)} JOIN {event.room}")  # type: ignore[union-attr]
-            room = self.hub.find_room(event.room)  # type: ignore[union-attr]
-            if room is not None:
-                send_names(self, room)
-        elif kind is events.Part:
-            reason = f" :{event.reason}" if event.reason else ""  # type: ignore[union-attr]
-            self.send_line(f":{event.nick}!{event.userhost} PART {event.room}{reason}")  # type: ignore[union-attr]
-        elif kind is events.NickChange:
-            if event.old != event.new:  # type: ignore[union-attr]
-                self.send_line(f":{event.old}!{event.userhost} NICK {event.new}")  # type: ignore[union-attr]
-        elif kind is events.History:
-            if "draft/chathistory" not in self.caps:
-                self._replay(event)  # type: ignore[arg-type]
-        elif kind is events.Notice:
-            self.notice(event.text)  # type: ignore[union-attr]
-        elif kind is events.Error:
-            self.notice(event.message)  # type: ignore[union-attr]
-        # Names comes with our own JOIN (see above); pong, rooms: the IRC door answers itself.
+        """This connection's own copy of an event: an answer to what it asked (the label is in
+        `response`), or a copy of what the same user did on another connection (`mirrored`)."""
+        replies.reply(self, event)
+
+    def mirrored(self) -> bool:
+        """Is the event being delivered the doing of another connection of our user?"""
+        return self.hub.fanout.current is not self
 
     def own_message(self, msg: events.Message, ref: Any, shared: bytes) -> bytes:
         if "echo-message" not in self.caps:
@@ -239,7 +227,8 @@ class IrcSession(DoorSession):
         return self.wire.message(msg, f"label={label}")
 
     def send_error(self, code: str, message: str, ref: Any) -> None:
-        self.notice(message)
+        """An error the hub reports later (a password job's): in the words of the command."""
+        replies.error(self, code, message)
 
     def notice(self, text: str) -> None:
         self.send_line(f":{self.door.server_name} NOTICE {self.me} :{text}")
@@ -298,6 +287,30 @@ class IrcSession(DoorSession):
         self._leave(quit_reason)
         self.transport.close(detail)
 
+    def ask(self, request: Any, pending: str = "") -> None:
+        """Hand a request to the hub as this connection; raises ChatError. `pending` names the
+        command whose answer is an event still to come (the replies put it in its words)."""
+        user = self.user
+        assert user is not None
+        self.pending = pending
+        if self.hub.handle(user, request, None, self):
+            self._job = True  # answered later (a password job): `job_done` goes on
+        elif not self._job:
+            self.pending = ""
+
+    def wait_for_job(self) -> None:
+        """A job of ours runs off the loop (a SASL password check): serve nothing until
+        `job_done`."""
+        self._job = True
+
+    def job_done(self) -> None:
+        """The hub (or SASL) answered what waited for the password work: go on serving."""
+        if self._job:
+            self._job = False
+            self.pending = ""
+            if self.transport is not None and self.transport.state is State.OPEN:
+                self._serve_again()
+
     @property
     def produced(self) -> int:
         return self._produced
@@ -351,7 +364,8 @@ class IrcSession(DoorSession):
         bucket = self.bucket
         now = self.door.reactor.now
         while True:
-            if self.doomed or transport.state is not State.OPEN or self._listing is not None:
+            if (self.doomed or transport.state is not State.OPEN or self._listing is not None
+                    or self._job):
                 return
             if self._turn is not None:
                 # Registration waits for the address's turn: nothing is served until then, but
@@ -400,7 +414,8 @@ class IrcSession(DoorSession):
     def _next_pass_came(self) -> None:
         self._next_pass = False
         transport = self.transport
-        if transport.state is State.OPEN and self._lagged is None and self._listing is None:
+        if (transport.state is State.OPEN and self._lagged is None and self._listing is None
+                and not self._job):
             self._serve_again()
 
     def _lag(self, now: float) -> None:
@@ -430,7 +445,7 @@ class IrcSession(DoorSession):
     def _unlag(self, _: Any = None) -> None:
         self._lagged = None
         if self.transport.state is State.OPEN:
-            if self._listing is not None:
+            if self._listing is not None or self._job:
                 return  # reading resumes, and lines are served, once the LIST has been sent
             self._serve_again()
 

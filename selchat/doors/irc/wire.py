@@ -13,7 +13,7 @@ IRCv3 counts separately). Nothing is lost.
 from __future__ import annotations
 
 import time
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Set, Tuple
 
 from selchat.core import events
 from selchat.doors.irc.parser import escape_tag_value
@@ -56,15 +56,24 @@ def continuation_tags(tags: str, message_id: int, part: int) -> str:
     return tags.replace(f"msgid={message_id}", f"msgid={message_id}.{part}", 1) if tags else tags
 
 
+# The capabilities that change what a shared line looks like, in the order of a format's key.
+FORMAT_CAPS = ("server-time", "message-tags", "account-tag", "extended-join", "account-notify")
+
+
 class IrcWire:
-    """One of the four shared formats; `server` is the server's own name, the source of its lines."""
+    """One shared format: what the capabilities of FORMAT_CAPS make of an event; `server` is
+    the server's own name, the source of its lines."""
 
-    __slots__ = ("server", "time", "msgid")
+    __slots__ = ("server", "time", "msgid", "account", "extended_join", "account_notify")
 
-    def __init__(self, server: str, with_time: bool, with_msgid: bool) -> None:
+    def __init__(self, server: str, with_time: bool, with_msgid: bool, account: bool = False,
+                 extended_join: bool = False, account_notify: bool = False) -> None:
         self.server = server
         self.time = with_time
         self.msgid = with_msgid
+        self.account = account  # account-tag: the sender's account on its messages
+        self.extended_join = extended_join  # JOIN carries the account and the real name
+        self.account_notify = account_notify  # ACCOUNT lines when someone logs in
 
     def tags(self, msg: events.Message, extra: str = "") -> str:
         parts = []
@@ -74,6 +83,8 @@ class IrcWire:
             parts.append(f"msgid={msg.id}")
             if msg.client_tags:
                 parts.append(client_tag_text(msg.client_tags))
+        if self.account and msg.account:
+            parts.append(f"account={escape_tag_value(msg.account)}")
         if self.time:
             parts.append(f"time={iso_time(msg.ts)}")
         return "@" + ";".join(parts) + " " if parts else ""
@@ -87,21 +98,51 @@ class IrcWire:
         kind = type(event)
         if kind is events.Message:
             return [self.message(event)]  # type: ignore[arg-type]
+        line = self.line(event)
+        return [(line + "\r\n").encode("utf-8", "replace")] if line else []
+
+    def line(self, event: events.Event) -> str:
+        """The one line (without CRLF) an event other than a message is, or "" for none."""
+        kind = type(event)
         if kind is events.Join:
-            return [f":{_source(event.nick, event.userhost)} JOIN {event.room}\r\n".encode()]  # type: ignore[union-attr]
+            source = _source(event.nick, event.userhost)  # type: ignore[union-attr]
+            if self.extended_join:
+                return (f":{source} JOIN {event.room} {event.account or '*'} "  # type: ignore[union-attr]
+                        f":{event.realname or event.nick}")  # type: ignore[union-attr]
+            return f":{source} JOIN {event.room}"  # type: ignore[union-attr]
         if kind is events.Part:
             reason = f" :{_one_line(event.reason)}" if event.reason else ""  # type: ignore[union-attr]
-            return [f":{_source(event.nick, event.userhost)} PART {event.room}{reason}\r\n".encode()]  # type: ignore[union-attr]
+            return f":{_source(event.nick, event.userhost)} PART {event.room}{reason}"  # type: ignore[union-attr]
         if kind is events.Quit:
-            return [f":{_source(event.nick, event.userhost)} QUIT :{_one_line(event.reason)}\r\n".encode()]  # type: ignore[union-attr]
+            return f":{_source(event.nick, event.userhost)} QUIT :{_one_line(event.reason)}"  # type: ignore[union-attr]
         if kind is events.NickChange:
-            return [f":{_source(event.old, event.userhost)} NICK {event.new}\r\n".encode()]  # type: ignore[union-attr]
+            if event.old == event.new:  # type: ignore[union-attr]
+                return ""
+            return f":{_source(event.old, event.userhost)} NICK {event.new}"  # type: ignore[union-attr]
         if kind is events.Notice:
-            return [f":{self.server} NOTICE * :{_one_line(event.text)}\r\n".encode()]  # type: ignore[union-attr]
+            return f":{self.server} NOTICE * :{_one_line(event.text)}"  # type: ignore[union-attr]
         if kind is events.Signal:
-            line = self.signal(event)  # type: ignore[arg-type]
-            return [line] if line else []
-        return []
+            return self.signal(event).decode("utf-8").rstrip("\r\n")  # type: ignore[arg-type]
+        if kind is events.Topic:
+            return f":{event.by} TOPIC {event.room} :{_one_line(event.text, 400)}"  # type: ignore[union-attr]
+        if kind is events.Kick:
+            return (f":{_source(event.by, event.userhost)} KICK {event.room} {event.nick} "  # type: ignore[union-attr]
+                    f":{_one_line(event.reason)}")  # type: ignore[union-attr]
+        if kind is events.Invite:
+            invitee = event.to or event.nick or "*"  # type: ignore[union-attr]
+            return f":{_source(event.by, event.userhost)} INVITE {invitee} {event.room}"  # type: ignore[union-attr]
+        if kind is events.ModeChange:
+            text = mode_text(event.changes)  # type: ignore[union-attr]
+            if not text:
+                return ""
+            source = _source(event.by, event.userhost)  # type: ignore[union-attr]
+            return f":{source} MODE {event.room} {text}"  # type: ignore[union-attr]
+        if kind is events.AccountChange:
+            if not self.account_notify:
+                return ""
+            source = _source(event.nick, event.userhost)  # type: ignore[union-attr]
+            return f":{source} ACCOUNT {event.account or '*'}"  # type: ignore[union-attr]
+        return ""
 
     def signal(self, event: events.Signal, extra: str = "") -> bytes:
         """TAGMSG: only to clients that take message tags (the others would see nothing)."""
@@ -113,7 +154,59 @@ class IrcWire:
             parts.append(client_tag_text(event.client_tags))
         target = event.room if event.room is not None else event.to
         source = _source(event.sender, event.userhost)
-        return f"@{';'.join(parts)} :{source} TAGMSG {target}\r\n".encode("utf-8")  # answers (names, history, ...) are per session: see IrcSession.reply
+        return f"@{';'.join(parts)} :{source} TAGMSG {target}\r\n".encode("utf-8")
+
+
+# IRC's letters for the contract's modes (docs/irc.md); `n` (no messages from outside) has no
+# name of its own: a room never takes messages from non-members, so it is always on.
+FLAG_LETTERS = {"moderated": "m", "invite_only": "i", "topic_locked": "t", "secret": "s"}
+LIST_LETTERS = {"op": ("+", "o"), "deop": ("-", "o"), "voice": ("+", "v"),
+                "devoice": ("-", "v"), "ban": ("+", "b"), "unban": ("-", "b")}
+
+
+def mode_text(changes: Sequence[Tuple[str, object]]) -> str:
+    """A ModeChange's changes as IRC's mode string and arguments: `+mk-o key nick`."""
+    letters: List[str] = []
+    args: List[str] = []
+    sign = ""
+
+    def put(new_sign: str, letter: str, arg: Optional[str] = None) -> None:
+        nonlocal sign
+        if new_sign != sign:
+            letters.append(new_sign)
+            sign = new_sign
+        letters.append(letter)
+        if arg is not None:
+            args.append(arg)
+
+    for name, value in changes:
+        if name in FLAG_LETTERS:
+            put("+" if value else "-", FLAG_LETTERS[name])
+        elif name == "key":
+            if value is None:
+                put("-", "k", "*")
+            else:
+                put("+", "k", str(value))
+        elif name == "limit":
+            if value is None:
+                put("-", "l")
+            else:
+                put("+", "l", str(value))
+        elif name in LIST_LETTERS:
+            plus, letter = LIST_LETTERS[name]
+            for item in value:  # type: ignore[attr-defined]
+                put(plus, letter, ban_display(item) if letter == "b" else str(item))
+    if not letters:
+        return ""
+    text = "".join(letters)
+    if args:
+        text += " " + " ".join(args)  # nicks, masks and keys hold no spaces
+    return text
+
+
+def ban_display(mask: str) -> str:
+    """A ban as IRC shows it: an account mask in the `$a:` form IRC servers use."""
+    return "$a:" + mask[8:] if mask.startswith("account:") else mask
 
 
 def client_tag_text(tags: Tuple[Tuple[str, str], ...]) -> str:
@@ -134,17 +227,24 @@ def _one_line(text: str, limit: int = 300) -> str:
 
 
 class WireSet:
-    """The four formats of one server, made once."""
+    """The formats of one server, made as sessions ask for them (at most 2 ** 5)."""
 
-    __slots__ = ("_wires",)
+    __slots__ = ("_server", "_wires")
 
     def __init__(self, server: str) -> None:
-        self._wires: Dict[Tuple[bool, bool], IrcWire] = {
-            (t, m): IrcWire(server, t, m) for t in (False, True) for m in (False, True)
-        }
+        self._server = server
+        self._wires: Dict[Tuple[bool, ...], IrcWire] = {}
 
-    def get(self, with_time: bool, with_msgid: bool) -> IrcWire:
-        return self._wires[(with_time, with_msgid)]
+    def get(self, with_time: bool, with_msgid: bool, account: bool = False,
+            extended_join: bool = False, account_notify: bool = False) -> IrcWire:
+        key = (with_time, with_msgid, account, extended_join, account_notify)
+        wire = self._wires.get(key)
+        if wire is None:
+            wire = self._wires[key] = IrcWire(self._server, *key)
+        return wire
+
+    def for_caps(self, caps: Set[str]) -> IrcWire:
+        return self.get(*(cap in caps for cap in FORMAT_CAPS))
 
 
 def parse_time(text: str) -> Optional[int]:
