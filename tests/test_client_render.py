@@ -123,10 +123,12 @@ json_values = st.recursive(
     max_leaves=10,
 )
 kinds = st.sampled_from(
-    ["message", "history", "join", "part", "quit", "nick", "names", "rooms", "welcome", "notice", "error", "pong", "help", "hint", "info", "unknown"]
+    ["message", "history", "join", "part", "quit", "nick", "names", "rooms", "welcome", "notice", "error", "pong", "help", "hint", "info", "unknown",
+     "day", "topic", "kick", "invite", "mode", "account"]
 )
 members = st.dictionaries(
-    st.sampled_from(["type", "from", "to", "room", "text", "nick", "reason", "old", "new", "nicks", "rooms", "motd", "server", "code", "message", "token", "lines", "count"]),
+    st.sampled_from(["type", "from", "to", "room", "text", "nick", "reason", "old", "new", "nicks", "rooms", "motd", "server", "code", "message", "token", "lines", "count",
+                     "by", "set", "bans", "account", "ts", "with", "away", "operators", "voiced", "_shown", "_me", "_ours", "_asked"]),
     json_values | st.lists(st.text(), max_size=5) | st.lists(st.fixed_dictionaries({"name": st.text(), "members": json_scalars}), max_size=3),
     max_size=8,
 )
@@ -138,6 +140,7 @@ def test_rendered_output_never_carries_a_control_character(kind: str, data: Dict
     """The only control character we emit is the newline between lines of one item, and each
     continuation line starts with indentation, so it cannot pose as a line of its own."""
     fragments = render(Item(kind, at, data, earlier))
+    assert not FORBIDDEN.search(plain(render(Item(kind, at, data, earlier, mention=True), windowed=True)))
     assert all(isinstance(style, str) and isinstance(text, str) for style, text in fragments)
     out = plain(fragments)
     assert not FORBIDDEN.search(out)

@@ -389,12 +389,14 @@ json_values = st.recursive(
     max_leaves=12,
 )
 event_types = st.sampled_from(
-    ["welcome", "message", "join", "part", "quit", "nick", "names", "rooms", "history", "pong", "ping", "notice", "error", "zzz"]
+    ["welcome", "message", "join", "part", "quit", "nick", "names", "rooms", "history", "pong", "ping", "notice", "error", "zzz",
+     "account", "topic", "kick", "invite", "mode"]
 )
 
 
 @settings(max_examples=100, deadline=None)
-@given(event_types, st.dictionaries(st.sampled_from(["room", "nick", "id", "ts", "from", "to", "text", "messages", "nicks", "more", "ref", "old", "new", "token", "code"]), json_values, max_size=8))
+@given(event_types, st.dictionaries(st.sampled_from(["room", "nick", "id", "ts", "from", "to", "text", "messages", "nicks", "more", "ref", "old", "new", "token", "code",
+                                                    "with", "account", "by", "set", "operators", "voiced", "reason"]), json_values, max_size=8))
 def test_any_event_is_handled_without_raising(kind: str, members: Dict[str, Any]) -> None:
     s = registered()
     r = s.handle_event({**members, "type": kind})
