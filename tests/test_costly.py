@@ -48,9 +48,9 @@ def server_with_costly_rooms(monkeypatch, seconds: float, **config):
     server.listen()
     listing = server.chat.room_list
 
-    def costly_room_list(offset: int = 0):
+    def costly_room_list(offset: int = 0, user=None):
         cpu[0] += seconds
-        return listing(offset)
+        return listing(offset, user)
 
     monkeypatch.setattr(server.chat, "room_list", costly_room_list)
     return clock, reactor, server
@@ -91,9 +91,9 @@ def test_a_costly_request_is_billed_by_the_time_it_took(monkeypatch) -> None:
     assert bucket is not None and bucket.tokens == bucket.count  # nothing billed yet
     listing = chat.room_list
 
-    def slow_room_list(offset: int = 0):
+    def slow_room_list(offset: int = 0, user=None):
         clock[0] += 0.020  # this answer took 20 ms of the loop's CPU
-        return listing(offset)
+        return listing(offset, user)
 
     monkeypatch.setattr(chat, "room_list", slow_room_list)
     sock.sendall(frame({"type": "rooms", "offset": 7990}))  # a tiny page of a long list
