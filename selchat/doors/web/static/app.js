@@ -1134,6 +1134,7 @@
       const view = roomView(room, false);
       if (!view) return;
       view.members.set(fold(nick), nick);
+      if (typeof ev.account === "string") view.accounts.set(fold(nick), ev.account);
       recolour(view);
       systemLine(view, Date.now(), [nickSpan(nick, view), " joined"]);
       if (S.current === view.key) renderMembers();
@@ -1262,7 +1263,10 @@
         const link = el("button", "room-link", name);
         link.type = "button";
         link.title = `join ${name}`;
-        link.addEventListener("click", () => runLine("/join " + name));
+        link.addEventListener("click", () => {
+          runLine("/join " + name);
+          ui.input.focus();
+        });
         parts.push(link, ` (${str(r && r.members)})`);
       });
       systemLine(view, Date.now(), parts, "info");
@@ -1368,7 +1372,10 @@
       const link = el("button", "room-link", room);
       link.type = "button";
       link.title = `join ${room}`;
-      link.addEventListener("click", () => runLine("/join " + room));
+      link.addEventListener("click", () => {
+        runLine("/join " + room);
+        ui.input.focus();
+      });
       systemLine(view, Date.now(), [nickSpan(str(ev.by), view), " invites you to ", link], "info");
     },
 
@@ -2618,8 +2625,16 @@
     $("register-cancel").addEventListener("click", () => ui.registerPanel.close());
     ui.logout.addEventListener("click", logout);
     ui.settingsToggle.addEventListener("click", openSettings);
-    ui.settings.addEventListener("close", () => ui.input.focus());
-    ui.registerPanel.addEventListener("close", () => ui.input.focus());
+    // Back to the message input when a panel closes. The caret has to be put there too:
+    // Chromium leaves the selection in the panel's text field it was in, and typing then
+    // goes nowhere although the input has the focus.
+    const backToInput = () => {
+      ui.input.focus();
+      const n = ui.input.value.length;
+      ui.input.setSelectionRange(n, n);
+    };
+    ui.settings.addEventListener("close", backToInput);
+    ui.registerPanel.addEventListener("close", backToInput);
     for (const box of ui.settings.querySelectorAll("input[data-mode]")) {
       box.addEventListener("change", () => {
         const v = settingsView();
