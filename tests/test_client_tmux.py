@@ -185,6 +185,17 @@ def test_windows_act_list_and_mentions(tmux: Callable[..., Pane], start_server) 
     alice.wait(lambda s: alice.bells() == bells + 1, "no more bells")
 
 
+def test_a_refused_join_goes_back_and_leaves_no_window(tmux: Callable[..., Pane], start_server) -> None:
+    srv = start_server()
+    alice = chat(tmux, srv.port, "alice")
+    alice.type("/join #no!good")
+    alice.wait_for(r"error bad_room: ")
+    alice.wait_for(r"\[2:#lobby\]")
+    assert "3:" not in alice.status()
+    alice.keys("M-Right")
+    alice.wait_for(r"\[1:status\]")  # round the ends: there is no window 3
+
+
 def test_private_conversation_windows_and_close(tmux: Callable[..., Pane], start_server) -> None:
     srv = start_server()
     alice = chat(tmux, srv.port, "alice", "--no-bell")

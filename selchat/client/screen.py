@@ -237,9 +237,18 @@ class Screen:
                 added = window.items[before.get(id(window), 0):]
                 window.scroll += sum(len(wrap(self._render(i), self.scrollback.width)) for i in added)
         self.windows.follow(self.session.focus)
+        self._prune()
         if attention and self.bell and self.app.is_running:
             self.app.output.bell()
         self.invalidate()
+
+    def _prune(self) -> None:
+        """Close the window a refused /join opened (empty, not joined, no longer looked at)."""
+        for index in range(len(self.windows.windows) - 1, 0, -1):
+            window = self.windows.windows[index]
+            if (window.is_room and not window.items and index != self.windows.current
+                    and window.key.lower() not in self.session.rooms):
+                self.windows.close(index)
 
     def note(self, text: str, status_only: bool = False) -> None:
         item = self.session.note(text)
