@@ -444,6 +444,16 @@ def test_screenshots_and_phone_layout(start_server, pages, tmp_path) -> None:
     phone.item("#lobby").click()
     expect(phone.item("#lobby")).to_have_class(CURRENT)
     expect(phone.page.locator("#sidebar")).not_to_be_in_viewport()
+    # A member's menu on the phone: inside the screen, and it opens the conversation.
+    phone.page.locator("#toggle-members").click()
+    phone.page.locator('#member-list li[data-nick="alice"]').click()
+    menu = phone.page.locator("#member-menu")
+    expect(menu).to_be_visible()
+    mbox = menu.bounding_box()
+    assert mbox is not None and mbox["x"] >= 0 and mbox["x"] + mbox["width"] <= 390, mbox
+    menu.locator('[data-act="query"]').click()
+    expect(phone.item("alice")).to_have_class(CURRENT)
+    expect(phone.page.locator("#members")).not_to_be_in_viewport()
 
     # Dark when the system is dark.
     light = desk.page.evaluate("getComputedStyle(document.body).backgroundColor")

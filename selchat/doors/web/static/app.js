@@ -1237,7 +1237,8 @@
       }
       if (req && req.type === "who") {
         const opSet = new Set(final.ops.map(fold));
-        const shown = final.nicks.map((n) => (opSet.has(fold(n)) ? "@" + n : n));
+        const voiceSet = new Set(final.voiced.map(fold));
+        const shown = final.nicks.map((n) => (opSet.has(fold(n)) ? "@" + n : voiceSet.has(fold(n)) ? "+" + n : n));
         const where = view || currentView();
         if (where) {
           systemLine(where, Date.now(), [`${final.nicks.length} in ${room}: ${shown.join(" ")}`], "info");
