@@ -481,10 +481,17 @@ class Chat:
         if len(user.rooms) >= self.max_rooms_per_user:
             raise ChatError("too_many_rooms", f"you are in {self.max_rooms_per_user} rooms already")
         room = self.rooms.get(room_key)
+        checked = False
         if room is None:
             registered = self.directory.rooms.get(room_key)
             if registered is not None:
                 room = self._revive(room_key, registered, now_ms)
+                try:
+                    self._may_join(user, room, key)
+                except ChatError:
+                    self._drop_empty(room)  # nobody got in: it stays only in the store
+                    raise
+                checked = True
         if room is None:
             self._may_create(user)
             room = self._room(room_name, now_ms, user.holder)
@@ -492,7 +499,7 @@ class Chat:
             if user.account_key is not None:  # and a logged-in creator registers it
                 room.founder = user.account_key
                 self._save_room(room)
-        else:
+        elif not checked:
             self._may_join(user, room, key)
         room.invited.pop(user, None)
         if user.account_key is not None and (user.account_key == room.founder
@@ -686,8 +693,8 @@ class Chat:
         if len(invited) >= room_rules.MAX_INVITES:
             del invited[next(iter(invited))]
         invited[target] = None
-        return [Delivery(events.Invite(room.name, user.nick, "", user.userhost, target.nick), (target,)),
-                reply(events.Invite(room.name, user.nick, target.nick, user.userhost, target.nick), user)]
+        return [Delivery(events.Invite(room.name, user.nick, "", user.userhost), (target,)),
+                reply(events.Invite(room.name, user.nick, target.nick, user.userhost), user)]
 
     def mode_info(self, room: Room, user: User) -> events.ModeInfo:
         modes: List[Tuple[str, object]] = [(name, room.flags[name]) for name in MODE_FLAGS]
@@ -1016,17 +1023,21 @@ class Chat:
         room.voiced.pop(user, None)
         del user.rooms[room.key]
         if not room.members and room is not self.lobby:
-            del self.rooms[room.key]
-            if not room.flags["secret"]:
-                self.index.remove(room.key, 0)
-            self._forget_recent(room)
-            holder = room.holder
-            if holder is not None:
-                left = self.rooms_held[holder] - 1
-                if left:
-                    self.rooms_held[holder] = left
-                else:
-                    del self.rooms_held[holder]
+            self._drop_empty(room)
+
+    def _drop_empty(self, room: Room) -> None:
+        """An empty room goes (a registered one lives on in the store's directory)."""
+        del self.rooms[room.key]
+        if not room.flags["secret"]:
+            self.index.remove(room.key, 0)
+        self._forget_recent(room)
+        holder = room.holder
+        if holder is not None:
+            left = self.rooms_held[holder] - 1
+            if left:
+                self.rooms_held[holder] = left
+            else:
+                del self.rooms_held[holder]
 
     @staticmethod
     def _sorted(users: Iterable[User]) -> Tuple[str, ...]:
