@@ -412,3 +412,12 @@ def test_any_line_parses_and_unknown_commands_are_never_sent(line: str) -> None:
     word = line.split(" ")[0].lower().rstrip("\r\n")
     if line.startswith("/") and not line.startswith("//") and word not in known:
         assert isinstance(action, Local)
+
+
+def test_the_ids_remembered_are_bounded() -> None:
+    from selchat.client import session as module
+
+    s = registered()
+    for mid in range(module.SEEN_MAX + 10):
+        s._message_item({"type": "message", "id": mid, "ts": 1, "from": "b", "room": "#lobby", "text": "x"}, 0.0, False)
+    assert len(s.seen_ids) == module.SEEN_MAX and 0 not in s.seen_ids and module.SEEN_MAX + 9 in s.seen_ids

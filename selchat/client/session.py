@@ -12,7 +12,7 @@ import itertools
 import random
 import re
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Set, Tuple, Union
 
@@ -83,6 +83,8 @@ SECRET_COMMANDS = ("register", "login", "password")
 PASSWORD_MIN, PASSWORD_MAX = 8, 256  # UTF-8 bytes, as the server checks
 
 _PENDING_MAX = 1024  # refs remembered for matching answers; older ones are forgotten
+CONVERSATIONS_MAX = 10_000  # rooms and private conversations whose history paging we track
+SEEN_MAX = 100_000  # message ids remembered to drop repeats (about 8 MB at most)
 _NICK_CHARS = r"A-Za-z0-9_\-\[\]{}\\|^"
 
 
@@ -271,7 +273,8 @@ class ClientSession:
         self.rooms: Dict[str, str] = {}  # folded name -> server spelling, rooms we are in
         self.room_state: Dict[str, RoomState] = {}  # folded name -> members, roles, topic
         self.conversations: Dict[str, Conversation] = {}  # see _conv_key
-        self.seen_ids: Set[int] = set()
+        self.seen_ids: Set[int] = set()  # ids shown, to drop repeats; the newest SEEN_MAX kept
+        self._seen_order: "deque[int]" = deque()
         self.account: Optional[str] = None  # the account we are logged in as
         self.login: Optional[Dict[str, str]] = None  # sent in every hello when set (--account)
         self._clock = clock
@@ -723,6 +726,17 @@ class ClientSession:
             reqs.append(self.request("part", room=LOBBY))
         return reqs
 
+    def _conversation(self, where: str) -> Conversation:
+        """The history state of a room or a conversation; the oldest are forgotten past
+        CONVERSATIONS_MAX (a flood of strangers' private messages must not grow us for ever)."""
+        key = self._conv_key(where)
+        conv = self.conversations.get(key)
+        if conv is None:
+            conv = self.conversations[key] = Conversation()
+            while len(self.conversations) > CONVERSATIONS_MAX:
+                del self.conversations[next(iter(self.conversations))]
+        return conv
+
     def _conv_key(self, where: str) -> str:
         """Key of a room's or a private conversation's history: `#room` or `nick`, folded."""
         return _fold(where)
@@ -750,10 +764,14 @@ class ClientSession:
             if mid in self.seen_ids:
                 return None
             self.seen_ids.add(mid)
+            self._seen_order.append(mid)
+            if len(self._seen_order) > SEEN_MAX:
+                # Forget the oldest: a repeat that old is at most shown once more.
+                self.seen_ids.discard(self._seen_order.popleft())
         if isinstance(where, str):
             if not earlier and isinstance(room, str) and _fold(room) in self.room_state:
                 self.room_state[_fold(room)].fresh = False  # talk has begun: a topic now is news
-            conv = self.conversations.setdefault(self._conv_key(where), Conversation())
+            conv = self._conversation(where)
             conv.shown += 1
             if isinstance(mid, int) and not isinstance(mid, bool) and (conv.oldest is None or mid < conv.oldest):
                 conv.oldest = mid
@@ -780,7 +798,7 @@ class ClientSession:
             if item is not None
         ]
         if where is not None:
-            conv = self.conversations.setdefault(self._conv_key(where), Conversation())
+            conv = self._conversation(where)
             if event.get("more") is not True and (asked or isinstance(room, str)):
                 conv.complete = True
             state = self.room_state.get(_fold(where))
