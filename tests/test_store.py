@@ -1056,3 +1056,47 @@ def test_a_page_stops_at_its_byte_budget_and_says_more(tmp_path, kind):
     one, more = store.recent("#r", None, 200, max_bytes=10)  # never less than one message
     assert [m.text[:2] for m in one] == ["29"] and more
     store.close()
+
+
+# -- schema v5: accounts --------------------------------------------------------------------------
+
+
+def test_a_version_4_file_gains_accounts_and_keeps_its_history(tmp_path):
+    """The database of the release before accounts opens as v5: every message is still there
+    (the same ids, texts and flags), and accounts, tokens, registered rooms and mailboxes are
+    kept from then on."""
+    from selchat.core.events import Message
+    from selchat.core.store import pair_key
+
+    path = tmp_path / "chat.db"
+    old = SQLiteStore(path, migrations=MIGRATIONS[:4])
+    fill(old, 30)
+    before, _ = old.recent("#lobby", None, 50)
+    old.close()
+    assert user_version(path) == 4
+    store = SQLiteStore(path)
+    assert store.schema_version() == SCHEMA_VERSION == 5
+    after, more = store.recent("#lobby", None, 50)
+    assert after == before and len(after) == 30 and not more
+    assert all(m.account is None for m in after)
+    directory = store.directory
+    directory.save_account("ann", "Ann", "verifier-text", 1)
+    directory.save_room("#den", "#Den", "ann", "{}")
+    directory.save_token("digest", "ann", 2)
+    waiting = Message(store.allocate_id(), 3, "bob", "while away", None, "Ann", account="bob")
+    assert directory.add_mail("ann", waiting)
+    private = Message(store.allocate_id(), 4, "Ann", "hi bob", None, "bob", account="Ann")
+    store.add_private(private, pair_key("ann", "bob"))
+    store.add(msg(store.allocate_id(), "#lobby"))
+    assert store.commit() == 1
+    store.close()
+    again = SQLiteStore(path)
+    assert again.directory.accounts == {"ann": ("Ann", "verifier-text", 1)}
+    assert again.directory.rooms == {"#den": ("#Den", "ann", "{}")}
+    assert again.directory.tokens == {"digest": ("ann", 2)}
+    assert again.directory.take_mail("ann") == [waiting]
+    got, _ = again.recent(pair_key("ann", "bob"), None, 10)
+    assert got == [private] and got[0].to == "bob" and got[0].room is None
+    # A private conversation is never served as a room's history.
+    assert all(m.room == "#lobby" for m in again.recent("#lobby", None, 100)[0])
+    again.close()
