@@ -70,6 +70,9 @@ class ServerConfig:
     web_origin: Tuple[str, ...] = ()  # origins allowed to open a WebSocket besides the server's own
     trusted_proxy: Tuple[str, ...] = ()  # addresses or CIDR blocks of proxies that say who the client is
     forwarded_header: str = "x-forwarded-for"  # which header a trusted proxy names the client in
+    operators: Optional[str] = None  # file naming the server operators' accounts, one a line
+    registration: bool = True  # whether `register` makes new accounts
+    kdf_workers: int = 1  # processes that hash and check passwords; 0: in the loop (tests)
 
     @property
     def high_water(self) -> int:
@@ -401,6 +404,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-key", metavar="FILE", help="PEM private key file for --tls-cert")
     p.add_argument("--password-file", metavar="FILE",
                    help="file whose first line is the server password; hello must carry it")
+    p.add_argument("--operators", metavar="FILE",
+                   help="file naming the server operators' accounts, one a line: operators in "
+                        "every room, and they may kill")
+    p.add_argument("--registration", choices=("open", "closed"), default="open",
+                   help="whether anyone may register an account (default: open)")
+    p.add_argument("--kdf-workers", type=_non_negative_int, default=d.kdf_workers,
+                   help="processes that hash and check passwords, off the loop (default: "
+                        f"{d.kdf_workers}; 0 checks in the loop, for tests)")
     p.add_argument("--rate", type=_rate, default=d.rate,
                    help="requests per second each client may send on average; 0 turns flood control off")
     p.add_argument("--burst", type=_positive_int, default=d.burst,
@@ -456,6 +467,8 @@ def parse_args(argv: Optional[List[str]] = None) -> ServerConfig:
     given = frozenset(name for name in DERIVED_OPTIONS if name in values)
     values["web_origin"] = tuple(values.get("web_origin") or ())
     values["trusted_proxy"] = tuple(values.get("trusted_proxy") or ())
+    if "registration" in values:
+        values["registration"] = values["registration"] != "closed"
     config = ServerConfig(**values)  # options not given take the dataclass defaults
     if (config.tls_cert is None) != (config.tls_key is None):
         parser.error("--tls-cert and --tls-key go together")

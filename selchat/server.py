@@ -26,7 +26,7 @@ import socket
 import ssl
 import sys
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 from selchat import SERVER_NAME
 from selchat.config import ServerConfig, parse_args
@@ -44,6 +44,8 @@ from selchat.loop.proxyproto import TrustedProxies, normal_ip
 from selchat.loop.pacing import Pacer
 from selchat.loop.reactor import Reactor
 from selchat.loop.transport import State, TLSTransport, Transport, Writer, kind_of
+from selchat.core.accounts import read_operators
+from selchat.kdf import make_kdf
 from selchat.password import read_password_file
 
 REFUSING_MAX = 256  # connections beyond --max-clients that may be in the middle of a refusal
@@ -61,6 +63,7 @@ class Server:
         tls: Optional[ssl.SSLContext] = None,
         password: Optional[bytes] = None,
         reactor: Optional[Reactor] = None,
+        operators: Sequence[str] = (),
     ) -> None:
         self.config = config
         self.store = store
@@ -76,8 +79,11 @@ class Server:
             history_on_join=config.history_on_join,
             history_bytes=config.max_frame,
             started_ms=int(time.time() * 1000),
+            operators=operators,
+            registration=config.registration,
         )
         self.hub = Hub(self.chat, self.reactor)
+        self.hub.kdf = LazyKdf(self.reactor, config.kdf_workers)
         if config.register_rate > 0:
             # The waiting are connections, so the admission limits bound them already; a
             # waiting hello ends at the handshake timeout like any that does not get in.
@@ -277,6 +283,7 @@ class Server:
     def _finish(self) -> None:
         for transport in list(self.transports.values()):
             transport.abort("server stopped")
+        self.hub.kdf.close()
         self.hub.fanout.flush()
         try:
             self.store.commit()
@@ -318,6 +325,31 @@ class Via:
         return refused
 
 
+class LazyKdf:
+    """The password workers (selchat.kdf), started at the first password to hash or check: a
+    server nobody logs into runs no extra process."""
+
+    def __init__(self, reactor: Reactor, workers: int) -> None:
+        self.reactor = reactor
+        self.workers = workers
+        self.kdf: Any = None
+
+    def _get(self) -> Any:
+        if self.kdf is None:
+            self.kdf = make_kdf(self.reactor, self.workers)
+        return self.kdf
+
+    def hash(self, password: str, done: Any) -> bool:
+        return self._get().hash(password, done)
+
+    def verify(self, password: str, verifier: Optional[str], done: Any) -> bool:
+        return self._get().verify(password, verifier, done)
+
+    def close(self) -> None:
+        if self.kdf is not None:
+            self.kdf.close()
+
+
 class ListenError(OSError):
     """A port that cannot be opened; str() names it and says why."""
 
@@ -332,6 +364,14 @@ def _bind(host: str, port: int) -> socket.socket:
 def _host_name() -> str:
     name = socket.gethostname() or "selchat"
     return "".join(ch for ch in name if ch.isascii() and (ch.isalnum() or ch in ".-_")) or "selchat"
+
+
+def read_operators_file(path: str) -> List[str]:
+    """The --operators file, or ValueError with one line naming it."""
+    try:
+        return read_operators(path)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"--operators {path}: cannot read it: {exc}") from None
 
 
 def read_password(path: str) -> bytes:
@@ -407,11 +447,12 @@ def main(argv: Optional[List[str]] = None) -> int:
             tls = make_tls_context(config.tls_cert, config.tls_key)
         if config.password_file:
             password = read_password(config.password_file)
+        operators = read_operators_file(config.operators) if config.operators else []
     except ValueError as exc:
         print(f"selchat-server: {exc}", file=sys.stderr)
         return 1
     raise_open_file_limit()
-    server = Server(config, store, tls, password)
+    server = Server(config, store, tls, password, operators=operators)
     try:
         server.listen()
     except OSError as exc:

@@ -911,3 +911,25 @@ def test_invite_only_and_keyed_rooms(start_server, pages, tmp_path) -> None:
     bob.type("/join #inner s3cret")
     expect(bob.item("#inner")).to_have_class(CURRENT)
     expect(bob.page.locator("#member-list li")).to_have_text(["@alice", "bob"])
+
+
+def test_a_kick_and_modes_from_irc_are_seen_on_the_page(start_server, pages) -> None:
+    """The room's operator is on IRC: the page shows its topic, its marks and its kick."""
+    srv = start_server("--web-port", "0", "--irc-port", "0")
+    (bob,) = pages(url_of(srv), 1)
+    bob.open().login("bob")
+    irc = IrcPeer(irc_port(srv), "ircop")
+    try:
+        irc.join("#irc")  # made it: its operator
+        irc.send("TOPIC #irc :set from irssi")
+        bob.join("#irc")
+        expect(bob.page.locator("#topic-text")).to_have_text("set from irssi")
+        expect(bob.page.locator("#member-list li")).to_have_text(["@ircop", "bob"])
+        irc.send("MODE #irc +v bob")
+        expect(bob.page.locator("#member-list li")).to_have_text(["@ircop", "+bob"])
+        irc.send("KICK #irc bob :enough for today")
+        expect(bob.log("#irc").locator(".line.error")).to_contain_text(
+            ["You were kicked from #irc by ircop (enough for today)"])
+        expect(bob.item("#irc")).to_have_class(re.compile(r"\bparted\b"))
+    finally:
+        irc.close()
