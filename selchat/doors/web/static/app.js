@@ -1860,7 +1860,7 @@
       const account = S.pendingLogin ? S.pendingLogin.account : S.account;
       S.pendingLogin = null;
       S.registerPassword = null;
-      if (byToken) forgetToken();
+      if (byToken && code === "login_failed") forgetToken(); // (throttled: it may still be good)
       S.account = null;
       resetToLogin("");
       setLoginMode("login");
