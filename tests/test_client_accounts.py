@@ -101,3 +101,23 @@ def test_messages_to_an_offline_account_come_at_its_next_login(start_server, tmp
     assert "-- 2 messages from your conversation with quin while you were away --" in out, out
     assert re.search(r"private <quin -> pia> are you there\?\n.*private <quin -> pia> call me", out), out
     assert "all 2 messages of your conversation with quin are shown" in out + done.stderr, (out, done.stderr)
+
+
+def test_a_server_operator_kills_and_others_see_why(start_server, tmp_path: Path) -> None:
+    operators = tmp_path / "operators"
+    operators.write_text("root\n")
+    srv = start_server("--kdf-workers", "0", "--operators", str(operators))
+    register(srv.port, "root", "root-password")
+    witness = Listener(srv.port, "wit")
+    victim = Listener(srv.port, "vic")
+    try:
+        witness.out.wait_for(r"#lobby \* vic joined")
+        done = run(srv.port, "--account", "root", "--account-password-file", pw_file(tmp_path, "root", "root-password"),
+                   lines="/kill vic flooding\n")
+        assert done.returncode == 0, done.stderr
+        witness.out.wait_for(r"\* vic quit \(killed by root: flooding\)")
+        assert victim.proc.wait(timeout=15) == 1
+        denied = run(srv.port, "--nick", "nobody", lines="/kill wit\n")
+        assert re.search(r"error not_operator: .*\(line 1\)", denied.stdout), denied.stdout
+    finally:
+        assert witness.finish() == 0

@@ -26,7 +26,7 @@ from typing import Any, Awaitable, Callable, Dict, List, Mapping, NoReturn, Opti
 
 from selchat import __version__
 from selchat.client.connection import Connection, ConnectionClosed, connect
-from selchat.client.render import escape, escape_json_line, nick_colour, plain, render
+from selchat.client.render import escape, escape_json_line, plain, render
 from selchat.client.security import (
     INSECURE_WARNING,
     OptionError,

@@ -16,7 +16,7 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Set, Tuple, Union
 
-from selchat.client.modes import MODE_HELP, parse_mode
+from selchat.client.modes import parse_mode
 from selchat.defaults import HISTORY_LIMIT_DEFAULT, HISTORY_LIMIT_MAX, LOBBY
 
 __all__ = [
