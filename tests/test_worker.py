@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from selchat.loop.reactor import Reactor
 from selchat.loop.worker import WorkerPool
@@ -287,3 +289,33 @@ def test_a_request_over_the_size_limit_is_a_caller_error(make_pool: Callable[...
     with pytest.raises(ValueError):
         pool.submit(b"x" * 101, lambda answer: None)
     assert pool.pending == 0
+
+
+_frames = st.lists(st.one_of(
+    st.binary(max_size=12),  # anything
+    st.tuples(st.integers(0, 40), st.sampled_from([0, 1, 2, 255]), st.binary(max_size=40)).map(
+        lambda t: t[0].to_bytes(4, "big") + bytes([t[1]]) + t[2]),  # frame-shaped, lengths often wrong
+), max_size=4).map(b"".join)
+
+
+@settings(max_examples=15, deadline=None)
+@given(_frames)
+def test_whatever_a_child_writes_every_job_is_answered_once(prefix: bytes) -> None:
+    """Bytes a child writes before its answers (a stray print, a broken child) never raise in
+    the parent: each job is answered exactly once, with a child's answer or None. (A stray
+    half header puts the parent out of step, waiting for a frame that never ends: the job
+    timeout is what ends that.)"""
+    reactor = Reactor()
+    pool = WorkerPool(reactor, "worker_child", env=child_env(WORKER_CHILD_PREFIX=prefix.hex()),
+                      cwd=str(TESTS), restart_min=0.05, restart_max=0.1, job_timeout=1.5)
+    try:
+        answers = Answers()
+        for i in range(3):
+            assert pool.submit(b"echo:%d" % i, answers(f"j{i}"))
+        run_until(reactor, answers.has("j0", "j1", "j2"))
+        if not prefix:
+            assert [answers.got[f"j{i}"] for i in range(3)] == [b"0", b"1", b"2"]
+        assert pool.pending == 0
+    finally:
+        pool.close()
+        reactor.close()

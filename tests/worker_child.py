@@ -3,7 +3,7 @@
 Requests: b"echo:X" -> X; b"pid" -> the child's pid; b"sleep:S" -> b"slept" after S seconds;
 b"spin:S" -> b"spun" after S seconds of CPU; b"raise" -> the handler raises; b"exit" -> the
 child exits at once (status 3). With WORKER_CHILD_GARBAGE=1 in its environment the child
-first writes a frame header announcing 4 GiB.
+first writes a frame header announcing 4 GiB; with WORKER_CHILD_PREFIX=HEX, those bytes.
 """
 
 from __future__ import annotations
@@ -37,4 +37,6 @@ def handle(request: bytes) -> bytes:
 if __name__ == "__main__":
     if os.environ.get("WORKER_CHILD_GARBAGE"):
         os.write(1, b"\xff\xff\xff\xff")
+    if os.environ.get("WORKER_CHILD_PREFIX"):
+        os.write(1, bytes.fromhex(os.environ["WORKER_CHILD_PREFIX"]))
     sys.exit(serve(handle))
