@@ -284,3 +284,17 @@ def test_the_joiners_copy_of_a_topic_reads_as_the_topic_not_as_news() -> None:
     s.handle_event({"type": "history", "room": "#dev", "messages": [], "more": False})
     r = s.handle_event({"type": "topic", "room": "#dev", "text": "shipped", "by": "bob", "ts": 1_700_000_000_000})
     assert show(r.items[0]) == "22:13 #dev * bob set the topic: shipped"
+
+
+@pytest.mark.parametrize("line, secrets, password", [
+    ("/register", ("correct horse", "correct horse"), "correct horse"),
+    ("/password", ("old-password", "new-password", "new-password"), "new-password"),
+    ("/login alice", ("sesame-sesame",), "sesame-sesame"),
+])
+def test_a_reconnect_logs_in_with_the_password_that_last_worked(line: str, secrets: tuple, password: str) -> None:
+    s = registered()
+    action = answer(s, line, *secrets)
+    assert isinstance(action, Send)
+    s.handle_event({"type": "account", "account": "alice", "nick": "alice", "ref": action.request["ref"]})
+    s.connection_lost()
+    assert s.hello("alice")["login"] == {"account": "alice", "password": password}

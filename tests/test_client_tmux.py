@@ -283,3 +283,22 @@ def test_register_and_log_in_without_echo_then_run_a_room(tmux: Callable[..., Pa
     dev.wait_for(r"^ #plans \(1 here\): ship on friday")
     dev.type("/who")
     dev.wait_for(r"#plans \* 1 here: @eve")
+
+
+def test_after_a_server_restart_the_account_is_logged_in_again(tmux: Callable[..., Pane], start_server, tmp_path: Path) -> None:
+    port, db = str(free_port()), str(tmp_path / "chat.db")
+    srv = start_server("--kdf-workers", "0", "--port", port, "--db", db)
+    fay = chat(tmux, srv.port, "fay")
+    fay.type("/register")
+    fay.type("fay-password")
+    fay.type("fay-password")
+    fay.wait_for(r"\[fay\(\+a\)\]")
+    fay.type("/join #back")
+    fay.wait_for(r"\[3:#back\]")
+    srv.stop()
+    fay.wait_for(r"\(offline, reconnecting\)")
+    start_server("--kdf-workers", "0", "--port", port, "--db", db)
+    # The nick is reserved for the account: only logging in again gets it back.
+    fay.wait_for(r"-- reconnected", timeout=20)
+    screen = fay.wait_for(r"\[fay\(\+a\)\] \[3:#back\] \(@\)")
+    assert "offline" not in fay.status(), screen

@@ -944,8 +944,13 @@ class ClientSession:
         if ours:
             self.account = account if isinstance(account, str) else None
             data = dict(event, _ours=True, _asked=_text(request.get("type")) if request is not None else "")
-            if request is not None and request.get("type") == "login" and self.account is not None:
-                self.login = {"account": self.account, "password": _text(request.get("password"))}
+            # What a reconnect's hello logs in with: the password of the last login, register
+            # or password change that worked (without it, our own account's nick is reserved
+            # against us after a reconnect).
+            secret = {"login": "password", "register": "password", "password": "new"}.get(
+                _text(request.get("type")) if request is not None else "")
+            if secret is not None and self.account is not None and isinstance(request.get(secret), str):
+                self.login = {"account": self.account, "password": request[secret]}
             if self.account is None:
                 self.login = None
             out.items.append(Item("account", now, data, targets=(STATUS, CURRENT)))
