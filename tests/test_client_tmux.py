@@ -183,6 +183,9 @@ def test_windows_act_list_and_mentions(tmux: Callable[..., Pane], start_server) 
     alice.keys("M-Left")
     alice.wait_for(r"\[3:#dev\]")
     alice.wait(lambda s: alice.bells() == bells + 1, "no more bells")
+    alice.type("BO", enter=False)
+    alice.keys("Tab")
+    alice.wait_for(r"^\[#dev\] alice> bob:")  # Tab completes a member's nick
 
 
 def test_a_refused_join_goes_back_and_leaves_no_window(tmux: Callable[..., Pane], start_server) -> None:

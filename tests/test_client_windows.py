@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from selchat.client.render import plain, render
-from selchat.client.screen import wrap
+from selchat.client.screen import complete_nick, wrap
 from selchat.client.session import STATUS, ClientSession, Item
 from selchat.client.windows import LEVEL_EVENT, LEVEL_MENTION, LEVEL_TALK, SCROLLBACK, Window, Windows
 
@@ -226,3 +226,13 @@ def test_wrapped_rows_fit_and_keep_every_character(fragments: List[Any], width: 
 
 def test_status_key_is_not_a_room_or_nick() -> None:
     assert Windows().windows[0].key == STATUS and Item("x", 0).targets == ()
+
+
+def test_tab_completes_a_nick_as_irssi_does() -> None:
+    nicks = ["bob", "Bobby", "carol"]
+    assert complete_nick("bo", 2, nicks) == ("bob: ", 5)
+    assert complete_nick("hi CA", 5, nicks) == ("hi carol ", 9)
+    assert complete_nick("hi ca and more", 5, nicks) == ("hi carol  and more", 9)
+    assert complete_nick("zz", 2, nicks) is None
+    assert complete_nick("/jo", 3, nicks) is None
+    assert complete_nick("", 0, nicks) is None

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Tuple
 
 from prompt_toolkit.application import Application
 from prompt_toolkit.buffer import Buffer
@@ -36,7 +36,7 @@ from selchat.client.render import Fragments, escape, nick_colour, render
 from selchat.client.session import ClientSession, Item
 from selchat.client.windows import LEVEL_EVENT, LEVEL_MENTION, Windows
 
-__all__ = ["Screen", "wrap", "asks_secret"]
+__all__ = ["Screen", "wrap", "asks_secret", "complete_nick"]
 
 STYLE = Style.from_dict(
     {
@@ -343,6 +343,16 @@ class Screen:
         def _(event: KeyPressEvent) -> None:
             self.step(1)
 
+        @kb.add("tab")
+        def _(event: KeyPressEvent) -> None:
+            if self._secret is not None:
+                return
+            window = self.windows.active
+            nicks = self.session.members(window.key) if window.is_room else [window.key] if window.key != "(status)" else []
+            done = complete_nick(self.buffer.text, self.buffer.cursor_position, [n for n in nicks if not self.session.is_me(n)])
+            if done is not None:
+                self.buffer.text, self.buffer.cursor_position = done
+
         @kb.add("pageup")
         def _(event: KeyPressEvent) -> None:
             self.windows.active.scroll += max(1, self.scrollback.height - 2)
@@ -355,6 +365,23 @@ class Screen:
             self.invalidate()
 
         return kb
+
+
+def complete_nick(text: str, cursor: int, nicks: List[str]) -> Optional[Tuple[str, int]]:
+    """Tab: the word before the cursor completed to the first nick it begins (any case), as
+    irssi does: `bo` -> `bob: ` at the start of the line, `bob ` elsewhere. None if no nick fits."""
+    start = cursor
+    while start > 0 and not text[start - 1].isspace():
+        start -= 1
+    word = text[start:cursor]
+    if not word or word.startswith("/"):
+        return None
+    matches = sorted((n for n in nicks if n.lower().startswith(word.lower())), key=str.lower)
+    if not matches:
+        return None
+    tail = ": " if start == 0 else " "
+    done = matches[0] + tail
+    return text[:start] + done + text[cursor:], start + len(done)
 
 
 def asks_secret(text: str) -> bool:

@@ -1023,6 +1023,11 @@ class ClientSession:
         members = f"{len(state.members)} here"
         return f"{room} ({members}): {topic}" if topic else f"{room} ({members}), no topic"
 
+    def members(self, room: str) -> List[str]:
+        """The nicks we know are in `room` (for Tab completion)."""
+        state = self.room_state.get(_fold(room))
+        return list(state.members.values()) if state is not None else []
+
     def prefix(self, room: Any, nick: Any) -> str:
         """`@` for a room's operator, `+` for a voiced member, else nothing."""
         if not isinstance(room, str) or not isinstance(nick, str):
