@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import inspect
 import logging
+import sys
 from dataclasses import dataclass, replace
 from typing import AbstractSet, Any, Callable, Dict, List, NoReturn, Optional, Sequence, Tuple
 
 from selchat import SERVER_NAME
+from selchat.ops.configfile import ConfigError
 from selchat.defaults import (
     DEFAULT_HOST,
     DEFAULT_PORT,
@@ -73,6 +75,8 @@ class ServerConfig:
     operators: Optional[str] = None  # file naming the server operators' accounts, one a line
     registration: bool = True  # whether `register` makes new accounts
     kdf_workers: int = 1  # processes that hash and check passwords; 0: in the loop (tests)
+    metrics_port: Optional[int] = None  # Prometheus metrics and the health check; off unless given
+    config: Optional[str] = None  # --config: the TOML file these came from (SIGHUP reads it again)
 
     @property
     def high_water(self) -> int:
@@ -295,10 +299,21 @@ def _number_text(value: float) -> str:
 
 
 class OneLineParser(argparse.ArgumentParser):
-    """Usage errors in one line (with a pointer to --help), not a screenful of usage."""
+    """Usage errors in one line (with a pointer to --help), not a screenful of usage; or, when
+    `raising` (a reload), the line as a ConfigError, for the running server to log."""
+
+    raising = False
 
     def error(self, message: str) -> "NoReturn":  # type: ignore[override]
+        if self.raising:
+            raise ConfigError(message)
         self.exit(2, f"{self.prog}: {message} (see --help)\n")
+
+    def fail(self, line: str) -> "NoReturn":
+        """Stop with `line` (exit status 2), or raise it when `raising`."""
+        if self.raising:
+            raise ConfigError(line)
+        self.exit(2, f"{self.prog}: {line}\n")
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -446,9 +461,29 @@ def build_parser() -> argparse.ArgumentParser:
                    default=d.forwarded_header,
                    help="the header a trusted proxy names the client in at the web door "
                         "(X-Forwarded-For with -Proto and -Host, or RFC 7239 Forwarded)")
+    p.add_argument("--metrics-port", type=_port, default=None, metavar="PORT",
+                   help="serve Prometheus metrics (GET /metrics) and a health check (GET /healthz) "
+                        "on this TCP port of --host; 0 picks a free one; off unless given")
     p.add_argument("--log-level", default=d.log_level,
                    choices=["debug", "info", "warning", "error", "critical"], help="logging threshold")
+    p.add_argument("--config", metavar="FILE",
+                   help="read options from this TOML file (keys: the long options without their "
+                        "dashes; docs/selchat.example.toml); the command line wins; SIGHUP reads it again")
+    p.add_argument("--check-config", action="store_true",
+                   help="print the values in force (as TOML, each marked with where it came from) and exit")
+    p.add_argument("--backup", metavar="FILE",
+                   help="copy the history database (--db) to FILE with SQLite's online backup, "
+                        "safely while a server writes to it, and exit")
     return p
+
+
+def _given_only(argv: Optional[List[str]]) -> Dict[str, Any]:
+    """The options given on the command line, and nothing else (no defaults)."""
+    parser = build_parser()
+    for action in parser._actions:
+        if action.dest != "help":
+            action.default = argparse.SUPPRESS
+    return vars(parser.parse_args(argv))
 
 
 def _has_control_characters(text: str) -> bool:
@@ -457,13 +492,43 @@ def _has_control_characters(text: str) -> bool:
     return has_control_characters(text)
 
 
-def parse_args(argv: Optional[List[str]] = None) -> ServerConfig:
-    """The configuration in force: the options given, and the defaults derived from them.
+def parse_args(argv: Optional[List[str]] = None, raising: bool = False,
+               command: Optional[Dict[str, Any]] = None) -> ServerConfig:
+    """The configuration in force: the defaults, then the --config file's settings, then the
+    options given on the command line, and the defaults derived from them.
 
-    Exits with status 2 and one line on stderr for a bad option or options that conflict.
+    Exits with status 2 and one line on stderr for a bad option, a bad file or options that
+    conflict (with `raising`, raises ConfigError with that line instead: a reload). What is
+    not a setting (`--backup`, `--check-config`) goes into `command`; `--check-config` prints
+    the values in force and exits.
     """
+    from selchat.ops import configfile
+
     parser = build_parser()
-    values = vars(parser.parse_args(argv))
+    parser.raising = raising
+    values = vars(parser.parse_args([]))  # the defaults (none for the derived options)
+    cli = _given_only(argv)
+    path = cli.get("config")
+    file_values: Dict[str, Any] = {}
+    if path:
+        try:
+            file_values = configfile.read(path, parser)
+        except ConfigError as error:
+            parser.fail(str(error))
+    values.update(file_values)
+    values.update(cli)
+    flags = {action.dest: key for key, action in configfile.file_options(parser).items()}
+
+    def where(dest: str) -> str:
+        """How the operator gave `dest`: a flag, or the file and its key."""
+        if dest in file_values and dest not in cli:
+            return f"{path}: {flags.get(dest, dest)}"
+        return "--" + flags.get(dest, dest)
+
+    check = bool(values.pop("check_config", False))
+    backup = values.pop("backup", None)
+    if command is not None:
+        command.update(check_config=check, backup=backup, given=cli, file_values=file_values)
     given = frozenset(name for name in DERIVED_OPTIONS if name in values)
     values["web_origin"] = tuple(values.get("web_origin") or ())
     values["trusted_proxy"] = tuple(values.get("trusted_proxy") or ())
@@ -471,19 +536,20 @@ def parse_args(argv: Optional[List[str]] = None) -> ServerConfig:
         values["registration"] = values["registration"] != "closed"
     config = ServerConfig(**values)  # options not given take the dataclass defaults
     if (config.tls_cert is None) != (config.tls_key is None):
-        parser.error("--tls-cert and --tls-key go together")
+        parser.error(f"{where('tls_cert' if config.tls_cert else 'tls_key')}: --tls-cert and "
+                     "--tls-key go together" if path else "--tls-cert and --tls-key go together")
     if _has_control_characters(config.motd):
-        parser.error("--motd must be printable text (no control characters but newline and tab)")
+        parser.error(f"{where('motd')} must be printable text (no control characters but newline and tab)")
     if config.server_name and (len(config.server_name) > 63 or any(
             not (ch.isascii() and (ch.isalnum() or ch in ".-_")) for ch in config.server_name)):
-        parser.error(f"--server-name {config.server_name[:70]!r} must be a host name "
+        parser.error(f"{where('server_name')} {config.server_name[:70]!r} must be a host name "
                      "(letters, digits, '.', '-', '_'; at most 63)")
     if config.web_origin:
         from selchat.doors.web.http import parse_origin
 
         for origin in config.web_origin:
             if parse_origin(origin) is None:
-                parser.error(f"--web-origin {origin[:70]!r} must be scheme://host[:port] "
+                parser.error(f"{where('web_origin')} {origin[:70]!r} must be scheme://host[:port] "
                              "(http or https, nothing after the port)")
     from selchat.loop.proxyproto import parse_network
 
@@ -491,12 +557,17 @@ def parse_args(argv: Optional[List[str]] = None) -> ServerConfig:
         try:
             parse_network(network)
         except ValueError:
-            parser.error(f"--trusted-proxy {network[:70]!r} must be an address or a CIDR block "
+            parser.error(f"{where('trusted_proxy')} {network[:70]!r} must be an address or a CIDR block "
                          "(192.0.2.10, 10.0.0.0/8, fd00::/8)")
     try:
         config = derive_limits(config, given)
     except OptionConflict as conflict:
-        parser.exit(2, f"{parser.prog}: {conflict}\n")
+        parser.fail(f"{path}: {conflict}" if path and not (given & set(cli)) else str(conflict))
+    if check:
+        derived = tuple(name for name in DERIVED_OPTIONS if name not in given)
+        sources = configfile.sources_of(values, file_values, cli, path, derived)
+        sys.stdout.write(configfile.render(config, sources, parser))
+        parser.exit(0)
     log.debug("limits in force: max_frame=%d max_text=%d max_outbuf=%d ping %g/%g s",
               config.max_frame, config.max_text, config.max_outbuf,
               config.ping_interval, config.ping_timeout)

@@ -123,6 +123,16 @@ class Server:
         self.accepted = 0
         self._stopping = False
         self._stop_deadline = 0.0
+        # --metrics-port: counters at once-per-request and once-per-pass points, the rest read
+        # when Prometheus asks (selchat.ops.metrics); served by this loop (selchat.ops.httpd).
+        self.metrics: Any = None
+        self.metrics_endpoint: Any = None
+        self.metrics_address: tuple = ()
+        if config.metrics_port is not None:
+            from selchat.ops.metrics import ServerMetrics
+
+            self.metrics = ServerMetrics(self)
+            self.metrics.install()
 
     # --- set-up -------------------------------------------------------------------------------
 
@@ -140,6 +150,19 @@ class Server:
         if self.web is not None:
             assert cfg.web_port is not None
             self.web_address = self._listen_door(self.web, cfg.web_port)
+        if self.metrics is not None:
+            from selchat.ops.httpd import MetricsEndpoint
+
+            assert cfg.metrics_port is not None
+            try:
+                self.metrics_endpoint = MetricsEndpoint(self.reactor, self.writer, self.metrics,
+                                                        cfg.host, cfg.metrics_port)
+            except OSError as exc:
+                for listener in self.listeners:
+                    listener.close()
+                raise ListenError(f"cannot listen on {cfg.host}:{cfg.metrics_port}: "
+                                  f"{exc.strerror or exc}") from None
+            self.metrics_address = self.metrics_endpoint.address
         # Always said, whatever --log-level: scripts and tests read the ports from these lines.
         _listening_log.info("listening on %s:%d", self.address[0], self.address[1])
         if self.irc_address:
@@ -147,6 +170,9 @@ class Server:
                                 self.irc_address[1], self.irc.server_name)  # type: ignore[union-attr]
         if self.web_address:
             _listening_log.info("web listening on %s:%d", self.web_address[0], self.web_address[1])
+        if self.metrics_address:
+            _listening_log.info("metrics listening on %s:%d (%s)", self.metrics_address[0],
+                                self.metrics_address[1], _url("http", self.metrics_address, "metrics"))
 
     def _listen_door(self, door: Any, port: int) -> tuple:
         """One more door's port; if it cannot be opened, the ones opened already are closed."""
@@ -237,6 +263,8 @@ class Server:
         self.accepted += 1
         if reject is not None:
             self.admission.log_refusal(peer, reject)  # one line per reason and period, with a count
+            if self.metrics is not None:
+                self.metrics.refused(reject)
         else:
             log.debug("connected: %s", peer)
         transport.start(door.session(reject))
@@ -251,6 +279,8 @@ class Server:
 
     def _release(self, transport: Transport) -> None:
         self.transports.pop(transport.fd, None)
+        if self.metrics is not None:
+            self.metrics.closed(transport.close_detail)
         via = transport.via
         self.admission.release(via.claimed if via is not None else transport.ip)
 
@@ -274,7 +304,7 @@ class Server:
             listener.close()
         for gate in list(self.gates.values()):
             gate.close()
-        self.gates.clear()
+        self.gates.clear()  # (the metrics port stays: /healthz says 503 while this lasts)
         for transport in list(self.transports.values()):
             if transport.state is not State.CLOSED and transport.session is not None:
                 transport.session.shutdown(self._stop_deadline)
@@ -283,6 +313,8 @@ class Server:
     def _finish(self) -> None:
         for transport in list(self.transports.values()):
             transport.abort("server stopped")
+        if self.metrics_endpoint is not None:
+            self.metrics_endpoint.close()
         self.hub.kdf.close()
         self.hub.fanout.flush()
         try:
@@ -359,6 +391,12 @@ def _bind(host: str, port: int) -> socket.socket:
         return bind(host, port)
     except OSError as exc:
         raise ListenError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+
+
+def _url(scheme: str, address: tuple, path: str = "") -> str:
+    """A URL a person can click for a listening address (an IPv6 one in brackets)."""
+    host = f"[{address[0]}]" if ":" in str(address[0]) else address[0]
+    return f"{scheme}://{host}:{address[1]}/{path}"
 
 
 def _host_name() -> str:

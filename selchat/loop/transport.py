@@ -70,15 +70,17 @@ class Session(Protocol):
 class Writer:
     """The before-sleep hook that writes every transport queued to during the pass."""
 
-    __slots__ = ("dirty",)
+    __slots__ = ("dirty", "sent")
 
     def __init__(self, reactor: Reactor) -> None:
         self.dirty: List[Transport] = []
+        self.sent = 0  # bytes written to every transport so far (for the metrics)
         reactor.add_before_sleep(self.flush_all, ORDER_WRITE)
 
     def flush_all(self) -> None:
         # Writing can fail and close a transport, which may queue bytes for others (a `quit`):
         # keep going until the list stays empty.
+        sent_here = 0  # (one add per write in a local, one attribute update per pass)
         while self.dirty:
             dirty, self.dirty = self.dirty, []
             for t in dirty:
@@ -92,15 +94,18 @@ class Writer:
                     except OSError:
                         sent = -1  # would-block or a dead peer: the general path sorts it out
                     if sent == len(data):
+                        sent_here += sent
                         out.chunks.clear()
                         out.size = 0
                         if t.mask != EVENT_READ or t.throttled:
                             t.flush()  # interest or backpressure changes
                         continue
                     if sent > 0:
+                        sent_here += sent
                         out.consume(sent)
                 if t.state is not State.CLOSED:
                     t.flush()
+        self.sent += sent_here
 
 
 _NUMBERS = re.compile(r"\d+")
@@ -360,7 +365,7 @@ class Transport:
     # --- writing ----------------------------------------------------------------------------
 
     def _send(self) -> None:
-        self.out.send_to(self.sock)
+        self.writer.sent += self.out.send_to(self.sock)
 
     def flush(self) -> None:
         """Write what the socket takes; then the closing, backpressure and interest that follow."""
@@ -469,6 +474,7 @@ class Transport:
         if self.state is State.CLOSED:
             return
         self.state = State.CLOSED
+        self.close_detail = detail  # (what its owner's `on_closed` may read: why it ended)
         self.accepting = False
         self.throttled = False
         self.out.clear()
@@ -639,4 +645,4 @@ class TLSTransport(Transport):
             self.reactor.call_soon(self._read_more)
 
     def _send(self) -> None:
-        self.out.send_to(self.sock, gather=False)
+        self.writer.sent += self.out.send_to(self.sock, gather=False)
