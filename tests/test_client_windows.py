@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from selchat.client.render import plain, render
 from selchat.client.screen import complete_nick, wrap
 from selchat.client.session import STATUS, ClientSession, Item
-from selchat.client.windows import LEVEL_EVENT, LEVEL_MENTION, LEVEL_TALK, SCROLLBACK, Window, Windows
+from selchat.client.windows import LEVEL_EVENT, LEVEL_MENTION, LEVEL_TALK, SCROLLBACK, Window, Windows, newest_first
 
 DAY = 86_400.0
 T0 = 1_700_000_000.0  # 2023-11-14 22:13:20 UTC
@@ -236,3 +236,15 @@ def test_tab_completes_a_nick_as_irssi_does() -> None:
     assert complete_nick("zz", 2, nicks) is None
     assert complete_nick("/jo", 3, nicks) is None
     assert complete_nick("", 0, nicks) is None
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.floats(min_value=0, max_value=4e9), max_size=30), st.floats(min_value=0, max_value=4e9))
+def test_the_screen_reads_the_same_lines_from_the_bottom_up(stamps: List[float], today: float) -> None:
+    """newest_first (what the screen draws, computed only as far as needed) is lines() reversed."""
+    window = Window("#x")
+    for at in sorted(stamps):
+        window.add(Item("info", at, {"text": "x"}))
+    forward = [(i.kind, i.at) for i in window.lines(time.gmtime, today=today)]
+    backward = [(i.kind, i.at) for i in newest_first(window, time.gmtime, today=today)]
+    assert backward[::-1] == forward

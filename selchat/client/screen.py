@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 from prompt_toolkit.application import Application
 from prompt_toolkit.buffer import Buffer
@@ -34,7 +34,7 @@ from prompt_toolkit.utils import get_cwidth
 
 from selchat.client.render import Fragments, escape, nick_colour, render
 from selchat.client.session import ClientSession, Item
-from selchat.client.windows import LEVEL_EVENT, LEVEL_MENTION, Windows
+from selchat.client.windows import LEVEL_EVENT, LEVEL_MENTION, Windows, newest_first
 
 __all__ = ["Screen", "wrap", "asks_secret", "complete_nick"]
 
@@ -48,6 +48,9 @@ STYLE = Style.from_dict(
         "status.more": "reverse bold ansiyellow",
     }
 )
+
+
+ROW_CACHE = 20_000  # items whose wrapped rows are kept (about 10 windows' worth of scrollback)
 
 
 def wrap(fragments: Fragments, width: int) -> List[Fragments]:
@@ -130,6 +133,7 @@ class Screen:
         self._secret: "Optional[asyncio.Queue[Optional[str]]]" = None  # answers, while asking
         self._secret_prompt = ""
         self._saved = Document()
+        self._row_cache: Dict[int, Tuple[Item, int, List[Fragments]]] = {}
         self.buffer = Buffer(multiline=False)
         self.scrollback = _Scrollback(self)
         secret = Condition(lambda: self._secret is not None)
@@ -160,17 +164,34 @@ class Screen:
     def rows(self, width: int, height: int) -> List[StyleAndTextTuples]:
         """The screen rows of the current window: the last `height` after scrolling up."""
         window = self.windows.active
-        items = window.lines(self._localtime, today=time.time())
         need = height + window.scroll
-        rows: List[Fragments] = []
-        for item in reversed(items):
-            rows[0:0] = wrap(self._render(item), width)
-            if len(rows) >= need:
+        chunks: List[List[Fragments]] = []  # newest first
+        count = 0
+        for item in newest_first(window, self._localtime, today=time.time()):
+            chunk = self._rows_of(item, width)
+            chunks.append(chunk)
+            count += len(chunk)
+            if count >= need:
                 break
+        rows: List[Fragments] = [row for chunk in reversed(chunks) for row in chunk]
         window.scroll = max(0, min(window.scroll, len(rows) - height))
         end = len(rows) - window.scroll
         shown = rows[max(0, end - height):end]
         return [[("", "")]] * (height - len(shown)) + shown  # type: ignore[list-item]
+
+    def _rows_of(self, item: Item, width: int) -> List[Fragments]:
+        """An item's screen rows, kept while the width stays (items never change; member lists,
+        whose @ and + can, are rendered each time). Bounded: emptied past ROW_CACHE entries."""
+        if item.kind == "names":
+            return wrap(self._render(item), width)
+        cached = self._row_cache.get(id(item))
+        if cached is not None and cached[0] is item and cached[1] == width:
+            return cached[2]
+        rows = wrap(self._render(item), width)
+        if len(self._row_cache) >= ROW_CACHE:
+            self._row_cache.clear()
+        self._row_cache[id(item)] = (item, width, rows)
+        return rows
 
     def _render(self, item: Item) -> Fragments:
         return render(item, self._localtime, windowed=True, prefix=self.session.prefix)
@@ -235,7 +256,7 @@ class Screen:
         for window in self.windows.windows:  # a window scrolled up stays where it is
             if window.scroll and len(window.items) > before.get(id(window), 0):
                 added = window.items[before.get(id(window), 0):]
-                window.scroll += sum(len(wrap(self._render(i), self.scrollback.width)) for i in added)
+                window.scroll += sum(len(self._rows_of(i, self.scrollback.width)) for i in added)
         self.windows.follow(self.session.focus)
         self._prune()
         if attention and self.bell and self.app.is_running:

@@ -105,6 +105,25 @@ class Window:
         return out
 
 
+def newest_first(window: "Window", localtime: Callable[[float], time.struct_time] = time.localtime,
+                 today: Optional[float] = None) -> Iterator[Item]:
+    """`window.lines()` from the newest backwards, computed only as far as it is read: the
+    screen draws the bottom of a window of 2,000 entries without dating all of them."""
+    items = list(window.visible())
+    for index in range(len(items) - 1, -1, -1):
+        item = items[index]
+        yield item
+        day = _day(item.at, localtime)
+        if day is None:
+            continue
+        before = _day(items[index - 1].at, localtime) if index > 0 else None
+        if before is not None:
+            if before != day:
+                yield Item("day", item.at)
+        elif index == 0 and today is not None and _day(today, localtime) != day:
+            yield Item("day", item.at)
+
+
 def _day(at: float, localtime: Callable[[float], time.struct_time]) -> Optional[Tuple[int, int, int]]:
     try:
         t = localtime(at)
