@@ -65,7 +65,8 @@ T = TypeVar("T")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    commands = "\n".join(f"  {usage:<16} {what}" for usage, what in COMMANDS.values())
+    width = max(len(usage) for usage, _ in COMMANDS.values()) + 1
+    commands = "\n".join(f"  {usage:<{width}} {what}" for usage, what in COMMANDS.values())
     parser = argparse.ArgumentParser(
         prog=PROG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -75,7 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
             "stdout, and at the end of input it waits for the server's answers before quitting."
         ),
         epilog=(
-            "Lines are said to the current room (#lobby at first); //text says /text. Commands:\n"
+            "On a terminal: a window per room and private conversation (Alt+1..9, Alt+Left/Right,\n"
+            "PageUp/PageDown, Tab completes a nick). Lines are said in the current window\n"
+            "(#lobby at first); //text says /text. Commands:\n"
             f"{commands}\n\n"
             "exit status: 0 clean end, 1 cannot connect / certificate not verified / nick or\n"
             "password refused / connection lost in script mode, 2 usage error (e.g. script mode\n"
