@@ -305,3 +305,19 @@ def test_after_a_server_restart_the_account_is_logged_in_again(tmux: Callable[..
     fay.wait_for(r"-- reconnected", timeout=20)
     screen = fay.wait_for(r"\[fay\(\+a\)\] \[3:#back\] \(@\)")
     assert "offline" not in fay.status(), screen
+
+
+def test_the_server_password_is_asked_without_echo(tmux: Callable[..., Pane], start_server, tmp_path: Path) -> None:
+    secret = tmp_path / "server.pass"
+    secret.write_text("open-sesame\n")
+    srv = start_server("--password-file", str(secret))
+    pane = tmux("guest", "--port", str(srv.port), "--nick", "guest")
+    pane.wait_for(r"^server password:")
+    pane.type("wrong-one")
+    pane.wait_for(r"bad_password")
+    pane.wait_for(r"^server password:\s*$")
+    pane.type("open-sesame", enter=False)
+    screen = pane.wait_for(r"^server password: \*{11}\s*$")  # shown as stars
+    assert "open-sesame" not in screen and "wrong-one" not in screen
+    pane.keys("Enter")
+    pane.wait_for(r"\[guest\] \[2:#lobby\]")
