@@ -693,8 +693,8 @@ class Chat:
         if len(invited) >= room_rules.MAX_INVITES:
             del invited[next(iter(invited))]
         invited[target] = None
-        return [Delivery(events.Invite(room.name, user.nick, "", user.userhost), (target,)),
-                reply(events.Invite(room.name, user.nick, target.nick, user.userhost), user)]
+        event = events.Invite(room.name, user.nick, target.nick, user.userhost)
+        return [Delivery(event, (target,)), reply(event, user)]
 
     def mode_info(self, room: Room, user: User) -> events.ModeInfo:
         modes: List[Tuple[str, object]] = [(name, room.flags[name]) for name in MODE_FLAGS]

@@ -133,7 +133,7 @@ class Kick:
 
 @dataclass(frozen=True)
 class Invite:
-    """To the invitee; the inviter's own copy (its answer) carries `nick`."""
+    """To the invitee and, as its answer, to the inviter; `nick` is the invitee's."""
 
     room: str
     by: str
