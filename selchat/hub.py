@@ -172,11 +172,15 @@ class Hub:
             else:
                 done(None, chat.login_failed(key, address, now))
             return
-        verifier = chat.accounts.verifier(key)
-        if verifier is None or password is None or self.kdf is None:
-            done(None, chat.login_failed(key, address, now)
-                 if self.kdf is not None else ChatError("unavailable", "accounts are not available"))
+        if self.kdf is None:
+            done(None, ChatError("unavailable", "accounts are not available"))
             return
+        if password is None:
+            done(None, chat.login_failed(key, address, now))
+            return
+        # An unknown account is checked against a record no password opens, at the same cost:
+        # the time taken does not tell it from a wrong password.
+        verifier = chat.accounts.verifier(key)
 
         def checked(ok: Optional[bool]) -> None:
             if ok is None:
