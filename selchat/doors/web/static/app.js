@@ -86,11 +86,18 @@
   const PALETTE = 32; // colour slots .c0 .. .c31 in style.css
 
   /** CRC-32 of the folded nick (the terminal client's hash): a nick's own colour slot. */
+  const hashes = new Map(); // folded nick -> CRC-32, for the member lists of big rooms
+  const encoder = new TextEncoder();
   function nickHash(nick) {
-    const bytes = new TextEncoder().encode(fold(nick));
+    const key = fold(nick);
+    let h = hashes.get(key);
+    if (h !== undefined) return h;
     let c = 0xffffffff;
-    for (const b of bytes) c = CRC_TABLE[(c ^ b) & 0xff] ^ (c >>> 8);
-    return (c ^ 0xffffffff) >>> 0;
+    for (const b of encoder.encode(key)) c = CRC_TABLE[(c ^ b) & 0xff] ^ (c >>> 8);
+    h = (c ^ 0xffffffff) >>> 0;
+    if (hashes.size >= 10000) hashes.clear();
+    hashes.set(key, h);
+    return h;
   }
 
   // The hues of the colour slots (style.css .c0 .. .c31: slot i has hue HUES[i % 16], in a
@@ -110,21 +117,31 @@
    * list alone, so every device in the room shows the same colours. */
   function assignColours(nicks) {
     const keys = Array.from(new Set(nicks.map(fold))).sort();
-    const taken = [];
+    const taken = new Set(); // slots, at most PALETTE: the work per member is bounded
     const out = new Map();
     for (const key of keys) {
       const base = nickHash(key) % PALETTE;
       let slot = base;
-      pick: for (const far of [60, 40, 20, 1]) {
-        for (let k = 0; k < PALETTE; k++) {
-          const s = (base + k) % PALETTE;
-          if (taken.every((t) => t !== s && slotDistance(s, t) >= far)) {
-            slot = s;
-            break pick;
+      if (taken.size < PALETTE) {
+        pick: for (const far of [60, 40, 20, 1]) {
+          for (let k = 0; k < PALETTE; k++) {
+            const s = (base + k) % PALETTE;
+            if (taken.has(s)) continue;
+            let ok = true;
+            for (const t of taken) {
+              if (slotDistance(s, t) < far) {
+                ok = false;
+                break;
+              }
+            }
+            if (ok) {
+              slot = s;
+              break pick;
+            }
           }
         }
       }
-      taken.push(slot);
+      taken.add(slot);
       out.set(key, slot);
     }
     return out;
