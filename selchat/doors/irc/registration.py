@@ -95,7 +95,9 @@ def nick(s: "IrcSession", line: Line) -> None:
         return
     user = s.user
     if user is None:
-        if s.hub.find_user(wanted) is not None:
+        # While CAP is being negotiated the client may still log in (SASL) to the account
+        # that holds the nick, and become one more connection of it: judged at registration.
+        if s.hub.find_user(wanted) is not None and not s.reg.negotiating:
             s.numeric(N.ERR_NICKNAMEINUSE, wanted, "Nickname is already in use")
             return
         s.reg.nick_given(wanted)
