@@ -39,6 +39,8 @@ from selchat.doors.web.http import Site
 from selchat.doors.web.session import WebDoor
 from selchat.hub import Hub
 from selchat.loop import ratelog
+from selchat.ops import notify
+from selchat.ops.reload import file_digest
 from selchat.loop.listener import Admission, Listener, ProxyGate, bind
 from selchat.loop.proxyproto import TrustedProxies, normal_ip
 from selchat.loop.pacing import Pacer
@@ -123,6 +125,12 @@ class Server:
         self.accepted = 0
         self._stopping = False
         self._stop_deadline = 0.0
+        # SIGHUP (selchat.ops.reload): the command line the configuration came from (main sets
+        # it), what the certificate file held, and the reloads other parts register (each
+        # `hook(new_config)` reads its file and returns how to apply it: the operators' file).
+        self.argv: Optional[List[str]] = None
+        self.tls_digest: Optional[str] = None
+        self.reload_hooks: List[Any] = []
         # --metrics-port: counters at once-per-request and once-per-pass points, the rest read
         # when Prometheus asks (selchat.ops.metrics); served by this loop (selchat.ops.httpd).
         self.metrics: Any = None
@@ -136,32 +144,30 @@ class Server:
 
     # --- set-up -------------------------------------------------------------------------------
 
-    def listen(self) -> None:
-        """Open every door's port; raises OSError (the caller says which port failed)."""
+    def listen(self, bound: Optional[Dict[str, socket.socket]] = None) -> None:
+        """Open every door's port; raises OSError (the caller says which port failed).
+
+        `bound`: the ports `bind_ports` opened already (main opens them before anything else,
+        so a busy port stops the start before the database is touched).
+        """
         cfg = self.config
-        sock = _bind(cfg.host, cfg.port)
+        bound = bound if bound is not None else bind_ports(cfg)
+        sock = bound.pop("native")
         listener = Listener(self.reactor, sock,
                             lambda s, a: self._accept(self.framed, s, a, listener.arrived_after))
         self.listeners.append(listener)
         self.address = listener.address
         if self.irc is not None:
             assert cfg.irc_port is not None
-            self.irc_address = self._listen_door(self.irc, cfg.irc_port)
+            self.irc_address = self._listen_door(self.irc, bound.pop("irc"))
         if self.web is not None:
             assert cfg.web_port is not None
-            self.web_address = self._listen_door(self.web, cfg.web_port)
+            self.web_address = self._listen_door(self.web, bound.pop("web"))
         if self.metrics is not None:
             from selchat.ops.httpd import MetricsEndpoint
 
-            assert cfg.metrics_port is not None
-            try:
-                self.metrics_endpoint = MetricsEndpoint(self.reactor, self.writer, self.metrics,
-                                                        cfg.host, cfg.metrics_port)
-            except OSError as exc:
-                for listener in self.listeners:
-                    listener.close()
-                raise ListenError(f"cannot listen on {cfg.host}:{cfg.metrics_port}: "
-                                  f"{exc.strerror or exc}") from None
+            self.metrics_endpoint = MetricsEndpoint(self.reactor, self.writer, self.metrics,
+                                                    bound.pop("metrics"))
             self.metrics_address = self.metrics_endpoint.address
         # Always said, whatever --log-level: scripts and tests read the ports from these lines.
         _listening_log.info("listening on %s:%d", self.address[0], self.address[1])
@@ -170,30 +176,43 @@ class Server:
                                 self.irc_address[1], self.irc.server_name)  # type: ignore[union-attr]
         if self.web_address:
             _listening_log.info("web listening on %s:%d", self.web_address[0], self.web_address[1])
+            _listening_log.info("web client at %s", _url("https" if self.tls else "http", self.web_address))
         if self.metrics_address:
             _listening_log.info("metrics listening on %s:%d (%s)", self.metrics_address[0],
                                 self.metrics_address[1], _url("http", self.metrics_address, "metrics"))
 
-    def _listen_door(self, door: Any, port: int) -> tuple:
-        """One more door's port; if it cannot be opened, the ones opened already are closed."""
-        try:
-            sock = _bind(self.config.host, port)
-        except ListenError:
-            for listener in self.listeners:
-                listener.close()
-            raise
+    def _listen_door(self, door: Any, sock: socket.socket) -> tuple:
+        """One more door's port, bound already."""
         listener = Listener(self.reactor, sock,
                             lambda s, a: self._accept(door, s, a, listener.arrived_after))
         self.listeners.append(listener)
         return listener.address
 
     def install_signal_handlers(self) -> None:
-        """SIGINT/SIGTERM start a graceful shutdown, run inside the loop."""
-        self.reactor.install_signal_handlers(self._on_signal)
+        """SIGINT/SIGTERM start a graceful shutdown, SIGHUP a reload; run inside the loop."""
+        import signal as _signal
+
+        self.reactor.install_signal_handlers(
+            self._on_signal, (_signal.SIGINT, _signal.SIGTERM, _signal.SIGHUP, _signal.SIGUSR1))
 
     def _on_signal(self, signum: int) -> None:
         import signal as _signal
 
+        if signum == _signal.SIGHUP:
+            if not self._stopping:
+                log.info("received SIGHUP: reloading")
+                self.reload()
+            return
+        if signum == _signal.SIGUSR1:  # `selchat-server --backup FILE` asks (selchat.ops.backup)
+            from selchat.ops.backup import BackupError, serve_backup
+
+            try:
+                said = serve_backup(self.store, self.config.db)
+            except BackupError as exc:
+                log.error("%s", exc)
+            else:
+                log.info("%s", said or "SIGUSR1: no database file to back up (--db :memory:)")
+            return
         if not self._stopping:
             log.info("received %s: shutting down", _signal.Signals(signum).name)
             self.request_stop()
@@ -292,11 +311,19 @@ class Server:
             reactor.run_once()
         self._finish()
 
+    def reload(self) -> bool:
+        """Read the configuration and its files again; apply what can change live
+        (selchat.ops.reload). True when the new configuration is in force."""
+        from selchat.ops.reload import reload
+
+        return reload(self)
+
     def request_stop(self) -> None:
         """Stop accepting, tell every client, and give them `shutdown_grace` to receive it."""
         if self._stopping:
             return
         self._stopping = True
+        notify.stopping()
         reactor = self.reactor
         reactor.now = reactor.clock()
         self._stop_deadline = reactor.now + self.config.shutdown_grace
@@ -386,6 +413,23 @@ class ListenError(OSError):
     """A port that cannot be opened; str() names it and says why."""
 
 
+def bind_ports(config: ServerConfig) -> Dict[str, socket.socket]:
+    """Every port the configuration asks for, bound and listening; if one cannot be, those
+    bound already are closed and ListenError says which port and why."""
+    wanted = [("native", config.port), ("irc", config.irc_port), ("web", config.web_port),
+              ("metrics", config.metrics_port)]
+    bound: Dict[str, socket.socket] = {}
+    try:
+        for name, port in wanted:
+            if port is not None:
+                bound[name] = _bind(config.host, port)
+    except ListenError:
+        for sock in bound.values():
+            sock.close()
+        raise
+    return bound
+
+
 def _bind(host: str, port: int) -> socket.socket:
     try:
         return bind(host, port)
@@ -448,7 +492,21 @@ def close_store(store: Any) -> None:
     except StoreError as exc:
         log.error("closing the history store: %s", exc)
     else:
-        log.info("history store closed: %s", store.stats())
+        log.info("history store closed: %s", store_summary(store.stats()))
+
+
+def store_summary(stats: Dict[str, Any]) -> str:
+    """The store's counters as one line a person reads (not a Python dict)."""
+    commits, messages = int(stats.get("commits", 0)), int(stats.get("messages", 0))
+    line = (f"{messages} message{'s' if messages != 1 else ''} written in {commits} "
+            f"commit{'s' if commits != 1 else ''}")
+    if commits:
+        line += (f", {stats.get('commit_seconds', 0.0) * 1000:.1f} ms in all "
+                 f"(longest {stats.get('max_commit_seconds', 0.0) * 1000:.1f} ms)")
+    failures = int(stats.get("failures", 0))
+    if failures:
+        line += f", {failures} failed"
+    return line
 
 
 def tune_garbage_collector() -> None:
@@ -467,15 +525,27 @@ def tune_garbage_collector() -> None:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    config = parse_args(argv)
+    command: Dict[str, Any] = {}
+    config = parse_args(argv, command=command)
+    if command.get("backup"):
+        from selchat.ops.backup import BackupError, backup
+
+        try:
+            pages, size = backup(config.db, command["backup"])
+        except BackupError as exc:
+            print(f"selchat-server: {exc}", file=sys.stderr)
+            return 1
+        print(f"backed up {config.db} to {command['backup']} ({pages} pages, {size} bytes)")
+        return 0
     logging.basicConfig(
         level=config.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    # The ports first: a busy port stops the start before the database is opened (or made).
     try:
-        store = open_store(config.db)
-    except StoreError as exc:
+        bound = bind_ports(config)
+    except ListenError as exc:
         print(f"selchat-server: {exc}", file=sys.stderr)
         return 1
     tls = None
@@ -486,18 +556,19 @@ def main(argv: Optional[List[str]] = None) -> int:
         if config.password_file:
             password = read_password(config.password_file)
         operators = read_operators_file(config.operators) if config.operators else []
-    except ValueError as exc:
+        store = open_store(config.db)  # last: nothing is made when something else is wrong
+    except (ValueError, StoreError) as exc:
+        for sock in bound.values():
+            sock.close()
         print(f"selchat-server: {exc}", file=sys.stderr)
         return 1
     raise_open_file_limit()
     server = Server(config, store, tls, password, operators=operators)
-    try:
-        server.listen()
-    except OSError as exc:
-        print(f"selchat-server: {exc}", file=sys.stderr)
-        close_store(store)
-        return 1
+    server.argv = list(argv) if argv is not None else sys.argv[1:]
+    server.tls_digest = file_digest(config.tls_cert) if tls is not None else None
+    server.listen(bound)
     server.install_signal_handlers()
+    notify.ready(f"listening on {server.address[0]}:{server.address[1]}")
     tune_garbage_collector()
     try:
         server.serve_forever()

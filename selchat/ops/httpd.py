@@ -16,7 +16,7 @@ import h11
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from selchat import SERVER_NAME
-from selchat.loop.listener import Listener, bind
+from selchat.loop.listener import Listener
 from selchat.loop.reactor import Reactor
 from selchat.loop.timers import Timer
 from selchat.loop.transport import Transport, Writer
@@ -32,12 +32,12 @@ OUTBUF = 1 << 22  # bytes queued for one scraper at most (the whole exposition, 
 class MetricsEndpoint:
     """The metrics port: a listener and its few connections, apart from the client doors."""
 
-    def __init__(self, reactor: Reactor, writer: Writer, metrics: Any, host: str, port: int) -> None:
+    def __init__(self, reactor: Reactor, writer: Writer, metrics: Any, sock: socket.socket) -> None:
+        """`sock`: the metrics port, bound and listening (selchat.loop.listener.bind)."""
         self.reactor = reactor
         self.writer = writer
         self.metrics = metrics
         self.transports: Dict[int, Transport] = {}
-        sock = bind(host, port)
         self.listener = Listener(reactor, sock, self._accept)
         self.address = self.listener.address
 
