@@ -645,3 +645,107 @@ def test_websocket_and_native_fanout_of_one_size_take_turns() -> None:
     ]
     alone = runner.interleave_groups(runner.plan(runner.parse_args(["--points", "wsfanout", "--fanout-receivers", "100"])), ["selchat-web"], specs)
     assert [[(c.label, n) for c, n in g] for g in alone] == [[("WebSocket fan-out R=100", "selchat-web")]]
+
+
+# ---- accounts: selchat-acct logs every client into an account of its own ------------------
+
+import math  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def acct_selchat():
+    spec = launcher.known_servers()["selchat-acct"]
+    launcher.resolve_flags(spec)
+    if spec.unavailable:
+        pytest.skip(spec.unavailable)
+    with RunningServer(spec) as srv:
+        yield srv
+
+
+def _login_answer(port: int, account: str, password: str, timeout: float = 20.0) -> dict:
+    """Log in as `account` over a fresh connection: the server's first answer (welcome or error)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(encode({"type": "hello", "nick": "probe", "login": {"account": account, "password": password}}))
+        dec = FrameDecoder()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            data = s.recv(65536)
+            assert data, "the server closed the connection"
+            dec.feed(data)
+            while (payload := dec.next_frame()) is not None:
+                obj = decode(payload)
+                if obj["type"] in ("welcome", "error"):
+                    return obj
+    raise AssertionError("no answer to the login")
+
+
+def test_selchat_acct_runs_with_two_kdf_workers() -> None:
+    spec = launcher.known_servers()["selchat-acct"]
+    launcher.resolve_flags(spec)
+    if spec.unavailable:
+        pytest.skip(spec.unavailable)
+    assert spec.accounts and not launcher.known_servers()["selchat"].accounts
+    assert " --kdf-workers 2 " in " ".join(spec.command()) + " "
+
+
+def test_every_member_logged_in_and_every_message_counted(acct_selchat: RunningServer) -> None:
+    cfg = loadgen.LoadConfig(
+        port=acct_selchat.port, receivers=5, senders=2, duration=0.8, warmup=0.2, drain_quiet=0.2,
+        account_password=runner.ACCOUNT_PASSWORD, register_timeout=60,
+    )
+    res = loadgen.run_load(cfg)
+    assert res.errors == {} and res.dropped == 0
+    assert res.sent_total > 0 and res.complete
+    assert res.per_member_min == res.per_member_max == res.sent_total
+    # the accounts exist: each member's nick now opens with the password (a guest's would not)
+    for nick in ("s0000", "s0001", "r00000", "r00004"):
+        answer = _login_answer(acct_selchat.port, nick, runner.ACCOUNT_PASSWORD)
+        assert answer["type"] == "welcome" and answer.get("account") == nick, answer
+    assert _login_answer(acct_selchat.port, "r00001", "not-the-password")["code"] == "login_failed"
+
+
+def test_idle_clients_log_into_their_own_accounts(acct_selchat: RunningServer) -> None:
+    rss: dict = {}
+    res = loadgen.run_idle(
+        "127.0.0.1", acct_selchat.port, 12, lambda edge: rss.setdefault(edge, acct_selchat.rss_kib()),
+        extra_joins=3, workers=2, register_timeout=60, account_password=runner.ACCOUNT_PASSWORD,
+    )
+    assert res.registered == 12 and res.extra_joins == 3 and res.errors == {}
+    assert set(rss) == {"before", "after"}
+    for nick in ("i00000", "i00011", "j00002"):
+        assert _login_answer(acct_selchat.port, nick, runner.ACCOUNT_PASSWORD).get("account") == nick
+
+
+def test_the_runner_measures_logged_in_against_guests_in_turns() -> None:
+    opts = runner.parse_args([
+        "--servers", "selchat,selchat-acct", "--points", "fanout,idle", "--fanout-receivers", "3",
+        "--idle-sizes", "6", "--extra-joins", "2", "--duration", "0.5", "--warmup", "0.2", "--repeat", "1",
+    ])
+    specs = launcher.known_servers()
+    groups = runner.interleave_groups(runner.plan(opts), opts.servers, specs)
+    assert [[(c.label, n) for c, n in g] for g in groups] == [
+        [("fan-out R=3", "selchat"), ("fan-out R=3", "selchat-acct")],
+        [("idle 6", "selchat"), ("idle 6", "selchat-acct")],
+    ]
+    for name in opts.servers:
+        launcher.resolve_flags(specs[name])
+        if specs[name].unavailable:
+            pytest.skip(specs[name].unavailable)
+    results = {}
+    for group in groups:
+        for case, name in group:
+            out = runner.run_case(case, specs[name], opts)
+            assert out.failed is None, out.failed
+            assert not any(n.startswith("incomplete") for n in out.notes), out.notes
+            results[(case, name)] = out
+    fan, idle = (g[0][0] for g in groups)
+    assert results[(fan, "selchat-acct")].metrics["deliveries_per_s"] > 0
+    assert results[(fan, "selchat-acct")].metrics["register_s"] > 0  # the accounts' time is shown
+    assert "register_s" not in results[(fan, "selchat")].metrics
+    assert all(not math.isnan(results[(idle, n)].metrics["kib_per_conn"]) for n in opts.servers)
+    lines = runner.account_ratios([fan, idle], opts.servers, results)
+    assert len(lines) == 2
+    assert lines[0].startswith("* logged-in / guest fan-out at R=3: ") and lines[0].endswith("x**")
+    assert lines[1].startswith("* KiB per idle user at idle 6: logged in ")
+    text = runner.report(opts, [fan, idle], opts.servers, specs, results, time.monotonic(), None, {})
+    assert "selchat-acct: every client" in text and "logged-in / guest fan-out" in text

@@ -93,6 +93,7 @@ class ServerSpec:
     label: str = ""  # shown in the table instead of the name (the baseline's git hash)
     unavailable: str = ""
     fixed_flags: bool = False  # `extra` came from --server-args: used as given
+    accounts: bool = False  # every benchmark client registers an account (selchat-acct)
 
     @property
     def shown(self) -> str:
@@ -173,7 +174,8 @@ def git_label(path: Path) -> str:
     return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
-SELCHAT_NAMES = ("selchat", "selchat-db", "selchat-irc", "selchat-web", "selchat-base")
+SELCHAT_NAMES = ("selchat", "selchat-db", "selchat-irc", "selchat-web", "selchat-base", "selchat-acct")
+ACCOUNT_FLAGS = ["--kdf-workers", "2"]  # selchat-acct: two processes hash the registrations
 
 
 def known_servers(overrides: Optional[Dict[str, str]] = None, baseline: Optional[Path] = None) -> Dict[str, ServerSpec]:
@@ -193,6 +195,9 @@ def known_servers(overrides: Optional[Dict[str, str]] = None, baseline: Optional
         # The same server with its receivers on the WebSocket door (`--web-port 0`); the
         # senders of `wsfanout` stay on the native port.
         "selchat-web": ServerSpec("selchat-web", [py, "-m", "selchat.server"], protocols=(WS,)),
+        # The same server, with every client of every point logged into an account of its own
+        # (registered after welcome, before anything is measured): logged-in against guests.
+        "selchat-acct": ServerSpec("selchat-acct", [py, "-m", "selchat.server"], accounts=True),
         # The server of another checkout (--baseline PATH), for before/after in one run.
         "selchat-base": ServerSpec("selchat-base", [py, "-m", "selchat.server"], root=baseline),
         "threaded": ServerSpec("threaded", [py, str(PEERS_DIR / "threaded_server.py")]),
@@ -246,12 +251,17 @@ def resolve_flags(spec: ServerSpec) -> None:
         wanted += ["--irc-port", "0"]
     if spec.name == "selchat-web":
         wanted += ["--web-port", "0"]
+    if spec.accounts:
+        wanted += ACCOUNT_FLAGS
     kept, dropped = _supported(spec.argv, wanted, root=spec.root)
     if spec.name == "selchat-irc" and "--irc-port" in dropped:
         spec.unavailable = "selchat.server has no --irc-port yet"
         return
     if spec.name == "selchat-web" and "--web-port" in dropped:
         spec.unavailable = "selchat.server has no --web-port yet"
+        return
+    if spec.accounts and "--kdf-workers" in dropped:
+        spec.unavailable = "selchat.server has no accounts (--kdf-workers) yet"
         return
     if spec.name == "selchat-db":
         kept = [DB_PLACEHOLDER if v == ":memory:" else v for v in kept]

@@ -24,6 +24,11 @@ Why it is built this way (the machine it runs on has two cores, shared with the 
 Correctness is checked after the window: senders stop, everything is drained, and every
 member (senders included) must have received every message sent during the run.
 
+With an account password (`LoadConfig.account_password`, `run_idle(account_password=...)`)
+every client, senders too, answers its `welcome` with `register` and counts as registered
+only once the server's `account` answer came: the measured window sees logged-in members
+only. The password hashing happens then, before the window, in the server's KDF workers.
+
 `LoadConfig(protocol="irc")` runs the same shape over IRC instead (selchat.bench.ircload).
 """
 
@@ -58,6 +63,10 @@ _EPOLLIN = select.EPOLLIN
 _EPOLLOUT = select.EPOLLOUT
 
 CONNECTING, HELLO, READY, DEAD = range(4)
+ACCOUNT_REF = "bench-account"  # the ref of a client's `register`, to find the answer to it
+# Clients between connect and logged in, over all workers, when registering accounts: the
+# server's KDF queue holds 256 jobs and refuses more (login_throttled), so stay well below.
+ACCOUNT_MAX_PENDING = 128
 Spec = Tuple[str, int]  # (nick, sender id or -1 for a receiver)
 
 
@@ -228,7 +237,8 @@ class _Worker:
         self.dropped = 0
         self.cpu_reg0 = 0.0
         self.awaiting_registration = False
-        self.handshakes: List[float] = []  # seconds from connect() to welcome
+        self.handshakes: List[float] = []  # seconds from connect() to welcome (or account)
+        self.account_password = ""  # set: each client registers an account after welcome
         # settle
         self.settle_quiet = 0.0
         self.settle_deadline = 0.0
@@ -302,7 +312,8 @@ class _Worker:
     def _command(self, cmd: Tuple[Any, ...]) -> None:
         kind = cmd[0]
         if kind == "connect":
-            _, specs, rate, max_pending, timeout = cmd
+            _, specs, rate, max_pending, timeout = cmd[:5]
+            self.account_password = cmd[5] if len(cmd) > 5 else ""
             self.to_connect.extend(specs)
             self.ramp_rate = max(rate, 1.0)
             self.max_pending = max(max_pending, 1)
@@ -412,17 +423,35 @@ class _Worker:
             c.frames += 1
             kind = obj.get("type")
             if kind == "welcome":
-                c.state = READY
-                self.pending -= 1
-                self.reg_ok += 1
-                self.t_last_welcome = time.monotonic()
-                self.handshakes.append(self.t_last_welcome - c.t_open)
-                if c.sid >= 0:
-                    self.senders.append(c)
+                if self.account_password:  # not ready until the account is made
+                    payload = json.dumps(
+                        {"type": "register", "password": self.account_password, "ref": ACCOUNT_REF}
+                    ).encode()
+                    c.out += _LEN.pack(len(payload)) + payload
+                    self._flush(c)
+                else:
+                    self._ready(c)
+            elif kind == "account" and obj.get("ref") == ACCOUNT_REF:
+                if obj.get("account"):
+                    self._ready(c)
+                else:
+                    self._fail(c, "register:no_account")
+                    return end
             elif kind == "error":
-                self._fail(c, str(obj.get("code")))
+                reason = str(obj.get("code"))
+                self._fail(c, f"register:{reason}" if obj.get("ref") == ACCOUNT_REF else reason)
                 return end
         return off
+
+    def _ready(self, c: _Conn) -> None:
+        """Registration is complete (welcome, or the account answer): the hot path takes over."""
+        c.state = READY
+        self.pending -= 1
+        self.reg_ok += 1
+        self.t_last_welcome = time.monotonic()
+        self.handshakes.append(self.t_last_welcome - c.t_open)
+        if c.sid >= 0:
+            self.senders.append(c)
 
     def _report_registration(self) -> None:
         self.awaiting_registration = False
@@ -721,12 +750,18 @@ class Fleet:
             out.append(body)
         return out
 
-    def connect(self, shares: Sequence[Sequence[Spec]], rate: float, max_pending: int, timeout: float) -> Dict[str, Any]:
-        """Open and register each worker's share, ramped at `rate` connections/s overall."""
+    def connect(
+        self, shares: Sequence[Sequence[Spec]], rate: float, max_pending: int, timeout: float, account_password: str = "",
+    ) -> Dict[str, Any]:
+        """Open and register each worker's share, ramped at `rate` connections/s overall
+        (with `account_password`, each client also registers an account before it counts)."""
         total = max(sum(len(x) for x in shares), 1)
+        if account_password:
+            max_pending = min(max_pending, ACCOUNT_MAX_PENDING)
         for pipe, share in zip(self.pipes, shares):
             frac = len(share) / total
-            pipe.send(("connect", list(share), max(rate * frac, 1.0), max(int(max_pending * frac), 1), timeout))
+            cmd: Tuple[Any, ...] = ("connect", list(share), max(rate * frac, 1.0), max(int(max_pending * frac), 1), timeout)
+            pipe.send(cmd + (account_password,) if account_password else cmd)
         parts = self.gather("registered", timeout + 10)
         firsts = [p["t_first"] for p in parts if p["t_first"]]
         lasts = [p["t_last"] for p in parts if p["t_last"]]
@@ -830,6 +865,9 @@ class LoadConfig:
     protocol: str = "native"  # or "irc": NICK/USER/JOIN and PRIVMSG lines (selchat.bench.ircload)
     # or "ws": receivers on the WebSocket door at ws_port, senders native on port (selchat.bench.wsload)
     ws_port: int = 0
+    # native only: every member registers an account with this password after welcome, and the
+    # load starts once all of them are logged in (the server must have accounts: a KDF)
+    account_password: str = ""
 
 
 @dataclass
@@ -911,6 +949,8 @@ def run_load(cfg: LoadConfig, probe: Optional[Probe] = None) -> LoadResult:
 
         shares = plan_irc_shares(cfg)
     elif cfg.protocol in ("native", "ws"):
+        if cfg.account_password and cfg.protocol != "native":
+            raise ValueError("accounts are registered by the native workload only")
         if cfg.protocol == "ws" and not cfg.ws_port:
             raise ValueError("the WebSocket workload needs ws_port")
         shares = plan_shares(cfg)
@@ -928,7 +968,7 @@ def run_load(cfg: LoadConfig, probe: Optional[Probe] = None) -> LoadResult:
     raise_nofile()
     t_send = 0.0
     with Fleet(cfg.host, cfg.port, len(shares), cfg.msg_size, cfg.protocol, cfg.ws_port) as fleet:
-        reg = fleet.connect(shares, cfg.ramp_rate, cfg.max_pending, cfg.register_timeout)
+        reg = fleet.connect(shares, cfg.ramp_rate, cfg.max_pending, cfg.register_timeout, cfg.account_password)
         want = cfg.receivers + cfg.senders
         if reg["ok"] != want:
             raise GenError(f"registered {reg['ok']} of {want} connections: {reg['errors']}")
@@ -1060,21 +1100,26 @@ def run_idle(
     workers: int = 2,
     register_timeout: float = 60.0,
     protocol: str = "native",
+    account_password: str = "",
 ) -> IdleResult:
     """Ramp `connections` clients into #lobby, let them sit, then add `extra_joins` more.
 
     With `protocol="ws"`, `port` is a WebSocket door and every client registers over it.
+    With `account_password` (native only), every client, the extra joiners too, registers
+    an account of its own and counts as registered once logged in.
 
     `probe("before")` runs before the first connect and `probe("after")` once everybody is
     registered and the traffic has settled, so the caller can difference the server's RSS.
     The extra joins show what a room of that size costs per join (frames to all members).
     """
+    if account_password and protocol != "native":
+        raise ValueError("accounts are registered by the native workload only")
     raise_nofile()
     specs: List[Spec] = [(f"i{i:05d}", -1) for i in range(connections)]
     with Fleet(host, port, workers, protocol=protocol, ws_port=port if protocol == "ws" else 0) as fleet:
         if probe:
             probe("before")
-        reg = fleet.connect(split_round_robin(specs, workers), ramp_rate, max_pending, register_timeout)
+        reg = fleet.connect(split_round_robin(specs, workers), ramp_rate, max_pending, register_timeout, account_password)
         errors = dict(reg["errors"])
         if reg["ok"] != connections:
             return IdleResult(connections, reg["ok"], float("nan"), None, None, 0.0, 0, 0, 0, errors)
@@ -1082,7 +1127,7 @@ def run_idle(
         if probe:
             probe("after")
         more: List[Spec] = [(f"j{i:05d}", -1) for i in range(extra_joins)]
-        reg2 = fleet.connect(split_round_robin(more, workers), ramp_rate, max_pending, register_timeout)
+        reg2 = fleet.connect(split_round_robin(more, workers), ramp_rate, max_pending, register_timeout, account_password)
         after = fleet.settle(quiet=0.5, timeout=30)
         for k, v in reg2["errors"].items():
             errors[k] = errors.get(k, 0) + v

@@ -40,6 +40,7 @@ KIND_ORDER = ("fanout", "wsfanout", "ircfanout", "latency", "idle")
 DEFAULT_SERVERS = "selchat,threaded,asyncio,uvloop,selchat-irc,ngircd,inspircd,selchat-web"
 IRC_DRAIN_QUIET = 1.0  # InspIRCd can pause a few hundred ms under load; do not call that the end
 GEN_LIMIT = 0.8  # generator cores above which a throughput figure is not trusted
+ACCOUNT_PASSWORD = "selchat-bench-password"  # every client of selchat-acct registers with it
 OTHER_LIMIT = 0.25  # cores of other processes' load above which a figure is flagged
 
 
@@ -167,6 +168,9 @@ def _run_load(case: Case, srv: RunningServer, opts: argparse.Namespace, out: Out
             port=srv.port, receivers=case.size, senders=opts.senders, duration=opts.duration,
             warmup=opts.warmup, window=opts.window,
         )
+    if srv.spec.accounts:  # every member logs into its own account before the load
+        cfg.account_password = ACCOUNT_PASSWORD
+        cfg.register_timeout = _account_timeout(opts, cfg.receivers + cfg.senders)
     res = loadgen.run_load(cfg, probe)
     t0, cpu0, rss0, (busy0, soft0) = samples["start"]
     t1, cpu1, rss1, (busy1, soft1) = samples["end"]
@@ -184,6 +188,8 @@ def _run_load(case: Case, srv: RunningServer, opts: argparse.Namespace, out: Out
     m["softirq_cores"] = softirq
     m["other_cores"] = max(busy - softirq - server_cores - res.gen_cpu, 0.0)
     m["rss_mib"] = rss1 / 1024
+    if cfg.account_password:
+        m["register_s"] = res.register_s  # connect to the last account made
     if cfg.protocol == "irc":
         m["lines_per_s"] = res.lines_per_s
         m["rx_mib_per_s"] = res.rx_bytes_per_s / (1 << 20)
@@ -205,13 +211,14 @@ def _run_idle(case: Case, srv: RunningServer, opts: argparse.Namespace, out: Out
     port = srv.web_port if over_ws else srv.port
     if port is None:
         raise loadgen.GenError(f"{srv.spec.name} has no port for idle clients")
+    timeout = _account_timeout(opts, case.size) if srv.spec.accounts else opts.register_timeout
     res = loadgen.run_idle(
         "127.0.0.1", port, case.size, probe, ramp_rate=opts.ramp_rate,
-        register_timeout=opts.register_timeout, extra_joins=opts.extra_joins,
-        protocol="ws" if over_ws else "native",
+        register_timeout=timeout, extra_joins=opts.extra_joins,
+        protocol="ws" if over_ws else "native", account_password=ACCOUNT_PASSWORD if srv.spec.accounts else "",
     )
     if res.registered != case.size:
-        out.failed = f"n/a: {res.registered:,} of {case.size:,} registered within {opts.register_timeout:.0f} s ({res.errors})"
+        out.failed = f"n/a: {res.registered:,} of {case.size:,} registered within {timeout:.0f} s ({res.errors})"
         return
     rss0 = samples["before"][2]
     rss1 = samples["after"][2]
@@ -226,6 +233,12 @@ def _run_idle(case: Case, srv: RunningServer, opts: argparse.Namespace, out: Out
     m["rss_mib"] = rss1 / 1024
     if res.errors:
         out.notes.append("errors " + ",".join(f"{k}={v}" for k, v in sorted(res.errors.items())))
+
+
+def _account_timeout(opts: argparse.Namespace, clients: int) -> float:
+    """Registration time allowed when every client makes an account: each one is a password
+    hash (~20 ms of a KDF worker's CPU), so the time grows with the clients."""
+    return opts.register_timeout + clients * opts.account_seconds
 
 
 # ---- the whole run ---------------------------------------------------------------------------
@@ -381,6 +394,32 @@ def ws_ratios(cases: Sequence[Case], servers: Sequence[str], results: Dict[Tuple
     return out
 
 
+def account_ratios(cases: Sequence[Case], servers: Sequence[str], results: Dict[Tuple[Case, str], Outcome]) -> List[str]:
+    """Logged-in members (selchat-acct) against guests (selchat) at each point both measured."""
+    if "selchat-acct" not in servers or "selchat" not in servers:
+        return []
+    out: List[str] = []
+    for case in cases:
+        acct, guest = results.get((case, "selchat-acct")), results.get((case, "selchat"))
+        if acct is None or guest is None:
+            continue
+        if case.kind == "idle":
+            a, b = acct.metrics.get("kib_per_conn"), guest.metrics.get("kib_per_conn")
+            if a is not None and b is not None and not math.isnan(a) and not math.isnan(b):
+                ratio = f", **{a / b:.2f}x**" if b > 0 else ""
+                out.append(f"* KiB per idle user at {case.label}: logged in {a:.1f} / guest {b:.1f} ({a - b:+.1f} KiB{ratio})")
+            continue
+        key = "deliveries_per_s" if case.kind == "fanout" else "p99_ms"
+        a, b = acct.metrics.get(key), guest.metrics.get(key)
+        if not a or not b or math.isnan(a) or math.isnan(b):
+            continue
+        what = "fan-out" if case.kind == "fanout" else "p99 latency"
+        unit = "" if case.kind == "fanout" else " ms"
+        shown = f"{a:,.0f}{unit} / {b:,.0f}{unit}" if case.kind == "fanout" else f"{a:.2f}{unit} / {b:.2f}{unit}"
+        out.append(f"* logged-in / guest {what} at {case.label.split(' ', 1)[1]}: {shown} = **{a / b:.2f}x**")
+    return out
+
+
 def plot(cases: Sequence[Case], servers: Sequence[str], results: Dict[Tuple[Case, str], Outcome], path: Path) -> bool:
     fan = [c for c in cases if c.kind == "fanout"]
     if not fan:
@@ -461,6 +500,14 @@ def report(
             "100-character text; a delivery is one PRIVMSG line received by one member (each message reaches "
             "R + S - 1: IRC does not echo to the sender); each sender's window is counted by one designated receiver.",
         ]
+    if "selchat-acct" in servers:
+        lines += [
+            "",
+            "selchat-acct: every client (senders, receivers, idle clients) registers an account of its own "
+            "right after `welcome` (`register`, the answer `account` awaited) before anything is measured; "
+            "its register column is connect to the last account made. RSS is the server process's "
+            "(the KDF worker processes are apart).",
+        ]
     if any(c.kind == "wsfanout" for c in cases):
         lines += [
             "",
@@ -469,7 +516,7 @@ def report(
             "received by one member (R + S per message). An idle row of `selchat-web` registers its clients over WebSocket.",
         ]
     lines += ["", table(cases, servers, results, {n: specs[n].shown for n in servers}), ""]
-    ratio_lines = ws_ratios(cases, servers, results)
+    ratio_lines = ws_ratios(cases, servers, results) + account_ratios(cases, servers, results)
     if ratio_lines:
         lines += ratio_lines + [""]
     if plotted:
@@ -487,7 +534,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     ap.add_argument(
         "--servers", default=DEFAULT_SERVERS,
         help="comma-separated: selchat, selchat-db (history in an SQLite file), selchat-base (the server of --baseline), "
-        "threaded, asyncio, uvloop (native protocol); selchat-irc (selchat's IRC door), ngircd, inspircd (IRC); "
+        "selchat-acct (every client logged into an account), threaded, asyncio, uvloop (native protocol); selchat-irc (selchat's IRC door), ngircd, inspircd (IRC); "
         "selchat-web (selchat's WebSocket door)",
     )
     ap.add_argument("--points", default=",".join(ALL_POINTS), help="comma-separated: fanout, latency, idle, sweep (native); ircfanout (IRC); wsfanout (WebSocket); loginstorm (not in the default: accounts, see --storm-*)")
@@ -506,6 +553,10 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     ap.add_argument("--extra-joins", type=int, default=100, help="joins added to the idle room to count their frames")
     ap.add_argument("--ramp-rate", type=float, default=2000.0, help="connections/s while registering idle clients")
     ap.add_argument("--register-timeout", type=float, default=60.0, help="seconds before an idle point is n/a")
+    ap.add_argument(
+        "--account-seconds", type=float, default=0.1,
+        help="selchat-acct: registration seconds allowed per client on top of --register-timeout (each makes an account)",
+    )
     ap.add_argument(
         "--server-args", action="append", default=[], metavar="NAME=ARGS",
         help="replace a server's extra flags, e.g. selchat='--log-level warning --max-outbuf 1048576'",
