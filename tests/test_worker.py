@@ -10,6 +10,7 @@ the loop keeps running while a child works.
 from __future__ import annotations
 
 import os
+import select
 import signal
 import time
 from pathlib import Path
@@ -319,3 +320,55 @@ def test_whatever_a_child_writes_every_job_is_answered_once(prefix: bytes) -> No
     finally:
         pool.close()
         reactor.close()
+
+
+def test_children_run_in_a_session_of_their_own(reactor: Reactor, make_pool: Callable[..., WorkerPool]) -> None:
+    """A terminal's Ctrl-C (sent to the foreground process group) reaches only the parent."""
+    pool = make_pool()
+    [pid] = pool.pids()
+    assert os.getsid(pid) == pid != os.getsid(0)
+
+
+def _exited(pid: int) -> bool:
+    """Gone, or a zombie waiting for whoever inherited it."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+PARENT = """
+import sys, time
+from selchat.loop.reactor import Reactor
+from selchat.loop.worker import WorkerPool
+reactor = Reactor()
+pool = WorkerPool(reactor, "worker_child", env=None, cwd=sys.argv[1])
+got = []
+pool.submit(b"pid", got.append)
+while not got:
+    reactor.run_once(timeout=0.05)
+print(got[0].decode(), flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_parent_killed_outright_leaves_no_child_behind() -> None:
+    import subprocess
+    import sys
+
+    parent = subprocess.Popen([sys.executable, "-c", PARENT, str(TESTS)], stdout=subprocess.PIPE,
+                              env=child_env(), cwd=str(TESTS), text=True)
+    try:
+        assert parent.stdout is not None
+        ready, _, _ = select.select([parent.stdout], [], [], DEADLINE)
+        assert ready, "the parent did not report its child"
+        child = int(parent.stdout.readline())
+        assert not _exited(child)
+    finally:
+        parent.kill()
+        parent.wait(10)
+    deadline = time.monotonic() + DEADLINE
+    while not _exited(child):  # its stdin closed with the parent: it leaves by itself
+        assert time.monotonic() < deadline, "the orphaned child is still running"
+        time.sleep(0.02)
