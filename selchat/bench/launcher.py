@@ -175,7 +175,9 @@ def git_label(path: Path) -> str:
 
 
 SELCHAT_NAMES = ("selchat", "selchat-db", "selchat-irc", "selchat-web", "selchat-base", "selchat-acct")
-ACCOUNT_FLAGS = ["--kdf-workers", "2"]  # selchat-acct: two processes hash the registrations
+# selchat-acct: two processes hash the registrations; 10,000 of them take minutes, and an idle
+# client that registered first must not be pinged meanwhile (the generator answers no ping)
+ACCOUNT_FLAGS = ["--kdf-workers", "2", "--ping-interval", "600"]
 
 
 def known_servers(overrides: Optional[Dict[str, str]] = None, baseline: Optional[Path] = None) -> Dict[str, ServerSpec]:
