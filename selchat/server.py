@@ -177,9 +177,8 @@ class Server:
         if self.web_address:
             _listening_log.info("web listening on %s:%d", self.web_address[0], self.web_address[1])
             _listening_log.info("web client at %s", _url("https" if self.tls else "http", self.web_address))
-        if self.metrics_address:
-            _listening_log.info("metrics listening on %s:%d (%s)", self.metrics_address[0],
-                                self.metrics_address[1], _url("http", self.metrics_address, "metrics"))
+        if self.metrics_address:  # (not "listening on": scripts take that for the native port)
+            _listening_log.info("metrics at %s (and /healthz)", _url("http", self.metrics_address, "metrics"))
 
     def _listen_door(self, door: Any, sock: socket.socket) -> tuple:
         """One more door's port, bound already."""

@@ -21,7 +21,7 @@ from conftest import unique_nick, unique_room
 from ircwire import IrcClient, irc_port
 from test_web_door import WsClient, web_port
 
-METRICS = r"metrics listening on 127\.0\.0\.1:(\d+) \(http://127\.0\.0\.1:\d+/metrics\)"
+METRICS = r"metrics at http://127\.0\.0\.1:(\d+)/metrics \(and /healthz\)"
 PROMTOOL = shutil.which("promtool")
 
 
