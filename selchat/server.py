@@ -47,6 +47,7 @@ from selchat.loop.pacing import Pacer
 from selchat.loop.reactor import Reactor
 from selchat.loop.transport import State, TLSTransport, Transport, Writer, kind_of
 from selchat.core.accounts import read_operators
+from selchat.core.names import fold
 from selchat.kdf import make_kdf
 from selchat.password import read_password_file
 
@@ -130,7 +131,7 @@ class Server:
         # `hook(new_config)` reads its file and returns how to apply it: the operators' file).
         self.argv: Optional[List[str]] = None
         self.tls_digest: Optional[str] = None
-        self.reload_hooks: List[Any] = []
+        self.reload_hooks: List[Any] = [self._reload_accounts]
         # --metrics-port: counters at once-per-request and once-per-pass points, the rest read
         # when Prometheus asks (selchat.ops.metrics); served by this loop (selchat.ops.httpd).
         self.metrics: Any = None
@@ -141,6 +142,25 @@ class Server:
 
             self.metrics = ServerMetrics(self)
             self.metrics.install()
+
+    def _reload_accounts(self, new: ServerConfig) -> Optional[Any]:
+        """SIGHUP: the operators' file read again (ValueError when it cannot be read), and
+        whether registration is open; applied together, live."""
+        names = read_operators_file(new.operators) if new.operators else []
+        accounts = self.chat.accounts
+
+        def apply() -> Optional[str]:
+            operators = {fold(name) for name in names}
+            said = []
+            if operators != accounts.operators:
+                said.append(f"server operators: {', '.join(sorted(operators)) or 'none'}")
+                accounts.operators = operators
+            if new.registration != accounts.registration:
+                accounts.registration = new.registration
+                said.append("registration " + ("open" if new.registration else "closed"))
+            return "; ".join(said) or None
+
+        return apply
 
     # --- set-up -------------------------------------------------------------------------------
 

@@ -259,3 +259,31 @@ def test_a_server_operator_kills_and_everyone_sees_the_quit(start_server, tmp_pa
     joined(root, room)
     root.send(type="topic", room=room, text="by the server operator", ref="t")
     see(root, "topic", ref="t", text="by the server operator")
+
+
+def test_sighup_reads_the_operators_file_again(start_server, tmp_path):
+    import signal
+
+    first, second = unique_nick("op1"), unique_nick("op2")
+    ops_file = tmp_path / "operators"
+    ops_file.write_text(f"{first}\n")
+    srv = start_server(*OPTS, "--operators", str(ops_file))
+    registered_account(srv, second).quit_and_close()
+    new_op, _ = login(srv, second)
+    victim = srv.registered(unique_nick("v"))
+    new_op.send(type="kill", nick=victim.nick, ref="k1")
+    refused(new_op, "not_operator", ref="k1")
+    ops_file.write_text(f"{first}\n{second}\n")
+    srv.signal(signal.SIGHUP)
+    srv.wait_log(r"server operators: .*" + second.lower(), SLOW)
+    new_op.send(type="kill", nick=victim.nick, reason="reloaded")
+    see(new_op, "quit", nick=victim.nick)
+    victim.assert_closed(SLOW)
+    # A file that cannot be read keeps the operators in force, with one error line.
+    ops_file.unlink()
+    srv.signal(signal.SIGHUP)
+    srv.wait_log(r"operators", SLOW)
+    assert srv.alive()
+    other = srv.registered(unique_nick("v2"))
+    new_op.send(type="kill", nick=other.nick)
+    see(new_op, "quit", nick=other.nick)
