@@ -24,6 +24,7 @@ Invariants:
 
 from __future__ import annotations
 
+import collections
 import itertools
 import logging
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
@@ -72,6 +73,7 @@ ORIGIN_SHARE = 20  # one origin may hold max_rooms / ORIGIN_SHARE rooms it creat
 RESERVE_SHARE = 10  # the last max_rooms / RESERVE_SHARE rooms are kept for small holders
 FEW_ROOMS = 10  # "holds few rooms": fewer than this many
 RECENT_CACHED = 64  # rooms whose history-on-join is kept in memory (a frame each at most)
+WHOWAS_KEPT = 1000  # users who left or changed nick, remembered for IRC's WHOWAS (oldest go)
 
 _holders = itertools.count(1)
 
@@ -129,7 +131,7 @@ class User:
 class Room:
     __slots__ = ("name", "key", "members", "operators", "created", "topic", "holder",
                  "names_cache", "recent_cache", "voiced", "topic_by", "topic_ts", "flags",
-                 "room_key", "limit", "bans", "invited", "founder", "op_accounts")
+                 "room_key", "limit", "bans", "invited", "founder", "op_accounts", "ban_info")
 
     def __init__(self, name: str, created: int = 0, holder: Optional[str] = None) -> None:
         self.name = name
@@ -147,6 +149,7 @@ class Room:
         self.room_key: Optional[str] = None  # the key `join` must give (IRC +k)
         self.limit: Optional[int] = None  # members it may hold (IRC +l)
         self.bans: List[str] = []  # normalized masks (selchat.core.rooms)
+        self.ban_info: Dict[str, Tuple[str, int]] = {}  # mask -> (who set it, ms): IRC's 367
         self.invited: Dict[User, None] = {}  # may join while invite-only, once
         self.founder: Optional[str] = None  # the account key it is registered to
         self.op_accounts: Dict[str, None] = {}  # accounts made operators (registered rooms)
@@ -247,6 +250,9 @@ class Chat:
         self.before_change: Callable[[], None] = _noop
         self._signals = 0
         self._recent_rooms: Dict[Room, None] = {}  # rooms holding a recent_cache, oldest first
+        # Who was here (IRC's WHOWAS): (nick, ident, host, realname) of users who left or
+        # changed nick, newest last; bounded, so a nick-change storm costs nothing more.
+        self.whowas: "collections.deque[Tuple[str, str, str, str]]" = collections.deque(maxlen=WHOWAS_KEPT)
         self._allocate: Optional[Callable[[], int]] = getattr(store, "allocate_id", None)
         self.last_id: int = store.last_id()
 
@@ -328,6 +334,7 @@ class Chat:
             return []
         self.before_change()
         del self.users[user.key]
+        self.whowas.append((user.nick, user.ident, user.host, user.realname))
         if user.account_key is not None and self.online.get(user.account_key) is user:
             del self.online[user.account_key]
         event = events.Quit(user.nick, reason, user.userhost)
@@ -371,7 +378,7 @@ class Chat:
         if kind is InviteUser:
             return self.invite(user, request.room, request.nick)  # type: ignore[union-attr]
         if kind is SetModes:
-            return self.mode(user, request.room, request.changes)  # type: ignore[union-attr]
+            return self.mode(user, request.room, request.changes, now_ms)  # type: ignore[union-attr]
         raise TypeError(f"not a chat request: {request!r}")  # pragma: no cover - a door's bug
 
     def next_id(self) -> int:
@@ -557,6 +564,7 @@ class Chat:
             raise ChatError("nick_reserved", f"nick {nick!r} belongs to an account")
         self.before_change()
         event = events.NickChange(user.nick, nick, user.userhost)
+        self.whowas.append((user.nick, user.ident, user.host, user.realname))
         del self.users[user.key]
         user.nick = nick
         user.key = key
@@ -571,6 +579,12 @@ class Chat:
         if recipients:
             out.insert(0, Delivery(event, recipients))
         return out
+
+    def was(self, nick: str, count: int = 0) -> List[Tuple[str, str, str, str]]:
+        """Who had `nick` (any case), newest first; at most `count` of them (0: all kept)."""
+        key = fold(nick)
+        found = [w for w in reversed(self.whowas) if fold(w[0]) == key]
+        return found[:count] if count > 0 else found
 
     def set_away(self, user: User, text: Optional[str]) -> None:
         user.away = text or None
@@ -702,10 +716,12 @@ class Chat:
         if key is not None and user not in room.members:
             key = "*"  # (our choice) members see a room's key, others only that there is one
         modes += [("key", key), ("limit", room.limit)]
-        return events.ModeInfo(room.name, tuple(modes), tuple(room.bans), room.created)
+        info = room.ban_info
+        setters = tuple((mask,) + info.get(mask, ("", 0)) for mask in room.bans)
+        return events.ModeInfo(room.name, tuple(modes), tuple(room.bans), room.created, setters)
 
     def mode(self, user: User, room_name: str,
-             changes: Tuple[Tuple[str, object], ...]) -> List[Delivery]:
+             changes: Tuple[Tuple[str, object], ...], now_ms: int = 0) -> List[Delivery]:
         """Apply `changes` in order; everyone in the room sees what really changed."""
         if not changes:
             room = self.rooms.get(fold(room_name))
@@ -752,7 +768,7 @@ class Chat:
                     room.limit = values[0]
                     done.append((name, values[0]))
             else:
-                changed = self._apply_list(room, name, values)
+                changed = self._apply_list(room, name, values, f"{user.nick}!{user.userhost}", now_ms)
                 if changed:
                     done.append((name, tuple(changed)))
         if not done:
@@ -762,7 +778,8 @@ class Chat:
         event = events.ModeChange(room.name, user.nick, tuple(done), user.userhost)
         return [Delivery(event, room.members, skip=user), mirror(event, user)]
 
-    def _apply_list(self, room: Room, name: str, values: Tuple[Any, ...]) -> List[str]:
+    def _apply_list(self, room: Room, name: str, values: Tuple[Any, ...], by: str = "",
+                    now_ms: int = 0) -> List[str]:
         changed: List[str] = []
         if name in ("op", "voice"):
             table = room.operators if name == "op" else room.voiced
@@ -787,11 +804,13 @@ class Chat:
                         raise ChatError("ban_list_full", f"{room.name} has "
                                         f"{room_rules.MAX_BANS} bans already")
                     room.bans.append(mask)
+                    room.ban_info[mask] = (by, now_ms)
                     changed.append(mask)
         else:  # unban
             for mask in values:
                 if mask in room.bans:
                     room.bans.remove(mask)
+                    room.ban_info.pop(mask, None)
                     changed.append(mask)
         return changed
 

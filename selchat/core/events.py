@@ -162,6 +162,9 @@ class ModeInfo:
     modes: Tuple[Tuple[str, object], ...]
     bans: Tuple[str, ...]
     created: int = 0  # ms since the epoch (IRC's 329)
+    # (mask, who set it as nick!user@host, ms) for each ban, for IRC's 367; who and when are
+    # not kept across restarts ("" and 0 then).
+    ban_info: Tuple[Tuple[str, str, int], ...] = field(default=(), compare=False)
 
 
 @dataclass(frozen=True)
