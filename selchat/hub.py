@@ -454,3 +454,7 @@ class Hub:
     def is_room_operator(self, user: User, room: Room) -> bool:
         """An operator of the room, or a server operator (who is one in every room)."""
         return self.chat.is_operator(user, room)
+
+    def whowas(self, nick: str, count: int = 0) -> List[Tuple[str, str, str, str]]:
+        """(nick, ident, host, realname) of those who had `nick`, newest first (IRC's WHOWAS)."""
+        return self.chat.was(nick, count)

@@ -300,3 +300,27 @@ def test_account_notify_tag_and_extended_join(env: Env) -> None:
     guest.wait_for("REGISTER", "SUCCESS")
     line, _ = lee.wait_for("ACCOUNT")
     assert line.params == ["max"] and line.source.startswith("max!")
+
+
+def test_whowas_ban_setter_info_and_time(env: Env) -> None:
+    ann = env.user("ann")
+    gone = env.user("gone")
+    gone.send("QUIT :bye")
+    gone.assert_closed()
+    ann.send("WHOWAS gone")
+    lines = ann.until_numeric("369")
+    assert [x.command for x in lines] == ["314", "312", "369"], [describe(x) for x in lines]
+    assert lines[0].params[1:3] == ["gone", "tester"]
+    ann.send("WHOWAS nobody")
+    assert [x.command for x in ann.until_numeric("369")] == ["406", "369"]
+    ann.send("JOIN #b")
+    ann.wait_for("366")
+    ann.send("MODE #b +b bad!*@*")
+    ann.wait_for("MODE")
+    ann.send("MODE #b +b")
+    line, _ = ann.wait_for("367")
+    assert line.params[2] == "bad!*@*" and line.params[3].startswith("ann!") and int(line.params[4]) > 0
+    ann.send("INFO")
+    ann.wait_for("374")
+    ann.send("TIME")
+    ann.wait_for("391")

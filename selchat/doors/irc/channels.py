@@ -106,7 +106,8 @@ def send_names(s: "IrcSession", room: Room, end: bool = True) -> None:
         (prefix(room, u, multi) + (f"{u.nick}!{u.userhost}" if uhnames else u.nick)
          for u in room.members),
         key=lambda n: n.lstrip("@+").lower())
-    head = f":{s.server} 353 {s.me} = {room.name} :"
+    kind = "@" if room.flags["secret"] else "="
+    head = f":{s.server} 353 {s.me} {kind} {room.name} :"
     budget = 510 - len(head.encode())
     # A room of thousands: what fits in this answer's share of the client's buffer, then
     # 416 and the usual end, so a client that reads is never dropped for asking.
@@ -247,17 +248,21 @@ def send_topic(s: "IrcSession", room: "Room") -> None:
 
 
 def kick(s: "IrcSession", line: Line) -> None:
-    name = line.params[0]
-    room = s.hub.find_room(name)
-    if room is None:
-        s.numeric(N.ERR_NOSUCHCHANNEL, name[:64], "No such channel")
+    """`KICK #a nick1,nick2` or `KICK #a,#b nick1,nick2` (pairs); one KICK line each."""
+    names = line.params[0].split(",")
+    nicks = [n for n in line.params[1].split(",") if n][:NAMES_MAX]
+    if len(names) > 1 and len(names) != len(nicks):
+        s.numeric(N.ERR_NEEDMOREPARAMS, "KICK", "Channels and nicks do not pair up")
         return
     reason = strip_formatting(line.params[2]) if len(line.params) > 2 else ""
     if has_control_characters(reason):
         reason = ""
     reason = reason.encode("utf-8")[:300].decode("utf-8", "ignore")
-    for nick in line.params[1].split(",")[:NAMES_MAX]:
-        if not nick:
+    for i, nick in enumerate(nicks):
+        name = names[i] if len(names) > 1 else names[0]
+        room = s.hub.find_room(name)
+        if room is None:
+            s.numeric(N.ERR_NOSUCHCHANNEL, name[:64], "No such channel")
             continue
         try:
             s.ask(KickUser(room.name, nick, reason))
@@ -337,9 +342,34 @@ def mode(s: "IrcSession", line: Line) -> None:
     elif fold(target) != fold(s.me):
         s.numeric(N.ERR_USERSDONTMATCH, "Cannot change mode for other users")
     else:
-        # No user modes here: setting one (irssi's +i on connect) changes nothing, and the
-        # answer says so by showing the modes in force.
-        s.send_line(f":{s.server} 221 {s.me} +")
+        user_mode(s, line.params[1] if len(line.params) > 1 else "")
+
+
+def user_mode(s: "IrcSession", modes: str) -> None:
+    """One user mode here, +i (invisible: WHO masks list you only to those who share a room
+    with you), kept by this connection; `+o` comes with OPER only. Others are ignored."""
+    if not modes:
+        s.send_line(f":{s.server} 221 {s.me} {_user_modes(s)}")
+        return
+    sign, changed = "+", ""
+    for letter in modes:
+        if letter in "+-":
+            sign = letter
+        elif letter == "i" and s.invisible != (sign == "+"):
+            s.invisible = sign == "+"
+            changed += sign + "i"
+    if changed:
+        s.send_line(f":{s.me} MODE {s.me} :{changed}")
+    else:
+        s.send_line(f":{s.server} 221 {s.me} {_user_modes(s)}")
+
+
+def _user_modes(s: "IrcSession") -> str:
+    modes = "+" + ("i" if s.invisible else "")
+    user = s.user
+    if user is not None and s.hub.is_server_operator(user):
+        modes += "o"
+    return modes
 
 
 def _nick_of(exc: ChatError, changes: list) -> str:

@@ -63,11 +63,14 @@ COMMANDS: Dict[str, Command] = {
     # queries
     "WHO": Command(queries.who),
     "WHOIS": Command(queries.whois),
+    "WHOWAS": Command(queries.whowas),
     "MOTD": Command(queries.motd),
     "LUSERS": Command(queries.lusers),
     "AWAY": Command(queries.away),
     "USERHOST": Command(queries.userhost),
     "ISON": Command(queries.ison),
+    "INFO": Command(queries.info),
+    "TIME": Command(queries.time_),
     # history
     "CHATHISTORY": Command(history.chathistory),
 }

@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Iterable, List
 
+from selchat import __version__
 from selchat.core.names import has_control_characters
 from selchat.doors.irc.numerics import Numeric as N
 from selchat.doors.irc.parser import Line, body_budget
@@ -21,6 +22,13 @@ if TYPE_CHECKING:
 WHO_MAX = 200  # users one WHO with a mask may list
 ERR_TOOMANYMATCHES = 416  # an answer cut short (hybrid, ratbox: "output too large, truncated")
 RPL_WHOISOPERATOR = 313
+RPL_WHOWASUSER = 314
+RPL_ENDOFWHOWAS = 369
+ERR_WASNOSUCHNICK = 406
+WHOWAS_MAX = 20  # entries one WHOWAS lists at most
+RPL_INFO = 371
+RPL_ENDOFINFO = 374
+RPL_TIME = 391
 RPL_WHOISACCOUNT = 330
 
 
@@ -81,7 +89,7 @@ def who(s: "IrcSession", line: Line) -> None:
             # Matched against every user: the CPU it takes grows with the server, and is
             # billed (the output alone would not show it).
             started = time.thread_time()
-            found = hub.users_matching(mask, WHO_MAX)
+            found = [u for u in hub.users_matching(mask, WHO_MAX) if _visible(s, u)]
             s.bill_cpu(time.thread_time() - started)
         else:
             u = hub.find_user(mask)
@@ -101,6 +109,14 @@ def who(s: "IrcSession", line: Line) -> None:
             break
         s.send_line(text)
     s.numeric(N.RPL_ENDOFWHO, mask[:64], "End of /WHO list")
+
+
+def _visible(s: "IrcSession", u: "User") -> bool:
+    """A user who set +i is listed by a mask only to those who share a room with it."""
+    if not any(getattr(session, "invisible", False) for session in u.sessions):
+        return True
+    asker = s.user
+    return asker is u or (asker is not None and any(asker in r.members for r in u.rooms.values()))
 
 
 def whois(s: "IrcSession", line: Line) -> None:
@@ -129,6 +145,23 @@ def whois(s: "IrcSession", line: Line) -> None:
     if u.away:
         s.numeric(N.RPL_AWAY, u.nick, u.away)
     s.numeric(N.RPL_ENDOFWHOIS, u.nick, "End of /WHOIS list")
+
+
+def whowas(s: "IrcSession", line: Line) -> None:
+    """Who had a nick (the core remembers the last WHOWAS_KEPT who left or changed nick)."""
+    if not line.params or not line.params[0]:
+        s.numeric(N.ERR_NONICKNAMEGIVEN, "No nickname given")
+        return
+    nick = line.params[0].split(",")[0]
+    count_text = line.params[1] if len(line.params) > 1 else ""
+    count = int(count_text) if count_text.isascii() and count_text.isdigit() else 0
+    found = s.hub.whowas(nick, min(count, WHOWAS_MAX) if count > 0 else WHOWAS_MAX)
+    if not found:
+        s.numeric(ERR_WASNOSUCHNICK, nick[:64], "There was no such nickname")
+    for was_nick, ident, host, realname in found:
+        s.numeric(RPL_WHOWASUSER, was_nick, ident, host, "*", realname)
+        s.numeric(N.RPL_WHOISSERVER, was_nick, s.server, "selchat")
+    s.numeric(RPL_ENDOFWHOWAS, nick[:64], "End of WHOWAS")
 
 
 def userhost(s: "IrcSession", line: Line) -> None:
@@ -176,6 +209,18 @@ def send_motd(s: "IrcSession") -> None:
     s.numeric(N.RPL_ENDOFMOTD, "End of /MOTD command.")
 
 
+def info(s: "IrcSession", line: Line) -> None:
+    s.numeric(RPL_INFO, f"selchat {__version__}: one thread, one selectors loop, three doors")
+    s.numeric(RPL_INFO, f"This server was started {s.door.created}")
+    s.numeric(RPL_ENDOFINFO, "End of /INFO list")
+
+
+def time_(s: "IrcSession", line: Line) -> None:
+    now = time.time()
+    text = time.strftime("%A %B %d %Y -- %H:%M:%S UTC", time.gmtime(now))
+    s.numeric(RPL_TIME, s.server, str(int(now)), "0", text)
+
+
 def lusers(s: "IrcSession", line: Line) -> None:
     send_lusers(s)
 
@@ -183,9 +228,10 @@ def lusers(s: "IrcSession", line: Line) -> None:
 def send_lusers(s: "IrcSession") -> None:
     users = s.hub.user_count()
     rooms = s.hub.formed_room_count()
+    peak = s.door.peak_users = max(s.door.peak_users, users)
     s.numeric(N.RPL_LUSERCLIENT, f"There are {users} users and 0 invisible on 1 servers")
     s.numeric(N.RPL_LUSEROP, str(s.hub.operator_count()), "operator(s) online")
     s.numeric(N.RPL_LUSERCHANNELS, str(rooms), "channels formed")
     s.numeric(N.RPL_LUSERME, f"I have {users} clients and 0 servers")
-    s.numeric(N.RPL_LOCALUSERS, str(users), str(users), f"Current local users {users}, max {users}")
-    s.numeric(N.RPL_GLOBALUSERS, str(users), str(users), f"Current global users {users}, max {users}")
+    s.numeric(N.RPL_LOCALUSERS, str(users), str(peak), f"Current local users {users}, max {peak}")
+    s.numeric(N.RPL_GLOBALUSERS, str(users), str(peak), f"Current global users {users}, max {peak}")

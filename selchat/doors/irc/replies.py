@@ -41,19 +41,21 @@ def _welcome(s: "IrcSession", event: events.Welcome) -> None:
 def _message(s: "IrcSession", event: events.Message) -> None:
     if s.mirrored():
         s.raw(s.wire.message(event))  # said on another connection of ours: shown here too
-    elif "echo-message" in s.caps:
-        s.raw(s.own_message(event, None, b""))
+        return
+    s.raw(s.own_message(event, None, b""))  # the echo, with echo-message
+    if event.to is not None and event.room is None and fold(event.to) == fold(event.sender):
+        s.raw(s.wire.message(event))  # to ourselves: received, too (not part of the answer)
 
 
 def _signal(s: "IrcSession", event: events.Signal) -> None:
     if s.mirrored():
         s.raw(s.wire.signal(event))
     elif "echo-message" in s.caps:
-        label = s.response.label if "labeled-response" in s.caps else None
-        line = s.wire.signal(event, f"label={label}" if label else "")
-        if line and label:
-            s.response.take_label()  # the echo is the labeled answer
-        s.raw(line)
+        line = s.wire.signal(event)
+        if s.response.collecting:
+            s.answer_lines(line)
+        else:
+            s.raw(line)
 
 
 def _join(s: "IrcSession", event: events.Join) -> None:
@@ -102,10 +104,9 @@ def _kick(s: "IrcSession", event: events.Kick) -> None:
 
 
 def _invite(s: "IrcSession", event: events.Invite) -> None:
-    if event.nick and not s.mirrored():
-        s.numeric(N.RPL_INVITING, event.nick, event.room)
-    elif not event.nick:
-        _line(s, event)
+    """The inviter's answer (the invitee's INVITE line is the wire's)."""
+    if not s.mirrored():
+        s.numeric(N.RPL_INVITING, event.nick or event.to, event.room)
 
 
 def _mode_change(s: "IrcSession", event: events.ModeChange) -> None:
@@ -114,8 +115,10 @@ def _mode_change(s: "IrcSession", event: events.ModeChange) -> None:
 
 def _mode_info(s: "IrcSession", event: events.ModeInfo) -> None:
     if s.pending == "MODE b":
+        setters = {mask: (by, ts) for mask, by, ts in event.ban_info}
         for mask in event.bans:
-            s.numeric(N.RPL_BANLIST, event.room, ban_display(mask), "*", "0")
+            by, ts = setters.get(mask, ("", 0))
+            s.numeric(N.RPL_BANLIST, event.room, ban_display(mask), by or s.server, str(ts // 1000))
         s.numeric(N.RPL_ENDOFBANLIST, event.room, "End of channel ban list")
         return
     modes = dict(event.modes)

@@ -78,6 +78,7 @@ class IrcDoor:
     ping_timeout: float
     password: Optional[bytes] = None
     created: str = field(default_factory=lambda: time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()))
+    peak_users: int = 0  # the most users LUSERS has seen at once (its "max")
 
     def __post_init__(self) -> None:
         self.wires = WireSet(self.server_name)
@@ -100,7 +101,7 @@ class IrcSession(DoorSession):
                  "pinged", "doomed", "reject", "reg", "caps", "response", "welcoming",
                  "_lagged", "_handshake_timer", "_idle_timer", "_produced", "_billed",
                  "_answer_start", "_listing", "__weakref__", "_turn", "_next_pass", "_job",
-                 "_viewing", "pending", "account", "sasl")
+                 "_viewing", "pending", "account", "sasl", "invisible")
 
     def __init__(self, door: IrcDoor, reject: Optional[str] = None) -> None:
         self.door = door
@@ -134,6 +135,7 @@ class IrcSession(DoorSession):
         self.pending = ""  # the command whose answer comes as an event (MODE b, REGISTER, ...)
         self.account: Optional[str] = None  # proved by SASL before registration
         self.sasl: Any = None  # the SASL exchange under way (selchat.doors.irc.accounts.Sasl)
+        self.invisible = False  # user mode +i: left out of WHO masks for those sharing no room
 
     @property
     def me(self) -> str:
@@ -218,13 +220,21 @@ class IrcSession(DoorSession):
         return self.hub.fanout.current is not self
 
     def own_message(self, msg: events.Message, ref: Any, shared: bytes) -> bytes:
+        """Our echo of what we said (echo-message). While a labeled command is answered it is
+        one of the answer's lines (so several targets make one labeled batch), else the bytes
+        the fan-out writes."""
         if "echo-message" not in self.caps:
             return b""
-        label = self.response.label if "labeled-response" in self.caps else None
-        if label is None:
-            return shared or self.wire.message(msg)
-        self.response.take_label()  # one answer carries the label, the first
-        return self.wire.message(msg, f"label={label}")
+        if self.response.collecting:
+            self.answer_lines(self.wire.message(msg))
+            return b""
+        return shared or self.wire.message(msg)
+
+    def answer_lines(self, data: bytes) -> None:
+        """Encoded lines (an echo) as lines of the answer being served."""
+        for text in data.decode("utf-8").split("\r\n"):
+            if text:
+                self.send_line(text)
 
     def send_error(self, code: str, message: str, ref: Any) -> None:
         """An error the hub reports later (a password job's): in the words of the command."""
@@ -401,6 +411,11 @@ class IrcSession(DoorSession):
                     line = parse_line(item)  # type: ignore[arg-type]
                 except IrcParseError:
                     continue  # an empty or blank line: nothing to say
+                if not item.isascii() and not _utf8(item):  # type: ignore[union-attr]
+                    # UTF8ONLY: a line that is not UTF-8 is refused whole, never guessed at.
+                    self.fail(line.command[:32] or "*", "INVALID_UTF8",
+                              text="Message rejected: it is not UTF-8")
+                    continue
                 self._dispatch(line)
             self.bill(self._answer_start)
             if transport.state is not State.OPEN or self._listing is not None:
@@ -460,9 +475,8 @@ class IrcSession(DoorSession):
             commands.run(self, line)
         finally:
             if label is not None:
-                if (line.command in ("PRIVMSG", "NOTICE", "TAGMSG") and "echo-message" in self.caps
-                        and response.collecting and not response.lines):
-                    self.hub.fanout.flush()  # the echo is the answer: it carries the label
+                if response.collecting:
+                    self.hub.fanout.flush()  # a room message's echo is part of the answer
                 for text in response.finish(self.door.server_name):
                     self._emit(text)
 
@@ -523,6 +537,14 @@ class IrcSession(DoorSession):
     def _ping_timed_out(self) -> None:
         self.error("Ping timeout")
         self.close("ping timeout", "ping timeout")
+
+
+def _utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 __all__ = ["IrcDoor", "IrcSession", "RECVQ"]
