@@ -205,6 +205,7 @@ def test_room_events_read_in_words() -> None:
         ({"type": "kick", "room": "#lobby", "nick": "carol", "by": "alice", "reason": "spam"}, "#lobby * carol was kicked by alice: spam"),
         ({"type": "kick", "room": "#lobby", "nick": "alice", "by": "bob", "reason": ""}, "#lobby * you were kicked by bob"),
         ({"type": "invite", "room": "#dev", "by": "bob"}, "bob invites you to #dev (/join #dev)"),
+        ({"type": "invite", "room": "#dev", "nick": "alice", "by": "bob"}, "bob invites you to #dev (/join #dev)"),
         ({"type": "invite", "room": "#dev", "nick": "carol", "by": "alice"}, "#dev * carol was invited by alice"),
         ({"type": "mode", "room": "#lobby", "by": "alice", "set": {"moderated": True, "key": "k", "op": ["bob"], "ban": ["account:troll"]}},
          "#lobby * alice set moderated on, key set, op bob, ban account:troll"),

@@ -329,7 +329,7 @@ def _refusal(nick: str, error: Mapping[str, Any], password_file: Optional[str] =
         return f"the server wants a password: {reason} (give it with --password-file FILE)"
     if error.get("code") in ("bad_nick", "nick_taken", "nick_reserved"):
         return f"nick {escape(nick)!r} refused: {reason}: {explain_refusal(nick, error)}"
-    if error.get("code") in ("login_failed", "login_throttled"):
+    if error.get("code") in ("login_failed", "login_throttled", "unavailable"):
         return f"login refused: {reason}"
     return f"nick {escape(nick)!r} refused: {reason}"
 

@@ -284,7 +284,7 @@ def _room_event(head: Fragments, kind: str, data: Mapping[str, Any], localtime: 
         out = head + room + who + [(STYLE_EVENT, verb), _nick(by)]
         return _with_body(out + [(STYLE_EVENT, ": ")], escape_text(reason), STYLE_EVENT) if reason else out
     if kind == "invite":
-        if "nick" in data:  # our own invitation went out
+        if "nick" in data and data.get("_for_me") is not True:  # our own invitation went out
             return head + room + [_nick(data.get("nick")), (STYLE_EVENT, " was invited by "), _nick(by)]
         target = escape(_str(data.get("room")))
         return head + [_nick(by), (STYLE_MENTION, f" invites you to {target}"), (STYLE_STATUS, f" (/join {target})")]

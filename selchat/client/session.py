@@ -989,10 +989,10 @@ class ClientSession:
         out.items.append(self._room_item("kick", dict(event, _me=mine), now, mention=mine))
 
     def _on_invite(self, event: Event, request: Any, now: float, out: Reaction) -> None:
-        if "nick" in event:  # the asker's copy
+        if "nick" in event and not self.is_me(event.get("nick")):  # the asker's copy
             out.items.append(self._room_item("invite", event, now))
         else:
-            out.items.append(Item("invite", now, event, targets=(STATUS, CURRENT), mention=True))
+            out.items.append(Item("invite", now, dict(event, _for_me=True), targets=(STATUS, CURRENT), mention=True))
 
     def _on_mode(self, event: Event, request: Any, now: float, out: Reaction) -> None:
         room = event.get("room")
