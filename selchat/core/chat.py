@@ -131,7 +131,8 @@ class User:
 class Room:
     __slots__ = ("name", "key", "members", "operators", "created", "topic", "holder",
                  "names_cache", "recent_cache", "voiced", "topic_by", "topic_ts", "flags",
-                 "room_key", "limit", "bans", "invited", "founder", "op_accounts", "ban_info")
+                 "room_key", "limit", "bans", "invited", "founder", "op_accounts", "ban_info",
+                 "no_external")
 
     def __init__(self, name: str, created: int = 0, holder: Optional[str] = None) -> None:
         self.name = name
@@ -150,6 +151,9 @@ class Room:
         self.limit: Optional[int] = None  # members it may hold (IRC +l)
         self.bans: List[str] = []  # normalized masks (selchat.core.rooms)
         self.ban_info: Dict[str, Tuple[str, int]] = {}  # mask -> (who set it, ms): IRC's 367
+        # IRC's +n, on unless an operator turns it off (our choice: an IRC-only mode, not kept
+        # across restarts): off, those outside the room may speak in it too.
+        self.no_external = True
         self.invited: Dict[User, None] = {}  # may join while invite-only, once
         self.founder: Optional[str] = None  # the account key it is registered to
         self.op_accounts: Dict[str, None] = {}  # accounts made operators (registered rooms)
@@ -400,7 +404,9 @@ class Chat:
             client_tags: Tuple[Tuple[str, str], ...] = ()) -> List[Delivery]:
         room = user.rooms.get(fold(room_name))
         if room is None:
-            raise ChatError("not_in_room", f"you are not in {room_name}")
+            room = self.rooms.get(fold(room_name))
+            if room is None or room.no_external:
+                raise ChatError("not_in_room", f"you are not in {room_name}")
         if (room.flags["moderated"] or room.bans) and not self._may_speak(user, room):
             if room.flags["moderated"]:
                 raise ChatError("moderated", f"{room.name} is moderated: only operators and "
@@ -763,6 +769,10 @@ class Chat:
                 if room.room_key != values[0]:
                     room.room_key = values[0]
                     done.append((name, values[0]))
+            elif name == "no_external":
+                if room.no_external != bool(values[0]):
+                    room.no_external = bool(values[0])
+                    done.append((name, bool(values[0])))
             elif name == "limit":
                 if room.limit != values[0]:
                     room.limit = values[0]
