@@ -324,3 +324,27 @@ def test_whowas_ban_setter_info_and_time(env: Env) -> None:
     ann.wait_for("374")
     ann.send("TIME")
     ann.wait_for("391")
+
+
+def test_minus_n_lets_outsiders_speak_and_whox(env: Env) -> None:
+    ann = env.user("ann")
+    out = env.user("out")
+    ann.send("JOIN #n")
+    ann.wait_for("366")
+    out.send("PRIVMSG #n :knock")
+    out.wait_for("404")
+    ann.send("MODE #n -n")
+    line, _ = ann.wait_for("MODE")
+    assert line.params == ["#n", "-n"]
+    out.send("PRIVMSG #n :from outside")
+    line, _ = ann.wait_for("PRIVMSG")
+    assert line.params == ["#n", "from outside"]
+    ann.send("MODE #n")
+    line, _ = ann.wait_for("324")
+    assert line.params[2] == "+t"
+    out.send("WHO ann %tnaf,42")
+    line, _ = out.wait_for("354")
+    assert line.params == ["out", "42", "ann", "H@", "0"], describe(line)
+    out.send("HELP KICK")
+    out.wait_for("704")
+    out.wait_for("706")

@@ -144,7 +144,8 @@ def list_(s: "IrcSession", line: Line) -> None:
         s.numeric(N.RPL_LISTSTART, "Channel", "Users  Name")
         for key in sorted({fold(n) for n in line.params[0].split(",") if n}):
             room = hub.find_room(key)
-            if room is not None and room.members:
+            if (room is not None and room.members
+                    and (not room.flags["secret"] or s.user in room.members)):
                 s.numeric(N.RPL_LIST, room.name, str(len(room.members)), room.topic)
         s.numeric(N.RPL_LISTEND, "End of /LIST")
         return
@@ -205,6 +206,12 @@ class ListStream:
                     if out.size >= budget or s.produced >= stop:
                         break
         if done:
+            # Secret rooms are not in the hub's list: the asker's own come last.
+            user = s.user
+            for room in (user.rooms.values() if user is not None else ()):
+                if room.flags["secret"]:
+                    s.send_line(self.tagged(s.numeric_text(
+                        N.RPL_LIST, room.name, str(len(room.members)), room.topic)))
             s.send_line(self.tagged(s.numeric_text(N.RPL_LISTEND, "End of /LIST")))
             if self.batch:
                 s.send_line(f":{s.server} BATCH -{self.batch}")

@@ -76,6 +76,69 @@ COMMANDS: Dict[str, Command] = {
 }
 
 
+HELP = {
+    "AUTHENTICATE": "AUTHENTICATE PLAIN|SCRAM-SHA-256: log into an account (SASL, before registering)",
+    "AWAY": "AWAY [text]: mark yourself away with text, or back without",
+    "CAP": "CAP LS|REQ|LIST|END: capabilities",
+    "CHATHISTORY": "CHATHISTORY LATEST|BEFORE|AFTER|AROUND|BETWEEN target refs limit",
+    "HELP": "HELP [command]: this help",
+    "INFO": "INFO: about this server",
+    "INVITE": "INVITE nick #room: let nick join an invite-only room",
+    "ISON": "ISON nick...: which of these are here",
+    "JOIN": "JOIN #room[,#room] [key[,key]]; JOIN 0 leaves every room",
+    "KICK": "KICK #room nick [reason]: operators only",
+    "KILL": "KILL nick [reason]: server operators only",
+    "LIST": "LIST [#room,...]: rooms and their sizes",
+    "LUSERS": "LUSERS: how many are here",
+    "MODE": "MODE #room [+-imnstklovb args]; MODE #room b lists bans; MODE nick [+-i]",
+    "MOTD": "MOTD: the message of the day",
+    "NAMES": "NAMES #room: who is in it",
+    "NICK": "NICK newnick",
+    "NOTICE": "NOTICE target text: a message nothing may answer automatically",
+    "OPER": "OPER account password: become a server operator (an --operators account)",
+    "PART": "PART #room [reason]",
+    "PASS": "PASS password: the server password, before NICK and USER",
+    "PING": "PING token",
+    "PONG": "PONG token",
+    "PRIVMSG": "PRIVMSG target[,target] text: to rooms or nicks",
+    "QUIT": "QUIT [reason]",
+    "REGISTER": "REGISTER * * password: your nick becomes an account",
+    "TAGMSG": "TAGMSG target: client tags only (message-tags)",
+    "TIME": "TIME: the server's clock",
+    "TOPIC": "TOPIC #room [text]: read or set the topic",
+    "USER": "USER ident 0 * :real name",
+    "USERHOST": "USERHOST nick...",
+    "WHO": "WHO mask|#room [%fields[,token]]",
+    "WHOIS": "WHOIS nick",
+    "WHOWAS": "WHOWAS nick [count]",
+}
+
+RPL_HELPSTART = 704
+RPL_HELPTXT = 705
+RPL_ENDOFHELP = 706
+ERR_HELPNOTFOUND = 524
+
+
+def help_(session: "IrcSession", line: Line) -> None:
+    """HELP and HELPOP: a line per command of the table, or the one asked about."""
+    subject = line.params[0].upper() if line.params else ""
+    if not subject:
+        session.numeric(RPL_HELPSTART, "*", "Commands of this server:")
+        for name in sorted(COMMANDS):
+            session.numeric(RPL_HELPTXT, "*", HELP.get(name, name))
+        session.numeric(RPL_ENDOFHELP, "*", "End of /HELP")
+        return
+    text = HELP.get(subject)
+    if text is None or subject not in COMMANDS:
+        session.numeric(ERR_HELPNOTFOUND, subject[:32], "No help available on this topic")
+        return
+    session.numeric(RPL_HELPSTART, subject, text)
+    session.numeric(RPL_ENDOFHELP, subject, "End of /HELP")
+
+
+COMMANDS["HELP"] = COMMANDS["HELPOP"] = Command(help_, before_registration=False)
+
+
 def run(session: "IrcSession", line: Line) -> None:
     """Check `line` against the table, then hand it to its handler."""
     command = COMMANDS.get(line.command)

@@ -5,7 +5,7 @@
 a member) is the core's. Letters (CHANMODES=b,k,l,imnst, PREFIX=(ov)@+):
 
     i m s t   invite_only, moderated, secret, topic_locked
-    n         no messages from outside: always on here (only members speak), so +n/-n is a no-op
+    n         no messages from outside (on by default; -n lets non-members speak in the room)
     k         key (+k needs one; -k takes one and ignores it), l limit (+l needs a number)
     o v       op/deop, voice/devoice (a nick each)
     b         ban/unban a mask; `+b` or `b` with no mask asks for the ban list
@@ -53,7 +53,7 @@ def parse_modes(params: Sequence[str]) -> ModeRequest:
         if letter in FLAGS:
             out.changes.append((FLAGS[letter], sign == "+"))
         elif letter == "n":
-            pass
+            out.changes.append(("no_external", sign == "+"))
         elif letter in "kl" or (sign, letter) in NICK_MODES or letter == "b":
             takes = letter != "l" or sign == "+"
             if not takes:

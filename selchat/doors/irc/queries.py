@@ -96,19 +96,50 @@ def who(s: "IrcSession", line: Line) -> None:
             found = [u] if u is not None else []
         for u in found:
             matched.append((next(iter(u.rooms.values()), None), u))
+    fields, token = _whox(line.params[1] if len(line.params) > 1 else "")
     limit = s.answer_limit()  # as for NAMES: cut, never dropped
     multi = "multi-prefix" in s.caps
     for room, u in rows:
         flags = (("G" if u.away else "H") + ("*" if hub.is_server_operator(u) else "")
                  + (prefix(room, u, multi) if room is not None else ""))
         channel = room.name if room is not None else "*"
-        text = (f":{server} 352 {s.me} {channel} {u.ident} {u.host} {server} {u.nick} "
-                f"{flags} :0 {u.realname}")
+        if fields is None:
+            text = (f":{server} 352 {s.me} {channel} {u.ident} {u.host} {server} {u.nick} "
+                    f"{flags} :0 {u.realname}")
+        else:
+            text = _whox_line(s, fields, token, channel, u, flags)
         if s.produced + len(text) + 2 > limit:
             s.numeric(ERR_TOOMANYMATCHES, "WHO", "Output too large, truncated")
             break
         s.send_line(text)
     s.numeric(N.RPL_ENDOFWHO, mask[:64], "End of /WHO list")
+
+
+WHOX_ORDER = "tcuihsnfdlaor"  # IRCv3 WHOX: the fields come in this order, whatever was asked
+
+
+def _whox(text: str) -> "tuple":
+    """WHO's second parameter `%fields[,token]`: (fields in reply order, token), or (None, "")."""
+    if not text.startswith("%"):
+        return None, ""
+    wanted, _, token = text[1:].partition(",")
+    return "".join(c for c in WHOX_ORDER if c in wanted), token[:3] if token.isdigit() else ""
+
+
+def _whox_line(s: "IrcSession", fields: str, token: str, channel: str, u: "User",
+               flags: str) -> str:
+    values = {
+        "t": token or "0", "c": channel, "u": u.ident, "i": "255.255.255.255", "h": u.host,
+        "s": s.server, "n": u.nick, "f": flags, "d": "0",
+        "l": "0",  # idle time is not kept
+        "a": u.account or "0", "o": "n/a",
+    }
+    parts = [values[c] for c in fields if c != "r"]
+    if "r" in fields:
+        parts.append(":" + u.realname)
+    elif parts and (not parts[-1] or parts[-1].startswith(":") or " " in parts[-1]):
+        parts[-1] = ":" + parts[-1]
+    return f":{s.server} 354 {s.me} " + " ".join(parts)
 
 
 def _visible(s: "IrcSession", u: "User") -> bool:

@@ -19,7 +19,8 @@ from selchat.doors.irc.wire import ban_display, mode_text
 if TYPE_CHECKING:
     from selchat.doors.irc.session import IrcSession
 
-FLAG_LETTERS = (("invite_only", "i"), ("moderated", "m"), ("secret", "s"), ("topic_locked", "t"))
+FLAG_LETTERS = (("invite_only", "i"), ("moderated", "m"), ("no_external", "n"), ("secret", "s"),
+                ("topic_locked", "t"))
 
 
 def reply(s: "IrcSession", event: events.Event) -> None:
@@ -122,7 +123,9 @@ def _mode_info(s: "IrcSession", event: events.ModeInfo) -> None:
         s.numeric(N.RPL_ENDOFBANLIST, event.room, "End of channel ban list")
         return
     modes = dict(event.modes)
-    letters = "+n" + "".join(letter for name, letter in FLAG_LETTERS if modes.get(name))
+    room = s.hub.find_room(event.room)
+    modes["no_external"] = room is None or room.no_external
+    letters = "+" + "".join(letter for name, letter in FLAG_LETTERS if modes.get(name))
     args = []
     if modes.get("key") is not None:
         letters += "k"

@@ -89,7 +89,7 @@ class IrcDoor:
             "EXTBAN=$,a", "LINELEN=512", "MAXLIST=b:100", "MAXTARGETS=4", "MODES=6", "MSGREFTYPES=msgid,timestamp",
             "NETWORK=selchat", f"NICKLEN={NICK_MAX}", "PREFIX=(ov)@+", "SAFELIST", "STATUSMSG=",
             f"TARGMAX=PRIVMSG:{TARGMAX},NOTICE:{TARGMAX},JOIN:,PART:,NAMES:{TARGMAX},WHOIS:1,ISON:,USERHOST:5,KICK:{TARGMAX}",
-            "TOPICLEN=390", "USERLEN=16", "UTF8ONLY",
+            "TOPICLEN=390", "USERLEN=16", "UTF8ONLY", "WHOX",
         ]
 
     def session(self, reject: Optional[str] = None) -> "IrcSession":

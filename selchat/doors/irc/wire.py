@@ -157,9 +157,9 @@ class IrcWire:
         return f"@{';'.join(parts)} :{source} TAGMSG {target}\r\n".encode("utf-8")
 
 
-# IRC's letters for the contract's modes (docs/irc.md); `n` (no messages from outside) has no
-# name of its own: a room never takes messages from non-members, so it is always on.
-FLAG_LETTERS = {"moderated": "m", "invite_only": "i", "topic_locked": "t", "secret": "s"}
+# IRC's letters for the contract's modes (docs/irc.md), and `n` (no messages from outside).
+FLAG_LETTERS = {"moderated": "m", "invite_only": "i", "topic_locked": "t", "secret": "s",
+                "no_external": "n"}
 LIST_LETTERS = {"op": ("+", "o"), "deop": ("-", "o"), "voice": ("+", "v"),
                 "devoice": ("-", "v"), "ban": ("+", "b"), "unban": ("-", "b")}
 
