@@ -40,7 +40,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-from selchat.bench.launcher import DB_PLACEHOLDER, RunningServer, ServerSpec
+from selchat.bench.launcher import DB_PLACEHOLDER, REPO, RunningServer, ServerSpec, git_label
 
 _LEN = struct.Struct(">I")
 ROOM = "#storm"
@@ -554,6 +554,20 @@ def _between(a: _Edge, b: _Edge, window: Window) -> None:
     window.other_cores += max(0.0, (b.busy - a.busy) - server - workers - gen)
 
 
+def _settle(server_pid: int, idle: float = 0.15, timeout: float = 60.0) -> bool:
+    """Wait until the server and its workers use less than `idle` cores over a quarter second:
+    what a storm left queued (clients gone, hashing still to do) must not fall into the next
+    quiet window. False if they are still busy at the deadline."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        before = _proc_cpu(server_pid) + sum(_proc_cpu(p) for p in children(server_pid))
+        time.sleep(0.25)
+        after = _proc_cpu(server_pid) + sum(_proc_cpu(p) for p in children(server_pid))
+        if (after - before) / 0.25 < idle:
+            return True
+    return False
+
+
 def _sleep_until(t: float) -> None:
     while True:
         left = t - time.monotonic()
@@ -593,6 +607,7 @@ def run_storm(host: str, port: int, server_pid: int, cfg: StormConfig) -> StormR
     quiet = Window("quiet", 0.0)
     storm = Window("storm", 0.0)
     spans: List[Tuple[str, float, float]] = []
+    notes: List[str] = []
     try:
         _expect(by_pipe, "ready", 30)
         _expect(st_pipe, "ready", 30)
@@ -600,6 +615,7 @@ def run_storm(host: str, port: int, server_pid: int, cfg: StormConfig) -> StormR
         start = time.monotonic() + 0.2
         by_pipe.send(start)
         _sleep_until(start + cfg.gap)  # warm-up
+        _settle(server_pid)
         for _ in range(cfg.cycles):
             t0 = time.monotonic()
             a = _Edge(server_pid, own)
@@ -616,6 +632,8 @@ def run_storm(host: str, port: int, server_pid: int, cfg: StormConfig) -> StormR
             _between(a, b, storm)
             spans.append(("storm", s0, s0 + cfg.storm))
             _expect(st_pipe, "window", cfg.login_timeout + 30)
+            if not _settle(server_pid):
+                notes.append("the server was still busy 60 s after a storm window")
             _sleep_until(time.monotonic() + cfg.gap)
         by_pipe.send("stop")
         st_pipe.send(("end",))
@@ -650,6 +668,7 @@ def run_storm(host: str, port: int, server_pid: int, cfg: StormConfig) -> StormR
                         for k in range(0, len(spans) - 1, 2)]
     if by_done["failures"]:
         result.notes.append("bystander errors: " + ", ".join(by_done["failures"][:5]))
+    result.notes.extend(sorted(set(notes)))
     return result
 
 
@@ -732,7 +751,8 @@ def describe(cfg: StormConfig) -> str:
             f"{ROOM} (every copy to every member is a sample); {cfg.cycles} cycles of a quiet window of "
             f"{cfg.quiet:g} s then a storm window of {cfg.storm:g} s with {cfg.rate:g} logins/s (`hello` with "
             f"`login`, {cfg.wrong:.0%} wrong passwords, accounts drawn at random, from {cfg.addresses} loopback "
-            f"addresses, each login answered then closed; the next quiet window waits for the last answer)")
+            f"addresses, each login answered then closed; the next quiet window waits for the last answer "
+            f"and for the server and its workers to fall idle)")
 
 
 # --- selchat-bench --points loginstorm ------------------------------------------------------------
@@ -772,6 +792,7 @@ def report(results: Sequence[StormResult], command: str, took: float) -> str:
         "",
         f"Command: `{command}`  ",
         f"Machine: {facts['nproc']} CPUs, {facts['cpu']}, Linux {facts['kernel']}, Python {facts['python']}  ",
+        f"Code: {git_label(REPO) or 'not a git checkout'}  ",
         f"Run: {describe(results[0].config)}; took {took:.0f} s. Latency is from `say` to each member's "
         "receipt (the sender's echo included); the target is the storm's p99 within 3x of the quiet one.",
         "",
