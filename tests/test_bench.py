@@ -745,7 +745,7 @@ def test_the_runner_measures_logged_in_against_guests_in_turns() -> None:
     assert all(not math.isnan(results[(idle, n)].metrics["kib_per_conn"]) for n in opts.servers)
     lines = runner.account_ratios([fan, idle], opts.servers, results)
     assert len(lines) == 2
-    assert lines[0].startswith("* logged-in / guest fan-out at R=3: ") and lines[0].endswith("x**")
+    assert lines[0].startswith("* logged-in / guest fan-out at R=3: ") and "x** (server CPU µs/delivery " in lines[0]
     assert lines[1].startswith("* KiB per idle user at idle 6: logged in ")
     text = runner.report(opts, [fan, idle], opts.servers, specs, results, time.monotonic(), None, {})
     assert "selchat-acct: every client" in text and "logged-in / guest fan-out" in text

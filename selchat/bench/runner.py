@@ -416,7 +416,12 @@ def account_ratios(cases: Sequence[Case], servers: Sequence[str], results: Dict[
         what = "fan-out" if case.kind == "fanout" else "p99 latency"
         unit = "" if case.kind == "fanout" else " ms"
         shown = f"{a:,.0f}{unit} / {b:,.0f}{unit}" if case.kind == "fanout" else f"{a:.2f}{unit} / {b:.2f}{unit}"
-        out.append(f"* logged-in / guest {what} at {case.label.split(' ', 1)[1]}: {shown} = **{a / b:.2f}x**")
+        line = f"* logged-in / guest {what} at {case.label.split(' ', 1)[1]}: {shown} = **{a / b:.2f}x**"
+        ca, cb = acct.metrics.get("cpu_us_per_delivery"), guest.metrics.get("cpu_us_per_delivery")
+        if case.kind == "fanout" and ca and cb and not math.isnan(ca) and not math.isnan(cb):
+            # what a busy machine disturbs least: the server's own CPU for each delivery
+            line += f" (server CPU µs/delivery {ca:.3f} / {cb:.3f} = {ca / cb:.2f}x)"
+        out.append(line)
     return out
 
 
