@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import inspect
 import logging
 import sys
 from dataclasses import dataclass, replace
@@ -316,8 +315,76 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: {line}\n")
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Defaults after each option, and the rules of derived defaults kept as laid out."""
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """One line an option where the terminal allows: its default after it (none for options
+    that are off, or derived, unless their help says it)."""
+
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, max_help_position=30, width=max(100, _terminal_width()))
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if ("default" not in text and default not in (None, False, (), "", argparse.SUPPRESS)
+                and action.option_strings):
+            text += " (default: %(default)s)"
+        return text
+
+
+def _terminal_width() -> int:
+    import shutil
+
+    return shutil.get_terminal_size((100, 24)).columns
+
+
+# The sections of --help; an option not named here is listed under "other".
+HELP_GROUPS = (
+    ("network", ("host", "port", "irc_port", "web_port", "metrics_port", "trusted_proxy",
+                 "forwarded_header")),
+    ("doors", ("server_name", "web_origin", "motd", "handshake_timeout", "ping_interval",
+               "ping_timeout")),
+    ("limits", ("max_frame", "max_text", "max_outbuf", "rate", "burst", "max_clients", "max_per_ip",
+                "register_rate", "register_burst", "max_presence", "history_on_join")),
+    ("security", ("tls_cert", "tls_key", "password_file", "operators", "registration", "kdf_workers")),
+    ("storage", ("db", "backup")),
+    ("running", ("config", "check_config", "log_level", "shutdown_grace")),
+)
+
+_EPILOG = ("* derived from the other limits when not given: docs/protocol.md, \"Options\".\n"
+           "Every option is also a key of --config FILE.toml (docs/selchat.example.toml).")
+
+
+def _group_options(parser: argparse.ArgumentParser) -> None:
+    """Sort the options into the sections of HELP_GROUPS (only how --help lays them out)."""
+    section_of = {dest: title for title, dests in HELP_GROUPS for dest in dests}
+    sections = {title: parser.add_argument_group(title) for title, _ in HELP_GROUPS}
+    other = None
+    general = parser._optionals
+    for action in list(general._group_actions):
+        if action.dest == "help":
+            continue
+        if action.metavar is None and action.nargs != 0:  # short names keep each option one line
+            if action.choices is not None:
+                choices = "|".join(map(str, action.choices))
+                if len(choices) > 14:
+                    action.help = f"{action.help} ({', '.join(map(str, action.choices))})"
+                    choices = "WORD"
+                action.metavar = choices
+            elif action.dest == "port" or action.dest.endswith("_port"):
+                action.metavar = "PORT"
+            elif action.dest in ("host", "db"):
+                action.metavar = "ADDRESS" if action.dest == "host" else "FILE"
+            else:
+                action.metavar = "N" if action.type not in (None, str) else "TEXT"
+        title = section_of.get(action.dest)
+        if title is None:
+            if other is None:
+                other = parser.add_argument_group("other")
+            group = other
+        else:
+            group = sections[title]
+        general._group_actions.remove(action)
+        group._group_actions.append(action)
 
 
 def _int_in(minimum: int, maximum: Optional[int] = None) -> Callable[[str], int]:
@@ -368,122 +435,102 @@ _seconds = _number(" of seconds", zero_allowed=False, maximum=SECONDS_MAX)
 _rate = _number("", zero_allowed=True)
 
 
-def _rules_text() -> str:
-    """The rules table of derive_limits, for the end of --help (one text, so they agree)."""
-    doc = inspect.cleandoc(derive_limits.__doc__ or "")
-    return "derived defaults:\n" + doc.split("\n\n", 1)[1]
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(
         prog="selchat-server",
         description=f"{SERVER_NAME}: a multi-user chat server (one thread, one selectors loop).",
-        epilog=_rules_text(),
+        epilog=_EPILOG,
         formatter_class=_HelpFormatter,
     )
     d = ServerConfig()
     derived = argparse.SUPPRESS  # no default here: derive_limits must see which options were given
     p.add_argument("--host", default=d.host,
-                   help="address to listen on; 0.0.0.0 (or ::) to accept clients from the network")
-    p.add_argument("--port", type=_port, default=d.port, help="TCP port; 0 picks a free one")
+                   help="address to listen on (0.0.0.0 or :: for the network)")
+    p.add_argument("--port", type=_port, default=d.port, help="native protocol port (0: a free one)")
     p.add_argument("--max-frame", type=_int_in(1, FRAME_LENGTH_MAX), default=derived,
-                   help=f"largest frame payload in bytes, both directions (default: {d.max_frame}, "
-                        "or derived from --max-text, --max-outbuf, --motd: see below)")
+                   help=f"largest frame in bytes (default: {d.max_frame}, or derived *)")
     p.add_argument("--max-text", type=_int_in(1, TEXT_LIMIT_MAX), default=derived,
-                   help=f"longest message text in Unicode code points (default: {d.max_text}, "
-                        "or what --max-frame holds)")
+                   help=f"longest message in code points (default: {d.max_text}, or derived *)")
     p.add_argument("--max-outbuf", type=_positive_int, default=derived,
-                   help="bytes queued for one client before it is dropped as a slow consumer "
-                        f"(default: {d.max_outbuf}, or 4 x --max-frame if that is more)")
+                   help=f"bytes queued for a client before it is dropped (default: {d.max_outbuf}, or derived *)")
     p.add_argument("--handshake-timeout", type=_seconds, default=d.handshake_timeout,
-                   help="seconds a new connection has to complete hello")
+                   help="seconds a new connection has to register")
     p.add_argument("--ping-interval", type=_seconds, default=derived,
-                   help="seconds of silence from a client before the server pings it "
-                        f"(default: {_number_text(d.ping_interval)}, or half of --ping-timeout if that is less)")
+                   help=f"seconds of silence before a ping (default: {_number_text(d.ping_interval)}, or derived *)")
     p.add_argument("--ping-timeout", type=_seconds, default=derived,
-                   help="seconds of silence after which the client is disconnected "
-                        f"(default: {_number_text(d.ping_timeout)}, or twice --ping-interval if that is more)")
+                   help=f"seconds of silence before a disconnect (default: {_number_text(d.ping_timeout)}, or derived *)")
     p.add_argument("--max-presence", type=_non_negative_int, default=d.max_presence,
-                   help="rooms with more members than this stop broadcasting join/part/quit")
+                   help="rooms bigger than this stop announcing join/part/quit")
     p.add_argument("--motd", default=derived,
-                   help=f"message of the day sent in welcome (default: {d.motd!r}, "
-                        "dropped if the welcome would not fit in --max-frame)")
+                   help=f"message of the day (default: {d.motd!r}, or none if it cannot fit *)")
     p.add_argument("--shutdown-grace", type=_seconds, default=d.shutdown_grace,
-                   help="seconds to flush queued output to clients at shutdown")
+                   help="seconds to flush clients' queues at shutdown")
     p.add_argument("--db", default=d.db,
-                   help="SQLite file for room history, created if missing; ':memory:' keeps nothing")
+                   help="SQLite history file, made if missing (:memory: keeps nothing)")
     p.add_argument("--history-on-join", type=_non_negative_int, default=d.history_on_join,
-                   help="room messages sent to a client right after it joins")
+                   help="room messages a client gets when it joins")
     p.add_argument("--tls-cert", metavar="FILE",
-                   help="PEM certificate (chain) file: speak TLS on the port (needs --tls-key)")
-    p.add_argument("--tls-key", metavar="FILE", help="PEM private key file for --tls-cert")
+                   help="PEM certificate chain: TLS on the native port (with --tls-key)")
+    p.add_argument("--tls-key", metavar="FILE", help="PEM private key of --tls-cert")
     p.add_argument("--password-file", metavar="FILE",
-                   help="file whose first line is the server password; hello must carry it")
+                   help="file whose first line is the server password")
     p.add_argument("--operators", metavar="FILE",
-                   help="file naming the server operators' accounts, one a line: operators in "
-                        "every room, and they may kill")
+                   help="file of the server operators' accounts, one a line")
     p.add_argument("--registration", choices=("open", "closed"), default="open",
-                   help="whether anyone may register an account (default: open)")
+                   help="whether anyone may register an account")
     p.add_argument("--kdf-workers", type=_non_negative_int, default=d.kdf_workers,
-                   help="processes that hash and check passwords, off the loop (default: "
-                        f"{d.kdf_workers}; 0 checks in the loop, for tests)")
+                   help="processes hashing passwords off the loop (0: in the loop)")
     p.add_argument("--rate", type=_rate, default=d.rate,
-                   help="requests per second each client may send on average; 0 turns flood control off")
+                   help="requests a second per client, on average (0: no flood control)")
     p.add_argument("--burst", type=_positive_int, default=d.burst,
-                   help="requests a client may send at once before --rate applies")
+                   help="requests a client may send at once")
     p.add_argument("--max-clients", type=_positive_int, default=d.max_clients,
-                   help="connections in all; more get server_full")
+                   help="connections in all (more get server_full)")
     p.add_argument("--max-per-ip", type=_non_negative_int, default=d.max_per_ip,
-                   help="connections from one address; more get too_many_connections; 0 = no limit")
+                   help="connections from one address (0: no limit)")
     p.add_argument("--register-rate", type=_rate, default=d.register_rate,
-                   help="registrations per second from one address once its --register-burst is "
-                        "spent; the others wait their turn (they are not refused); 0 = no pacing")
+                   help="registrations a second per address past its burst (0: no pacing)")
     p.add_argument("--register-burst", type=_positive_int, default=d.register_burst,
-                   help="registrations from one address at once before --register-rate applies; the "
-                        "others wait their turn (within --handshake-timeout)")
+                   help="registrations from one address at once")
     p.add_argument("--irc-port", type=_port, default=None, metavar="PORT",
-                   help="also speak IRC on this TCP port (same rooms, nicks and history); "
-                        "0 picks a free one; off unless given")
+                   help="also speak IRC on this port (0: a free one)")
     p.add_argument("--server-name", default="", metavar="NAME",
-                   help="the name the server goes by on IRC (the source of its own messages); "
-                        "default: this machine's host name")
+                   help="the server's name on IRC (default: this machine's host name)")
     p.add_argument("--web-port", type=_port, default=None, metavar="PORT",
-                   help="also serve the web client (HTTP, and a WebSocket at /ws) on this TCP port; "
-                        "0 picks a free one; off unless given")
+                   help="also serve the web client and its WebSocket on this port")
     p.add_argument("--web-origin", action="append", default=None, metavar="ORIGIN",
-                   help="another origin (scheme://host[:port]) whose pages may open the WebSocket, "
-                        "besides the server's own; repeatable")
+                   help="another origin whose pages may open the WebSocket; repeatable")
     p.add_argument("--trusted-proxy", action="append", default=None, metavar="CIDR",
-                   help="a proxy (address or CIDR block) whose connections say who the client is: "
-                        "a PROXY protocol header (v1 or v2) on the native and IRC ports, forwarded "
-                        "headers at the web door; repeatable; none by default")
+                   help="a proxy (address or CIDR) believed about who the client is; repeatable")
     p.add_argument("--forwarded-header", choices=["x-forwarded-for", "forwarded"],
                    default=d.forwarded_header,
-                   help="the header a trusted proxy names the client in at the web door "
-                        "(X-Forwarded-For with -Proto and -Host, or RFC 7239 Forwarded)")
+                   help="the header a trusted proxy names web clients in")
     p.add_argument("--metrics-port", type=_port, default=None, metavar="PORT",
-                   help="serve Prometheus metrics (GET /metrics) and a health check (GET /healthz) "
-                        "on this TCP port of --host; 0 picks a free one; off unless given")
+                   help="serve /metrics (Prometheus) and /healthz on this port")
     p.add_argument("--log-level", default=d.log_level,
                    choices=["debug", "info", "warning", "error", "critical"], help="logging threshold")
     p.add_argument("--config", metavar="FILE",
-                   help="read options from this TOML file (keys: the long options without their "
-                        "dashes; docs/selchat.example.toml); the command line wins; SIGHUP reads it again")
+                   help="read options from this TOML file (the command line wins)")
     p.add_argument("--check-config", action="store_true",
-                   help="print the values in force (as TOML, each marked with where it came from) and exit")
-    p.add_argument("--backup", metavar="FILE",
-                   help="copy the history database (--db) to FILE with SQLite's online backup, "
-                        "safely while a server writes to it, and exit")
+                   help="print the values in force, and where each came from, and exit")
+    p.add_argument("--backup", metavar="FILE",  # (the last option: _group_options follows)
+                   help="copy the history database to FILE, even while a server runs, and exit")
+    _group_options(p)
     return p
 
 
 def _given_only(argv: Optional[List[str]]) -> Dict[str, Any]:
-    """The options given on the command line, and nothing else (no defaults)."""
+    """The options given on the command line, and nothing else (no defaults): argparse sets a
+    default only where the namespace has nothing yet, so what still holds the mark was not
+    given. (This parse is also the one that answers --help.)"""
     parser = build_parser()
-    for action in parser._actions:
-        if action.dest != "help":
-            action.default = argparse.SUPPRESS
-    return vars(parser.parse_args(argv))
+    unset = object()
+    repeatable = {action.dest for action in parser._actions if isinstance(action, argparse._AppendAction)}
+    namespace = argparse.Namespace(**{action.dest: None if action.dest in repeatable else unset
+                                      for action in parser._actions if action.dest != "help"})
+    given = vars(parser.parse_args(argv, namespace=namespace))  # (a list grows from None)
+    return {dest: value for dest, value in given.items()
+            if value is not unset and not (dest in repeatable and value is None)}
 
 
 def _has_control_characters(text: str) -> bool:

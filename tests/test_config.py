@@ -254,10 +254,12 @@ def test_the_rules_table_states_the_real_numbers() -> None:
         assert "--" + name.replace("_", "-") in doc
 
 
-def test_help_shows_the_rules_and_the_defaults() -> None:
+def test_help_shows_the_defaults_and_points_to_the_rules() -> None:
     text = build_parser().format_help()
-    assert "derived defaults:" in text and "raised to 4 x max_frame" in text
+    assert 'derived from the other limits when not given: docs/protocol.md, "Options"' in text
     assert "issue" not in text.lower()
+    for section in ("network:", "doors:", "limits:", "security:", "storage:", "running:"):
+        assert f"\n{section}\n" in text, section
     flat = " ".join(text.split())
     for number in (MAX_FRAME, MAX_TEXT, MAX_OUTBUF):
         assert f"default: {number}" in flat, number
