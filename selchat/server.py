@@ -534,9 +534,8 @@ def tune_garbage_collector() -> None:
     Everything made while starting (modules, classes, the options) lives as long as the
     process: frozen, a full collection no longer walks it. A closed connection leaves no cycle
     (the transport lets go of its session), so most garbage goes by reference counting and
-    young collections can be rarer: 700 allocations between them made one every few
-    milliseconds under churn, each promoting survivors towards the full collection that took
-    20-36 ms in the soak run.
+    young collections can be rarer, which keeps survivors from being promoted towards a long
+    full collection (docs/design.md, "One pass of the loop", has what the soak run measured).
     """
     gc.collect()
     gc.freeze()
