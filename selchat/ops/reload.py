@@ -162,7 +162,8 @@ def _apply_settings(server: Any, old: Any, new: Any) -> List[str]:
             later.append(f"{_flag(name)} {_show(before)} -> {_show(after)}")
             continue
         in_force[name] = after
-        changes.append(said or f"{_flag(name)} {_show(before)} -> {_show(after)}")
+        if said is not _SAID_ELSEWHERE:
+            changes.append(said or f"{_flag(name)} {_show(before)} -> {_show(after)}")
     server.config = replace(old, **in_force)
     if later:
         changes.append("at the next start: " + ", ".join(later))
@@ -278,6 +279,13 @@ def _plain(server: Any, old: Any, new: Any) -> Optional[str]:
     return ""  # (read where it is used, from server.config)
 
 
+_SAID_ELSEWHERE = "(said by its reload hook)"
+
+
+def _by_hook(server: Any, old: Any, new: Any) -> Optional[str]:
+    return _SAID_ELSEWHERE  # (the server's accounts hook applies these and says what changed)
+
+
 _APPLIERS: Dict[str, Callable[[Any, Any, Any], Optional[str]]] = {
     "rate": _limits, "burst": _limits,
     "handshake_timeout": _timeouts, "ping_interval": _timeouts, "ping_timeout": _timeouts,
@@ -293,4 +301,5 @@ _APPLIERS: Dict[str, Callable[[Any, Any, Any], Optional[str]]] = {
     "password_file": _files,
     "tls_cert": _tls_files, "tls_key": _tls_files,
     "shutdown_grace": _plain,
+    "operators": _by_hook, "registration": _by_hook,
 }
