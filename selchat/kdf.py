@@ -9,7 +9,7 @@ loop only moves a few hundred bytes per login; `InlineKdf` computes in-process (
   * `hash(password, done) -> bool`: later `done(verifier)`, or `done(None)` when the work
     failed (a worker died, or the password breaks the rule: check `password_problem` first);
   * `verify(password, verifier, done) -> bool`: later `done(True/False)`, or `done(None)` when
-    the work failed. A verifier that does not parse (None included: an unknown account) is
+    the work failed (a worker died, or the job waited `MAX_WAIT` seconds for one). A verifier that does not parse (None included: an unknown account) is
     checked against a record no password opens, at the same cost, and answers False, so the
     time taken does not tell unknown accounts from wrong passwords;
   * both return False, and never call `done`, when the bounded queue is full: the caller
@@ -40,6 +40,10 @@ VerifyDone = Callable[[Optional[bool]], None]
 
 MAX_REQUEST = 4 * MAX_BYTES + MAX_VERIFIER + 64  # bytes of one request to the child
 JOB_TIMEOUT = 10.0  # seconds one job may take before its child is taken for hung
+# Seconds a job may wait for a worker before it is answered None undone: well inside the
+# handshake timeout (10 s), so a login that cannot be checked in time hears so, and the
+# workers do not go on hashing for clients that have left.
+MAX_WAIT = 5.0
 
 
 class Kdf(Protocol):
@@ -97,12 +101,13 @@ class ProcessKdf:
     """Hands the work to `workers` child processes (`python -m selchat.kdf`)."""
 
     def __init__(self, reactor: Reactor, workers: int = 1, max_pending: int = 256,
-                 job_timeout: float = JOB_TIMEOUT) -> None:
+                 job_timeout: float = JOB_TIMEOUT, max_wait: float = MAX_WAIT) -> None:
         self.reactor = reactor
         # The children import this very package: run them from the folder that holds it.
         here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         self.pool = WorkerPool(reactor, "selchat.kdf", workers=workers, max_pending=max_pending,
-                               max_message=MAX_REQUEST, job_timeout=job_timeout, cwd=here, name="kdf")
+                               max_message=MAX_REQUEST, job_timeout=job_timeout, max_wait=max_wait,
+                               cwd=here, name="kdf")
 
     def hash(self, password: str, done: HashDone) -> bool:
         if password_problem(password) is not None:

@@ -372,3 +372,21 @@ def test_a_parent_killed_outright_leaves_no_child_behind() -> None:
     while not _exited(child):  # its stdin closed with the parent: it leaves by itself
         assert time.monotonic() < deadline, "the orphaned child is still running"
         time.sleep(0.02)
+
+
+def test_a_job_that_waits_too_long_is_shed(reactor: Reactor, make_pool: Callable[..., WorkerPool]) -> None:
+    pool = make_pool(pipeline=1, max_wait=0.5)
+    answers = Answers()
+    pool.submit(b"pid", answers("up"))
+    run_until(reactor, answers.has("up"))
+    pool.submit(b"sleep:3", answers("busy"))  # the only child is busy for 3 s
+    pool.submit(b"echo:late", answers("late"))
+    pool.submit(b"echo:later", answers("later"))
+    run_until(reactor, answers.has("late", "later"), timeout=2.5)
+    assert "busy" not in answers.got  # shed after half a second, not after the sleeper
+    assert answers.got["late"] is None and answers.got["later"] is None
+    assert pool.shed == 2
+    run_until(reactor, answers.has("busy"))
+    pool.submit(b"echo:fresh", answers("fresh"))
+    run_until(reactor, answers.has("fresh"))
+    assert answers.got["fresh"] == b"fresh"

@@ -18,6 +18,9 @@ Every fate is defined:
     `job_timeout` over one job is killed; the jobs it held get done(None) and it is started
     again after a pause that doubles on each failure in a row (`restart_min`..`restart_max`);
     jobs waiting for a child fail too when no child is left running;
+  * a job that waited `max_wait` seconds without reaching a child is answered None without
+    being done: when the children fall behind (a machine busy with other work), the work
+    whose asker has likely given up is shed rather than done late;
   * `close()` fails whatever is unanswered (done(None), at once) and kills the children,
     waiting for each at most a moment.
 A child is given at most `pipeline` jobs at a time, so jobs go to whichever child is free
@@ -101,7 +104,7 @@ class WorkerPool:
 
     def __init__(self, reactor: Reactor, module: str, *, workers: int = 1, max_pending: int = 256,
                  pipeline: int = 2, max_message: int = DEFAULT_MAX_MESSAGE, job_timeout: float = 30.0,
-                 restart_min: float = 0.1, restart_max: float = 5.0,
+                 restart_min: float = 0.1, restart_max: float = 5.0, max_wait: Optional[float] = None,
                  env: Optional[Mapping[str, str]] = None, cwd: Optional[str] = None,
                  name: str = "worker") -> None:
         if workers < 1 or max_pending < 1 or pipeline < 1:
@@ -118,7 +121,10 @@ class WorkerPool:
         self.cwd = cwd
         self.name = name
         self.closed = False
-        self.waiting: Deque[Tuple[bytes, Done]] = deque()  # accepted, not yet given to a child
+        self.max_wait = max_wait
+        # accepted, not yet given to a child: (request, done, when accepted)
+        self.waiting: Deque[Tuple[bytes, Done, float]] = deque()
+        self._sweeper: Optional[Timer] = None
         self.children: List[Optional[_Child]] = [None] * workers  # None: down, restart timed
         self._delay = [restart_min] * workers  # the next restart's pause, per slot
         self._restart: List[Optional[Timer]] = [None] * workers
@@ -128,6 +134,7 @@ class WorkerPool:
         self.answered = 0
         self.failed = 0
         self.restarts = 0
+        self.shed = 0  # jobs answered None after waiting max_wait
         for slot in range(workers):
             self._start(slot)
 
@@ -140,8 +147,10 @@ class WorkerPool:
         if self.closed or self.unanswered >= self.max_pending:
             return False
         self.unanswered += 1
-        self.waiting.append((bytes(request), done))
+        self.waiting.append((bytes(request), done, self.reactor.clock()))
         self._dispatch()
+        if self.waiting and self.max_wait is not None and self._sweeper is None:
+            self._sweeper = self.reactor.call_at(self.waiting[0][2] + self.max_wait, self._sweep)
         return True
 
     @property
@@ -169,8 +178,11 @@ class WorkerPool:
                 child.jobs.clear()
                 self._detach(child)
                 self._dying.append(child.proc)
-        failed.extend(done for _, done in self.waiting)
+        failed.extend(done for _, done, _ in self.waiting)
         self.waiting.clear()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         if self._reaper is not None:
             self._reaper.cancel()
             self._reaper = None
@@ -215,7 +227,7 @@ class WorkerPool:
         self._restart[slot] = self.reactor.call_later(delay, lambda _: self._start(slot))
         if not any(c is not None for c in self.children):
             waiting, self.waiting = self.waiting, deque()
-            for _, done in waiting:
+            for _, done, _ in waiting:
                 self.reactor.call_soon(self._answer, done, None)
 
     def _fail(self, child: _Child, why: str) -> None:
@@ -276,7 +288,7 @@ class WorkerPool:
                     best = child
             if best is None:
                 return
-            request, done = self.waiting.popleft()
+            request, done, _ = self.waiting.popleft()
             if not best.jobs:
                 best.head_since = self.reactor.clock()
                 self._arm(best)
@@ -350,6 +362,18 @@ class WorkerPool:
             done(answer)
         except Exception:
             log.exception("%s: a job's callback failed; the pool goes on", self.name)
+
+    def _sweep(self, _: Any = None) -> None:
+        """Answer None to the jobs that waited `max_wait` (the oldest are first in line)."""
+        self._sweeper = None
+        assert self.max_wait is not None
+        now = self.reactor.clock()
+        waiting = self.waiting
+        while waiting and now - waiting[0][2] >= self.max_wait:
+            self.shed += 1
+            self._answer(waiting.popleft()[1], None)
+        if waiting and self._sweeper is None and not self.closed:
+            self._sweeper = self.reactor.call_at(waiting[0][2] + self.max_wait, self._sweep)
 
     def _arm(self, child: _Child) -> None:
         if child.timer is None:
