@@ -7,11 +7,14 @@ process so that its one-thread loop stays free. This scenario measures whether i
 2. a handful of bystanders (guests, from 127.0.0.1) join a room and chat in it at a steady
    rate; every copy of every message that reaches a member is a sample of the time from
    `say` to that member's receipt (one monotonic clock serves every process of the machine);
-3. first a quiet window, then a storm window in which new connections arrive at a fixed
-   rate and send `hello` with `login` {account, password}: a fraction with a wrong password,
-   the rest right. Each is answered `welcome` or an error (`login_failed`, `login_throttled`
-   ...) and closed. The storm is bounded in count (rate x seconds, at most `max_open` at
-   once) and in time (each login has `login_timeout` seconds; the stragglers are counted).
+3. quiet windows and storm windows in turn (Q S Q S ..., so a drift of a shared machine falls
+   on both kinds); in a storm window new connections arrive at a fixed rate and send `hello`
+   with `login` {account, password}: a fraction with a wrong password, the rest right. Each
+   is answered `welcome` or an error (`login_failed`, `login_throttled`, `unavailable` ...)
+   and closed. The storm is bounded in count (rate x seconds, at most `max_open` at once)
+   and in time (each login has `login_timeout` seconds; the stragglers are counted). A quiet
+   window starts once the storm's logins are answered and the server and its workers are
+   idle again, so a backlog does not count as quiet.
 
 The storm comes from many loopback addresses (127.1.x.y: Linux routes all of 127/8 to lo),
 as a real one from many clients would: from one address the server's failed-login limit
@@ -33,7 +36,6 @@ import os
 import random
 import selectors
 import socket
-import statistics
 import struct
 import sys
 import time
