@@ -438,3 +438,121 @@ def test_close_fails_what_is_pending_once(redis: RedisServer, reactor: Reactor,
     for _ in range(3):
         reactor.run_once(timeout=0)
     assert len(answers) == 5
+
+
+# --- without a real Redis: the URL, a server that breaks RESP, one that is not there ----------
+
+
+@pytest.mark.parametrize("url, host, port, db, user, password", [
+    ("redis://127.0.0.1", "127.0.0.1", 6379, 0, None, None),
+    ("redis://localhost:7000/3", "localhost", 7000, 3, None, None),
+    ("redis://:p%40ss@127.0.0.1/1", "127.0.0.1", 6379, 1, None, "p@ss"),
+    ("redis://me:pw@[::1]:6380", "::1", 6380, 0, "me", "pw"),
+])
+def test_the_url(url: str, host: str, port: int, db: int, user: Optional[str], password: Optional[str]) -> None:
+    from selchat.links.redis import RedisAddress
+    address = RedisAddress(url)
+    assert (address.host, address.port, address.db, address.username, address.password) == (
+        host, port, db, user, password)
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1", "redis://", "redis://127.0.0.1/x",
+                                 "redis://127.0.0.1/?db=2", "rediss://127.0.0.1"])
+def test_a_bad_url_is_refused(url: str) -> None:
+    from selchat.links.redis import RedisAddress
+    with pytest.raises(ValueError):
+        RedisAddress(url)
+
+
+class FakeRedis:
+    """A loopback listener in the test's reactor that answers PING and misbehaves on cue:
+    GARBAGE -> bytes that are not RESP; EXTRA -> two replies for one command; HALF -> half
+    a reply, then the connection closed."""
+
+    def __init__(self, reactor: Reactor) -> None:
+        import socket
+        from selchat.links.resp import ReplyReader
+        self.reactor = reactor
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(16)
+        self.listener.setblocking(False)
+        self.port = self.listener.getsockname()[1]
+        self.accepted = 0
+        self.conns: List[Any] = []
+        self._reader = ReplyReader
+        reactor.register(self.listener, 1, self._accept)
+
+    def _accept(self, mask: int) -> None:
+        sock, _ = self.listener.accept()
+        sock.setblocking(False)
+        self.accepted += 1
+        reader = self._reader()
+        self.conns.append(sock)
+        self.reactor.register(sock, 1, lambda m: self._serve(sock, reader))
+
+    def _serve(self, sock: Any, reader: Any) -> None:
+        data = sock.recv(65536)
+        if not data:
+            self.reactor.unregister(sock)
+            sock.close()
+            return
+        reader.feed(data)
+        for command in reader.replies():
+            verb = command[0].upper()
+            answer = {b"PING": b"+PONG\r\n", b"GARBAGE": b"?nonsense\r\n", b"EXTRA": b"+a\r\n+b\r\n",
+                      b"HALF": b"$10\r\nab"}.get(verb, b"-ERR unknown\r\n")
+            sock.sendall(answer)
+            if verb == b"HALF":
+                self.reactor.unregister(sock)
+                sock.close()
+                return
+
+    def close(self) -> None:
+        for sock in [self.listener, *self.conns]:
+            try:
+                self.reactor.unregister(sock)
+            except (KeyError, ValueError):
+                pass
+            sock.close()
+
+
+@pytest.mark.parametrize("verb, reason", [("GARBAGE", "protocol error"),
+                                          ("EXTRA", "a reply nobody asked for"),
+                                          ("HALF", "Redis closed the connection")])
+def test_a_broken_server_drops_the_link_and_it_comes_back(
+        reactor: Reactor, make_link: Callable[..., RedisLink], caplog: Any, verb: str, reason: str) -> None:
+    fake = FakeRedis(reactor)
+    try:
+        link = make_link(f"redis://127.0.0.1:{fake.port}")
+        answers = Answers()
+        with caplog.at_level(logging.WARNING, logger="selchat.links.redis"):
+            link.execute(verb, done=answers(0))
+            link.execute("PING", done=answers(1))
+            run_until(reactor, lambda: link.state is LinkState.DOWN)
+        assert reason in caplog.text
+        if verb == "EXTRA":
+            # RESP has no ids: an extra reply shifts the rest and is seen only when one is left over.
+            assert answers.got == {0: b"a", 1: b"b"}
+        else:
+            assert all(isinstance(r, Unavailable) and r.sent for r in answers.got.values()) and len(answers) == 2
+        run_until(reactor, lambda: link.state is LinkState.UP)
+        assert fake.accepted == 4  # two connections, twice
+    finally:
+        fake.close()
+
+
+def test_reconnect_backoff_doubles_capped_with_jitter(reactor: Reactor,
+                                                      make_link: Callable[..., RedisLink]) -> None:
+    from redisserver import free_port
+    tries: List[float] = []
+    link = make_link(f"redis://127.0.0.1:{free_port()}", up=False, backoff_min=0.01, backoff_max=0.08,
+                     on_state=lambda s: tries.append(time.monotonic()) if s is LinkState.CONNECTING else None)
+    run_until(reactor, lambda: len(tries) >= 9)
+    waits = [b - a for a, b in zip(tries, tries[1:])]
+    # The n-th wait is drawn from [d/2, d] with d = min(0.08, 0.01 * 2**(n-1)), plus a pass or two.
+    for n, wait in enumerate(waits, start=1):
+        d = min(0.08, 0.01 * 2 ** (n - 1))
+        assert d / 2 - 0.02 <= wait <= d + 0.25, (n, wait)
+    assert link.state is not LinkState.UP and link.failures >= 8
+    assert len({round(w, 3) for w in waits[4:]}) > 1  # capped, and not all the same: jitter
