@@ -182,8 +182,9 @@ def test_messages_and_pattern_messages_in_order(redis: RedisServer, reactor: Rea
     at_up: List[set] = []
     sub = make_link(redis.url, up=False, on_message=lambda c, d, p: got.append((c, d, p)),
                     on_up=lambda: at_up.append(set(sub.subscribed)))
-    sub.subscribe("news")
-    sub.psubscribe("room:*")
+    sub.subscribe("news")  # before the link connects: part of the handshake
+    run_until(reactor, lambda: sub.state is LinkState.CONNECTING)
+    sub.psubscribe("room:*")  # while it connects: after the handshake's own, still before on_up
     run_until(reactor, lambda: sub.state is LinkState.UP)
     assert at_up == [{b"news", b"room:*"}]  # on_up after both confirmations
     pub = make_link(redis.url)

@@ -320,7 +320,8 @@ class RedisLink:
         return len(self._cmd.pending) if self._cmd is not None else 0
 
     def close(self) -> None:
-        """Fail what is unanswered (Unavailable, at once), close both sockets, stop timers."""
+        """Fail what is unanswered (Unavailable, at once), close both sockets, stop timers.
+        (The before-sleep hook stays in the reactor, which has no removal; it does nothing.)"""
         if self.state is LinkState.CLOSED:
             return
         lost = self._shut_both()
@@ -377,8 +378,12 @@ class RedisLink:
         return done
 
     def _maybe_up(self) -> None:
+        """UP once both handshakes are answered and no subscription waits for its
+        confirmation (those asked for while connecting included)."""
+        sub = self._sub
         if (self.state is LinkState.CONNECTING and self._cmd is not None and self._cmd.ready
-                and self._sub is not None and self._sub.ready):
+                and sub is not None and sub.ready
+                and not any(done == self._confirm for done, _ in sub.pending)):
             self.failures = 0
             self._set_state(LinkState.UP, f"up ({len(self.subscribed)} subscription(s) confirmed)")
             if self.on_up is not None and self.state is LinkState.UP:
@@ -402,11 +407,13 @@ class RedisLink:
     def _confirm(self, reply: Any) -> None:
         if isinstance(reply, list) and len(reply) >= 2 and isinstance(reply[0], bytes):
             kind = reply[0]
-            if kind in (b"subscribe", b"psubscribe"):
-                self.subscribed.add(reply[1])
-                return
-            if kind in (b"unsubscribe", b"punsubscribe"):
-                self.subscribed.discard(reply[1])
+            if kind in (b"subscribe", b"psubscribe", b"unsubscribe", b"punsubscribe"):
+                if kind.startswith(b"un") or kind.startswith(b"pun"):
+                    self.subscribed.discard(reply[1])
+                else:
+                    self.subscribed.add(reply[1])
+                if self.state is LinkState.CONNECTING:
+                    self._maybe_up()
                 return
         self._drop(f"a subscription answered {reply!r}")
 
