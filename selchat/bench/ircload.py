@@ -31,13 +31,16 @@ from __future__ import annotations
 import errno
 import socket
 import time
-from typing import Any, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
-from selchat.bench.loadgen import (
-    DEAD, HELLO, MARK, READY, SID_ALPHABET, TEXT_HEAD, TS_DIGITS, LoadConfig, Spec,
+from selchat.bench.worker import (
+    DEAD, HELLO, MARK, READY, SID_ALPHABET, TEXT_HEAD, TS_DIGITS, Spec,
     _Conn, _Worker, _EPOLLIN, now_us, split_round_robin,
 )
 from selchat.defaults import LOBBY
+
+if TYPE_CHECKING:  # (a type only: the driver imports this module, never the reverse)
+    from selchat.bench.loadgen import LoadConfig
 
 IRC_MARK = b" :" + MARK  # where the text of a benchmark PRIVMSG starts, in any server's relay
 _MARK_LEN = len(IRC_MARK)

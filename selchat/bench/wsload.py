@@ -42,7 +42,7 @@ import socket
 import time
 from typing import Any, Dict, List, Optional, Tuple
 
-from selchat.bench.loadgen import (
+from selchat.bench.worker import (
     DEAD, HELLO, MARK, READY, TEXT_HEAD, BadFrame, _Conn, _Worker, _EPOLLIN, _MARK0, _MARK1, now_us,
 )
 
