@@ -104,7 +104,8 @@ class ServerMetrics:
         self.clock = clock
         self.requests: Dict[type, int] = {}
         self.refused_requests: Dict[type, int] = {}
-        self.deliveries = 0
+        self._totals = [0]  # deliveries counted by the chat's handle (a list: the closure adds to it)
+        self.deliveries = 0  # and those of registrations and departures
         self.registrations = 0
         self.admission_refusals: Dict[str, int] = {}
         self.disconnects: Dict[str, int] = {}
@@ -138,15 +139,25 @@ class ServerMetrics:
         requests, refused = self.requests, self.refused_requests
         handle, register, disconnect = chat.handle, chat.register, chat.disconnect
 
+        totals = self._totals
+
         def counted_handle(user: Any, request: Any, now_ms: int) -> Any:
-            kind = type(request)
+            # Once per request: a dict update and a len() per event, never a walk over users.
             try:
                 deliveries = handle(user, request, now_ms)
             except Exception:
+                kind = type(request)
                 refused[kind] = refused.get(kind, 0) + 1
                 raise
-            requests[kind] = requests.get(kind, 0) + 1
-            self.deliveries += _recipients(deliveries)
+            kind = type(request)
+            if kind in requests:
+                requests[kind] += 1
+            else:
+                requests[kind] = 1
+            count = 0
+            for delivery in deliveries:
+                count += len(delivery.recipients) - (delivery.skip is not None)
+            totals[0] += count
             return deliveries
 
         def counted_register(*args: Any, **kwargs: Any) -> Any:
@@ -261,7 +272,8 @@ class ServerMetrics:
         yield messages
         yield CounterMetricFamily("selchat_deliveries",
                                   "Events delivered, one per recipient user (each connection of "
-                                  "a user on several gets its copy too).", value=self.deliveries)
+                                  "a user on several gets its copy too).",
+                                  value=self.deliveries + self._totals[0])
         yield CounterMetricFamily("selchat_sent_bytes", "Bytes written to client connections.",
                                   value=getattr(server.writer, "sent", 0))
 
