@@ -35,9 +35,13 @@ _EPOLLOUT = select.EPOLLOUT
 
 CONNECTING, HELLO, READY, DEAD = range(4)
 ACCOUNT_REF = "bench-account"  # the ref of a client's `register`, to find the answer to it
-# Clients between connect and logged in, over all workers, when registering accounts: the
-# server's KDF queue holds 256 jobs and refuses more (login_throttled), so stay well below.
-ACCOUNT_MAX_PENDING = 128
+# Clients between connect and logged in, over all workers, when registering accounts. The
+# server answers `unavailable` to a hash that waited 5 s for a KDF worker, and refuses more
+# than 256 waiting (login_throttled); 32 keep its two workers busy, and even at ~300 ms a hash
+# on a crowded machine, the last waits about 5 hashes. Both refusals are retried anyway.
+ACCOUNT_MAX_PENDING = 32
+ACCOUNT_RETRY = ("unavailable", "login_throttled")  # "try again", the server says
+ACCOUNT_RETRY_DELAY = 0.5  # seconds before a refused register is sent again
 Spec = Tuple[str, int]  # (nick, sender id or -1 for a receiver)
 
 
@@ -210,6 +214,7 @@ class _Worker:
         self.awaiting_registration = False
         self.handshakes: List[float] = []  # seconds from connect() to welcome (or account)
         self.account_password = ""  # set: each client registers an account after welcome
+        self.account_retries: Deque[Tuple[float, _Conn]] = deque()  # (when, conn) to send again
         # settle
         self.settle_quiet = 0.0
         self.settle_deadline = 0.0
@@ -266,6 +271,12 @@ class _Worker:
                 for _ in range(max(n, 0)):
                     self._open(self.to_connect.popleft())
                 timeout = min(timeout, 1.0 / self.ramp_rate)
+        while self.account_retries and self.account_retries[0][0] <= now:
+            c = self.account_retries.popleft()[1]
+            if c.state == HELLO:
+                self._register_account(c)
+        if self.account_retries:
+            timeout = min(timeout, max(self.account_retries[0][0] - now, 0.0))
         if self.awaiting_registration:
             if (not self.to_connect and self.pending == 0) or now >= self.reg_deadline:
                 self._report_registration()
@@ -395,11 +406,7 @@ class _Worker:
             kind = obj.get("type")
             if kind == "welcome":
                 if self.account_password:  # not ready until the account is made
-                    payload = json.dumps(
-                        {"type": "register", "password": self.account_password, "ref": ACCOUNT_REF}
-                    ).encode()
-                    c.out += _LEN.pack(len(payload)) + payload
-                    self._flush(c)
+                    self._register_account(c)
                 else:
                     self._ready(c)
             elif kind == "account" and obj.get("ref") == ACCOUNT_REF:
@@ -410,9 +417,18 @@ class _Worker:
                     return end
             elif kind == "error":
                 reason = str(obj.get("code"))
+                if obj.get("ref") == ACCOUNT_REF and reason in ACCOUNT_RETRY:
+                    self._count_error(f"register_retried:{reason}")
+                    self.account_retries.append((time.monotonic() + ACCOUNT_RETRY_DELAY, c))
+                    continue
                 self._fail(c, f"register:{reason}" if obj.get("ref") == ACCOUNT_REF else reason)
                 return end
         return off
+
+    def _register_account(self, c: _Conn) -> None:
+        payload = json.dumps({"type": "register", "password": self.account_password, "ref": ACCOUNT_REF}).encode()
+        c.out += _LEN.pack(len(payload)) + payload
+        self._flush(c)
 
     def _ready(self, c: _Conn) -> None:
         """Registration is complete (welcome, or the account answer): the hot path takes over."""
