@@ -209,7 +209,7 @@ class ServerMetrics:
         if getattr(server, "_stopping", False):
             return False, "stopping"
         link = getattr(server, "redis", None)
-        if link is not None and not getattr(link, "up", False):
+        if link is not None and not link_up(link):
             return False, "redis link down"
         return True, "ok"
 
@@ -312,14 +312,25 @@ class ServerMetrics:
         link = getattr(server, "redis", None)
         if link is not None:
             yield GaugeMetricFamily("selchat_redis_link_up", "1 while the Redis link is up.",
-                                    value=1 if getattr(link, "up", False) else 0)
-            yield GaugeMetricFamily("selchat_redis_lag_seconds",
-                                    "How far behind the Redis stream this server is.",
-                                    value=float(getattr(link, "lag", 0.0) or 0.0))
+                                    value=1 if link_up(link) else 0)
+            lag = getattr(link, "lag", None)
+            if lag is not None:
+                yield GaugeMetricFamily("selchat_redis_lag_seconds",
+                                        "How far behind the Redis stream this server is.", value=float(lag))
 
     def exposition(self) -> bytes:
         """The text format Prometheus scrapes."""
         return generate_latest(self.registry)
+
+
+def link_up(link: Any) -> bool:
+    """Whether a Redis link (selchat.links.redis.RedisLink, at `server.redis`) is up: its
+    `up`, or its `state` being UP."""
+    up = getattr(link, "up", None)
+    if up is None:
+        state = getattr(link, "state", None)
+        up = getattr(state, "value", state) == "up"
+    return bool(up)
 
 
 def _recipients(deliveries: Any) -> int:
