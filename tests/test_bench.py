@@ -749,3 +749,78 @@ def test_the_runner_measures_logged_in_against_guests_in_turns() -> None:
     assert lines[1].startswith("* KiB per idle user at idle 6: logged in ")
     text = runner.report(opts, [fan, idle], opts.servers, specs, results, time.monotonic(), None, {})
     assert "selchat-acct: every client" in text and "logged-in / guest fan-out" in text
+
+
+class RefusingAccountStub:
+    """A framed server in a thread that welcomes every hello and refuses each connection's
+    first `register` with `unavailable` (as selchat does when a hash waited too long for a KDF
+    worker), then makes the account: the generator must send it again, not give up."""
+
+    def __init__(self) -> None:
+        self.lsock = socket.create_server(("127.0.0.1", 0))
+        self.lsock.settimeout(0.1)
+        self.port = self.lsock.getsockname()[1]
+        self.registers = 0
+        self.stopping = False
+        self.threads: List[threading.Thread] = []
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    def _accept(self) -> None:
+        while not self.stopping:
+            try:
+                conn, _ = self.lsock.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            t = threading.Thread(target=self._serve, args=(conn,), daemon=True)
+            self.threads.append(t)
+            t.start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        dec = FrameDecoder()
+        nick, refused = "", False
+        conn.settimeout(0.2)
+        with conn:
+            while not self.stopping:
+                try:
+                    data = conn.recv(65536)
+                except socket.timeout:
+                    continue
+                except OSError:
+                    return
+                if not data:
+                    return
+                dec.feed(data)
+                while (payload := dec.next_frame()) is not None:
+                    obj = decode(payload)
+                    if obj["type"] == "hello":
+                        nick = obj["nick"]
+                        conn.sendall(encode({"type": "welcome", "nick": nick, "rooms": ["#lobby"]}))
+                    elif obj["type"] == "register":
+                        self.registers += 1
+                        if not refused:
+                            refused = True
+                            conn.sendall(encode({"type": "error", "code": "unavailable", "message": "try again", "ref": obj.get("ref")}))
+                        else:
+                            conn.sendall(encode({"type": "account", "account": nick, "nick": nick, "ref": obj.get("ref")}))
+
+    def close(self) -> None:
+        self.stopping = True
+        self.lsock.close()
+        for t in [self.thread] + self.threads:
+            t.join(5)
+
+
+def test_a_register_refused_as_unavailable_is_sent_again() -> None:
+    stub = RefusingAccountStub()
+    try:
+        res = loadgen.run_idle(
+            "127.0.0.1", stub.port, 6, extra_joins=0, workers=2, register_timeout=20, account_password="pass-word-1",
+        )
+        assert res.registered == 6
+        assert res.errors == {"register_retried:unavailable": 6}
+        assert stub.registers == 12
+    finally:
+        stub.close()

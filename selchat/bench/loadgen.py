@@ -500,8 +500,7 @@ def run_idle(
         more: List[Spec] = [(f"j{i:05d}", -1) for i in range(extra_joins)]
         reg2 = fleet.connect(split_round_robin(more, workers), ramp_rate, max_pending, register_timeout, account_password)
         after = fleet.settle(quiet=0.5, timeout=30)
-        for k, v in reg2["errors"].items():
-            errors[k] = errors.get(k, 0) + v
+        errors = dict(reg2["errors"])  # each worker's tally is cumulative: the first one's too
         new_frames = after["frames"] - before["frames"]
         old_frames = after["frames_by_prefix"].get("i", 0) - before["frames_by_prefix"].get("i", 0)
         return IdleResult(
