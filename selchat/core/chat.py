@@ -211,6 +211,10 @@ def _noop() -> None:
     pass
 
 
+def _no_presence(nick: str, user: Optional["User"]) -> None:
+    pass
+
+
 class Chat:
     def __init__(
         self,
@@ -252,6 +256,9 @@ class Chat:
         self.index = RoomIndex()  # the rooms by size and by name, kept up to date
         self.lobby = self._room(LOBBY, started_ms)  # made by the server when it starts
         self.before_change: Callable[[], None] = _noop
+        # Told when a nick comes or goes (a user with it arrives, leaves or renames):
+        # presence(nick, user) or presence(nick, None). IRC's MONITOR listens here.
+        self.presence: Callable[[str, Optional[User]], None] = _no_presence
         self._signals = 0
         self._recent_rooms: Dict[Room, None] = {}  # rooms holding a recent_cache, oldest first
         # Who was here (IRC's WHOWAS): (nick, ident, host, realname) of users who left or
@@ -298,6 +305,7 @@ class Chat:
             self._join(user, self.lobby, out)
         if account_key is not None:
             self._deliver_mail(user, out)
+        self.presence(nick, user)
         return user, out
 
     def _attach(self, user: User, session: Any, token: Optional[str]) -> List[Delivery]:
@@ -339,6 +347,7 @@ class Chat:
         self.before_change()
         del self.users[user.key]
         self.whowas.append((user.nick, user.ident, user.host, user.realname))
+        self.presence(user.nick, None)
         if user.account_key is not None and self.online.get(user.account_key) is user:
             del self.online[user.account_key]
         event = events.Quit(user.nick, reason, user.userhost)
@@ -571,10 +580,15 @@ class Chat:
         self.before_change()
         event = events.NickChange(user.nick, nick, user.userhost)
         self.whowas.append((user.nick, user.ident, user.host, user.realname))
+        renamed = key != user.key  # not only the letters' case: the old nick is free now
         del self.users[user.key]
+        if renamed:
+            self.presence(user.nick, None)
         user.nick = nick
         user.key = key
         self.users[key] = user
+        if renamed:
+            self.presence(nick, user)
         recipients: Dict[User, None] = {}
         for room in user.rooms.values():
             room.names_cache = None
