@@ -458,3 +458,8 @@ class Hub:
     def whowas(self, nick: str, count: int = 0) -> List[Tuple[str, str, str, str]]:
         """(nick, ident, host, realname) of those who had `nick`, newest first (IRC's WHOWAS)."""
         return self.chat.was(nick, count)
+
+    def watch_presence(self, callback: Callable[[str, Optional[User]], None]) -> None:
+        """`callback(nick, user)` when a nick comes online, `(nick, None)` when it goes (IRC's
+        MONITOR); one watcher, the IRC door's."""
+        self.chat.presence = callback

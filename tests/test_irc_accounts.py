@@ -348,3 +348,25 @@ def test_minus_n_lets_outsiders_speak_and_whox(env: Env) -> None:
     out.send("HELP KICK")
     out.wait_for("704")
     out.wait_for("706")
+
+
+def test_monitor_sees_nicks_of_every_door_come_and_go(env: Env) -> None:
+    watcher = env.user("watcher")
+    watcher.send("MONITOR + zed,yan")
+    line, _ = watcher.wait_for("731")
+    assert sorted(line.params[1].split(",")) == ["yan", "zed"]
+    zed = env.user("zed")
+    line, _ = watcher.wait_for("730")
+    assert line.params[1].startswith("zed!")
+    zed.send("NICK ZED")  # a change of case only: nothing
+    zed.wait_for("NICK")
+    watcher.assert_quiet()
+    zed.send("NICK yan")
+    lines = watcher.collect_until(lambda x: x.command == "730")
+    assert ["731", "730"] == [x.command for x in lines if x.command in ("730", "731")]
+    watcher.send("MONITOR L")
+    lines = watcher.until_numeric("733")
+    assert sorted(lines[0].params[1].split(",")) == ["yan", "zed"]
+    zed.send("QUIT :bye")
+    line, _ = watcher.wait_for("731")
+    assert line.params[1] == "yan"

@@ -9,7 +9,8 @@ read them, so the answer never holds more than the client's buffer ("safelist").
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, List, Optional
+import fnmatch
+from typing import TYPE_CHECKING, Callable, List, Optional
 
 from selchat.core.names import fold, has_control_characters, valid_room
 from selchat.core.requests import InviteUser, JoinRoom, KickUser, PartRoom, SetModes, SetTopic
@@ -139,7 +140,10 @@ def send_names(s: "IrcSession", room: Room, end: bool = True) -> None:
 
 def list_(s: "IrcSession", line: Line) -> None:
     hub = s.hub
-    if line.params and line.params[0]:
+    conditions = line.params[0].split(",") if line.params and line.params[0] else []
+    named = bool(conditions) and all(c.startswith("#") and not any(ch in c for ch in "*?")
+                                     for c in conditions)
+    if named:
         # Named channels: a lookup each (at most one line's worth of names), in key order.
         s.numeric(N.RPL_LISTSTART, "Channel", "Users  Name")
         for key in sorted({fold(n) for n in line.params[0].split(",") if n}):
@@ -152,7 +156,7 @@ def list_(s: "IrcSession", line: Line) -> None:
     # Every room: streamed as the client reads ("safelist"), so the answer is never more
     # than its buffer holds. Until RPL_LISTEND nothing is read or served, so what the
     # client says next is answered after the list, in order.
-    stream = ListStream(s.produced)
+    stream = ListStream(s.produced, list_filter(conditions))
     if s.response.collecting:
         # Labeled: its own batch, opened now and closed after the last room, instead of
         # collecting the whole list to wrap it at the end of the command.
@@ -166,12 +170,13 @@ def list_(s: "IrcSession", line: Line) -> None:
 class ListStream:
     """A LIST being streamed: the key of the last room looked at, where its output began."""
 
-    __slots__ = ("after", "start", "batch")
+    __slots__ = ("after", "start", "batch", "accept")
 
-    def __init__(self, start: int) -> None:
+    def __init__(self, start: int, accept: Optional[Callable[["Room"], bool]] = None) -> None:
         self.after = ""  # a key, so rooms coming and going never shift the cursor
         self.start = start  # the session's output count when the answer began (for billing)
         self.batch: Optional[str] = None  # the labeled-response batch its lines belong to
+        self.accept = accept  # ELIST conditions (None: every room)
 
     def tagged(self, text: str) -> str:
         return add_tag(text, f"batch={self.batch}") if self.batch else text
@@ -200,7 +205,7 @@ class ListStream:
                 break
             for room in page:
                 self.after = room.key
-                if room.members:
+                if room.members and (self.accept is None or self.accept(room)):
                     s.send_line(self.tagged(s.numeric_text(
                         N.RPL_LIST, room.name, str(len(room.members)), room.topic)))
                     if out.size >= budget or s.produced >= stop:
@@ -209,7 +214,7 @@ class ListStream:
             # Secret rooms are not in the hub's list: the asker's own come last.
             user = s.user
             for room in (user.rooms.values() if user is not None else ()):
-                if room.flags["secret"]:
+                if room.flags["secret"] and (self.accept is None or self.accept(room)):
                     s.send_line(self.tagged(s.numeric_text(
                         N.RPL_LIST, room.name, str(len(room.members)), room.topic)))
             s.send_line(self.tagged(s.numeric_text(N.RPL_LISTEND, "End of /LIST")))
@@ -224,6 +229,28 @@ class ListStream:
             return
         s.stream_done()
         transport.resume_reading()
+
+
+def list_filter(conditions: List[str]) -> Optional[Callable[["Room"], bool]]:
+    """ELIST=MNU: `>n`/`<n` members, a mask (`*an1`), a mask not to match (`!#ch*`); a room
+    must meet every condition. None when there is none."""
+    tests: List[Callable[["Room"], bool]] = []
+    for text in conditions:
+        if text[:1] in "<>" and text[1:].isascii() and text[1:].isdigit():
+            count = int(text[1:])
+            if text[0] == ">":
+                tests.append(lambda r, n=count: len(r.members) > n)
+            else:
+                tests.append(lambda r, n=count: len(r.members) < n)
+        elif text.startswith("!") and len(text) > 1:
+            pattern = fold(text[1:])
+            tests.append(lambda r, p=pattern: not fnmatch.fnmatchcase(r.key, p))
+        elif text:
+            pattern = fold(text)
+            tests.append(lambda r, p=pattern: fnmatch.fnmatchcase(r.key, p))
+    if not tests:
+        return None
+    return lambda room: all(test(room) for test in tests)
 
 
 def topic(s: "IrcSession", line: Line) -> None:

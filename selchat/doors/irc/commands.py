@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Dict
 
-from selchat.doors.irc import accounts, channels, history, messaging, queries, registration
+from selchat.doors.irc import accounts, channels, history, messaging, monitor, queries, registration
 from selchat.doors.irc.numerics import Numeric as N
 from selchat.doors.irc.parser import Line
 
@@ -64,6 +64,7 @@ COMMANDS: Dict[str, Command] = {
     "WHO": Command(queries.who),
     "WHOIS": Command(queries.whois),
     "WHOWAS": Command(queries.whowas),
+    "MONITOR": Command(monitor.monitor, min_params=1),
     "MOTD": Command(queries.motd),
     "LUSERS": Command(queries.lusers),
     "AWAY": Command(queries.away),
@@ -90,6 +91,7 @@ HELP = {
     "KILL": "KILL nick [reason]: server operators only",
     "LIST": "LIST [#room,...]: rooms and their sizes",
     "LUSERS": "LUSERS: how many are here",
+    "MONITOR": "MONITOR +|- nick[,nick] | C | L | S: be told when nicks come and go",
     "MODE": "MODE #room [+-imnstklovb args]; MODE #room b lists bans; MODE nick [+-i]",
     "MOTD": "MOTD: the message of the day",
     "NAMES": "NAMES #room: who is in it",

@@ -316,7 +316,10 @@ def _parse(s: str) -> Line:
         words = s.split(" ")
         trailing = None
     command = words[0]
-    if not command.isascii() or not (command.isalpha() or (len(command) == 3 and command.isdigit())):
+    # Letters (and '_', as in NONEXISTENT_COMMAND, so that the session can answer 421 with
+    # the line's label) or a 3-digit numeric.
+    if not command.isascii() or not (command.replace("_", "").isalpha()
+                                     or (len(command) == 3 and command.isdigit())):
         raise IrcParseError(f"bad command {command[:20]!r}" if command else "no command")
     if len(words) > 1:
         params = [w for w in words[1:] if w]

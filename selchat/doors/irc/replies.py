@@ -51,12 +51,15 @@ def _message(s: "IrcSession", event: events.Message) -> None:
 def _signal(s: "IrcSession", event: events.Signal) -> None:
     if s.mirrored():
         s.raw(s.wire.signal(event))
-    elif "echo-message" in s.caps:
-        line = s.wire.signal(event)
-        if s.response.collecting:
-            s.answer_lines(line)
-        else:
-            s.raw(line)
+    else:
+        if "echo-message" in s.caps:
+            line = s.wire.signal(event)
+            if s.response.collecting:
+                s.answer_lines(line)
+            else:
+                s.raw(line)
+        if event.to is not None and event.room is None and fold(event.to) == fold(event.sender):
+            s.raw(s.wire.signal(event))  # to ourselves: received, too (not part of the answer)
 
 
 def _join(s: "IrcSession", event: events.Join) -> None:

@@ -36,6 +36,7 @@ from selchat.doors.base import DoorSession
 from selchat.doors.irc import commands, replies
 from selchat.doors.irc.channels import ListStream
 from selchat.doors.irc.messaging import TARGMAX
+from selchat.doors.irc.monitor import MONLIST, Watchers
 from selchat.doors.irc.numerics import Numeric as N
 from selchat.doors.irc.parser import TOO_LONG, IrcParseError, Line, LineDecoder, parse_line
 from selchat.doors.irc.registration import HOST
@@ -82,11 +83,13 @@ class IrcDoor:
 
     def __post_init__(self) -> None:
         self.wires = WireSet(self.server_name)
+        self.watchers = Watchers()  # MONITOR: who watches which nick
+        self.hub.watch_presence(self.watchers.changed)
         self.isupport = [
             "ACCOUNTEXTBAN=a", "AWAYLEN=390", "CASEMAPPING=ascii", "CHANLIMIT=#:100",
             "CHANMODES=b,k,l,imnst",
             f"CHANNELLEN={ROOM_MAX + 1}", "CHANTYPES=#", f"CHATHISTORY={HISTORY_LIMIT_MAX}",
-            "EXTBAN=$,a", "LINELEN=512", "MAXLIST=b:100", "MAXTARGETS=4", "MODES=6", "MSGREFTYPES=msgid,timestamp",
+            "ELIST=MNU", "EXTBAN=$,a", "LINELEN=512", "MAXLIST=b:100", "MAXTARGETS=4", "MODES=6", f"MONITOR={MONLIST}", "MSGREFTYPES=msgid,timestamp",
             "NETWORK=selchat", f"NICKLEN={NICK_MAX}", "PREFIX=(ov)@+", "SAFELIST", "STATUSMSG=",
             f"TARGMAX=PRIVMSG:{TARGMAX},NOTICE:{TARGMAX},JOIN:,PART:,NAMES:{TARGMAX},WHOIS:1,ISON:,USERHOST:5,KICK:{TARGMAX}",
             "TOPICLEN=390", "USERLEN=16", "UTF8ONLY", "WHOX",
@@ -101,7 +104,7 @@ class IrcSession(DoorSession):
                  "pinged", "doomed", "reject", "reg", "caps", "response", "welcoming",
                  "_lagged", "_handshake_timer", "_idle_timer", "_produced", "_billed",
                  "_answer_start", "_listing", "__weakref__", "_turn", "_next_pass", "_job",
-                 "_viewing", "pending", "account", "sasl", "invisible")
+                 "_viewing", "pending", "account", "sasl", "invisible", "monitoring")
 
     def __init__(self, door: IrcDoor, reject: Optional[str] = None) -> None:
         self.door = door
@@ -136,6 +139,7 @@ class IrcSession(DoorSession):
         self.account: Optional[str] = None  # proved by SASL before registration
         self.sasl: Any = None  # the SASL exchange under way (selchat.doors.irc.accounts.Sasl)
         self.invisible = False  # user mode +i: left out of WHO masks for those sharing no room
+        self.monitoring: dict = {}  # MONITOR: the folded nicks this connection watches
 
     @property
     def me(self) -> str:
@@ -204,6 +208,7 @@ class IrcSession(DoorSession):
         self.decoder = LineDecoder()
         self.bucket = None
         self.sasl = None
+        self.door.watchers.clear(self)
         user, self.user = self.user, None
         if user is not None:
             self.hub.leave(user, "connection closed", self)
