@@ -73,7 +73,7 @@ class NickChange:
 
 @dataclass(frozen=True)
 class Names:
-    """The whole member list; the wire adapter cuts it into chunks that fit its frames."""
+    """The whole member list; each door's wire format cuts it into chunks that fit its frames."""
 
     room: str
     nicks: Tuple[str, ...]

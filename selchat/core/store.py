@@ -49,15 +49,13 @@ log = logging.getLogger(__name__)
 DEFAULT_CAP_PER_ROOM = 1000
 # Ids reserved per durable write: one fsync'd transaction per ID_BLOCK ids, and a restart skips
 # at most ID_BLOCK - 1 unused ones. Ids only have to increase, not to be dense. The fsync blocks
-# the one loop thread (10-40 ms on the machine the soak ran on): with blocks of 1,024 that was a
-# stall every 6 s at 170 messages a second, the largest part of bystanders' p99; at 65,536 it is
-# one every 6 minutes, and 2**63 ids still last longer than any server.
+# the one loop thread, so reservations are made rare (what the soak run measured with smaller
+# blocks: docs/design.md, "One pass of the loop"); 2**63 ids still last longer than any server.
 ID_BLOCK = 65536
 MAX_ID = (1 << 63) - 1  # SQLite's largest integer, hence the largest id
 # Pages (4 KiB each) the WAL may grow to before a checkpoint. A checkpoint copies them into the
-# database and syncs it, inside a commit, in the one loop thread: at 4,000 pages that was a
-# 40-70 ms pause (the soak run's largest), at 128 it is about 2 ms, more often, for the same
-# total (measured on the soak machine; docs/design.md).
+# database and syncs it, inside a commit, in the one loop thread: small ones keep every pause
+# short, more often, for the same total (the soak run's figures: docs/design.md).
 WAL_PAGES = 128
 CACHE_KIB = 32768  # SQLite's page cache: the hot end of every room's history stays in memory
 
