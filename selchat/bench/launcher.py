@@ -448,7 +448,9 @@ class RunningServer:
                         self.port, self.web_port = native, int(mw.group(2))
                         return
                 elif not irc_door:
-                    port = native or (min(ports) if ports else 0)
+                    # With one port open it is the native one; with more (a metrics port),
+                    # only the log line can say which.
+                    port = native or (next(iter(ports)) if len(ports) == 1 else 0)
                     if port:
                         self.port = port
                         return
