@@ -370,3 +370,25 @@ def test_monitor_sees_nicks_of_every_door_come_and_go(env: Env) -> None:
     zed.send("QUIT :bye")
     line, _ = watcher.wait_for("731")
     assert line.params[1] == "yan"
+
+
+def test_read_marker_and_bot_mode(env: Env) -> None:
+    ann = env.user("ann", ("draft/read-marker", "message-tags"))
+    ann.send("JOIN #r")
+    lines = ann.until_numeric("366")
+    assert [x.params for x in lines if x.command == "MARKREAD"] == [["#r", "*"]]
+    ann.send("MARKREAD #r timestamp=2024-01-02T03:04:05.678Z")
+    line, _ = ann.wait_for("MARKREAD")
+    assert line.params == ["#r", "timestamp=2024-01-02T03:04:05.678Z"]
+    ann.send("MARKREAD #r timestamp=2020-01-01T00:00:00.000Z")  # never backwards
+    line, _ = ann.wait_for("MARKREAD")
+    assert line.params == ["#r", "timestamp=2024-01-02T03:04:05.678Z"]
+    bot = env.user("robo")
+    bot.send("MODE robo +B")
+    line, _ = bot.wait_for("MODE")
+    assert line.params == ["robo", "+B"]
+    bot.send("PRIVMSG ann :beep")
+    line, _ = ann.wait_for("PRIVMSG")
+    assert "bot" in line.tags
+    ann.send("WHOIS robo")
+    ann.wait_for("335")

@@ -380,8 +380,8 @@ def mode(s: "IrcSession", line: Line) -> None:
 
 
 def user_mode(s: "IrcSession", modes: str) -> None:
-    """One user mode here, +i (invisible: WHO masks list you only to those who share a room
-    with you), kept by this connection; `+o` comes with OPER only. Others are ignored."""
+    """User modes, kept by this connection: +i (invisible: WHO masks list you only to those
+    who share a room with you) and +B (a bot); `+o` comes with OPER only. Others are ignored."""
     if not modes:
         s.send_line(f":{s.server} 221 {s.me} {_user_modes(s)}")
         return
@@ -392,6 +392,9 @@ def user_mode(s: "IrcSession", modes: str) -> None:
         elif letter == "i" and s.invisible != (sign == "+"):
             s.invisible = sign == "+"
             changed += sign + "i"
+        elif letter == "B" and s.bot != (sign == "+"):
+            s.bot = sign == "+"
+            changed += sign + "B"
     if changed:
         s.send_line(f":{s.me} MODE {s.me} :{changed}")
     else:
@@ -399,7 +402,7 @@ def user_mode(s: "IrcSession", modes: str) -> None:
 
 
 def _user_modes(s: "IrcSession") -> str:
-    modes = "+" + ("i" if s.invisible else "")
+    modes = "+" + ("B" if s.bot else "") + ("i" if s.invisible else "")
     user = s.user
     if user is not None and s.hub.is_server_operator(user):
         modes += "o"

@@ -13,7 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Dict
 
-from selchat.doors.irc import accounts, channels, history, messaging, monitor, queries, registration
+from selchat.doors.irc import (accounts, channels, history, markread, messaging, monitor, queries,
+                               registration)
 from selchat.doors.irc.numerics import Numeric as N
 from selchat.doors.irc.parser import Line
 
@@ -65,6 +66,7 @@ COMMANDS: Dict[str, Command] = {
     "WHOIS": Command(queries.whois),
     "WHOWAS": Command(queries.whowas),
     "MONITOR": Command(monitor.monitor, min_params=1),
+    "MARKREAD": Command(markread.markread),
     "MOTD": Command(queries.motd),
     "LUSERS": Command(queries.lusers),
     "AWAY": Command(queries.away),
@@ -92,6 +94,7 @@ HELP = {
     "LIST": "LIST [#room,...]: rooms and their sizes",
     "LUSERS": "LUSERS: how many are here",
     "MONITOR": "MONITOR +|- nick[,nick] | C | L | S: be told when nicks come and go",
+    "MARKREAD": "MARKREAD target [timestamp=...]: where you have read up to (draft/read-marker)",
     "MODE": "MODE #room [+-imnstklovb args]; MODE #room b lists bans; MODE nick [+-i]",
     "MOTD": "MOTD: the message of the day",
     "NAMES": "NAMES #room: who is in it",

@@ -88,6 +88,8 @@ def _message(s: "IrcSession", line: Line, notice: bool) -> None:
         text = ctcp_action(text) or ""
     text = strip_formatting(text)
     tags = client_tags(line) if "message-tags" in s.caps else ()
+    if s.bot:
+        tags += (("bot", ""),)  # IRCv3 bot mode: to clients that take message tags
     targets = line.params[0].split(",")
     if len(targets) > TARGMAX:
         if not quiet:

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 WHO_MAX = 200  # users one WHO with a mask may list
 ERR_TOOMANYMATCHES = 416  # an answer cut short (hybrid, ratbox: "output too large, truncated")
 RPL_WHOISOPERATOR = 313
+RPL_WHOISBOT = 335
 RPL_WHOWASUSER = 314
 RPL_ENDOFWHOWAS = 369
 ERR_WASNOSUCHNICK = 406
@@ -101,6 +102,7 @@ def who(s: "IrcSession", line: Line) -> None:
     multi = "multi-prefix" in s.caps
     for room, u in rows:
         flags = (("G" if u.away else "H") + ("*" if hub.is_server_operator(u) else "")
+                 + ("B" if _is_bot(u) else "")
                  + (prefix(room, u, multi) if room is not None else ""))
         channel = room.name if room is not None else "*"
         if fields is None:
@@ -142,6 +144,10 @@ def _whox_line(s: "IrcSession", fields: str, token: str, channel: str, u: "User"
     return f":{s.server} 354 {s.me} " + " ".join(parts)
 
 
+def _is_bot(u: "User") -> bool:
+    return any(getattr(session, "bot", False) for session in u.sessions)
+
+
 def _visible(s: "IrcSession", u: "User") -> bool:
     """A user who set +i is listed by a mask only to those who share a room with it."""
     if not any(getattr(session, "invisible", False) for session in u.sessions):
@@ -173,6 +179,8 @@ def whois(s: "IrcSession", line: Line) -> None:
         s.numeric(RPL_WHOISOPERATOR, u.nick, "is an IRC operator")
     if u.account is not None:
         s.numeric(RPL_WHOISACCOUNT, u.nick, u.account, "is logged in as")
+    if _is_bot(u):
+        s.numeric(RPL_WHOISBOT, u.nick, "is a bot")
     if u.away:
         s.numeric(N.RPL_AWAY, u.nick, u.away)
     s.numeric(N.RPL_ENDOFWHOIS, u.nick, "End of /WHOIS list")

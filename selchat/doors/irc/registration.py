@@ -30,7 +30,8 @@ log = logging.getLogger("selchat.server")
 HOST = "irc.selchat"  # the host part every IRC user shows (addresses are never shown)
 CAPS = ("message-tags", "server-time", "echo-message", "batch", "labeled-response",
         "multi-prefix", "userhost-in-names", "draft/chathistory", "cap-notify", "sasl",
-        "draft/account-registration", "account-notify", "account-tag", "extended-join")
+        "draft/account-registration", "account-notify", "account-tag", "extended-join",
+        "draft/read-marker")
 
 
 def _digits(text: str) -> bool:

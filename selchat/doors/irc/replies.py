@@ -64,6 +64,7 @@ def _signal(s: "IrcSession", event: events.Signal) -> None:
 
 def _join(s: "IrcSession", event: events.Join) -> None:
     from selchat.doors.irc.channels import send_names, send_topic
+    from selchat.doors.irc.markread import tell as tell_marker
 
     s.send_line(s.wire.line(event))
     room = s.hub.find_room(event.room)
@@ -73,6 +74,7 @@ def _join(s: "IrcSession", event: events.Join) -> None:
         s._viewing = room.key
         if room.topic:
             send_topic(s, room)
+        tell_marker(s, room.name)  # (draft/read-marker: before 366)
         send_names(s, room)
 
 

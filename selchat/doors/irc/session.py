@@ -86,7 +86,7 @@ class IrcDoor:
         self.watchers = Watchers()  # MONITOR: who watches which nick
         self.hub.watch_presence(self.watchers.changed)
         self.isupport = [
-            "ACCOUNTEXTBAN=a", "AWAYLEN=390", "CASEMAPPING=ascii", "CHANLIMIT=#:100",
+            "ACCOUNTEXTBAN=a", "AWAYLEN=390", "BOT=B", "CASEMAPPING=ascii", "CHANLIMIT=#:100",
             "CHANMODES=b,k,l,imnst",
             f"CHANNELLEN={ROOM_MAX + 1}", "CHANTYPES=#", f"CHATHISTORY={HISTORY_LIMIT_MAX}",
             "ELIST=MNU", "EXTBAN=$,a", "LINELEN=512", "MAXLIST=b:100", "MAXTARGETS=4", "MODES=6", f"MONITOR={MONLIST}", "MSGREFTYPES=msgid,timestamp",
@@ -104,7 +104,8 @@ class IrcSession(DoorSession):
                  "pinged", "doomed", "reject", "reg", "caps", "response", "welcoming",
                  "_lagged", "_handshake_timer", "_idle_timer", "_produced", "_billed",
                  "_answer_start", "_listing", "__weakref__", "_turn", "_next_pass", "_job",
-                 "_viewing", "pending", "account", "sasl", "invisible", "monitoring")
+                 "_viewing", "pending", "account", "sasl", "invisible", "monitoring", "read_markers",
+                 "bot")
 
     def __init__(self, door: IrcDoor, reject: Optional[str] = None) -> None:
         self.door = door
@@ -140,6 +141,8 @@ class IrcSession(DoorSession):
         self.sasl: Any = None  # the SASL exchange under way (selchat.doors.irc.accounts.Sasl)
         self.invisible = False  # user mode +i: left out of WHO masks for those sharing no room
         self.monitoring: dict = {}  # MONITOR: the folded nicks this connection watches
+        self.read_markers: dict = {}  # draft/read-marker: folded target -> ms, oldest first
+        self.bot = False  # user mode +B: a bot (WHOIS 335, WHO's B, a `bot` tag on messages)
 
     @property
     def me(self) -> str:
