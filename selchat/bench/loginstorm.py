@@ -833,6 +833,7 @@ def run_from_options(opts: Any) -> int:
     if not opts.no_write and opts.results:
         path = Path(opts.results)
         path.parent.mkdir(parents=True, exist_ok=True)
+        ends_blank = not path.exists() or path.read_text().endswith("\n\n")
         with path.open("a") as f:
-            f.write(text + "\n")
+            f.write(("" if ends_blank else "\n") + text + "\n")
     return 1 if failed else 0
