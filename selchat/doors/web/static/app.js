@@ -1381,7 +1381,8 @@
 
     invite(ev) {
       const room = str(ev.room);
-      if (ev.nick !== undefined) {
+      // Our own copy is the one we sent (`by` is us); the invitee's may name the invitee too.
+      if (isMe(ev.by)) {
         note(`You invited ${str(ev.nick)} to ${room}.`, "info");
         return;
       }
