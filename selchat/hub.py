@@ -463,3 +463,14 @@ class Hub:
         """`callback(nick, user)` when a nick comes online, `(nick, None)` when it goes (IRC's
         MONITOR); one watcher, the IRC door's."""
         self.chat.presence = callback
+
+    def room_mates(self, user: User) -> List[User]:
+        """Those who share a room with `user`, itself left out (rooms past the presence
+        bound left out too, as for joins and quits)."""
+        mates: Dict[User, None] = {}
+        limit = self.chat.max_presence
+        for room in user.rooms.values():
+            if len(room.members) <= limit:
+                mates.update(room.members)
+        mates.pop(user, None)
+        return list(mates)

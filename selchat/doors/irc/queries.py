@@ -227,6 +227,26 @@ def away(s: "IrcSession", line: Line) -> None:
     else:
         s.hub.set_away(user, None)
         s.numeric(N.RPL_UNAWAY, "You are no longer marked as being away")
+    tell_away(s, user, s.hub.room_mates(user), watchers=True)
+
+
+def tell_away(s: "IrcSession", user: "User", mates: Iterable["User"], watchers: bool) -> None:
+    """away-notify: `AWAY [:text]` from `user` to IRC connections of `mates` that took it,
+    and (extended-monitor) to those that watch the nick. Away is IRC's alone (the native
+    doors do not show it), so the IRC door tells its own connections."""
+    line = f":{user.nick}!{user.userhost} AWAY" + (f" :{user.away}" if user.away else "")
+    data = (line + "\r\n").encode("utf-8", "replace")
+    told = set()
+    for mate in mates:
+        for session in mate.sessions:
+            if "away-notify" in getattr(session, "caps", ()) and session is not s:
+                told.add(session)
+                session.raw(data)
+    if watchers:
+        for session in s.door.watchers.by_nick.get(user.key, ()):
+            if (session not in told and "extended-monitor" in session.caps
+                    and "away-notify" in session.caps):
+                session.raw(data)
 
 
 # --- the server -------------------------------------------------------------------------------

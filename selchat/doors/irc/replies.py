@@ -76,6 +76,11 @@ def _join(s: "IrcSession", event: events.Join) -> None:
             send_topic(s, room)
         tell_marker(s, room.name)  # (draft/read-marker: before 366)
         send_names(s, room)
+        user = s.user
+        if user is not None and user.away and not s.mirrored():
+            from selchat.doors.irc.queries import tell_away
+
+            tell_away(s, user, room.members, watchers=False)  # away-notify: the joiner is away
 
 
 def _line(s: "IrcSession", event: events.Event) -> None:
