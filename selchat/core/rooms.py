@@ -6,6 +6,7 @@ state as the JSON that `dump_state` writes and `load_state` reads.
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import re
 from typing import Any, Dict, List, Optional, Tuple
@@ -54,9 +55,10 @@ def _glob(mask: str) -> "re.Pattern[str]":
     if pattern is None:
         if len(_compiled) > 4096:
             _compiled.clear()
-        pattern = _compiled[mask] = re.compile(
-            "".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in mask),
-            re.DOTALL)
+        # fnmatch's translation matches each part between stars once, leftmost (an atomic
+        # group, or a lookahead before 3.11), so `a*a*...*z` costs linear time; a plain `.*`
+        # per star backtracked for minutes in the loop's thread. '[' is literal in a mask.
+        pattern = _compiled[mask] = re.compile(fnmatch.translate(mask.replace("[", "[[]")))
     return pattern
 
 

@@ -1,0 +1,75 @@
+"""Review 16 of accounts and moderation (contract section 11): one test per finding, each
+failing on the code as the review found it.
+
+Core findings use the Chat object with a MemoryStore; wire findings use real sockets (a server
+process from conftest's start_server, or an in-process server on socketpairs when the test
+needs two requests served in one loop pass).
+"""
+
+from __future__ import annotations
+
+import gc
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+import weakref
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from conftest import ROOT, server_env, unique_nick  # noqa: E402
+from wire import encode as frame  # noqa: E402
+
+from selchat.core.chat import Chat, ChatError  # noqa: E402
+from selchat.core.store import MemoryStore  # noqa: E402
+
+PASSWORD = "correct horse 42"
+SLOW = 15.0  # a password check in a worker process, on a loaded machine
+
+
+class Endpoint:
+    """Stands in for a connection in core tests."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+
+def core(**options: Any) -> Chat:
+    return Chat(MemoryStore(), **options)
+
+
+def connect(chat: Chat, nick: str, **details: Any):
+    user, _ = chat.register(nick, Endpoint(nick), **details)
+    return user
+
+
+# --- 1. a ban mask with many stars froze the loop (catastrophic regex backtracking) ----------
+
+
+def test_a_ban_mask_with_many_stars_does_not_freeze_the_server() -> None:
+    """rooms.mask_matches compiled a glob to `.*` groups: `a*a*...*z` against a nick of a's
+    backtracks for minutes (157 s for 14 stars and a 16-letter nick), in the one loop thread,
+    whenever a member of the room speaks or someone joins it. Run in a child with a deadline."""
+    script = textwrap.dedent("""
+        from selchat.core.chat import Chat
+        from selchat.core.store import MemoryStore
+        chat = Chat(MemoryStore())
+        op, _ = chat.register("op", object())
+        chat.join(op, "#r")
+        chat.mode(op, "#r", (("ban", ("a*" * 20 + "z",)),))
+        victim, _ = chat.register("a" * 30, object())
+        chat.join(victim, "#r")
+        chat.say(victim, "#r", "hello", 1)
+        print("done")
+    """)
+    try:
+        run = subprocess.run([sys.executable, "-c", script], env=server_env(), cwd=str(ROOT),
+                             capture_output=True, text=True, timeout=20)
+    except subprocess.TimeoutExpired:
+        pytest.fail("a join and a message in a room with one star-heavy ban took over 20 s")
+    assert run.stdout.strip() == "done", run.stderr
