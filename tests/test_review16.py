@@ -73,3 +73,26 @@ def test_a_ban_mask_with_many_stars_does_not_freeze_the_server() -> None:
     except subprocess.TimeoutExpired:
         pytest.fail("a join and a message in a room with one star-heavy ban took over 20 s")
     assert run.stdout.strip() == "done", run.stderr
+
+
+# --- 2. a mode request refused for ban_list_full was half applied --------------------------
+
+
+def test_a_mode_refused_for_a_full_ban_list_changes_nothing() -> None:
+    """docs/protocol.md: "A request is applied whole or refused whole". A ban list one short
+    of full, and {moderated: true, ban: [x1, x2]}: the answer was ban_list_full, but the room
+    had become moderated and held x1 (nobody told, nothing saved)."""
+    chat = core()
+    op = connect(chat, "op")
+    chat.join(op, "#r")
+    chat.mode(op, "#r", (("ban", tuple(f"b{i}" for i in range(99))),))
+    room = chat.rooms["#r"]
+    assert len(room.bans) == 99
+    with pytest.raises(ChatError) as refused:
+        chat.mode(op, "#r", (("moderated", True), ("ban", ("x1", "x2"))))
+    assert refused.value.code == "ban_list_full"
+    assert room.flags["moderated"] is False
+    assert len(room.bans) == 99 and "x1!*@*" not in room.bans
+    # An unban in the same request makes room: that one is applied.
+    chat.mode(op, "#r", (("unban", ("b0",)), ("ban", ("x1",))))
+    assert len(room.bans) == 99 and "x1!*@*" in room.bans

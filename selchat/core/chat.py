@@ -753,6 +753,7 @@ class Chat:
         # Every nick and mask is checked before anything is changed: a request is done whole
         # or refused whole.
         targets: List[Tuple[str, Tuple[Any, ...]]] = []
+        bans = set(room.bans)  # the ban list as it would be, so a full one refuses it all
         for name, value in changes:
             if name in ("op", "deop", "voice", "devoice"):
                 targets.append((name, tuple(self._member(room, n) for n in value)))  # type: ignore[union-attr]
@@ -761,6 +762,13 @@ class Chat:
                     masks = tuple(room_rules.normalize_mask(m) for m in value)  # type: ignore[union-attr]
                 except room_rules.BadMask as exc:
                     raise ChatError("bad_request", str(exc)) from None
+                if name == "unban":
+                    bans.difference_update(masks)
+                elif len(bans.union(masks)) > room_rules.MAX_BANS:
+                    raise ChatError("ban_list_full", f"{room.name} may hold "
+                                    f"{room_rules.MAX_BANS} bans")
+                else:
+                    bans.update(masks)
                 targets.append((name, masks))
             elif name == "key":
                 if value is not None and (not isinstance(value, str) or not value or len(value) > room_rules.KEY_MAX
