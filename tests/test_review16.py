@@ -96,3 +96,19 @@ def test_a_mode_refused_for_a_full_ban_list_changes_nothing() -> None:
     # An unban in the same request makes room: that one is applied.
     chat.mode(op, "#r", (("unban", ("b0",)), ("ban", ("x1",))))
     assert len(room.bans) == 99 and "x1!*@*" in room.bans
+
+
+# --- 3. a hello refused as nick_taken still issued (and saved) a remember-me token ---------
+
+
+def test_a_refused_hello_issues_no_token() -> None:
+    """Chat.register issued the token before checking the nick: a hello with a login and
+    remember for a nick that is taken was refused, yet a token was saved (one the client never
+    got, which pushed the account's oldest real token out past 20)."""
+    chat = core()
+    chat.accounts.create("alice", "verifier", 0)
+    connect(chat, "bob")  # a guest holds the nick the hello asks for
+    with pytest.raises(ChatError) as refused:
+        chat.register("bob", Endpoint("alice?"), account="alice", remember=True)
+    assert refused.value.code == "nick_taken"
+    assert chat.directory.tokens == {}

@@ -283,11 +283,14 @@ class Chat:
         """
         key = fold(nick)
         account_key = fold(account) if account is not None else None
-        token = (self.accounts.issue_token(account_key, now_ms)
-                 if remember and account_key is not None else None)
+        # A token only once nothing can refuse the hello: one the client never gets would
+        # still count among the account's 20 and push out the oldest real one.
+        token = None
         if account_key is not None:
             user = self.online.get(account_key)
             if user is not None:
+                if remember:
+                    token = self.accounts.issue_token(account_key, now_ms)
                 return user, self._attach(user, session, token)
         holder = self.users.get(key)
         if holder is not None:
@@ -295,6 +298,8 @@ class Chat:
         if self.accounts.exists(key) and key != account_key:
             raise ChatError("nick_reserved", f"nick {nick!r} belongs to an account: log in "
                             "to use it")
+        if remember and account_key is not None:
+            token = self.accounts.issue_token(account_key, now_ms)
         user = User(nick, session, ident, host, realname, door, origin)
         user.since = now_ms
         self.users[key] = user
