@@ -474,3 +474,7 @@ class Hub:
                 mates.update(room.members)
         mates.pop(user, None)
         return list(mates)
+
+    def set_realname(self, user: User, text: str) -> None:
+        """IRC's SETNAME: the real name WHO and WHOIS show."""
+        user.realname = text

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from selchat.doors.irc.session import IrcSession
 
 WHO_MAX = 200  # users one WHO with a mask may list
+REALNAME_MAX = 100  # bytes of a real name (as USER keeps it)
 ERR_TOOMANYMATCHES = 416  # an answer cut short (hybrid, ratbox: "output too large, truncated")
 RPL_WHOISOPERATOR = 313
 RPL_WHOISBOT = 335
@@ -228,6 +229,29 @@ def away(s: "IrcSession", line: Line) -> None:
         s.hub.set_away(user, None)
         s.numeric(N.RPL_UNAWAY, "You are no longer marked as being away")
     tell_away(s, user, s.hub.room_mates(user), watchers=True)
+
+
+def setname(s: "IrcSession", line: Line) -> None:
+    """IRCv3 setname: a new real name, told to the IRC connections that took `setname`."""
+    user = s.user
+    assert user is not None
+    text = strip_formatting(line.params[0])
+    if not text.strip() or has_control_characters(text) or len(text.encode("utf-8")) > REALNAME_MAX:
+        s.fail("SETNAME", "INVALID_REALNAME", text="Bad real name")
+        return
+    s.hub.set_realname(user, text)
+    data = f":{user.nick}!{user.userhost} SETNAME :{text}\r\n".encode("utf-8")
+    if "setname" in s.caps:
+        s.answer_lines(data)
+    told = {s}
+    for mate in s.hub.room_mates(user) + [user]:
+        for session in mate.sessions:
+            if session not in told and "setname" in getattr(session, "caps", ()):
+                told.add(session)
+                session.raw(data)
+    for session in s.door.watchers.by_nick.get(user.key, ()):
+        if session not in told and "extended-monitor" in session.caps and "setname" in session.caps:
+            session.raw(data)
 
 
 def tell_away(s: "IrcSession", user: "User", mates: Iterable["User"], watchers: bool) -> None:

@@ -31,7 +31,7 @@ HOST = "irc.selchat"  # the host part every IRC user shows (addresses are never 
 CAPS = ("message-tags", "server-time", "echo-message", "batch", "labeled-response",
         "multi-prefix", "userhost-in-names", "draft/chathistory", "cap-notify", "sasl",
         "draft/account-registration", "account-notify", "account-tag", "extended-join",
-        "draft/read-marker", "away-notify", "extended-monitor")
+        "draft/read-marker", "away-notify", "extended-monitor", "setname")
 
 
 def _digits(text: str) -> bool:
