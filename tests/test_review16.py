@@ -112,3 +112,22 @@ def test_a_refused_hello_issues_no_token() -> None:
         chat.register("bob", Endpoint("alice?"), account="alice", remember=True)
     assert refused.value.code == "nick_taken"
     assert chat.directory.tokens == {}
+
+
+# --- 4. an invitation kept its user alive after it left --------------------------------------
+
+
+def test_an_invitation_does_not_keep_a_departed_user() -> None:
+    """Room.invited held User objects: a user invited and gone stayed referenced (with its
+    connection) until 100 more invitations or the room's end; the lobby never ends."""
+    chat = core()
+    op = connect(chat, "op")
+    chat.join(op, "#r")
+    guest = connect(chat, "guest")
+    chat.invite(op, "#r", "guest")
+    chat.disconnect(guest, "bye")
+    gone = weakref.ref(guest)
+    del guest
+    gc.collect()
+    assert gone() is None, "the departed user is still referenced"
+    assert len(chat.rooms["#r"].invited or ()) == 0

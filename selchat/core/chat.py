@@ -27,6 +27,7 @@ from __future__ import annotations
 import collections
 import itertools
 import logging
+import weakref
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from selchat.core import events
@@ -154,7 +155,10 @@ class Room:
         # IRC's +n, on unless an operator turns it off (our choice: an IRC-only mode, not kept
         # across restarts): off, those outside the room may speak in it too.
         self.no_external = True
-        self.invited: Dict[User, None] = {}  # may join while invite-only, once
+        # May join while invite-only, once. Weak: an invitee that leaves the server is not
+        # kept (with its connection) by an invitation it can no longer use. Made at the first
+        # invitation (a weak dict costs ten times an empty one, and most rooms never invite).
+        self.invited: "Optional[weakref.WeakKeyDictionary[User, None]]" = None
         self.founder: Optional[str] = None  # the account key it is registered to
         self.op_accounts: Dict[str, None] = {}  # accounts made operators (registered rooms)
         # Made once and kept until what they show changes: a lobby that many join in turn
@@ -528,7 +532,8 @@ class Chat:
                 self._save_room(room)
         elif not checked:
             self._may_join(user, room, key)
-        room.invited.pop(user, None)
+        if room.invited is not None:
+            room.invited.pop(user, None)
         if user.account_key is not None and (user.account_key == room.founder
                                              or user.account_key in room.op_accounts):
             room.operators[user] = None
@@ -544,7 +549,7 @@ class Chat:
         if user.account_key is not None and (user.account_key == room.founder
                                              or user.account_key in room.op_accounts):
             return
-        invited = user in room.invited
+        invited = room.invited is not None and user in room.invited
         if room.bans and not invited and self._banned(user, room):
             raise ChatError("banned", f"you are banned from {room.name}")
         if room.flags["invite_only"] and not invited:
@@ -728,6 +733,8 @@ class Chat:
         if target in room.members:
             raise ChatError("already_in_room", f"{target.nick} is in {room.name} already")
         invited = room.invited
+        if invited is None:
+            invited = room.invited = weakref.WeakKeyDictionary()
         invited.pop(target, None)
         if len(invited) >= room_rules.MAX_INVITES:
             del invited[next(iter(invited))]
