@@ -238,8 +238,7 @@ class Hub:
                 if account is None:
                     finish(_raise(error.code, error.message))  # type: ignore[union-attr]
                 else:
-                    finish(lambda: chat.log_in(user, fold(account), session, self.wall_ms(),
-                                               request.remember))
+                    finish(lambda: self._log_in(user, fold(account), session, request.remember))
 
             self.authenticate(request.account, request.password, request.token,
                               getattr(session.transport, "ip", ""), proved)
@@ -274,6 +273,15 @@ class Hub:
         if not self.kdf.verify(request.old, verifier, old_checked):
             raise ChatError("login_throttled", "too many logins at once: try again soon")
         return job.pending()
+
+    def _log_in(self, user: User, key: str, session: Any, remember: bool) -> List[Any]:
+        """`login` after welcome. Into an account online elsewhere, the connection leaves its
+        guest self and becomes one more of the account's user: its door's session says so."""
+        out = self.chat.log_in(user, key, session, self.wall_ms(), remember)
+        owner = self.chat.online.get(key)
+        if owner is not None and owner is not user and session in owner.sessions:
+            session.user = owner
+        return out
 
     def _kill(self, user: User, request: Kill, ref: Any, session: Any) -> None:
         target = self.chat.kill_target(user, request.nick)

@@ -131,3 +131,40 @@ def test_an_invitation_does_not_keep_a_departed_user() -> None:
     gc.collect()
     assert gone() is None, "the departed user is still referenced"
     assert len(chat.rooms["#r"].invited or ()) == 0
+
+
+# --- 5. a guest that logged into an account online elsewhere stayed its old, departed self ---
+
+
+def _account(srv: Any, nick: str):
+    c = srv.registered(nick)
+    c.send(type="register", password=PASSWORD, ref="reg")
+    c.expect("account", SLOW, account=nick, ref="reg")
+    return c
+
+
+def test_a_guest_logging_into_an_online_account_becomes_that_user(start_server):
+    """docs/protocol.md: a guest that logs in while the account is online elsewhere "becomes
+    one more connection of that user". The chat moved the connection, but the door's session
+    kept the guest (gone from the chat): what it said was refused (not_in_room), a join put
+    the departed guest in a room as a ghost, and when it closed the account's user kept the
+    dead connection for ever (its nick held, never seen to quit)."""
+    srv = start_server("--rate", "0")
+    nick = unique_nick("mv")
+    owner = _account(srv, nick)
+    watcher = srv.registered(unique_nick("w"))
+    guest = srv.registered(unique_nick("g"))
+    watcher.expect("join", nick=guest.nick)
+    guest.send(type="login", account=nick, password=PASSWORD, ref="in")
+    guest.wait_for("account", SLOW, account=nick, ref="in")
+    watcher.expect("quit", nick=guest.nick)
+    guest.wait_for("history", room="#lobby")
+    guest.send(type="say", room="#lobby", text="said on the moved connection", ref="s")
+    guest.expect("message", text="said on the moved connection", ref="s")
+    watcher.expect("message", text="said on the moved connection", **{"from": nick})
+    owner.wait_for("message", text="said on the moved connection")
+    # The user quits for others when its last connection goes, and not before.
+    owner.quit_and_close()
+    watcher.assert_quiet()
+    guest.send(type="quit")
+    watcher.expect("quit", nick=nick)
