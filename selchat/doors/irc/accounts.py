@@ -294,6 +294,22 @@ def kill(s: "IrcSession", line: Line) -> None:
             s.numeric(N.ERR_NOSUCHNICK, nick[:64], "No such nick/channel")
 
 
+def wallops(s: "IrcSession", line: Line) -> None:
+    """A server operator's word to every IRC connection that set +w."""
+    user = s.user
+    assert user is not None
+    if not s.hub.is_server_operator(user):
+        s.numeric(ERR_NOPRIVILEGES, "Permission Denied - You're not an IRC operator")
+        return
+    text = line.params[0].encode("utf-8")[:400].decode("utf-8", "ignore")
+    data = f":{user.nick}!{user.userhost} WALLOPS :{text}\r\n".encode("utf-8")
+    for session in list(s.door.wallops):
+        if session is s:
+            s.answer_lines(data)
+        else:
+            session.raw(data)
+
+
 # --- answers --------------------------------------------------------------------------------
 
 

@@ -381,7 +381,8 @@ def mode(s: "IrcSession", line: Line) -> None:
 
 def user_mode(s: "IrcSession", modes: str) -> None:
     """User modes, kept by this connection: +i (invisible: WHO masks list you only to those
-    who share a room with you) and +B (a bot); `+o` comes with OPER only. Others are ignored."""
+    who share a room with you), +B (a bot), +w (WALLOPS reach you); `+o` comes with OPER
+    only. Others are ignored."""
     if not modes:
         s.send_line(f":{s.server} 221 {s.me} {_user_modes(s)}")
         return
@@ -395,6 +396,12 @@ def user_mode(s: "IrcSession", modes: str) -> None:
         elif letter == "B" and s.bot != (sign == "+"):
             s.bot = sign == "+"
             changed += sign + "B"
+        elif letter == "w" and (s in s.door.wallops) != (sign == "+"):
+            if sign == "+":
+                s.door.wallops.add(s)
+            else:
+                s.door.wallops.discard(s)
+            changed += sign + "w"
     if changed:
         s.send_line(f":{s.me} MODE {s.me} :{changed}")
     else:
@@ -402,7 +409,7 @@ def user_mode(s: "IrcSession", modes: str) -> None:
 
 
 def _user_modes(s: "IrcSession") -> str:
-    modes = "+" + ("B" if s.bot else "") + ("i" if s.invisible else "")
+    modes = "+" + ("B" if s.bot else "") + ("i" if s.invisible else "") + ("w" if s in s.door.wallops else "")
     user = s.user
     if user is not None and s.hub.is_server_operator(user):
         modes += "o"

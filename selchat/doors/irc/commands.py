@@ -61,6 +61,7 @@ COMMANDS: Dict[str, Command] = {
     # server operators
     "OPER": Command(accounts.oper, min_params=2),
     "KILL": Command(accounts.kill, min_params=1),
+    "WALLOPS": Command(accounts.wallops, min_params=1),
     # queries
     "WHO": Command(queries.who),
     "WHOIS": Command(queries.whois),
@@ -115,6 +116,7 @@ HELP = {
     "TOPIC": "TOPIC #room [text]: read or set the topic",
     "USER": "USER ident 0 * :real name",
     "USERHOST": "USERHOST nick...",
+    "WALLOPS": "WALLOPS :text: to every connection with user mode +w (server operators only)",
     "WHO": "WHO mask|#room [%fields[,token]]",
     "WHOIS": "WHOIS nick",
     "WHOWAS": "WHOWAS nick [count]",

@@ -98,13 +98,10 @@ def _topic(s: "IrcSession", event: events.Topic) -> None:
 def _history(s: "IrcSession", event: events.History) -> None:
     s._viewing = None
     if event.room is None:
-        # A private conversation: messages that came while the account was away (after
-        # welcome), or a CHATHISTORY answer.
-        target = event.with_ or "*"
-        if s.pending == "CHATHISTORY":
-            s.send_history(target, event.messages, "chathistory")
-        elif event.messages:
-            s.send_history(target, event.messages, "chathistory")
+        # A private conversation: the messages that came while the account was away, after
+        # welcome (IRC's CHATHISTORY reads history through the hub, not as this event).
+        if event.messages:
+            s.send_history(event.with_ or "*", event.messages, "chathistory")
         return
     if "draft/chathistory" not in s.caps and event.messages:
         s.send_history(event.room, event.messages, "chathistory")

@@ -27,7 +27,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence, Set
 
 from selchat.core import events
 from selchat.core.ratelimit import TokenBucket, answer_cost, cpu_cost
@@ -84,6 +84,7 @@ class IrcDoor:
     def __post_init__(self) -> None:
         self.wires = WireSet(self.server_name)
         self.watchers = Watchers()  # MONITOR: who watches which nick
+        self.wallops: Set["IrcSession"] = set()  # connections with user mode +w
         self.hub.watch_presence(self.watchers.changed)
         self.isupport = [
             "ACCOUNTEXTBAN=a", "AWAYLEN=390", "BOT=B", "CASEMAPPING=ascii", "CHANLIMIT=#:100",
@@ -212,6 +213,7 @@ class IrcSession(DoorSession):
         self.bucket = None
         self.sasl = None
         self.door.watchers.clear(self)
+        self.door.wallops.discard(self)
         user, self.user = self.user, None
         if user is not None:
             self.hub.leave(user, "connection closed", self)
