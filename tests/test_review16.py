@@ -168,3 +168,84 @@ def test_a_guest_logging_into_an_online_account_becomes_that_user(start_server):
     watcher.assert_quiet()
     guest.send(type="quit")
     watcher.expect("quit", nick=nick)
+
+
+# --- 6. a connection joining an online account got a room's message before its welcome ------
+
+
+def _in_process_server():
+    from selchat.config import ServerConfig
+    from selchat.loop.reactor import Reactor
+    from selchat.server import Server
+
+    reactor = Reactor()
+    server = Server(ServerConfig(port=0, db=":memory:", max_per_ip=0, rate=0), MemoryStore(),
+                    reactor=reactor)
+    return server, reactor
+
+
+def _socket(server: Any, address: str) -> socket.socket:
+    mine, theirs = socket.socketpair()
+    server._accept(server.framed, theirs, (address, 4000))
+    mine.setblocking(False)
+    return mine
+
+
+def _events(reactor: Any, sock: socket.socket, until: Any, passes: int = 200) -> List[Dict[str, Any]]:
+    """Serve and read until `until(events)` holds (or fail after `passes` loop passes)."""
+    import json
+
+    got: List[Dict[str, Any]] = []
+    buf = bytearray()
+    deadline = time.monotonic() + 10
+    while not until(got):
+        assert time.monotonic() < deadline, f"not within 10 s: {got!r}"
+        reactor.run_once(0.01)
+        try:
+            buf.extend(sock.recv(1 << 20))
+        except BlockingIOError:
+            pass
+        while len(buf) >= 4:
+            size = int.from_bytes(buf[:4], "big")
+            if len(buf) < 4 + size:
+                break
+            got.append(json.loads(bytes(buf[4:4 + size])))
+            del buf[:4 + size]
+    return got
+
+
+def test_a_second_connection_of_an_account_gets_nothing_before_its_welcome() -> None:
+    """Chat._attach added the connection to the user without `before_change`: room messages
+    batched earlier in the same loop pass went to it when the batch was flushed, which the
+    welcome's own delivery did first. The new connection's first event was a room `message`,
+    before `welcome` and before the `join` that tells it it is in that room."""
+    server, reactor = _in_process_server()
+    chat = server.hub.chat
+    chat.accounts.create("alice", "verifier", 0)
+    token = chat.accounts.issue_token("alice", 0)
+    login = {"account": "alice", "token": token}
+    first = _socket(server, "127.0.0.11")
+    first.sendall(frame({"type": "hello", "nick": "alice", "login": login}))
+    _events(reactor, first, lambda got: any(e["type"] == "history" for e in got))
+    bob = _socket(server, "127.0.0.12")
+    bob.sendall(frame({"type": "hello", "nick": "bob"}))
+    _events(reactor, bob, lambda got: any(e["type"] == "history" for e in got))
+    second = _socket(server, "127.0.0.13")
+    reactor.run_once(0.01)
+    # Served in one pass: bob's message is batched, then the second connection attaches.
+    bob.sendall(frame({"type": "say", "room": "#lobby", "text": "one pass"}))
+    second.sendall(frame({"type": "hello", "nick": "alice", "login": login}))
+    got = _events(reactor, second, lambda got: any(e["type"] == "history" for e in got))
+    got += _events(reactor, second, lambda more: True)
+    try:
+        assert got[0]["type"] == "welcome", got
+        # Seen once: in the history that follows the join, or live after it.
+        said = [e for e in got if e.get("text") == "one pass"]
+        said += [m for e in got if e["type"] == "history" for m in e["messages"]
+                 if m.get("text") == "one pass"]
+        assert len(said) == 1, got
+    finally:
+        for sock in (first, bob, second):
+            sock.close()
+        server.request_stop()
+        server._finish()

@@ -319,6 +319,7 @@ class Chat:
 
     def _attach(self, user: User, session: Any, token: Optional[str]) -> List[Delivery]:
         """One more connection of a logged-in user: it sees the user as the others do."""
+        self.before_change()  # what was batched before it came is not for it (nor before welcome)
         user.sessions.append(session)
         out = [reply(events.Welcome(user.nick, self.server_name, self.motd, user.account, token),
                      user)]
@@ -351,6 +352,7 @@ class Chat:
             return []
         if session is not None and len(user.sessions) > 1:
             if session in user.sessions:
+                self.before_change()  # what was said while it was there still reaches it
                 user.sessions.remove(session)
             return []
         self.before_change()
