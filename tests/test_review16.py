@@ -249,3 +249,31 @@ def test_a_second_connection_of_an_account_gets_nothing_before_its_welcome() -> 
             sock.close()
         server.request_stop()
         server._finish()
+
+
+# --- 7. a failed commit lost the accounts, tokens and rooms it carried, for good -------------
+
+
+def test_directory_writes_outlive_a_failed_commit(tmp_path) -> None:
+    """SQLiteStore.commit took the directory's queued writes, and a failed transaction (disk
+    full, file replaced) dropped them: the account existed in memory, its `account` answer went
+    out, and after a restart it was gone (its nick free for anyone). Room messages lost that
+    way are reported (`not_stored`); directory writes were lost silently. Now they wait for
+    the next commit."""
+    from selchat.core.store import SQLiteStore, StoreError
+
+    path = tmp_path / "chat.db"
+    store = SQLiteStore(str(path))
+    store.directory.save_account("alice", "alice", "verifier", 1)
+    aside = tmp_path / "aside.db"
+    path.rename(aside)  # the commit sees its file gone and refuses
+    with pytest.raises(StoreError):
+        store.commit()
+    aside.rename(path)
+    store.commit()
+    store.close()
+    again = SQLiteStore(str(path))
+    try:
+        assert "alice" in again.directory.accounts
+    finally:
+        again.close()

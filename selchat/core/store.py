@@ -235,6 +235,7 @@ def _flags(m: Message) -> int:
 
 
 MAILBOX_CAP = 500  # messages one account may have waiting; then `mailbox_full`
+DIRECTORY_BACKLOG = 100000  # directory writes kept for the next commit while commits fail
 
 
 class Directory:
@@ -763,6 +764,18 @@ class SQLiteStore:
             # valid Unicode (the protocol layer refuses it first). OverflowError: id >= 2**63.
             self._rollback_quietly()
             self._failures += 1
+            # Accounts, tokens, rooms and mailboxes live on in memory and were answered: their
+            # writes wait for the next commit (disk full, file replaced), not lost for good.
+            # Only the newest DIRECTORY_BACKLOG wait (full-row writes: a later one of a row
+            # carries what an older one did). Not for data the database refuses (the same
+            # batch would fail for ever).
+            if not isinstance(exc, (ValueError, OverflowError)):
+                kept = writes + self.directory.writes
+                if len(kept) > DIRECTORY_BACKLOG:
+                    log.error("%s: %d account/room writes waiting; the oldest are dropped",
+                              self.path, len(kept))
+                    kept = kept[-DIRECTORY_BACKLOG:]
+                self.directory.writes = kept
             raise StoreError(
                 f"{self.path}: could not write {len(batch)} message(s): {_one_line(exc)}"
             ) from exc
