@@ -486,3 +486,9 @@ class Hub:
     def set_realname(self, user: User, text: str) -> None:
         """IRC's SETNAME: the real name WHO and WHOIS show."""
         user.realname = text
+
+    def invitations(self, user: User) -> List[str]:
+        """The rooms `user` is invited to and not in, by name (IRC's INVITE with no
+        argument). It looks at every room: a rare question, answered in one pass."""
+        return sorted(room.name for room in self.chat.rooms.values()
+                      if room.invited and user in room.invited and user not in room.members)

@@ -392,3 +392,16 @@ def test_read_marker_and_bot_mode(env: Env) -> None:
     assert "bot" in line.tags
     ann.send("WHOIS robo")
     ann.wait_for("335")
+
+
+def test_invite_alone_lists_invitations(env: Env) -> None:
+    foo = env.user("foo")
+    bar = env.user("bar")
+    foo.send("JOIN #chan")
+    foo.wait_for("366")
+    foo.send("INVITE bar #chan")
+    foo.wait_for("341")
+    bar.wait_for("INVITE")
+    bar.send("INVITE")
+    lines = bar.until_numeric("337")
+    assert [x.params for x in lines] == [["bar", "#chan"], ["bar", "End of /INVITE list"]]

@@ -30,6 +30,8 @@ if TYPE_CHECKING:
 NAMES_MAX = 4  # channels one NAMES may name (as TARGMAX says)
 LIST_PAGE = 100  # rooms a streaming LIST asks the hub for at a time
 TOPICLEN = 390  # bytes of a topic (ISUPPORT TOPICLEN)
+RPL_INVITELIST = 336
+RPL_ENDOFINVITELIST = 337
 LIST_SHARE = 65536  # bytes of LIST one pass may write before it lets others go first
 
 
@@ -305,6 +307,17 @@ def kick(s: "IrcSession", line: Line) -> None:
 
 
 def invite(s: "IrcSession", line: Line) -> None:
+    if not line.params:
+        # The rooms you are invited to (and have not joined yet).
+        user = s.user
+        assert user is not None
+        for room_name in s.hub.invitations(user)[:100]:
+            s.numeric(RPL_INVITELIST, room_name)
+        s.numeric(RPL_ENDOFINVITELIST, "End of /INVITE list")
+        return
+    if len(line.params) < 2:
+        s.numeric(N.ERR_NEEDMOREPARAMS, "INVITE", "Not enough parameters")
+        return
     nick, name = line.params[0], line.params[1]
     if s.hub.find_user(nick) is None:
         s.numeric(N.ERR_NOSUCHNICK, nick[:64], "No such nick/channel")

@@ -57,7 +57,7 @@ COMMANDS: Dict[str, Command] = {
     "TOPIC": Command(channels.topic, min_params=1),
     "MODE": Command(channels.mode, min_params=1),
     "KICK": Command(channels.kick, min_params=2),
-    "INVITE": Command(channels.invite, min_params=2),
+    "INVITE": Command(channels.invite),
     # server operators
     "OPER": Command(accounts.oper, min_params=2),
     "KILL": Command(accounts.kill, min_params=1),
@@ -88,7 +88,7 @@ HELP = {
     "CHATHISTORY": "CHATHISTORY LATEST|BEFORE|AFTER|AROUND|BETWEEN target refs limit",
     "HELP": "HELP [command]: this help",
     "INFO": "INFO: about this server",
-    "INVITE": "INVITE nick #room: let nick join an invite-only room",
+    "INVITE": "INVITE nick #room: let nick join an invite-only room; INVITE alone: your invitations",
     "ISON": "ISON nick...: which of these are here",
     "JOIN": "JOIN #room[,#room] [key[,key]]; JOIN 0 leaves every room",
     "KICK": "KICK #room nick [reason]: operators only",
