@@ -277,3 +277,31 @@ def test_directory_writes_outlive_a_failed_commit(tmp_path) -> None:
         assert "alice" in again.directory.accounts
     finally:
         again.close()
+
+
+# --- 8. registered rooms came back past the room table's cap ---------------------------------
+
+
+def test_a_registered_room_comes_back_only_within_the_room_cap() -> None:
+    """Chat.join revived an empty registered room without `_may_create`'s first check: with
+    the table full (max_rooms), joining registered rooms made it grow past the cap, as many
+    as the directory holds (and one account can register a room per create)."""
+    chat = core(max_rooms=5, max_rooms_per_origin=5, room_reserve=0)
+    chat.accounts.create("alice", "verifier", 0)
+    alice = connect(chat, "alice", account="alice")
+    for n in range(3):
+        chat.join(alice, f"#kept{n}")
+        chat.part(alice, f"#kept{n}")
+    assert len(chat.directory.rooms) == 3 and len(chat.rooms) == 1  # the lobby
+    guest = connect(chat, "guest")
+    for n in range(4):
+        chat.join(guest, f"#plain{n}")
+    assert len(chat.rooms) == 5  # full
+    for n in range(3):
+        with pytest.raises(ChatError) as refused:
+            chat.join(guest, f"#kept{n}")
+        assert refused.value.code == "too_many_rooms"
+    assert len(chat.rooms) == 5
+    chat.part(guest, "#plain0")
+    chat.join(guest, "#kept0")  # room again: it comes back
+    assert chat.rooms["#kept0"].founder == "alice"

@@ -518,6 +518,8 @@ class Chat:
         if room is None:
             registered = self.directory.rooms.get(room_key)
             if registered is not None:
+                if len(self.rooms) >= self.max_rooms:  # it takes a place in the table too
+                    raise ChatError("too_many_rooms", "the server has as many rooms as it may hold")
                 room = self._revive(room_key, registered, now_ms)
                 try:
                     self._may_join(user, room, key)
