@@ -611,3 +611,23 @@ def test_reconnect_backoff_doubles_capped_with_jitter(reactor: Reactor,
         assert d / 2 - 0.02 <= wait <= d + 0.25, (n, wait)
     assert link.state is not LinkState.UP and link.failures >= 8
     assert len({round(w, 3) for w in waits[4:]}) > 1  # capped, and not all the same: jitter
+
+
+def test_closing_from_a_callback_answers_the_rest_once(redis: RedisServer, reactor: Reactor,
+                                                       make_link: Callable[..., RedisLink]) -> None:
+    link = make_link(redis.url)
+    answers = Answers()
+    first = answers(0)
+
+    def close_on_reply(reply: Any) -> None:
+        first(reply)
+        link.close()
+
+    link.execute("PING", done=close_on_reply)
+    for i in range(1, 6):
+        link.execute("INCR", "n", done=answers(i))
+    run_until(reactor, lambda: len(answers) == 6)
+    for _ in range(5):
+        reactor.run_once(timeout=0.01)
+    assert answers.got[0] == b"PONG" and link.state is LinkState.CLOSED
+    assert all(isinstance(answers.got[i], Unavailable) for i in range(1, 6))
