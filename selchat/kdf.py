@@ -14,7 +14,9 @@ loop only moves a few hundred bytes per login; `InlineKdf` computes in-process (
     time taken does not tell unknown accounts from wrong passwords;
   * both return False, and never call `done`, when the bounded queue is full: the caller
     refuses the request. `done` is never called from inside `hash`/`verify`;
-  * nothing raises into the loop on bad input.
+  * nothing raises into the loop on bad input;
+  * `close()` (at shutdown) answers what is pending `done(None)` at once, then stops the
+    workers.
 
 `python -m selchat.kdf` is the worker's child: requests on stdin, answers on stdout.
 """
