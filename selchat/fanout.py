@@ -58,9 +58,12 @@ class Fanout:
                 continue
             if delivery.reply:
                 entries = self._entries
-                if entries and entries[-1].message is event and entries[-1].sender is not None:
+                if (entries and entries[-1].message is event and entries[-1].sender is not None
+                        and self._room is not None
+                        and all(user in self._room.members for user in delivery.recipients)):
                     # The sender's own copy of the message just batched, in the same place
-                    # (its other connections, members too, get the common copy).
+                    # (its other connections, members too, get the common copy). A sender
+                    # outside the room (IRC's -n) is not in the batch: it is answered below.
                     entries[-1].ref = ref
                     entries[-1].echo = True
                     continue

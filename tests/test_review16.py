@@ -305,3 +305,31 @@ def test_a_registered_room_comes_back_only_within_the_room_cap() -> None:
     chat.part(guest, "#plain0")
     chat.join(guest, "#kept0")  # room again: it comes back
     assert chat.rooms["#kept0"].founder == "alice"
+
+
+# --- 9. a message said from outside a room (IRC's -n) was never echoed to its sender ---------
+
+
+def test_a_message_from_outside_a_room_is_echoed_to_its_sender() -> None:
+    """With a room's no_external off (IRC MODE -n) a non-member may speak in it. The fan-out
+    folded the sender's echo into the room's batch, which goes to the room's members only: the
+    sender (not one) never got its echo, nor the answer its `ref` waited for."""
+    server, reactor = _in_process_server()
+    try:
+        inside = _socket(server, "127.0.0.21")
+        inside.sendall(frame({"type": "hello", "nick": "inside"}))
+        _events(reactor, inside, lambda got: any(e["type"] == "history" for e in got))
+        inside.sendall(frame({"type": "join", "room": "#open"}))
+        _events(reactor, inside, lambda got: any(e["type"] == "history" for e in got))
+        server.hub.chat.rooms["#open"].no_external = False
+        outside = _socket(server, "127.0.0.22")
+        outside.sendall(frame({"type": "hello", "nick": "outside"}))
+        _events(reactor, outside, lambda got: any(e["type"] == "history" for e in got))
+        outside.sendall(frame({"type": "say", "room": "#open", "text": "from outside", "ref": 7}))
+        got = _events(reactor, inside, lambda got: any(e.get("text") == "from outside" for e in got))
+        assert got[-1]["from"] == "outside"
+        echo = _events(reactor, outside, lambda got: any(e.get("ref") == 7 for e in got))
+        assert echo[-1]["type"] == "message" and echo[-1]["text"] == "from outside", echo
+    finally:
+        server.request_stop()
+        server._finish()
