@@ -333,3 +333,27 @@ def test_a_message_from_outside_a_room_is_echoed_to_its_sender() -> None:
     finally:
         server.request_stop()
         server._finish()
+
+
+# --- 10. guesses at names that are no account pushed a throttled account out of the table ---
+
+
+def test_failures_on_unknown_accounts_do_not_unthrottle_a_real_one() -> None:
+    """docs/protocol.md: "at most 60 guesses an hour, however many addresses guess". The
+    per-account table keeps 10,000 keys, the least recently failed going first, and a login
+    for a name that is no account counted there too: 10,000 guesses at made-up names (from
+    500 addresses, 20 each) pushed a throttled account out, and its guesser had 5 more tries.
+    A name that is no account has nothing to protect: it counts per address only."""
+    chat = core()
+    chat.accounts.create("alice", "verifier", 0)
+    now = 1000.0
+    for _ in range(5):
+        chat.login_failed(chat.login_check("alice", "10.0.0.1", now), "10.0.0.1", now)
+    with pytest.raises(ChatError):
+        chat.login_check("alice", "10.0.0.2", now)
+    for n in range(10000):
+        address = f"10.1.{n // 20 // 250}.{n // 20 % 250}"
+        chat.login_failed(chat.login_check(f"nobody{n}", address, now), address, now)
+    with pytest.raises(ChatError) as refused:
+        chat.login_check("alice", "10.0.0.3", now)
+    assert refused.value.code == "login_throttled"

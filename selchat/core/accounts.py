@@ -67,8 +67,11 @@ class LoginThrottle:
     def wait(self, account_key: str, address: str, now: float) -> float:
         return max(self.by_account.wait(account_key, now), self.by_address.wait(address, now))
 
-    def failed(self, account_key: str, address: str, now: float) -> None:
-        self.by_account.fail(account_key, now)
+    def failed(self, account_key: Optional[str], address: str, now: float) -> None:
+        """A failed login; `account_key` None when the name is no account (nothing there to
+        protect, and made-up names must not push real accounts out of the table)."""
+        if account_key is not None:
+            self.by_account.fail(account_key, now)
         if address:
             self.by_address.fail(address, now)
 

@@ -927,7 +927,7 @@ class Chat:
         return key
 
     def login_failed(self, key: str, address: str, now: float) -> ChatError:
-        self.accounts.throttle.failed(key, address, now)
+        self.accounts.throttle.failed(key if self.accounts.exists(key) else None, address, now)
         return ChatError("login_failed", "wrong account or password")
 
     def log_in(self, user: User, key: str, session: Any, now_ms: int,
