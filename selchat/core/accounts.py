@@ -119,8 +119,8 @@ class Accounts:
         directory = self.directory
         token = secrets.token_urlsafe(32)
         mine: List[Tuple[int, str]] = sorted(
-            (created, digest) for digest, (owner, created) in directory.tokens.items()  # type: ignore[attr-defined]
-            if owner == key)
+            (created, digest)
+            for digest, created in directory.tokens_by_account.get(key, {}).items())  # type: ignore[attr-defined]
         for _, digest in mine[: max(0, len(mine) - TOKENS_PER_ACCOUNT + 1)]:
             directory.drop_token(digest)  # type: ignore[attr-defined]
         directory.save_token(token_digest(token), key, now_ms)  # type: ignore[attr-defined]
@@ -139,7 +139,7 @@ class Accounts:
             if entry is not None and entry[0] == key:
                 directory.drop_token(digest)  # type: ignore[attr-defined]
             return
-        for digest in [d for d, (owner, _) in directory.tokens.items() if owner == key]:  # type: ignore[attr-defined]
+        for digest in list(directory.tokens_by_account.get(key, ())):  # type: ignore[attr-defined]
             directory.drop_token(digest)  # type: ignore[attr-defined]
 
 

@@ -247,6 +247,8 @@ class Directory:
     def __init__(self) -> None:
         self.accounts: Dict[str, Tuple[str, str, int]] = {}  # key -> (name, verifier, created)
         self.tokens: Dict[str, Tuple[str, int]] = {}  # digest -> (account key, created)
+        # account key -> {digest: created}: one account's tokens without a walk over all
+        self.tokens_by_account: Dict[str, Dict[str, int]] = {}
         self.rooms: Dict[str, Tuple[str, str, str]] = {}  # key -> (name, founder key, state JSON)
         self.mail: Dict[str, List[Tuple[int, Message]]] = {}  # owner key -> [(seq, message)]
         self.writes: List[Tuple[str, Tuple]] = []  # (SQL, parameters), run at the next commit
@@ -259,11 +261,18 @@ class Directory:
 
     def save_token(self, digest: str, account: str, created: int) -> None:
         self.tokens[digest] = (account, created)
+        self.tokens_by_account.setdefault(account, {})[digest] = created
         self.writes.append(("INSERT OR REPLACE INTO tokens (digest, account, created)"
                             " VALUES (?, ?, ?)", (digest, account, created)))
 
     def drop_token(self, digest: str) -> None:
-        if self.tokens.pop(digest, None) is not None:
+        entry = self.tokens.pop(digest, None)
+        if entry is not None:
+            mine = self.tokens_by_account.get(entry[0])
+            if mine is not None:
+                mine.pop(digest, None)
+                if not mine:
+                    del self.tokens_by_account[entry[0]]
             self.writes.append(("DELETE FROM tokens WHERE digest = ?", (digest,)))
 
     def save_room(self, key: str, name: str, founder: str, state: str) -> None:
@@ -298,6 +307,7 @@ class Directory:
             self.accounts[key] = (name, verifier, created)
         for digest, account, created in conn.execute("SELECT digest, account, created FROM tokens"):
             self.tokens[digest] = (account, created)
+            self.tokens_by_account.setdefault(account, {})[digest] = created
         for key, name, founder, state in conn.execute("SELECT key, name, founder, state FROM rooms"):
             self.rooms[key] = (name, founder, state)
         for seq, owner, mid, ts, sender, account, recipient, text, flags in conn.execute(
