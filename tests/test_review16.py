@@ -379,3 +379,35 @@ def test_issuing_and_revoking_a_token_costs_what_the_account_holds() -> None:
     assert elapsed < 0.25, f"25 tokens issued and revoked in {elapsed:.3f} s"
     assert not any(chat.accounts.token_matches("alice", t) for t in issued)
     assert len(directory.tokens) == 400000
+
+
+# --- 12. what waits for offline accounts had no bound beyond 500 messages each ---------------
+
+
+def test_mail_for_offline_accounts_has_a_server_wide_bound(monkeypatch) -> None:
+    """Directory.mail is held in memory (and read whole at start) and was bounded per account
+    only: 500 messages of up to max_text each, for every account. One guest could fill the
+    mailboxes of as many offline accounts as it registered (500 x 4 KB = 2 MB each): 1,000
+    accounts were 2 GB. The total is now bounded too (MAILBOX_TOTAL_BYTES): past it,
+    mailbox_full, and delivering a mailbox frees its share."""
+    from selchat.core import store as store_module
+
+    monkeypatch.setattr(store_module, "MAILBOX_TOTAL_BYTES", 20000, raising=False)
+    chat = core()
+    for n in range(10):
+        chat.accounts.create(f"away{n}", "verifier", 0)
+    sender = connect(chat, "sender")
+    text = "x" * 1000
+    refused = 0
+    for n in range(10):
+        for _ in range(5):
+            try:
+                chat.private(sender, f"away{n}", text, 1)
+            except ChatError as exc:
+                assert exc.code == "mailbox_full"
+                refused += 1
+    held = sum(len(m.text) for box in chat.directory.mail.values() for _, m in box)
+    assert held <= 20000 and refused > 0
+    # The first account logs in: its mail goes out, and room is made for others.
+    connect(chat, "away0", account="away0")
+    chat.private(sender, "away9", text, 1)

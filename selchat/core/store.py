@@ -235,7 +235,14 @@ def _flags(m: Message) -> int:
 
 
 MAILBOX_CAP = 500  # messages one account may have waiting; then `mailbox_full`
+# What all mailboxes hold at most, in bytes of text and sender (they are kept in memory and
+# read whole at start): past it `mailbox_full`, whoever it is for.
+MAILBOX_TOTAL_BYTES = 64 << 20
 DIRECTORY_BACKLOG = 100000  # directory writes kept for the next commit while commits fail
+
+
+def _mail_size(m: Message) -> int:
+    return len(m.text) + len(m.sender) + 64
 
 
 class Directory:
@@ -252,6 +259,7 @@ class Directory:
         self.rooms: Dict[str, Tuple[str, str, str]] = {}  # key -> (name, founder key, state JSON)
         self.mail: Dict[str, List[Tuple[int, Message]]] = {}  # owner key -> [(seq, message)]
         self.writes: List[Tuple[str, Tuple]] = []  # (SQL, parameters), run at the next commit
+        self.mail_bytes = 0  # what the mailboxes hold (MAILBOX_TOTAL_BYTES at most)
         self._seq = 0
 
     def save_account(self, key: str, name: str, verifier: str, created: int) -> None:
@@ -282,9 +290,13 @@ class Directory:
 
     def add_mail(self, owner: str, m: Message) -> bool:
         """Keep `m` for `owner`'s next login; False when its mailbox is full (the fate)."""
+        size = _mail_size(m)
+        if self.mail_bytes + size > MAILBOX_TOTAL_BYTES:
+            return False
         box = self.mail.setdefault(owner, [])
         if len(box) >= MAILBOX_CAP:
             return False
+        self.mail_bytes += size
         self._seq += 1
         box.append((self._seq, m))
         self.writes.append(("INSERT INTO mailbox (seq, owner, id, ts, sender, account, recipient,"
@@ -299,6 +311,7 @@ class Directory:
         if not box:
             return []
         self.writes.append(("DELETE FROM mailbox WHERE owner = ?", (owner,)))
+        self.mail_bytes -= sum(_mail_size(m) for _, m in box)
         return [m for _, m in box]
 
     def load(self, conn: "sqlite3.Connection") -> None:
@@ -316,6 +329,7 @@ class Directory:
             m = Message(mid, ts, sender, text, None, recipient, bool(flags & 1), bool(flags & 2),
                         account=account or None)
             self.mail.setdefault(owner, []).append((seq, m))
+            self.mail_bytes += _mail_size(m)
             self._seq = max(self._seq, seq)
 
 
