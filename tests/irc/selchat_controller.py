@@ -185,7 +185,19 @@ class SelchatController(BaseServerController, DirectoryBasedController):
             reader.wait(lambda parts: parts[1:2] == ["ERROR"], "ERROR")
 
     def _connect(self) -> "socket.socket":
-        sock = socket.create_connection((LISTEN_HOST, self.port), timeout=CHECK_TIMEOUT * 4)
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            try:
+                sock = socket.create_connection((LISTEN_HOST, self.port), timeout=CHECK_TIMEOUT * 4)
+                break
+            except OSError:
+                # Say why when the server is gone; else (a loaded machine) try again a while.
+                if self.proc is not None and self.proc.poll() is not None:
+                    raise RuntimeError(f"selchat exited (rc={self.proc.returncode}):\n"
+                                       + self._server_log()) from None
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(self._port_wait_interval)
         if self._tls_enabled():
             import ssl
 
