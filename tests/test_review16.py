@@ -426,3 +426,26 @@ def test_directory_writes_on_a_file_without_their_tables_do_not_stop_commits(tmp
     store.add(Message(store.allocate_id(), 2, "bob", "kept too", "#r"))
     assert store.commit() == 1
     store.close()
+
+
+# --- 13. one account could register rooms without end -------------------------------------------
+
+
+def test_one_account_registers_a_bounded_number_of_rooms() -> None:
+    """Every room a logged-in user creates is registered and kept in the directory (in memory,
+    read whole at start, and in the file) for ever, with no way to drop it: one account
+    creating and leaving rooms grew the table without end. An account now founds at most
+    chat.ROOMS_FOUNDED rooms; past that, the rooms it creates are ordinary ones."""
+    from selchat.core import chat as chat_module
+
+    limit = getattr(chat_module, "ROOMS_FOUNDED", 100)
+    chat = core()
+    chat.accounts.create("alice", "verifier", 0)
+    alice = connect(chat, "alice", account="alice")
+    for n in range(limit + 20):
+        chat.join(alice, f"#room{n}")
+        chat.part(alice, f"#room{n}")
+    assert len(chat.directory.rooms) == limit
+    chat.join(alice, "#one_more")
+    assert chat.rooms["#one_more"].founder is None
+    assert alice in chat.rooms["#one_more"].operators  # still its creator's to run

@@ -74,6 +74,9 @@ ORIGIN_SHARE = 20  # one origin may hold max_rooms / ORIGIN_SHARE rooms it creat
 RESERVE_SHARE = 10  # the last max_rooms / RESERVE_SHARE rooms are kept for small holders
 FEW_ROOMS = 10  # "holds few rooms": fewer than this many
 RECENT_CACHED = 64  # rooms whose history-on-join is kept in memory (a frame each at most)
+# Registered rooms one account may found: each is kept for ever (no request drops one), so past
+# this the rooms it creates are ordinary ones, gone when empty.
+ROOMS_FOUNDED = 100
 WHOWAS_KEPT = 1000  # users who left or changed nick, remembered for IRC's WHOWAS (oldest go)
 
 _holders = itertools.count(1)
@@ -531,7 +534,8 @@ class Chat:
             self._may_create(user)
             room = self._room(room_name, now_ms, user.holder)
             room.operators[user] = None  # whoever creates a room is its operator
-            if user.account_key is not None:  # and a logged-in creator registers it
+            if (user.account_key is not None  # and a logged-in creator registers it
+                    and self.directory.founded.get(user.account_key, 0) < ROOMS_FOUNDED):
                 room.founder = user.account_key
                 self._save_room(room)
         elif not checked:

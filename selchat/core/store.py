@@ -257,6 +257,7 @@ class Directory:
         # account key -> {digest: created}: one account's tokens without a walk over all
         self.tokens_by_account: Dict[str, Dict[str, int]] = {}
         self.rooms: Dict[str, Tuple[str, str, str]] = {}  # key -> (name, founder key, state JSON)
+        self.founded: Dict[str, int] = {}  # founder key -> rooms registered to it
         self.mail: Dict[str, List[Tuple[int, Message]]] = {}  # owner key -> [(seq, message)]
         self.writes: List[Tuple[str, Tuple]] = []  # (SQL, parameters), run at the next commit
         self.mail_bytes = 0  # what the mailboxes hold (MAILBOX_TOTAL_BYTES at most)
@@ -284,6 +285,8 @@ class Directory:
             self.writes.append(("DELETE FROM tokens WHERE digest = ?", (digest,)))
 
     def save_room(self, key: str, name: str, founder: str, state: str) -> None:
+        if key not in self.rooms:
+            self.founded[founder] = self.founded.get(founder, 0) + 1
         self.rooms[key] = (name, founder, state)
         self.writes.append(("INSERT OR REPLACE INTO rooms (key, name, founder, state)"
                             " VALUES (?, ?, ?, ?)", (key, name, founder, state)))
@@ -323,6 +326,7 @@ class Directory:
             self.tokens_by_account.setdefault(account, {})[digest] = created
         for key, name, founder, state in conn.execute("SELECT key, name, founder, state FROM rooms"):
             self.rooms[key] = (name, founder, state)
+            self.founded[founder] = self.founded.get(founder, 0) + 1
         for seq, owner, mid, ts, sender, account, recipient, text, flags in conn.execute(
                 "SELECT seq, owner, id, ts, sender, account, recipient, text, flags FROM mailbox"
                 " ORDER BY seq"):
