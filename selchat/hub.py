@@ -181,16 +181,23 @@ class Hub:
         # An unknown account is checked against a record no password opens, at the same cost:
         # the time taken does not tell it from a wrong password.
         verifier = chat.accounts.verifier(key)
+        # Charged now, given back if the password was right: counted only once answered, a
+        # burst of logins sent at once all passed the check above (each minute, a bucket
+        # being empty at worst).
+        failed = chat.login_failed(key, address, now)
 
         def checked(ok: Optional[bool]) -> None:
             if ok is None:
+                chat.login_refund(key, address, self.reactor.now)
                 done(None, ChatError("unavailable", "the password could not be checked: try again"))
             elif ok and chat.accounts.exists(key):
+                chat.login_refund(key, address, self.reactor.now)
                 done(chat.accounts.name(key), None)
             else:
-                done(None, chat.login_failed(key, address, self.reactor.now))
+                done(None, failed)
 
         if not self.kdf.verify(password, verifier, checked):
+            chat.login_refund(key, address, now)
             done(None, ChatError("login_throttled", "too many logins at once: try again in a "
                                  "few seconds"))
 
@@ -259,9 +266,9 @@ class Hub:
                 finish(lambda: chat.set_password(user, new))
 
         def old_checked(ok: Optional[bool]) -> None:
+            if ok is not False:  # (charged before the work, as a login is)
+                chat.login_refund(key, getattr(session.transport, "ip", ""), self.reactor.now)
             if not ok:
-                if ok is False:
-                    chat.login_failed(key, getattr(session.transport, "ip", ""), self.reactor.now)
                 finish(_raise("login_failed" if ok is False else "unavailable",
                               "the old password is wrong" if ok is False else "try again"))
             elif not self.kdf.hash(request.new, rehashed):
@@ -270,7 +277,9 @@ class Hub:
         wait = chat.accounts.throttle.wait(key, getattr(session.transport, "ip", ""), self.reactor.now)
         if wait > 0:
             raise ChatError("login_throttled", f"too many failed tries: wait {int(wait) + 1} s")
+        chat.login_failed(key, getattr(session.transport, "ip", ""), self.reactor.now)
         if not self.kdf.verify(request.old, verifier, old_checked):
+            chat.login_refund(key, getattr(session.transport, "ip", ""), self.reactor.now)
             raise ChatError("login_throttled", "too many logins at once: try again soon")
         return job.pending()
 

@@ -449,3 +449,69 @@ def test_one_account_registers_a_bounded_number_of_rooms() -> None:
     chat.join(alice, "#one_more")
     assert chat.rooms["#one_more"].founder is None
     assert alice in chat.rooms["#one_more"].operators  # still its creator's to run
+
+
+# --- 14. logins in flight all passed the throttle: it counted failures only once answered -----
+
+
+class _HeldKdf:
+    """A password worker that answers when the test says: every check waits."""
+
+    def __init__(self) -> None:
+        self.waiting: List[Any] = []
+
+    def verify(self, password: str, verifier: Optional[str], done: Any) -> bool:
+        self.waiting.append(done)
+        return True
+
+    def hash(self, password: str, done: Any) -> bool:  # pragma: no cover - not used here
+        self.waiting.append(done)
+        return True
+
+    def close(self) -> None:
+        pass
+
+
+def _hub() -> Any:
+    from selchat.hub import Hub
+    from selchat.loop.reactor import Reactor
+
+    chat = core()
+    hub = Hub(chat, Reactor())
+    hub.kdf = _HeldKdf()
+    return hub
+
+
+def test_logins_in_flight_count_against_the_throttle() -> None:
+    """Hub.authenticate checked the throttle before the password work and counted a failure
+    only when the worker answered: 30 logins sent at once (from one address, or one each from
+    30) all passed the check and were all tried, and since a bucket stops at zero, the next
+    burst a minute later did the same: 30 guesses a minute, not the 5-then-one-a-minute of
+    docs/protocol.md. A try is now charged before the work and given back when the password
+    was right (or could not be checked)."""
+    hub = _hub()
+    chat = hub.chat
+    chat.accounts.create("alice", "verifier", 0)
+    answers: List[Any] = []
+    for n in range(30):
+        hub.authenticate("alice", f"guess {n}", None, f"10.0.0.{n}",
+                         lambda account, error: answers.append((account, error)))
+    tried = len(hub.kdf.waiting)
+    assert tried <= 5, f"{tried} guesses went to the password worker at once"
+    assert all(error.code == "login_throttled" for _, error in answers)
+    for done in hub.kdf.waiting:
+        done(False)
+
+
+def test_right_passwords_are_not_throttled() -> None:
+    """(The other side of the fix: a try charged up front is given back when the password was
+    right, so one account logging in from many devices in turn is never throttled.)"""
+    hub = _hub()
+    chat = hub.chat
+    chat.accounts.create("alice", "verifier", 0)
+    for n in range(20):
+        answers: List[Any] = []
+        hub.authenticate("alice", "right", None, "10.0.0.1",
+                         lambda account, error: answers.append((account, error)))
+        hub.kdf.waiting.pop()(True)
+        assert answers == [("alice", None)], (n, answers)

@@ -51,6 +51,11 @@ class _Tries:
             del table[next(iter(table))]
         table[key] = (max(0.0, left), now)
 
+    def refund(self, key: str, now: float) -> None:
+        """A try taken back (where the key sits in the table does not change)."""
+        if key in self.table:
+            self.table[key] = (min(float(self.tries), self.left(key, now) + 1.0), now)
+
     def wait(self, key: str, now: float) -> float:
         """Seconds until `key` may try again (0 when it may now)."""
         left = self.left(key, now)
@@ -74,6 +79,13 @@ class LoginThrottle:
             self.by_account.fail(account_key, now)
         if address:
             self.by_address.fail(address, now)
+
+    def refund(self, account_key: Optional[str], address: str, now: float) -> None:
+        """A try charged before the password work, given back (see Hub.authenticate)."""
+        if account_key is not None:
+            self.by_account.refund(account_key, now)
+        if address:
+            self.by_address.refund(address, now)
 
 
 def token_digest(token: str) -> str:

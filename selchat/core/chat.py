@@ -934,6 +934,11 @@ class Chat:
         self.accounts.throttle.failed(key if self.accounts.exists(key) else None, address, now)
         return ChatError("login_failed", "wrong account or password")
 
+    def login_refund(self, key: str, address: str, now: float) -> None:
+        """A try charged before the password work is given back: the password was right, or
+        it could not be checked."""
+        self.accounts.throttle.refund(key if self.accounts.exists(key) else None, address, now)
+
     def log_in(self, user: User, key: str, session: Any, now_ms: int,
                token: bool = False) -> List[Delivery]:
         """A registered user proved it owns account `key` (after welcome)."""
