@@ -515,3 +515,26 @@ def test_right_passwords_are_not_throttled() -> None:
                          lambda account, error: answers.append((account, error)))
         hub.kdf.waiting.pop()(True)
         assert answers == [("alice", None)], (n, answers)
+
+
+# --- 15. any member's invitation let a banned user back in --------------------------------------
+
+
+def test_only_an_operators_invitation_passes_a_ban() -> None:
+    """An invitation passed the ban list whoever gave it, and in a room that is not
+    invite-only anyone in it may invite: a banned user's friend undid the operators' ban with
+    one `invite`. An invitation passes bans when an operator gave it; any member's still
+    passes invite-only (which only operators may invite to anyway)."""
+    chat = core()
+    op = connect(chat, "op")
+    chat.join(op, "#r")
+    friend = connect(chat, "friend")
+    chat.join(friend, "#r")
+    troll = connect(chat, "troll")
+    chat.mode(op, "#r", (("ban", ("troll",)),))
+    chat.invite(friend, "#r", "troll")
+    with pytest.raises(ChatError) as refused:
+        chat.join(troll, "#r")
+    assert refused.value.code == "banned"
+    chat.invite(op, "#r", "troll")
+    chat.join(troll, "#r")  # an operator's invitation lets it in, once

@@ -161,7 +161,8 @@ class Room:
         # May join while invite-only, once. Weak: an invitee that leaves the server is not
         # kept (with its connection) by an invitation it can no longer use. Made at the first
         # invitation (a weak dict costs ten times an empty one, and most rooms never invite).
-        self.invited: "Optional[weakref.WeakKeyDictionary[User, None]]" = None
+        # The value: the invitation came from an operator (only such a one passes bans).
+        self.invited: "Optional[weakref.WeakKeyDictionary[User, bool]]" = None
         self.founder: Optional[str] = None  # the account key it is registered to
         self.op_accounts: Dict[str, None] = {}  # accounts made operators (registered rooms)
         # Made once and kept until what they show changes: a lobby that many join in turn
@@ -558,7 +559,8 @@ class Chat:
                                              or user.account_key in room.op_accounts):
             return
         invited = room.invited is not None and user in room.invited
-        if room.bans and not invited and self._banned(user, room):
+        by_operator = invited and room.invited[user]  # type: ignore[index]
+        if room.bans and not by_operator and self._banned(user, room):
             raise ChatError("banned", f"you are banned from {room.name}")
         if room.flags["invite_only"] and not invited:
             raise ChatError("invite_only", f"{room.name} is invite-only")
@@ -746,7 +748,7 @@ class Chat:
         invited.pop(target, None)
         if len(invited) >= room_rules.MAX_INVITES:
             del invited[next(iter(invited))]
-        invited[target] = None
+        invited[target] = self.is_operator(user, room)
         event = events.Invite(room.name, user.nick, target.nick, user.userhost)
         return [Delivery(event, (target,)), reply(event, user)]
 
