@@ -162,7 +162,7 @@ class Hub:
         chat = self.chat
         now = self.reactor.now
         try:
-            key = chat.login_check(account, address, now)
+            key = chat.login_check(account, address, now, token=token is not None)
         except ChatError as exc:
             done(None, exc)
             return
@@ -170,7 +170,7 @@ class Hub:
             if chat.accounts.exists(key) and chat.accounts.token_matches(key, token):
                 done(chat.accounts.name(key), None)
             else:
-                done(None, chat.login_failed(key, address, now))
+                done(None, chat.login_failed(key, address, now, token=True))
             return
         if self.kdf is None:
             done(None, ChatError("unavailable", "accounts are not available"))

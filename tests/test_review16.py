@@ -538,3 +538,26 @@ def test_only_an_operators_invitation_passes_a_ban() -> None:
     assert refused.value.code == "banned"
     chat.invite(op, "#r", "troll")
     chat.join(troll, "#r")  # an operator's invitation lets it in, once
+
+
+# --- 16. a guesser locked the account's own remembered devices out ------------------------------
+
+
+def test_a_remembered_token_logs_in_while_password_guesses_are_throttled() -> None:
+    """Five wrong passwords from anywhere throttled the account, and token logins were
+    refused with the rest: a stranger could keep an account's own devices (the web page logs
+    in with its token) out, one wrong guess a minute. A token is 32 random bytes: refusing the
+    right one protects nothing, so a token login is limited per address only."""
+    hub = _hub()
+    chat = hub.chat
+    chat.accounts.create("alice", "verifier", 0)
+    token = chat.accounts.issue_token("alice", 0)
+    for n in range(5):
+        hub.authenticate("alice", f"guess {n}", None, "10.9.9.9", lambda account, error: None)
+        hub.kdf.waiting.pop()(False)
+    answers: List[Any] = []
+    hub.authenticate("alice", "right", None, "10.0.0.1", lambda a, e: answers.append((a, e)))
+    assert answers and answers[0][1].code == "login_throttled"  # passwords wait, as documented
+    answers.clear()
+    hub.authenticate("alice", None, token, "10.0.0.1", lambda a, e: answers.append((a, e)))
+    assert answers == [("alice", None)]

@@ -69,8 +69,10 @@ class LoginThrottle:
         self.by_account = _Tries(ACCOUNT_TRIES, ACCOUNT_REFILL)
         self.by_address = _Tries(ADDRESS_TRIES, ADDRESS_REFILL)
 
-    def wait(self, account_key: str, address: str, now: float) -> float:
-        return max(self.by_account.wait(account_key, now), self.by_address.wait(address, now))
+    def wait(self, account_key: Optional[str], address: str, now: float) -> float:
+        """Seconds until a login may be tried (`account_key` None: per address only)."""
+        by_account = self.by_account.wait(account_key, now) if account_key is not None else 0.0
+        return max(by_account, self.by_address.wait(address, now))
 
     def failed(self, account_key: Optional[str], address: str, now: float) -> None:
         """A failed login; `account_key` None when the name is no account (nothing there to

@@ -923,17 +923,20 @@ class Chat:
         self.accounts.create(user.nick, verifier, now_ms)
         return self._logged_in(user, user.key, now_ms, token)
 
-    def login_check(self, account: str, address: str, now: float) -> str:
-        """Before any password work: the account's key, or login_throttled / login_failed."""
+    def login_check(self, account: str, address: str, now: float, token: bool = False) -> str:
+        """Before any password work: the account's key, or login_throttled / login_failed.
+        A `token` login is limited per address only: 32 random bytes are not guessed, and
+        refusing the right one would let a password guesser lock the account's devices out."""
         key = fold(account)
-        wait = self.accounts.throttle.wait(key, address, now)
+        wait = self.accounts.throttle.wait(None if token else key, address, now)
         if wait > 0:
             raise ChatError("login_throttled", f"too many failed logins: try again in "
                             f"{int(wait) + 1} s")
         return key
 
-    def login_failed(self, key: str, address: str, now: float) -> ChatError:
-        self.accounts.throttle.failed(key if self.accounts.exists(key) else None, address, now)
+    def login_failed(self, key: str, address: str, now: float, token: bool = False) -> ChatError:
+        counted = key if self.accounts.exists(key) and not token else None
+        self.accounts.throttle.failed(counted, address, now)
         return ChatError("login_failed", "wrong account or password")
 
     def login_refund(self, key: str, address: str, now: float) -> None:
