@@ -1,9 +1,11 @@
 """The IRC door's wire formats: chat events as IRC lines, encoded once per format.
 
-IRC clients differ in what a shared line looks like only by two capabilities: `server-time`
-(a `time` tag) and `message-tags` (a `msgid` tag). So there are four formats, and every IRC
-session points at the one its capabilities select; the fan-out encodes a room message once
-per format in use and queues the same bytes for all its sessions.
+IRC clients differ in what a shared line looks like only by five capabilities (FORMAT_CAPS):
+`server-time` (a `time` tag), `message-tags` (`msgid` and client tags), `account-tag` (the
+sender's `account`), `extended-join` (JOIN with account and real name) and `account-notify`
+(ACCOUNT lines at all). Every IRC session points at the format its capabilities select (made
+when first asked for: a handful are in use in practice); the fan-out encodes an event once per
+format in use and queues the same bytes for all its sessions.
 
 A native text may hold newlines and be longer than IRC allows: it becomes one PRIVMSG per
 line, each cut at character boundaries so that no line exceeds 512 bytes (tags aside, which
