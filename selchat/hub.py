@@ -468,10 +468,6 @@ class Hub:
         is_operator = self.chat.accounts.is_operator
         return sum(1 for key in self.chat.online if is_operator(key))
 
-    def is_room_operator(self, user: User, room: Room) -> bool:
-        """An operator of the room, or a server operator (who is one in every room)."""
-        return self.chat.is_operator(user, room)
-
     def whowas(self, nick: str, count: int = 0) -> List[Tuple[str, str, str, str]]:
         """(nick, ident, host, realname) of those who had `nick`, newest first (IRC's WHOWAS)."""
         return self.chat.was(nick, count)
