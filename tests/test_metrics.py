@@ -20,6 +20,7 @@ import pytest
 from conftest import unique_nick, unique_room
 from ircwire import IrcClient, irc_port
 from test_web_door import WsClient, web_port
+from wire import encode
 
 METRICS = r"metrics at http://127\.0\.0\.1:(\d+)/metrics \(and /healthz\)"
 PROMTOOL = shutil.which("promtool")
@@ -106,6 +107,22 @@ def test_the_exposition_says_what_the_server_did_and_promtool_accepts_it(start_s
     finally:
         irc.close()
         web.close()
+
+
+def test_flood_refusals_are_counted_by_kind(start_server) -> None:
+    srv = start_server("--metrics-port", "0", "--rate", "1", "--burst", "2", "--max-per-ip", "0")
+    port = int(srv.wait_log(METRICS).group(1))
+    c = srv.registered(unique_nick("fl"))
+    c.send_raw(b"".join(encode({"type": "ping", "token": i, "ref": i}) for i in range(5)))
+    c.expect("pong", ref=0)
+    c.expect("pong", ref=1)
+    for ref in (2, 3, 4):
+        c.expect_error("rate_limited", ref=ref)
+    c.assert_closed(5.0)  # the third in a row: disconnected for flooding
+    text = http_get(port, "/metrics")[2].decode()
+    assert value(text, 'selchat_flood_refusals_total{kind="rate_limited"}') == 2
+    assert value(text, 'selchat_flood_refusals_total{kind="excess_flood"}') == 1
+    assert value(text, 'selchat_disconnects_total{reason="excess_flood"}') == 1
 
 
 def test_healthz_and_what_else_the_port_answers(start_server) -> None:

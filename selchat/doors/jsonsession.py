@@ -87,6 +87,7 @@ class JsonDoor:
     answer_budget: Optional[int] = None  # bytes one answer may take in all (the high-water mark)
 
     name = "json"  # the door's name in the chat's user records and the logs
+    rate_limited = 0  # requests refused by flood control so far (read by selchat.ops.metrics)
 
     def __post_init__(self) -> None:
         limits: Dict[str, Any] = {"max_frame": self.max_frame, "max_text": self.max_text}
@@ -476,6 +477,7 @@ class JsonSession(DoorSession):
             self.send_error("rate_limited", "excess flood: disconnecting", self._ref_of(payload))
             self._close("excess flood", "excess flood", CLOSE_POLICY)
         else:
+            self.door.rate_limited += 1  # (for the metrics: only refusals pay this)
             self.send_error("rate_limited", "too many requests: slow down", self._ref_of(payload))
         return False
 

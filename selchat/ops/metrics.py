@@ -283,10 +283,13 @@ class ServerMetrics:
         yield drops
         floods = CounterMetricFamily("selchat_flood_refusals",
                                      "Refusals for flooding, by kind: connections refused at the door "
-                                     "(server_full, too_many_connections) and clients disconnected "
-                                     "for flooding (excess_flood).", labels=["kind"])
+                                     "(server_full, too_many_connections), requests refused by flood "
+                                     "control (rate_limited) and clients disconnected for flooding "
+                                     "(excess_flood).", labels=["kind"])
         for reason in ("server_full", "too_many_connections"):
             floods.add_metric([reason], self.admission_refusals.get(reason, 0))
+        floods.add_metric(["rate_limited"], sum(getattr(door, "rate_limited", 0)
+                                                for door in (server.framed, server.web) if door is not None))
         floods.add_metric(["excess_flood"], self.disconnects.get("excess_flood", 0))
         yield floods
         ends = CounterMetricFamily("selchat_disconnects", "Client connections ended, by reason.",
