@@ -561,3 +561,37 @@ def test_a_remembered_token_logs_in_while_password_guesses_are_throttled() -> No
     answers.clear()
     hub.authenticate("alice", None, token, "10.0.0.1", lambda a, e: answers.append((a, e)))
     assert answers == [("alice", None)]
+
+
+# --- (checked, no bug) a kill of a user on two connections ------------------------------------
+
+
+def test_a_kill_closes_every_connection_of_the_user_and_others_see_one_quit(start_server, tmp_path):
+    """(No finding: kept as the review's check.) Both connections of an account are closed;
+    the others see one `quit`, with the kill's reason, and the nick is free again after."""
+    oper = unique_nick("op")
+    ops_file = tmp_path / "operators"
+    ops_file.write_text(f"{oper}\n")
+    srv = start_server("--rate", "0", "--operators", str(ops_file))
+    _account(srv, oper).quit_and_close()
+    root = srv.client()
+    root.send(type="hello", nick=oper, login={"account": oper, "password": PASSWORD})
+    root.wait_for("history", SLOW, room="#lobby")
+    nick = unique_nick("tw")
+    _account(srv, nick).quit_and_close()
+    devices = []
+    for _ in range(2):
+        c = srv.client()
+        c.send(type="hello", nick=nick, login={"account": nick, "password": PASSWORD})
+        c.wait_for("history", SLOW, room="#lobby")
+        devices.append(c)
+    witness = srv.registered(unique_nick("w"))
+    root.send(type="kill", nick=nick, reason="spam")
+    quit_event = witness.wait_for("quit", nick=nick)[0]
+    assert "spam" in quit_event["reason"]
+    for c in devices:
+        c.assert_closed(SLOW, allow_partial=True)
+    witness.assert_quiet()
+    again = srv.client()
+    again.send(type="hello", nick=nick, login={"account": nick, "password": PASSWORD})
+    again.wait_for("welcome", SLOW, nick=nick)
