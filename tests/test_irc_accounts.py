@@ -277,6 +277,18 @@ def test_offline_message_is_delivered_at_login_and_is_history(env: Env) -> None:
     lines = jon.collect_until(lambda x: x.command == "BATCH" and x.params[0].startswith("-"))
     texts = [x.params[-1] for x in lines if x.command == "PRIVMSG"]
     assert texts == ["while you were away"], [describe(x) for x in lines]
+    # TARGETS lists the conversation (and rooms with messages in the window, none here).
+    jon.send("CHATHISTORY TARGETS timestamp=2100-01-01T00:00:00.000Z "
+             "timestamp=2000-01-01T00:00:00.000Z 10")
+    lines = jon.collect_until(lambda x: x.command == "BATCH" and x.params[0].startswith("-"))
+    targets = [x.params for x in lines if x.command == "CHATHISTORY"]
+    assert [t[:2] for t in targets] == [["TARGETS", "ivy"]], [describe(x) for x in lines]
+    assert targets[0][2].endswith("Z")
+    # A window before the conversation lists nothing.
+    jon.send("CHATHISTORY TARGETS timestamp=2000-01-01T00:00:00.000Z "
+             "timestamp=2001-01-01T00:00:00.000Z 10")
+    lines = jon.collect_until(lambda x: x.command == "BATCH" and x.params[0].startswith("-"))
+    assert not [x for x in lines if x.command == "CHATHISTORY"], [describe(x) for x in lines]
 
 
 def test_account_notify_tag_and_extended_join(env: Env) -> None:

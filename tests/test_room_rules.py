@@ -45,7 +45,7 @@ class RoomRules(RuleBasedStateMachine):
         self.key: Optional[str] = None
         self.limit: Optional[int] = None
         self.bans: List[str] = []  # masks as the model keeps them: ("nick", n) or ("account", a)
-        self.invited: Set[str] = set()
+        self.invited: Dict[str, bool] = {}  # invitee -> the invitation came from an operator
         self.founder: Optional[str] = None
         self.op_accounts: Set[str] = set()
 
@@ -87,20 +87,22 @@ class RoomRules(RuleBasedStateMachine):
                 self.key = None
                 self.limit = None
                 self.bans = []
-                self.invited = set()
+                self.invited = {}
                 assert code is None
                 self.members = {nick}
                 self.ops = {nick}
                 if nick in ACCOUNTS:
                     self.founder = ACCOUNTS[nick]
                 return
-            self.invited = set()  # invitations die with the room's members
+            self.invited = {}  # invitations die with the room's members
         account = ACCOUNTS.get(nick)
         privileged = account is not None and (account == self.founder or account in self.op_accounts)
         invited = nick in self.invited
+        # Only an operator's invitation passes a ban (anyone's passes invite-only).
+        by_operator = self.invited.get(nick, False)
         expected = None
         if not privileged:
-            if self.bans and not invited and self.banned(nick):
+            if self.bans and not by_operator and self.banned(nick):
                 expected = "banned"
             elif self.flags["invite_only"] and not invited:
                 expected = "invite_only"
@@ -111,7 +113,7 @@ class RoomRules(RuleBasedStateMachine):
         assert code == expected, (code, expected)
         if code is None:
             self.members.add(nick)
-            self.invited.discard(nick)
+            self.invited.pop(nick, None)
             if privileged:
                 self.ops.add(nick)
 
@@ -129,7 +131,7 @@ class RoomRules(RuleBasedStateMachine):
         self.ops.discard(nick)
         self.voiced.discard(nick)
         if not self.members and self.founder is None:
-            self.invited = set()
+            self.invited = {}
 
     @rule(nick=st.sampled_from(NICKS))
     def say(self, nick: str) -> None:
@@ -228,7 +230,7 @@ class RoomRules(RuleBasedStateMachine):
             assert code == "already_in_room"
         else:
             assert code is None
-            self.invited.add(who)
+            self.invited[who] = nick in self.ops
 
     # --- what must always hold ---------------------------------------------------------------
 

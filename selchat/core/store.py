@@ -27,7 +27,7 @@ import os
 import sqlite3
 import time
 from collections import deque
-from typing import Callable, Deque, Dict, List, Optional, Protocol, Sequence, Tuple
+from typing import Callable, Deque, Dict, List, Optional, Protocol, Sequence, Set, Tuple
 
 from selchat.core.events import Message
 
@@ -261,7 +261,16 @@ class Directory:
         self.mail: Dict[str, List[Tuple[int, Message]]] = {}  # owner key -> [(seq, message)]
         self.writes: List[Tuple[str, Tuple]] = []  # (SQL, parameters), run at the next commit
         self.mail_bytes = 0  # what the mailboxes hold (MAILBOX_TOTAL_BYTES at most)
+        # account key -> the accounts it has a kept private conversation with (IRC's
+        # CHATHISTORY TARGETS lists them); as many entries as there are conversations
+        self.partners: Dict[str, Set[str]] = {}
         self._seq = 0
+
+    def note_conversation(self, pair: str) -> None:
+        """A private message was kept under `pair` ('@a/b'): a and b have a conversation."""
+        a, _, b = pair[1:].partition("/")
+        self.partners.setdefault(a, set()).add(b)
+        self.partners.setdefault(b, set()).add(a)
 
     def save_account(self, key: str, name: str, verifier: str, created: int) -> None:
         self.accounts[key] = (name, verifier, created)
@@ -318,6 +327,10 @@ class Directory:
         return [m for _, m in box]
 
     def load(self, conn: "sqlite3.Connection") -> None:
+        # Pair keys start with '@' (0x40) and room keys with '#': one range of the index.
+        for (pair,) in conn.execute("SELECT DISTINCT room_key FROM messages"
+                                    " WHERE room_key >= '@' AND room_key < 'A'"):
+            self.note_conversation(pair)
         for key, name, verifier, created in conn.execute(
                 "SELECT key, name, verifier, created FROM accounts"):
             self.accounts[key] = (name, verifier, created)
@@ -415,6 +428,7 @@ class MemoryStore:
             room = self._rooms[pair] = deque(maxlen=self.cap_per_room)
         room.append(message)
         self.note_id(message.id)
+        self.directory.note_conversation(pair)
 
     def commit(self) -> int:
         self.directory.writes.clear()
@@ -753,6 +767,7 @@ class SQLiteStore:
         """A private message between two accounts, kept under their `pair_key`; written by the
         next commit with the room messages."""
         self._private.append((message, pair))
+        self.directory.note_conversation(pair)
         if message.id > self._noted:
             self._noted = message.id
 

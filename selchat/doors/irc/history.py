@@ -17,7 +17,7 @@ from selchat.core.events import Message
 from selchat.defaults import HISTORY_LIMIT_MAX
 from selchat.doors.irc.parser import Line
 from selchat.doors.irc.response import batch_id
-from selchat.doors.irc.wire import parse_time
+from selchat.doors.irc.wire import iso_time, parse_time
 from selchat.hub import ChatError
 
 if TYPE_CHECKING:
@@ -63,9 +63,7 @@ def chathistory(session: "IrcSession", line: Line) -> None:
         return
     sub = params[0].upper()
     if sub == "TARGETS":
-        ref = batch_id("T")
-        session.send_line(f":{server} BATCH +{ref} draft/chathistory-targets")
-        session.send_line(f":{server} BATCH -{ref}")
+        _targets(session, params, fail)
         return
     if sub not in ("LATEST", "BEFORE", "AFTER", "AROUND", "BETWEEN"):
         fail("INVALID_PARAMS", params[0][:32], text="Unknown subcommand")
@@ -123,6 +121,40 @@ def chathistory(session: "IrcSession", line: Line) -> None:
         room = hub.find_room(target)
         name = room.name if room is not None else target
     session.send_history(name, messages, "chathistory")
+
+
+def _targets(session: "IrcSession", params: List[str], fail: Callable[..., None]) -> None:
+    """`CHATHISTORY TARGETS timestamp=A timestamp=B limit`: the rooms and the private
+    conversations with a message between the two times (either order), the most recent
+    `limit`, as `CHATHISTORY TARGETS <target> <time>` lines in one batch."""
+    if len(params) < 4:
+        fail("NEED_MORE_PARAMS", "TARGETS", text="Missing parameters")
+        return
+    times = [_ref(text) for text in params[1:3]]
+    if any(ref is None or ref[0] != "timestamp" for ref in times):
+        fail("INVALID_PARAMS", "TARGETS", params[1][:64], text="Targets are asked by timestamp")
+        return
+    if not _digits(params[3]) or int(params[3]) < 1:
+        fail("INVALID_PARAMS", "TARGETS", params[3][:32], text="Bad limit")
+        return
+    low, high = sorted(ref[1] for ref in times)  # type: ignore[index]
+    user = session.user
+    assert user is not None
+    try:
+        found = session.hub.history_targets(user, low, high, min(int(params[3]), HISTORY_LIMIT_MAX))
+    except ChatError:
+        fail("MESSAGE_ERROR", "TARGETS", text="History cannot be read right now")
+        return
+    server = session.server
+    batch = "batch" in session.caps
+    ref = batch_id("T")
+    if batch:
+        session.send_line(f":{server} BATCH +{ref} draft/chathistory-targets")
+    tag = f"@batch={ref} " if batch else ""
+    for name, ts in found:
+        session.send_line(f"{tag}:{server} CHATHISTORY TARGETS {name} {iso_time(ts)}")
+    if batch:
+        session.send_line(f":{server} BATCH -{ref}")
 
 
 def _query(window: Callable[..., List[Message]], sub: str, refs: List[Optional[Ref]],
