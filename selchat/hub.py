@@ -445,12 +445,13 @@ class Hub:
             log.error("history read failed: %s", exc)
             raise ChatError("history_unavailable", "history cannot be read right now") from None
 
-    def history_targets(self, user: User, after_ts: int, before_ts: int,
-                        limit: int) -> List[Tuple[str, int]]:
+    def history_targets(self, user: User, after_ts: int, before_ts: int, limit: int,
+                        from_start: bool = True) -> List[Tuple[str, int]]:
         """(name, time of the newest message) of every room `user` is in and every account it
-        has a kept conversation with, with a message strictly between the two times: the
-        `limit` most recent, oldest first (IRC's CHATHISTORY TARGETS). Costs one short read
-        per room and conversation: the door bills it."""
+        has a kept conversation with, with a message strictly between the two times, oldest
+        first: the first `limit` of them counted from `after_ts` (`from_start`) or from
+        `before_ts` (IRC's CHATHISTORY TARGETS, counted from the first time given). Costs one
+        short read per room and conversation: the door bills it."""
         wanted: List[Tuple[str, str]] = [(room.name, room.name) for room in user.rooms.values()]
         if user.account_key is not None:
             accounts = self.chat.accounts
@@ -468,7 +469,9 @@ class Hub:
             log.error("history read failed: %s", exc)
             raise ChatError("history_unavailable", "history cannot be read right now") from None
         found.sort(key=lambda item: item[1])
-        return found[-limit:] if limit > 0 else []
+        if limit <= 0:
+            return []
+        return found[:limit] if from_start else found[-limit:]
 
     def scram_credentials(self, account: str, address: str) -> Optional[ScramCredentials]:
         """The SCRAM-SHA-256 credentials stored for `account` (None: no such account, or one

@@ -284,6 +284,20 @@ def test_offline_message_is_delivered_at_login_and_is_history(env: Env) -> None:
     targets = [x.params for x in lines if x.command == "CHATHISTORY"]
     assert [t[:2] for t in targets] == [["TARGETS", "ivy"]], [describe(x) for x in lines]
     assert targets[0][2].endswith("Z")
+    # With a room that has a message too: the order is by newest message, and the limit counts
+    # from the first time given.
+    jon.send("JOIN #targets")
+    jon.wait_for("366")
+    jon.send("PRIVMSG #targets :later than the conversation")
+    jon.barrier()
+    jon.send("CHATHISTORY TARGETS timestamp=2000-01-01T00:00:00.000Z "
+             "timestamp=2100-01-01T00:00:00.000Z 1")
+    lines = jon.collect_until(lambda x: x.command == "BATCH" and x.params[0].startswith("-"))
+    assert [x.params[1] for x in lines if x.command == "CHATHISTORY"] == ["ivy"]
+    jon.send("CHATHISTORY TARGETS timestamp=2100-01-01T00:00:00.000Z "
+             "timestamp=2000-01-01T00:00:00.000Z 1")
+    lines = jon.collect_until(lambda x: x.command == "BATCH" and x.params[0].startswith("-"))
+    assert [x.params[1] for x in lines if x.command == "CHATHISTORY"] == ["#targets"]
     # A window before the conversation lists nothing.
     jon.send("CHATHISTORY TARGETS timestamp=2000-01-01T00:00:00.000Z "
              "timestamp=2001-01-01T00:00:00.000Z 10")

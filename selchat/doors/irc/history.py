@@ -125,8 +125,9 @@ def chathistory(session: "IrcSession", line: Line) -> None:
 
 def _targets(session: "IrcSession", params: List[str], fail: Callable[..., None]) -> None:
     """`CHATHISTORY TARGETS timestamp=A timestamp=B limit`: the rooms and the private
-    conversations with a message between the two times (either order), the most recent
-    `limit`, as `CHATHISTORY TARGETS <target> <time>` lines in one batch."""
+    conversations with a message between the two times, ordered by their newest message, at
+    most `limit` counted from A (as irctest's test of it counts), as `CHATHISTORY TARGETS
+    <target> <time>` lines in one batch."""
     if len(params) < 4:
         fail("NEED_MORE_PARAMS", "TARGETS", text="Missing parameters")
         return
@@ -137,11 +138,13 @@ def _targets(session: "IrcSession", params: List[str], fail: Callable[..., None]
     if not _digits(params[3]) or int(params[3]) < 1:
         fail("INVALID_PARAMS", "TARGETS", params[3][:32], text="Bad limit")
         return
-    low, high = sorted(ref[1] for ref in times)  # type: ignore[index]
+    first, second = (ref[1] for ref in times)  # type: ignore[index]
+    low, high = sorted((first, second))
     user = session.user
     assert user is not None
     try:
-        found = session.hub.history_targets(user, low, high, min(int(params[3]), HISTORY_LIMIT_MAX))
+        found = session.hub.history_targets(user, low, high, min(int(params[3]), HISTORY_LIMIT_MAX),
+                                            from_start=first <= second)
     except ChatError:
         fail("MESSAGE_ERROR", "TARGETS", text="History cannot be read right now")
         return
