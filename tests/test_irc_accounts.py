@@ -17,28 +17,17 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from ircwire import IrcClient, describe, irc_port  # noqa: E402
+from ircwire import IrcClient, describe  # noqa: E402
 from selchat.core.passwords import ScramClient  # noqa: E402
+from test_irc_gateway import Irc  # noqa: E402
 from selchat.doors.irc.parser import Line  # noqa: E402
 
 SERVER_NAME = "irc.accounts.test"
 PASSWORD = "correct horse"
 
 
-class Env:
-    def __init__(self, srv: object) -> None:
-        self.port = irc_port(srv)
-        self.clients: List[IrcClient] = []
-
-    def connect(self, label: str = "") -> IrcClient:
-        c = IrcClient(self.port, label=label)
-        self.clients.append(c)
-        return c
-
-    def user(self, nick: str, caps: tuple = ()) -> IrcClient:
-        c = self.connect(nick)
-        c.register(nick, caps)
-        return c
+class Env(Irc):
+    """The gateway tests' server-and-clients, with accounts: REGISTER and SASL."""
 
     def account(self, nick: str, caps: tuple = ()) -> IrcClient:
         """A user that registers its nick as an account (REGISTER) and stays connected."""
@@ -62,10 +51,6 @@ class Env:
         c.nick = nick
         c.until_numeric("376")
         return c
-
-    def close(self) -> None:
-        for c in self.clients:
-            c.close()
 
 
 def sasl_exchange(c: IrcClient, account: str, password: str, mechanism: str) -> str:
