@@ -327,10 +327,7 @@ class Chat:
         user.sessions.append(session)
         out = [reply(events.Welcome(user.nick, self.server_name, self.motd, user.account, token),
                      user)]
-        for room in user.rooms.values():
-            out.append(reply(events.Join(room.name, user.nick, user.userhost, user.account,
-                                         user.realname), user))
-            out.extend(self._room_view(user, room, reply))
+        out.extend(self._rooms_shown(user))
         return out
 
     def _log_in(self, user: User, account_key: str) -> None:
@@ -994,10 +991,7 @@ class Chat:
         out.append(reply(events.AccountInfo(owner.account, owner.nick, issued), owner))
         if guest.nick != owner.nick:
             out.append(reply(events.NickChange(guest.nick, owner.nick, owner.userhost), owner))
-        for room in owner.rooms.values():
-            out.append(reply(events.Join(room.name, owner.nick, owner.userhost, owner.account,
-                                         owner.realname), owner))
-            out.extend(self._room_view(owner, room, reply))
+        out.extend(self._rooms_shown(owner))
         return out
 
     def set_password(self, user: User, verifier: str) -> List[Delivery]:
@@ -1065,6 +1059,16 @@ class Chat:
             out.append(Delivery(event, room.members, skip=user))
         out.append(mirror(event, user))
         out.extend(self._room_view(user, room, mirror, names=not large))
+
+    def _rooms_shown(self, user: User) -> List[Delivery]:
+        """To a connection that just became one of `user`'s: a join, and the room's view, for
+        every room the user is in."""
+        out: List[Delivery] = []
+        for room in user.rooms.values():
+            out.append(reply(events.Join(room.name, user.nick, user.userhost, user.account,
+                                         user.realname), user))
+            out.extend(self._room_view(user, room, reply))
+        return out
 
     def _room_view(self, user: User, room: Room, to: Callable[[events.Event, User], Delivery],
                    names: bool = True) -> List[Delivery]:
