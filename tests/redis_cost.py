@@ -79,7 +79,7 @@ def main() -> None:
     parser.add_argument("--maxlen", type=int, default=10000)
     opts = parser.parse_args()
     with tempfile.TemporaryDirectory() as folder:
-        server = RedisServer(Path(folder)).start()
+        server = RedisServer(Path(folder), extra=["--appendfsync", "everysec"]).start()  # the default a user runs
         reactor = Reactor()
         try:
             link = RedisLink(reactor, server.url)

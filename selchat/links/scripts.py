@@ -24,7 +24,8 @@ number.
   * `epoch`: the caller's epoch is not the room's (or it gave none); the entries start at the
     beginning of the room's epoch;
   * `behind`: the caller saw an offset above the room's top: Redis lost writes it had
-    acknowledged (a machine crash under `appendfsync everysec`); nothing is returned.
+    acknowledged (under `appendfsync everysec`: a crash, or a kill while an fsync was slow);
+    nothing is returned.
 
 Scripts go by EVALSHA; the link loads them (SCRIPT LOAD) at every connection before it is
 UP, and a NOSCRIPT reply (the cache flushed under a live connection) is answered by sending
