@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from selchat.bench import loadgen, loginstorm
+from selchat.bench import cgen, loadgen, loginstorm
 from selchat.bench.launcher import (
     IRC, NATIVE, REPO, WS, RunningServer, ServerError, ServerSpec, known_servers, resolve_flags, uvloop_available,
 )
@@ -39,7 +39,12 @@ ALL_POINTS = ("fanout", "latency", "idle", "sweep", "ircfanout", "wsfanout")
 KIND_ORDER = ("fanout", "wsfanout", "ircfanout", "latency", "idle")
 DEFAULT_SERVERS = "selchat,threaded,asyncio,uvloop,selchat-irc,ngircd,inspircd,selchat-web"
 IRC_DRAIN_QUIET = 1.0  # InspIRCd can pause a few hundred ms under load; do not call that the end
-GEN_LIMIT = 0.8  # generator cores above which a throughput figure is not trusted
+GEN_LIMIT = 0.8  # Python generator: cores (all its processes) above which a figure is not trusted
+# C generator (one process, pinned): it was the limit when it used this much of its core
+# while the server did not use this much of its own (the server had idle CPU)
+CGEN_BOUND = 0.9
+SERVER_FULL = 0.9
+CGEN_KINDS = ("fanout", "ircfanout")  # the points the C generator runs; the others stay Python
 ACCOUNT_PASSWORD = "selchat-bench-password"  # every client of selchat-acct registers with it
 OTHER_LIMIT = 0.25  # cores of other processes' load above which a figure is flagged
 
@@ -103,11 +108,55 @@ def machine_facts() -> Dict[str, str]:
 # ---- one run --------------------------------------------------------------------------------
 
 
+def cgen_binary(opts: argparse.Namespace) -> Optional[Path]:
+    """The built C generator when `--generator c` (built on first use), else None.
+
+    Without a compiler, or when the build fails, says so in one line and falls back to the
+    Python generator for the rest of the run.
+    """
+    if getattr(opts, "generator", "python") != "c":
+        return None
+    binary = getattr(opts, "cgen_binary", None)
+    if binary is None:
+        try:
+            binary = opts.cgen_binary = cgen.build()
+        except cgen.CgenUnavailable as exc:
+            print(f"C generator unavailable ({exc}): using the Python generator", file=sys.stderr)
+            opts.generator = "python"
+            return None
+    return binary
+
+
+def uses_cgen(case: Case, spec: ServerSpec, opts: argparse.Namespace) -> bool:
+    """The C generator runs the fan-out points (native and IRC) of servers without accounts;
+    logged-in members (selchat-acct), WebSocket, latency and idle points stay with Python."""
+    return case.kind in CGEN_KINDS and not spec.accounts and cgen_binary(opts) is not None
+
+
+def pin_process(pid: int, cpu: int) -> bool:
+    """Pin every thread of `pid` to `cpu` (threads it starts later inherit it)."""
+    try:
+        tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+    except OSError:
+        return False
+    ok = False
+    for tid in tids:
+        try:
+            os.sched_setaffinity(tid, {cpu})
+            ok = True
+        except OSError:  # a thread that ended meanwhile, or a CPU we may not use
+            pass
+    return ok
+
+
 def run_case(case: Case, spec: ServerSpec, opts: argparse.Namespace) -> Outcome:
     """Start the server, run the case, stop the server; never raises for a server failure."""
     out = Outcome()
     try:
         with RunningServer(spec) as srv:
+            pins = getattr(opts, "pin", None)
+            if pins and uses_cgen(case, spec, opts) and not pin_process(srv.pid, pins[0]):
+                out.notes.append(f"server not pinned to CPU {pins[0]}")
             try:
                 if case.kind == "idle":
                     _run_idle(case, srv, opts, out)
@@ -171,7 +220,11 @@ def _run_load(case: Case, srv: RunningServer, opts: argparse.Namespace, out: Out
     if srv.spec.accounts:  # every member logs into its own account before the load
         cfg.account_password = ACCOUNT_PASSWORD
         cfg.register_timeout = _account_timeout(opts, cfg.receivers + cfg.senders)
-    res = loadgen.run_load(cfg, probe)
+    binary = cgen_binary(opts) if uses_cgen(case, srv.spec, opts) else None
+    if binary is not None:
+        res = _run_cgen(binary, cfg, probe, opts)
+    else:
+        res = loadgen.run_load(cfg, probe)
     t0, cpu0, rss0, (busy0, soft0) = samples["start"]
     t1, cpu1, rss1, (busy1, soft1) = samples["end"]
     server_cores = (cpu1 - cpu0) / (t1 - t0)
@@ -185,6 +238,8 @@ def _run_load(case: Case, srv: RunningServer, opts: argparse.Namespace, out: Out
     m["p50_ms"] = res.p50_ms if res.p50_ms is not None else math.nan
     m["p99_ms"] = res.p99_ms if res.p99_ms is not None else math.nan
     m["gen_cpu"] = res.gen_cpu
+    m["gen_c"] = 1.0 if binary is not None else 0.0
+    m["gen_bound"] = 1.0 if generator_bound(m) else 0.0
     m["softirq_cores"] = softirq
     m["other_cores"] = max(busy - softirq - server_cores - res.gen_cpu, 0.0)
     m["rss_mib"] = rss1 / 1024
@@ -199,6 +254,61 @@ def _run_load(case: Case, srv: RunningServer, opts: argparse.Namespace, out: Out
         out.notes.append(f"{res.dropped} connections dropped")
     if res.errors:
         out.notes.append("errors " + ",".join(f"{k}={v}" for k, v in sorted(res.errors.items())))
+
+
+def _run_cgen(binary: Path, cfg: loadgen.LoadConfig, probe: loadgen.Probe, opts: argparse.Namespace) -> loadgen.LoadResult:
+    """One fan-out point with the C generator, pinned to the second CPU of `--pin`."""
+    pins = getattr(opts, "pin", None)
+    ccfg = cgen.CgenConfig(
+        port=cfg.port, protocol=cfg.protocol, receivers=cfg.receivers, senders=cfg.senders, window=cfg.window,
+        duration=cfg.duration, warmup=cfg.warmup, msg_size=cfg.msg_size, host=cfg.host, ramp_rate=cfg.ramp_rate,
+        max_pending=cfg.max_pending, register_timeout=cfg.register_timeout, drain_timeout=cfg.drain_timeout,
+        drain_quiet=cfg.drain_quiet, cpu=pins[1] if pins else None, quickack=getattr(opts, "quickack", "window"),
+    )
+    try:
+        r = cgen.run(binary, ccfg, probe)
+    except cgen.CgenFailed as exc:
+        raise loadgen.GenError(f"C generator: {exc}") from exc
+    errors = dict(r.get("errors") or {})
+    if r.get("extra"):
+        errors["more_than_sent"] = int(r["extra"])
+    return loadgen.LoadResult(
+        receivers=cfg.receivers, senders=cfg.senders, mode="flow", duration=r["duration"],
+        deliveries=int(r["deliveries"]), deliveries_per_s=r["deliveries_per_s"], sent_per_s=r["sent_per_s"],
+        p50_ms=r.get("p50_ms"), p99_ms=r.get("p99_ms"), samples=int(r.get("samples", 0)),
+        gen_cpu=r["gen_cpu_proc"], gen_cpu_max_proc=r["gen_cpu_proc"], register_s=r["register_s"],
+        sent_total=int(r["sent_total"]), expected_per_member=int(r["sent_total"]), lost=int(r["lost"]),
+        complete=bool(r["complete"]), dropped=int(r["dropped"]), per_member_min=int(r["per_member_min"]),
+        per_member_max=int(r["per_member_max"]), errors=errors, workers=1, protocol=cfg.protocol,
+        lines_per_s=r.get("lines_per_s", 0.0), rx_bytes_per_s=r.get("rx_bytes_per_s", 0.0),
+        gen_cpu_per_proc=[round(r["gen_cpu_proc"], 3)],
+    )
+
+
+def generator_bound(m: Dict[str, float]) -> Optional[str]:
+    """Why a fan-out figure measured the generator rather than the server, or None.
+
+    C generator (one process on a core of its own): it used at least CGEN_BOUND of its core
+    while the server used less than SERVER_FULL of its own, i.e. the server had idle CPU and
+    was waiting for the generator. Python generator (several processes): the old rule, its
+    processes together above GEN_LIMIT cores.
+    """
+    gen = m.get("gen_cpu")
+    if gen is None or math.isnan(gen):
+        return None
+    if m.get("gen_c"):
+        server = m.get("server_cores", math.nan)
+        if gen >= CGEN_BOUND and not server >= SERVER_FULL:
+            return f"generator-bound (C generator {gen:.2f} cores, server {server:.2f})"
+        return None
+    if gen > GEN_LIMIT:
+        return f"generator-limited ({gen:.2f} cores)"
+    return None
+
+
+def is_generator_bound(o: Optional["Outcome"]) -> bool:
+    """A row (a median over repetitions) is generator-bound if any repetition was."""
+    return o is not None and bool(o.metrics.get("gen_bound"))
 
 
 def _run_idle(case: Case, srv: RunningServer, opts: argparse.Namespace, out: Outcome) -> None:
@@ -277,7 +387,9 @@ def interleave_groups(cases: Sequence[Case], servers: Sequence[str], specs: Dict
     """
     groups: Dict[Tuple[str, int], List[Tuple[Case, str]]] = {}
     for case in cases:
-        key = ("fanout", case.size) if case.kind == "wsfanout" and Case("fanout", case.size) in cases else (case.kind, case.size)
+        # WebSocket and IRC fan-out take turns with the native fan-out of the same R
+        shared = case.kind in ("wsfanout", "ircfanout") and Case("fanout", case.size) in cases
+        key = ("fanout", case.size) if shared else (case.kind, case.size)
         groups.setdefault(key, []).extend((case, n) for n in servers if case.runs_on(specs[n]))
     return [g for g in groups.values() if g]
 
@@ -292,6 +404,11 @@ def median_outcome(runs: Sequence[Outcome]) -> Outcome:
     for k in keys:
         vals = [r.metrics[k] for r in ok if k in r.metrics and not math.isnan(r.metrics[k])]
         out.metrics[k] = statistics.median(vals) if vals else math.nan
+    bound = sum(1 for r in ok if r.metrics.get("gen_bound"))
+    if "gen_bound" in out.metrics:
+        out.metrics["gen_bound"] = bound / len(ok)  # any repetition: the row is not quoted
+    if bound:
+        out.notes.append(f"generator-bound in {bound} of {len(ok)} repetitions")
     for r in runs:
         for n in r.notes:
             if n not in out.notes:
@@ -342,8 +459,14 @@ def table(
             m = o.metrics
             notes = list(o.notes)
             gen = m.get("gen_cpu")
-            if case.kind != "idle" and gen is not None and gen > GEN_LIMIT:
-                notes.insert(0, f"**generator-limited ({gen:.2f} cores): figure not valid**")
+            if case.kind != "idle":
+                reason = generator_bound(m)
+                if reason or is_generator_bound(o):
+                    notes.insert(0, f"**{reason or 'generator-bound'}: figure not valid**")
+                elif m.get("gen_c") and m.get("server_cores", 1.0) < SERVER_FULL:
+                    notes.insert(0, f"server at {m['server_cores']:.2f} cores: not CPU-bound")
+                if "gen_c" in m and not m["gen_c"] and case.kind in CGEN_KINDS:
+                    notes.append("Python generator")
             other = m.get("other_cores", 0.0)
             if other > OTHER_LIMIT:
                 notes.insert(0, f"machine busy with other work ({other:.2f} cores)")
@@ -374,6 +497,73 @@ def table(
     return "\n".join(lines)
 
 
+GEN_BOUND_SHOWN = "generator-bound (no ratio: the generator, not the server, was the limit)"
+IRC_PEERS = ("inspircd", "ngircd")  # the C servers selchat is compared with
+
+
+def _fanout_cell(o: Optional[Outcome]) -> str:
+    if o is None:
+        return "–"
+    m = o.metrics
+    if o.failed and not m or "deliveries_per_s" not in m:
+        return "n/a"
+    if is_generator_bound(o):
+        return f"generator-bound ({m['deliveries_per_s'] / 1e6:.2f} M)"
+    cell = f"{m['deliveries_per_s'] / 1e6:.2f} M/s, {_fmt(m.get('cpu_us_per_delivery'), 2)} µs CPU, {_fmt(m.get('server_cores'), 2)} cores"
+    if any(n.startswith("incomplete") for n in o.notes):
+        cell += ", incomplete"
+    return cell
+
+
+def fanout_matrix(cases: Sequence[Case], servers: Sequence[str], results: Dict[Tuple[Case, str], Outcome], labels: Optional[Dict[str, str]] = None) -> List[str]:
+    """Receivers down, servers across: deliveries/s, server CPU per delivery and cores of the
+    native and IRC fan-out points (each server on the kind it speaks), when a run has both."""
+    labels = labels or {}
+    fan = [c for c in cases if c.kind in CGEN_KINDS]
+    sizes = sorted({c.size for c in fan})
+    cols = [n for n in servers if any((c, n) in results for c in fan)]
+    if not sizes or len(cols) < 2:
+        return []
+    head = "| receivers | " + " | ".join(f"{labels.get(n, n)} ({'IRC' if any(c.kind == 'ircfanout' and (c, n) in results for c in fan) else 'native'})" for n in cols) + " |"
+    lines = [head, "|" + "---|" * (len(cols) + 1)]
+    for r in sizes:
+        cells = []
+        for n in cols:
+            o = results.get((Case("fanout", r), n)) or results.get((Case("ircfanout", r), n))
+            cells.append(_fanout_cell(o))
+        lines.append(f"| {r:,} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def peer_ratios(cases: Sequence[Case], servers: Sequence[str], results: Dict[Tuple[Case, str], Outcome]) -> List[str]:
+    """selchat (native and IRC door) against the C IRC servers at each R measured by both:
+    deliveries/s and server CPU per delivery; `generator-bound` instead of a ratio when
+    either row was (a ratio of a generator's limit says nothing about the servers)."""
+    out: List[str] = []
+    ours = [n for n in servers if n.startswith("selchat") and n != "selchat-web"]
+    peers = [n for n in servers if n in IRC_PEERS]
+    for r in sorted({c.size for c in cases if c.kind in CGEN_KINDS}):
+        for peer in peers:
+            po = results.get((Case("ircfanout", r), peer))
+            if po is None or "deliveries_per_s" not in po.metrics:
+                continue
+            for n in ours:
+                o = results.get((Case("ircfanout", r), n)) or results.get((Case("fanout", r), n))
+                if o is None or "deliveries_per_s" not in o.metrics:
+                    continue
+                a, b = o.metrics["deliveries_per_s"], po.metrics["deliveries_per_s"]
+                head = f"* {n} / {peer} at R={r}: {a:,.0f} / {b:,.0f} deliveries/s"
+                if is_generator_bound(o) or is_generator_bound(po):
+                    out.append(f"{head} = {GEN_BOUND_SHOWN}")
+                    continue
+                line = f"{head} = **{a / b:.2f}x**"
+                ca, cb = o.metrics.get("cpu_us_per_delivery"), po.metrics.get("cpu_us_per_delivery")
+                if ca and cb and not math.isnan(ca) and not math.isnan(cb):
+                    line += f"; server CPU per delivery {ca:.3f} / {cb:.3f} µs = {ca / cb:.2f}x"
+                out.append(line)
+    return out
+
+
 def ws_ratios(cases: Sequence[Case], servers: Sequence[str], results: Dict[Tuple[Case, str], Outcome]) -> List[str]:
     """WebSocket fan-out over native fan-out at each R, when one run measured both."""
     out: List[str] = []
@@ -390,7 +580,8 @@ def ws_ratios(cases: Sequence[Case], servers: Sequence[str], results: Dict[Tuple
                 if ref is None or not ref.metrics.get("deliveries_per_s"):
                     continue
                 a, b = o.metrics["deliveries_per_s"], ref.metrics["deliveries_per_s"]
-                out.append(f"* WebSocket / native fan-out at R={case.size}: {ws} {a:,.0f} / {nat} {b:,.0f} = **{a / b:.2f}x**")
+                ratio = GEN_BOUND_SHOWN if is_generator_bound(o) or is_generator_bound(ref) else f"**{a / b:.2f}x**"
+                out.append(f"* WebSocket / native fan-out at R={case.size}: {ws} {a:,.0f} / {nat} {b:,.0f} = {ratio}")
     return out
 
 
@@ -416,6 +607,9 @@ def account_ratios(cases: Sequence[Case], servers: Sequence[str], results: Dict[
         what = "fan-out" if case.kind == "fanout" else "p99 latency"
         unit = "" if case.kind == "fanout" else " ms"
         shown = f"{a:,.0f}{unit} / {b:,.0f}{unit}" if case.kind == "fanout" else f"{a:.2f}{unit} / {b:.2f}{unit}"
+        if is_generator_bound(acct) or is_generator_bound(guest):
+            out.append(f"* logged-in / guest {what} at {case.label.split(' ', 1)[1]}: {shown} = {GEN_BOUND_SHOWN}")
+            continue
         line = f"* logged-in / guest {what} at {case.label.split(' ', 1)[1]}: {shown} = **{a / b:.2f}x**"
         ca, cb = acct.metrics.get("cpu_us_per_delivery"), guest.metrics.get("cpu_us_per_delivery")
         if case.kind == "fanout" and ca and cb and not math.isnan(ca) and not math.isnan(cb):
@@ -488,8 +682,25 @@ def report(
         f"Run: {opts.repeat} repetition(s) per point, servers interleaved, medians shown; "
         f"measured window {opts.duration:g} s after {opts.warmup:g} s warm-up; {opts.senders} senders, "
         f"{opts.window} messages in flight per sender; 100-character texts; took {time.monotonic() - started:.0f} s.",
-        "",
     ]
+    if any(c.kind in CGEN_KINDS for c in cases):
+        lines[-1] += "  "
+        if getattr(opts, "generator", "python") == "c":
+            pin = getattr(opts, "pin", None)
+            where = f"pinned to CPU {pin[1]}, the server to CPU {pin[0]}" if pin else "not pinned"
+            lines.append(
+                f"Generator of the fan-out points: C (selchat/bench/cgen/loadgen.c; one epoll process, {where}; "
+                f"TCP_QUICKACK: {getattr(opts, 'quickack', 'window')}); a row is generator-bound when the generator used "
+                f">= {CGEN_BOUND:g} of its core while the server used < {SERVER_FULL:g} of its own.  "
+            )
+        else:
+            lines.append(f"Generator of the fan-out points: Python (worker processes, not pinned; generator-limited above {GEN_LIMIT:g} cores).  ")
+    before = getattr(opts, "load_before", None)
+    if before:
+        after = os.getloadavg()
+        lines[-1] += "  " if not lines[-1].endswith("  ") else ""
+        lines.append(f"Load average (1, 5, 15 min): {before[0]:.2f} {before[1]:.2f} {before[2]:.2f} at the start, {after[0]:.2f} {after[1]:.2f} {after[2]:.2f} at the end.")
+    lines.append("")
     for name in servers:
         spec = specs[name]
         line = f"* `{spec.shown}`: `{spec.describe()}`"
@@ -521,7 +732,10 @@ def report(
             "received by one member (R + S per message). An idle row of `selchat-web` registers its clients over WebSocket.",
         ]
     lines += ["", table(cases, servers, results, {n: specs[n].shown for n in servers}), ""]
-    ratio_lines = ws_ratios(cases, servers, results) + account_ratios(cases, servers, results)
+    matrix = fanout_matrix(cases, servers, results, {n: specs[n].shown for n in servers})
+    if matrix:
+        lines += matrix + [""]
+    ratio_lines = peer_ratios(cases, servers, results) + ws_ratios(cases, servers, results) + account_ratios(cases, servers, results)
     if ratio_lines:
         lines += ratio_lines + [""]
     if plotted:
@@ -549,6 +763,19 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     ap.add_argument("--repeat", type=int, default=3, help="repetitions of each point (medians are reported)")
     ap.add_argument("--senders", type=int, default=10)
     ap.add_argument("--window", type=int, default=loadgen.LoadConfig.window, help="messages in flight per sender in fan-out runs")
+    ap.add_argument(
+        "--generator", choices=("c", "python"), default="c",
+        help="who drives fanout and ircfanout: the C generator (selchat/bench/cgen, built with cc; falls back to "
+        "python without a compiler) or the Python one; the other points always use Python",
+    )
+    ap.add_argument(
+        "--pin", default="0,1", metavar="SERVER_CPU,GEN_CPU",
+        help="with the C generator, pin the server and the generator to these CPUs ('off': no pinning)",
+    )
+    ap.add_argument(
+        "--quickack", choices=("window", "all", "none"), default="window",
+        help="C generator: TCP_QUICKACK after each receive on the members that drive the window, all, or none",
+    )
     ap.add_argument("--fanout-receivers", default="100,1000", help="receiver counts of fanout, wsfanout and ircfanout")
     ap.add_argument("--sweep", default="100,300,1000,3000", help="receiver counts of the plot")
     ap.add_argument("--latency-rate", type=float, default=200.0, help="messages/s offered in the latency point")
@@ -579,13 +806,30 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     if bad:
         ap.error(f"unknown points {bad}; choose from {ALL_POINTS + (loginstorm.POINT,)}")
     args.fanout_receivers = [int(x) for x in args.fanout_receivers.split(",") if x]
+    args.pin = _parse_pin(ap, args.pin)
     args.sweep = [int(x) for x in args.sweep.split(",") if x]
     args.idle_sizes = [int(x) for x in args.idle_sizes.split(",") if x]
     return args
 
 
+def _parse_pin(ap: argparse.ArgumentParser, text: str) -> Optional[Tuple[int, int]]:
+    """--pin: (server CPU, generator CPU), or None ('off', or a machine with one CPU)."""
+    if text.strip().lower() in ("off", "no", "none", ""):
+        return None
+    try:
+        a, b = (int(x) for x in text.split(","))
+    except ValueError:
+        ap.error(f"--pin takes SERVER_CPU,GEN_CPU or off, not {text!r}")
+    allowed = os.sched_getaffinity(0)
+    if a == b or a not in allowed or b not in allowed:
+        print(f"--pin {text}: needs two different CPUs this process may use ({sorted(allowed)}); not pinning", file=sys.stderr)
+        return None
+    return a, b
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     opts = parse_args(argv)
+    opts.load_before = os.getloadavg()
     if loginstorm.POINT in opts.points:  # its own server and report (selchat/bench/loginstorm.py)
         opts.points.remove(loginstorm.POINT)
         code = loginstorm.run_from_options(opts)
