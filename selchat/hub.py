@@ -19,6 +19,7 @@ from __future__ import annotations
 import fnmatch
 import heapq
 import logging
+import secrets
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -26,7 +27,8 @@ from selchat.core.chat import Chat, ChatError, Room, User
 from selchat.core.events import Message
 from selchat.core.names import fold
 from selchat.core.passwords import ScramCredentials, password_problem, scram_credentials
-from selchat.core.requests import (ChangePassword, Kill, Login, Logout, Register, Request, Say)
+from selchat.core.requests import (ChangePassword, HistoryRequest, Kill, ListRooms, Login, Logout,
+                                   Register, Request, Say, Who)
 from selchat.core.store import pair_key
 from selchat.defaults import REQUESTS_PER_PASS
 from selchat.fanout import Fanout
@@ -41,6 +43,7 @@ EXPENSIVE_PER_PASS = 0.002  # CPU seconds of deferred expensive answers one loop
 __all__ = ["Hub", "ChatError"]
 
 _ACCOUNT_REQUESTS = (Register, Login, Logout, ChangePassword)
+_READS = (Who, ListRooms, HistoryRequest)  # answered from this process's copy, never ordered
 
 
 class _Job:
@@ -64,6 +67,15 @@ class _Job:
         return self.waiting
 
 
+def _ignore(error: ChatError) -> None:
+    pass
+
+
+def cluster_request(request: Request) -> List[Any]:
+    from selchat.links.cluster import encode_request  # only with --redis
+    return encode_request(request)
+
+
 def _raise(code: str, message: str) -> Callable[[], List[Any]]:
     def fail() -> List[Any]:
         raise ChatError(code, message)
@@ -73,7 +85,7 @@ def _raise(code: str, message: str) -> Callable[[], List[Any]]:
 class Hub:
     __slots__ = ("chat", "store", "reactor", "fanout", "wall_ms", "_condemned", "_said",
                  "_drop_queued", "commits", "ratelog", "pacer", "_expensive_pass",
-                 "_expensive_spent", "_served_pass", "_served", "_held", "kdf")
+                 "_expensive_spent", "_served_pass", "_served", "_held", "kdf", "cluster")
 
     def __init__(self, chat: Chat, reactor: Reactor,
                  wall_ms: Callable[[], int] = lambda: int(time.time() * 1000)) -> None:
@@ -101,6 +113,9 @@ class Hub:
         # Password hashing and checking, off the loop (selchat.kdf); set by whoever assembles
         # the server. None: accounts cannot be used (`unavailable`).
         self.kdf: Any = None
+        # With --redis (selchat.links.cluster.ClusterNode): every change is ordered by Redis
+        # and applied from that order, here as on every other process. None: alone.
+        self.cluster: Any = None
         chat.before_change = self.fanout.flush
         reactor.add_before_sleep(self._settle, ORDER_SETTLE)
         reactor.add_before_sleep(self._commit, ORDER_COMMIT)
@@ -115,6 +130,32 @@ class Hub:
         self._deliver(deliveries, ref, session)
         return user
 
+    def admit(self, nick: str, session: Any, ref: Any,
+              done: Callable[[Optional[User], Optional[ChatError]], None], **details: Any) -> bool:
+        """`register`, for a door that can wait: `done(user, None)` or `done(None, error)`, at
+        once when alone, once ordered with the cluster (then True: the answer comes later)."""
+        cluster = self.cluster
+        if cluster is None:
+            try:
+                user = self.register(nick, session, ref, **details)
+            except ChatError as exc:
+                done(None, exc)
+                return False
+            done(user, None)
+            return False
+        sid = cluster.sid(session)
+        account = details.get("account")
+        body = {"k": "reg", "s": sid, "nick": nick, "lobby": details.get("join_lobby", True),
+                "ident": details.get("ident", ""), "host": details.get("host", "selchat"),
+                "real": details.get("realname", ""), "door": details.get("door", ""),
+                # a holder key every process agrees on (a User draws its own otherwise)
+                "origin": details.get("origin") or f"\0{sid}", "t": self.wall_ms(),
+                "acct": account,
+                "tok": secrets.token_urlsafe(32) if account and details.get("remember") else None}
+        cluster.submit(body, session, ref, then=lambda user: done(user, None),
+                       refused=lambda exc: done(None, exc))
+        return True
+
     def _deliver(self, deliveries: List[Any], ref: Any, session: Any) -> None:
         fanout = self.fanout
         fanout.current = session
@@ -123,19 +164,32 @@ class Hub:
         finally:
             fanout.current = None
 
-    def handle(self, user: User, request: Request, ref: Any = None, session: Any = None) -> bool:
+    def handle(self, user: User, request: Request, ref: Any = None, session: Any = None,
+               refused: Optional[Callable[[ChatError], None]] = None) -> bool:
         """Carry out a request; raises ChatError for the door to put in its own words.
 
         `session` is the connection that asked (its answer carries `ref`; the user's other
         connections see their own copies); doors pass it. True when the answer comes later
-        (a password is being checked off the loop): the door then serves nothing more of
-        this connection until the hub calls its `job_done()`.
+        (a password is being checked off the loop; with the cluster, a change waits for its
+        order): the door then serves nothing more of this connection until the hub calls its
+        `job_done()`. An error found then goes to `refused(error)` (None: the session's
+        `send_error` with `ref`).
         """
         if session is None:
             session = user.session
         kind = type(request)
         if kind in _ACCOUNT_REQUESTS:
             return self._account_request(user, request, ref, session)
+        cluster = self.cluster
+        if cluster is not None and kind not in _READS:
+            sid = cluster.sid(session)
+            if kind is Kill:
+                body = {"k": "kill", "s": sid, "nick": request.nick,  # type: ignore[union-attr]
+                        "why": request.reason}  # type: ignore[union-attr]
+            else:
+                body = {"k": "req", "s": sid, "r": cluster_request(request), "t": self.wall_ms()}
+            cluster.submit(body, session, ref, refused=refused, job=True)
+            return True
         if kind is Kill:
             self._kill(user, request, ref, session)  # type: ignore[arg-type]
             return False
@@ -148,6 +202,9 @@ class Hub:
     def leave(self, user: User, reason: Optional[str], session: Any = None) -> None:
         """A connection leaves the chat; when it was the user's last one and there is a
         reason, those sharing a room see the user `quit`. Doors pass their session."""
+        if self.cluster is not None:
+            self.cluster.leave(session if session is not None else user.session, reason)
+            return
         deliveries = self.chat.disconnect(user, reason or "", session)
         if reason is not None:
             self.fanout.deliver(deliveries, None)
@@ -207,8 +264,19 @@ class Hub:
 
         job = _Job(session)
 
-        def finish(make: Callable[[], List[Any]]) -> None:
-            """The job is done: decide (if the user is still there) and answer."""
+        cluster = self.cluster
+
+        def finish(make: Callable[[], List[Any]], change: Optional[Dict[str, Any]] = None) -> None:
+            """The job is done: decide (if the user is still there) and answer. With the
+            cluster, `change` is ordered and applied everywhere instead of `make`."""
+            if cluster is not None and change is not None:
+                def failed(exc: ChatError) -> None:
+                    session.send_error(exc.code, exc.message, ref)
+                    job.finished()
+
+                change.update(k="acct", s=cluster.sid(session), t=self.wall_ms())
+                cluster.submit(change, session, ref, then=lambda _: job.finished(), refused=failed)
+                return
             if chat.users.get(user.key) is user and session in user.sessions:
                 try:
                     self._deliver(make(), ref, session)
@@ -217,6 +285,9 @@ class Hub:
             job.finished()
 
         if kind is Logout:
+            if cluster is not None:
+                finish(lambda: [], {"op": "logout", "token": request.token})
+                return job.pending()
             self._deliver(chat.log_out(user, request.token), ref, session)
             return False
         if self.kdf is None:
@@ -232,7 +303,9 @@ class Hub:
                     finish(_raise("unavailable", "the account could not be made: try again"))
                 else:
                     finish(lambda: chat.register_account(user, verifier, self.wall_ms(),
-                                                         request.remember))
+                                                         request.remember),
+                           {"op": "register", "v": verifier,
+                            "tok": secrets.token_urlsafe(32) if request.remember else None})
 
             if not self.kdf.hash(request.password, hashed):
                 raise ChatError("login_throttled", "too many logins at once: try again soon")
@@ -245,7 +318,9 @@ class Hub:
                 if account is None:
                     finish(_raise(error.code, error.message))  # type: ignore[union-attr]
                 else:
-                    finish(lambda: self._log_in(user, fold(account), session, request.remember))
+                    finish(lambda: self._log_in(user, fold(account), session, request.remember),
+                           {"op": "login", "a": fold(account),
+                            "tok": secrets.token_urlsafe(32) if request.remember else None})
 
             self.authenticate(request.account, request.password, request.token,
                               getattr(session.transport, "ip", ""), proved)
@@ -263,7 +338,7 @@ class Hub:
             if new is None:
                 finish(_raise("unavailable", "the password could not be changed: try again"))
             else:
-                finish(lambda: chat.set_password(user, new))
+                finish(lambda: chat.set_password(user, new), {"op": "password", "v": new})
 
         def old_checked(ok: Optional[bool]) -> None:
             if ok is not False:  # (charged before the work, as a login is)
@@ -417,9 +492,17 @@ class Hub:
     def motd(self) -> str:
         return self.chat.motd
 
-    def set_away(self, user: User, text: Optional[str]) -> None:
+    def set_away(self, user: User, text: Optional[str], session: Any = None) -> None:
         """Mark `user` away with `text`, or back (None)."""
+        if self.cluster is not None:
+            self._set_attribute(user, "away", text, session)
+            return
         self.chat.set_away(user, text)
+
+    def _set_attribute(self, user: User, name: str, value: Any, session: Any) -> None:
+        cluster = self.cluster
+        cluster.submit({"k": "attr", "s": cluster.sid(session if session is not None else user.session),
+                        "a": name, "v": value}, refused=_ignore)
 
     def history_window(self, user: User, target: str, *, limit: int, latest: bool,
                        **bounds: int) -> List[Message]:
@@ -516,8 +599,11 @@ class Hub:
         mates.pop(user, None)
         return list(mates)
 
-    def set_realname(self, user: User, text: str) -> None:
+    def set_realname(self, user: User, text: str, session: Any = None) -> None:
         """IRC's SETNAME: the real name WHO and WHOIS show."""
+        if self.cluster is not None:
+            self._set_attribute(user, "realname", text, session)
+            return
         user.realname = text
 
     def invitations(self, user: User) -> List[str]:

@@ -105,6 +105,9 @@ class Accounts:
         self.operators: Set[str] = {fold(name) for name in operators}
         self.registration = registration
         self.throttle = LoginThrottle()
+        # The next token to issue, when it was drawn elsewhere (with --redis, by the process
+        # that asked: every process's copy keeps the same one); None: drawn here.
+        self.next_token: Optional[str] = None
 
     def exists(self, key: str) -> bool:
         return key in self.directory.accounts  # type: ignore[attr-defined]
@@ -131,7 +134,8 @@ class Accounts:
 
     def issue_token(self, key: str, now_ms: int) -> str:
         directory = self.directory
-        token = secrets.token_urlsafe(32)
+        token = self.next_token or secrets.token_urlsafe(32)
+        self.next_token = None
         mine: List[Tuple[int, str]] = sorted(
             (created, digest)
             for digest, created in directory.tokens_by_account.get(key, {}).items())  # type: ignore[attr-defined]

@@ -111,7 +111,7 @@ class JsonSession(DoorSession):
     __slots__ = ("door", "wire", "transport", "user", "bucket", "arrivals", "consumed",
                  "pings_owed", "_debt_timer", "not_before", "last_seen", "pinged", "doomed", "reject", "_handshake_timer",
                  "_idle_timer", "_turn", "_hello_waiting", "_next_pass", "_pass_id", "_pass_bytes",
-                 "_held", "_quantum", "_job", "_rest", "__weakref__")
+                 "_held", "_quantum", "_job", "_rest", "_close_after_job", "__weakref__")
 
     def __init__(self, door: JsonDoor, wire: Any, reject: Optional[str] = None) -> None:
         self.door = door
@@ -140,6 +140,7 @@ class JsonSession(DoorSession):
         # A password being checked or hashed off the loop (selchat.kdf): nothing more of this
         # connection is served until its answer (`job_done`), so answers keep their order.
         self._job = False
+        self._close_after_job = False  # a `logout` the cluster orders: close once it is done
         # The rest of an answer cut where our buffer for the client was full (a long `rooms`):
         # asked for once the client has read the part sent, before anything else is served.
         self._rest: Optional[Tuple[Any, Ref]] = None
@@ -431,6 +432,8 @@ class JsonSession(DoorSession):
         try:
             if door.hub.handle(user, request, ref, self):  # type: ignore[arg-type]
                 self._job = True  # answered later: `job_done` goes on
+                if kind is Logout:
+                    self._close_after_job = True
                 return
         except ChatError as exc:
             self.send_error(exc.code, exc.message, ref)
@@ -519,7 +522,9 @@ class JsonSession(DoorSession):
         """The hub answered a request that waited for the password work: go on serving."""
         if self._job:
             self._job = False
-            if self.transport is not None and self.transport.state is State.OPEN:
+            if self._close_after_job:
+                self._close("quit", "logged out")
+            elif self.transport is not None and self.transport.state is State.OPEN:
                 self._serve_again()
 
     def _register(self, request: Hello, ref: Ref) -> None:
@@ -540,8 +545,8 @@ class JsonSession(DoorSession):
                 self.send_error(error.code, error.message, ref)  # type: ignore[union-attr]
                 log.info("login failed: %s as %s: %s", transport.peer, login.account,
                          error.code)  # type: ignore[union-attr]
-            else:
-                self._registered(request, ref, account)
+            elif self._registered(request, ref, account):
+                return  # ordered by the cluster: its answer goes on (`job_done`)
             if waited:
                 self.job_done()
             else:
@@ -552,17 +557,36 @@ class JsonSession(DoorSession):
                                    self.transport.ip, proved)
         waited = not finished
 
-    def _registered(self, request: Hello, ref: Ref, account: Optional[str]) -> None:
+    def _registered(self, request: Hello, ref: Ref, account: Optional[str]) -> bool:
+        """Register the user; True when the answer comes later (the cluster orders it)."""
         door = self.door
-        try:
-            details: Dict[str, Any] = {}
-            if account is not None:
-                details = {"account": account, "remember": bool(request.login and request.login.remember)}
-            self.user = door.hub.register(request.nick, self, ref, door=door.name,
-                                          origin=self.transport.ip, **details)
-        except ChatError as exc:
-            self.send_error(exc.code, exc.message, ref)
-            return
+        details: Dict[str, Any] = {}
+        if account is not None:
+            details = {"account": account, "remember": bool(request.login and request.login.remember)}
+        later = False
+
+        def done(user: Optional[User], error: Optional[ChatError]) -> None:
+            if self.transport is None or self.transport.state is not State.OPEN:
+                return
+            if user is None:
+                self.send_error(error.code, error.message, ref)  # type: ignore[union-attr]
+            else:
+                self.user = user
+                self._welcomed(account, request)
+            if later:  # the cluster ordered it: go on with what came behind the hello
+                self.job_done()
+
+        # With the cluster the answer comes once Redis has ordered it: nothing else meanwhile.
+        waiting = self._job  # (a login's password check, whose end serves on)
+        self._job = True
+        later = door.hub.admit(request.nick, self, ref, done, door=door.name,
+                               origin=self.transport.ip, **details)
+        if not later:
+            self._job = waiting
+        return later
+
+    def _welcomed(self, account: Optional[str], request: Hello) -> None:
+        door = self.door
         self.transport.noted = True
         if self._handshake_timer is not None:
             self._handshake_timer.cancel()

@@ -285,13 +285,13 @@ def _oper_result(s: "IrcSession") -> None:
 def kill(s: "IrcSession", line: Line) -> None:
     nick = line.params[0]
     reason = line.params[1] if len(line.params) > 1 else ""
-    try:
-        s.ask(Kill(nick, reason[:300]))
-    except ChatError as exc:
+    def refused(exc: ChatError) -> None:
         if exc.code == "not_operator":
             s.numeric(ERR_NOPRIVILEGES, "Permission Denied - You're not an IRC operator")
         else:
             s.numeric(N.ERR_NOSUCHNICK, nick[:64], "No such nick/channel")
+
+    s.ask(Kill(nick, reason[:300]), refused=refused)
 
 
 def wallops(s: "IrcSession", line: Line) -> None:

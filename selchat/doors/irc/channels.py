@@ -56,10 +56,7 @@ def join(s: "IrcSession", line: Line) -> None:
         if hub.is_member(user, name):
             continue  # already there: IRC servers say nothing
         key = keys[i] if i < len(keys) and keys[i] else None
-        try:
-            s.ask(JoinRoom(name, key))
-        except ChatError as exc:
-            refuse(s, exc, name)
+        s.ask(JoinRoom(name, key), refused=lambda exc, name=name: refuse(s, exc, name))
 
 
 def part(s: "IrcSession", line: Line) -> None:
@@ -266,10 +263,7 @@ def topic(s: "IrcSession", line: Line) -> None:
             s.numeric(N.ERR_CANNOTSENDTOCHAN, room.name, "Cannot set a topic with control characters")
             return
         text = text.encode("utf-8")[:TOPICLEN].decode("utf-8", "ignore")
-        try:
-            s.ask(SetTopic(room.name, text))
-        except ChatError as exc:
-            refuse(s, exc, room.name)
+        s.ask(SetTopic(room.name, text), refused=lambda exc: refuse(s, exc, room.name))
     elif room.topic:
         send_topic(s, room)
     else:
@@ -300,10 +294,8 @@ def kick(s: "IrcSession", line: Line) -> None:
         if room is None:
             s.numeric(N.ERR_NOSUCHCHANNEL, name[:64], "No such channel")
             continue
-        try:
-            s.ask(KickUser(room.name, nick, reason))
-        except ChatError as exc:
-            refuse(s, exc, room.name, nick)
+        s.ask(KickUser(room.name, nick, reason),
+              refused=lambda exc, name=room.name, nick=nick: refuse(s, exc, name, nick))
 
 
 def invite(s: "IrcSession", line: Line) -> None:
@@ -326,10 +318,7 @@ def invite(s: "IrcSession", line: Line) -> None:
     if room is None:
         s.numeric(N.ERR_NOSUCHCHANNEL, name[:64], "No such channel")
         return
-    try:
-        s.ask(InviteUser(room.name, nick))
-    except ChatError as exc:
-        refuse(s, exc, room.name, nick)
+    s.ask(InviteUser(room.name, nick), refused=lambda exc: refuse(s, exc, room.name, nick))
 
 
 def refuse(s: "IrcSession", exc: ChatError, room: str, nick: str = "") -> None:
@@ -382,10 +371,8 @@ def mode(s: "IrcSession", line: Line) -> None:
         if wanted.list_bans:
             s.ask(SetModes(room.name), pending="MODE b")
         if wanted.changes:
-            try:
-                s.ask(SetModes(room.name, tuple(wanted.changes)))
-            except ChatError as exc:
-                refuse(s, exc, room.name, _nick_of(exc, wanted.changes))
+            s.ask(SetModes(room.name, tuple(wanted.changes)),
+                  refused=lambda exc: refuse(s, exc, room.name, _nick_of(exc, wanted.changes)))
     elif fold(target) != fold(s.me):
         s.numeric(N.ERR_USERSDONTMATCH, "Cannot change mode for other users")
     else:

@@ -46,16 +46,7 @@ def tagmsg(s: "IrcSession", line: Line) -> None:
     for target in line.params[0].split(",")[:TARGMAX]:
         if not target:
             continue
-        try:
-            s.ask(Tag(target, tags))
-        except ChatError as exc:
-            if exc.code == "not_in_room":
-                if s.hub.find_room(target) is not None:
-                    s.numeric(N.ERR_CANNOTSENDTOCHAN, target[:64], "Cannot send to channel")
-                else:
-                    s.numeric(N.ERR_NOSUCHCHANNEL, target[:64], "No such channel")
-            else:
-                s.numeric(N.ERR_NOSUCHNICK, target[:64], "No such nick/channel")
+        s.ask(Tag(target, tags), refused=lambda exc, target=target: _tag_refused(s, target, exc))
 
 
 def _message(s: "IrcSession", line: Line, notice: bool) -> None:
@@ -118,16 +109,31 @@ def _message(s: "IrcSession", line: Line, notice: bool) -> None:
             request: Any = Say(target, text, action, notice, tags)
         else:
             request = Msg(target, text, action, notice, tags)
-        try:
-            s.ask(request)
-        except ChatError as exc:
+        failed = False
+
+        def refused(exc: ChatError, target: str = target) -> None:
+            nonlocal failed
+            failed = True
             if not quiet:
                 _refused(s, line.command, target, exc)
+
+        s.ask(request, refused=refused)
+        if failed:
             continue
         if not target.startswith("#") and not quiet:
             to = hub.find_user(target)
             if to is not None and to.away:
                 s.numeric(N.RPL_AWAY, to.nick, to.away)
+
+
+def _tag_refused(s: "IrcSession", target: str, exc: ChatError) -> None:
+    if exc.code == "not_in_room":
+        if s.hub.find_room(target) is not None:
+            s.numeric(N.ERR_CANNOTSENDTOCHAN, target[:64], "Cannot send to channel")
+        else:
+            s.numeric(N.ERR_NOSUCHCHANNEL, target[:64], "No such channel")
+    else:
+        s.numeric(N.ERR_NOSUCHNICK, target[:64], "No such nick/channel")
 
 
 def _refused(s: "IrcSession", command: str, target: str, exc: ChatError) -> None:

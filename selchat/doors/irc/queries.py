@@ -223,10 +223,10 @@ def away(s: "IrcSession", line: Line) -> None:
     assert user is not None
     text = strip_formatting(line.params[0]) if line.params else ""
     if text and not has_control_characters(text):
-        s.hub.set_away(user, text[:390])
+        s.hub.set_away(user, text[:390], s)
         s.numeric(N.RPL_NOWAWAY, "You have been marked as being away")
     else:
-        s.hub.set_away(user, None)
+        s.hub.set_away(user, None, s)
         s.numeric(N.RPL_UNAWAY, "You are no longer marked as being away")
     tell_away(s, user, s.hub.room_mates(user), watchers=True)
 
@@ -239,7 +239,7 @@ def setname(s: "IrcSession", line: Line) -> None:
     if not text.strip() or has_control_characters(text) or len(text.encode("utf-8")) > REALNAME_MAX:
         s.fail("SETNAME", "INVALID_REALNAME", text="Bad real name")
         return
-    s.hub.set_realname(user, text)
+    s.hub.set_realname(user, text, s)
     data = f":{user.nick}!{user.userhost} SETNAME :{text}\r\n".encode("utf-8")
     if "setname" in s.caps:
         s.answer_lines(data)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hmac
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Optional
 
 from selchat import __version__
 from selchat.core.names import valid_nick
@@ -23,6 +23,7 @@ from selchat.hub import ChatError
 from selchat.loop.transport import State
 
 if TYPE_CHECKING:
+    from selchat.core.chat import User
     from selchat.doors.irc.session import IrcSession
 
 log = logging.getLogger("selchat.server")
@@ -104,12 +105,12 @@ def nick(s: "IrcSession", line: Line) -> None:
         s.reg.nick_given(wanted)
         register(s)
         return
-    try:
-        s.ask(ChangeNick(wanted))
-    except ChatError as exc:
+    def refused(exc: ChatError) -> None:
         text = ("Nickname is reserved by an account" if exc.code == "nick_reserved"
                 else "Nickname is already in use")
         s.numeric(N.ERR_NICKNAMEINUSE, wanted, text)
+
+    s.ask(ChangeNick(wanted), refused=refused)
 
 
 def user(s: "IrcSession", line: Line) -> None:
@@ -160,22 +161,32 @@ def _register_now(s: "IrcSession") -> None:
     if s.user is not None or reg.nick is None or reg.ident is None:
         return
     s.welcoming = True
-    try:
-        details = {"account": s.account} if s.account is not None else {}
-        s.user = s.hub.register(reg.nick, s, None, join_lobby=False, ident=reg.ident,
-                                host=HOST, realname=reg.realname, door="irc",
-                                origin=s.transport.ip, **details)
-    except ChatError as exc:
+    details = {"account": s.account} if s.account is not None else {}
+    later = False
+
+    def done(user: Optional["User"], exc: Optional[ChatError]) -> None:
         s.welcoming = False
-        text = ("Nickname is reserved by an account: log in (SASL) to use it"
-                if exc.code == "nick_reserved" else "Nickname is already in use")
-        s.numeric(N.ERR_NICKNAMEINUSE, reg.nick, text)
-        reg.nick_refused()
-        return
-    s.welcoming = False
-    reg.registered_now()
-    s.registered()
-    log.info("registered: %s as %s (irc)", s.transport.peer, reg.nick)
+        if s.transport.state is State.OPEN:
+            if user is None:
+                text = ("Nickname is reserved by an account: log in (SASL) to use it"
+                        if exc.code == "nick_reserved" else "Nickname is already in use")  # type: ignore[union-attr]
+                if exc.code not in ("nick_reserved", "nick_taken"):  # type: ignore[union-attr]
+                    text = exc.message  # type: ignore[union-attr]
+                s.numeric(N.ERR_NICKNAMEINUSE, reg.nick, text)
+                reg.nick_refused()
+            else:
+                s.user = user
+                reg.registered_now()
+                s.registered()
+                log.info("registered: %s as %s (irc)", s.transport.peer, reg.nick)
+        if later:
+            s.job_done()  # the cluster ordered it: what came behind goes on
+
+    later = s.hub.admit(reg.nick, s, None, done, join_lobby=False, ident=reg.ident,
+                        host=HOST, realname=reg.realname, door="irc",
+                        origin=s.transport.ip, **details)
+    if later:
+        s.wait_for_job()
 
 
 def welcome(s: "IrcSession") -> None:

@@ -27,9 +27,10 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Optional, Sequence, Set
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence, Set
 
 from selchat.core import events
+from selchat.core.chat import ChatError
 from selchat.core.ratelimit import TokenBucket, answer_cost, cpu_cost
 from selchat.defaults import HISTORY_LIMIT_MAX, NICK_MAX, ROOM_MAX
 from selchat.doors.base import DoorSession
@@ -307,14 +308,26 @@ class IrcSession(DoorSession):
         self._leave(quit_reason)
         self.transport.close(detail)
 
-    def ask(self, request: Any, pending: str = "") -> None:
-        """Hand a request to the hub as this connection; raises ChatError. `pending` names the
-        command whose answer is an event still to come (the replies put it in its words)."""
+    def ask(self, request: Any, pending: str = "",
+            refused: Optional[Callable[[ChatError], None]] = None) -> None:
+        """Hand a request to the hub as this connection. `pending` names the command whose
+        answer is an event still to come (the replies put it in its words). A refusal goes
+        to `refused(error)`, now or, when the cluster orders the change, later; without
+        `refused`, ChatError is raised (and a later one is sent as the door's error)."""
         user = self.user
         assert user is not None
         self.pending = pending
-        if self.hub.handle(user, request, None, self):
-            self._job = True  # answered later (a password job): `job_done` goes on
+        try:
+            later = self.hub.handle(user, request, None, self, refused=refused)
+        except ChatError as exc:
+            if not self._job:
+                self.pending = ""
+            if refused is None:
+                raise
+            refused(exc)
+            return
+        if later:
+            self._job = True  # answered later (a password job, an ordered change): `job_done`
         elif not self._job:
             self.pending = ""
 

@@ -1,0 +1,816 @@
+"""Several selchat processes as one chat: every change goes through one order that Redis decides.
+
+The funnel (issue 17). Alone, a process decides and applies a change in one call. With
+`--redis`, the hub hands each change to `ClusterNode.submit` instead: it becomes a *command*
+(who asked, through which connection, what, when), published through one Lua script that
+gives it the cluster's next offset and the next message id and appends it to one stream.
+Every process, the one that asked included, applies the commands in that offset order, from
+the channel (never locally first), by running the same request against its copy of the chat
+state. The state is a function of the ordered commands, so every copy agrees: two hellos for
+one nick on two processes are ordered, the second is refused `nick_taken` everywhere; two
+rooms' messages reach every member everywhere in one order. The process that asked answers
+its connection when its command comes back (the door waited: one more "job").
+
+A user of another process is a `User` whose connection is a `RemoteSession`: a member, an
+operator, a nick in `names`, a target of `msg`, with nothing to write here.
+
+State that is not in the commands:
+* a process that starts asks for the state with a `hello` command; every live process sends
+  its copy as it stood at that offset (`Snapshot`), the first one to arrive is loaded, and
+  the commands after the hello are applied on top (alone, it starts from its own store);
+* each process holds a lease key (renewed every `LEASE_RENEW` s, lasting `LEASE_TTL` s); a
+  process that finds another's lease gone publishes `dead`, and everyone's copy drops that
+  process's users with the reason `connection closed`;
+* Redis down: submissions are answered `unavailable`; when it is back, the process reads what
+  it missed by (epoch, offset) before it applies anything newer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import weakref
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+from selchat.core import events, requests
+from selchat.core.chat import ChatError, Room, User
+from selchat.core.names import fold
+from selchat.links.redis import LinkState, RedisLink, Unavailable
+from selchat.links.resp import ReplyError
+from selchat.links.scripts import Missed, Publication, RoomStreams, Script, new_epoch, parse_message
+
+log = logging.getLogger("selchat.cluster")
+
+STREAM = "cluster"  # the one stream every command goes through
+LEASE_TTL = 6.0  # seconds a process's lease lasts without renewal
+LEASE_RENEW = 2.0  # seconds between renewals
+DEAD_CHECK = 1.0  # seconds between looks at the others' leases
+SNAPSHOT_WAIT = 3.0  # seconds a starting process waits for a snapshot before it asks again
+SNAPSHOT_HISTORY = 50  # recent messages per room a snapshot carries
+CATCH_UP_BATCH = 1000  # commands read per `since` call
+MAX_PENDING = 10000  # commands of this process published and not yet applied
+
+# The publication script of `links.scripts`, plus a message id that grows across the cluster
+# and across epochs: the floor given by the publisher (its store's last id) keeps ids growing
+# when Redis comes back empty.
+PUBLISH_WITH_ID_LUA = b"""
+-- KEYS: meta, stream, ids. ARGV: channel, payload, maxlen, a fresh epoch, the id floor.
+local epoch = redis.call('HGET', KEYS[1], 'epoch')
+if not epoch then
+  epoch = ARGV[4]
+  redis.call('DEL', KEYS[2])
+  redis.call('HSET', KEYS[1], 'epoch', epoch, 'offset', 0)
+end
+local offset = string.format('%d', redis.call('HINCRBY', KEYS[1], 'offset', 1))
+local id = redis.call('INCR', KEYS[3])
+local floor = tonumber(ARGV[5])
+if id <= floor then
+  id = floor + 1
+  redis.call('SET', KEYS[3], id)
+end
+local body = string.format('%d', id) .. ' ' .. ARGV[2]
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], offset .. '-0', 'p', body)
+redis.call('PUBLISH', ARGV[1], epoch .. ' ' .. offset .. ' ' .. body)
+return {epoch, tonumber(offset)}
+"""
+
+
+class _NullTransport:
+    """What a remote connection writes to: nothing (the fan-out skips it)."""
+
+    accepting = False
+    ip = ""
+    peer = "remote"
+
+    def write(self, data: bytes) -> None:
+        pass
+
+
+class _NullWire:
+    def encode(self, event: Any) -> List[bytes]:
+        return []
+
+    def message(self, message: Any) -> bytes:
+        return b""
+
+
+_NULL_TRANSPORT = _NullTransport()
+_NULL_WIRE = _NullWire()
+
+
+class RemoteSession:
+    """A connection on another process, as this process's chat state holds it."""
+
+    __slots__ = ("sid", "node", "user", "transport", "wire", "__weakref__")
+
+    def __init__(self, sid: str, node: str) -> None:
+        self.sid = sid
+        self.node = node
+        self.user: Optional[User] = None
+        self.transport = _NULL_TRANSPORT
+        self.wire = _NULL_WIRE
+
+    def reply(self, event: Any, ref: Any) -> None:
+        pass
+
+    def own_message(self, message: Any, ref: Any, shared: bytes) -> bytes:
+        return b""
+
+    def send_error(self, code: str, message: str, ref: Any = None) -> None:
+        pass
+
+    def job_done(self) -> None:
+        pass
+
+    def drop(self, reason: str) -> None:
+        pass
+
+    def __repr__(self) -> str:
+        return f"RemoteSession({self.sid})"
+
+
+# --- requests and events as JSON ------------------------------------------------------------
+
+_REQUESTS = {cls.__name__: cls for cls in (
+    requests.Say, requests.Msg, requests.Tag, requests.JoinRoom, requests.PartRoom,
+    requests.ChangeNick, requests.SetTopic, requests.KickUser, requests.InviteUser,
+    requests.SetModes)}
+
+
+def _tuples(value: Any) -> Any:
+    if isinstance(value, list):
+        return tuple(_tuples(v) for v in value)
+    return value
+
+
+def encode_request(request: Any) -> List[Any]:
+    return [type(request).__name__, *(getattr(request, f.name) for f in dataclasses.fields(request))]
+
+
+def decode_request(data: List[Any]) -> Any:
+    cls = _REQUESTS[data[0]]
+    return cls(*(_tuples(v) for v in data[1:]))
+
+
+def message_to_json(m: events.Message) -> List[Any]:
+    return [m.id, m.ts, m.sender, m.text, m.room, m.to, m.action, m.notice, m.userhost,
+            m.client_tags, m.account]
+
+
+def message_from_json(data: List[Any]) -> events.Message:
+    (mid, ts, sender, text, room, to, action, notice, userhost, tags, account) = data
+    return events.Message(mid, ts, sender, text, room, to, action, notice, userhost,
+                          _tuples(tags), account)
+
+
+class _Pending:
+    """A command of this process's, between its publication and its application."""
+
+    __slots__ = ("session", "ref", "then", "refused", "job", "sent")
+
+    def __init__(self, session: Any, ref: Any, then: Optional[Callable[[Any], None]],
+                 refused: Optional[Callable[[ChatError], None]], job: bool) -> None:
+        self.session = session
+        self.ref = ref
+        self.then = then  # called with the result of applying it here
+        self.refused = refused  # called with the ChatError it met (None: the session is told)
+        self.job = job  # the session waits for it: `job_done()` once it is settled
+        self.sent = False
+
+    def succeeded(self, result: Any) -> None:
+        if self.then is not None:
+            self.then(result)
+        if self.job and self.session is not None:
+            self.session.job_done()
+
+    def failed(self, error: ChatError) -> None:
+        if self.refused is not None:
+            self.refused(error)
+        elif self.session is not None:
+            self.session.send_error(error.code, error.message, self.ref)
+        if self.job and self.session is not None:
+            self.session.job_done()
+
+
+class ClusterNode:
+    """This process in the cluster: publishes commands, applies the ordered stream."""
+
+    PUBLISH = Script(PUBLISH_WITH_ID_LUA)
+
+    def __init__(self, hub: Any, link: RedisLink, node_id: Optional[str] = None,
+                 maxlen: int = 10000) -> None:
+        self.hub = hub
+        self.chat = hub.chat
+        self.link = link
+        self.node = node_id or os.urandom(6).hex()
+        self.streams = RoomStreams(link, maxlen=maxlen)
+        link.add_script(self.PUBLISH.source)
+        self.prefix = self.streams.prefix
+        self.meta_key, self.stream_key = self.streams.keys(STREAM)
+        self.ids_key = f"{self.prefix}{{{STREAM}}}:ids"
+        self.channel = self.streams.channel(STREAM)
+        self.node_channel = f"{self.prefix}{link.db}:node:{self.node}".encode()
+        self.epoch = ""
+        self.offset = 0  # the last command applied
+        self.synced = False  # the state is the cluster's (a snapshot loaded, or alone)
+        self.live = False  # synced and caught up: submissions are accepted
+        self._catching_up = False
+        self._buffer: Dict[int, Tuple[str, bytes]] = {}  # offset -> (epoch, body) not yet applied
+        self._hello_at: Optional[int] = None  # the offset of our hello (while waiting a snapshot)
+        self._seq = 0
+        self._pending: Dict[int, _Pending] = {}  # seq -> what waits for its command
+        self.sessions: Dict[str, Any] = {}  # sid -> session (ours and the others')
+        self._sid_of: Dict[Any, str] = {}  # our sessions -> sid
+        self.nodes: Dict[str, None] = {}  # the processes the state holds users of, and us
+        self._current_id = 0  # the id the command being applied carries
+        self._applying: Optional[_Pending] = None
+        self._unsent_leaves: List[Tuple[str, Optional[str]]] = []
+        self.stats = {"applied": 0, "caught_up": 0, "snapshots_sent": 0, "unavailable": 0}
+        self._snapshot_timer: Any = None
+        link.on_message = self._on_message
+        link.on_up = self._on_up
+        link.on_state = self._on_state
+        link.subscribe(self.channel, self.node_channel)
+        self.chat._allocate = self._next_id
+        self._lease_timer = hub.reactor.call_later(LEASE_RENEW, self._renew)
+        self._check_timer = hub.reactor.call_later(DEAD_CHECK, self._check_leases)
+
+    # --- what the hub asks ------------------------------------------------------------------
+
+    def sid(self, session: Any) -> str:
+        if isinstance(session, RemoteSession):
+            return session.sid
+        sid = self._sid_of.get(session)
+        if sid is None:
+            self._seq += 1
+            sid = self._sid_of[session] = f"{self.node}:{self._seq}"
+        return sid
+
+    def submit(self, body: Dict[str, Any], session: Any = None, ref: Any = None,
+               then: Optional[Callable[[Any], None]] = None,
+               refused: Optional[Callable[[ChatError], None]] = None, job: bool = False) -> None:
+        """Publish a command; once it is applied here `then(result)`, or, when applying it
+        raised (or it could not be ordered: `unavailable`), `refused(error)` (None: the
+        session gets the error with `ref`). `job`: the session waits, `job_done()` after."""
+        pending = _Pending(session, ref, then, refused, job)
+        if not self.live:
+            self._fail(pending, "the cluster link is down: try again")
+            return
+        if len(self._pending) >= MAX_PENDING:
+            self._fail(pending, "too many changes in flight: try again")
+            return
+        self._seq += 1
+        seq = self._seq
+        body["n"] = self.node
+        body["q"] = seq
+        self._pending[seq] = pending
+        self._publish(body, lambda reply: self._published(seq, reply))
+        pending.sent = True
+
+    def _publish(self, body: Dict[str, Any], done: Callable[[Any], None]) -> None:
+        payload = json.dumps(body, separators=(",", ":")).encode()
+        self.PUBLISH.call(self.link, (self.meta_key, self.stream_key, self.ids_key),
+                          (self.channel, payload, self.streams.maxlen, new_epoch(),
+                           self.chat.last_id), done)
+
+    def _published(self, seq: int, reply: Any) -> None:
+        pending = self._pending.get(seq)
+        if pending is None or not isinstance(reply, ReplyError):
+            return  # applied already, or will be when it comes round on the channel
+        if isinstance(reply, Unavailable) and reply.sent:
+            return  # it may have run: the catch-up after the reconnection tells
+        del self._pending[seq]
+        self._fail(pending, "the cluster link is down: try again")
+
+    def _fail(self, pending: _Pending, why: str) -> None:
+        self.stats["unavailable"] += 1
+        error = ChatError("unavailable", why)
+        self.hub.reactor.call_soon(self._refuse, pending, error)
+
+    def _refuse(self, pending: _Pending, error: ChatError) -> None:
+        pending.failed(error)
+
+    def leave(self, session: Any, reason: Optional[str]) -> None:
+        """Our connection `session` went: the others drop it (its user quits with `reason`
+        when it was the last one)."""
+        sid = self._sid_of.pop(session, None)
+        if sid is None:
+            return
+        body = {"k": "leave", "s": sid, "r": reason}
+        if self.live:
+            self._seq += 1
+            body.update(n=self.node, q=self._seq)
+            self._publish(body, lambda reply: self._leave_published(sid, reason, reply))
+        else:
+            self._unsent_leaves.append((sid, reason))
+
+    def _leave_published(self, sid: str, reason: Optional[str], reply: Any) -> None:
+        if isinstance(reply, ReplyError) and not (isinstance(reply, Unavailable) and reply.sent):
+            self._unsent_leaves.append((sid, reason))
+
+    # --- the ordered stream ---------------------------------------------------------------------
+
+    def _on_message(self, channel: bytes, data: bytes, pattern: Optional[bytes]) -> None:
+        if channel == self.node_channel:
+            self._on_snapshot(data)
+            return
+        try:
+            publication = parse_message(data)
+        except ValueError:
+            log.error("cluster: not a publication on %r", channel)
+            return
+        self._arrived(publication.epoch, publication.offset, publication.payload)
+
+    def _arrived(self, epoch: str, offset: int, body: bytes) -> None:
+        if not self.synced or self._catching_up:
+            if len(self._buffer) < 4 * MAX_PENDING:
+                self._buffer[offset] = (epoch, body)
+            return
+        if epoch != self.epoch:
+            self._buffer[offset] = (epoch, body)
+            self._catch_up()
+            return
+        if offset <= self.offset:
+            return  # seen (a catch-up overlapping the live channel)
+        if offset != self.offset + 1:
+            self._buffer[offset] = (epoch, body)
+            self._catch_up()
+            return
+        self._apply(offset, body)
+
+    def _apply(self, offset: int, body: bytes) -> None:
+        self.offset = offset
+        self.stats["applied"] += 1
+        id_text, _, payload = body.partition(b" ")
+        self._current_id = int(id_text)
+        try:
+            command = json.loads(payload)
+        except ValueError:
+            log.error("cluster: command %d is not JSON", offset)
+            return
+        mine = command.get("n") == self.node
+        pending = self._pending.pop(command.get("q", -1), None) if mine else None
+        kind = command.get("k")
+        try:
+            handler = _HANDLERS.get(kind)
+            if handler is None:
+                log.error("cluster: command %d of an unknown kind %r", offset, kind)
+                return
+            result = handler(self, command, pending)
+        except ChatError as exc:
+            if pending is not None:
+                self._refuse(pending, exc)
+            return
+        except Exception:  # a bug here must not stop the stream for everyone else
+            log.exception("cluster: command %d (%s) failed", offset, kind)
+            if pending is not None:
+                self._refuse(pending, ChatError("unavailable", "the change failed: try again"))
+            return
+        if pending is not None:
+            pending.succeeded(result)
+
+    def _next_id(self) -> int:
+        return self._current_id
+
+    def _session(self, sid: str) -> Any:
+        session = self.sessions.get(sid)
+        if session is None:
+            node = sid.partition(":")[0]
+            session = self.sessions[sid] = RemoteSession(sid, node)
+        return session
+
+    def _user(self, sid: str) -> User:
+        session = self.sessions.get(sid)
+        user = getattr(session, "user", None) if session is not None else None
+        if user is None or self.chat.users.get(user.key) is not user:
+            raise ChatError("unavailable", "that connection has left")
+        return user
+
+    def _deliver(self, deliveries: List[Any], pending: Optional[_Pending], session: Any) -> None:
+        self.hub._deliver(deliveries, pending.ref if pending is not None else None, session)
+
+    # --- command handlers ---------------------------------------------------------------------
+
+    def _do_reg(self, c: Dict[str, Any], pending: Optional[_Pending]) -> Any:
+        sid = c["s"]
+        session = pending.session if pending is not None else self._session(sid)
+        self.nodes.setdefault(c["n"], None)
+        accounts = self.chat.accounts
+        accounts.next_token = c.get("tok")
+        try:
+            user, deliveries = self.chat.register(
+                c["nick"], session, join_lobby=c["lobby"], ident=c["ident"], host=c["host"],
+                realname=c["real"], door=c["door"], origin=c["origin"], now_ms=c["t"],
+                account=c.get("acct"), remember=bool(c.get("tok")))
+        finally:
+            accounts.next_token = None
+        self.sessions[sid] = session
+        if isinstance(session, RemoteSession):
+            session.user = user
+        else:
+            session.user = user  # the door's session learns its user before the welcome is out
+        self._deliver(deliveries, pending, session)
+        return user
+
+    def _do_req(self, c: Dict[str, Any], pending: Optional[_Pending]) -> Any:
+        session = self.sessions.get(c["s"])
+        user = self._user(c["s"])
+        request = decode_request(c["r"])
+        deliveries = self.chat.handle(user, request, c["t"])
+        self._deliver(deliveries, pending, session)
+        if pending is not None and type(request) is requests.Say:
+            self.hub._said.append((session, pending.ref, deliveries[0].event.id))
+        return deliveries
+
+    def _do_leave(self, c: Dict[str, Any], pending: Optional[_Pending]) -> Any:
+        session = self.sessions.pop(c["s"], None)
+        user = getattr(session, "user", None)
+        if user is None:
+            return None
+        deliveries = self.chat.disconnect(user, c["r"] or "", session)
+        if c["r"] is not None:
+            self.hub.fanout.deliver(deliveries, None)
+        return None
+
+    def _do_acct(self, c: Dict[str, Any], pending: Optional[_Pending]) -> Any:
+        session = self.sessions.get(c["s"])
+        user = self._user(c["s"])
+        chat = self.chat
+        op = c["op"]
+        chat.accounts.next_token = c.get("tok")
+        try:
+            if op == "register":
+                out = chat.register_account(user, c["v"], c["t"], bool(c.get("tok")))
+            elif op == "login":
+                out = chat.log_in(user, c["a"], session, c["t"], bool(c.get("tok")))
+                owner = chat.online.get(c["a"])
+                if owner is not None and owner is not user and session in owner.sessions:
+                    session.user = owner
+            elif op == "password":
+                out = chat.set_password(user, c["v"])
+            elif op == "logout":
+                out = chat.log_out(user, c.get("token"))
+            else:
+                raise ChatError("unavailable", f"unknown account change {op!r}")
+        finally:
+            chat.accounts.next_token = None
+        self._deliver(out, pending, session)
+        return out
+
+    def _do_attr(self, c: Dict[str, Any], pending: Optional[_Pending]) -> Any:
+        user = self._user(c["s"])
+        if c["a"] == "away":
+            self.chat.set_away(user, c["v"])
+        elif c["a"] == "realname":
+            user.realname = c["v"]
+        return None
+
+    def _do_kill(self, c: Dict[str, Any], pending: Optional[_Pending]) -> Any:
+        user = self._user(c["s"])
+        target = self.chat.kill_target(user, c["nick"])
+        reason = f"killed by {user.nick}" + (f": {c['why']}" if c["why"] else "")
+        log.info("kill: %s kills %s (%s)", user.nick, target.nick, c["why"])
+        for victim in list(target.sessions):
+            if not isinstance(victim, RemoteSession):
+                self.hub.condemn(victim, reason)
+        return None
+
+    def _do_hello(self, c: Dict[str, Any], pending: Optional[_Pending]) -> Any:
+        node = c["n"]
+        if node == self.node:
+            return None
+        self.nodes.setdefault(node, None)
+        # Our copy as it stands after this offset is the one the newcomer builds on.
+        snapshot = self.snapshot()
+        channel = f"{self.prefix}{self.link.db}:node:{node}".encode()
+        self.link.execute("PUBLISH", channel, json.dumps(snapshot, separators=(",", ":")).encode())
+        self.stats["snapshots_sent"] += 1
+        log.info("cluster: process %s joined at offset %d; sent it the state", node, self.offset)
+        return None
+
+    def _do_dead(self, c: Dict[str, Any], pending: Optional[_Pending]) -> Any:
+        node = c["dead"]
+        if node == self.node:
+            # The others buried us (the link was down past the lease): our connections are
+            # gone from the chat everywhere, so they go here too, and come back as new ones.
+            log.error("cluster: the others found this process's lease gone; closing its "
+                      "connections")
+            for session in list(self._sid_of):
+                self.hub.condemn(session, "connection closed")
+            self._sid_of.clear()
+            return None
+        if node not in self.nodes:
+            return None
+        del self.nodes[node]
+        gone = [sid for sid, s in self.sessions.items() if isinstance(s, RemoteSession) and s.node == node]
+        for sid in gone:
+            session = self.sessions.pop(sid)
+            if session.user is not None:
+                self.hub.fanout.deliver(self.chat.disconnect(session.user, "connection closed",
+                                                             session), None)
+        log.warning("cluster: process %s is gone (lease expired): %d connection(s) closed",
+                    node, len(gone))
+        return None
+
+    # --- starting: a snapshot from the others, or alone -------------------------------------
+
+    def _on_up(self) -> None:
+        self.link.execute("SET", self._lease_key(self.node), b"1", "PX", int(LEASE_TTL * 1000))
+        if not self.synced:
+            self._start()
+        else:
+            self._catch_up()
+
+    def _start(self) -> None:
+        """Ask the others for the state: `hello`, or start alone when nobody holds a lease."""
+        def looked(reply: Any) -> None:
+            if isinstance(reply, ReplyError):
+                return  # the link dropped: `_on_up` starts again
+            others = [k for k in reply if not k.endswith(self.node.encode())]
+            body = {"k": "hello", "n": self.node, "q": 0}
+
+            def said(answer: Any) -> None:
+                if isinstance(answer, ReplyError):
+                    return
+                publication = answer
+                self._hello_at = publication.offset if isinstance(publication, Publication) else int(answer[1])
+                self.epoch = publication.epoch if isinstance(publication, Publication) else answer[0].decode()
+                if not others:
+                    self._become_synced(self.epoch, self._hello_at, alone=True)
+                else:
+                    self._snapshot_timer = self.hub.reactor.call_later(SNAPSHOT_WAIT, self._no_snapshot)
+
+            self._publish(body, lambda reply: said(_publication(reply)))
+
+        self.link.execute("KEYS", self._lease_key("*"), done=looked)
+
+    def _no_snapshot(self, _: Any = None) -> None:
+        self._snapshot_timer = None
+        if self.synced:
+            return
+        log.warning("cluster: no snapshot came in %.0f s; asking again", SNAPSHOT_WAIT)
+        self._buffer.clear()
+        if self.link.state is LinkState.UP:
+            self._start()
+
+    def _on_snapshot(self, data: bytes) -> None:
+        if self.synced:
+            return
+        try:
+            snapshot = json.loads(data)
+        except ValueError:
+            log.error("cluster: a snapshot that is not JSON")
+            return
+        if snapshot.get("epoch") != self.epoch or self._hello_at is None \
+                or snapshot.get("offset") != self._hello_at:
+            return  # for an earlier hello of ours
+        self.load(snapshot)
+        self._become_synced(self.epoch, self._hello_at)
+
+    def _become_synced(self, epoch: str, offset: int, alone: bool = False) -> None:
+        if self._snapshot_timer is not None:
+            self._snapshot_timer.cancel()
+            self._snapshot_timer = None
+        self.epoch = epoch
+        self.offset = offset
+        self.synced = True
+        self.nodes.setdefault(self.node, None)
+        log.info("cluster: process %s in the cluster at offset %d (%s)", self.node, offset,
+                 "alone: the state is its own" if alone else "state from a snapshot")
+        self._catch_up()
+
+    def _catch_up(self) -> None:
+        """Read what followed our offset before applying anything newer."""
+        if self._catching_up or self.link.state is not LinkState.UP:
+            return
+        self._catching_up = True
+        self.live = False
+
+        def read(missed: Any) -> None:
+            self._catching_up = False
+            if isinstance(missed, ReplyError):
+                return  # the link dropped again: its `on_up` starts over
+            assert isinstance(missed, Missed)
+            if missed.status == "epoch":
+                log.warning("cluster: Redis has a new epoch (%s, was %s): it came back empty; "
+                            "the state here goes on, the stream starts again", missed.epoch, self.epoch)
+                self.epoch = missed.epoch
+                self.offset = 0
+            elif missed.status == "gap":
+                log.error("cluster: commands after %d fell out of the capped stream: this "
+                          "process's state may differ from the others'", self.offset)
+            elif missed.status == "behind":
+                log.error("cluster: Redis is behind this process (offset %d < %d): it lost "
+                          "acknowledged writes", missed.top, self.offset)
+                self.offset = missed.top
+            for entry in missed.entries:
+                if entry.offset > self.offset:
+                    self.stats["caught_up"] += 1
+                    self._apply(entry.offset, entry.payload)
+            if missed.more:
+                self._catch_up()
+                return
+            # What arrived live meanwhile, in order; anything past a hole waits for the next look.
+            buffered, self._buffer = self._buffer, {}
+            for offset in sorted(buffered):
+                epoch, body = buffered[offset]
+                if epoch == self.epoch and offset == self.offset + 1:
+                    self._apply(offset, body)
+            self.live = True
+            self._after_live()
+
+        self.streams.since(STREAM, self.epoch, self.offset, read, count=CATCH_UP_BATCH)
+
+    def _after_live(self) -> None:
+        # Commands that were sent when the link fell and never came back did not run.
+        for seq in [s for s, p in self._pending.items() if p.sent]:
+            pending = self._pending.pop(seq)
+            self._fail(pending, "the cluster link went down: try again")
+        leaves, self._unsent_leaves = self._unsent_leaves, []
+        for sid, reason in leaves:
+            if sid in self.sessions:
+                self._seq += 1
+                self._publish({"k": "leave", "s": sid, "r": reason, "n": self.node, "q": self._seq},
+                              lambda reply, sid=sid, reason=reason: self._leave_published(sid, reason, reply))
+
+    def _on_state(self, state: LinkState) -> None:
+        if state is not LinkState.UP:
+            self.live = False
+
+    # --- leases ---------------------------------------------------------------------------------
+
+    def _lease_key(self, node: str) -> str:
+        return f"{self.prefix}lease:{node}"
+
+    def _renew(self, _: Any = None) -> None:
+        self._lease_timer = self.hub.reactor.call_later(LEASE_RENEW, self._renew)
+        if self.link.state is LinkState.UP:
+            self.link.execute("SET", self._lease_key(self.node), b"1", "PX", int(LEASE_TTL * 1000))
+
+    def _check_leases(self, _: Any = None) -> None:
+        self._check_timer = self.hub.reactor.call_later(DEAD_CHECK, self._check_leases)
+        if not self.live:
+            return
+        others = [n for n in self.nodes if n != self.node]
+        if not others:
+            return
+
+        def counted(reply: Any, others: List[str] = others) -> None:
+            if isinstance(reply, ReplyError) or not self.live:
+                return
+            for node, alive in zip(others, reply):
+                if not alive and node in self.nodes:
+                    self._seq += 1
+                    self._publish({"k": "dead", "dead": node, "n": self.node, "q": self._seq},
+                                  lambda _: None)
+
+        self.link.execute("EVAL", _EXISTS_EACH_LUA, len(others),
+                          *(self._lease_key(n) for n in others), done=counted)
+
+    def close(self) -> None:
+        for timer in (self._lease_timer, self._check_timer, self._snapshot_timer):
+            if timer is not None:
+                timer.cancel()
+        if self.link.state is LinkState.UP:
+            self.link.execute("DEL", self._lease_key(self.node))
+
+    # --- the state, whole ----------------------------------------------------------------------
+
+    def snapshot(self) -> Dict[str, Any]:
+        """This process's copy of the chat, as JSON-ready data (what a newcomer loads)."""
+        chat = self.chat
+        sid_of_session = {id(s): sid for sid, s in self.sessions.items()}
+        users = []
+        for user in chat.users.values():
+            users.append({
+                "nick": user.nick, "ident": user.ident, "host": user.host,
+                "real": user.realname, "away": user.away, "door": user.door, "since": user.since,
+                "origin": user.origin, "holder": user.holder, "acct": user.account_key,
+                "s": [sid_of_session.get(id(s)) or self.sid(s) for s in user.sessions],
+            })
+        rooms = []
+        for room in chat.rooms.values():
+            try:
+                recent, _ = chat.store.recent(room.name, None, SNAPSHOT_HISTORY, None)
+            except Exception:  # the history is a courtesy; the state is what matters
+                recent = []
+            rooms.append({
+                "name": room.name, "created": room.created, "holder": room.holder,
+                "topic": [room.topic, room.topic_by, room.topic_ts], "flags": room.flags,
+                "key": room.room_key, "limit": room.limit, "bans": room.bans,
+                "ban_info": room.ban_info, "no_ext": room.no_external,
+                "founder": room.founder, "op_accounts": list(room.op_accounts),
+                "members": [u.key for u in room.members], "ops": [u.key for u in room.operators],
+                "voiced": [u.key for u in room.voiced],
+                "invited": [[u.key, v] for u, v in (room.invited or {}).items()],
+                "recent": [message_to_json(m) for m in recent],
+            })
+        d = chat.directory
+        return {
+            "epoch": self.epoch, "offset": self.offset, "nodes": list(self.nodes),
+            "users": users, "rooms": rooms, "rooms_held": chat.rooms_held,
+            "directory": {
+                "accounts": d.accounts, "tokens": d.tokens, "rooms": d.rooms,
+                "mail": {k: [message_to_json(m) for _, m in box] for k, box in d.mail.items()},
+            },
+        }
+
+    def load(self, snapshot: Dict[str, Any]) -> None:
+        """Take the others' state (we have no users yet: nobody registers before we are live)."""
+        chat = self.chat
+        self.nodes = dict.fromkeys(snapshot["nodes"])
+        d = chat.directory
+        for key, (name, verifier, created) in snapshot["directory"]["accounts"].items():
+            if d.accounts.get(key) != (name, verifier, created):
+                d.save_account(key, name, verifier, created)
+        for digest, (account, created) in snapshot["directory"]["tokens"].items():
+            if digest not in d.tokens:
+                d.save_token(digest, account, created)
+        for key, (name, founder, state) in snapshot["directory"]["rooms"].items():
+            if d.rooms.get(key) != (name, founder, state):
+                d.save_room(key, name, founder, state)
+        for owner in list(d.mail):
+            d.take_mail(owner)
+        for owner, box in snapshot["directory"]["mail"].items():
+            for m in box:
+                d.add_mail(owner, message_from_json(m))
+        by_key: Dict[str, User] = {}
+        for u in snapshot["users"]:
+            sessions = [self._session(sid) for sid in u["s"]]
+            user = User(u["nick"], sessions[0], u["ident"], u["host"], u["real"], u["door"], u["origin"])
+            user.sessions = sessions
+            user.holder = u["holder"]
+            user.away = u["away"]
+            user.since = u["since"]
+            for s in sessions:
+                s.user = user
+            chat.users[user.key] = user
+            if u["acct"] is not None:
+                chat._log_in(user, u["acct"])
+            by_key[user.key] = user
+            self.nodes.update((s.node, None) for s in sessions)
+        lobby_key = chat.lobby.key
+        stored = getattr(chat.store, "add", None)
+        for r in snapshot["rooms"]:
+            room: Room = chat.rooms.get(fold(r["name"])) if fold(r["name"]) == lobby_key else None  # type: ignore[assignment]
+            if room is None:
+                room = chat._room(r["name"], r["created"], r["holder"])
+            room.topic, room.topic_by, room.topic_ts = r["topic"]
+            room.flags.update(r["flags"])
+            room.room_key, room.limit = r["key"], r["limit"]
+            room.bans = list(r["bans"])
+            room.ban_info = {k: tuple(v) for k, v in r["ban_info"].items()}  # type: ignore[misc]
+            room.no_external = r["no_ext"]
+            room.founder = r["founder"]
+            room.op_accounts = dict.fromkeys(r["op_accounts"])
+            if room.flags.get("secret"):
+                chat.index.remove(room.key, 0)
+            for key in r["members"]:
+                user = by_key[key]
+                room.members[user] = None
+                user.rooms[room.key] = room
+                if not room.flags.get("secret"):
+                    chat.index.resize(room.key, len(room.members) - 1, len(room.members))
+            room.operators = dict.fromkeys(by_key[k] for k in r["ops"])
+            room.voiced = dict.fromkeys(by_key[k] for k in r["voiced"])
+            if r["invited"]:
+                room.invited = weakref.WeakKeyDictionary((by_key[k], v) for k, v in r["invited"])
+            room.names_cache = None
+            if stored is not None:
+                have = {m.id for m in chat.store.recent(room.name, None, SNAPSHOT_HISTORY, None)[0]}
+                for m in r["recent"]:
+                    if m[0] not in have:
+                        stored(message_from_json(m))
+        chat.rooms_held.clear()
+        chat.rooms_held.update(snapshot["rooms_held"])
+        log.info("cluster: loaded the state: %d user(s), %d room(s), %d process(es)",
+                 len(chat.users), len(chat.rooms), len(self.nodes))
+
+
+_EXISTS_EACH_LUA = b"""
+local out = {}
+for i, key in ipairs(KEYS) do out[i] = redis.call('EXISTS', key) end
+return out
+"""
+
+
+def _publication(reply: Any) -> Any:
+    if isinstance(reply, ReplyError):
+        return reply
+    return Publication(reply[0].decode("ascii"), int(reply[1]), b"")
+
+
+_HANDLERS: Dict[str, Callable[[ClusterNode, Dict[str, Any], Optional[_Pending]], Any]] = {
+    "reg": ClusterNode._do_reg,
+    "req": ClusterNode._do_req,
+    "leave": ClusterNode._do_leave,
+    "acct": ClusterNode._do_acct,
+    "attr": ClusterNode._do_attr,
+    "kill": ClusterNode._do_kill,
+    "hello": ClusterNode._do_hello,
+    "dead": ClusterNode._do_dead,
+}
+
+__all__ = ["ClusterNode", "RemoteSession", "encode_request", "decode_request"]
