@@ -187,11 +187,33 @@ def machine_ticks() -> Tuple[int, int]:
 _TICK = os.sysconf("SC_CLK_TCK")
 
 
+def cpu_idle_ticks() -> Dict[int, Tuple[int, int]]:
+    """(idle, all) clock ticks of each CPU from /proc/stat's cpuN lines.
+
+    With the server and the generator pinned to a CPU each, the idle time of each CPU says
+    which of the two had time to spare; the processes' own CPU time does not, since the
+    loopback TCP work done in softirq on a CPU is charged to neither.
+    """
+    out: Dict[int, Tuple[int, int]] = {}
+    with open("/proc/stat") as f:
+        for line in f:
+            if not line.startswith("cpu"):
+                break
+            name, *vals = line.split()
+            if name == "cpu":
+                continue
+            v = [int(x) for x in vals[:8]]
+            out[int(name[3:])] = (v[3] + v[4], sum(v))
+    return out
+
+
 def _run_load(case: Case, srv: RunningServer, opts: argparse.Namespace, out: Outcome) -> None:
     samples: Dict[str, Tuple[float, float, int, Tuple[int, int]]] = {}
+    per_cpu: Dict[str, Dict[int, Tuple[int, int]]] = {}
 
     def probe(edge: str) -> None:
         samples[edge] = (time.monotonic(), srv.cpu_seconds(), srv.rss_kib(), machine_ticks())
+        per_cpu[edge] = cpu_idle_ticks()
 
     if case.kind == "latency":
         cfg = loadgen.LoadConfig(
@@ -239,6 +261,12 @@ def _run_load(case: Case, srv: RunningServer, opts: argparse.Namespace, out: Out
     m["p99_ms"] = res.p99_ms if res.p99_ms is not None else math.nan
     m["gen_cpu"] = res.gen_cpu
     m["gen_c"] = 1.0 if binary is not None else 0.0
+    pins = getattr(opts, "pin", None)
+    if binary is not None and pins:
+        for key, cpu in (("server_cpu_idle", pins[0]), ("gen_cpu_idle", pins[1])):
+            a, b = per_cpu["start"].get(cpu), per_cpu["end"].get(cpu)
+            if a and b and b[1] > a[1]:
+                m[key] = (b[0] - a[0]) / (b[1] - a[1])
     m["gen_bound"] = 1.0 if generator_bound(m) else 0.0
     m["softirq_cores"] = softirq
     m["other_cores"] = max(busy - softirq - server_cores - res.gen_cpu, 0.0)
@@ -288,15 +316,25 @@ def _run_cgen(binary: Path, cfg: loadgen.LoadConfig, probe: loadgen.Probe, opts:
 def generator_bound(m: Dict[str, float]) -> Optional[str]:
     """Why a fan-out figure measured the generator rather than the server, or None.
 
-    C generator (one process on a core of its own): it used at least CGEN_BOUND of its core
-    while the server used less than SERVER_FULL of its own, i.e. the server had idle CPU and
-    was waiting for the generator. Python generator (several processes): the old rule, its
-    processes together above GEN_LIMIT cores.
+    C generator pinned to a CPU of its own, the server to another: the generator's CPU had
+    less than 1 - CGEN_BOUND of idle time (the generator itself, or the loopback work in
+    softirq on its CPU, used it up) while the server's CPU had at least 1 - SERVER_FULL idle,
+    i.e. the server was waiting for the generator. Not pinned: the generator's own CPU time
+    at least CGEN_BOUND of a core while the server's was below SERVER_FULL. Python generator
+    (several processes): the old rule, its processes together above GEN_LIMIT cores.
     """
     gen = m.get("gen_cpu")
     if gen is None or math.isnan(gen):
         return None
     if m.get("gen_c"):
+        gen_idle, server_idle = m.get("gen_cpu_idle"), m.get("server_cpu_idle")
+        if gen_idle is not None and server_idle is not None:
+            if (gen >= CGEN_BOUND or gen_idle < 1 - CGEN_BOUND) and server_idle >= 1 - SERVER_FULL:
+                return (
+                    f"generator-bound (its CPU {1 - gen_idle:.0%} busy, {gen:.2f} of it the generator's own; "
+                    f"the server's CPU {1 - server_idle:.0%} busy)"
+                )
+            return None
         server = m.get("server_cores", math.nan)
         if gen >= CGEN_BOUND and not server >= SERVER_FULL:
             return f"generator-bound (C generator {gen:.2f} cores, server {server:.2f})"
@@ -304,6 +342,15 @@ def generator_bound(m: Dict[str, float]) -> Optional[str]:
     if gen > GEN_LIMIT:
         return f"generator-limited ({gen:.2f} cores)"
     return None
+
+
+def _server_spare(m: Dict[str, float]) -> str:
+    """'' when the server used its CPU up; else what it left idle (pinned: its CPU's idle time)."""
+    idle = m.get("server_cpu_idle")
+    if idle is not None and not math.isnan(idle):
+        return f"the server's CPU {idle:.0%} idle" if idle >= 1 - SERVER_FULL else ""
+    cores = m.get("server_cores", 1.0)
+    return f"server at {cores:.2f} cores" if cores < SERVER_FULL else ""
 
 
 def is_generator_bound(o: Optional["Outcome"]) -> bool:
@@ -445,7 +492,7 @@ def table(
     head = (
         "| point | server | deliveries/s | server CPU µs/delivery | server CPU (cores) | p50 ms | p99 ms "
         "| KiB/idle conn | register s (p99 / max wait ms) | frames for 100 joins (to old members) | generator CPU (cores) "
-        "| softirq / other load (cores) | notes |"
+        "| idle of server / generator CPU | softirq / other load (cores) | notes |"
     )
     lines = [head, "|" + "|".join(["---"] * (head.count("|") - 1)) + "|"]
     for case in cases:
@@ -454,7 +501,7 @@ def table(
             if o is None:
                 continue
             if o.failed and not o.metrics:
-                lines.append(f"| {case.label} | {labels.get(name, name)} | " + " | ".join(["n/a"] * 10) + f" | {o.failed[:300]} |")
+                lines.append(f"| {case.label} | {labels.get(name, name)} | " + " | ".join(["n/a"] * 11) + f" | {o.failed[:300]} |")
                 continue
             m = o.metrics
             notes = list(o.notes)
@@ -463,8 +510,8 @@ def table(
                 reason = generator_bound(m)
                 if reason or is_generator_bound(o):
                     notes.insert(0, f"**{reason or 'generator-bound'}: figure not valid**")
-                elif m.get("gen_c") and m.get("server_cores", 1.0) < SERVER_FULL:
-                    notes.insert(0, f"server at {m['server_cores']:.2f} cores: not CPU-bound")
+                elif m.get("gen_c") and _server_spare(m):
+                    notes.insert(0, f"{_server_spare(m)}: not CPU-bound")
                 if "gen_c" in m and not m["gen_c"] and case.kind in CGEN_KINDS:
                     notes.append("Python generator")
             other = m.get("other_cores", 0.0)
@@ -488,6 +535,7 @@ def table(
                         _register(m),
                         joins,
                         _fmt(gen, 2),
+                        f"{m['server_cpu_idle']:.0%} / {m['gen_cpu_idle']:.0%}" if "gen_cpu_idle" in m and "server_cpu_idle" in m else "–",
                         f"{_fmt(m.get('softirq_cores'), 2)} / {_fmt(m.get('other_cores'), 2)}" if "other_cores" in m else "–",
                         "; ".join(notes).replace("|", "/")[:400],
                     ]

@@ -101,6 +101,7 @@ class CgenConfig:
     # senders, IRC counters), "all", or "none". See benchmarks/README.md: a server that does
     # not set TCP_NODELAY (InspIRCd) otherwise waits for delayed ACKs of up to 40 ms.
     quickack: str = "window"
+    messages: int = 0  # per sender, 0: as many as the window allows (the tests count exactly)
 
     def argv(self, binary: Path) -> List[str]:
         args = [
@@ -113,6 +114,8 @@ class CgenConfig:
             "--drain-quiet", repr(float(self.drain_quiet)), "--sample-every", str(self.sample_every),
             "--quickack", self.quickack,
         ]
+        if self.messages:
+            args += ["--messages", str(self.messages)]
         if self.cpu is not None:
             args += ["--cpu", str(self.cpu)]
         return args

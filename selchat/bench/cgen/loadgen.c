@@ -22,6 +22,16 @@
  * runner samples the server's /proc there). Everything is bounded: every phase has a
  * deadline, and alarm() ends the process if the whole run overstays its budget.
  *
+ * TCP_QUICKACK (--quickack window, the default): the members that drive the window (native
+ * senders, IRC counters) ask the kernel to acknowledge at once after every receive. A server
+ * that does not set TCP_NODELAY (InspIRCd 3 sets no socket option on its clients) holds a
+ * small write until the previous one is acknowledged, and Linux delays the ACK of a socket
+ * that only receives by up to 40 ms: the window then refills at the pace of the ACK timer,
+ * not of the server. Other receivers acknowledge like any client ("all" and "none" exist).
+ *
+ * Latency: every --sample-every-th message a member receives inside the window, send time to
+ * the moment its receive returned, into a histogram of 10 us buckets (p50 and p99 reported).
+ *
  * Loopback only (the host must be 127.x.y.z). Build: cc -O2 -std=c99 -o cgen loadgen.c
  */
 #define _GNU_SOURCE
@@ -92,10 +102,11 @@ static struct {
     int cpu;
     char channel[64];
     int quickack;
+    long messages; /* per sender, 0: no limit (the tests count exactly) */
 } opt = {
     "127.0.0.1", 0, P_NATIVE, 100, 10, 8, 100,
     5.0, 1.0, 2000.0, 60.0, 0.3, 10.0, 0.3,
-    256, 4, -1, "#lobby", 0,
+    256, 4, -1, "#lobby", 1, 0,
 };
 
 /* ---- state -------------------------------------------------------------------------- */
@@ -314,6 +325,8 @@ static void top_up(struct conn *c) {
     if (c->state != READY)
         return;
     int64_t n = (int64_t)opt.window - (int64_t)(c->sent - c->echoes);
+    if (opt.messages && n > opt.messages - (int64_t)c->sent)
+        n = opt.messages - (int64_t)c->sent;
     if (n <= 0)
         return;
     unsigned char msg[8192];
@@ -644,12 +657,13 @@ static int ms_until(double t) {
 }
 
 static void print_result(int ok, const char *error, double register_s, const struct snap *a, const struct snap *b) {
-    uint64_t lost = 0, extra = 0, members = 0;
+    uint64_t lost = 0, extra = 0, members = 0, received = 0;
     uint64_t per_min = UINT64_MAX, per_max = 0;
     for (int i = 0; i < nconns; i++) {
         struct conn *c = &conns[i];
         uint64_t got = c->msgs - c->msgs0 + (opt.proto == P_IRC && c->sid >= 0 ? c->sent : 0);
         members++;
+        received += c->msgs - c->msgs0;
         if (got < total_sent)
             lost += total_sent - got;
         else
@@ -696,8 +710,8 @@ static void print_result(int ok, const char *error, double register_s, const str
     printf(",\"samples\":%llu,\"sent_total\":%llu,\"members\":%llu,\"lost\":%llu,\"extra\":%llu",
            (unsigned long long)hist_n, (unsigned long long)total_sent, (unsigned long long)members,
            (unsigned long long)lost, (unsigned long long)extra);
-    printf(",\"per_member_min\":%llu,\"per_member_max\":%llu", (unsigned long long)(members ? per_min : 0),
-           (unsigned long long)per_max);
+    printf(",\"per_member_min\":%llu,\"per_member_max\":%llu,\"received_total\":%llu", (unsigned long long)(members ? per_min : 0),
+           (unsigned long long)per_max, (unsigned long long)received);
     printf(",\"complete\":%s,\"dropped\":%d,\"errors\":{", ok && lost == 0 && extra == 0 ? "true" : "false", dropped);
     for (int i = 0; i < n_err; i++)
         printf("%s\"%s\":%llu", i ? "," : "", err_name[i], (unsigned long long)err_count[i]);
@@ -715,7 +729,8 @@ static void usage(void) {
             "usage: cgen --port P [--host 127.0.0.1] [--proto native|irc] [-R receivers] [-S senders]\n"
             "            [--window K] [--duration S] [--warmup S] [--msg-size N] [--ramp-rate N/s]\n"
             "            [--max-pending N] [--register-timeout S] [--settle-quiet S] [--drain-timeout S]\n"
-            "            [--drain-quiet S] [--sample-every N] [--cpu N] [--channel #lobby]\n");
+            "            [--drain-quiet S] [--sample-every N] [--cpu N] [--channel #lobby]\n"
+            "            [--quickack window|all|none] [--messages N per sender]\n");
     exit(2);
 }
 
@@ -735,7 +750,7 @@ static void parse_args(int argc, char **argv) {
         {"senders", 1, 0, 'S'}, {"window", 1, 0, 'w'}, {"duration", 1, 0, 'd'}, {"warmup", 1, 0, 'W'},
         {"msg-size", 1, 0, 'm'}, {"ramp-rate", 1, 0, 'r'}, {"max-pending", 1, 0, 'M'},
         {"register-timeout", 1, 0, 't'}, {"settle-quiet", 1, 0, 'q'}, {"drain-timeout", 1, 0, 'D'},
-        {"drain-quiet", 1, 0, 'Q'}, {"sample-every", 1, 0, 'e'}, {"cpu", 1, 0, 'c'}, {"channel", 1, 0, 'C'}, {"quickack", 1, 0, 'k'},
+        {"drain-quiet", 1, 0, 'Q'}, {"sample-every", 1, 0, 'e'}, {"cpu", 1, 0, 'c'}, {"channel", 1, 0, 'C'}, {"quickack", 1, 0, 'k'}, {"messages", 1, 0, 'n'},
         {"help", 0, 0, '?'}, {0, 0, 0, 0},
     };
     int ch;
@@ -761,6 +776,7 @@ static void parse_args(int argc, char **argv) {
         case 'D': opt.drain_timeout = num(optarg, 0.1, 600, "drain-timeout"); break;
         case 'Q': opt.drain_quiet = num(optarg, 0, 60, "drain-quiet"); break;
         case 'e': opt.sample_every = (int)num(optarg, 1, 1e6, "sample-every"); break;
+        case 'n': opt.messages = (long)num(optarg, 0, 1e9, "messages"); break;
         case 'k':
             if (strcmp(optarg, "none") == 0) opt.quickack = 0;
             else if (strcmp(optarg, "window") == 0) opt.quickack = 1;
