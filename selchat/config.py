@@ -75,6 +75,7 @@ class ServerConfig:
     registration: bool = True  # whether `register` makes new accounts
     kdf_workers: int = 1  # processes that hash and check passwords; 0: in the loop (tests)
     metrics_port: Optional[int] = None  # Prometheus metrics and the health check; off unless given
+    redis: Optional[str] = None  # redis://host:port[/db]: one chat with every process on that Redis
     config: Optional[str] = None  # --config: the TOML file these came from (SIGHUP reads it again)
 
     @property
@@ -346,7 +347,7 @@ HELP_GROUPS = (
     ("limits", ("max_frame", "max_text", "max_outbuf", "rate", "burst", "max_clients", "max_per_ip",
                 "register_rate", "register_burst", "max_presence", "history_on_join")),
     ("security", ("tls_cert", "tls_key", "password_file", "operators", "registration", "kdf_workers")),
-    ("storage", ("db", "backup")),
+    ("storage", ("db", "backup", "redis")),
     ("running", ("config", "check_config", "log_level", "shutdown_grace")),
 )
 
@@ -505,6 +506,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--forwarded-header", choices=["x-forwarded-for", "forwarded"],
                    default=d.forwarded_header,
                    help="the header a trusted proxy names web clients in")
+    p.add_argument("--redis", metavar="URL", default=None,
+                   help="redis://[:password@]host[:port][/db]: share one chat with every "
+                        "selchat process on that Redis (docs/cluster.md)")
     p.add_argument("--metrics-port", type=_port, default=None, metavar="PORT",
                    help="serve /metrics (Prometheus) and /healthz on this port")
     p.add_argument("--log-level", default=d.log_level,
@@ -600,6 +604,12 @@ def parse_args(argv: Optional[List[str]] = None, raising: bool = False,
                              "(http or https, nothing after the port)")
     from selchat.loop.proxyproto import parse_network
 
+    if config.redis is not None:
+        from selchat.links.redis import RedisAddress
+        try:
+            RedisAddress(config.redis)
+        except ValueError as exc:
+            parser.error(f"{where('redis')} {config.redis[:70]!r}: {exc}")
     for network in config.trusted_proxy:
         try:
             parse_network(network)

@@ -87,6 +87,15 @@ class Server:
         )
         self.hub = Hub(self.chat, self.reactor)
         self.hub.kdf = LazyKdf(self.reactor, config.kdf_workers)
+        # --redis: one chat with every process on that Redis (selchat.links.cluster). The
+        # link (`redis`, which /healthz and the metrics read) lives in this loop.
+        self.redis: Any = None
+        self.cluster: Any = None
+        if config.redis is not None:
+            from selchat.links.cluster import ClusterNode
+            from selchat.links.redis import RedisLink
+            self.redis = RedisLink(self.reactor, config.redis)
+            self.cluster = self.hub.cluster = ClusterNode(self.hub, self.redis)
         if config.register_rate > 0:
             # The waiting are connections, so the admission limits bound them already; a
             # waiting hello ends at the handshake timeout like any that does not get in.
@@ -362,6 +371,10 @@ class Server:
         if self.metrics_endpoint is not None:
             self.metrics_endpoint.close()
         self.hub.kdf.close()
+        if self.cluster is not None:
+            self.cluster.close()
+            self.redis.flush_now()
+            self.redis.close()
         self.hub.fanout.flush()
         try:
             self.store.commit()

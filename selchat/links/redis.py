@@ -319,6 +319,11 @@ class RedisLink:
         """Commands accepted and not yet answered."""
         return len(self._cmd.pending) if self._cmd is not None else 0
 
+    def flush_now(self) -> None:
+        """Send what is queued at once (a server stopping sends its last commands before
+        `close`; best effort: what the kernel does not take now is not sent)."""
+        self._flush()
+
     def close(self) -> None:
         """Fail what is unanswered (Unavailable, at once), close both sockets, stop timers.
         (The before-sleep hook stays in the reactor, which has no removal; it does nothing.)"""
