@@ -229,6 +229,7 @@ class ClusterNode:
         self._unsent_leaves: List[Tuple[str, Optional[str]]] = []
         self.stats = {"applied": 0, "caught_up": 0, "snapshots_sent": 0, "unavailable": 0}
         self._snapshot_timer: Any = None
+        self._how_synced = ""  # said once, when first live
         link.on_message = self._on_message
         link.on_up = self._on_up
         link.on_state = self._on_state
@@ -577,8 +578,7 @@ class ClusterNode:
         self.offset = offset
         self.synced = True
         self.nodes.setdefault(self.node, None)
-        log.info("cluster: process %s in the cluster at offset %d (%s)", self.node, offset,
-                 "alone: the state is its own" if alone else "state from a snapshot")
+        self._how_synced = "alone: the state is its own" if alone else "state from a snapshot"
         self._catch_up()
 
     def _catch_up(self) -> None:
@@ -619,6 +619,12 @@ class ClusterNode:
                 if epoch == self.epoch and offset == self.offset + 1:
                     self._apply(offset, body)
             self.live = True
+            if self._how_synced:
+                log.info("cluster: process %s in the cluster at offset %d (%s)", self.node,
+                         self.offset, self._how_synced)
+                self._how_synced = ""
+            else:
+                log.info("cluster: caught up to offset %d", self.offset)
             self._after_live()
 
         self.streams.since(STREAM, self.epoch, self.offset, read, count=CATCH_UP_BATCH)
