@@ -203,7 +203,7 @@ class Hub:
         """A connection leaves the chat; when it was the user's last one and there is a
         reason, those sharing a room see the user `quit`. Doors pass their session."""
         if self.cluster is not None:
-            self.cluster.leave(session if session is not None else user.session, reason)
+            self.cluster.leave(user, session if session is not None else user.session, reason)
             return
         deliveries = self.chat.disconnect(user, reason or "", session)
         if reason is not None:

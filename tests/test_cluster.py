@@ -164,3 +164,127 @@ def test_a_killed_process_s_users_quit_everywhere_within_ten_seconds(
     assert time.monotonic() - started < 10.0
     c = p1.client()  # the nick is free again
     c.register(b.nick)
+
+
+def test_accounts_rooms_and_moderation_across_processes(cluster: Callable[..., ServerProcess]) -> None:
+    from test_accounts import PASSWORD, registered_account
+    p1 = cluster(*OPEN, "--kdf-workers", "0")
+    owner_nick = unique_nick("own")
+    owner = registered_account(p1, owner_nick)
+    away_nick = unique_nick("away")
+    registered_account(p1, away_nick).quit_and_close()
+    room = unique_room("run")
+    join(owner, room)
+    p2 = cluster(*OPEN, "--kdf-workers", "0")  # after the accounts: it learns them from the snapshot
+    squatter = p2.client()
+    squatter.send(type="hello", nick=away_nick)
+    squatter.expect_error("nick_reserved", SLOW)
+    squatter.send(type="hello", nick=owner_nick)
+    squatter.expect_error("nick_taken", SLOW)
+    # the same account on the second process: one user, on both
+    second = p2.client()
+    second.send(type="hello", nick=owner_nick, login={"account": owner_nick, "password": PASSWORD})
+    welcome = second.wait_for("welcome", SLOW)[0]
+    assert welcome["nick"] == owner_nick and welcome["account"] == owner_nick
+    troll = p2.registered(unique_nick("t"))
+    join(troll, room)
+    owner.wait_for("join", SLOW, room=room, nick=troll.nick)
+    owner.send(type="kick", room=room, nick=troll.nick, reason="out")
+    kicked = troll.wait_for("kick", SLOW, room=room)[0]
+    assert kicked["nick"] == troll.nick and kicked["by"] == owner_nick
+    second.wait_for("kick", SLOW, room=room, nick=troll.nick)  # the owner's other device, on p2
+    owner.send(type="mode", room=room, set={"ban": [troll.nick]})
+    owner.wait_for("mode", SLOW, room=room)
+    troll.send(type="join", room=room)
+    troll.expect_error("banned", SLOW)
+    # what one device says reaches the other, on the other process
+    owner.send(type="say", room=room, text="from device one")
+    second.wait_for("message", SLOW, room=room, text="from device one")
+
+
+def test_redis_killed_and_back_nothing_lost_nothing_twice(
+        redis: RedisServer, cluster: Callable[..., ServerProcess]) -> None:
+    """Every message echoed to its sender reached every member exactly once and is in
+    history; every other one got `unavailable` (with its ref); both processes come back."""
+    p1, p2 = cluster(*OPEN), cluster(*OPEN)
+    room = unique_room("blip")
+    a = p1.registered(unique_nick("a"))
+    b = p2.registered(unique_nick("b"))
+    join(a, room)
+    join(b, room)
+    a.wait_for("join", SLOW, room=room, nick=b.nick)
+    echoed: List[str] = []
+    refused: List[str] = []
+
+    def say(i: int) -> None:
+        a.send(type="say", room=room, text=f"m{i}", ref=f"r{i}")
+        e = a.wait_for(None, SLOW, ref=f"r{i}")[0]
+        if e["type"] == "message":
+            echoed.append(e["text"])
+        else:
+            assert e["type"] == "error" and e["code"] == "unavailable", e
+            refused.append(f"m{i}")
+
+    for i in range(5):
+        say(i)
+    redis.kill(signal.SIGKILL)
+    for i in range(5, 10):
+        say(i)
+    redis.start()
+    p1.wait_log("cluster: caught up", SLOW)
+    p2.wait_log("cluster: caught up", SLOW)
+    deadline = time.monotonic() + SLOW
+    i = 10
+    while len(echoed) < 10 and time.monotonic() < deadline:
+        say(i)
+        i += 1
+    assert refused, "Redis was down: something must have been refused"
+    assert len(echoed) >= 10
+    got: List[str] = []
+    while len(got) < len(echoed):
+        e = b.recv_event(SLOW)
+        if e.get("type") == "message" and e.get("room") == room:
+            got.append(e["text"])
+    assert got == echoed  # each once, in order, nothing refused among them
+    assert not [e for e in b.barrier() if e.get("type") == "message"]  # and nothing after
+    b.send(type="history", room=room, limit=100, ref="h")
+    history = b.wait_for("history", SLOW, ref="h")[0]
+    assert [m["text"] for m in history["messages"]] == echoed
+
+
+def test_every_door_on_a_cluster_process(cluster: Callable[..., ServerProcess]) -> None:
+    """Native on one process; IRC and the web door on the other; one room."""
+    from test_irc_gateway import Irc
+    from test_web_door import WsClient, web_port
+    p1 = cluster(*OPEN)
+    p2 = cluster(*OPEN, "--irc-port", "0", "--web-port", "0")
+    room = unique_room("doors")
+    native = p1.registered(unique_nick("n"))
+    join(native, room)
+    irc_env = Irc(p2)
+    web = WsClient(web_port(p2))
+    try:
+        irc = irc_env.user(unique_nick("i"))
+        irc.send(f"JOIN {room}")
+        names = irc.wait_for("353", timeout=SLOW)[0]
+        assert "@" + native.nick in names.params[-1].split()  # its operator, from p1
+        irc.wait_for("366")
+        web_nick = unique_nick("w")
+        web.send(type="hello", nick=web_nick)
+        web.wait_for("welcome", SLOW)
+        web.send(type="join", room=room)
+        web.wait_for("history", SLOW, room=room)
+        native.wait_for("join", SLOW, room=room, nick=web_nick)
+        native.send(type="say", room=room, text="to every door")
+        irc.wait_for("PRIVMSG", room, "to every door", timeout=SLOW)
+        web.wait_for("message", SLOW, room=room, text="to every door")
+        irc.send(f"PRIVMSG {room} :from irc")
+        native.wait_for("message", SLOW, room=room, text="from irc")
+        web.wait_for("message", SLOW, room=room, text="from irc")
+        irc.send(f"PRIVMSG {native.nick} :private, across")
+        assert native.wait_for("message", SLOW, text="private, across")[0]["to"] == native.nick
+        irc.send("QUIT :bye")
+        assert native.wait_for("quit", SLOW, nick=irc.nick)[0]["reason"] == "bye"
+    finally:
+        irc_env.close()
+        web.close()

@@ -227,9 +227,11 @@ class ClusterNode:
         self._current_id = 0  # the id the command being applied carries
         self._applying: Optional[_Pending] = None
         self._unsent_leaves: List[Tuple[str, Optional[str]]] = []
+        self._leaving: Dict[str, User] = {}  # sid -> the user of our connection that left
         self.stats = {"applied": 0, "caught_up": 0, "snapshots_sent": 0, "unavailable": 0}
         self._snapshot_timer: Any = None
         self._how_synced = ""  # said once, when first live
+        self._checks_from = 0.0  # no lease is judged before this (reactor time)
         link.on_message = self._on_message
         link.on_up = self._on_up
         link.on_state = self._on_state
@@ -293,12 +295,13 @@ class ClusterNode:
     def _refuse(self, pending: _Pending, error: ChatError) -> None:
         pending.failed(error)
 
-    def leave(self, session: Any, reason: Optional[str]) -> None:
-        """Our connection `session` went: the others drop it (its user quits with `reason`
-        when it was the last one)."""
+    def leave(self, user: User, session: Any, reason: Optional[str]) -> None:
+        """Our connection `session` of `user` went: everyone drops it (the user quits with
+        `reason` when it was the last one)."""
         sid = self._sid_of.pop(session, None)
         if sid is None:
             return
+        self._leaving[sid] = user  # (the door forgets its user at once; we apply it later)
         body = {"k": "leave", "s": sid, "r": reason}
         if self.live:
             self._seq += 1
@@ -427,7 +430,7 @@ class ClusterNode:
 
     def _do_leave(self, c: Dict[str, Any], pending: Optional[_Pending]) -> Any:
         session = self.sessions.pop(c["s"], None)
-        user = getattr(session, "user", None)
+        user = self._leaving.pop(c["s"], None) or getattr(session, "user", None)
         if user is None:
             return None
         deliveries = self.chat.disconnect(user, c["r"] or "", session)
@@ -519,6 +522,9 @@ class ClusterNode:
 
     def _on_up(self) -> None:
         self.link.execute("SET", self._lease_key(self.node), b"1", "PX", int(LEASE_TTL * 1000))
+        # After an outage every lease may have run out inside Redis: the others renew theirs
+        # when their links come back, so nobody is buried before a lease's time has passed.
+        self._checks_from = self.hub.reactor.now + LEASE_TTL
         if not self.synced:
             self._start()
         else:
@@ -657,7 +663,7 @@ class ClusterNode:
 
     def _check_leases(self, _: Any = None) -> None:
         self._check_timer = self.hub.reactor.call_later(DEAD_CHECK, self._check_leases)
-        if not self.live:
+        if not self.live or self.hub.reactor.now < self._checks_from:
             return
         others = [n for n in self.nodes if n != self.node]
         if not others:
