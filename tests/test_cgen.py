@@ -91,20 +91,21 @@ def test_a_missing_compiler_is_said_in_one_line_and_python_takes_over(
     assert not runner.uses_cgen(runner.Case("fanout", 100), spec, opts)
 
 
-def test_native_counts_are_exact(binary: Path, native_server: RunningServer) -> None:
+@pytest.mark.parametrize("bulk_ms", [0.0, 5.0])
+def test_native_counts_are_exact(binary: Path, native_server: RunningServer, bulk_ms: float) -> None:
     edges: List[str] = []
     cfg = cgen.CgenConfig(
-        port=native_server.port, receivers=4, senders=3, window=4, duration=0.3, warmup=0.1,
-        messages=40, drain_quiet=0.3, register_timeout=20,
+        port=native_server.port, receivers=12, senders=3, window=4, duration=0.3, warmup=0.1,
+        messages=40, drain_quiet=0.3, register_timeout=20, bulk_ms=bulk_ms, probes=2,  # 10 bulk receivers
     )
     r = cgen.run(binary, cfg, edges.append)
     assert edges == ["start", "end"]
     assert r["ok"] and r["complete"] and r["errors"] == {} and r["dropped"] == 0
-    assert r["registered"] == 7 and r["sent_total"] == 3 * 40
-    # every say reaches every member, its sender too (selchat echoes): 120 messages x 7 members
+    assert r["registered"] == 15 and r["sent_total"] == 3 * 40
+    # every say reaches every member, its sender too (selchat echoes): 120 messages x 15 members
     assert r["per_member_min"] == r["per_member_max"] == 120
-    assert r["received_total"] == 120 * 7 and r["lost"] == 0
-    assert r["deliveries"] <= 120 * 7
+    assert r["received_total"] == 120 * 15 and r["lost"] == 0
+    assert r["deliveries"] <= 120 * 15
     assert 0 <= r["gen_cpu_proc"] < 2 and r["generator"] == "c"
 
 

@@ -102,6 +102,8 @@ class CgenConfig:
     # not set TCP_NODELAY (InspIRCd) otherwise waits for delayed ACKs of up to 40 ms.
     quickack: str = "window"
     messages: int = 0  # per sender, 0: as many as the window allows (the tests count exactly)
+    bulk_ms: Optional[float] = None  # None: from R (loadgen.c); 0: every receiver read on every pass
+    probes: int = 10  # receivers read on every pass and timed, besides the senders and counters
 
     def argv(self, binary: Path) -> List[str]:
         args = [
@@ -116,6 +118,9 @@ class CgenConfig:
         ]
         if self.messages:
             args += ["--messages", str(self.messages)]
+        if self.bulk_ms is not None:
+            args += ["--bulk-ms", repr(float(self.bulk_ms))]
+        args += ["--probes", str(self.probes)]
         if self.cpu is not None:
             args += ["--cpu", str(self.cpu)]
         return args

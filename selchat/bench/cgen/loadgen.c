@@ -29,8 +29,13 @@
  * that only receives by up to 40 ms: the window then refills at the pace of the ACK timer,
  * not of the server. Other receivers acknowledge like any client ("all" and "none" exist).
  *
- * Latency: every --sample-every-th message a member receives inside the window, send time to
- * the moment its receive returned, into a histogram of 10 us buckets (p50 and p99 reported).
+ * Bulk receivers: during the load, the receivers that are neither counters nor one of
+ * --probes (10) picked evenly are read every --bulk-ms (R/100 ms, within 1..20 ms) rather
+ * than on every pass, so that one receive carries many messages (fewer system calls and
+ * window updates per delivery); senders, counters and probes are read as soon as data comes.
+ *
+ * Latency: every --sample-every-th message a sender, counter or probe receives inside the
+ * window, send time to the moment its receive returned, into a histogram of 10 us buckets.
  *
  * Loopback only (the host must be 127.x.y.z). Build: cc -O2 -std=c99 -o cgen loadgen.c
  */
@@ -77,6 +82,7 @@ struct conn {
     int counts_for; /* IRC: the sender this receiver credits, -1 if none */
     unsigned char own; /* the id byte whose lines this member counts as "mine" (0: none) */
     int writing;
+    int bulk;       /* read every --bulk-ms during the load (not a sender, counter or probe) */
     char nick[16];
     unsigned char *tail;
     uint32_t tail_len;
@@ -103,10 +109,12 @@ static struct {
     char channel[64];
     int quickack;
     long messages; /* per sender, 0: no limit (the tests count exactly) */
+    double bulk_ms; /* < 0: from R */
+    int probes;
 } opt = {
     "127.0.0.1", 0, P_NATIVE, 100, 10, 8, 100,
     5.0, 1.0, 2000.0, 60.0, 0.3, 10.0, 0.3,
-    256, 4, -1, "#lobby", 1, 0,
+    256, 4, -1, "#lobby", 1, 0, -1.0, 10,
 };
 
 /* ---- state -------------------------------------------------------------------------- */
@@ -115,7 +123,10 @@ static int nconns;
 static int *sender_idx;       /* sender k -> its index in conns */
 static struct conn **by_fd;   /* fd -> conn */
 static int by_fd_len;
-static int ep;
+static int ep;                /* senders, counters, probes; the bulk set's fd when it is read every pass */
+static int ep_bulk;           /* the other receivers */
+static int bulk_nested;       /* ep_bulk is in ep: bulk receivers are read on every pass */
+static double bulk_interval, next_bulk;
 static unsigned char *rb;
 static double now_s;          /* CLOCK_MONOTONIC seconds of the current pass */
 static double last_rx;
@@ -177,7 +188,7 @@ static void close_conn(struct conn *c) {
     if (c->state == DEAD)
         return;
     c->state = DEAD;
-    epoll_ctl(ep, EPOLL_CTL_DEL, c->fd, NULL);
+    epoll_ctl(c->bulk ? ep_bulk : ep, EPOLL_CTL_DEL, c->fd, NULL);
     close(c->fd);
 }
 
@@ -194,7 +205,7 @@ static void fail(struct conn *c, const char *why) {
 
 static void set_events(struct conn *c, uint32_t ev) {
     struct epoll_event e = {.events = ev, .data = {.fd = c->fd}};
-    epoll_ctl(ep, EPOLL_CTL_MOD, c->fd, &e);
+    epoll_ctl(c->bulk ? ep_bulk : ep, EPOLL_CTL_MOD, c->fd, &e);
 }
 
 static void flush(struct conn *c) {
@@ -279,7 +290,7 @@ static void open_conn(struct conn *c) {
     c->state = CONNECTING;
     pending++;
     struct epoll_event e = {.events = EPOLLOUT, .data = {.fd = fd}};
-    epoll_ctl(ep, EPOLL_CTL_ADD, fd, &e);
+    epoll_ctl(c->bulk ? ep_bulk : ep, EPOLL_CTL_ADD, fd, &e);
 }
 
 static void ready(struct conn *c) {
@@ -466,7 +477,7 @@ static size_t native_read(struct conn *c, const unsigned char *buf, size_t end) 
         }
         if (r >= 0) {
             msgs++;
-            if (sampling)
+            if (sampling && !c->bulk)
                 sample(c, p + r + 3, t_us);
             if (c->own)
                 credit(c, p[r + 2]);
@@ -567,7 +578,7 @@ static size_t irc_read(struct conn *c, const unsigned char *buf, size_t end) {
         lines++;
         if (r >= 0) {
             msgs++;
-            if (sampling)
+            if (sampling && !c->bulk)
                 sample(c, p + r + 5, t_us);
             if (c->own)
                 credit(c, p[r + 4]);
@@ -626,13 +637,15 @@ static struct snap take_snap(void) {
     return s;
 }
 
-static int poll_once(int timeout_ms) {
-    static struct epoll_event evs[MAX_EVENTS];
-    int n = epoll_wait(ep, evs, MAX_EVENTS, timeout_ms);
-    total_polls++;
-    now_s = mono();
+static void run_bulk(void);
+
+static void handle(struct epoll_event *evs, int n) {
     for (int i = 0; i < n; i++) {
         int fd = evs[i].data.fd;
+        if (fd == ep_bulk) {
+            run_bulk();
+            continue;
+        }
         struct conn *c = fd < by_fd_len ? by_fd[fd] : NULL;
         if (!c || c->state == DEAD || c->fd != fd)
             continue;
@@ -645,6 +658,43 @@ static int poll_once(int timeout_ms) {
             flush(c);
         if ((ev & (EPOLLIN | EPOLLERR | EPOLLHUP)) && c->state != DEAD)
             read_conn(c);
+    }
+}
+
+static void run_bulk(void) {
+    /* every ready bulk receiver, one receive each */
+    static struct epoll_event evs[MAX_EVENTS];
+    int n;
+    do {
+        n = epoll_wait(ep_bulk, evs, MAX_EVENTS, 0);
+        handle(evs, n);
+    } while (n == MAX_EVENTS);
+}
+
+static void bulk_every_pass(int yes) {
+    /* load: the bulk receivers are read every bulk_interval, so that one receive carries many
+       messages; otherwise (registration, settling, drain) on every pass, like the others */
+    if (yes == bulk_nested)
+        return;
+    struct epoll_event e = {.events = EPOLLIN, .data = {.fd = ep_bulk}};
+    epoll_ctl(ep, yes ? EPOLL_CTL_ADD : EPOLL_CTL_DEL, ep_bulk, &e);
+    bulk_nested = yes;
+}
+
+static int poll_once(int timeout_ms) {
+    static struct epoll_event evs[MAX_EVENTS];
+    if (!bulk_nested) {
+        int until = (int)((next_bulk - mono()) * 1000.0 + 0.999);
+        if (until < timeout_ms)
+            timeout_ms = until < 0 ? 0 : until;
+    }
+    int n = epoll_wait(ep, evs, MAX_EVENTS, timeout_ms);
+    total_polls++;
+    now_s = mono();
+    handle(evs, n);
+    if (!bulk_nested && now_s >= next_bulk) {
+        run_bulk();
+        next_bulk = now_s + bulk_interval;
     }
     return n;
 }
@@ -730,7 +780,7 @@ static void usage(void) {
             "            [--window K] [--duration S] [--warmup S] [--msg-size N] [--ramp-rate N/s]\n"
             "            [--max-pending N] [--register-timeout S] [--settle-quiet S] [--drain-timeout S]\n"
             "            [--drain-quiet S] [--sample-every N] [--cpu N] [--channel #lobby]\n"
-            "            [--quickack window|all|none] [--messages N per sender]\n");
+            "            [--quickack window|all|none] [--messages N per sender] [--bulk-ms MS] [--probes N]\n");
     exit(2);
 }
 
@@ -750,7 +800,7 @@ static void parse_args(int argc, char **argv) {
         {"senders", 1, 0, 'S'}, {"window", 1, 0, 'w'}, {"duration", 1, 0, 'd'}, {"warmup", 1, 0, 'W'},
         {"msg-size", 1, 0, 'm'}, {"ramp-rate", 1, 0, 'r'}, {"max-pending", 1, 0, 'M'},
         {"register-timeout", 1, 0, 't'}, {"settle-quiet", 1, 0, 'q'}, {"drain-timeout", 1, 0, 'D'},
-        {"drain-quiet", 1, 0, 'Q'}, {"sample-every", 1, 0, 'e'}, {"cpu", 1, 0, 'c'}, {"channel", 1, 0, 'C'}, {"quickack", 1, 0, 'k'}, {"messages", 1, 0, 'n'},
+        {"drain-quiet", 1, 0, 'Q'}, {"sample-every", 1, 0, 'e'}, {"cpu", 1, 0, 'c'}, {"channel", 1, 0, 'C'}, {"quickack", 1, 0, 'k'}, {"messages", 1, 0, 'n'}, {"bulk-ms", 1, 0, 'b'}, {"probes", 1, 0, 'o'},
         {"help", 0, 0, '?'}, {0, 0, 0, 0},
     };
     int ch;
@@ -776,6 +826,8 @@ static void parse_args(int argc, char **argv) {
         case 'D': opt.drain_timeout = num(optarg, 0.1, 600, "drain-timeout"); break;
         case 'Q': opt.drain_quiet = num(optarg, 0, 60, "drain-quiet"); break;
         case 'e': opt.sample_every = (int)num(optarg, 1, 1e6, "sample-every"); break;
+        case 'b': opt.bulk_ms = num(optarg, 0, 1000, "bulk-ms"); break;
+        case 'o': opt.probes = (int)num(optarg, 0, MAX_CONNS, "probes"); break;
         case 'n': opt.messages = (long)num(optarg, 0, 1e9, "messages"); break;
         case 'k':
             if (strcmp(optarg, "none") == 0) opt.quickack = 0;
@@ -884,9 +936,33 @@ int main(int argc, char **argv) {
             conns[sender_idx[s]].own = 0; /* IRC never echoes: a sender counts nothing as its own */
     }
 
+    /* bulk receivers: all but the senders, the counters and --probes receivers picked evenly */
+    if (opt.bulk_ms < 0) {
+        double ms = opt.receivers / 100.0; /* 1 ms up to 100 receivers, 10 ms at 1,000 */
+        opt.bulk_ms = ms < 1 ? 1 : ms > 20 ? 20 : ms;
+    }
+    if (opt.bulk_ms > 0) {
+        int probes = opt.probes < opt.receivers ? opt.probes : opt.receivers;
+        int r = 0, k = 0;
+        for (int i = 0; i < nconns; i++) {
+            struct conn *c = &conns[i];
+            if (c->sid >= 0)
+                continue;
+            long want = k < probes ? ((long)k * opt.receivers * 2 + probes) / (2L * probes) : -1; /* round(k*R/P) */
+            if (r == want)
+                k++;
+            else if (c->counts_for < 0)
+                c->bulk = 1;
+            r++;
+        }
+    }
+    bulk_interval = opt.bulk_ms / 1000.0;
+
     ep = epoll_create1(EPOLL_CLOEXEC);
-    if (ep < 0)
+    ep_bulk = epoll_create1(EPOLL_CLOEXEC);
+    if (ep < 0 || ep_bulk < 0)
         die("epoll_create1 failed");
+    bulk_every_pass(1);
 
     /* ---- connect and register ---- */
     double t_reg0 = mono();
@@ -925,6 +1001,10 @@ int main(int argc, char **argv) {
     double t0 = t_send + opt.warmup, t1 = t0 + opt.duration;
     sending = 1;
     now_s = t_send;
+    if (bulk_interval > 0) {
+        next_bulk = t_send + bulk_interval;
+        bulk_every_pass(0);
+    }
     for (int s = 0; s < opt.senders; s++)
         top_up(&conns[sender_idx[s]]);
     while (now_s < t0)
@@ -938,6 +1018,7 @@ int main(int argc, char **argv) {
     sampling = 0;
     sending = 0;
     event("end");
+    bulk_every_pass(1);
 
     /* ---- drain ---- */
     double drain_deadline = mono() + opt.drain_timeout;
