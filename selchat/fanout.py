@@ -119,7 +119,6 @@ class Fanout:
         common: Dict[Any, bytes] = {}  # wire -> the whole batch in that format
         last_wire: Any = None
         last_data = b""
-        last_size = 0
         for user in room.members:
             for session in user.sessions:
                 transport = session.transport
@@ -144,13 +143,5 @@ class Fanout:
                         if mine is None:
                             mine = parts[wire] = [wire.message(e.message) for e in entries]
                         data = common[wire] = mine[0] if len(mine) == 1 else b"".join(mine)
-                    last_wire, last_data, last_size = wire, data, len(data)
-                # transport.write, inlined: this line runs once per connection per pass.
-                out = transport.out
-                out.chunks.append(last_data)
-                out.size += last_size
-                if out.size > transport.max_outbuf:
-                    transport._overflow()
-                elif not transport.dirty:
-                    transport.dirty = True
-                    transport.writer.dirty.append(transport)
+                    last_wire, last_data = wire, data
+                transport.write(last_data)
