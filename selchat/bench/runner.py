@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from selchat.bench import cgen, loadgen, loginstorm
+from selchat.bench import cluster as cluster_point
 from selchat.bench.launcher import (
     IRC, NATIVE, REPO, WS, RunningServer, ServerError, ServerSpec, known_servers, resolve_flags, uvloop_available,
 )
@@ -804,7 +805,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
         "selchat-acct (every client logged into an account), threaded, asyncio, uvloop (native protocol); selchat-irc (selchat's IRC door), ngircd, inspircd (IRC); "
         "selchat-web (selchat's WebSocket door)",
     )
-    ap.add_argument("--points", default=",".join(ALL_POINTS), help="comma-separated: fanout, latency, idle, sweep (native); ircfanout (IRC); wsfanout (WebSocket); loginstorm (not in the default: accounts, see --storm-*)")
+    ap.add_argument("--points", default=",".join(ALL_POINTS), help="comma-separated: fanout, latency, idle, sweep (native); ircfanout (IRC); wsfanout (WebSocket); loginstorm (not in the default: accounts, see --storm-*); cluster (not in the default: 3 processes on one Redis against one, see --cluster-*)")
     ap.add_argument("--baseline", default="", metavar="PATH", help="another checkout whose selchat.server runs as selchat-base (e.g. the code before a redesign)")
     ap.add_argument("--duration", type=float, default=5.0, help="seconds of each measured window")
     ap.add_argument("--warmup", type=float, default=1.0, help="seconds of load before the window opens")
@@ -846,13 +847,14 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     ap.add_argument("--json", default="", help="also write raw per-repetition numbers here")
     ap.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md and the plot alone")
     loginstorm.add_arguments(ap)
+    cluster_point.add_arguments(ap)
     args = ap.parse_args(argv)
     args.argv = list(argv if argv is not None else sys.argv[1:])
     args.servers = [s.strip() for s in args.servers.split(",") if s.strip()]
     args.points = [p.strip() for p in args.points.split(",") if p.strip()]
-    bad = [p for p in args.points if p not in ALL_POINTS + (loginstorm.POINT,)]
+    bad = [p for p in args.points if p not in ALL_POINTS + (loginstorm.POINT, cluster_point.POINT)]
     if bad:
-        ap.error(f"unknown points {bad}; choose from {ALL_POINTS + (loginstorm.POINT,)}")
+        ap.error(f"unknown points {bad}; choose from {ALL_POINTS + (loginstorm.POINT, cluster_point.POINT)}")
     args.fanout_receivers = [int(x) for x in args.fanout_receivers.split(",") if x]
     args.pin = _parse_pin(ap, args.pin)
     args.sweep = [int(x) for x in args.sweep.split(",") if x]
@@ -881,6 +883,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if loginstorm.POINT in opts.points:  # its own server and report (selchat/bench/loginstorm.py)
         opts.points.remove(loginstorm.POINT)
         code = loginstorm.run_from_options(opts)
+        if not opts.points:
+            return code
+    if cluster_point.POINT in opts.points:  # its own Redis, servers and report (selchat/bench/cluster.py)
+        opts.points.remove(cluster_point.POINT)
+        code = cluster_point.run_from_options(opts)
         if not opts.points:
             return code
     started = time.monotonic()
