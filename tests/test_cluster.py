@@ -288,3 +288,39 @@ def test_every_door_on_a_cluster_process(cluster: Callable[..., ServerProcess]) 
     finally:
         irc_env.close()
         web.close()
+
+
+def test_a_process_that_was_away_fills_in_the_history_from_redis(
+        cluster: Callable[..., ServerProcess], tmp_path: Path) -> None:
+    """p2 stops; p1 says more than a snapshot carries; p2 comes back on its own file and
+    pages back through all of it, with no gap and nothing twice."""
+    p1 = cluster(*OPEN)
+    db2 = tmp_path / "away.db"
+    p2 = cluster(*OPEN, "--db", str(db2))
+    room = unique_room("away")
+    a = p1.registered(unique_nick("a"))
+    join(a, room)
+    a.send(type="say", room=room, text="while both")
+    a.wait_for("message", SLOW, text="while both")
+    p2.stop()
+    texts = ["while both"] + [f"m{i}" for i in range(120)]
+    for t in texts[1:]:
+        a.send(type="say", room=room, text=t)
+    a.wait_for("message", SLOW, text=texts[-1])
+    p2 = cluster(*OPEN, "--db", str(db2))
+    p2.wait_log("filled in from Redis", SLOW)
+    b = p2.registered(unique_nick("b"))
+    join(b, room)
+    got: List[str] = []
+    before = None
+    for _ in range(10):
+        ask = {"type": "history", "room": room, "limit": 50, "ref": "h"}
+        if before is not None:
+            ask["before"] = before
+        b.send(ask)
+        page = b.wait_for("history", SLOW, ref="h")[0]
+        got = [m["text"] for m in page["messages"]] + got
+        if not page["more"]:
+            break
+        before = page["messages"][0]["id"]
+    assert got == texts

@@ -572,6 +572,21 @@ def test_disk_full_drops_the_batch_and_the_store_carries_on(tmp_path):
     store.close()
 
 
+def test_a_copy_is_kept_once_in_id_order(store):
+    """add_copy (a message handed over twice with --redis): the same id is one message, in
+    the same pass or a later one, and a copy older than what is kept takes its place by id."""
+    fill(store, 3, first=5)
+    store.add_copy(msg(6), "#lobby")  # kept already
+    store.add_copy(msg(2), "#lobby")  # older: filled in
+    store.add_copy(msg(2), "#lobby")  # twice in one pass
+    store.commit()
+    assert ids(store.recent("#lobby", None, 50)) == ([2, 5, 6, 7], False)
+    store.add_copy(msg(9), "#lobby")
+    store.add(msg(10))
+    store.commit()
+    assert ids(store.recent("#lobby", None, 50)) == ([2, 5, 6, 7, 9, 10], False)
+
+
 def test_duplicate_id_fails_the_whole_batch(store_kind_sqlite):
     store = store_kind_sqlite
     fill(store, 3)

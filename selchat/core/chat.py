@@ -223,6 +223,10 @@ def _no_presence(nick: str, user: Optional["User"]) -> None:
     pass
 
 
+def _not_told(key: str, message: events.Message) -> None:
+    pass
+
+
 class Chat:
     def __init__(
         self,
@@ -267,6 +271,9 @@ class Chat:
         # Told when a nick comes or goes (a user with it arrives, leaves or renames):
         # presence(nick, user) or presence(nick, None). IRC's MONITOR listens here.
         self.presence: Callable[[str, Optional[User]], None] = _no_presence
+        # Told of every message kept in history, with its key (a room's, or a pair's '@a/b'):
+        # with --redis, the process that decided it copies it to the history all share.
+        self.stored: Callable[[str, events.Message], None] = _not_told
         self._signals = 0
         self._recent_rooms: Dict[Room, None] = {}  # rooms holding a recent_cache, oldest first
         # Who was here (IRC's WHOWAS): (nick, ident, host, realname) of users who left or
@@ -436,6 +443,7 @@ class Chat:
         message = events.Message(self.next_id(), now_ms, user.nick, text, room.name, None,
                                  action, notice, user.userhost, client_tags, user.account)
         self.store.add(message)
+        self.stored(room.name.lower(), message)  # (the store's key for a room)
         self._forget_recent(room)
         return [Delivery(message, room.members, skip=user, room=room), mirror(message, user)]
 
@@ -477,7 +485,9 @@ class Chat:
         if away_key is not None and not self.directory.add_mail(away_key, message):
             raise ChatError("mailbox_full", f"{to_name} has too many messages waiting")
         if user.account_key is not None and partner_key is not None and not notice:
-            self.store.add_private(message, pair_key(user.account_key, partner_key))
+            pair = pair_key(user.account_key, partner_key)
+            self.store.add_private(message, pair)
+            self.stored(pair, message)
         else:
             self.store.note_id(message.id)
         out = [mirror(message, user)]

@@ -430,6 +430,21 @@ class MemoryStore:
         self.note_id(message.id)
         self.directory.note_conversation(pair)
 
+    def add_copy(self, message: Message, key: str) -> None:
+        """A message that may be kept already (see SQLiteStore.add_copy): kept once, in id order."""
+        kept = self._rooms.get(key)
+        if kept is not None and any(m.id == message.id for m in kept):
+            return
+        if key.startswith("@"):
+            self.add_private(message, key)
+        else:
+            self.add(message)
+        kept = self._rooms[key]
+        if len(kept) > 1 and kept[-2].id > message.id:
+            ordered = sorted(kept, key=lambda m: m.id)
+            kept.clear()
+            kept.extend(ordered)
+
     def commit(self) -> int:
         self.directory.writes.clear()
         count, self._pending = self._pending, 0
@@ -770,6 +785,24 @@ class SQLiteStore:
         self.directory.note_conversation(pair)
         if message.id > self._noted:
             self._noted = message.id
+
+    def add_copy(self, message: Message, key: str) -> None:
+        """A message that may be kept here already (with --redis, one handed over twice: by a
+        snapshot and by the shared history), under its room's key or its `pair_key`. Kept
+        once: unlike `add`, an id already kept is not an error (it is the same message)."""
+        if key.startswith("@"):
+            self.directory.note_conversation(key)
+            room = "@" + (message.to or "")
+        else:
+            room = message.room or key
+            key = room.lower()
+        if message.id > self._noted:
+            self._noted = message.id
+        self.directory.writes.append((
+            "INSERT OR IGNORE INTO messages (id, room_key, room, ts, sender, text, userhost,"
+            " flags, account) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (message.id, key, room, message.ts, message.sender, message.text, message.userhost,
+             _flags(message), message.account or "")))
 
     def commit(self) -> int:
         writes = self.directory.writes

@@ -50,6 +50,7 @@ DEAD_CHECK = 1.0  # seconds between looks at the others' leases
 SNAPSHOT_WAIT = 3.0  # seconds a starting process waits for a snapshot before it asks again
 SNAPSHOT_HISTORY = 50  # recent messages per room a snapshot carries
 CATCH_UP_BATCH = 1000  # commands read per `since` call
+MAX_BACKFILL_KEYS = 10000  # rooms and conversations whose shared history a starting process reads
 MAX_PENDING = 10000  # commands of this process published and not yet applied
 
 # The publication script of `links.scripts`, plus a message id that grows across the cluster
@@ -232,11 +233,15 @@ class ClusterNode:
         self._snapshot_timer: Any = None
         self._how_synced = ""  # said once, when first live
         self._checks_from = 0.0  # no lease is judged before this (reactor time)
+        self._mine = False  # the command being applied is this process's
         link.on_message = self._on_message
         link.on_up = self._on_up
         link.on_state = self._on_state
         link.subscribe(self.channel, self.node_channel)
         self.chat._allocate = self._next_id
+        self.chat.stored = self._stored
+        self.history_kept = maxlen  # messages per room or conversation in the shared history
+        self._backfilling = False
         self._lease_timer = hub.reactor.call_later(LEASE_RENEW, self._renew)
         self._check_timer = hub.reactor.call_later(DEAD_CHECK, self._check_leases)
 
@@ -357,6 +362,7 @@ class ClusterNode:
         mine = command.get("n") == self.node
         pending = self._pending.pop(command.get("q", -1), None) if mine else None
         kind = command.get("k")
+        self._mine = mine
         try:
             handler = _HANDLERS.get(kind)
             if handler is None:
@@ -377,6 +383,77 @@ class ClusterNode:
 
     def _next_id(self) -> int:
         return self._current_id
+
+    # --- the history all share: one capped stream per room and per conversation -------------
+
+    def _history_key(self, key: str) -> str:
+        return f"{self.prefix}hist:{key}"
+
+    def _stored(self, key: str, message: events.Message) -> None:
+        """A message went into our store: the process that decided it copies it to Redis, so
+        a process that starts later, or was away, can fill in what it missed."""
+        if not self._mine:
+            return
+        data = json.dumps(message_to_json(message), separators=(",", ":")).encode()
+        self.link.execute("XADD", self._history_key(key), "MAXLEN", "~", self.history_kept,
+                          "*", "m", data)
+        self.link.execute("SADD", f"{self.prefix}hist:keys", key)
+
+    def _backfill(self) -> None:
+        """Fill our store with what the shared history holds and we do not (a process that
+        started later, or was down): room by room, in the background of the loop."""
+        if self._backfilling:
+            return
+        self._backfilling = True
+        store = self.chat.store
+
+        def keys(reply: Any) -> None:
+            if isinstance(reply, ReplyError):
+                self._backfilling = False
+                return
+            names = sorted(k.decode() for k in reply)[:MAX_BACKFILL_KEYS]
+            left = [len(names)]
+            if not names:
+                self._backfilling = False
+            for key in names:
+                self.link.execute("XRANGE", self._history_key(key), "-", "+", "COUNT",
+                                  self.history_kept,
+                                  done=lambda r, key=key: entries(key, r, left))
+
+        def entries(key: str, reply: Any, left: List[int]) -> None:
+            left[0] -= 1
+            if left[0] <= 0:
+                self._backfilling = False
+            if isinstance(reply, ReplyError) or not reply:
+                return
+            messages = []
+            for _, fields in reply:
+                try:
+                    messages.append(message_from_json(json.loads(dict(zip(fields[::2], fields[1::2]))[b"m"])))
+                except (ValueError, KeyError, TypeError):
+                    continue
+            if not messages:
+                return
+            low, high = min(m.id for m in messages), max(m.id for m in messages)
+            try:
+                have = {m.id for m in store.window(key, after=low - 1, before=high + 1,
+                                                   limit=len(messages) + 1000, latest=False)}
+            except Exception as exc:  # the disk: the backfill is a courtesy, the chat goes on
+                log.error("cluster: history backfill of %s failed: %s", key, exc)
+                return
+            added = 0
+            for m in sorted(messages, key=lambda m: m.id):
+                if m.id not in have:  # (add_copy keeps it once even if it came meanwhile)
+                    store.add_copy(m, key)
+                    added += 1
+            if added:
+                self.stats["backfilled"] = self.stats.get("backfilled", 0) + added
+                log.info("cluster: history of %s: %d message(s) filled in from Redis", key, added)
+                room = self.chat.rooms.get(key)
+                if room is not None:
+                    self.chat._forget_recent(room)
+
+        self.link.execute("SMEMBERS", f"{self.prefix}hist:keys", done=keys)
 
     def _session(self, sid: str) -> Any:
         session = self.sessions.get(sid)
@@ -629,6 +706,7 @@ class ClusterNode:
                 log.info("cluster: process %s in the cluster at offset %d (%s)", self.node,
                          self.offset, self._how_synced)
                 self._how_synced = ""
+                self._backfill()
             else:
                 log.info("cluster: caught up to offset %d", self.offset)
             self._after_live()
@@ -764,7 +842,7 @@ class ClusterNode:
             by_key[user.key] = user
             self.nodes.update((s.node, None) for s in sessions)
         lobby_key = chat.lobby.key
-        stored = getattr(chat.store, "add", None)
+        copy = getattr(chat.store, "add_copy", None)
         for r in snapshot["rooms"]:
             room: Room = chat.rooms.get(fold(r["name"])) if fold(r["name"]) == lobby_key else None  # type: ignore[assignment]
             if room is None:
@@ -790,11 +868,9 @@ class ClusterNode:
             if r["invited"]:
                 room.invited = weakref.WeakKeyDictionary((by_key[k], v) for k, v in r["invited"])
             room.names_cache = None
-            if stored is not None:
-                have = {m.id for m in chat.store.recent(room.name, None, SNAPSHOT_HISTORY, None)[0]}
+            if copy is not None:
                 for m in r["recent"]:
-                    if m[0] not in have:
-                        stored(message_from_json(m))
+                    copy(message_from_json(m), room.name.lower())
         chat.rooms_held.clear()
         chat.rooms_held.update(snapshot["rooms_held"])
         log.info("cluster: loaded the state: %d user(s), %d room(s), %d process(es)",
