@@ -324,3 +324,50 @@ def test_a_process_that_was_away_fills_in_the_history_from_redis(
             break
         before = page["messages"][0]["id"]
     assert got == texts
+
+
+def test_redis_back_empty_and_the_health_check(redis: RedisServer,
+                                               cluster: Callable[..., ServerProcess]) -> None:
+    """/healthz is 503 while the link is down; Redis back with nothing (a new epoch): the
+    processes say so, carry on, and ids keep growing."""
+    import urllib.error
+    import urllib.request
+    p1 = cluster(*OPEN, "--metrics-port", "0")
+    p2 = cluster(*OPEN)
+    port = int(p1.wait_log(re.compile(r"metrics at http://127\.0\.0\.1:(\d+)/"), SLOW).group(1))
+
+    def health() -> int:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as r:
+                return r.status
+        except urllib.error.HTTPError as exc:
+            return exc.code
+
+    assert health() == 200
+    room = unique_room("empty")
+    a = p1.registered(unique_nick("a"))
+    b = p2.registered(unique_nick("b"))
+    join(a, room)
+    join(b, room)
+    a.send(type="say", room=room, text="before")
+    first = b.wait_for("message", SLOW, room=room, text="before")[0]
+    redis.kill(signal.SIGKILL)
+    deadline = time.monotonic() + SLOW
+    while health() != 503:
+        assert time.monotonic() < deadline, "healthz still 200 with the link down"
+        time.sleep(0.05)  # polling an HTTP endpoint from the test, with a deadline
+    redis.wipe()
+    redis.start()
+    p1.wait_log("new epoch", SLOW)
+    p2.wait_log("new epoch", SLOW)
+    deadline = time.monotonic() + SLOW
+    while health() != 200:
+        assert time.monotonic() < deadline, "healthz not back to 200"
+        time.sleep(0.05)
+    a.send(type="say", room=room, text="after", ref="x")
+    echo = a.wait_for(None, SLOW, ref="x")[0]
+    assert echo["type"] == "message", echo
+    second = b.wait_for("message", SLOW, room=room, text="after")[0]
+    assert second["id"] > first["id"]
+    b.send(type="who", room=room, ref="w")
+    assert set(b.wait_for("names", SLOW, ref="w")[0]["nicks"]) == {a.nick, b.nick}
