@@ -23,7 +23,7 @@ R, S = 6, 3  # two receivers and one sender per process
 
 def _cfg() -> cluster.ClusterConfig:
     return cluster.ClusterConfig(receivers=R, senders=S, duration=1.0, warmup=0.3, window=4, rate=60.0,
-                                 register_timeout=30.0, drain_timeout=10.0)
+                                 register_timeout=30.0, drain_timeout=10.0, idle=0.5)
 
 
 def _consistent(m: Dict[str, float]) -> None:
@@ -50,6 +50,8 @@ def test_cluster_and_single_process_on_the_same_load() -> None:
     # cross-process arrivals were timed (each probe hears two other processes' senders)
     assert m["paced_cross_samples"] > 0 and m["paced_same_samples"] > 0
     assert not math.isnan(m["paced_cross_p99_ms"])
+    assert m["idle_server_cores"] >= 0 and m["idle_redis_cores"] >= 0
+    assert 0 < m["script_us_per_pub"] < m["redis_us_per_pub"] or math.isnan(m["redis_us_per_pub"])
     assert m["paced_cross_p50_ms"] <= m["paced_cross_p99_ms"]
 
     single = cluster.run_setup("single", cfg)
@@ -60,7 +62,7 @@ def test_cluster_and_single_process_on_the_same_load() -> None:
     assert "redis_cores" not in single.metrics
 
     text = cluster.table([R], {(R, "cluster"): clustered, (R, "single"): single})
-    assert "3 processes + Redis" in text and "1 process" in text and text.count("complete") == 2
+    assert "3 processes + Redis" in text and "1 process" in text and text.count("complete") == 4  # flow and paced tables
 
 
 def test_plan_spreads_receivers_and_senders_evenly() -> None:

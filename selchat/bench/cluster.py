@@ -33,6 +33,7 @@ drain, R at most MAX_RECEIVERS; loopback only; every process started here is sto
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import math
 import os
 import shlex
@@ -153,13 +154,12 @@ class RedisProcess:
                 out[k.strip()] = v.strip()
         return out
 
-    def evalsha_calls(self) -> int:
-        """Scripts run by EVALSHA so far (every publication of the cluster is one)."""
+    def evalsha(self) -> Tuple[int, int]:
+        """(calls, microseconds inside them) of EVALSHA so far: every publication of the
+        cluster is one; the time is the script's own, without reading, replying or the AOF."""
         stat = self.info("commandstats").get("cmdstat_evalsha", "")
-        for part in stat.split(","):
-            if part.startswith("calls="):
-                return int(part[6:])
-        return 0
+        got = dict(part.split("=", 1) for part in stat.split(",") if "=" in part)
+        return int(got.get("calls", 0)), int(got.get("usec", 0))
 
     def cpu_seconds(self) -> float:
         assert self.proc is not None
@@ -346,6 +346,7 @@ class ClusterConfig:
     register_timeout: float = 60.0
     drain_timeout: float = 15.0
     bulk_workers: int = 0  # 0: 1 up to 300 receivers, else 2
+    idle: float = 2.0  # seconds of the idle window before the load
 
 
 @dataclass
@@ -359,12 +360,19 @@ class SetupResult:
 Probe = Callable[[str], None]
 
 
-def _selchat_spec(redis_url: Optional[str]) -> ServerSpec:
+@functools.lru_cache(maxsize=1)
+def _selchat_flags() -> Tuple[str, ...]:
+    """The benchmark's selchat flags that this checkout's --help lists (asked once a run)."""
     spec = ServerSpec("selchat", [sys.executable, "-m", "selchat.server"])
     resolve_flags(spec)
     if spec.unavailable:
         raise ClusterBenchError(spec.unavailable)
-    extra = list(spec.extra)
+    return tuple(spec.extra)
+
+
+def _selchat_spec(redis_url: Optional[str]) -> ServerSpec:
+    spec = ServerSpec("selchat", [sys.executable, "-m", "selchat.server"])
+    extra = list(_selchat_flags())
     # the log says when a process is in the cluster (INFO); both set-ups log alike
     if "--log-level" in extra:
         extra[extra.index("--log-level") + 1] = "info"
@@ -439,14 +447,14 @@ def _measure(cfg: ClusterConfig, servers: List[RunningServer], redis: Optional[R
     shares = plan_members(cfg.receivers, cfg.senders, PROCESSES, bulk)
     members = cfg.receivers + cfg.senders
     raise_nofile()
-    edges: Dict[str, Tuple[float, List[float], float, int]] = {}
+    edges: Dict[str, Tuple[float, List[float], float, Tuple[int, int]]] = {}
 
     def probe(edge: str) -> None:
         cpu = [s.cpu_seconds() for s in servers]
         if redis is not None:
-            edges[edge] = (time.monotonic(), cpu, redis.cpu_seconds(), redis.evalsha_calls())
+            edges[edge] = (time.monotonic(), cpu, redis.cpu_seconds(), redis.evalsha())
         else:
-            edges[edge] = (time.monotonic(), cpu, 0.0, 0)
+            edges[edge] = (time.monotonic(), cpu, 0.0, (0, 0))
 
     m = res.metrics
     with ClusterFleet("127.0.0.1", ports, len(shares), cfg.msg_size) as fleet:
@@ -455,30 +463,50 @@ def _measure(cfg: ClusterConfig, servers: List[RunningServer], redis: Optional[R
             raise loadgen.GenError(f"registered {reg['ok']} of {members} members: {reg['errors']}")
         m["register_s"] = reg["seconds"]
         fleet.settle(quiet=0.5, timeout=30)
-        flow, local = _phase(fleet, cfg, "flow", probe, shares)
-        t0, cpu0, r0, e0 = edges["start"]
-        t1, cpu1, r1, e1 = edges["end"]
-        span = t1 - t0
-        sent = flow.sent_per_s * flow.duration
-        m["deliveries_per_s"] = flow.deliveries_per_s
-        m["sent_per_s"] = flow.sent_per_s
-        m["server_cores"] = sum(b - a for a, b in zip(cpu0, cpu1)) / span
-        m["server_cores_max"] = max(b - a for a, b in zip(cpu0, cpu1)) / span
-        m["cpu_us_per_delivery"] = sum(b - a for a, b in zip(cpu0, cpu1)) * 1e6 / flow.deliveries if flow.deliveries else math.nan
-        m["gen_cpu"] = flow.gen_cpu
+        # what the processes and Redis burn with every member connected and nobody talking
+        # (timers, lease renewals, pings): the floor under the paced phase's figures
+        probe("start")
+        time.sleep(cfg.idle)  # the measured idle window
+        probe("end")
+        t0, cpu0, r0, _ = edges["start"]
+        t1, cpu1, r1, _ = edges["end"]
+        m["idle_server_cores"] = sum(b - a for a, b in zip(cpu0, cpu1)) / (t1 - t0)
         if redis is not None:
-            m["redis_cores"] = (r1 - r0) / span
-            m["redis_us_per_msg"] = (r1 - r0) * 1e6 / sent if sent else math.nan
-            m["publications_per_s"] = (e1 - e0) / span
-            m["redis_us_per_pub"] = (r1 - r0) * 1e6 / (e1 - e0) if e1 > e0 else math.nan
+            m["idle_redis_cores"] = (r1 - r0) / (t1 - t0)
+        flow, local = _phase(fleet, cfg, "flow", probe, shares)
+        _costs(m, "", flow, edges, redis is not None)
         _latency(m, "flow", flow, local)
         _counts(res, "flow", flow, members)
-        if cfg.rate > 0:
+        if cfg.rate > 0:  # the same offered load on both set-ups: cost and latency at rest
             fleet.settle(quiet=0.3, timeout=30)
-            paced, local = _phase(fleet, cfg, "rate", None, shares)
-            m["paced_sent_per_s"] = paced.sent_per_s
+            paced, local = _phase(fleet, cfg, "rate", probe, shares)
+            _costs(m, "paced_", paced, edges, redis is not None)
             _latency(m, "paced", paced, local)
             _counts(res, "paced", paced, members)
+
+
+def _costs(m: Dict[str, float], prefix: str, r: loadgen.LoadResult,
+           edges: Dict[str, Tuple[float, List[float], float, Tuple[int, int]]], with_redis: bool) -> None:
+    """Rates and CPU of one phase's window, as metrics named with `prefix`."""
+    t0, cpu0, r0, e0 = edges["start"]
+    t1, cpu1, r1, e1 = edges["end"]
+    span = t1 - t0
+    used = [b - a for a, b in zip(cpu0, cpu1)]
+    sent = r.sent_per_s * r.duration
+    m[prefix + "deliveries_per_s"] = r.deliveries_per_s
+    m[prefix + "sent_per_s"] = r.sent_per_s
+    m[prefix + "server_cores"] = sum(used) / span
+    m[prefix + "server_cores_max"] = max(used) / span
+    m[prefix + "cpu_us_per_delivery"] = sum(used) * 1e6 / r.deliveries if r.deliveries else math.nan
+    m[prefix + "cpu_us_per_msg"] = sum(used) * 1e6 / sent if sent else math.nan
+    m[prefix + "gen_cpu"] = r.gen_cpu
+    if with_redis:
+        m[prefix + "redis_cores"] = (r1 - r0) / span
+        m[prefix + "redis_us_per_msg"] = (r1 - r0) * 1e6 / sent if sent else math.nan
+        calls = e1[0] - e0[0]
+        m[prefix + "publications_per_s"] = calls / span
+        m[prefix + "redis_us_per_pub"] = (r1 - r0) * 1e6 / calls if calls else math.nan
+        m[prefix + "script_us_per_pub"] = (e1[1] - e0[1]) / calls if calls else math.nan
 
 
 def _phase(fleet: ClusterFleet, cfg: ClusterConfig, mode: str, probe: Optional[Probe],
@@ -593,31 +621,61 @@ def _pair(m: Dict[str, float], a: str, b: str) -> str:
     return f"{_f(m.get(a), 1)} / {_f(m.get(b), 1)}"
 
 
+def _row_start(r: int, setup: str, res: SetupResult, width: int) -> Optional[str]:
+    if res.failed and not res.metrics:
+        return f"| {r:,} | {SETUP_LABEL[setup]} | n/a: {res.failed[:120]} |" + " |" * (width - 3)
+    return None
+
+
+def _lost(m: Dict[str, float], phase: str) -> str:
+    if f"{phase}_lost" not in m:
+        return "-"
+    lost = int(m[f"{phase}_lost"])
+    return "complete" if lost == 0 else f"lost {lost}"
+
+
 def table(receivers: Sequence[int], results: Dict[Tuple[int, str], SetupResult]) -> str:
-    head = ("| R | set-up | deliveries/s | messages/s | server CPU us/delivery (all processes) | server cores "
-            "(sum; busiest) | Redis cores | Redis CPU us/message | flow latency ms, cross p50 / p99 | flow, same-process "
-            "p50 / p99 | paced latency ms, cross p50 / p99 | paced, same-process p50 / p99 | generator cores | counts |")
-    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    """Two tables: the flow phase (as fast as accepted) and the paced one (the same offered
+    load on both set-ups)."""
+    flow_head = ("| R | set-up | deliveries/s | messages/s | server CPU us/delivery (all processes) | server CPU us/message "
+                 "| server cores (sum; busiest) | Redis cores | Redis CPU us/message | latency ms, cross-process p50 / p99 "
+                 "| same-process p50 / p99 | generator cores | counts |")
+    paced_head = ("| R | set-up | messages/s | deliveries/s | server CPU us/delivery (all processes) | server CPU us/message "
+                  "| server cores (sum; busiest) | Redis cores | Redis CPU us/message | latency ms, cross-process p50 / p99 "
+                  "| same-process p50 / p99 | counts |")
+    out = ["As fast as accepted (flow phase):", "", flow_head, "|" + "---|" * (flow_head.count("|") - 1)]
+    paced = ["", "The same offered load on both set-ups (paced phase):", "", paced_head,
+             "|" + "---|" * (paced_head.count("|") - 1)]
+    any_paced = False
     for r in receivers:
         for setup in SETUPS:
             res = results.get((r, setup))
             if res is None:
                 continue
-            if res.failed and not res.metrics:
-                lines.append(f"| {r:,} | {SETUP_LABEL[setup]} | n/a: {res.failed[:120]} |" + " |" * 11)
+            failed = _row_start(r, setup, res, flow_head.count("|") - 1)
+            if failed:
+                out.append(failed)
                 continue
             m = res.metrics
-            complete = "complete" if m.get("flow_lost", 1) == 0 and m.get("paced_lost", 0) == 0 else \
-                f"lost {int(m.get('flow_lost', 0)) + int(m.get('paced_lost', 0))}"
-            lines.append(
+            out.append(
                 f"| {r:,} | {SETUP_LABEL[setup]} | {_f(m.get('deliveries_per_s'), 0)} | {_f(m.get('sent_per_s'), 0)} "
-                f"| {_f(m.get('cpu_us_per_delivery'), 2)} | {_f(m.get('server_cores'), 2)}; {_f(m.get('server_cores_max'), 2)} "
+                f"| {_f(m.get('cpu_us_per_delivery'), 2)} | {_f(m.get('cpu_us_per_msg'), 0)} "
+                f"| {_f(m.get('server_cores'), 2)}; {_f(m.get('server_cores_max'), 2)} "
                 f"| {_f(m.get('redis_cores'), 2)} | {_f(m.get('redis_us_per_msg'), 1)} "
                 f"| {_pair(m, 'flow_cross_p50_ms', 'flow_cross_p99_ms')} | {_pair(m, 'flow_same_p50_ms', 'flow_same_p99_ms')} "
-                f"| {_pair(m, 'paced_cross_p50_ms', 'paced_cross_p99_ms')} | {_pair(m, 'paced_same_p50_ms', 'paced_same_p99_ms')} "
-                f"| {_f(m.get('gen_cpu'), 2)} | {complete} |"
+                f"| {_f(m.get('gen_cpu'), 2)} | {_lost(m, 'flow')} |"
             )
-    return "\n".join(lines)
+            if "paced_sent_per_s" in m:
+                any_paced = True
+                paced.append(
+                    f"| {r:,} | {SETUP_LABEL[setup]} | {_f(m.get('paced_sent_per_s'), 0)} | {_f(m.get('paced_deliveries_per_s'), 0)} "
+                    f"| {_f(m.get('paced_cpu_us_per_delivery'), 2)} | {_f(m.get('paced_cpu_us_per_msg'), 0)} "
+                    f"| {_f(m.get('paced_server_cores'), 2)}; {_f(m.get('paced_server_cores_max'), 2)} "
+                    f"| {_f(m.get('paced_redis_cores'), 2)} | {_f(m.get('paced_redis_us_per_msg'), 1)} "
+                    f"| {_pair(m, 'paced_cross_p50_ms', 'paced_cross_p99_ms')} "
+                    f"| {_pair(m, 'paced_same_p50_ms', 'paced_same_p99_ms')} | {_lost(m, 'paced')} |"
+                )
+    return "\n".join(out + (paced if any_paced else []))
 
 
 def ratios(receivers: Sequence[int], results: Dict[Tuple[int, str], SetupResult]) -> List[str]:
@@ -628,14 +686,21 @@ def ratios(receivers: Sequence[int], results: Dict[Tuple[int, str], SetupResult]
             continue
         cm, sm = c.metrics, s.metrics
         parts = []
-        if sm.get("cpu_us_per_delivery"):
-            parts.append(f"server CPU per delivery {cm['cpu_us_per_delivery'] / sm['cpu_us_per_delivery']:.2f}x one process's")
+        for prefix, what in (("", "flow"), ("paced_", "paced")):
+            a, b = cm.get(prefix + "cpu_us_per_delivery", math.nan), sm.get(prefix + "cpu_us_per_delivery", math.nan)
+            if b and not math.isnan(a) and not math.isnan(b):
+                parts.append(f"server CPU per delivery ({what}) {a / b:.2f}x one process's")
         if sm.get("deliveries_per_s"):
-            parts.append(f"deliveries/s {cm['deliveries_per_s'] / sm['deliveries_per_s']:.2f}x")
+            parts.append(f"deliveries/s (flow) {cm['deliveries_per_s'] / sm['deliveries_per_s']:.2f}x")
         pubs = cm.get("publications_per_s", math.nan)
         if not math.isnan(pubs) and cm.get("sent_per_s"):
             parts.append(f"Redis ran {pubs:,.0f} publication scripts/s for {cm['sent_per_s']:,.0f} messages/s "
-                         f"({_f(cm.get('redis_us_per_pub'), 1)} us of Redis CPU per script)")
+                         f"({_f(cm.get('redis_us_per_pub'), 1)} us of Redis CPU per script, of which "
+                         f"{_f(cm.get('script_us_per_pub'), 1)} us inside the script by its commandstats)")
+        if "idle_server_cores" in cm:
+            parts.append(f"idle (members connected, nobody talking): the {PROCESSES} processes "
+                         f"{cm['idle_server_cores']:.3f} cores, Redis {cm.get('idle_redis_cores', math.nan):.3f}; "
+                         f"one process {sm.get('idle_server_cores', math.nan):.3f}")
         out.append(f"* R={r:,}: " + "; ".join(parts))
     return out
 
@@ -667,8 +732,9 @@ def report(opts: Any, cfg: ClusterConfig, receivers: Sequence[int], results: Dic
         f"* one process: `{_describe(False)}`",
         "",
         "Deliveries are messages received by members (the sender's echo counts: R + S per message). Server CPU is "
-        "user + system of every selchat process over the flow window (/proc), divided by the deliveries; Redis "
-        "CPU is redis-server's (all its threads), divided by the messages sent in the window. Latency is from "
+        "user + system of every selchat process over the phase's window (/proc), divided by the deliveries "
+        "or by the messages sent; Redis CPU is redis-server's (all its threads), divided by the messages sent in "
+        "the window. Latency is from "
         "`say` to the arrival at a probe (3 receivers per process, in the generator's eager worker): cross = "
         "the sender was on another process than the probe; same = on the probe's own process. Counts: after "
         "each phase every member had every message exactly once, or what was lost.",
