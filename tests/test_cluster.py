@@ -371,3 +371,25 @@ def test_redis_back_empty_and_the_health_check(redis: RedisServer,
     assert second["id"] > first["id"]
     b.send(type="who", room=room, ref="w")
     assert set(b.wait_for("names", SLOW, ref="w")[0]["nicks"]) == {a.nick, b.nick}
+
+
+def test_a_frozen_process_is_buried_and_closes_its_connections_when_it_wakes(
+        cluster: Callable[..., ServerProcess]) -> None:
+    """SIGSTOP past the lease: the others see its users quit; woken, it finds itself buried,
+    closes those connections (their clients reconnect), and serves new ones in the one chat."""
+    p1, p2 = cluster(*OPEN), cluster(*OPEN)
+    a = p1.registered(unique_nick("a"))
+    b = p2.registered(unique_nick("b"))
+    a.wait_for("join", SLOW, nick=b.nick)
+    p2.signal(signal.SIGSTOP)
+    try:
+        assert a.wait_for("quit", SLOW, nick=b.nick)[0]["reason"] == "connection closed"
+    finally:
+        p2.signal(signal.SIGCONT)
+    b.assert_closed(SLOW, allow_partial=True)
+    p2.wait_log("lease gone", SLOW)
+    again = p2.client()
+    again.register(b.nick, names=None)
+    a.wait_for("join", SLOW, nick=b.nick)
+    again.send(type="say", room="#lobby", text="back")
+    a.wait_for("message", SLOW, text="back")

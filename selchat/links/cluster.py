@@ -316,7 +316,9 @@ class ClusterNode:
             self._unsent_leaves.append((sid, reason))
 
     def _leave_published(self, sid: str, reason: Optional[str], reply: Any) -> None:
-        if isinstance(reply, ReplyError) and not (isinstance(reply, Unavailable) and reply.sent):
+        # Not ordered, or perhaps not (sent when the link fell): sent again once the link is
+        # back and caught up, unless it came round meanwhile (applying one twice is nothing).
+        if isinstance(reply, ReplyError):
             self._unsent_leaves.append((sid, reason))
 
     # --- the ordered stream ---------------------------------------------------------------------
@@ -488,11 +490,13 @@ class ClusterNode:
         finally:
             accounts.next_token = None
         self.sessions[sid] = session
-        if isinstance(session, RemoteSession):
-            session.user = user
-        else:
-            session.user = user  # the door's session learns its user before the welcome is out
+        session.user = user  # (a door's session learns its user before the welcome is out)
         self._deliver(deliveries, pending, session)
+        if not isinstance(session, RemoteSession) and not session.transport.accepting:
+            # Ours, and it went while its hello waited for the order: the door never knew a
+            # user to leave with, so the leave is ours to send.
+            session.user = None
+            self.leave(user, session, "connection closed")
         return user
 
     def _do_req(self, c: Dict[str, Any], pending: Optional[_Pending]) -> Any:
@@ -573,26 +577,29 @@ class ClusterNode:
 
     def _do_dead(self, c: Dict[str, Any], pending: Optional[_Pending]) -> Any:
         node = c["dead"]
-        if node == self.node:
-            # The others buried us (the link was down past the lease): our connections are
-            # gone from the chat everywhere, so they go here too, and come back as new ones.
-            log.error("cluster: the others found this process's lease gone; closing its "
-                      "connections")
-            for session in list(self._sid_of):
-                self.hub.condemn(session, "connection closed")
-            self._sid_of.clear()
-            return None
         if node not in self.nodes:
-            return None
+            return None  # (buried already: every process may have seen the lease gone)
         del self.nodes[node]
-        gone = [sid for sid, s in self.sessions.items() if isinstance(s, RemoteSession) and s.node == node]
+        prefix = node + ":"
+        gone = [sid for sid in self.sessions if sid.startswith(prefix)]
+        ours = node == self.node
+        if ours:
+            # The others buried us (our link was down past the lease): our connections are
+            # gone from every copy, so from ours too (the same way), and they close here;
+            # their clients come back as new connections.
+            log.error("cluster: the others found this process's lease gone; closing its "
+                      "%d connection(s)", len(gone))
         for sid in gone:
             session = self.sessions.pop(sid)
-            if session.user is not None:
-                self.hub.fanout.deliver(self.chat.disconnect(session.user, "connection closed",
-                                                             session), None)
-        log.warning("cluster: process %s is gone (lease expired): %d connection(s) closed",
-                    node, len(gone))
+            user = self._leaving.pop(sid, None) or getattr(session, "user", None)
+            if user is not None and self.chat.users.get(user.key) is user:
+                self.hub.fanout.deliver(self.chat.disconnect(user, "connection closed", session), None)
+            if ours and not isinstance(session, RemoteSession):
+                self._sid_of.pop(session, None)  # (its leave is no one's news now)
+                self.hub.condemn(session, "connection closed")
+        if not ours:
+            log.warning("cluster: process %s is gone (lease expired): %d connection(s) closed",
+                        node, len(gone))
         return None
 
     # --- starting: a snapshot from the others, or alone -------------------------------------
@@ -701,6 +708,9 @@ class ClusterNode:
                 epoch, body = buffered[offset]
                 if epoch == self.epoch and offset == self.offset + 1:
                     self._apply(offset, body)
+            if any(offset > self.offset for offset in buffered):
+                self._catch_up()  # a hole among what came meanwhile: read it from the stream
+                return
             self.live = True
             if self._how_synced:
                 log.info("cluster: process %s in the cluster at offset %d (%s)", self.node,
