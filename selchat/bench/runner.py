@@ -739,8 +739,10 @@ def report(
             where = f"pinned to CPU {pin[1]}, the server to CPU {pin[0]}" if pin else "not pinned"
             lines.append(
                 f"Generator of the fan-out points: C (selchat/bench/cgen/loadgen.c; one epoll process, {where}; "
-                f"TCP_QUICKACK: {getattr(opts, 'quickack', 'window')}); a row is generator-bound when the generator used "
-                f">= {CGEN_BOUND:g} of its core while the server used < {SERVER_FULL:g} of its own.  "
+                f"TCP_QUICKACK: {getattr(opts, 'quickack', 'window')}); a row is generator-bound when the generator's CPU "
+                f"was less than {1 - CGEN_BOUND:.0%} idle while the server's was at least {1 - SERVER_FULL:.0%} idle"
+                + ("" if pin else f" (not pinned: generator >= {CGEN_BOUND:g} cores while the server < {SERVER_FULL:g})")
+                + ".  "
             )
         else:
             lines.append(f"Generator of the fan-out points: Python (worker processes, not pinned; generator-limited above {GEN_LIMIT:g} cores).  ")
