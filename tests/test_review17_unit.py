@@ -1,0 +1,125 @@
+"""Review of issue 17: the cluster's tables, without sockets (a ClusterNode on a stub link that
+records what would go to Redis; commands applied by hand in offset order, as from the stream).
+
+Each xfail(strict=True) test shows a table that grows without a bound or a fate."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, List, Optional, Tuple
+
+import pytest
+
+from selchat.core.chat import Chat
+from selchat.core.store import MemoryStore
+from selchat.hub import Hub
+from selchat.links.cluster import ClusterNode
+from selchat.links.redis import LinkState
+from selchat.loop.reactor import Reactor
+
+
+class StubLink:
+    """What ClusterNode asks of a RedisLink; commands are recorded, never answered."""
+
+    db = 0
+    name = "stub"
+
+    def __init__(self) -> None:
+        self.state = LinkState.UP
+        self.sent: List[Tuple[Any, ...]] = []
+        self.on_message: Any = None
+        self.on_up: Any = None
+        self.on_state: Any = None
+
+    def add_script(self, source: bytes) -> str:
+        return ""
+
+    def subscribe(self, *channels: Any) -> None:
+        pass
+
+    def execute(self, *args: Any, done: Any = None) -> bool:
+        self.sent.append(args)
+        return True
+
+
+class Transport:
+    accepting = True
+    ip = "127.0.0.1"
+    peer = "127.0.0.1:1"
+
+    def write(self, data: bytes) -> None:
+        pass
+
+
+class Session:
+    """A local connection as the hub sees it."""
+
+    def __init__(self) -> None:
+        self.transport = Transport()
+        self.user: Any = None
+        self.errors: List[str] = []
+
+    def reply(self, event: Any, ref: Any) -> None:
+        pass
+
+    def own_message(self, message: Any, ref: Any, shared: bytes) -> bytes:
+        return b""
+
+    def send_error(self, code: str, message: str, ref: Any = None) -> None:
+        self.errors.append(code)
+
+    def job_done(self) -> None:
+        pass
+
+    def drop(self, reason: str) -> None:
+        pass
+
+
+def live_node() -> Tuple[ClusterNode, StubLink, Hub]:
+    hub = Hub(Chat(MemoryStore()), Reactor())
+    link = StubLink()
+    node = ClusterNode(hub, link, node_id="me")  # type: ignore[arg-type]
+    hub.cluster = node
+    node.epoch, node.offset, node.synced, node.live = "e", 0, True, True
+    node.nodes["me"] = None
+    return node, link, hub
+
+
+def apply(node: ClusterNode, command: dict) -> None:
+    node._current_id += 1
+    node._apply(node.offset + 1, b"%d %s" % (node._current_id, json.dumps(command).encode()))
+
+
+def reg(sid: str, nick: str, q: int = 0) -> dict:
+    return {"k": "reg", "s": sid, "nick": nick, "lobby": True, "ident": "", "host": "h",
+            "real": "", "door": "json", "origin": "10.0.0.1", "t": 1, "acct": None, "tok": None,
+            "n": sid.partition(":")[0], "q": q}
+
+
+@pytest.mark.xfail(strict=True, reason="cluster.py _do_reg: `self._session(sid)` puts a "
+                   "RemoteSession in `sessions` before chat.register refuses the nick, and nothing "
+                   "removes it: every refused hello of another process stays in every copy for ever")
+def test_refused_remote_hellos_leave_nothing_behind() -> None:
+    node, _, _ = live_node()
+    apply(node, reg("other:1", "alice"))
+    for n in range(2, 1002):
+        apply(node, reg(f"other:{n}", "alice"))  # nick_taken, each
+    assert len(node.sessions) == 1, f"{len(node.sessions)} sessions kept for one user"
+
+
+@pytest.mark.xfail(strict=True, reason="cluster.py sid()/hub.admit: a local connection gets an "
+                   "entry in `_sid_of` (holding the session and its transport) when it says hello; "
+                   "a refused hello (nick_taken, unavailable) never has a user to leave with, so "
+                   "the entry stays after the connection is gone")
+def test_refused_local_hellos_leave_nothing_behind() -> None:
+    node, link, hub = live_node()
+    apply(node, reg("other:1", "alice"))
+    answers: List[Optional[str]] = []
+    for _ in range(100):
+        session = Session()
+        hub.admit("alice", session, None, lambda user, error: answers.append(error and error.code))
+        payload = link.sent[-1][7]  # EVALSHA sha 3 meta stream ids channel PAYLOAD ...
+        apply(node, json.loads(payload))
+        session.transport.accepting = False  # the client gives up and goes
+    assert answers == ["nick_taken"] * 100
+    assert len(node._sid_of) == 0, f"{len(node._sid_of)} gone connections still held"
