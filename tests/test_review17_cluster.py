@@ -209,3 +209,21 @@ def test_a_process_joins_a_cluster_whose_state_is_over_a_mebibyte(
         a.wait_for("message", SLOW, ref=f"s{i}")
     p2 = start_server("--redis", redis.url, "--db", str(tmp_path / "late.db"), *OPEN)
     p2.wait_log(IN_CLUSTER, SLOW)
+
+
+# --- (1) decisions that read per-process options ------------------------------------------------
+
+@pytest.mark.xfail(strict=True, reason="cluster.py _apply runs the chat's decisions against each "
+                   "process's own options (--registration here; --operators, --max-presence "
+                   "likewise); nothing checks that the processes agree and docs/cluster.md does not "
+                   "ask for it: an account made on one process does not exist on the other")
+def test_processes_with_different_options_stay_one_chat(cluster: Callable[..., ServerProcess]) -> None:
+    from test_accounts import registered_account
+    kdf = ("--kdf-workers", "0")
+    p1 = cluster(*OPEN, *kdf, "--registration", "closed")
+    p2 = cluster(*OPEN, *kdf)
+    nick = unique_nick("acc")
+    registered_account(p2, nick).quit_and_close()  # answered `account` by p2
+    squatter = p1.client()
+    squatter.send(type="hello", nick=nick)
+    squatter.expect_error("nick_reserved", SLOW)  # p1's copy never made the account
