@@ -500,6 +500,8 @@ def _costs(m: Dict[str, float], prefix: str, r: loadgen.LoadResult,
     m[prefix + "cpu_us_per_delivery"] = sum(used) * 1e6 / r.deliveries if r.deliveries else math.nan
     m[prefix + "cpu_us_per_msg"] = sum(used) * 1e6 / sent if sent else math.nan
     m[prefix + "gen_cpu"] = r.gen_cpu
+    for i, u in enumerate(used):  # each process's own share, per message sent
+        m[f"{prefix}p{i}_cpu_us_per_msg"] = u * 1e6 / sent if sent else math.nan
     if with_redis:
         m[prefix + "redis_cores"] = (r1 - r0) / span
         m[prefix + "redis_us_per_msg"] = (r1 - r0) * 1e6 / sent if sent else math.nan
