@@ -383,14 +383,17 @@ static inline void sample(struct conn *c, const unsigned char *ts, uint64_t t_us
 }
 
 /* A counted message: `sid` is its sender-id byte; credits the window of its sender when
- * this member counts for it (native: its own echo; IRC: the designated counter). */
+ * this member counts for it (native: its own echo; IRC: the designated counter). The sender
+ * is topped up once the whole receive is read (one write for all it may send), as the
+ * Python generator does. */
+static struct conn *credited;
+
 static inline void credit(struct conn *c, unsigned char sid) {
     if (sid != c->own)
         return;
     struct conn *s = c->sid >= 0 ? c : &conns[sender_idx[c->counts_for]];
     s->echoes++;
-    if (sending)
-        top_up(s);
+    credited = s;
 }
 
 static void keep_tail(struct conn *c, const unsigned char *p, size_t n) {
@@ -621,9 +624,12 @@ static void read_conn(struct conn *c) {
     c->bytes += (uint64_t)n;
     total_bytes += (uint64_t)n;
     size_t end = k + (size_t)n;
+    credited = NULL;
     size_t used = opt.proto == P_NATIVE ? native_read(c, rb, end) : irc_read(c, rb, end);
     if (c->state != DEAD)
         keep_tail(c, rb + used, end - used);
+    if (credited && sending)
+        top_up(credited);
 }
 
 /* ---- phases ------------------------------------------------------------------------- */
