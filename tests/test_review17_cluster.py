@@ -257,3 +257,42 @@ def test_a_process_started_while_another_s_lease_lapsed_joins_the_one_chat(
     a.send(type="say", room="#lobby", text="can you hear me", ref="s")
     a.wait_for("message", SLOW, ref="s")
     b.wait_for("message", SLOW, text="can you hear me")  # ... but p2's copy has no `a`
+
+
+# --- (4) AWAY while Redis is down -------------------------------------------------------------------
+
+@pytest.mark.xfail(strict=True, reason="hub.py _set_attribute submits with refused=_ignore and the "
+                   "IRC door answers 306 at once: while Redis is down the change is refused "
+                   "`unavailable` and dropped in silence (10.3: nothing silently dropped), so the "
+                   "client believes it is away and nobody, itself included, ever sees it")
+def test_irc_away_while_redis_is_down_is_not_dropped_in_silence(
+        redis: RedisServer, cluster: Callable[..., ServerProcess]) -> None:
+    from test_irc_gateway import Irc
+    p1 = cluster(*OPEN, "--irc-port", "0")
+    env = Irc(p1)
+    try:
+        u = env.user(unique_nick("aw"))
+        redis.kill(signal.SIGKILL)
+        p1.wait_log("down", SLOW)
+        u.send("AWAY :gone fishing")
+        u.wait_for("306", timeout=SLOW)  # "You have been marked as being away"
+        redis.start()
+        p1.wait_log("caught up", SLOW)
+        u.send(f"WHOIS {u.nick}")
+        lines = u.until_numeric("318", SLOW)
+        assert [x for x in lines if x.command == "301"], [f"{x.command} {x.params}" for x in lines]
+    finally:
+        env.close()
+
+
+def test_control_irc_away_shows_in_whois_alone(start_server: Callable[..., ServerProcess]) -> None:
+    from test_irc_gateway import Irc
+    env = Irc(start_server("--irc-port", "0", *OPEN))
+    try:
+        u = env.user(unique_nick("aw"))
+        u.send("AWAY :gone fishing")
+        u.wait_for("306", timeout=SLOW)
+        u.send(f"WHOIS {u.nick}")
+        assert [x for x in u.until_numeric("318", SLOW) if x.command == "301"]
+    finally:
+        env.close()
