@@ -296,3 +296,43 @@ def test_control_irc_away_shows_in_whois_alone(start_server: Callable[..., Serve
         assert [x for x in u.until_numeric("318", SLOW) if x.command == "301"]
     finally:
         env.close()
+
+
+# --- (4) IRC user modes live on the connection, not in the shared state ---------------------------
+
+def _who_mask_lists_invisible(p_hidden: ServerProcess, p_asker: ServerProcess) -> bool:
+    from test_irc_gateway import Irc
+    env_h, env_a = Irc(p_hidden), Irc(p_asker)
+    try:
+        hidden = env_h.user(unique_nick("hid"))
+        hidden.send(f"MODE {hidden.nick} +i")
+        hidden.wait_for("MODE", timeout=SLOW)
+        asker = env_a.user(unique_nick("ask"))
+        deadline = time.monotonic() + SLOW
+        while True:  # (with --redis: until the asker's process has applied the hidden's hello)
+            asker.send(f"WHOIS {hidden.nick}")
+            if [x for x in asker.until_numeric("318", SLOW) if x.command == "311"]:
+                break
+            assert time.monotonic() < deadline
+        asker.send(f"WHO {hidden.nick[:3]}*")
+        lines = asker.until_numeric("315", SLOW)
+        return any(x.command == "352" and hidden.nick in x.params for x in lines)
+    finally:
+        env_h.close()
+        env_a.close()
+
+
+def test_control_invisible_user_not_listed_by_who_masks_alone(
+        start_server: Callable[..., ServerProcess]) -> None:
+    p = start_server("--irc-port", "0", *OPEN)
+    assert not _who_mask_lists_invisible(p, p)
+
+
+@pytest.mark.xfail(strict=True, reason="irc/queries.py _visible reads `invisible` from the user's "
+                   "sessions; on another process they are RemoteSessions, which have none: a +i "
+                   "user is listed by WHO masks to strangers on every other process")
+def test_invisible_user_not_listed_by_who_masks_on_another_process(
+        cluster: Callable[..., ServerProcess]) -> None:
+    p1 = cluster(*OPEN, "--irc-port", "0")
+    p2 = cluster(*OPEN, "--irc-port", "0")
+    assert not _who_mask_lists_invisible(p1, p2)
