@@ -336,3 +336,29 @@ def test_invisible_user_not_listed_by_who_masks_on_another_process(
     p1 = cluster(*OPEN, "--irc-port", "0")
     p2 = cluster(*OPEN, "--irc-port", "0")
     assert not _who_mask_lists_invisible(p1, p2)
+
+
+# --- (5) /healthz while the process cannot serve ---------------------------------------------------
+
+@pytest.mark.xfail(strict=True, reason="ops/metrics.py health() looks at the Redis link only: a "
+                   "process that is not in the cluster (waiting for a snapshot, catching up, or "
+                   "stuck as in the tests above) answers every hello `unavailable` and still says "
+                   "200 on /healthz, so a balancer keeps sending users to it")
+def test_healthz_is_not_200_while_every_hello_is_refused(
+        redis: RedisServer, start_server: Callable[..., ServerProcess], tmp_path: Path) -> None:
+    import urllib.error
+    import urllib.request
+    # A lease of a process that is not there (a snapshot will never come while it lasts).
+    redis_command(redis, "SET", "selchat:lease:0000deadbeef", "1", "PX", "60000")
+    p = start_server("--redis", redis.url, "--db", str(tmp_path / "h.db"), "--metrics-port", "0", *OPEN)
+    port = int(p.wait_log(re.compile(r"metrics at http://127\.0\.0\.1:(\d+)/"), SLOW).group(1))
+    p.wait_log("no snapshot came", SLOW)
+    c = p.client()
+    c.send(type="hello", nick=unique_nick("h"), ref="h")
+    c.expect_error("unavailable", SLOW, ref="h")
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as r:
+            status = r.status
+    except urllib.error.HTTPError as exc:
+        status = exc.code
+    assert status == 503
