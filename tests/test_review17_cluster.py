@@ -362,3 +362,24 @@ def test_healthz_is_not_200_while_every_hello_is_refused(
     except urllib.error.HTTPError as exc:
         status = exc.code
     assert status == 503
+
+
+@pytest.mark.xfail(strict=True, reason="irc/registration.py _register_now done(): every refusal "
+                   "that is not nick_reserved/nick_taken, `unavailable` included, becomes 433 "
+                   "ERR_NICKNAMEINUSE, so IRC clients switch to an alternate nick instead of "
+                   "being told the server cannot register anyone right now")
+def test_irc_registration_while_not_in_the_cluster_is_not_433(
+        redis: RedisServer, start_server: Callable[..., ServerProcess], tmp_path: Path) -> None:
+    from ircwire import IrcClient, irc_port
+    redis_command(redis, "SET", "selchat:lease:0000deadbeef", "1", "PX", "60000")
+    p = start_server("--redis", redis.url, "--db", str(tmp_path / "i.db"), "--irc-port", "0", *OPEN)
+    p.wait_log("no snapshot came", SLOW)
+    c = IrcClient(irc_port(p))
+    try:
+        nick = unique_nick("n")
+        c.send(f"NICK {nick}")
+        c.send("USER u 0 * :u")
+        line = c.recv_line(SLOW)
+        assert line.command != "433", f"{line.command} {line.params}"
+    finally:
+        c.close()
