@@ -194,6 +194,22 @@ class RedisProcess:
         self.stop()
 
 
+def run_queue_wait(pid: int) -> float:
+    """Seconds the threads of `pid` spent runnable but waiting for a CPU (/proc schedstat's
+    second field): on a shared machine, how much the other tenants held it back."""
+    total = 0
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            try:
+                with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                    total += int(f.read().split()[1])
+            except (OSError, IndexError, ValueError):
+                pass
+    except OSError:
+        return 0.0
+    return total / 1e9
+
+
 def _proc_cpu(pid: int) -> float:
     """utime + stime of every thread of `pid` (fields 14 and 15 of /proc/PID/stat)."""
     with open(f"/proc/{pid}/stat", "rb") as f:
@@ -448,8 +464,11 @@ def _measure(cfg: ClusterConfig, servers: List[RunningServer], redis: Optional[R
     members = cfg.receivers + cfg.senders
     raise_nofile()
     edges: Dict[str, Tuple[float, List[float], float, Tuple[int, int]]] = {}
+    waits: Dict[str, Tuple[float, float]] = {}
 
     def probe(edge: str) -> None:
+        waits[edge] = (sum(run_queue_wait(s.pid) for s in servers),
+                       run_queue_wait(redis.proc.pid) if redis is not None and redis.proc else 0.0)
         cpu = [s.cpu_seconds() for s in servers]
         if redis is not None:
             edges[edge] = (time.monotonic(), cpu, redis.cpu_seconds(), redis.evalsha())
@@ -475,14 +494,25 @@ def _measure(cfg: ClusterConfig, servers: List[RunningServer], redis: Optional[R
             m["idle_redis_cores"] = (r1 - r0) / (t1 - t0)
         flow, local = _phase(fleet, cfg, "flow", probe, shares)
         _costs(m, "", flow, edges, redis is not None)
+        _waits(m, "", waits, edges, redis is not None)
         _latency(m, "flow", flow, local)
         _counts(res, "flow", flow, members)
         if cfg.rate > 0:  # the same offered load on both set-ups: cost and latency at rest
             fleet.settle(quiet=0.3, timeout=30)
             paced, local = _phase(fleet, cfg, "rate", probe, shares)
             _costs(m, "paced_", paced, edges, redis is not None)
+            _waits(m, "paced_", waits, edges, redis is not None)
             _latency(m, "paced", paced, local)
             _counts(res, "paced", paced, members)
+
+
+def _waits(m: Dict[str, float], prefix: str, waits: Dict[str, Tuple[float, float]],
+           edges: Dict[str, Tuple[float, List[float], float, Tuple[int, int]]], with_redis: bool) -> None:
+    """Run-queue wait over the window, in seconds per second (summed over the processes)."""
+    span = edges["end"][0] - edges["start"][0]
+    m[prefix + "server_runq"] = (waits["end"][0] - waits["start"][0]) / span
+    if with_redis:
+        m[prefix + "redis_runq"] = (waits["end"][1] - waits["start"][1]) / span
 
 
 def _costs(m: Dict[str, float], prefix: str, r: loadgen.LoadResult,
@@ -699,6 +729,10 @@ def ratios(receivers: Sequence[int], results: Dict[Tuple[int, str], SetupResult]
             parts.append(f"Redis ran {pubs:,.0f} publication scripts/s for {cm['sent_per_s']:,.0f} messages/s "
                          f"({_f(cm.get('redis_us_per_pub'), 1)} us of Redis CPU per script, of which "
                          f"{_f(cm.get('script_us_per_pub'), 1)} us inside the script by its commandstats)")
+        if "server_runq" in cm:
+            parts.append(f"waiting for a CPU in the flow phase (run queue, s/s): the {PROCESSES} processes "
+                         f"{cm['server_runq']:.2f}, Redis {cm.get('redis_runq', math.nan):.2f}; one process "
+                         f"{sm.get('server_runq', math.nan):.2f}")
         if "idle_server_cores" in cm:
             parts.append(f"idle (members connected, nobody talking): the {PROCESSES} processes "
                          f"{cm['idle_server_cores']:.3f} cores, Redis {cm.get('idle_redis_cores', math.nan):.3f}; "
