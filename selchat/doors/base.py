@@ -1,11 +1,20 @@
-"""What every door's session does the same way at the end of a connection.
+"""What every door's session does the same way: the serving rules and the end of a connection.
+
+The serving rules, once for all doors (`_may_serve`): before each request a session asks, in
+this order, whether it is condemned (`doomed`), whether its queue for the peer is congested
+(backpressure), whether its door's flood policy holds it back (`_held_back`: a debt at the
+JSON doors, fake lag and a streaming LIST at the IRC door), whether it waits for its turn to
+register or for a job (`_waiting_turn`), and whether this pass has served its share
+(`_pass_full`, going on in the next pass by `_serve_next_pass` and `_next_pass_came`). A door
+says only how it frames its requests, how much input it holds unserved, and its flood policy.
 
 A session leaves the chat once (`_leave`), is dropped between requests when the hub condemns
-it (`drop`), and at shutdown gets a notice, leaves without a quit storm, says its door's last
-words (`_shutdown_words`) and closes after flushing, by the server's deadline. Two more things
-every door does alike: going on from a timer or a later pass (`_serve_again`), asking the
-hub's pacer for a turn to register (`_ask_turn`, `_take_turn`, `_cancel_turn`), and the idle
-timer that pings a silent peer and lets it go at the ping timeout (`_idle_check`).
+it (`drop`), is torn down once when its transport closes (`connection_lost`, with the door's
+own `_release`), and at shutdown gets a notice, leaves without a quit storm, says its door's
+last words (`_shutdown_words`) and closes after flushing, by the server's deadline. Two more
+things every door does alike: going on from a timer or a later pass (`_serve_again`), asking
+the hub's pacer for a turn to register (`_ask_turn`, `_take_turn`, `_cancel_turn`), and the
+idle timer that pings a silent peer and lets it go at the ping timeout (`_idle_check`).
 """
 
 from __future__ import annotations
@@ -22,14 +31,145 @@ _NOW = object()  # the pacer is deciding: if it calls back at once, nothing wait
 
 
 class DoorSession:
-    """Mixed into each door's session; it has `door` (with `hub`), `transport`, `user`, `name`."""
+    """Mixed into each door's session; it has `door` (with `hub` and `reactor`), `transport`,
+    `user`, `name`, `bucket` and the `_handshake_timer` and `_idle_timer`."""
 
-    __slots__ = ()
+    __slots__ = ("doomed", "_turn", "_job", "_next_pass", "_quantum", "_pass_id", "_pass_bytes")
 
     door: Any
     transport: Any
     user: Any
+    bucket: Any
+    _handshake_timer: Any
+    _idle_timer: Any
     SHUTDOWN_NOTICE = "server shutting down"
+    # Requests a session going on from an earlier pass serves there past the pass's share.
+    PASS_QUANTUM = 4
+
+    def _init_serving(self) -> None:
+        """The serving rules' state of a new connection (called by each door's __init__)."""
+        self.doomed = False  # condemned: nothing more is served
+        # Waiting for the address's turn to register: its pacer ticket (`_ask_turn`).
+        self._turn: Any = None
+        # A password being checked or hashed off the loop (selchat.kdf), or a change the
+        # cluster orders: nothing more of this connection is served until its answer
+        # (`job_done`), so answers keep their order.
+        self._job = False
+        self._next_pass = False  # the pass's share of requests is served: going on in the next
+        self._quantum = 0  # requests a held-over session may serve past the pass's share
+        self._pass_id = -1  # the loop pass `_pass_bytes` counts for
+        self._pass_bytes = 0  # request bytes served in that pass (`_count_request`)
+
+    # --- the serving rules ----------------------------------------------------------------------
+
+    def _may_serve(self, buffered: int, ready: bool = True) -> bool:
+        """May the next request be served now? If not, what goes on later is arranged.
+
+        `buffered` is the input read and not served yet; `ready` says a request may be waiting
+        in it (False when the door cannot tell before it takes one: the share is then counted
+        after each request instead of before).
+        """
+        transport = self.transport
+        if self.doomed or transport.state is not State.OPEN:
+            return False
+        # The check between requests is the backpressure: one read can hold hundreds of
+        # requests, and their answers must not pile up past max_outbuf before the client could
+        # read any. What is left waits unread until the client has read its answers.
+        if transport.congested:
+            transport.wait_for_drain()
+            return False
+        if self._held_back():
+            return False  # the door's flood policy: served again by its own timer
+        if self._waiting_turn(buffered):
+            return False  # the hello waits for its address's turn (or a job): served after
+        if self._next_pass or (ready and self._pass_full()):
+            return False  # the pass's share is served: this goes on in the next pass
+        return True
+
+    def _held_back(self) -> bool:  # pragma: no cover - every door has its own flood policy
+        """The door's flood policy holds the next request back (it arranges going on)."""
+        raise NotImplementedError
+
+    def _reading_held(self) -> bool:
+        """The door's flood policy keeps reading off until its own timer turns it back on."""
+        return False
+
+    def _waiting_input_cap(self) -> int:  # pragma: no cover - every door sets its own
+        """Bytes a connection waiting for its turn (or a job) may have read unserved."""
+        raise NotImplementedError
+
+    def _waiting_turn(self, buffered: int) -> bool:
+        """True while the registration waits for its turn, or a job runs: nothing is served.
+
+        Reading goes on, so a peer that resets or closes while it waits is seen at once and
+        leaves the queue (a churner's dead connections never take a turn); a peer that sends
+        more than a little meanwhile is no longer read until its turn comes.
+        """
+        if self._turn is None and not self._job:
+            return False
+        transport = self.transport
+        if transport.eof:
+            transport.close("peer closed before its turn to register" if self._turn is not None
+                            else "peer closed while its request was being answered")
+        elif buffered > self._waiting_input_cap():
+            transport.pause_reading()
+        return True
+
+    def _count_request(self, size: int) -> None:
+        """A request of `size` bytes is being served: for this session's share of the pass."""
+        passes = self.door.reactor.passes
+        if self._pass_id != passes:
+            self._pass_id, self._pass_bytes = passes, 0
+        self._pass_bytes += size
+
+    def _pass_full(self) -> bool:
+        """This pass has served its share of requests (`Hub.take_request`), or this session's
+        (its requests' bytes reached the high-water mark: the echoes of its messages wait in
+        the room batch until the pass ends, and backpressure cannot see them): stop reading
+        and serving until the next pass, which goes on where this one stopped."""
+        if self._next_pass:
+            return True  # waiting for the next pass already (a request is held, perhaps)
+        mine = (self._pass_id == self.door.reactor.passes
+                and self._pass_bytes >= self.transport.high_water)
+        if not mine and self._quantum > 0:
+            # Held over from an earlier pass: a few requests now whatever the share says, so
+            # that fresh requests arriving every pass cannot push it back for ever.
+            self._quantum -= 1
+            return False
+        if not mine and self.door.hub.take_request():
+            return False
+        self._serve_next_pass()
+        return True
+
+    def _serve_next_pass(self) -> None:
+        """Go on in the next pass: read nothing until then."""
+        if not self._next_pass:
+            self._next_pass = True
+            self.transport.pause_reading()
+            self.door.reactor.call_soon(self._next_pass_came)
+
+    def _next_pass_came(self) -> None:
+        """Read again (unless the flood policy keeps reading off) and go on where the last
+        pass stopped: a request held for this pass first, then what waits."""
+        self._next_pass = False
+        transport = self.transport
+        if transport is None or transport.state is not State.OPEN:
+            return
+        if not self._reading_held():
+            transport.resume_reading()
+        try:
+            if self._serve_held():
+                return  # held again: its turn has not come yet
+            self._quantum = self.PASS_QUANTUM
+            self.resume_serving()
+        except Exception:  # from the loop: a bug of ours loses this peer, never the server
+            transport._internal_error()
+
+    def _serve_held(self) -> bool:
+        """Serve a request the door held for this pass; True when it is held again."""
+        return False
+
+    # --- what each door says its own way; the idle timer ------------------------------------------
 
     def notice(self, text: str) -> None:  # pragma: no cover - every door says it its own way
         raise NotImplementedError
@@ -101,6 +241,29 @@ class DoorSession:
         turn, self._turn = self._turn, None
         if turn is not None and turn is not _NOW:
             turn.cancel()
+
+    # --- the end of a connection ------------------------------------------------------------------
+
+    def output_overflow(self) -> None:
+        """Past max_outbuf: the queue is gone already; the session goes between requests."""
+        if not self.doomed:
+            self.doomed = True
+            self.door.hub.condemn(self, "slow consumer")
+
+    def connection_lost(self, detail: str) -> None:
+        """Once, when the transport is closed for any reason: no timer fires after this, the
+        turn is given up, the door frees what it kept, and the user leaves the chat."""
+        for timer in (self._handshake_timer, self._idle_timer):
+            if timer is not None:
+                timer.cancel()
+        self._handshake_timer = self._idle_timer = None
+        self._cancel_turn()
+        self._release()
+        self.bucket = None
+        self._leave("connection closed")
+
+    def _release(self) -> None:
+        """Free what the door keeps for the connection (its own timers, buffers, queues)."""
 
     def _shutdown_words(self) -> None:
         """The door's last words before its transport closes at shutdown (none by default)."""

@@ -50,7 +50,6 @@ from selchat.loop.transport import State, Transport
 log = logging.getLogger("selchat.server")
 
 FREE_OUTPUT = 4096  # bytes of an answer that its request's token pays for
-QUANTUM = 4  # requests a session held over to a later pass serves there past the pass's share
 # The requests whose answers grow with the data (rooms, members, history) and are billed
 # beyond their token; a say, a msg, a ping or a nick costs its token and nothing more.
 BILLED = frozenset((ListRooms, HistoryRequest, Who, JoinRoom))
@@ -109,9 +108,9 @@ class JsonSession(DoorSession):
     """One connection of a JSON door; subclasses feed `_on_payload` and may say goodbye."""
 
     __slots__ = ("door", "wire", "transport", "user", "bucket", "arrivals", "consumed",
-                 "pings_owed", "_debt_timer", "not_before", "last_seen", "pinged", "doomed", "reject", "_handshake_timer",
-                 "_idle_timer", "_turn", "_hello_waiting", "_next_pass", "_pass_id", "_pass_bytes",
-                 "_held", "_quantum", "_job", "_rest", "_close_after_job", "__weakref__")
+                 "pings_owed", "_debt_timer", "not_before", "last_seen", "pinged", "reject",
+                 "_handshake_timer", "_idle_timer", "_hello_waiting", "_held", "_rest",
+                 "_close_after_job", "__weakref__")
 
     def __init__(self, door: JsonDoor, wire: Any, reject: Optional[str] = None) -> None:
         self.door = door
@@ -130,25 +129,17 @@ class JsonSession(DoorSession):
         self.not_before = float("-inf")  # requests are charged no earlier than this (a debt)
         self.last_seen = door.reactor.now
         self.pinged = False
-        self.doomed = False  # condemned: nothing more is served
         self.reject = reject  # the error word to refuse the connection with
         self._handshake_timer: Optional[Timer] = None
         self._idle_timer: Optional[Timer] = None
-        self._next_pass = False  # the pass's share of requests is served: going on in the next
+        self._init_serving()  # condemned, the turn, the job, the pass share (DoorSession)
         self._held: Optional[Tuple[Any, Ref]] = None  # an expensive request kept for a later pass
-        self._quantum = 0  # requests a held-over session may serve past the pass's share
-        # A password being checked or hashed off the loop (selchat.kdf): nothing more of this
-        # connection is served until its answer (`job_done`), so answers keep their order.
-        self._job = False
         self._close_after_job = False  # a `logout` the cluster orders: close once it is done
         # The rest of an answer cut where our buffer for the client was full (a long `rooms`):
         # asked for once the client has read the part sent, before anything else is served.
         self._rest: Optional[Tuple[Any, Ref]] = None
-        self._pass_id = -1  # the loop pass `_pass_bytes` counts for
-        self._pass_bytes = 0  # request bytes served in that pass
-        # A hello waiting for its address's turn to register (selchat.loop.pacing): its ticket
-        # (DoorSession._ask_turn), and the hello itself.
-        self._turn: Any = None
+        # A hello waiting for its address's turn to register (selchat.loop.pacing; its ticket
+        # is DoorSession's `_turn`).
         self._hello_waiting: Optional[Tuple[Hello, Ref]] = None
 
     @property
@@ -183,6 +174,17 @@ class JsonSession(DoorSession):
         self.pings_owed = 1
         self.reply(events.Ping(token), None)
 
+    def _held_back(self) -> bool:
+        """The JSON doors' flood policy holds a request back only for a debt (an early
+        request is refused, `_admit`, not held)."""
+        return self._in_debt()
+
+    def _reading_held(self) -> bool:
+        return self._debt_timer is not None  # (a debt keeps reading off until it is repaid)
+
+    def _waiting_input_cap(self) -> int:
+        return 2 * self.door.max_frame
+
     def _in_debt(self) -> bool:
         """Expensive answers left a debt: serve nothing more until it is repaid (then resume)."""
         bucket = self.bucket
@@ -203,47 +205,13 @@ class JsonSession(DoorSession):
         self._debt_timer = reactor.call_at(max(self.not_before, reactor.now + 0.001), self._debt_repaid)
         return True
 
-    def _pass_full(self) -> bool:
-        """This pass has served its share of requests (`Hub.take_request`), or this session's
-        (its requests' bytes reached the high-water mark: the echoes of its messages wait in
-        the room batch until the pass ends, and backpressure cannot see them): stop reading
-        and serving until the next pass, which goes on where this one stopped."""
-        if self._next_pass:
-            return True  # waiting for the next pass already (a request is held, perhaps)
-        mine = (self._pass_id == self.door.reactor.passes
-                and self._pass_bytes >= self.transport.high_water)
-        if not mine and self._quantum > 0:
-            # Held over from an earlier pass: a few requests now whatever the share says, so
-            # that fresh requests arriving every pass cannot push it back for ever.
-            self._quantum -= 1
+    def _serve_held(self) -> bool:
+        """The next pass came: an expensive request held for it is served first."""
+        held, self._held = self._held, None
+        if held is None:
             return False
-        if not mine and self.door.hub.take_request():
-            return False
-        self._next_pass_please()
-        return True
-
-    def _next_pass_please(self) -> None:
-        if not self._next_pass:
-            self._next_pass = True
-            self.transport.pause_reading()
-            self.door.reactor.call_soon(self._go_on)
-
-    def _go_on(self) -> None:
-        self._next_pass = False
-        transport = self.transport
-        if transport is not None and transport.state is State.OPEN:
-            if self._debt_timer is None:  # (a debt keeps reading off until it is repaid)
-                transport.resume_reading()
-            try:
-                held, self._held = self._held, None
-                if held is not None:
-                    self._carry_out(*held)
-                    if self._next_pass:
-                        return  # held again: its turn has not come yet
-                self._quantum = QUANTUM
-                self.resume_serving()
-            except Exception:  # from the loop: a bug of ours loses this peer, never the server
-                transport._internal_error()
+        self._carry_out(*held)
+        return self._next_pass  # held again: its turn has not come yet
 
     def _page_on(self, rest: Any, ref: Ref) -> None:
         """An answer stopped where the client's buffer is full: the rest (a request) is served
@@ -265,7 +233,7 @@ class JsonSession(DoorSession):
             return True  # (a debt repaid, not the drain): the transport says when it has drained
         self._rest = None
         self._held = rest
-        self._go_on()
+        self._next_pass_came()
         return True
 
     def _charge_time(self, offset: int) -> float:
@@ -284,48 +252,18 @@ class JsonSession(DoorSession):
             self.arrivals.read(n, transport.arrived_after, transport.read_at)
 
     def _release(self) -> None:
-        """Free what the subclass buffers; the connection is gone."""
-
-    def _waiting_turn(self, buffered: int) -> bool:
-        """True while the hello waits for its turn: nothing is served until welcome.
-
-        Reading goes on, so a peer that resets or closes while it waits is seen at once and
-        leaves the queue (a churner's dead connections never take a turn); a peer that sends
-        more than a little meanwhile is no longer read until its turn comes.
-        """
-        if self._turn is None and not self._job:
-            return False
-        transport = self.transport
-        if transport.eof:
-            transport.close("peer closed before its turn to register")
-        elif buffered > 2 * self.door.max_frame:
-            transport.pause_reading()
-        return True
-
-    # --- transport callbacks ------------------------------------------------------------------
-
-    def output_overflow(self) -> None:
-        """Past max_outbuf: the queue is gone already; the session goes between requests."""
-        if not self.doomed:
-            self.doomed = True
-            self.door.hub.condemn(self, "slow consumer")
-
-    def connection_lost(self, detail: str) -> None:
-        for timer in (self._handshake_timer, self._idle_timer, self._debt_timer):
-            if timer is not None:
-                timer.cancel()
-        self._handshake_timer = self._idle_timer = self._debt_timer = None
+        if self._debt_timer is not None:
+            self._debt_timer.cancel()
+            self._debt_timer = None
         self.door.hub.unhold(self)  # a held request dies with its connection, not the queue
         self._held = None
         self._rest = None
         self._hello_waiting = None
-        self._cancel_turn()
-        self._release()
-        self.bucket = None
+        self._release_input()
         self.arrivals = None
-        user, self.user = self.user, None
-        if user is not None:
-            self.door.hub.leave(user, "connection closed", self)
+
+    def _release_input(self) -> None:
+        """Free what the subclass buffers; the connection is gone."""
 
     # --- for the hub and the fan-out ----------------------------------------------------------
 
@@ -370,10 +308,7 @@ class JsonSession(DoorSession):
     def _on_payload(self, payload: bytes) -> None:
         """Serve one JSON payload: flood control, decode, parse, then the request itself."""
         self.consumed += len(payload) + 4
-        passes = self.door.reactor.passes
-        if self._pass_id != passes:
-            self._pass_id, self._pass_bytes = passes, 0
-        self._pass_bytes += len(payload) + 4
+        self._count_request(len(payload) + 4)
         if self.bucket is not None and not self._admit(payload):
             return
         door = self.door
@@ -423,7 +358,7 @@ class JsonSession(DoorSession):
         if billed and not door.hub.expensive_room(self):
             self._held = (request, ref)  # served in a later pass, in its turn
             door.hub.hold(self)
-            self._next_pass_please()
+            self._serve_next_pass()
             return
         if billed:
             door.hub.unhold(self)  # its turn came (a no-op when nothing was held)

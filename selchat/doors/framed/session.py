@@ -17,7 +17,7 @@ from selchat.core.events import Message
 from selchat.doors.framed import codec
 from selchat.doors.framed.protocol import encode_event, message_object
 from selchat.doors.jsonsession import REFUSALS, JsonDoor, JsonSession
-from selchat.loop.transport import State, Transport
+from selchat.loop.transport import Transport
 
 log = logging.getLogger("selchat.server")
 
@@ -93,32 +93,17 @@ class FramedSession(JsonSession):
         if self.decoder.buffered or self.transport.eof:
             self._serve()
 
-    def _release(self) -> None:
+    def _release_input(self) -> None:
         self.decoder.clear()
 
     # --- serving ------------------------------------------------------------------------------
 
     def _serve(self) -> None:
-        """Serve the complete frames buffered, in order, until our output is too full.
-
-        The check between requests is the backpressure: one read can hold hundreds of requests,
-        and their answers must not pile up past max_outbuf before the client could read any.
-        What is left waits in the decoder until the client has read its answers.
-        """
+        """Serve the complete frames buffered, in order, while the serving rules allow
+        (`DoorSession._may_serve`); what is left waits in the decoder."""
         decoder = self.decoder
         transport = self.transport
-        while transport.state is State.OPEN:
-            if self.doomed:
-                return
-            if transport.congested:
-                transport.wait_for_drain()
-                return
-            if self._in_debt():
-                return  # expensive answers: served again once they are paid for
-            if self._waiting_turn(decoder.buffered):
-                return  # the hello waits for its address's turn: served from welcome on
-            if self._next_pass or (decoder.ready and self._pass_full()):
-                return  # the pass's share is served: this goes on in the next pass
+        while self._may_serve(decoder.buffered, decoder.ready):
             try:
                 payload = decoder.next_frame()
             except codec.FrameError as exc:

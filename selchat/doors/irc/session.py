@@ -103,11 +103,16 @@ class IrcDoor:
 
 class IrcSession(DoorSession):
     __slots__ = ("door", "hub", "wire", "transport", "decoder", "user", "bucket", "last_seen",
-                 "pinged", "doomed", "reject", "reg", "caps", "response", "welcoming",
+                 "pinged", "reject", "reg", "caps", "response", "welcoming",
                  "_lagged", "_handshake_timer", "_idle_timer", "_produced", "_billed",
-                 "_answer_start", "_listing", "__weakref__", "_turn", "_next_pass", "_job",
+                 "_answer_start", "_listing", "__weakref__",
                  "_viewing", "pending", "account", "sasl", "invisible", "monitoring", "read_markers",
                  "bot")
+
+    # A session going on from an earlier pass takes its share like any other, and its lines
+    # are not counted for a session's own share of a pass (`_count_request`): the IRC door
+    # has never had these two rules of the JSON doors (left as they were).
+    PASS_QUANTUM = 0
 
     def __init__(self, door: IrcDoor, reject: Optional[str] = None) -> None:
         self.door = door
@@ -119,24 +124,19 @@ class IrcSession(DoorSession):
         self.bucket = TokenBucket(door.reactor.now, door.rate, door.burst) if door.rate > 0 else None
         self.last_seen = door.reactor.now
         self.pinged = False
-        self.doomed = False
         self.reject = reject
         self.reg = Registration()  # where registration and CAP negotiation stand (no I/O)
         self.caps: set = set()
         self.response = ResponseBuffer()  # the label of the command being served, its lines
         self.welcoming = False  # registering now: the welcome burst is addressed to our nick
         self._lagged: Optional[Timer] = None
-        self._turn: Any = None  # waiting for the address's turn to register (a pacer ticket)
-        self._next_pass = False  # the pass's share of requests is served: going on in the next
+        self._init_serving()  # condemned, the turn, the job, the pass share (DoorSession)
         self._handshake_timer: Optional[Timer] = None
         self._idle_timer: Optional[Timer] = None
         self._produced = 0  # bytes of our own lines so far (answers, collected ones included)
         self._billed = 0  # `_produced` up to which output has been billed
         self._answer_start = 0  # `_produced` when the line being served began
         self._listing: Optional[ListStream] = None  # a LIST still streaming: no line is served
-        # A password being checked or hashed off the loop (selchat.kdf): nothing more of this
-        # connection is served until its answer (`job_done`), so answers keep their order.
-        self._job = False
         self._viewing: Optional[str] = None  # the room whose JOIN view (names, topic) is coming
         self.pending = ""  # the command whose answer comes as an event (MODE b, REGISTER, ...)
         self.account: Optional[str] = None  # proved by SASL before registration
@@ -198,26 +198,15 @@ class IrcSession(DoorSession):
                 return
         self._serve()
 
-    def output_overflow(self) -> None:
-        if not self.doomed:
-            self.doomed = True
-            self.hub.condemn(self, "slow consumer")
-
-    def connection_lost(self, detail: str) -> None:
-        for timer in (self._handshake_timer, self._idle_timer, self._lagged):
-            if timer is not None:
-                timer.cancel()
-        self._handshake_timer = self._idle_timer = self._lagged = None
+    def _release(self) -> None:
+        if self._lagged is not None:
+            self._lagged.cancel()
+            self._lagged = None
         self._listing = None  # a stream is driven by our drain and timers only: it just ends
-        self._cancel_turn()
         self.decoder = LineDecoder()
-        self.bucket = None
         self.sasl = None
         self.door.watchers.clear(self)
         self.door.wallops.discard(self)
-        user, self.user = self.user, None
-        if user is not None:
-            self.hub.leave(user, "connection closed", self)
 
     # --- for the hub and the fan-out ----------------------------------------------------------
 
@@ -392,38 +381,19 @@ class IrcSession(DoorSession):
     # --- serving ------------------------------------------------------------------------------
 
     def _serve(self) -> None:
+        """Serve the lines buffered, in order, while the serving rules allow
+        (`DoorSession._may_serve`); what is left waits in the decoder."""
         transport = self.transport
-        lines = iter(self.decoder)
+        decoder = self.decoder
+        lines = iter(decoder)
         bucket = self.bucket
         now = self.door.reactor.now
-        while True:
-            if (self.doomed or transport.state is not State.OPEN or self._listing is not None
-                    or self._job):
-                return
-            if self._turn is not None:
-                # Registration waits for the address's turn: nothing is served until then, but
-                # reading goes on (so a reset is seen at once) unless much piles up.
-                if transport.eof:
-                    transport.close("peer closed before its turn to register")
-                elif self.decoder.buffered > RECVQ:
-                    transport.pause_reading()
-                return
-            if self.decoder.buffered and not self.hub.take_request():
-                # This pass has served its share of requests (Hub.take_request): go on next pass.
-                if not self._next_pass:
-                    self._next_pass = True
-                    transport.pause_reading()
-                    self.door.reactor.call_soon(self._next_pass_came)
-                return
-            # Charged before it is served: a line is taken only when a token is there, so a
-            # lagged client gets exactly the rate, never one line more per resume. A debt
-            # billed for expensive answers is waited out here too.
-            if bucket is not None and bucket.ready_in(now) > 0:
-                self._lag(now)
-                return
+        while self._may_serve(decoder.buffered, decoder.buffered > 0):
             item = next(lines, None)
             if item is None:
-                break
+                if transport.eof:
+                    self.close("connection closed", "peer closed")
+                return
             if bucket is not None:
                 bucket.take(now)
             self._answer_start = self._billed = self._produced
@@ -441,20 +411,30 @@ class IrcSession(DoorSession):
                     continue
                 self._dispatch(line)
             self.bill(self._answer_start)
-            if transport.state is not State.OPEN or self._listing is not None:
-                return
-            if transport.congested:
-                transport.wait_for_drain()
-                return
-        if transport.eof and transport.state is State.OPEN:
-            self.close("connection closed", "peer closed")
 
-    def _next_pass_came(self) -> None:
-        self._next_pass = False
-        transport = self.transport
-        if (transport.state is State.OPEN and self._lagged is None and self._listing is None
-                and not self._job):
-            self._serve_again()
+    def _held_back(self) -> bool:
+        """IRC's flood policy holds lines back rather than refusing them: nothing is served
+        while a LIST streams, nor while the bucket has no token for the next line (`_lag`)."""
+        if self._listing is not None:
+            return True  # the drain drives the LIST: the lines behind it wait till it is sent
+        bucket = self.bucket
+        if bucket is None:
+            return False
+        # Charged before it is served: a line is taken only when a token is there, so a
+        # lagged client gets exactly the rate, never one line more per resume. A debt
+        # billed for expensive answers is waited out here too.
+        now = self.door.reactor.now
+        if bucket.ready_in(now) > 0:
+            self._lag(now)
+            return True
+        return False
+
+    def _reading_held(self) -> bool:
+        # Fake lag and a streaming LIST keep reading off: their timer, or the drain, resume it.
+        return self._lagged is not None or self._listing is not None
+
+    def _waiting_input_cap(self) -> int:
+        return RECVQ
 
     def _lag(self, now: float) -> None:
         """Out of tokens: read nothing more until one is due ("fake lag")."""

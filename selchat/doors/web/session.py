@@ -166,7 +166,7 @@ class WebSession(JsonSession):
         if not self._drained():  # (the rest of a cut answer first; it serves the others after)
             self._serve()
 
-    def _release(self) -> None:
+    def _release_input(self) -> None:
         self.http = None
         self.ws = None
         self.parts = None
@@ -244,19 +244,10 @@ class WebSession(JsonSession):
         """
         ws = self.ws
         transport = self.transport
-        if ws is None or transport.state is not State.OPEN:
+        # wsproto cannot say whether a message waits without taking it: the pass's share is
+        # counted after each message (for the next one), not before the first.
+        if ws is None or not self._may_serve(self._unserved(), ready=False):
             return
-        if self.doomed:
-            return
-        if transport.congested:
-            transport.wait_for_drain()
-            return
-        if self._in_debt():
-            return  # expensive answers: served again once they are paid for
-        if self._waiting_turn(self._unserved()):
-            return
-        if self._next_pass:
-            return  # going on in the next pass (a request may be held for it)
         for event in ws.events():
             kind = type(event)
             if kind is TextMessage or kind is BytesMessage:
@@ -269,17 +260,8 @@ class WebSession(JsonSession):
                 self.consumed += _control_frame(event)
             elif kind is CloseConnection:
                 self._on_close(event)  # type: ignore[arg-type]
-            if transport.state is not State.OPEN or self.doomed:
-                return
-            if transport.congested:
-                transport.wait_for_drain()
-                return
-            if self._in_debt():
-                return
-            if self._waiting_turn(self._unserved()):
-                return  # wsproto keeps the rest until welcome (read on while it is little)
-            if self._pass_full():
-                return  # the pass's share is served: wsproto keeps the rest till the next
+            if not self._may_serve(self._unserved()):
+                return  # wsproto keeps the rest (until welcome, the drain, the next pass...)
 
     def _unserved(self) -> int:
         """Bytes read and not served yet (wsproto holds them), as far as flood control's count
