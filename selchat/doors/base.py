@@ -11,14 +11,16 @@ says only how it frames its requests, how much input it holds unserved, and its 
 A session leaves the chat once (`_leave`), is dropped between requests when the hub condemns
 it (`drop`), is torn down once when its transport closes (`connection_lost`, with the door's
 own `_release`), and at shutdown gets a notice, leaves without a quit storm, says its door's
-last words (`_shutdown_words`) and closes after flushing, by the server's deadline. Two more
-things every door does alike: going on from a timer or a later pass (`_serve_again`), asking
-the hub's pacer for a turn to register (`_ask_turn`, `_take_turn`, `_cancel_turn`), and the
-idle timer that pings a silent peer and lets it go at the ping timeout (`_idle_check`).
+last words (`_shutdown_words`) and closes after flushing, by the server's deadline. More
+that every door does alike: the server password's check (`password_matches`), registering in
+the address's turn (`_register_in_turn`, over the hub's pacer: `_ask_turn`, `_take_turn`,
+`_cancel_turn`), going on from a timer or a later pass (`_serve_again`), and the idle timer
+that pings a silent peer and lets it go at the ping timeout (`_idle_check`).
 """
 
 from __future__ import annotations
 
+import hmac
 import logging
 from typing import Any, Callable, Optional
 
@@ -28,6 +30,14 @@ from selchat.loop.transport import State
 log = logging.getLogger("selchat.server")
 
 _NOW = object()  # the pacer is deciding: if it calls back at once, nothing waited
+
+
+def password_matches(expected: bytes, given: Optional[str]) -> bool:
+    """The server password, at every door. Constant time, so the time taken says nothing
+    about how much of a guess was right."""
+    if given is None:
+        return False
+    return hmac.compare_digest(expected, given.encode("utf-8", "replace"))
 
 
 class DoorSession:
@@ -214,6 +224,28 @@ class DoorSession:
             self.resume_serving()
         except Exception:
             transport._internal_error()
+
+    def _register_in_turn(self, register: Callable[[], None], refuse: Callable[[], None]) -> bool:
+        """Registrations are paced per address: `register` now, or when the address's turn
+        comes (True: it waits, and nothing behind it is served meanwhile); when too many of
+        the address wait already, the refusal is logged and `refuse` says it the door's way."""
+        if self.door.hub.pacer is None:
+            register()
+            return False
+
+        def turn_came() -> None:
+            queued = self._take_turn()
+            if self.transport.state is not State.OPEN:
+                return
+            register()
+            if queued and self.transport.state is State.OPEN:
+                self._serve_again()  # from the pacer's timer: what came behind the registration
+
+        went = self._ask_turn(turn_came)
+        if went is None:
+            self.door.hub.log_refusal(self.transport.peer, "too many waiting to register")
+            refuse()
+        return went is False
 
     def _ask_turn(self, go: Callable[[], None]) -> Optional[bool]:
         """Ask the hub's pacer for this address's turn to register (selchat.loop.pacing):

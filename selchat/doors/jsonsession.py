@@ -17,7 +17,6 @@ deadline and the idle timer.
 
 from __future__ import annotations
 
-import hmac
 import logging
 import time
 from dataclasses import dataclass
@@ -44,7 +43,7 @@ from selchat.doors.framed.protocol import (
 from selchat.hub import Hub
 from selchat.loop.reactor import Reactor
 from selchat.loop.timers import Timer
-from selchat.doors.base import DoorSession
+from selchat.doors.base import DoorSession, password_matches
 from selchat.loop.transport import State, Transport
 
 log = logging.getLogger("selchat.server")
@@ -97,19 +96,12 @@ class JsonDoor:
         self.parser = Parser(self.max_text, ref_limit(self.max_frame, self.max_text), self.max_frame)
 
 
-def _password_matches(expected: bytes, given: Optional[str]) -> bool:
-    """Constant time, so the time taken says nothing about how much of a guess was right."""
-    if given is None:
-        return False
-    return hmac.compare_digest(expected, given.encode("utf-8"))
-
-
 class JsonSession(DoorSession):
     """One connection of a JSON door; subclasses feed `_on_payload` and may say goodbye."""
 
     __slots__ = ("door", "wire", "transport", "user", "bucket", "arrivals", "consumed",
                  "pings_owed", "_debt_timer", "not_before", "last_seen", "pinged", "reject",
-                 "_handshake_timer", "_idle_timer", "_hello_waiting", "_held", "_rest",
+                 "_handshake_timer", "_idle_timer", "_held", "_rest",
                  "_close_after_job", "__weakref__")
 
     def __init__(self, door: JsonDoor, wire: Any, reject: Optional[str] = None) -> None:
@@ -138,9 +130,6 @@ class JsonSession(DoorSession):
         # The rest of an answer cut where our buffer for the client was full (a long `rooms`):
         # asked for once the client has read the part sent, before anything else is served.
         self._rest: Optional[Tuple[Any, Ref]] = None
-        # A hello waiting for its address's turn to register (selchat.loop.pacing; its ticket
-        # is DoorSession's `_turn`).
-        self._hello_waiting: Optional[Tuple[Hello, Ref]] = None
 
     @property
     def name(self) -> str:
@@ -258,7 +247,6 @@ class JsonSession(DoorSession):
         self.door.hub.unhold(self)  # a held request dies with its connection, not the queue
         self._held = None
         self._rest = None
-        self._hello_waiting = None
         self._release_input()
         self.arrivals = None
 
@@ -421,37 +409,20 @@ class JsonSession(DoorSession):
 
     def _hello(self, request: Hello, ref: Ref) -> None:
         door = self.door
-        if door.password is not None and not _password_matches(door.password, request.password):
+        if door.password is not None and not password_matches(door.password, request.password):
             self.transport.log_info("bad password", "bad password from %s", self.transport.peer)
             self.send_error("bad_password", "wrong or missing password", ref)
             self._close(None, "bad password", CLOSE_POLICY)
             return
-        pacer = door.hub.pacer
-        if pacer is None or self._turn is not None:
-            self._register(request, ref)
-            return
-        # Registrations are paced per address: this one now, or when its turn comes.
-        self._hello_waiting = (request, ref)
-        went = self._ask_turn(self._turn_came)
-        if went is None:
-            self._hello_waiting = None
-            door.hub.log_refusal(self.transport.peer, "too many waiting to register")
+
+        def refuse() -> None:
             self.send_error("too_many_connections", "too many new connections from your "
                             "address at once: try again in a few seconds", ref)
             self._close(None, "too many waiting to register", CLOSE_TRY_AGAIN)
-        elif not went:
-            log.debug("%s waits %.2f s for its turn to register", self.transport.peer,
-                      pacer.wait_for(self.transport.ip))
 
-    def _turn_came(self) -> None:
-        queued = self._take_turn()
-        waiting, self._hello_waiting = self._hello_waiting, None
-        transport = self.transport
-        if waiting is None or transport.state is not State.OPEN:
-            return
-        self._register(*waiting)
-        if queued and transport.state is State.OPEN:
-            self._serve_again()  # from the pacer's timer: what came after the hello
+        if self._register_in_turn(lambda: self._register(request, ref), refuse):
+            log.debug("%s waits %.2f s for its turn to register", self.transport.peer,
+                      door.hub.pacer.wait_for(self.transport.ip))
 
     def job_done(self) -> None:
         """The hub answered a request that waited for the password work: go on serving."""

@@ -7,7 +7,6 @@ pacer) and asks the hub to register the nick.
 
 from __future__ import annotations
 
-import hmac
 import logging
 from typing import TYPE_CHECKING, Optional
 
@@ -15,6 +14,7 @@ from selchat import __version__
 from selchat.core.names import valid_nick
 from selchat.core.requests import ChangeNick
 from selchat.defaults import NICK_MAX
+from selchat.doors.base import password_matches
 from selchat.doors.irc import accounts, queries
 from selchat.doors.irc.numerics import Numeric as N
 from selchat.doors.irc.parser import Line
@@ -127,33 +127,19 @@ def register(s: "IrcSession") -> None:
     if not s.reg.ready:
         return
     door = s.door
-    if door.password is not None:
-        given = (s.reg.password or "").encode("utf-8", "replace")
-        if not hmac.compare_digest(door.password, given):
-            s.transport.log_info("bad password", "bad password from %s", s.transport.peer)
-            s.numeric(N.ERR_PASSWDMISMATCH, "Password incorrect")
-            s.error("Bad password")
-            s.close(None, "bad password")
-            return
-    if s.hub.pacer is None:
-        _register_now(s)
+    if door.password is not None and not password_matches(door.password, s.reg.password):
+        s.transport.log_info("bad password", "bad password from %s", s.transport.peer)
+        s.numeric(N.ERR_PASSWDMISMATCH, "Password incorrect")
+        s.error("Bad password")
+        s.close(None, "bad password")
         return
-    asked = s._ask_turn(lambda: _turn_came(s))
-    if asked is None:
-        s.hub.log_refusal(s.transport.peer, "too many waiting to register")
+
+    def refuse() -> None:
         s.error("Too many new connections from your address at once; try again soon")
         s.close(None, "too many waiting to register")
-    elif asked is False:
+
+    if s._register_in_turn(lambda: _register_now(s), refuse):
         s.reg.turn_asked()  # the lines after this one are served from its turn
-
-
-def _turn_came(s: "IrcSession") -> None:
-    queued = s._take_turn()
-    if s.transport.state is not State.OPEN:
-        return
-    _register_now(s)
-    if queued and s.transport.state is State.OPEN:
-        s._serve_again()  # from the pacer's timer: what came meanwhile
 
 
 def _register_now(s: "IrcSession") -> None:
