@@ -9,7 +9,6 @@ there. No assertion on speed. Skipped only when redis-server is not installed.
 from __future__ import annotations
 
 import math
-import os
 from typing import Dict
 
 import pytest
@@ -79,7 +78,7 @@ def test_plan_spreads_receivers_and_senders_evenly() -> None:
     assert all(n[0] == "r" for share in shares[1:] for n, _ in share)
 
 
-def test_options_are_bounded(tmp_path: os.PathLike) -> None:
+def test_options_are_bounded() -> None:
     from selchat.bench.runner import parse_args
 
     opts = parse_args(["--points", "cluster", "--cluster-receivers", "100000", "--no-write"])

@@ -11,15 +11,20 @@ in one run. Per receiver count R and per repetition, two set-ups take turns:
   the other two.
 * `single`: one selchat process without Redis, the same R receivers and S senders.
 
-Each set-up runs two phases on the same connections:
+Each set-up runs, on the same connections, an idle window (everyone connected, nobody
+talking: the CPU floor), then two phases:
 
 1. **flow**: every sender keeps `--window` messages in flight (as the fan-out point does):
-   deliveries/s, server CPU per delivery (user + system of every selchat process from
-   /proc, summed), Redis CPU per message (redis-server's /proc, all its threads) and per
-   publication (its `cmdstat_evalsha` calls), latency under that load;
-2. **paced**: `--cluster-rate` messages/s offered in total, far below saturation: the
-   latency a message takes from `say` on one process to its arrival at a member on another
-   (cross-process) and on the same one.
+   deliveries/s, server CPU per delivery and per message (user + system of every selchat
+   process from /proc, summed), Redis CPU per message (redis-server's /proc, all its
+   threads) and per publication (its `cmdstat_evalsha` calls, with the time spent inside
+   them), latency under that load;
+2. **paced**: `--cluster-rate` messages/s offered in total, far below saturation, the same
+   on both set-ups: the same costs, and the latency a message takes from `say` on one
+   process to its arrival at a member on another (cross-process) and on the same one.
+
+Each window also reads how long the processes and Redis waited for a CPU (the run queue,
+/proc schedstat): on a shared machine it tells whether the rates were the scheduler's.
 
 Latency is read at a few receivers per process (probes) in the generator's eager worker:
 each message's text carries its sender id and send time (selchat.bench.worker), so a probe
