@@ -56,6 +56,12 @@ class DoorSession:
     # Requests a session going on from an earlier pass serves there past the pass's share.
     PASS_QUANTUM = 4
 
+    @property
+    def name(self) -> str:
+        """The peer (and its nick once registered), for the logs."""
+        peer = self.transport.peer if self.transport is not None else "?"
+        return f"{peer} ({self.user.nick})" if self.user is not None else peer
+
     def _init_serving(self) -> None:
         """The serving rules' state of a new connection (called by each door's __init__)."""
         self.doomed = False  # condemned: nothing more is served
@@ -124,6 +130,33 @@ class DoorSession:
         elif buffered > self._waiting_input_cap():
             transport.pause_reading()
         return True
+
+    def wait_for_job(self) -> None:
+        """A job of ours runs off the loop (a password check): serve nothing until `job_done`."""
+        self._job = True
+
+    def job_done(self) -> None:
+        """The hub (or SASL) answered what waited: a password's work, or a change the cluster
+        ordered. Go on serving."""
+        if not self._job:
+            return
+        self._job = False
+        if self._after_job():
+            return  # the connection ends with it
+        transport = self.transport
+        if transport is not None and transport.state is State.OPEN:
+            self._serve_again()
+
+    def _after_job(self) -> bool:
+        """The door's own end of a job; True when the connection ends with it."""
+        return False
+
+    def registered(self) -> None:
+        """Registration is done: the handshake deadline no longer applies."""
+        self.transport.noted = True
+        if self._handshake_timer is not None:
+            self._handshake_timer.cancel()
+            self._handshake_timer = None
 
     def _count_request(self, size: int) -> None:
         """A request of `size` bytes is being served: for this session's share of the pass."""
@@ -308,7 +341,7 @@ class DoorSession:
 
     def drop(self, reason: str) -> None:
         """Condemned: leave the chat with `reason` and close now."""
-        name = self.name  # type: ignore[attr-defined]
+        name = self.name
         self.transport.log_info(f"dropping: {reason}", "dropping %s: %s", name, reason)
         self._leave(reason)
         self.transport.abort(reason)

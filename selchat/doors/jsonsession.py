@@ -131,11 +131,6 @@ class JsonSession(DoorSession):
         # asked for once the client has read the part sent, before anything else is served.
         self._rest: Optional[Tuple[Any, Ref]] = None
 
-    @property
-    def name(self) -> str:
-        peer = self.transport.peer if self.transport is not None else "?"
-        return f"{peer} ({self.user.nick})" if self.user is not None else peer
-
     # --- for subclasses -----------------------------------------------------------------------
 
     def _start_handshake_timer(self) -> None:
@@ -424,14 +419,11 @@ class JsonSession(DoorSession):
             log.debug("%s waits %.2f s for its turn to register", self.transport.peer,
                       door.hub.pacer.wait_for(self.transport.ip))
 
-    def job_done(self) -> None:
-        """The hub answered a request that waited for the password work: go on serving."""
-        if self._job:
-            self._job = False
-            if self._close_after_job:
-                self._close("quit", "logged out")
-            elif self.transport is not None and self.transport.state is State.OPEN:
-                self._serve_again()
+    def _after_job(self) -> bool:
+        if self._close_after_job:  # a `logout` the cluster ordered is done
+            self._close("quit", "logged out")
+            return True
+        return False
 
     def _register(self, request: Hello, ref: Ref) -> None:
         login = request.login
@@ -493,10 +485,7 @@ class JsonSession(DoorSession):
 
     def _welcomed(self, account: Optional[str], request: Hello) -> None:
         door = self.door
-        self.transport.noted = True
-        if self._handshake_timer is not None:
-            self._handshake_timer.cancel()
-            self._handshake_timer = None
+        self.registered()
         if door.rate > 0:
             # A bucket of its own from here: what was spent getting in (hello, pings, bad
             # frames) is not taken from what the contract promises after welcome. Full from

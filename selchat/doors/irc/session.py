@@ -155,11 +155,6 @@ class IrcSession(DoorSession):
         return nick if self.welcoming and nick else "*"
 
     @property
-    def name(self) -> str:
-        peer = self.transport.peer if self.transport is not None else "?"
-        return f"{peer} ({self.user.nick})" if self.user is not None else peer
-
-    @property
     def server(self) -> str:
         return self.door.server_name
 
@@ -320,18 +315,9 @@ class IrcSession(DoorSession):
         elif not self._job:
             self.pending = ""
 
-    def wait_for_job(self) -> None:
-        """A job of ours runs off the loop (a SASL password check): serve nothing until
-        `job_done`."""
-        self._job = True
-
-    def job_done(self) -> None:
-        """The hub (or SASL) answered what waited for the password work: go on serving."""
-        if self._job:
-            self._job = False
-            self.pending = ""
-            if self.transport is not None and self.transport.state is State.OPEN:
-                self._serve_again()
+    def _after_job(self) -> bool:
+        self.pending = ""  # its answer has come
+        return False
 
     @property
     def produced(self) -> int:
@@ -526,13 +512,6 @@ class IrcSession(DoorSession):
                 return
             self.error("Registration timeout")
             transport.close("handshake timeout")
-
-    def registered(self) -> None:
-        """Registration is done: the handshake deadline no longer applies."""
-        self.transport.noted = True
-        if self._handshake_timer is not None:
-            self._handshake_timer.cancel()
-            self._handshake_timer = None
 
     def _send_ping(self, token: str) -> None:
         self.send_line(f"PING :{self.door.server_name}")  # (as IRC servers do: their own name)
