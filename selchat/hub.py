@@ -28,7 +28,7 @@ from selchat.core.events import Message
 from selchat.core.names import fold
 from selchat.core.passwords import ScramCredentials, password_problem, scram_credentials
 from selchat.core.requests import (ChangePassword, HistoryRequest, Kill, ListRooms, Login, Logout,
-                                   Register, Request, Say, Who)
+                                   Register, Request, Say, SetModes, Who)
 from selchat.core.store import pair_key
 from selchat.defaults import REQUESTS_PER_PASS
 from selchat.fanout import Fanout
@@ -65,10 +65,6 @@ class _Job:
     def pending(self) -> bool:
         self.waiting = not self.done
         return self.waiting
-
-
-def _ignore(error: ChatError) -> None:
-    pass
 
 
 def cluster_request(request: Request) -> List[Any]:
@@ -181,7 +177,8 @@ class Hub:
         if kind in _ACCOUNT_REQUESTS:
             return self._account_request(user, request, ref, session)
         cluster = self.cluster
-        if cluster is not None and kind not in _READS:
+        if cluster is not None and kind not in _READS and not (
+                kind is SetModes and not request.changes):  # type: ignore[union-attr]  # (a query)
             sid = cluster.sid(session)
             if kind is Kill:
                 body = {"k": "kill", "s": sid, "nick": request.nick,  # type: ignore[union-attr]
@@ -500,9 +497,15 @@ class Hub:
         self.chat.set_away(user, text)
 
     def _set_attribute(self, user: User, name: str, value: Any, session: Any) -> None:
+        """Raises ChatError `unavailable` when the cluster cannot take it now (the door says
+        so); refused later (the link fell as it went), it is logged."""
         cluster = self.cluster
+        if not cluster.live:
+            raise ChatError("unavailable", "the cluster link is down: try again")
         cluster.submit({"k": "attr", "s": cluster.sid(session if session is not None else user.session),
-                        "a": name, "v": value}, refused=_ignore)
+                        "a": name, "v": value},
+                       refused=lambda exc: log.warning("%s of %s not applied: %s", name, user.nick,
+                                                       exc.message))
 
     def history_window(self, user: User, target: str, *, limit: int, latest: bool,
                        **bounds: int) -> List[Message]:
@@ -598,6 +601,14 @@ class Hub:
                 mates.update(room.members)
         mates.pop(user, None)
         return list(mates)
+
+    def connection_modes(self, session: Any, **modes: bool) -> None:
+        """IRC's +i and +B, kept by the connection: with the cluster, other processes' copy of
+        it learns them too (their WHO masks and bot tags read them); best effort."""
+        cluster = self.cluster
+        if cluster is not None and cluster.live:
+            cluster.submit({"k": "attr", "s": cluster.sid(session), "a": "modes", "v": modes},
+                           refused=lambda exc: None)
 
     def set_realname(self, user: User, text: str, session: Any = None) -> None:
         """IRC's SETNAME: the real name WHO and WHOIS show."""

@@ -96,6 +96,8 @@ class Server:
             from selchat.links.redis import RedisLink
             self.redis = RedisLink(self.reactor, config.redis)
             self.cluster = self.hub.cluster = ClusterNode(self.hub, self.redis)
+            self.cluster.on_fatal = self._not_in_cluster
+        self.exit_code = 0
         if config.register_rate > 0:
             # The waiting are connections, so the admission limits bound them already; a
             # waiting hello ends at the handshake timeout like any that does not get in.
@@ -152,6 +154,11 @@ class Server:
             self.metrics = ServerMetrics(self)
             self.metrics.install()
 
+    def _not_in_cluster(self, why: str) -> None:
+        """This process cannot be one of the cluster (its rules differ): stop, exit 1."""
+        self.exit_code = 1
+        self.request_stop()
+
     def _reload_accounts(self, new: ServerConfig) -> Optional[Any]:
         """SIGHUP: the operators' file read again (ValueError when it cannot be read), and
         whether registration is open; applied together, live."""
@@ -160,6 +167,12 @@ class Server:
 
         def apply() -> Optional[str]:
             operators = {fold(name) for name in names}
+            if self.cluster is not None:
+                if operators == accounts.operators and new.registration == accounts.registration:
+                    return None
+                # Every copy must decide by the same rules: ordered like any change.
+                self.cluster.set_rules(sorted(operators), new.registration)
+                return "server operators and registration sent to the cluster"
             said = []
             if operators != accounts.operators:
                 said.append(f"server operators: {', '.join(sorted(operators)) or 'none'}")
@@ -605,7 +618,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         server.serve_forever()
     finally:
         close_store(store)
-    return 0
+    return server.exit_code
 
 
 if __name__ == "__main__":

@@ -293,6 +293,24 @@ class Directory:
                     del self.tokens_by_account[entry[0]]
             self.writes.append(("DELETE FROM tokens WHERE digest = ?", (digest,)))
 
+    def forget_account(self, key: str) -> None:
+        """With --redis: an account the cluster does not have (a file left from a run alone)."""
+        if self.accounts.pop(key, None) is not None:
+            self.writes.append(("DELETE FROM accounts WHERE key = ?", (key,)))
+        for digest in list(self.tokens_by_account.get(key, ())):
+            self.drop_token(digest)
+
+    def forget_room(self, key: str) -> None:
+        """With --redis: a registered room the cluster does not have."""
+        entry = self.rooms.pop(key, None)
+        if entry is not None:
+            left = self.founded.get(entry[1], 0) - 1
+            if left > 0:
+                self.founded[entry[1]] = left
+            else:
+                self.founded.pop(entry[1], None)
+            self.writes.append(("DELETE FROM rooms WHERE key = ?", (key,)))
+
     def save_room(self, key: str, name: str, founder: str, state: str) -> None:
         if key not in self.rooms:
             self.founded[founder] = self.founded.get(founder, 0) + 1

@@ -39,7 +39,7 @@ from selchat.core.chat import ChatError, Room, User
 from selchat.core.names import fold
 from selchat.links.redis import LinkState, RedisLink, Unavailable
 from selchat.links.resp import ReplyError
-from selchat.links.scripts import Missed, Publication, RoomStreams, Script, new_epoch, parse_message
+from selchat.links.scripts import Missed, RoomStreams, Script, new_epoch, parse_message
 
 log = logging.getLogger("selchat.cluster")
 
@@ -50,6 +50,9 @@ DEAD_CHECK = 1.0  # seconds between looks at the others' leases
 SNAPSHOT_WAIT = 3.0  # seconds a starting process waits for a snapshot before it asks again
 SNAPSHOT_HISTORY = 50  # recent messages per room a snapshot carries
 CATCH_UP_BATCH = 1000  # commands read per `since` call
+SNAPSHOT_PART = 256 << 10  # bytes of a snapshot per PUBLISH (one part in flight at a time)
+MAX_SNAPSHOT = 512 << 20  # a snapshot bigger than this is refused (the fate: asked again, logged)
+MAX_BUFFERED_BYTES = 64 << 20  # commands held while starting or catching up (the rest: re-read)
 MAX_BACKFILL_KEYS = 10000  # rooms and conversations whose shared history a starting process reads
 MAX_PENDING = 10000  # commands of this process published and not yet applied
 
@@ -78,6 +81,48 @@ return {epoch, tonumber(offset)}
 """
 
 
+# The members' hash: process id -> its lease's expiry, in ms by Redis's clock. Only a
+# process that holds the state (synced) is a member.
+_NOW_LUA = b"""
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+"""
+JOIN_LUA = _NOW_LUA + b"""
+-- KEYS: members. ARGV: me, lease ms. 1: nobody live holds the state, we do now.
+local all = redis.call('HGETALL', KEYS[1])
+for i = 1, #all, 2 do
+  if all[i] ~= ARGV[1] and tonumber(all[i + 1]) > now then return 0 end
+end
+redis.call('HSET', KEYS[1], ARGV[1], now + tonumber(ARGV[2]))
+return 1
+"""
+RENEW_LUA = _NOW_LUA + b"""
+redis.call('HSET', KEYS[1], ARGV[1], now + tonumber(ARGV[2]))
+return 1
+"""
+EXPIRED_LUA = _NOW_LUA + b"""
+-- The members whose lease ran out (us left out); dropped from the hash as their `dead` is
+-- decided, by the process that publishes it (BURY).
+local out = {}
+local all = redis.call('HGETALL', KEYS[1])
+for i = 1, #all, 2 do
+  if all[i] ~= ARGV[1] and tonumber(all[i + 1]) <= now then out[#out + 1] = all[i] end
+end
+return out
+"""
+BURY_LUA = _NOW_LUA + b"""
+-- Drop a member whose lease ran out (not one that renewed meanwhile).
+local expiry = redis.call('HGET', KEYS[1], ARGV[1])
+if expiry and tonumber(expiry) <= now then redis.call('HDEL', KEYS[1], ARGV[1]) end
+return 1
+"""
+
+
+def _ignore(reply: Any) -> None:
+    pass
+
+
+
 class _NullTransport:
     """What a remote connection writes to: nothing (the fan-out skips it)."""
 
@@ -104,12 +149,14 @@ _NULL_WIRE = _NullWire()
 class RemoteSession:
     """A connection on another process, as this process's chat state holds it."""
 
-    __slots__ = ("sid", "node", "user", "transport", "wire", "__weakref__")
+    __slots__ = ("sid", "node", "user", "transport", "wire", "invisible", "bot", "__weakref__")
 
     def __init__(self, sid: str, node: str) -> None:
         self.sid = sid
         self.node = node
         self.user: Optional[User] = None
+        self.invisible = False  # IRC's +i and +B, kept by the connection (its process says)
+        self.bot = False
         self.transport = _NULL_TRANSPORT
         self.wire = _NULL_WIRE
 
@@ -169,7 +216,7 @@ def message_from_json(data: List[Any]) -> events.Message:
 class _Pending:
     """A command of this process's, between its publication and its application."""
 
-    __slots__ = ("session", "ref", "then", "refused", "job", "sent")
+    __slots__ = ("session", "ref", "then", "refused", "job", "sent", "lost")
 
     def __init__(self, session: Any, ref: Any, then: Optional[Callable[[Any], None]],
                  refused: Optional[Callable[[ChatError], None]], job: bool) -> None:
@@ -179,6 +226,7 @@ class _Pending:
         self.refused = refused  # called with the ChatError it met (None: the session is told)
         self.job = job  # the session waits for it: `job_done()` once it is settled
         self.sent = False
+        self.lost = False  # sent, and the link fell before Redis answered
 
     def succeeded(self, result: Any) -> None:
         if self.then is not None:
@@ -199,6 +247,10 @@ class ClusterNode:
     """This process in the cluster: publishes commands, applies the ordered stream."""
 
     PUBLISH = Script(PUBLISH_WITH_ID_LUA)
+    JOIN = Script(JOIN_LUA)
+    RENEW = Script(RENEW_LUA)
+    EXPIRED = Script(EXPIRED_LUA)
+    BURY = Script(BURY_LUA)
 
     def __init__(self, hub: Any, link: RedisLink, node_id: Optional[str] = None,
                  maxlen: int = 10000) -> None:
@@ -207,7 +259,9 @@ class ClusterNode:
         self.link = link
         self.node = node_id or os.urandom(6).hex()
         self.streams = RoomStreams(link, maxlen=maxlen)
-        link.add_script(self.PUBLISH.source)
+        for script in (self.PUBLISH, self.JOIN, self.RENEW, self.EXPIRED, self.BURY):
+            link.add_script(script.source)
+        self.members_key = f"{self.streams.prefix}members"
         self.prefix = self.streams.prefix
         self.meta_key, self.stream_key = self.streams.keys(STREAM)
         self.ids_key = f"{self.prefix}{{{STREAM}}}:ids"
@@ -231,6 +285,11 @@ class ClusterNode:
         self._leaving: Dict[str, User] = {}  # sid -> the user of our connection that left
         self.stats = {"applied": 0, "caught_up": 0, "snapshots_sent": 0, "unavailable": 0}
         self._snapshot_timer: Any = None
+        self._parts: Optional[Tuple[bytes, List[bytes]]] = None  # (sender, parts) of a snapshot
+        self._buffered_bytes = 0
+        # Told (with why) when this process cannot be part of the cluster (its rules differ);
+        # the server stops.
+        self.on_fatal: Callable[[str], None] = lambda why: None
         self._how_synced = ""  # said once, when first live
         self._checks_from = 0.0  # no lease is judged before this (reactor time)
         self._mine = False  # the command being applied is this process's
@@ -288,7 +347,8 @@ class ClusterNode:
         if pending is None or not isinstance(reply, ReplyError):
             return  # applied already, or will be when it comes round on the channel
         if isinstance(reply, Unavailable) and reply.sent:
-            return  # it may have run: the catch-up after the reconnection tells
+            pending.lost = True  # it may have run: the catch-up after the reconnection tells
+            return
         del self._pending[seq]
         self._fail(pending, "the cluster link is down: try again")
 
@@ -298,6 +358,9 @@ class ClusterNode:
         self.hub.reactor.call_soon(self._refuse, pending, error)
 
     def _refuse(self, pending: _Pending, error: ChatError) -> None:
+        session = pending.session
+        if session is not None and getattr(session, "user", None) is None:
+            self._sid_of.pop(session, None)  # a hello that never got in: nothing to keep
         pending.failed(error)
 
     def leave(self, user: User, session: Any, reason: Optional[str]) -> None:
@@ -336,20 +399,26 @@ class ClusterNode:
 
     def _arrived(self, epoch: str, offset: int, body: bytes) -> None:
         if not self.synced or self._catching_up:
-            if len(self._buffer) < 4 * MAX_PENDING:
-                self._buffer[offset] = (epoch, body)
+            self._hold(offset, epoch, body)
             return
         if epoch != self.epoch:
-            self._buffer[offset] = (epoch, body)
+            self._hold(offset, epoch, body)
             self._catch_up()
             return
         if offset <= self.offset:
             return  # seen (a catch-up overlapping the live channel)
         if offset != self.offset + 1:
-            self._buffer[offset] = (epoch, body)
+            self._hold(offset, epoch, body)
             self._catch_up()
             return
         self._apply(offset, body)
+
+    def _hold(self, offset: int, epoch: str, body: bytes) -> None:
+        """Keep a command that came while we cannot apply it yet; past the cap it is dropped
+        (the fate: the catch-up reads it from the stream)."""
+        if len(self._buffer) < 4 * MAX_PENDING and self._buffered_bytes + len(body) <= MAX_BUFFERED_BYTES:
+            self._buffer[offset] = (epoch, body)
+            self._buffered_bytes += len(body)
 
     def _apply(self, offset: int, body: bytes) -> None:
         self.offset = offset
@@ -487,6 +556,11 @@ class ClusterNode:
                 c["nick"], session, join_lobby=c["lobby"], ident=c["ident"], host=c["host"],
                 realname=c["real"], door=c["door"], origin=c["origin"], now_ms=c["t"],
                 account=c.get("acct"), remember=bool(c.get("tok")))
+        except ChatError:
+            self.sessions.pop(sid, None)  # refused: nothing of it is kept, here or there
+            if pending is not None:
+                self._sid_of.pop(session, None)
+            raise
         finally:
             accounts.next_token = None
         self.sessions[sid] = session
@@ -512,11 +586,11 @@ class ClusterNode:
     def _do_leave(self, c: Dict[str, Any], pending: Optional[_Pending]) -> Any:
         session = self.sessions.pop(c["s"], None)
         user = self._leaving.pop(c["s"], None) or getattr(session, "user", None)
+        if isinstance(session, RemoteSession):
+            session.user = None  # (no cycle: the user goes with its last reference, at once)
         if user is None:
             return None
-        deliveries = self.chat.disconnect(user, c["r"] or "", session)
-        if c["r"] is not None:
-            self.hub.fanout.deliver(deliveries, None)
+        self.hub.fanout.deliver(self.chat.disconnect(user, c["r"] or "connection closed", session), None)
         return None
 
     def _do_acct(self, c: Dict[str, Any], pending: Optional[_Pending]) -> Any:
@@ -545,6 +619,12 @@ class ClusterNode:
         return out
 
     def _do_attr(self, c: Dict[str, Any], pending: Optional[_Pending]) -> Any:
+        if c["a"] == "modes":
+            session = self.sessions.get(c["s"])
+            if isinstance(session, RemoteSession):
+                session.invisible = bool(c["v"].get("invisible"))
+                session.bot = bool(c["v"].get("bot"))
+            return None
         user = self._user(c["s"])
         if c["a"] == "away":
             self.chat.set_away(user, c["v"])
@@ -568,15 +648,36 @@ class ClusterNode:
             return None
         self.nodes.setdefault(node, None)
         # Our copy as it stands after this offset is the one the newcomer builds on.
-        snapshot = self.snapshot()
+        data = json.dumps(self.snapshot(), separators=(",", ":")).encode()
         channel = f"{self.prefix}{self.link.db}:node:{node}".encode()
-        self.link.execute("PUBLISH", channel, json.dumps(snapshot, separators=(",", ":")).encode())
+        parts = [data[i:i + SNAPSHOT_PART] for i in range(0, len(data), SNAPSHOT_PART)] or [b""]
+        head = f"{self.node} {self.offset} ".encode()
+        offset = self.offset
+
+        def send(index: int) -> None:
+            """One part at a time, the next when Redis took this one: a big state never fills
+            the link's outgoing buffer (it would be refused whole)."""
+            def sent(reply: Any) -> None:
+                if isinstance(reply, ReplyError):
+                    log.warning("cluster: the state for process %s stopped at part %d of %d: %s",
+                                node, index + 1, len(parts), reply)
+                elif index + 1 < len(parts):
+                    send(index + 1)
+                else:
+                    log.info("cluster: process %s joined at offset %d; sent it the state "
+                             "(%d bytes)", node, offset, len(data))
+
+            self.link.execute("PUBLISH", channel,
+                              head + f"{index} {len(parts)} ".encode() + parts[index], done=sent)
+
+        send(0)
         self.stats["snapshots_sent"] += 1
-        log.info("cluster: process %s joined at offset %d; sent it the state", node, self.offset)
         return None
 
     def _do_dead(self, c: Dict[str, Any], pending: Optional[_Pending]) -> Any:
         node = c["dead"]
+        if self._mine:
+            self.BURY.call(self.link, (self.members_key,), (node,), _ignore)
         if node not in self.nodes:
             return None  # (buried already: every process may have seen the lease gone)
         del self.nodes[node]
@@ -592,6 +693,8 @@ class ClusterNode:
         for sid in gone:
             session = self.sessions.pop(sid)
             user = self._leaving.pop(sid, None) or getattr(session, "user", None)
+            if isinstance(session, RemoteSession):
+                session.user = None
             if user is not None and self.chat.users.get(user.key) is user:
                 self.hub.fanout.deliver(self.chat.disconnect(user, "connection closed", session), None)
             if ours and not isinstance(session, RemoteSession):
@@ -605,7 +708,8 @@ class ClusterNode:
     # --- starting: a snapshot from the others, or alone -------------------------------------
 
     def _on_up(self) -> None:
-        self.link.execute("SET", self._lease_key(self.node), b"1", "PX", int(LEASE_TTL * 1000))
+        if self.synced:
+            self._renew_now()
         # After an outage every lease may have run out inside Redis: the others renew theirs
         # when their links come back, so nobody is buried before a lease's time has passed.
         self._checks_from = self.hub.reactor.now + LEASE_TTL
@@ -615,27 +719,26 @@ class ClusterNode:
             self._catch_up()
 
     def _start(self) -> None:
-        """Ask the others for the state: `hello`, or start alone when nobody holds a lease."""
-        def looked(reply: Any) -> None:
-            if isinstance(reply, ReplyError):
+        """Join: hold the state alone when no live process holds it (one script decides, so
+        two starting at once cannot both think so), else `hello` and wait for a snapshot."""
+        def decided(alone: Any) -> None:
+            if isinstance(alone, ReplyError):
                 return  # the link dropped: `_on_up` starts again
-            others = [k for k in reply if not k.endswith(self.node.encode())]
             body = {"k": "hello", "n": self.node, "q": 0}
 
             def said(answer: Any) -> None:
                 if isinstance(answer, ReplyError):
                     return
-                publication = answer
-                self._hello_at = publication.offset if isinstance(publication, Publication) else int(answer[1])
-                self.epoch = publication.epoch if isinstance(publication, Publication) else answer[0].decode()
-                if not others:
+                self._hello_at = int(answer[1])
+                self.epoch = answer[0].decode("ascii")
+                if alone:
                     self._become_synced(self.epoch, self._hello_at, alone=True)
                 else:
                     self._snapshot_timer = self.hub.reactor.call_later(SNAPSHOT_WAIT, self._no_snapshot)
 
-            self._publish(body, lambda reply: said(_publication(reply)))
+            self._publish(body, said)
 
-        self.link.execute("KEYS", self._lease_key("*"), done=looked)
+        self.JOIN.call(self.link, (self.members_key,), (self.node, int(LEASE_TTL * 1000)), decided)
 
     def _no_snapshot(self, _: Any = None) -> None:
         self._snapshot_timer = None
@@ -643,20 +746,53 @@ class ClusterNode:
             return
         log.warning("cluster: no snapshot came in %.0f s; asking again", SNAPSHOT_WAIT)
         self._buffer.clear()
+        self._buffered_bytes = 0
+        self._parts = None
         if self.link.state is LinkState.UP:
             self._start()
 
-    def _on_snapshot(self, data: bytes) -> None:
-        if self.synced:
+    def _on_snapshot(self, message: bytes) -> None:
+        """A part of a snapshot (`SENDER OFFSET INDEX COUNT data`): the parts of the first
+        sender to answer our latest hello are put together; anything else is dropped."""
+        if self.synced or self._hello_at is None:
             return
         try:
-            snapshot = json.loads(data)
+            sender, offset, index, count, data = message.split(b" ", 4)
+            offset_n, index_n, count_n = int(offset), int(index), int(count)
+        except ValueError:
+            log.error("cluster: a snapshot part that is not one")
+            return
+        if offset_n != self._hello_at:
+            return  # for an earlier hello of ours
+        parts = self._parts
+        if parts is None or parts[0] != sender:
+            if index_n != 0 or (parts is not None and len(parts[1]) > 0):
+                return  # another sender's, while we take the first one's
+            parts = self._parts = (sender, [])
+        if index_n != len(parts[1]) or count_n * SNAPSHOT_PART > MAX_SNAPSHOT:
+            log.error("cluster: a snapshot out of order or too big (part %d of %d)", index_n, count_n)
+            self._parts = None
+            return
+        parts[1].append(data)
+        if self._snapshot_timer is not None:  # it is coming: give it time
+            self._snapshot_timer.cancel()
+            self._snapshot_timer = self.hub.reactor.call_later(SNAPSHOT_WAIT, self._no_snapshot)
+        if len(parts[1]) < count_n:
+            return
+        self._parts = None
+        try:
+            snapshot = json.loads(b"".join(parts[1]))
         except ValueError:
             log.error("cluster: a snapshot that is not JSON")
             return
-        if snapshot.get("epoch") != self.epoch or self._hello_at is None \
-                or snapshot.get("offset") != self._hello_at:
-            return  # for an earlier hello of ours
+        if snapshot.get("epoch") != self.epoch or snapshot.get("offset") != self._hello_at:
+            return
+        problem = self.rules_problem(snapshot.get("rules", {}))
+        if problem:
+            log.critical("cluster: this process's options differ from the cluster's: %s; "
+                         "every process must apply the same rules, so this one stops", problem)
+            self.on_fatal(problem)
+            return
         self.load(snapshot)
         self._become_synced(self.epoch, self._hello_at)
 
@@ -668,6 +804,7 @@ class ClusterNode:
         self.offset = offset
         self.synced = True
         self.nodes.setdefault(self.node, None)
+        self._renew_now()  # a member now: the next newcomer asks us
         self._how_synced = "alone: the state is its own" if alone else "state from a snapshot"
         self._catch_up()
 
@@ -704,6 +841,7 @@ class ClusterNode:
                 return
             # What arrived live meanwhile, in order; anything past a hole waits for the next look.
             buffered, self._buffer = self._buffer, {}
+            self._buffered_bytes = 0
             for offset in sorted(buffered):
                 epoch, body = buffered[offset]
                 if epoch == self.epoch and offset == self.offset + 1:
@@ -724,10 +862,14 @@ class ClusterNode:
         self.streams.since(STREAM, self.epoch, self.offset, read, count=CATCH_UP_BATCH)
 
     def _after_live(self) -> None:
-        # Commands that were sent when the link fell and never came back did not run.
-        for seq in [s for s, p in self._pending.items() if p.sent]:
+        # Commands whose fate the fallen link lost, and that the catch-up did not bring back,
+        # never ran: now they can be answered.
+        for seq in [s for s, p in self._pending.items() if p.lost]:
             pending = self._pending.pop(seq)
             self._fail(pending, "the cluster link went down: try again")
+        self._send_leaves()
+
+    def _send_leaves(self) -> None:
         leaves, self._unsent_leaves = self._unsent_leaves, []
         for sid, reason in leaves:
             if sid in self.sessions:
@@ -741,42 +883,72 @@ class ClusterNode:
 
     # --- leases ---------------------------------------------------------------------------------
 
-    def _lease_key(self, node: str) -> str:
-        return f"{self.prefix}lease:{node}"
-
     def _renew(self, _: Any = None) -> None:
         self._lease_timer = self.hub.reactor.call_later(LEASE_RENEW, self._renew)
-        if self.link.state is LinkState.UP:
-            self.link.execute("SET", self._lease_key(self.node), b"1", "PX", int(LEASE_TTL * 1000))
+        if self.link.state is LinkState.UP and self.synced:
+            self._renew_now()
+            if self.live and self._unsent_leaves:
+                self._send_leaves()
+
+    def _renew_now(self) -> None:
+        """Our lease: an expiry by Redis's clock in the members' hash (one clock for all)."""
+        self.RENEW.call(self.link, (self.members_key,), (self.node, int(LEASE_TTL * 1000)), _ignore)
 
     def _check_leases(self, _: Any = None) -> None:
         self._check_timer = self.hub.reactor.call_later(DEAD_CHECK, self._check_leases)
         if not self.live or self.hub.reactor.now < self._checks_from:
             return
-        others = [n for n in self.nodes if n != self.node]
-        if not others:
-            return
 
-        def counted(reply: Any, others: List[str] = others) -> None:
+        def found(reply: Any) -> None:
             if isinstance(reply, ReplyError) or not self.live:
                 return
-            for node, alive in zip(others, reply):
-                if not alive and node in self.nodes:
-                    self._seq += 1
-                    self._publish({"k": "dead", "dead": node, "n": self.node, "q": self._seq},
-                                  lambda _: None)
+            for raw in reply:
+                node = raw.decode()
+                self._seq += 1
+                self._publish({"k": "dead", "dead": node, "n": self.node, "q": self._seq}, _ignore)
 
-        self.link.execute("EVAL", _EXISTS_EACH_LUA, len(others),
-                          *(self._lease_key(n) for n in others), done=counted)
+        self.EXPIRED.call(self.link, (self.members_key,), (self.node,), found)
 
     def close(self) -> None:
         for timer in (self._lease_timer, self._check_timer, self._snapshot_timer):
             if timer is not None:
                 timer.cancel()
         if self.link.state is LinkState.UP:
-            self.link.execute("DEL", self._lease_key(self.node))
+            self.link.execute("HDEL", self.members_key, self.node)
 
     # --- the state, whole ----------------------------------------------------------------------
+
+    def rules(self) -> Dict[str, Any]:
+        """The options every copy decides by: processes that differ here would not stay one
+        chat (an account one refuses, a room one caps), so a newcomer must match them."""
+        chat = self.chat
+        return {"registration": chat.accounts.registration,
+                "operators": sorted(chat.accounts.operators),
+                "max_presence": chat.max_presence, "history_on_join": chat.history_on_join,
+                "max_rooms": chat.max_rooms, "max_rooms_per_user": chat.max_rooms_per_user,
+                "max_rooms_per_origin": chat.max_rooms_per_origin,
+                "room_reserve": chat.room_reserve, "few_rooms": chat.few_rooms}
+
+    def rules_problem(self, theirs: Dict[str, Any]) -> str:
+        mine = self.rules()
+        differ = [f"{key} {mine.get(key)!r} here, {theirs.get(key)!r} there"
+                  for key in sorted(set(mine) | set(theirs)) if mine.get(key) != theirs.get(key)]
+        return "; ".join(differ)
+
+    def set_rules(self, operators: List[str], registration: bool) -> None:
+        """SIGHUP changed who operates or whether registration is open: every copy takes it
+        at one place in the order."""
+        self.submit({"k": "rules", "ops": sorted(operators), "reg": registration},
+                    refused=lambda exc: log.error("cluster: the new operators and registration "
+                                                  "could not be sent: %s", exc.message))
+
+    def _do_rules(self, c: Dict[str, Any], pending: Optional[_Pending]) -> Any:
+        accounts = self.chat.accounts
+        accounts.operators = set(c["ops"])
+        accounts.registration = bool(c["reg"])
+        log.info("cluster: server operators %s; registration %s (from process %s)",
+                 ", ".join(c["ops"]) or "none", "open" if c["reg"] else "closed", c["n"])
+        return None
 
     def snapshot(self) -> Dict[str, Any]:
         """This process's copy of the chat, as JSON-ready data (what a newcomer loads)."""
@@ -789,6 +961,8 @@ class ClusterNode:
                 "real": user.realname, "away": user.away, "door": user.door, "since": user.since,
                 "origin": user.origin, "holder": user.holder, "acct": user.account_key,
                 "s": [sid_of_session.get(id(s)) or self.sid(s) for s in user.sessions],
+                "modes": [[bool(getattr(s, "invisible", False)), bool(getattr(s, "bot", False))]
+                          for s in user.sessions],
             })
         rooms = []
         for room in chat.rooms.values():
@@ -810,6 +984,7 @@ class ClusterNode:
         d = chat.directory
         return {
             "epoch": self.epoch, "offset": self.offset, "nodes": list(self.nodes),
+            "rules": self.rules(),
             "users": users, "rooms": rooms, "rooms_held": chat.rooms_held,
             "directory": {
                 "accounts": d.accounts, "tokens": d.tokens, "rooms": d.rooms,
@@ -822,13 +997,22 @@ class ClusterNode:
         chat = self.chat
         self.nodes = dict.fromkeys(snapshot["nodes"])
         d = chat.directory
-        for key, (name, verifier, created) in snapshot["directory"]["accounts"].items():
+        theirs = snapshot["directory"]
+        # The cluster's directory replaces ours: a token revoked, an account or a room of a
+        # file left from a run alone, must not open or hold anything here.
+        for digest in [t for t in d.tokens if t not in theirs["tokens"]]:
+            d.drop_token(digest)
+        for key in [k for k in d.accounts if k not in theirs["accounts"]]:
+            d.forget_account(key)
+        for key in [k for k in d.rooms if k not in theirs["rooms"]]:
+            d.forget_room(key)
+        for key, (name, verifier, created) in theirs["accounts"].items():
             if d.accounts.get(key) != (name, verifier, created):
                 d.save_account(key, name, verifier, created)
-        for digest, (account, created) in snapshot["directory"]["tokens"].items():
+        for digest, (account, created) in theirs["tokens"].items():
             if digest not in d.tokens:
                 d.save_token(digest, account, created)
-        for key, (name, founder, state) in snapshot["directory"]["rooms"].items():
+        for key, (name, founder, state) in theirs["rooms"].items():
             if d.rooms.get(key) != (name, founder, state):
                 d.save_room(key, name, founder, state)
         for owner in list(d.mail):
@@ -844,8 +1028,9 @@ class ClusterNode:
             user.holder = u["holder"]
             user.away = u["away"]
             user.since = u["since"]
-            for s in sessions:
+            for s, (invisible, bot) in zip(sessions, u.get("modes") or [[False, False]] * len(sessions)):
                 s.user = user
+                s.invisible, s.bot = invisible, bot
             chat.users[user.key] = user
             if u["acct"] is not None:
                 chat._log_in(user, u["acct"])
@@ -887,19 +1072,6 @@ class ClusterNode:
                  len(chat.users), len(chat.rooms), len(self.nodes))
 
 
-_EXISTS_EACH_LUA = b"""
-local out = {}
-for i, key in ipairs(KEYS) do out[i] = redis.call('EXISTS', key) end
-return out
-"""
-
-
-def _publication(reply: Any) -> Any:
-    if isinstance(reply, ReplyError):
-        return reply
-    return Publication(reply[0].decode("ascii"), int(reply[1]), b"")
-
-
 _HANDLERS: Dict[str, Callable[[ClusterNode, Dict[str, Any], Optional[_Pending]], Any]] = {
     "reg": ClusterNode._do_reg,
     "req": ClusterNode._do_req,
@@ -909,6 +1081,7 @@ _HANDLERS: Dict[str, Callable[[ClusterNode, Dict[str, Any], Optional[_Pending]],
     "kill": ClusterNode._do_kill,
     "hello": ClusterNode._do_hello,
     "dead": ClusterNode._do_dead,
+    "rules": ClusterNode._do_rules,
 }
 
 __all__ = ["ClusterNode", "RemoteSession", "encode_request", "decode_request"]

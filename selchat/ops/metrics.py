@@ -211,6 +211,9 @@ class ServerMetrics:
         link = getattr(server, "redis", None)
         if link is not None and not link_up(link):
             return False, "redis link down"
+        cluster = getattr(server, "cluster", None)
+        if cluster is not None and not cluster.live:
+            return False, "not in the cluster yet (starting, or catching up)"
         return True, "ok"
 
     # --- the collector --------------------------------------------------------------------------

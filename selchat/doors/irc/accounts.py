@@ -286,7 +286,9 @@ def kill(s: "IrcSession", line: Line) -> None:
     nick = line.params[0]
     reason = line.params[1] if len(line.params) > 1 else ""
     def refused(exc: ChatError) -> None:
-        if exc.code == "not_operator":
+        if exc.code == "unavailable":
+            s.fail("KILL", "TEMPORARILY_UNAVAILABLE", text=exc.message)
+        elif exc.code == "not_operator":
             s.numeric(ERR_NOPRIVILEGES, "Permission Denied - You're not an IRC operator")
         else:
             s.numeric(N.ERR_NOSUCHNICK, nick[:64], "No such nick/channel")

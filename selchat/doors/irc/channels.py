@@ -325,7 +325,9 @@ def refuse(s: "IrcSession", exc: ChatError, room: str, nick: str = "") -> None:
     """A refusal of the core's about a room (and a nick), as IRC's numeric for it."""
     code = exc.code
     numeric = _REFUSALS.get(code)
-    if code == "no_such_nick" and nick:
+    if code == "unavailable":  # (with --redis, while the cluster cannot order the change)
+        s.fail(s.pending or "*", "TEMPORARILY_UNAVAILABLE", room[:64], text=exc.message)
+    elif code == "no_such_nick" and nick:
         if s.hub.find_user(nick) is not None:
             s.numeric(N.ERR_USERNOTINCHANNEL, nick[:64], room[:64], "They aren't on that channel")
         else:
@@ -403,6 +405,8 @@ def user_mode(s: "IrcSession", modes: str) -> None:
                 s.door.wallops.discard(s)
             changed += sign + "w"
     if changed:
+        if "i" in changed or "B" in changed:
+            s.hub.connection_modes(s, invisible=s.invisible, bot=s.bot)  # (other processes' WHO)
         s.send_line(f":{s.me} MODE {s.me} :{changed}")
     else:
         s.send_line(f":{s.server} 221 {s.me} {_user_modes(s)}")

@@ -14,6 +14,7 @@ from selchat.core.names import has_control_characters
 from selchat.doors.irc.numerics import Numeric as N
 from selchat.doors.irc.parser import Line, body_budget
 from selchat.doors.irc.text import split_for_irc, strip_formatting
+from selchat.hub import ChatError
 
 if TYPE_CHECKING:
     from selchat.core.chat import Room, User
@@ -222,12 +223,16 @@ def away(s: "IrcSession", line: Line) -> None:
     user = s.user
     assert user is not None
     text = strip_formatting(line.params[0]) if line.params else ""
-    if text and not has_control_characters(text):
-        s.hub.set_away(user, text[:390], s)
-        s.numeric(N.RPL_NOWAWAY, "You have been marked as being away")
-    else:
-        s.hub.set_away(user, None, s)
-        s.numeric(N.RPL_UNAWAY, "You are no longer marked as being away")
+    try:
+        if text and not has_control_characters(text):
+            s.hub.set_away(user, text[:390], s)
+            s.numeric(N.RPL_NOWAWAY, "You have been marked as being away")
+        else:
+            s.hub.set_away(user, None, s)
+            s.numeric(N.RPL_UNAWAY, "You are no longer marked as being away")
+    except ChatError as exc:  # (with --redis, while the cluster cannot take it)
+        s.fail("AWAY", "TEMPORARILY_UNAVAILABLE", text=f"Cannot set away now: {exc.message}")
+        return
     tell_away(s, user, s.hub.room_mates(user), watchers=True)
 
 
@@ -239,7 +244,11 @@ def setname(s: "IrcSession", line: Line) -> None:
     if not text.strip() or has_control_characters(text) or len(text.encode("utf-8")) > REALNAME_MAX:
         s.fail("SETNAME", "INVALID_REALNAME", text="Bad real name")
         return
-    s.hub.set_realname(user, text, s)
+    try:
+        s.hub.set_realname(user, text, s)
+    except ChatError as exc:  # (with --redis, while the cluster cannot take it)
+        s.fail("SETNAME", "TEMPORARILY_UNAVAILABLE", text=f"Cannot change it now: {exc.message}")
+        return
     data = f":{user.nick}!{user.userhost} SETNAME :{text}\r\n".encode("utf-8")
     if "setname" in s.caps:
         s.answer_lines(data)

@@ -153,11 +153,15 @@ def _register_now(s: "IrcSession") -> None:
     def done(user: Optional["User"], exc: Optional[ChatError]) -> None:
         s.welcoming = False
         if s.transport.state is State.OPEN:
-            if user is None:
+            if user is None and exc.code == "unavailable":  # type: ignore[union-attr]
+                # (with --redis, while the cluster cannot take it): not a nick problem, so no
+                # 433 that would send the client off to another nick; NICK again retries.
+                s.fail("NICK", "TEMPORARILY_UNAVAILABLE", reg.nick,
+                       text=f"Cannot register now: {exc.message}")  # type: ignore[union-attr]
+                reg.nick_refused()
+            elif user is None:
                 text = ("Nickname is reserved by an account: log in (SASL) to use it"
                         if exc.code == "nick_reserved" else "Nickname is already in use")  # type: ignore[union-attr]
-                if exc.code not in ("nick_reserved", "nick_taken"):  # type: ignore[union-attr]
-                    text = exc.message  # type: ignore[union-attr]
                 s.numeric(N.ERR_NICKNAMEINUSE, reg.nick, text)
                 reg.nick_refused()
             else:
