@@ -489,23 +489,25 @@ class Hub:
     def motd(self) -> str:
         return self.chat.motd
 
-    def set_away(self, user: User, text: Optional[str], session: Any = None) -> None:
-        """Mark `user` away with `text`, or back (None)."""
+    def set_away(self, user: User, text: Optional[str], session: Any = None) -> bool:
+        """Mark `user` away with `text`, or back (None). True: with the cluster, it is applied
+        once ordered, and the door serves nothing more of `session` until `job_done()`."""
         if self.cluster is not None:
-            self._set_attribute(user, "away", text, session)
-            return
+            return self._set_attribute(user, "away", text, session)
         self.chat.set_away(user, text)
+        return False
 
-    def _set_attribute(self, user: User, name: str, value: Any, session: Any) -> None:
+    def _set_attribute(self, user: User, name: str, value: Any, session: Any) -> bool:
         """Raises ChatError `unavailable` when the cluster cannot take it now (the door says
         so); refused later (the link fell as it went), it is logged."""
         cluster = self.cluster
         if not cluster.live:
             raise ChatError("unavailable", "the cluster link is down: try again")
-        cluster.submit({"k": "attr", "s": cluster.sid(session if session is not None else user.session),
-                        "a": name, "v": value},
+        session = session if session is not None else user.session
+        cluster.submit({"k": "attr", "s": cluster.sid(session), "a": name, "v": value}, session,
                        refused=lambda exc: log.warning("%s of %s not applied: %s", name, user.nick,
-                                                       exc.message))
+                                                       exc.message), job=True)
+        return True
 
     def history_window(self, user: User, target: str, *, limit: int, latest: bool,
                        **bounds: int) -> List[Message]:
@@ -610,12 +612,12 @@ class Hub:
             cluster.submit({"k": "attr", "s": cluster.sid(session), "a": "modes", "v": modes},
                            refused=lambda exc: None)
 
-    def set_realname(self, user: User, text: str, session: Any = None) -> None:
-        """IRC's SETNAME: the real name WHO and WHOIS show."""
+    def set_realname(self, user: User, text: str, session: Any = None) -> bool:
+        """IRC's SETNAME: the real name WHO and WHOIS show. True: as for `set_away`."""
         if self.cluster is not None:
-            self._set_attribute(user, "realname", text, session)
-            return
+            return self._set_attribute(user, "realname", text, session)
         user.realname = text
+        return False
 
     def invitations(self, user: User) -> List[str]:
         """The rooms `user` is invited to and not in, by name (IRC's INVITE with no

@@ -24,6 +24,24 @@ from test_cluster import OPEN, SLOW, cluster, join, redis  # noqa: F401  (fixtur
 IN_CLUSTER = re.compile(r"cluster: process \w+ in the cluster")
 
 
+def fake_member(server: RedisServer, ms_from_now: int, node: str = "0000deadbeef") -> None:
+    """A member of the cluster that is not there, its lease alive for `ms_from_now` by Redis's
+    clock (what a process killed a moment ago leaves behind)."""
+    lines = redis_command(server, "TIME").split(b"\r\n")
+    now_ms = int(lines[2]) * 1000 + int(lines[4]) // 1000
+    assert redis_command(server, "HSET", "selchat:members", node, str(now_ms + ms_from_now))[:1] == b":"
+
+
+def member_lapsed(server: RedisServer) -> bool:
+    """Every member's lease has run out by Redis's clock."""
+    reply = redis_command(server, "EVAL", "local t = redis.call('TIME') "
+                          "local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) "
+                          "local all = redis.call('HGETALL', KEYS[1]) "
+                          "for i = 1, #all, 2 do if tonumber(all[i + 1]) > now then return 0 end end "
+                          "return 1", "1", "selchat:members")
+    return reply.startswith(b":1")
+
+
 def redis_command(server: RedisServer, *args: str) -> bytes:
     """One command on a fresh connection (RESP by hand); the raw reply."""
     out = f"*{len(args)}\r\n".encode()
@@ -37,14 +55,10 @@ def redis_command(server: RedisServer, *args: str) -> bytes:
 
 # --- (1) starting: two processes that both wait for a snapshot ----------------------------------
 
-@pytest.mark.xfail(strict=True, reason="cluster.py _start: a process that sees any other lease "
-                   "waits for a snapshot, and a process that is not synced never applies a hello; "
-                   "two processes starting while a dead process's lease is still alive (a restart "
-                   "of the whole cluster within LEASE_TTL) wait for each other for ever")
 def test_two_processes_restarted_together_both_come_up(
         redis: RedisServer, start_server: Callable[..., ServerProcess], tmp_path: Path) -> None:
     # What a process killed a moment ago leaves behind: its lease, alive for a few seconds.
-    assert redis_command(redis, "SET", "selchat:lease:0000deadbeef", "1", "PX", "4000").startswith(b"+OK")
+    fake_member(redis, 4000)
     p1 = start_server("--redis", redis.url, "--db", str(tmp_path / "a.db"), *OPEN)
     p2 = start_server("--redis", redis.url, "--db", str(tmp_path / "b.db"), *OPEN)
     # Both saw the dead lease, both said hello, neither applies the other's hello. Long after
@@ -80,10 +94,6 @@ def test_a_process_stopped_with_sigterm_its_users_quit_for_the_others(
 
 # --- (1) state the snapshot does not carry: what was taken away while a process was away -------
 
-@pytest.mark.xfail(strict=True, reason="cluster.py load(): tokens (and accounts, registered rooms) "
-                   "of the snapshot are only added to the process's own SQLite directory, never "
-                   "removed: a remember-me token revoked by `logout` while a process was down "
-                   "still opens the account on that process once it is back")
 def test_a_token_revoked_while_a_process_was_away_is_refused_there_too(
         cluster: Callable[..., ServerProcess], tmp_path: Path) -> None:
     from test_accounts import login, hello, registered_account
@@ -192,10 +202,6 @@ def test_guest_logout_with_redis_keeps_the_connection(cluster: Callable[..., Ser
 
 # --- (3) a snapshot bigger than the link's outgoing buffer ----------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="cluster.py _do_hello: the whole state is one PUBLISH; past "
-                   "RedisLink.max_outbuf (1 MiB) execute() refuses it (done=None: silently, while "
-                   "the log says 'sent it the state'), so no process can join any more; the newcomer "
-                   "asks again every 3 s for ever and every process serializes its state each time")
 def test_a_process_joins_a_cluster_whose_state_is_over_a_mebibyte(
         cluster: Callable[..., ServerProcess], start_server: Callable[..., ServerProcess],
         redis: RedisServer, tmp_path: Path) -> None:
@@ -213,58 +219,57 @@ def test_a_process_joins_a_cluster_whose_state_is_over_a_mebibyte(
 
 # --- (1) decisions that read per-process options ------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="cluster.py _apply runs the chat's decisions against each "
-                   "process's own options (--registration here; --operators, --max-presence "
-                   "likewise); nothing checks that the processes agree and docs/cluster.md does not "
-                   "ask for it: an account made on one process does not exist on the other")
-def test_processes_with_different_options_stay_one_chat(cluster: Callable[..., ServerProcess]) -> None:
-    from test_accounts import registered_account
+def test_a_process_with_different_rules_does_not_join(
+        cluster: Callable[..., ServerProcess], start_server: Callable[..., ServerProcess],
+        tmp_path: Path, redis: RedisServer) -> None:
+    """Processes that decide by different options (--registration here) would not stay one
+    chat: the newcomer says why and stops with exit 1; the cluster goes on."""
     kdf = ("--kdf-workers", "0")
     p1 = cluster(*OPEN, *kdf, "--registration", "closed")
-    p2 = cluster(*OPEN, *kdf)
-    nick = unique_nick("acc")
-    registered_account(p2, nick).quit_and_close()  # answered `account` by p2
-    squatter = p1.client()
-    squatter.send(type="hello", nick=nick)
-    squatter.expect_error("nick_reserved", SLOW)  # p1's copy never made the account
+    a = p1.registered(unique_nick("a"))
+    p2 = start_server("--redis", redis.url, "--db", str(tmp_path / "odd.db"), *OPEN, *kdf)
+    p2.wait_log("differ from the cluster", SLOW)
+    p2.signalled = True  # (its exit is the point)
+    assert p2.wait_exit(SLOW) == 1
+    assert "registration" in p2.log()
+    a.send(type="say", room="#lobby", text="still here", ref="s")
+    a.wait_for("message", SLOW, ref="s")
 
 
 # --- (1) split brain: a process that starts "alone" while another's lease has lapsed -------------
 
-@pytest.mark.xfail(strict=True, reason="cluster.py _start: 'no lease' is taken as 'nobody holds "
-                   "the state'; a process whose lease lapsed (frozen, or its link down past "
-                   "LEASE_TTL, or still in its reconnect backoff after a Redis restart) is not "
-                   "buried by a newcomer that never knew it, and comes back applying the same "
-                   "stream to a different state: two chats on one stream")
 def test_a_process_started_while_another_s_lease_lapsed_joins_the_one_chat(
         redis: RedisServer, cluster: Callable[..., ServerProcess],
         start_server: Callable[..., ServerProcess], tmp_path: Path) -> None:
+    """p1 frozen past its lease; p2 starts alone and buries it; p1 wakes, finds itself buried,
+    closes its connections, and serves new ones in the one chat (not a second one)."""
     p1 = cluster(*OPEN)
     a = p1.registered(unique_nick("a"))
     p1.signal(signal.SIGSTOP)
     try:
         deadline = time.monotonic() + SLOW
-        while b"lease" in redis_command(redis, "KEYS", "selchat:lease:*"):
+        while not member_lapsed(redis):
             assert time.monotonic() < deadline, "p1's lease never lapsed"
             time.sleep(0.2)  # polling Redis with a deadline
         p2 = start_server("--redis", redis.url, "--db", str(tmp_path / "new.db"), *OPEN)
         p2.wait_log(IN_CLUSTER, SLOW)
+        p2.wait_log("started alone: buried", SLOW)  # p2 buried p1
     finally:
         p1.signal(signal.SIGCONT)
-    p1.wait_log("joined at offset", SLOW)  # p1 goes on, and sends a snapshot p2 ignores
+    a.assert_closed(SLOW, allow_partial=True)
+    p1.wait_log("lease gone", SLOW)
     b = p2.registered(unique_nick("b"))
-    a.wait_for("join", SLOW, nick=b.nick)  # p1 applies p2's commands ...
-    a.send(type="say", room="#lobby", text="can you hear me", ref="s")
-    a.wait_for("message", SLOW, ref="s")
-    b.wait_for("message", SLOW, text="can you hear me")  # ... but p2's copy has no `a`
+    again = p1.registered(unique_nick("a2"), names=None)
+    b.wait_for("join", SLOW, nick=again.nick)
+    again.send(type="say", room="#lobby", text="can you hear me", ref="s")
+    again.wait_for("message", SLOW, ref="s")
+    b.wait_for("message", SLOW, text="can you hear me")
+    b.send(type="who", room="#lobby", ref="w")
+    assert a.nick not in b.wait_for("names", SLOW, ref="w")[0]["nicks"]
 
 
 # --- (4) AWAY while Redis is down -------------------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="hub.py _set_attribute submits with refused=_ignore and the "
-                   "IRC door answers 306 at once: while Redis is down the change is refused "
-                   "`unavailable` and dropped in silence (10.3: nothing silently dropped), so the "
-                   "client believes it is away and nobody, itself included, ever sees it")
 def test_irc_away_while_redis_is_down_is_not_dropped_in_silence(
         redis: RedisServer, cluster: Callable[..., ServerProcess]) -> None:
     from test_irc_gateway import Irc
@@ -275,12 +280,17 @@ def test_irc_away_while_redis_is_down_is_not_dropped_in_silence(
         redis.kill(signal.SIGKILL)
         p1.wait_log("down", SLOW)
         u.send("AWAY :gone fishing")
-        u.wait_for("306", timeout=SLOW)  # "You have been marked as being away"
+        # Not 306: the change cannot be ordered now, and the client is told so.
+        u.wait_for("FAIL", "AWAY", "TEMPORARILY_UNAVAILABLE", timeout=SLOW)
         redis.start()
         p1.wait_log("caught up", SLOW)
         u.send(f"WHOIS {u.nick}")
         lines = u.until_numeric("318", SLOW)
-        assert [x for x in lines if x.command == "301"], [f"{x.command} {x.params}" for x in lines]
+        assert not [x for x in lines if x.command == "301"]  # as it was told: not away
+        u.send("AWAY :gone fishing")
+        u.wait_for("306", timeout=SLOW)
+        u.send(f"WHOIS {u.nick}")
+        assert [x for x in u.until_numeric("318", SLOW) if x.command == "301"]
     finally:
         env.close()
 
@@ -328,9 +338,6 @@ def test_control_invisible_user_not_listed_by_who_masks_alone(
     assert not _who_mask_lists_invisible(p, p)
 
 
-@pytest.mark.xfail(strict=True, reason="irc/queries.py _visible reads `invisible` from the user's "
-                   "sessions; on another process they are RemoteSessions, which have none: a +i "
-                   "user is listed by WHO masks to strangers on every other process")
 def test_invisible_user_not_listed_by_who_masks_on_another_process(
         cluster: Callable[..., ServerProcess]) -> None:
     p1 = cluster(*OPEN, "--irc-port", "0")
@@ -340,16 +347,12 @@ def test_invisible_user_not_listed_by_who_masks_on_another_process(
 
 # --- (5) /healthz while the process cannot serve ---------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="ops/metrics.py health() looks at the Redis link only: a "
-                   "process that is not in the cluster (waiting for a snapshot, catching up, or "
-                   "stuck as in the tests above) answers every hello `unavailable` and still says "
-                   "200 on /healthz, so a balancer keeps sending users to it")
 def test_healthz_is_not_200_while_every_hello_is_refused(
         redis: RedisServer, start_server: Callable[..., ServerProcess], tmp_path: Path) -> None:
     import urllib.error
     import urllib.request
     # A lease of a process that is not there (a snapshot will never come while it lasts).
-    redis_command(redis, "SET", "selchat:lease:0000deadbeef", "1", "PX", "60000")
+    fake_member(redis, 600000)
     p = start_server("--redis", redis.url, "--db", str(tmp_path / "h.db"), "--metrics-port", "0", *OPEN)
     port = int(p.wait_log(re.compile(r"metrics at http://127\.0\.0\.1:(\d+)/"), SLOW).group(1))
     p.wait_log("no snapshot came", SLOW)
@@ -364,14 +367,10 @@ def test_healthz_is_not_200_while_every_hello_is_refused(
     assert status == 503
 
 
-@pytest.mark.xfail(strict=True, reason="irc/registration.py _register_now done(): every refusal "
-                   "that is not nick_reserved/nick_taken, `unavailable` included, becomes 433 "
-                   "ERR_NICKNAMEINUSE, so IRC clients switch to an alternate nick instead of "
-                   "being told the server cannot register anyone right now")
 def test_irc_registration_while_not_in_the_cluster_is_not_433(
         redis: RedisServer, start_server: Callable[..., ServerProcess], tmp_path: Path) -> None:
     from ircwire import IrcClient, irc_port
-    redis_command(redis, "SET", "selchat:lease:0000deadbeef", "1", "PX", "60000")
+    fake_member(redis, 600000)
     p = start_server("--redis", redis.url, "--db", str(tmp_path / "i.db"), "--irc-port", "0", *OPEN)
     p.wait_log("no snapshot came", SLOW)
     c = IrcClient(irc_port(p))

@@ -96,9 +96,6 @@ def reg(sid: str, nick: str, q: int = 0) -> dict:
             "n": sid.partition(":")[0], "q": q}
 
 
-@pytest.mark.xfail(strict=True, reason="cluster.py _do_reg: `self._session(sid)` puts a "
-                   "RemoteSession in `sessions` before chat.register refuses the nick, and nothing "
-                   "removes it: every refused hello of another process stays in every copy for ever")
 def test_refused_remote_hellos_leave_nothing_behind() -> None:
     node, _, _ = live_node()
     apply(node, reg("other:1", "alice"))
@@ -107,10 +104,6 @@ def test_refused_remote_hellos_leave_nothing_behind() -> None:
     assert len(node.sessions) == 1, f"{len(node.sessions)} sessions kept for one user"
 
 
-@pytest.mark.xfail(strict=True, reason="cluster.py sid()/hub.admit: a local connection gets an "
-                   "entry in `_sid_of` (holding the session and its transport) when it says hello; "
-                   "a refused hello (nick_taken, unavailable) never has a user to leave with, so "
-                   "the entry stays after the connection is gone")
 def test_refused_local_hellos_leave_nothing_behind() -> None:
     node, link, hub = live_node()
     apply(node, reg("other:1", "alice"))
@@ -151,11 +144,6 @@ def _invitations_after_a_departure(collect: bool) -> bool:
     return "#r" in node.chat.users["u1"].rooms
 
 
-@pytest.mark.xfail(strict=True, reason="Room.invited is a WeakKeyDictionary and a remote user is "
-                   "a reference cycle with its RemoteSession, so a departed invitee stays in it "
-                   "until the cyclic collector runs: len(invited) at the MAX_INVITES check, hence "
-                   "which invitation is evicted, hence whether a later join is allowed, depends "
-                   "on each process's garbage collector")
 def test_applying_the_same_commands_does_not_depend_on_the_garbage_collector() -> None:
     import gc
     gc.disable()

@@ -88,13 +88,20 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 """
 JOIN_LUA = _NOW_LUA + b"""
--- KEYS: members. ARGV: me, lease ms. 1: nobody live holds the state, we do now.
+-- KEYS: members. ARGV: me, lease ms. {0}: a live member holds the state, ask it. {1, ...}:
+-- nobody live does, we hold it now; the members whose lease ran out are listed (and dropped)
+-- for us to bury: one of them may only be frozen, and must find itself buried when it wakes.
 local all = redis.call('HGETALL', KEYS[1])
+local expired = {}
 for i = 1, #all, 2 do
-  if all[i] ~= ARGV[1] and tonumber(all[i + 1]) > now then return 0 end
+  if all[i] ~= ARGV[1] then
+    if tonumber(all[i + 1]) > now then return {0} end
+    expired[#expired + 1] = all[i]
+  end
 end
+for _, node in ipairs(expired) do redis.call('HDEL', KEYS[1], node) end
 redis.call('HSET', KEYS[1], ARGV[1], now + tonumber(ARGV[2]))
-return 1
+return {1, unpack(expired)}
 """
 RENEW_LUA = _NOW_LUA + b"""
 redis.call('HSET', KEYS[1], ARGV[1], now + tonumber(ARGV[2]))
@@ -721,9 +728,10 @@ class ClusterNode:
     def _start(self) -> None:
         """Join: hold the state alone when no live process holds it (one script decides, so
         two starting at once cannot both think so), else `hello` and wait for a snapshot."""
-        def decided(alone: Any) -> None:
-            if isinstance(alone, ReplyError):
+        def decided(reply: Any) -> None:
+            if isinstance(reply, ReplyError):
                 return  # the link dropped: `_on_up` starts again
+            alone = bool(reply[0])
             body = {"k": "hello", "n": self.node, "q": 0}
 
             def said(answer: Any) -> None:
@@ -737,6 +745,12 @@ class ClusterNode:
                     self._snapshot_timer = self.hub.reactor.call_later(SNAPSHOT_WAIT, self._no_snapshot)
 
             self._publish(body, said)
+            for raw in reply[1:]:  # (after our hello: whoever wakes applies it after its own state)
+                self._seq += 1
+                log.warning("cluster: process %s held no lease when this one started alone: "
+                            "buried", raw.decode())
+                self._publish({"k": "dead", "dead": raw.decode(), "n": self.node, "q": self._seq},
+                              _ignore)
 
         self.JOIN.call(self.link, (self.members_key,), (self.node, int(LEASE_TTL * 1000)), decided)
 

@@ -225,11 +225,13 @@ def away(s: "IrcSession", line: Line) -> None:
     text = strip_formatting(line.params[0]) if line.params else ""
     try:
         if text and not has_control_characters(text):
-            s.hub.set_away(user, text[:390], s)
+            later = s.hub.set_away(user, text[:390], s)
             s.numeric(N.RPL_NOWAWAY, "You have been marked as being away")
         else:
-            s.hub.set_away(user, None, s)
+            later = s.hub.set_away(user, None, s)
             s.numeric(N.RPL_UNAWAY, "You are no longer marked as being away")
+        if later:
+            s.wait_for_job()  # (the cluster orders it: what comes next sees it applied)
     except ChatError as exc:  # (with --redis, while the cluster cannot take it)
         s.fail("AWAY", "TEMPORARILY_UNAVAILABLE", text=f"Cannot set away now: {exc.message}")
         return
@@ -245,7 +247,8 @@ def setname(s: "IrcSession", line: Line) -> None:
         s.fail("SETNAME", "INVALID_REALNAME", text="Bad real name")
         return
     try:
-        s.hub.set_realname(user, text, s)
+        if s.hub.set_realname(user, text, s):
+            s.wait_for_job()
     except ChatError as exc:  # (with --redis, while the cluster cannot take it)
         s.fail("SETNAME", "TEMPORARILY_UNAVAILABLE", text=f"Cannot change it now: {exc.message}")
         return
