@@ -200,6 +200,12 @@ def test_accounts_rooms_and_moderation_across_processes(cluster: Callable[..., S
     # what one device says reaches the other, on the other process
     owner.send(type="say", room=room, text="from device one")
     second.wait_for("message", SLOW, room=room, text="from device one")
+    # a logout ordered by the cluster: answered, then that connection closes (the other stays)
+    second.send(type="logout", ref="lo")
+    second.wait_for("account", SLOW, account=None, ref="lo")
+    second.assert_closed(SLOW, allow_partial=True)
+    owner.send(type="say", room=room, text="still on", ref="on")
+    owner.wait_for("message", SLOW, ref="on")
 
 
 def test_redis_killed_and_back_nothing_lost_nothing_twice(

@@ -189,10 +189,6 @@ def test_control_guest_logout_alone(start_server: Callable[..., ServerProcess]) 
     assert _guest_logout(start_server(*OPEN)) == []
 
 
-@pytest.mark.xfail(strict=True, reason="jsonsession.py _carry_out/job_done: with --redis a `logout` "
-                   "sets _close_after_job before it is known whether it succeeds, so a refused one "
-                   "(not_logged_in, or `unavailable` while Redis is down: the token then stays "
-                   "valid) still closes the connection")
 def test_guest_logout_with_redis_keeps_the_connection(cluster: Callable[..., ServerProcess]) -> None:
     assert _guest_logout(cluster(*OPEN)) == []
 

@@ -102,7 +102,7 @@ class JsonSession(DoorSession):
     __slots__ = ("door", "wire", "transport", "user", "bucket", "arrivals", "consumed",
                  "pings_owed", "_debt_timer", "not_before", "last_seen", "pinged", "reject",
                  "_handshake_timer", "_idle_timer", "_held", "_rest",
-                 "_close_after_job", "__weakref__")
+                 "_close_after_job", "_logged_out", "__weakref__")
 
     def __init__(self, door: JsonDoor, wire: Any, reject: Optional[str] = None) -> None:
         self.door = door
@@ -127,6 +127,7 @@ class JsonSession(DoorSession):
         self._init_serving()  # condemned, the turn, the job, the pass share (DoorSession)
         self._held: Optional[Tuple[Any, Ref]] = None  # an expensive request kept for a later pass
         self._close_after_job = False  # a `logout` the cluster orders: close once it is done
+        self._logged_out = False  # ... and only if it was answered as done
         # The rest of an answer cut where our buffer for the client was full (a long `rooms`):
         # asked for once the client has read the part sent, before anything else is served.
         self._rest: Optional[Tuple[Any, Ref]] = None
@@ -251,6 +252,8 @@ class JsonSession(DoorSession):
     # --- for the hub and the fan-out ----------------------------------------------------------
 
     def reply(self, event: events.Event, ref: Any) -> None:
+        if self._close_after_job and type(event) is events.AccountInfo and event.account is None:
+            self._logged_out = True  # the answer to a `logout` the cluster ordered: it worked
         limits = self.door.limits if type(event) is events.Welcome else None
         send = self.door.hub.fanout.send
         frames = self.wire.frames(event, ref, limits)
@@ -351,7 +354,8 @@ class JsonSession(DoorSession):
             if door.hub.handle(user, request, ref, self):  # type: ignore[arg-type]
                 self._job = True  # answered later: `job_done` goes on
                 if kind is Logout:
-                    self._close_after_job = True
+                    self._close_after_job = True  # if it succeeds (see `reply`)
+                    self._logged_out = False
                 return
         except ChatError as exc:
             self.send_error(exc.code, exc.message, ref)
@@ -421,8 +425,10 @@ class JsonSession(DoorSession):
 
     def _after_job(self) -> bool:
         if self._close_after_job:  # a `logout` the cluster ordered is done
-            self._close("quit", "logged out")
-            return True
+            self._close_after_job = False
+            if self._logged_out:  # (refused, `unavailable` among the reasons: it stays)
+                self._close("quit", "logged out")
+                return True
         return False
 
     def _register(self, request: Hello, ref: Ref) -> None:
