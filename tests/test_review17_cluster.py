@@ -135,10 +135,6 @@ def test_control_irc_join_two_then_speak_alone(start_server: Callable[..., Serve
     assert [x for x in got if x.startswith("PRIVMSG") and x.endswith("hello b")], got
 
 
-@pytest.mark.xfail(strict=True, reason="irc/session.py ask/job_done: with --redis the first JOIN's "
-                   "job_done serves the next line from inside the apply of that command, before "
-                   "the second JOIN of the same line is applied: `JOIN #a,#b` + `PRIVMSG #b` gets "
-                   "403 No such channel (alone it is delivered)")
 def test_irc_join_two_then_speak_with_redis(cluster: Callable[..., ServerProcess]) -> None:
     got = _irc_flow_join_two_then_speak(cluster(*OPEN, "--irc-port", "0"))
     assert not [x for x in got if x.startswith("403")], got
@@ -166,10 +162,6 @@ def test_control_irc_labeled_echo_alone(start_server: Callable[..., ServerProces
     assert not [g for g in got if g[1] == "ACK"], got
 
 
-@pytest.mark.xfail(strict=True, reason="irc/session.py _dispatch: the labeled command's response "
-                   "is finished when `commands.run` returns; with --redis the echo comes later "
-                   "(from the ordered stream), so the client gets an empty `ACK` for its label and "
-                   "then an unlabeled echo (labeled-response broken for every change)")
 def test_irc_labeled_echo_with_redis(cluster: Callable[..., ServerProcess]) -> None:
     got = _irc_labeled_privmsg(cluster(*OPEN, "--irc-port", "0"))
     assert ("L1", "PRIVMSG", ["labeled"]) in got, got

@@ -132,15 +132,18 @@ class DoorSession:
         return True
 
     def wait_for_job(self) -> None:
-        """A job of ours runs off the loop (a password check): serve nothing until `job_done`."""
-        self._job = True
+        """A job of ours runs off the loop (a password check, a change the cluster orders):
+        serve nothing until its `job_done`. They count: one IRC line may start several."""
+        self._job += 1
 
     def job_done(self) -> None:
         """The hub (or SASL) answered what waited: a password's work, or a change the cluster
-        ordered. Go on serving."""
+        ordered. Go on serving once the last one is answered."""
         if not self._job:
             return
-        self._job = False
+        self._job -= 1
+        if self._job:
+            return  # (another of this line's changes is still on its way)
         if self._after_job():
             return  # the connection ends with it
         transport = self.transport

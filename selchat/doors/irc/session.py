@@ -107,7 +107,7 @@ class IrcSession(DoorSession):
                  "_lagged", "_handshake_timer", "_idle_timer", "_produced", "_billed",
                  "_answer_start", "_listing", "__weakref__",
                  "_viewing", "pending", "account", "sasl", "invisible", "monitoring", "read_markers",
-                 "bot")
+                 "bot", "_label_open")
 
     # A session going on from an earlier pass takes its share like any other, and its lines
     # are not counted for a session's own share of a pass (`_count_request`): the IRC door
@@ -141,6 +141,7 @@ class IrcSession(DoorSession):
         self.pending = ""  # the command whose answer comes as an event (MODE b, REGISTER, ...)
         self.account: Optional[str] = None  # proved by SASL before registration
         self.sasl: Any = None  # the SASL exchange under way (selchat.doors.irc.accounts.Sasl)
+        self._label_open = False  # a labeled command's answer waits for the cluster's order
         self.invisible = False  # user mode +i: left out of WHO masks for those sharing no room
         self.monitoring: dict = {}  # MONITOR: the folded nicks this connection watches
         self.read_markers: dict = {}  # draft/read-marker: folded target -> ms, oldest first
@@ -311,12 +312,15 @@ class IrcSession(DoorSession):
             refused(exc)
             return
         if later:
-            self._job = True  # answered later (a password job, an ordered change): `job_done`
+            self.wait_for_job()  # answered later (a password job, an ordered change): `job_done`
         elif not self._job:
             self.pending = ""
 
     def _after_job(self) -> bool:
         self.pending = ""  # its answer has come
+        if self._label_open:  # ... and the labeled command's answer is whole now
+            self._label_open = False
+            self._finish_label()
         return False
 
     @property
@@ -460,14 +464,22 @@ class IrcSession(DoorSession):
         if label is not None:
             self.hub.fanout.flush()  # what was said before carries no label of this command
             response.begin(label)
+        waiting = self._job
         try:
             commands.run(self, line)
         finally:
             if label is not None:
-                if response.collecting:
-                    self.hub.fanout.flush()  # a room message's echo is part of the answer
-                for text in response.finish(self.door.server_name):
-                    self._emit(text)
+                if self._job and not waiting:
+                    # With --redis its answer comes once the change is ordered (`_after_job`).
+                    self._label_open = True
+                else:
+                    self._finish_label()
+
+    def _finish_label(self) -> None:
+        if self.response.collecting:
+            self.hub.fanout.flush()  # a room message's echo is part of the answer
+        for text in self.response.finish(self.door.server_name):
+            self._emit(text)
 
     # --- history --------------------------------------------------------------------------------
 
