@@ -82,7 +82,7 @@ def test_slow_consumers_are_dropped_and_memory_stays_under_the_bound(start_serve
     quits: Dict[str, str] = {}
     peak_sampled = 0
     room_bytes = 0
-    deadline = time.monotonic() + 10.0
+    deadline = time.monotonic() + 30.0  # a deadline, not a speed: a loaded CI machine floods slowly
     n = 0
     while alive and time.monotonic() < deadline:
         room_text = f"{n} " + "r" * ROOM_TEXT
@@ -110,7 +110,7 @@ def test_slow_consumers_are_dropped_and_memory_stays_under_the_bound(start_serve
                 else:
                     assert ev.get("type") == "message" and ev.get("room") == room, ev
         peak_sampled = max(peak_sampled, proc_status_kib(pid, "VmRSS"))
-    assert not alive, f"slow consumers never dropped within 10 s: {sorted(alive)}"
+    assert not alive, f"slow consumers never dropped within 30 s: {sorted(alive)}"
     assert quits == {c.nick: "slow consumer" for c in slow}, quits
     for c in slow:
         # The server closed it at once (its log says so). Not checked by reading to EOF: the data
