@@ -399,3 +399,25 @@ def test_a_frozen_process_is_buried_and_closes_its_connections_when_it_wakes(
     a.wait_for("join", SLOW, nick=b.nick)
     again.send(type="say", room="#lobby", text="back")
     a.wait_for("message", SLOW, text="back")
+
+
+def test_a_server_operator_kills_a_user_of_another_process(
+        cluster: Callable[..., ServerProcess], tmp_path: Path) -> None:
+    from test_accounts import registered_account
+    ops = tmp_path / "operators"
+    boss = unique_nick("boss")
+    ops.write_text(boss + "\n")
+    p1 = cluster(*OPEN, "--kdf-workers", "0", "--operators", str(ops))
+    p2 = cluster(*OPEN, "--kdf-workers", "0", "--operators", str(ops))
+    oper = registered_account(p1, boss)
+    victim = p2.registered(unique_nick("v"))
+    witness = p2.registered(unique_nick("w"))
+    oper.wait_for("join", SLOW, nick=witness.nick)
+    oper.send(type="kill", nick=victim.nick, reason="spam", ref="k")
+    victim.assert_closed(SLOW, allow_partial=True)
+    quit_event = witness.wait_for("quit", SLOW, nick=victim.nick)[0]
+    assert quit_event["reason"] == f"killed by {boss}: spam"
+    oper.wait_for("quit", SLOW, nick=victim.nick)
+    # and a guest of the other process may not
+    witness.send(type="kill", nick=oper.nick, ref="no")
+    witness.expect_error("not_operator", SLOW, ref="no")
