@@ -22,6 +22,7 @@ from typing import Any, Dict, List, Optional
 
 from selchat.core.chat import Delivery, Room, User
 from selchat.core.events import Message
+from selchat.loop.transport import Transport
 
 
 class _Entry:
@@ -116,32 +117,35 @@ class Fanout:
         self._room = None
         senders = {e.sender for e in entries}
         parts: Dict[Any, List[bytes]] = {}  # wire -> each entry's bytes in that format
-        common: Dict[Any, bytes] = {}  # wire -> the whole batch in that format
+        groups: Dict[Any, List[Any]] = {}  # wire -> the transports of the members of that format
         last_wire: Any = None
-        last_data = b""
+        group: List[Any] = []
         for user in room.members:
             for session in user.sessions:
-                transport = session.transport
-                if not transport.accepting:
-                    continue
                 wire = session.wire
                 if session in senders:
+                    transport = session.transport
+                    if not transport.accepting:
+                        continue
                     mine = parts.get(wire)
                     if mine is None:
                         mine = parts[wire] = [wire.message(e.message) for e in entries]
                     data = b"".join([
                         (session.own_message(e.message, e.ref, mine[i]) if e.echo else b"")
                         if e.sender is session else mine[i] for i, e in enumerate(entries)])
-                    if not data:
-                        continue
-                    transport.write(data)
+                    if data:
+                        transport.write(data)
                     continue
                 if wire is not last_wire:
-                    data = common.get(wire)  # type: ignore[assignment]
-                    if data is None:
-                        mine = parts.get(wire)
-                        if mine is None:
-                            mine = parts[wire] = [wire.message(e.message) for e in entries]
-                        data = common[wire] = mine[0] if len(mine) == 1 else b"".join(mine)
-                    last_wire, last_data = wire, data
-                transport.write(last_data)
+                    group = groups.get(wire)  # type: ignore[assignment]
+                    if group is None:
+                        group = groups[wire] = []
+                    last_wire = wire
+                group.append(session.transport)
+        for wire, transports in groups.items():
+            mine = parts.get(wire)
+            if mine is None:
+                mine = parts[wire] = [wire.message(e.message) for e in entries]
+            data = mine[0] if len(mine) == 1 else b"".join(mine)
+            if data:
+                Transport.write_many(transports, data)

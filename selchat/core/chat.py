@@ -223,10 +223,6 @@ def _no_presence(nick: str, user: Optional["User"]) -> None:
     pass
 
 
-def _not_told(key: str, message: events.Message) -> None:
-    pass
-
-
 class Chat:
     def __init__(
         self,
@@ -273,7 +269,7 @@ class Chat:
         self.presence: Callable[[str, Optional[User]], None] = _no_presence
         # Told of every message kept in history, with its key (a room's, or a pair's '@a/b'):
         # with --redis, the process that decided it copies it to the history all share.
-        self.stored: Callable[[str, events.Message], None] = _not_told
+        self.stored: Optional[Callable[[str, events.Message], None]] = None
         self._signals = 0
         self._recent_rooms: Dict[Room, None] = {}  # rooms holding a recent_cache, oldest first
         # Who was here (IRC's WHOWAS): (nick, ident, host, realname) of users who left or
@@ -443,7 +439,8 @@ class Chat:
         message = events.Message(self.next_id(), now_ms, user.nick, text, room.name, None,
                                  action, notice, user.userhost, client_tags, user.account)
         self.store.add(message)
-        self.stored(room.name.lower(), message)  # (the store's key for a room)
+        if self.stored is not None:
+            self.stored(room.name.lower(), message)  # (the store's key for a room)
         self._forget_recent(room)
         return [Delivery(message, room.members, skip=user, room=room), mirror(message, user)]
 
@@ -487,7 +484,8 @@ class Chat:
         if user.account_key is not None and partner_key is not None and not notice:
             pair = pair_key(user.account_key, partner_key)
             self.store.add_private(message, pair)
-            self.stored(pair, message)
+            if self.stored is not None:
+                self.stored(pair, message)
         else:
             self.store.note_id(message.id)
         out = [mirror(message, user)]

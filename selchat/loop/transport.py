@@ -34,7 +34,7 @@ import socket
 import ssl
 import struct
 import termios
-from typing import Any, Callable, List, Optional, Protocol
+from typing import Any, Callable, Iterable, List, Optional, Protocol
 
 from selchat.defaults import LINGER_TIMEOUT, RECV_SIZE
 from selchat.loop import ratelog
@@ -221,6 +221,23 @@ class Transport:
         elif not self.dirty:
             self.dirty = True
             self.writer.dirty.append(self)
+
+    @staticmethod
+    def write_many(transports: "Iterable[Transport]", data: bytes) -> None:
+        """`write(data)` to each of `transports`: the fan-out's one call per wire format
+        instead of one per connection, the same `bytes` object queued everywhere."""
+        size = len(data)
+        for transport in transports:
+            if not transport.accepting:
+                continue
+            out = transport.out
+            out.chunks.append(data)
+            out.size += size
+            if out.size > transport.max_outbuf:
+                transport._overflow()
+            elif not transport.dirty:
+                transport.dirty = True
+                transport.writer.dirty.append(transport)
 
     def wait_for_drain(self) -> None:
         """Stop reading until our queue drains below the low-water mark (backpressure)."""
