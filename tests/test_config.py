@@ -367,3 +367,10 @@ def test_the_server_refuses_two_contradicting_options_in_one_line() -> None:
     assert res.returncode == 2
     assert res.stderr.splitlines() == [
         f"selchat-server: --max-frame 1024 is too small for --max-text 4096 (needs at least {min_frame_for(4096)})"]
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1", "redis://127.0.0.1/x",
+                                 "redis://no-such-host.invalid:6379"])
+def test_a_bad_redis_url_is_one_line(url: str) -> None:
+    line = refused(["--redis", url])
+    assert "--redis" in line

@@ -512,7 +512,8 @@ def test_the_url(url: str, host: str, port: int, db: int, user: Optional[str], p
 
 
 @pytest.mark.parametrize("url", ["http://127.0.0.1", "redis://", "redis://127.0.0.1/x",
-                                 "redis://127.0.0.1/?db=2", "rediss://127.0.0.1"])
+                                 "redis://127.0.0.1/?db=2", "rediss://127.0.0.1",
+                                 "redis://no-such-host.invalid:6379"])
 def test_a_bad_url_is_refused(url: str) -> None:
     from selchat.links.redis import RedisAddress
     with pytest.raises(ValueError):

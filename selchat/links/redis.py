@@ -123,9 +123,12 @@ def _resolve(host: str, port: int) -> Tuple[int, Tuple[Any, ...]]:
     try:
         ip = ipaddress.ip_address(host)
     except ValueError:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        try:
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except OSError as exc:  # (socket.gaierror: no such name, no resolver)
+            raise ValueError(f"the host {host!r} does not resolve: {exc.strerror or exc}") from None
         if not infos:
-            raise ValueError(f"{host} does not resolve") from None
+            raise ValueError(f"the host {host!r} does not resolve") from None
         return infos[0][0], infos[0][4]
     if ip.version == 6:
         return socket.AF_INET6, (str(ip), port, 0, 0)
