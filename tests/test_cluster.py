@@ -421,3 +421,24 @@ def test_a_server_operator_kills_a_user_of_another_process(
     # and a guest of the other process may not
     witness.send(type="kill", nick=oper.nick, ref="no")
     witness.expect_error("not_operator", SLOW, ref="no")
+
+
+def test_the_terminal_client_waits_for_a_process_that_is_not_in_the_cluster_yet(
+        redis: RedisServer, start_server: Callable[..., ServerProcess], tmp_path: Path) -> None:
+    """A process still waiting for the state answers hellos `unavailable`: the terminal client
+    (script mode here; the full screen does the same) says so and tries again, and gets in
+    once the process is in the cluster (without the retry it exits 1 at the first refusal)."""
+    from browser.peers import TerminalPeer
+    from test_review17_cluster import fake_member, redis_command
+    fake_member(redis, 600000)  # a member that will never send the state
+    p = start_server("--redis", redis.url, "--db", str(tmp_path / "w.db"), *OPEN)
+    p.wait_log("no snapshot came", SLOW)
+    term = TerminalPeer(p.port, "patient")
+    try:
+        p.wait_log("no snapshot came", SLOW)  # (asked again: the client's hello is refused meanwhile)
+        redis_command(redis, "HDEL", "selchat:members", "0000deadbeef")  # gone: p goes alone
+        p.wait_log(re.compile(r"cluster: process \w+ in the cluster"), SLOW)
+        term.send("/join #patience")
+        term.expect(r"#patience \* patient joined", SLOW)
+    finally:
+        assert term.finish() == 0

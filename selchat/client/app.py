@@ -54,6 +54,8 @@ log = logging.getLogger("selchat.client")
 
 PROG = "selchat-client"
 REGISTER_TIMEOUT = HANDSHAKE_TIMEOUT + 5.0  # the server gives up at HANDSHAKE_TIMEOUT; we wait a bit longer
+UNAVAILABLE_TRIES = 15  # hellos answered `unavailable` before the client gives up
+UNAVAILABLE_WAIT = 2.0  # seconds between them
 QUIT_GRACE = 5.0  # seconds to wait for the server to close after our quit
 STDIN_QUEUE = 256  # lines read ahead of what has been sent; the reader thread blocks beyond it
 
@@ -329,7 +331,9 @@ def _refusal(nick: str, error: Mapping[str, Any], password_file: Optional[str] =
         return f"the server wants a password: {reason} (give it with --password-file FILE)"
     if error.get("code") in ("bad_nick", "nick_taken", "nick_reserved"):
         return f"nick {escape(nick)!r} refused: {reason}: {explain_refusal(nick, error)}"
-    if error.get("code") in ("login_failed", "login_throttled", "unavailable"):
+    if error.get("code") == "unavailable":
+        return f"the server cannot take anyone right now: {reason}"
+    if error.get("code") in ("login_failed", "login_throttled"):
         return f"login refused: {reason}"
     return f"nick {escape(nick)!r} refused: {reason}"
 
@@ -399,15 +403,21 @@ class Script:
 
     async def _run(self, conn: Connection) -> int:
         nick = self.args.nick or self.args.account
-        try:
-            refused = await asyncio.wait_for(
-                register(conn, self.session, nick, self._on_event, ref="hello"), REGISTER_TIMEOUT
-            )
-        except ConnectionClosed as exc:
-            return self._closed(exc)
-        except asyncio.TimeoutError:
-            self._err(f"no answer to hello within {REGISTER_TIMEOUT:g} s")
-            return 1
+        for tries in range(UNAVAILABLE_TRIES + 1):
+            try:
+                refused = await asyncio.wait_for(
+                    register(conn, self.session, nick, self._on_event, ref="hello"), REGISTER_TIMEOUT
+                )
+            except ConnectionClosed as exc:
+                return self._closed(exc)
+            except asyncio.TimeoutError:
+                self._err(f"no answer to hello within {REGISTER_TIMEOUT:g} s")
+                return 1
+            if refused is None or refused.get("code") != "unavailable" or tries == UNAVAILABLE_TRIES:
+                break
+            # (with --redis, a process still starting or without its Redis): the same hello soon
+            self._err(_refusal(nick, refused) + f": trying again in {UNAVAILABLE_WAIT:.0f} s")
+            await asyncio.sleep(UNAVAILABLE_WAIT)
         if refused is not None:
             self._err(_refusal(nick, refused, getattr(self.args, "password_file", None)))
             return 1
@@ -699,6 +709,7 @@ class Interactive:
                 self.quitting = True
                 return False
         connected_at = time.monotonic()
+        busy_tries = 0
         while True:
             waited = False
             if nick is None:
@@ -737,6 +748,15 @@ class Interactive:
                 self.conn = conn
                 return True
             code = refused.get("code")
+            if code == "unavailable" and busy_tries < UNAVAILABLE_TRIES:
+                # A server that cannot register anyone for a moment (with --redis: starting,
+                # or its Redis is down): the connection stays; the same hello again shortly.
+                busy_tries += 1
+                self._print(f"the server cannot take anyone right now "
+                            f"({escape(str(refused.get('message', '')))}): trying again in "
+                            f"{UNAVAILABLE_WAIT:.0f} s")
+                await asyncio.sleep(UNAVAILABLE_WAIT)
+                continue
             if code in ("bad_nick", "nick_taken", "nick_reserved"):
                 self._print(explain_refusal(nick, refused))  # the connection stays: hello again
                 suggestion = suggestion_for(nick, refused)
