@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Optional
 
-from selchat.core.chat import Delivery, Room, User
+from selchat.core.chat import Delivery, Room
 from selchat.core.events import Message
 from selchat.loop.transport import Transport
 

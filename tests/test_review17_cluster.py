@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 from typing import Any, Callable, List
 
-import pytest
 
 from conftest import ServerProcess, unique_nick, unique_room
 from redisserver import RedisServer

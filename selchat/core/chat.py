@@ -41,7 +41,6 @@ from selchat.core.requests import (
     InviteUser,
     JoinRoom,
     KickUser,
-    Kill,
     ListRooms,
     Msg,
     PartRoom,

@@ -52,7 +52,6 @@ def _bounds(ref: Ref, side: str) -> dict:
 
 
 def chathistory(session: "IrcSession", line: Line) -> None:
-    server = session.server
     params = line.params
 
     def fail(code: str, *context: str, text: str) -> None:
