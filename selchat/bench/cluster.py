@@ -55,6 +55,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from selchat.bench import loadgen
+from selchat.bench.results import append_results
 from selchat.bench.launcher import REPO, RunningServer, ServerError, ServerSpec, git_label, resolve_flags
 from selchat.bench.worker import MARK, MAX_FRAME, SID_ALPHABET, TEXT_HEAD, READY, Spec, _Worker, now_us, raise_nofile
 
@@ -862,9 +863,5 @@ def run_from_options(opts: Any) -> int:
     text = report(opts, cfg, receivers, results, time.monotonic() - started, load_before)
     print(text)
     if not opts.no_write and opts.results:
-        path = Path(opts.results)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        ends_blank = not path.exists() or path.read_text().endswith("\n\n")
-        with path.open("a") as f:
-            f.write(("" if ends_blank else "\n") + text + "\n")
+        append_results(Path(opts.results), text)
     return 1 if any(r.failed for v in runs.values() for r in v) else 0

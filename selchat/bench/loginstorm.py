@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from selchat.bench.launcher import DB_PLACEHOLDER, REPO, RunningServer, ServerSpec, git_label
+from selchat.bench.results import append_results
 
 _LEN = struct.Struct(">I")
 ROOM = "#storm"
@@ -831,9 +832,5 @@ def run_from_options(opts: Any) -> int:
     text = report(results, command.strip(), time.monotonic() - started)
     print(text)
     if not opts.no_write and opts.results:
-        path = Path(opts.results)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        ends_blank = not path.exists() or path.read_text().endswith("\n\n")
-        with path.open("a") as f:
-            f.write(("" if ends_blank else "\n") + text + "\n")
+        append_results(Path(opts.results), text)
     return 1 if failed else 0

@@ -32,6 +32,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from selchat.bench import cgen, loadgen, loginstorm
 from selchat.bench import cluster as cluster_point
+from selchat.bench.results import append_results
 from selchat.bench.launcher import (
     IRC, NATIVE, REPO, WS, RunningServer, ServerError, ServerSpec, known_servers, resolve_flags, uvloop_available,
 )
@@ -944,13 +945,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     text = report(opts, cases, servers, specs, results, started, plotted, skipped)
     print(text)
     if not opts.no_write and opts.results:
-        path = Path(opts.results)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        new = not path.exists()
-        with path.open("a") as f:
-            if new:
-                f.write("# Benchmark results\n\nAppended by `selchat-bench`; see benchmarks/README.md for what each column means.\n\n")
-            f.write(text + "\n")
+        append_results(Path(opts.results), text)
     if opts.json:
         raw = {
             f"{case.label} / {name}": [{"metrics": o.metrics, "notes": o.notes, "failed": o.failed} for o in v]
