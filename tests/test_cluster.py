@@ -7,28 +7,19 @@ redis-server is not installed. Waits are the clients' deadlines.
 
 from __future__ import annotations
 
-import os
 import re
 import signal
 import time
 from pathlib import Path
-from typing import Callable, Iterator, List
+from typing import Callable, List
 
 import pytest
 
 from conftest import ServerProcess, unique_nick, unique_room
-from redisserver import REDIS_SERVER, RedisServer
+from redisserver import RedisServer
+from test_redis_link import redis  # noqa: F401  (the fixture: a redis-server of the test's own)
 
 SLOW = 15.0  # a process's start, a snapshot, a lease running out
-
-
-@pytest.fixture
-def redis(tmp_path: Path) -> Iterator[RedisServer]:
-    if not os.access(REDIS_SERVER, os.X_OK):
-        pytest.skip("redis-server is not installed (Debian package redis-server)")
-    server = RedisServer(tmp_path / "redis").start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture

@@ -39,7 +39,7 @@ from selchat.core.chat import ChatError, Room, User
 from selchat.core.names import fold
 from selchat.links.redis import LinkState, RedisLink, Unavailable
 from selchat.links.resp import ReplyError
-from selchat.links.scripts import Missed, RoomStreams, Script, new_epoch, parse_message
+from selchat.links.scripts import EPOCH_LUA, Missed, RoomStreams, Script, new_epoch, parse_message
 
 log = logging.getLogger("selchat.cluster")
 
@@ -61,13 +61,7 @@ MAX_PENDING = 10000  # commands of this process published and not yet applied
 # when Redis comes back empty.
 PUBLISH_WITH_ID_LUA = b"""
 -- KEYS: meta, stream, ids. ARGV: channel, payload, maxlen, a fresh epoch, the id floor.
-local epoch = redis.call('HGET', KEYS[1], 'epoch')
-if not epoch then
-  epoch = ARGV[4]
-  redis.call('DEL', KEYS[2])
-  redis.call('HSET', KEYS[1], 'epoch', epoch, 'offset', 0)
-end
-local offset = string.format('%d', redis.call('HINCRBY', KEYS[1], 'offset', 1))
+""" + EPOCH_LUA + b"""local offset = string.format('%d', redis.call('HINCRBY', KEYS[1], 'offset', 1))
 local id = redis.call('INCR', KEYS[3])
 local floor = tonumber(ARGV[5])
 if id <= floor then

@@ -46,15 +46,20 @@ from selchat.links.resp import Arg, ReplyError
 
 log = logging.getLogger(__name__)
 
-PUBLISH_LUA = b"""
--- KEYS: meta, stream. ARGV: channel, payload, maxlen, a fresh epoch in case the room has none.
+# The room's epoch (`local epoch`), made with ARGV[4] (a fresh one) and an empty stream when
+# the room has none: the first lines of every script on a room (KEYS: meta, stream).
+EPOCH_LUA = b"""
 local epoch = redis.call('HGET', KEYS[1], 'epoch')
 if not epoch then
   epoch = ARGV[4]
   redis.call('DEL', KEYS[2])
   redis.call('HSET', KEYS[1], 'epoch', epoch, 'offset', 0)
 end
-local offset = string.format('%d', redis.call('HINCRBY', KEYS[1], 'offset', 1))
+"""
+
+PUBLISH_LUA = b"""
+-- KEYS: meta, stream. ARGV: channel, payload, maxlen, a fresh epoch in case the room has none.
+""" + EPOCH_LUA + b"""local offset = string.format('%d', redis.call('HINCRBY', KEYS[1], 'offset', 1))
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], offset .. '-0', 'p', ARGV[2])
 redis.call('PUBLISH', ARGV[1], epoch .. ' ' .. offset .. ' ' .. ARGV[2])
 return {epoch, tonumber(offset)}
@@ -62,13 +67,7 @@ return {epoch, tonumber(offset)}
 
 SINCE_LUA = b"""
 -- KEYS: meta, stream. ARGV: known epoch ('' for none), known offset, count, a fresh epoch.
-local epoch = redis.call('HGET', KEYS[1], 'epoch')
-if not epoch then
-  epoch = ARGV[4]
-  redis.call('DEL', KEYS[2])
-  redis.call('HSET', KEYS[1], 'epoch', epoch, 'offset', 0)
-end
-local top = tonumber(redis.call('HGET', KEYS[1], 'offset'))
+""" + EPOCH_LUA + b"""local top = tonumber(redis.call('HGET', KEYS[1], 'offset'))
 local known = tonumber(ARGV[2])
 local status = 'ok'
 if epoch ~= ARGV[1] then
