@@ -833,6 +833,7 @@ class ClusterNode:
                             "the state here goes on, the stream starts again", missed.epoch, self.epoch)
                 self.epoch = missed.epoch
                 self.offset = 0
+                self._forget_pending("Redis came back empty")
             elif missed.status == "gap":
                 log.error("cluster: commands after %d fell out of the capped stream: this "
                           "process's state may differ from the others'", self.offset)
@@ -840,6 +841,7 @@ class ClusterNode:
                 log.error("cluster: Redis is behind this process (offset %d < %d): it lost "
                           "acknowledged writes", missed.top, self.offset)
                 self.offset = missed.top
+                self._forget_pending("Redis lost acknowledged writes")
             for entry in missed.entries:
                 if entry.offset > self.offset:
                     self.stats["caught_up"] += 1
@@ -868,6 +870,16 @@ class ClusterNode:
             self._after_live()
 
         self.streams.since(STREAM, self.epoch, self.offset, read, count=CATCH_UP_BATCH)
+
+    def _forget_pending(self, why: str) -> None:
+        """What we published before Redis lost its stream will never come round: every
+        command still waiting is answered `unavailable` once we are live (even one Redis had
+        acknowledged: it may have reached other processes, not ours)."""
+        if self._pending:
+            log.warning("cluster: %s: %d change(s) of ours will never come round; answered "
+                        "unavailable", why, len(self._pending))
+        for pending in self._pending.values():
+            pending.lost = True
 
     def _after_live(self) -> None:
         # Commands whose fate the fallen link lost, and that the catch-up did not bring back,
