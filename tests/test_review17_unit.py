@@ -27,6 +27,7 @@ class StubLink:
     def __init__(self) -> None:
         self.state = LinkState.UP
         self.sent: List[Tuple[Any, ...]] = []
+        self.dones: List[Any] = []
         self.on_message: Any = None
         self.on_up: Any = None
         self.on_state: Any = None
@@ -39,6 +40,7 @@ class StubLink:
 
     def execute(self, *args: Any, done: Any = None) -> bool:
         self.sent.append(args)
+        self.dones.append(done)
         return True
 
 
@@ -151,3 +153,41 @@ def test_applying_the_same_commands_does_not_depend_on_the_garbage_collector() -
         assert _invitations_after_a_departure(collect=True) == _invitations_after_a_departure(collect=False)
     finally:
         gc.enable()
+
+
+def _floor_of(sent: Tuple[Any, ...]) -> int:
+    """The id floor of a recorded publication (EVALSHA sha 3 meta stream ids channel payload
+    maxlen epoch FLOOR)."""
+    return int(sent[-1])
+
+
+def test_ids_keep_growing_when_redis_comes_back_empty_after_a_message_we_never_saw() -> None:
+    """CI, stop 15: another process applied message 7; Redis died before this process read it
+    and came back empty; this process's next message got id 1. Its floor must count every id
+    it saw, and it takes no new id before the others have told Redis theirs."""
+    from selchat.core import requests as R
+    from selchat.links.cluster import encode_request
+
+    node, link, hub = live_node()
+    apply(node, reg("other:1", "bob"))
+    node._current_id = 6
+    apply(node, {"k": "req", "s": "other:1", "r": encode_request(R.JoinRoom("#r")), "t": 5,
+                 "n": "other", "q": 1})  # id 7: the highest this process saw
+    # The link falls; Redis comes back empty: the catch-up finds a new epoch.
+    node._on_state(LinkState.DOWN)
+    node._on_up()
+    link.dones[-1]([b"e2", 0, b"epoch", []])  # the answer to the catch-up's `since`
+    floors = [s for s in link.sent if s[0] == "EVALSHA" and len(s) > 7 and isinstance(s[7], bytes)
+              and json.loads(s[7]).get("k") == "floor"]
+    assert floors, "no floor published after the new epoch"
+    assert _floor_of(link.sent[-1]) >= 7
+    assert not node.live, "live before the other process's highest id came round"
+    # The other process's floor comes round (it had seen a message with id 9).
+    node.epoch, node.offset = "e2", 1
+    node._current_id = 9
+    node._apply(2, b'10 {"k":"floor","f":9,"n":"other","q":2}')
+    hub.reactor.run_once(0)
+    assert node.live
+    session = Session()
+    hub.admit("carol", session, None, lambda user, error: None)
+    assert _floor_of(link.sent[-1]) >= 10

@@ -32,7 +32,7 @@ import json
 import logging
 import os
 import weakref
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 from selchat.core import events, requests
 from selchat.core.chat import ChatError, Room, User
@@ -55,6 +55,9 @@ MAX_SNAPSHOT = 512 << 20  # a snapshot bigger than this is refused (the fate: as
 MAX_BUFFERED_BYTES = 64 << 20  # commands held while starting or catching up (the rest: re-read)
 MAX_BACKFILL_KEYS = 10000  # rooms and conversations whose shared history a starting process reads
 MAX_PENDING = 10000  # commands of this process published and not yet applied
+# After Redis came back empty (or behind), how long a process waits for the others' highest
+# ids before it takes new ones itself: a lease and a reconnection's longest backoff.
+FLOOR_WAIT = 12.0
 
 # The publication script of `links.scripts`, plus a message id that grows across the cluster
 # and across epochs: the floor given by the publisher (its store's last id) keeps ids growing
@@ -281,6 +284,14 @@ class ClusterNode:
         self._sid_of: Dict[Any, str] = {}  # our sessions -> sid
         self.nodes: Dict[str, None] = {}  # the processes the state holds users of, and us
         self._current_id = 0  # the id the command being applied carries
+        # The highest id this process has seen (any command's, or its store's): the floor it
+        # gives every publication, so ids keep growing when Redis comes back without them.
+        self._high_id = self.chat.last_id
+        # After Redis lost its ids: the processes whose highest id we still wait for before we
+        # go live, and until when (reactor time).
+        self._floors_from: Set[str] = set()
+        self._floors_until = 0.0
+        self._floor_timer: Any = None
         self._applying: Optional[_Pending] = None
         self._unsent_leaves: List[Tuple[str, Optional[str]]] = []
         self._leaving: Dict[str, User] = {}  # sid -> the user of our connection that left
@@ -341,7 +352,7 @@ class ClusterNode:
         payload = json.dumps(body, separators=(",", ":")).encode()
         self.PUBLISH.call(self.link, (self.meta_key, self.stream_key, self.ids_key),
                           (self.channel, payload, self.streams.maxlen, new_epoch(),
-                           self.chat.last_id), done)
+                           max(self._high_id, self.chat.last_id)), done)
 
     def _published(self, seq: int, reply: Any) -> None:
         pending = self._pending.get(seq)
@@ -426,6 +437,8 @@ class ClusterNode:
         self.stats["applied"] += 1
         id_text, _, payload = body.partition(b" ")
         self._current_id = int(id_text)
+        if self._current_id > self._high_id:
+            self._high_id = self._current_id
         try:
             command = json.loads(payload)
         except ValueError:
@@ -679,6 +692,7 @@ class ClusterNode:
         node = c["dead"]
         if self._mine:
             self.BURY.call(self.link, (self.members_key,), (node,), _ignore)
+        self._floors_from.discard(node)
         if node not in self.nodes:
             return None  # (buried already: every process may have seen the lease gone)
         del self.nodes[node]
@@ -834,6 +848,7 @@ class ClusterNode:
                 self.epoch = missed.epoch
                 self.offset = 0
                 self._forget_pending("Redis came back empty")
+                self._exchange_floors()
             elif missed.status == "gap":
                 log.error("cluster: commands after %d fell out of the capped stream: this "
                           "process's state may differ from the others'", self.offset)
@@ -842,6 +857,7 @@ class ClusterNode:
                           "acknowledged writes", missed.top, self.offset)
                 self.offset = missed.top
                 self._forget_pending("Redis lost acknowledged writes")
+                self._exchange_floors()
             for entry in missed.entries:
                 if entry.offset > self.offset:
                     self.stats["caught_up"] += 1
@@ -859,17 +875,52 @@ class ClusterNode:
             if any(offset > self.offset for offset in buffered):
                 self._catch_up()  # a hole among what came meanwhile: read it from the stream
                 return
-            self.live = True
-            if self._how_synced:
-                log.info("cluster: process %s in the cluster at offset %d (%s)", self.node,
-                         self.offset, self._how_synced)
-                self._how_synced = ""
-                self._backfill()
-            else:
-                log.info("cluster: caught up to offset %d", self.offset)
-            self._after_live()
+            self._go_live()
 
         self.streams.since(STREAM, self.epoch, self.offset, read, count=CATCH_UP_BATCH)
+
+    def _go_live(self) -> None:
+        if self.live or self._catching_up or not self.synced or self.link.state is not LinkState.UP:
+            return
+        if self._floors_from and self.hub.reactor.now < self._floors_until:
+            return  # live once the others' floors came (`_do_floor`) or their time ran out
+        if self._floors_from:
+            log.warning("cluster: no highest id came from process(es) %s in %.0f s; going on "
+                        "without", ", ".join(sorted(self._floors_from)), FLOOR_WAIT)
+            self._floors_from = set()
+        self.live = True
+        if self._how_synced:
+            log.info("cluster: process %s in the cluster at offset %d (%s)", self.node,
+                     self.offset, self._how_synced)
+            self._how_synced = ""
+            self._backfill()
+        else:
+            log.info("cluster: caught up to offset %d", self.offset)
+        self._after_live()
+
+    def _exchange_floors(self) -> None:
+        """Redis lost its ids (came back empty, or behind): a message another process applied
+        just before may carry an id above any this process saw. Each process publishes the
+        highest id it has seen, and none takes a new id before every known process's floor
+        came round (or FLOOR_WAIT passed: a process that died meanwhile sends none)."""
+        self._floors_from = {n for n in self.nodes if n != self.node}
+        self._floors_until = self.hub.reactor.now + FLOOR_WAIT
+        if self._floor_timer is not None:
+            self._floor_timer.cancel()
+        self._floor_timer = self.hub.reactor.call_later(FLOOR_WAIT, self._floors_timed_out)
+        self._seq += 1
+        self._publish({"k": "floor", "f": self._high_id, "n": self.node, "q": self._seq}, _ignore)
+
+    def _floors_timed_out(self, _: Any = None) -> None:
+        self._floor_timer = None
+        self._go_live()
+
+    def _do_floor(self, c: Dict[str, Any], pending: Optional[_Pending]) -> Any:
+        # (The script already raised the ids past `f`; what is left is knowing it came.)
+        self._floors_from.discard(c["n"])
+        if not self._floors_from and not self.live:
+            self.hub.reactor.call_soon(self._go_live)
+        return None
 
     def _forget_pending(self, why: str) -> None:
         """What we published before Redis lost its stream will never come round: every
@@ -930,7 +981,7 @@ class ClusterNode:
         self.EXPIRED.call(self.link, (self.members_key,), (self.node,), found)
 
     def close(self) -> None:
-        for timer in (self._lease_timer, self._check_timer, self._snapshot_timer):
+        for timer in (self._lease_timer, self._check_timer, self._snapshot_timer, self._floor_timer):
             if timer is not None:
                 timer.cancel()
         if self.link.state is LinkState.UP:
@@ -1102,6 +1153,7 @@ _HANDLERS: Dict[str, Callable[[ClusterNode, Dict[str, Any], Optional[_Pending]],
     "hello": ClusterNode._do_hello,
     "dead": ClusterNode._do_dead,
     "rules": ClusterNode._do_rules,
+    "floor": ClusterNode._do_floor,
 }
 
 __all__ = ["ClusterNode", "RemoteSession", "encode_request", "decode_request"]
