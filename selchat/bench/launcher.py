@@ -174,7 +174,10 @@ def git_label(path: Path) -> str:
     return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
-SELCHAT_NAMES = ("selchat", "selchat-db", "selchat-irc", "selchat-web", "selchat-base", "selchat-acct")
+SELCHAT_NAMES = ("selchat", "selchat-db", "selchat-irc", "selchat-irc-db", "selchat-web", "selchat-base",
+                 "selchat-acct")
+IRC_NAMES = ("selchat-irc", "selchat-irc-db")  # measured through the IRC door (`--irc-port 0`)
+DB_NAMES = ("selchat-db", "selchat-irc-db")  # history in a fresh SQLite file, not `:memory:`
 # selchat-acct: two processes hash the registrations; 10,000 of them take minutes, and an idle
 # client that registered first must not be pinged meanwhile (the generator answers no ping)
 ACCOUNT_FLAGS = ["--kdf-workers", "2", "--ping-interval", "600"]
@@ -194,6 +197,8 @@ def known_servers(overrides: Optional[Dict[str, str]] = None, baseline: Optional
         "selchat-db": ServerSpec("selchat-db", [py, "-m", "selchat.server"]),
         # The same server measured through its IRC door (`--irc-port 0`).
         "selchat-irc": ServerSpec("selchat-irc", [py, "-m", "selchat.server"], protocols=(IRC,)),
+        # The IRC door with history in an SQLite file (what a deployment runs).
+        "selchat-irc-db": ServerSpec("selchat-irc-db", [py, "-m", "selchat.server"], protocols=(IRC,)),
         # The same server with its receivers on the WebSocket door (`--web-port 0`); the
         # senders of `wsfanout` stay on the native port.
         "selchat-web": ServerSpec("selchat-web", [py, "-m", "selchat.server"], protocols=(WS,)),
@@ -230,7 +235,7 @@ def known_servers(overrides: Optional[Dict[str, str]] = None, baseline: Optional
         if name in overrides:
             spec.extra = shlex.split(overrides[name])
             spec.fixed_flags = True
-            if name == "selchat-irc" and "--irc-port" not in spec.extra:
+            if name in IRC_NAMES and "--irc-port" not in spec.extra:
                 spec.extra += ["--irc-port", "0"]
             if name == "selchat-web" and "--web-port" not in spec.extra:
                 spec.extra += ["--web-port", "0"]
@@ -249,14 +254,14 @@ def resolve_flags(spec: ServerSpec) -> None:
         spec.unavailable = "`python -m selchat.server --help` does not run" + (f" in {spec.root}" if spec.root else " yet")
         return
     wanted = list(SELCHAT_WANTED_FLAGS)
-    if spec.name == "selchat-irc":
+    if spec.name in IRC_NAMES:
         wanted += ["--irc-port", "0"]
     if spec.name == "selchat-web":
         wanted += ["--web-port", "0"]
     if spec.accounts:
         wanted += ACCOUNT_FLAGS
     kept, dropped = _supported(spec.argv, wanted, root=spec.root)
-    if spec.name == "selchat-irc" and "--irc-port" in dropped:
+    if spec.name in IRC_NAMES and "--irc-port" in dropped:
         spec.unavailable = "selchat.server has no --irc-port yet"
         return
     if spec.name == "selchat-web" and "--web-port" in dropped:
@@ -265,7 +270,7 @@ def resolve_flags(spec: ServerSpec) -> None:
     if spec.accounts and "--kdf-workers" in dropped:
         spec.unavailable = "selchat.server has no accounts (--kdf-workers) yet"
         return
-    if spec.name == "selchat-db":
+    if spec.name in DB_NAMES:
         kept = [DB_PLACEHOLDER if v == ":memory:" else v for v in kept]
     spec.extra = kept
     if dropped:

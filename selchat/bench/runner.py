@@ -805,7 +805,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     ap.add_argument(
         "--servers", default=DEFAULT_SERVERS,
         help="comma-separated: selchat, selchat-db (history in an SQLite file), selchat-base (the server of --baseline), "
-        "selchat-acct (every client logged into an account), threaded, asyncio, uvloop (native protocol); selchat-irc (selchat's IRC door), ngircd, inspircd (IRC); "
+        "selchat-acct (every client logged into an account), threaded, asyncio, uvloop (native protocol); selchat-irc (selchat's IRC door), selchat-irc-db (the IRC door, history in an SQLite file), ngircd, inspircd (IRC); "
         "selchat-web (selchat's WebSocket door)",
     )
     ap.add_argument("--points", default=",".join(ALL_POINTS), help="comma-separated: fanout, latency, idle, sweep (native); ircfanout (IRC); wsfanout (WebSocket); loginstorm (not in the default: accounts, see --storm-*); cluster (not in the default: 3 processes on one Redis against one, see --cluster-*)")
