@@ -1115,3 +1115,34 @@ def test_a_version_4_file_gains_accounts_and_keeps_its_history(tmp_path):
     # A private conversation is never served as a room's history.
     assert all(m.room == "#lobby" for m in again.recent("#lobby", None, 100)[0])
     again.close()
+
+
+@pytest.mark.parametrize("count", [1, 2, 63, 64, 65, 130, 200])
+def test_one_commit_of_many_messages_keeps_every_one_whole(tmp_path, count):
+    """A commit writes its rows many to a statement: every count around the statement's size
+    comes back whole and in order, after a restart too."""
+    path = tmp_path / "chat.db"
+    store = SQLiteStore(path)
+    for i in range(1, count + 1):
+        store.add(Message(id=i, ts=1_700_000_000_000 + i, sender=f"s{i % 7}", text=f"t{i} ✓",
+                          room="#lobby" if i % 3 else "#Other", userhost=f"u{i}@h"))
+    assert store.commit() == count
+    store.close()
+    store = SQLiteStore(path)
+    got = store.recent("#lobby", None, 1000)[0] + store.recent("#other", None, 1000)[0]
+    assert sorted((m.id, m.sender, m.text, m.room, m.userhost) for m in got) == [
+        (i, f"s{i % 7}", f"t{i} ✓", "#lobby" if i % 3 else "#Other", f"u{i}@h") for i in range(1, count + 1)]
+    store.close()
+
+
+def test_a_refused_row_in_a_big_commit_stores_none_of_it(tmp_path):
+    path = tmp_path / "chat.db"
+    store = SQLiteStore(path)
+    fill(store, 10)
+    for i in range(11, 111):
+        store.add(msg(i))
+    store.add(msg(5))  # an id already stored: the database refuses the commit
+    with pytest.raises(StoreError):
+        store.commit()
+    assert ids(store.recent("#lobby", None, 1000)) == (list(range(1, 11)), False)
+    store.close()
