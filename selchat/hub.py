@@ -464,6 +464,10 @@ class Hub:
     def find_room(self, name: str) -> Optional[Room]:
         return self.chat.rooms.get(fold(name))
 
+    def may_see(self, user: Optional[User], room: Room) -> bool:
+        """False for a secret room `user` is not in: to it, the room does not exist."""
+        return self.chat.may_see(user, room)
+
     def is_member(self, user: User, room_name: str) -> bool:
         return fold(room_name) in user.rooms
 

@@ -287,3 +287,24 @@ def test_sighup_reads_the_operators_file_again(start_server, tmp_path):
     other = srv.registered(unique_nick("v2"))
     new_op.send(type="kill", nick=other.nick)
     see(new_op, "quit", nick=other.nick)
+
+
+def test_a_secret_room_shows_nobody_outside_it_its_members_or_modes(start_server):
+    """To a non-member a secret room does not exist: `who` answers empty names, `mode`
+    {room} `no_such_room` (its bans and key stay its own); members see everything."""
+    srv = start_server(*OPTS)
+    room = unique_room("hidden")
+    op = srv.registered(unique_nick("op"))
+    joined(op, room)
+    op.send(type="mode", room=room, set={"secret": True, "ban": ["account:someone"]}, ref="s")
+    op.wait_for("mode", ref="s")
+    other = srv.registered(unique_nick("o"))
+    other.send(type="who", room=room, ref="w")
+    assert see(other, "names", ref="w")["nicks"] == []
+    other.send(type="mode", room=room, ref="m")
+    refused(other, "no_such_room", ref="m")
+    op.send(type="who", room=room, ref="w")
+    assert see(op, "names", ref="w")["nicks"] == [op.nick]
+    op.send(type="mode", room=room, ref="m")
+    info = see(op, "mode", ref="m")
+    assert info["set"]["secret"] is True and "account:someone" in str(info), info

@@ -391,6 +391,9 @@ class Chat:
         if kind is ChangeNick:
             return self.change_nick(user, request.nick)  # type: ignore[union-attr]
         if kind is Who:
+            room = self.rooms.get(fold(request.room))  # type: ignore[union-attr]
+            if room is not None and not self.may_see(user, room):
+                return [reply(events.Names(request.room, ()), user)]  # type: ignore[union-attr]
             return [reply(self.names(request.room), user)]  # type: ignore[union-attr]
         if kind is ListRooms:
             return [reply(self.room_list(request.offset, user), user)]  # type: ignore[union-attr]
@@ -633,6 +636,12 @@ class Chat:
     def set_away(self, user: User, text: Optional[str]) -> None:
         user.away = text or None
 
+    @staticmethod
+    def may_see(user: Optional[User], room: Room) -> bool:
+        """A secret room is, to anyone not in it, a room that does not exist: its members,
+        modes and bans are not shown (as `rooms` leaves it out and IRC's NAMES shows nothing)."""
+        return not room.flags["secret"] or (user is not None and user in room.members)
+
     def names(self, room_name: str) -> events.Names:
         room = self.rooms.get(fold(room_name))
         if room is None:
@@ -771,7 +780,7 @@ class Chat:
         """Apply `changes` in order; everyone in the room sees what really changed."""
         if not changes:
             room = self.rooms.get(fold(room_name))
-            if room is None:
+            if room is None or not self.may_see(user, room):
                 raise ChatError("no_such_room", f"there is no room {shorten(room_name)}")
             return [reply(self.mode_info(room, user), user)]
         room = self._room_of(user, room_name)

@@ -359,7 +359,7 @@ def mode(s: "IrcSession", line: Line) -> None:
     target = line.params[0]
     if target.startswith("#"):
         room = s.hub.find_room(target)
-        if room is None:
+        if room is None or (len(line.params) == 1 and not s.hub.may_see(s.user, room)):
             s.numeric(N.ERR_NOSUCHCHANNEL, target[:64], "No such channel")
             return
         if len(line.params) == 1:
@@ -371,7 +371,10 @@ def mode(s: "IrcSession", line: Line) -> None:
         for letter, arg, why in wanted.invalid:
             s.numeric(N.ERR_INVALIDMODEPARAM, room.name, letter, arg, why)
         if wanted.list_bans:
-            s.ask(SetModes(room.name), pending="MODE b")
+            if s.hub.may_see(s.user, room):
+                s.ask(SetModes(room.name), pending="MODE b")
+            else:
+                s.numeric(N.ERR_NOSUCHCHANNEL, target[:64], "No such channel")
         if wanted.changes:
             s.ask(SetModes(room.name, tuple(wanted.changes)),
                   refused=lambda exc: refuse(s, exc, room.name, _nick_of(exc, wanted.changes)))

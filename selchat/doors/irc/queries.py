@@ -83,7 +83,7 @@ def who(s: "IrcSession", line: Line) -> None:
     rows: Iterable[tuple] = []
     if mask.startswith("#"):
         room = hub.find_room(mask)
-        if room is not None:
+        if room is not None and hub.may_see(s.user, room):
             rows = ((room, u) for u in room.members)
     else:
         matched: List[tuple] = []
@@ -98,7 +98,9 @@ def who(s: "IrcSession", line: Line) -> None:
             u = hub.find_user(mask)
             found = [u] if u is not None else []
         for u in found:
-            matched.append((next(iter(u.rooms.values()), None), u))
+            # The channel field names a room the asker may see (a secret one only to members).
+            shown = next((r for r in u.rooms.values() if hub.may_see(s.user, r)), None)
+            matched.append((shown, u))
     fields, token = _whox(line.params[1] if len(line.params) > 1 else "")
     limit = s.answer_limit()  # as for NAMES: cut, never dropped
     multi = "multi-prefix" in s.caps

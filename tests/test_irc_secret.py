@@ -1,0 +1,53 @@
+"""A secret (+s) channel at the IRC door: to anyone outside it, WHO lists nobody, MODE and
+its ban list answer 403, and WHO of a member names none of its secret channels."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Callable
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from conftest import unique_nick, unique_room  # noqa: E402
+from ircwire import IrcClient, irc_port  # noqa: E402
+
+OPTIONS = ("--irc-port", "0", "--rate", "0", "--max-per-ip", "0")
+
+
+def test_a_secret_channel_is_hidden_from_who_and_mode(start_server: Callable[..., object]) -> None:
+    port = irc_port(start_server(*OPTIONS))
+    op_nick, out_nick = unique_nick("op"), unique_nick("out")
+    room = unique_room("s")
+    op = IrcClient(port, label=op_nick)
+    out = IrcClient(port, label=out_nick)
+    try:
+        op.register(op_nick)
+        out.register(out_nick)
+        op.join(room)
+        op.send(f"MODE {room} +sb *!*@banned.example")
+        op.wait_for("MODE", room)
+        op.barrier()
+
+        out.send(f"WHO {room}")
+        lines = out.until_numeric("315")
+        assert [x for x in lines if x.command == "352"] == [], lines
+        out.send(f"MODE {room}")
+        assert out.expect("403").params[1] == room
+        out.send(f"MODE {room} b")
+        assert out.expect("403").params[1] == room
+        out.send(f"WHO {op_nick}")
+        rows = [x for x in out.until_numeric("315") if x.command == "352"]
+        assert len(rows) == 1 and rows[0].params[1] == "*", rows  # not the secret channel
+
+        op.send(f"WHO {room}")
+        rows = [x for x in op.until_numeric("315") if x.command == "352"]
+        assert [x.params[5] for x in rows] == [op_nick]
+        op.send(f"MODE {room}")
+        assert "s" in op.expect("324").params[2]
+        op.send(f"WHO {op_nick}")
+        rows = [x for x in op.until_numeric("315") if x.command == "352"]
+        assert rows[0].params[1].lower() == room.lower(), rows
+    finally:
+        op.close()
+        out.close()
