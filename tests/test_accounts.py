@@ -278,3 +278,21 @@ def test_accounts_and_private_history_survive_a_restart(start_server, tmp_path):
     b2.send(type="history", **{"with": a_nick}, ref="h")
     got = b2.expect("history", ref="h")
     assert [m["text"] for m in got["messages"]] == ["before the restart"]
+
+
+def test_a_password_change_ends_every_remember_me_token(start_server):
+    """A token that leaked with the old password must not outlive it; the connections open
+    now stay, and the new password logs in."""
+    srv = start_server("--rate", "0")
+    nick = unique_nick("pt")
+    registered_account(srv, nick).quit_and_close()
+    phone, w = login(srv, nick, remember=True)
+    token = w["token"]
+    phone.send(type="password", old=PASSWORD, new="another pass 2", ref="p")
+    phone.expect("account", SLOW, account=nick, ref="p")
+    stolen = hello(srv, unique_nick("t"), {"account": nick, "token": token})
+    stolen.expect_error("login_failed", SLOW)
+    phone.send(type="ping", token="still", ref="q")
+    phone.expect("pong", ref="q")
+    again, w2 = login(srv, nick, password="another pass 2")
+    assert w2["account"] == nick

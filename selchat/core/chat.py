@@ -1014,6 +1014,9 @@ class Chat:
         if user.account_key is None:
             raise ChatError("not_logged_in", "log in first")
         self.accounts.set_verifier(user.account_key, verifier)
+        # A new password ends every remember-me token of the account: one that leaked with
+        # the old password must not outlive it (the connections open now stay).
+        self.accounts.revoke(user.account_key, None)
         return [reply(events.AccountInfo(user.account, user.nick), user)]
 
     def log_out(self, user: User, token: Optional[str]) -> List[Delivery]:
