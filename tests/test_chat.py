@@ -382,3 +382,17 @@ def test_users_without_an_origin_each_count_alone() -> None:
     chat.join(b, "#b")
     with pytest.raises(ChatError):
         chat.join(a, "#a2")
+
+
+def test_accounts_have_a_cap_and_registration_closes_at_it() -> None:
+    w = World()
+    w.chat.accounts.max_accounts = 2
+    for nick in ("a1", "a2", "a3"):
+        w.connect(nick)
+    w.chat.may_register_account(w.users["a1"])
+    w.chat.register_account(w.users["a1"], "v1", 1000)
+    w.chat.register_account(w.users["a2"], "v2", 1000)
+    with pytest.raises(ChatError) as refused:
+        w.chat.may_register_account(w.users["a3"])
+    assert refused.value.code == "registration_closed"
+    assert not w.chat.accounts.exists("a3")

@@ -14,6 +14,9 @@ from typing import Dict, Iterable, List, Optional, Set, Tuple
 
 from selchat.core.names import fold
 
+# Accounts the server keeps (each one lives in memory for the directory, for ever): past it,
+# `register` answers registration_closed and logs it, until an operator makes room.
+MAX_ACCOUNTS = 100_000
 TOKENS_PER_ACCOUNT = 20  # remember-me tokens one account keeps; a new one past it drops the oldest
 
 # Failed logins, as token buckets (docs/protocol.md, "Accounts"). Per account: 5 tries, then
@@ -104,10 +107,14 @@ class Accounts:
         self.directory = directory
         self.operators: Set[str] = {fold(name) for name in operators}
         self.registration = registration
+        self.max_accounts = MAX_ACCOUNTS
         self.throttle = LoginThrottle()
         # The next token to issue, when it was drawn elsewhere (with --redis, by the process
         # that asked: every process's copy keeps the same one); None: drawn here.
         self.next_token: Optional[str] = None
+
+    def full(self) -> bool:
+        return len(self.directory.accounts) >= self.max_accounts  # type: ignore[attr-defined]
 
     def exists(self, key: str) -> bool:
         return key in self.directory.accounts  # type: ignore[attr-defined]

@@ -928,6 +928,11 @@ class Chat:
             raise ChatError("already_registered", f"you are logged in as {user.account} already")
         if self.accounts.exists(user.key):
             raise ChatError("already_registered", f"{user.nick} is an account already")
+        if self.accounts.full():
+            log.warning("registration refused: the server holds %d accounts, its most",
+                        self.accounts.max_accounts)
+            raise ChatError("registration_closed", f"this server holds its most accounts "
+                            f"({self.accounts.max_accounts:,}): ask its operator")
 
     def register_account(self, user: User, verifier: str, now_ms: int,
                          token: bool = False) -> List[Delivery]:
