@@ -1146,3 +1146,18 @@ def test_a_refused_row_in_a_big_commit_stores_none_of_it(tmp_path):
         store.commit()
     assert ids(store.recent("#lobby", None, 1000)) == (list(range(1, 11)), False)
     store.close()
+
+
+@pytest.mark.parametrize("kind", ["memory", "sqlite"])
+def test_a_window_of_a_conversation_includes_this_pass_messages(tmp_path, kind):
+    """CHATHISTORY of a private conversation asked in the pass a message was said: the
+    message is there, committed or not (as for a room)."""
+    from selchat.core.store import pair_key
+    store = MemoryStore() if kind == "memory" else SQLiteStore(tmp_path / "chat.db")
+    pair = pair_key("alice", "bob")
+    store.add_private(Message(id=1, ts=1_700_000_000_001, sender="alice", text="one", to="bob"), pair)
+    store.commit()
+    store.add_private(Message(id=2, ts=1_700_000_000_002, sender="bob", text="two", to="alice"), pair)
+    got = store.window(pair, limit=10)
+    assert [m.id for m in got] == [1, 2]
+    store.close()

@@ -981,6 +981,7 @@ class SQLiteStore:
         found = [_row_message(r) for r in rows]
         found += [m for m in self._pending
                   if m.room.lower() == key and _inside(m, a, b, at, bt)]  # type: ignore[union-attr]
+        found += [m for m, pair in self._private if pair == key and _inside(m, a, b, at, bt)]
         return _pick(found, limit, latest)
 
     def close(self) -> None:
