@@ -156,9 +156,11 @@ def test_a_refused_connection_fails_the_point_quickly(binary: Path) -> None:
 
 class FramedStub:
     """One framed connection in a thread: checks the generator's hello and say bytes against
-    the Python generator's, welcomes, pings with a token, and echoes each say as a message."""
+    the Python generator's, welcomes, pings with a token, and echoes each say as a message
+    (unless `echo` is false: then a window-mode sender stops at its window)."""
 
-    def __init__(self) -> None:
+    def __init__(self, echo: bool = True) -> None:
+        self.echo = echo
         self.lsock = socket.create_server(("127.0.0.1", 0))
         self.port = self.lsock.getsockname()[1]
         self.frames: List[bytes] = []
@@ -199,7 +201,7 @@ class FramedStub:
                     if obj["type"] == "hello":
                         conn.sendall(self.frame({"type": "welcome", "nick": obj["nick"]}))
                         conn.sendall(self.frame({"type": "ping", "token": {"k": [1, "two"]}}))
-                    elif obj["type"] == "say":
+                    elif obj["type"] == "say" and self.echo:
                         msg_id += 1
                         conn.sendall(self.frame({"type": "message", "id": msg_id, "from": "s0000", "room": obj["room"], "text": obj["text"]}))
 
@@ -221,6 +223,72 @@ def test_native_bytes_match_the_python_generator_and_pings_are_answered(binary: 
         assert say[len(head) + 1 : len(head) + 17].isdigit()
 
 
+# ---- rate mode (--rate): a fixed offered rate, paced from the load's start, every message timed ----
+
+
+def _stamps(says: List[bytes]) -> List[int]:
+    head, _ = text_parts(100)
+    return [int(say[len(head) + 1 : len(head) + 17]) for say in says]
+
+
+def test_rate_mode_keeps_sending_without_echoes_and_stamps_each_message(binary: Path) -> None:
+    """No window: a server that echoes nothing still gets rate x time messages, each stamped
+    when it went out (a window-mode sender would stop at its window of 2)."""
+    stub = FramedStub(echo=False)
+    cfg = cgen.CgenConfig(port=stub.port, receivers=0, senders=1, window=2, duration=0.5, warmup=0.2, rate=100, drain_quiet=0.2)
+    r = cgen.run(binary, cfg)
+    stub.thread.join(20)
+    assert not stub.errors and r["rate"] == 100 and r["sample_every"] == 1
+    says = stub.frames[2:]
+    assert len(says) == r["sent_total"]
+    assert abs(r["sent_total"] - 100 * 0.7) <= 100 * 0.7 * 0.15 + 3, r["sent_total"]
+    stamps = _stamps(says)
+    assert stamps == sorted(stamps) and len(set(stamps)) > len(stamps) * 0.9  # not one stamp for a burst
+    span_s = (stamps[-1] - stamps[0]) / 1e6
+    assert 0.5 <= span_s <= 1.0, span_s  # paced over the load, not sent at once
+    assert r["samples"] == 0 and r["p50_ms"] is None  # nothing came back, nothing timed
+
+
+def _rate_run(binary: Path, port: int, protocol: str) -> dict:
+    cfg = cgen.CgenConfig(
+        port=port, protocol=protocol, receivers=8, senders=3, duration=1.0, warmup=0.3, rate=200,
+        drain_quiet=0.5, register_timeout=20, probes=2, bulk_ms=5.0,  # 3 senders, 2 probes, 6 bulk (IRC: 3 counters)
+    )
+    r = cgen.run(binary, cfg)
+    assert r["ok"] and r["complete"] and r["errors"] == {} and r["dropped"] == 0, r
+    assert r["rate"] == 200 and r["sample_every"] == 1 and r["protocol"] == protocol
+    # the generator's own pacing: message k at t_send + k/200, for warmup + duration seconds
+    assert abs(r["sent_total"] - 200 * 1.3) <= 200 * 1.3 * 0.1 + 5, r["sent_total"]
+    assert abs(r["sent_per_s"] - 200) <= 200 * 0.15, r["sent_per_s"]
+    assert r["samples"] > 0 and r["p50_ms"] is not None and 0 <= r["p50_ms"] <= r["p99_ms"] <= r["max_ms"]
+    return r
+
+
+def test_rate_mode_against_the_native_door(binary: Path, native_server: RunningServer) -> None:
+    r = _rate_run(binary, native_server.port, "native")
+    # every message timed at the 3 senders (their echoes) and the 2 probes: ~5 per message in the window
+    in_window = r["sent_per_s"] * r["duration"]
+    assert abs(r["samples"] - 5 * in_window) <= 5 * (0.1 * in_window + 10), (r["samples"], in_window)
+    assert r["received_total"] == r["sent_total"] * 11
+
+
+def test_rate_mode_against_the_irc_door(binary: Path, irc_server: RunningServer) -> None:
+    r = _rate_run(binary, irc_server.irc_port, "irc")
+    # timed: receivers 0, 3, 5 (the counters) and 0, 4 (the probes) get every message, each
+    # sender the others' (2 of 3)
+    in_window = r["sent_per_s"] * r["duration"]
+    want = (4 + 3 * 2 / 3) * in_window
+    assert abs(r["samples"] - want) <= 0.1 * want + 70, (r["samples"], want)
+    assert r["received_total"] == r["sent_total"] * 8 + r["sent_total"] * 2
+
+
+def test_window_mode_is_unchanged_by_the_rate_option() -> None:
+    argv = cgen.CgenConfig(port=1).argv(Path("/bin/cgen"))
+    assert "--rate" not in argv and "--sample-every" not in argv  # the program's defaults: window, every 4th
+    argv = cgen.CgenConfig(port=1, rate=250, sample_every=2).argv(Path("/bin/cgen"))
+    assert argv[argv.index("--rate") + 1] == "250.0" and argv[argv.index("--sample-every") + 1] == "2"
+
+
 # ---- the runner: the C generator by default, flags, no ratio of a generator-bound row ---------
 
 
@@ -238,7 +306,11 @@ def test_runner_runs_a_fanout_point_with_the_c_generator(cache: Path, native_ser
     if opts.pin:  # two CPUs: both CPUs' idle time was read
         assert 0 <= m["server_cpu_idle"] <= 1 and 0 <= m["gen_cpu_idle"] <= 1
     assert not runner.uses_cgen(case, launcher.known_servers()["selchat-acct"], opts)  # accounts: Python
-    assert not runner.uses_cgen(runner.Case("latency", 100), spec, opts)
+    assert runner.uses_cgen(runner.Case("latency", 100), spec, opts)  # rate mode
+    assert runner.uses_cgen(runner.Case("irclatency", 100), launcher.known_servers()["inspircd"], opts)
+    assert not runner.uses_cgen(runner.Case("latency", 100), launcher.known_servers()["selchat-acct"], opts)
+    assert not runner.uses_cgen(runner.Case("wsfanout", 100), spec, opts)
+    assert not runner.uses_cgen(runner.Case("idle", 100), spec, opts)
 
 
 def _m(**kw: float) -> dict:
@@ -316,3 +388,89 @@ def test_pin_option() -> None:
     if len(cpus) >= 2:
         assert runner.parse_args(["--pin", f"{cpus[1]},{cpus[0]}"]).pin == (cpus[1], cpus[0])
     assert runner.parse_args(["--pin", "0,0"]).pin is None
+
+
+# ---- the latency points: native and IRC at a fixed rate, one generator, side by side ------------
+
+
+def test_latency_points_are_planned_labelled_and_take_turns() -> None:
+    opts = runner.parse_args(["--points", "irclatency,latency,ircfanout", "--fanout-receivers", "10", "--latency-receivers", "50"])
+    cases = runner.plan(opts)
+    assert [c.label for c in cases] == ["IRC fan-out R=10", "latency R=50", "IRC latency R=50"]
+    assert "irclatency" in runner.ALL_POINTS and runner.Case("irclatency", 5).protocol == "irc"
+    specs = launcher.known_servers()
+    assert [c.runs_on(specs["inspircd"]) for c in cases] == [True, False, True]
+    groups = runner.interleave_groups(cases, ["selchat", "selchat-irc", "inspircd", "ngircd"], specs)
+    assert [[(c.label, n) for c, n in g] for g in groups] == [
+        [("IRC fan-out R=10", "selchat-irc"), ("IRC fan-out R=10", "inspircd"), ("IRC fan-out R=10", "ngircd")],
+        [("latency R=50", "selchat"), ("IRC latency R=50", "selchat-irc"), ("IRC latency R=50", "inspircd"),
+         ("IRC latency R=50", "ngircd")],
+    ]
+
+
+def test_latency_comparison_says_whether_selchat_is_no_worse() -> None:
+    nat, irc = runner.Case("latency", 100), runner.Case("irclatency", 100)
+
+    def lat(p50: float, p99: float, gen_c: float = 1.0) -> runner.Outcome:
+        return runner.Outcome(metrics=_m(p50_ms=p50, p99_ms=p99, rate=200.0, gen_c=gen_c, gen_bound=0.0, server_cores=0.05))
+
+    results = {
+        (nat, "selchat"): lat(0.20, 0.90),
+        (irc, "selchat-irc"): lat(0.30, 1.50),
+        (irc, "inspircd"): lat(0.25, 1.00),
+    }
+    servers = ["selchat", "selchat-irc", "inspircd"]
+    lines = runner.latency_ratios([nat, irc], servers, results)
+    assert lines == [
+        "* selchat (native) / inspircd latency at R=100, 200 msg/s: p50 0.200 / 0.250 ms, p99 0.900 / 1.000 ms: **no worse**",
+        "* selchat-irc (IRC door) / inspircd latency at R=100, 200 msg/s: p50 0.300 / 0.250 ms, p99 1.500 / 1.000 ms: "
+        "**worse** (p50 1.20x, p99 1.50x)",
+    ]
+    text = runner.table([nat, irc], servers, results)
+    assert "not CPU-bound" not in text  # a fixed rate never uses the server up: no such note
+    results[(nat, "selchat")] = lat(0.20, 0.90, gen_c=0.0)  # selchat-acct style: the Python generator
+    assert runner.latency_ratios([nat], servers, results)[0].endswith("(not the same generator: C and Python)")
+    assert runner.latency_ratios([nat, irc], ["selchat", "selchat-irc"], results) == []  # no peer, no line
+
+
+def test_runner_latency_points_end_to_end(cache: Path, capsys: pytest.CaptureFixture) -> None:
+    """selchat-bench itself: native latency on selchat and irclatency on selchat-irc (and
+    InspIRCd when installed), both with the C generator at a fixed rate, tiny sizes."""
+    code = runner.main([
+        "--servers", "selchat,selchat-irc,inspircd", "--points", "irclatency,latency", "--repeat", "1",
+        "--duration", "0.6", "--warmup", "0.2", "--latency-receivers", "4", "--latency-senders", "2",
+        "--latency-rate", "100", "--no-write", "--plot", "",
+    ])
+    assert code == 0
+    out = capsys.readouterr().out
+    rows = {ln.split("|")[2].strip(): ln for ln in out.splitlines() if ln.startswith("| latency R=4 ") or ln.startswith("| IRC latency R=4 ")}
+    assert set(rows) >= {"selchat", "selchat-irc"}, out
+    for name, row in rows.items():
+        cells = [c.strip() for c in row.split("|")]
+        assert cells[1] == ("latency R=4" if name == "selchat" else "IRC latency R=4")
+        p50, p99 = float(cells[6]), float(cells[7])
+        assert 0 <= p50 <= p99, row
+        assert "n/a" not in row and "incomplete" not in row and "Python generator" not in row, row
+    assert "the senders together offer 100 messages/s" in out and "Generator: C in its rate mode" in out
+    if "inspircd" in rows:
+        assert "* selchat (native) / inspircd latency at R=4, 100 msg/s: p50 " in out
+        assert "* selchat-irc (IRC door) / inspircd latency at R=4, 100 msg/s: p50 " in out
+
+
+def test_runner_irclatency_point_measures_at_the_rate(cache: Path) -> None:
+    opts = runner.parse_args([
+        "--points", "irclatency", "--latency-receivers", "3", "--latency-senders", "2", "--latency-rate", "100",
+        "--duration", "0.6", "--warmup", "0.2",
+    ])
+    (case,) = runner.plan(opts)
+    spec = launcher.known_servers()["selchat-irc"]
+    launcher.resolve_flags(spec)
+    if spec.unavailable:
+        pytest.skip(spec.unavailable)
+    out = runner.run_case(case, spec, opts)
+    assert out.failed is None, out.failed
+    m = out.metrics
+    assert m["gen_c"] == 1.0 and m["rate"] == 100.0 and m["samples"] > 0
+    assert abs(m["sent_per_s"] - 100) <= 15, m["sent_per_s"]
+    assert 0 <= m["p50_ms"] <= m["p99_ms"] and m["lines_per_s"] > 0
+    assert not any(n.startswith("incomplete") or n.startswith("errors") for n in out.notes), out.notes

@@ -7,10 +7,20 @@ window. The table goes to stdout and is appended to benchmarks/RESULTS.md with t
 command, the machine and the date; the fan-out points also give a PNG plot.
 
 Points come in three protocols: the native ones (fan-out, latency, idle) run against the
-servers that speak selchat's framed protocol, `ircfanout` against those that speak IRC
-(selchat's IRC door, ngIRCd, InspIRCd), `wsfanout` against selchat's WebSocket door
+servers that speak selchat's framed protocol, `ircfanout` and `irclatency` against those that
+speak IRC (selchat's IRC door, ngIRCd, InspIRCd), `wsfanout` against selchat's WebSocket door
 (`selchat-web`, whose idle point also registers over WebSocket); a server is only run on
 the points it can serve, and all kinds share the table's columns.
+
+The latency points (`latency` native, `irclatency` IRC; R = --latency-receivers) offer a fixed
+--latency-rate messages/s from --latency-senders senders, paced from the load's start, so
+that the server's p50 and p99 at a given load can be compared across servers and doors. With
+`--generator c` (the default) both are driven by the C generator in its rate mode (one
+generator for selchat's native door, its IRC door and the C IRC servers; every message a
+sender, IRC counter or probe receives is timed); a server with accounts, or no compiler, uses
+the Python generator. The native latency and irclatency of one R take turns within each
+repetition, and under the table each selchat latency point is set beside each C IRC peer's
+irclatency at the same R (p50 and p99, and whether selchat's is no worse).
 """
 
 from __future__ import annotations
@@ -37,8 +47,8 @@ from selchat.bench.launcher import (
     IRC, NATIVE, REPO, WS, RunningServer, ServerError, ServerSpec, known_servers, resolve_flags, uvloop_available,
 )
 
-ALL_POINTS = ("fanout", "latency", "idle", "sweep", "ircfanout", "wsfanout")
-KIND_ORDER = ("fanout", "wsfanout", "ircfanout", "latency", "idle")
+ALL_POINTS = ("fanout", "latency", "idle", "sweep", "ircfanout", "wsfanout", "irclatency")
+KIND_ORDER = ("fanout", "wsfanout", "ircfanout", "latency", "irclatency", "idle")
 DEFAULT_SERVERS = "selchat,threaded,asyncio,uvloop,selchat-irc,ngircd,inspircd,selchat-web"
 IRC_DRAIN_QUIET = 1.0  # InspIRCd can pause a few hundred ms under load; do not call that the end
 GEN_LIMIT = 0.8  # Python generator: cores (all its processes) above which a figure is not trusted
@@ -46,21 +56,22 @@ GEN_LIMIT = 0.8  # Python generator: cores (all its processes) above which a fig
 # while the server did not use this much of its own (the server had idle CPU)
 CGEN_BOUND = 0.9
 SERVER_FULL = 0.9
-CGEN_KINDS = ("fanout", "ircfanout")  # the points the C generator runs; the others stay Python
+CGEN_KINDS = ("fanout", "ircfanout")  # the fan-out points the C generator runs (window mode)
+LATENCY_KINDS = ("latency", "irclatency")  # the fixed-rate points (the C generator's rate mode)
 ACCOUNT_PASSWORD = "selchat-bench-password"  # every client of selchat-acct registers with it
 OTHER_LIMIT = 0.25  # cores of other processes' load above which a figure is flagged
 
 
 @dataclass(frozen=True)
 class Case:
-    """One benchmark point; `kind` is fanout, wsfanout, ircfanout, latency or idle."""
+    """One benchmark point; `kind` is fanout, wsfanout, ircfanout, latency, irclatency or idle."""
 
     kind: str
-    size: int  # receivers (fanout, ircfanout, latency) or idle connections
+    size: int  # receivers (fanout, ircfanout, latency, irclatency) or idle connections
 
     @property
     def protocol(self) -> str:
-        return IRC if self.kind == "ircfanout" else WS if self.kind == "wsfanout" else NATIVE
+        return IRC if self.kind in ("ircfanout", "irclatency") else WS if self.kind == "wsfanout" else NATIVE
 
     def runs_on(self, spec: ServerSpec) -> bool:
         """The idle point is run over WebSocket on a server measured through its web door."""
@@ -78,6 +89,8 @@ class Case:
             return f"WebSocket fan-out R={self.size}"
         if self.kind == "latency":
             return f"latency R={self.size}"
+        if self.kind == "irclatency":
+            return f"IRC latency R={self.size}"
         return f"idle {self.size:,}"
 
 
@@ -130,9 +143,10 @@ def cgen_binary(opts: argparse.Namespace) -> Optional[Path]:
 
 
 def uses_cgen(case: Case, spec: ServerSpec, opts: argparse.Namespace) -> bool:
-    """The C generator runs the fan-out points (native and IRC) of servers without accounts;
-    logged-in members (selchat-acct), WebSocket, latency and idle points stay with Python."""
-    return case.kind in CGEN_KINDS and not spec.accounts and cgen_binary(opts) is not None
+    """The C generator runs the fan-out points (window mode) and the latency points (rate
+    mode), native and IRC, of servers without accounts; logged-in members (selchat-acct),
+    WebSocket and idle points stay with Python."""
+    return (case.kind in CGEN_KINDS or case.kind in LATENCY_KINDS) and not spec.accounts and cgen_binary(opts) is not None
 
 
 def pin_process(pid: int, cpu: int) -> bool:
@@ -222,6 +236,13 @@ def _run_load(case: Case, srv: RunningServer, opts: argparse.Namespace, out: Out
             port=srv.port, receivers=case.size, senders=opts.latency_senders, duration=opts.duration,
             warmup=opts.warmup, rate=opts.latency_rate,
         )
+    elif case.kind == "irclatency":
+        if srv.irc_port is None:
+            raise loadgen.GenError(f"{srv.spec.name} has no IRC port")
+        cfg = loadgen.LoadConfig(
+            port=srv.irc_port, receivers=case.size, senders=opts.latency_senders, duration=opts.duration,
+            warmup=opts.warmup, rate=opts.latency_rate, protocol="irc", drain_quiet=IRC_DRAIN_QUIET,
+        )
     elif case.kind == "ircfanout":
         if srv.irc_port is None:
             raise loadgen.GenError(f"{srv.spec.name} has no IRC port")
@@ -263,6 +284,9 @@ def _run_load(case: Case, srv: RunningServer, opts: argparse.Namespace, out: Out
     m["p99_ms"] = res.p99_ms if res.p99_ms is not None else math.nan
     m["gen_cpu"] = res.gen_cpu
     m["gen_c"] = 1.0 if binary is not None else 0.0
+    if cfg.rate is not None:
+        m["rate"] = cfg.rate  # messages/s offered (the latency points)
+        m["samples"] = float(res.samples)
     pins = getattr(opts, "pin", None)
     if binary is not None and pins:
         for key, cpu in (("server_cpu_idle", pins[0]), ("gen_cpu_idle", pins[1])):
@@ -287,13 +311,15 @@ def _run_load(case: Case, srv: RunningServer, opts: argparse.Namespace, out: Out
 
 
 def _run_cgen(binary: Path, cfg: loadgen.LoadConfig, probe: loadgen.Probe, opts: argparse.Namespace) -> loadgen.LoadResult:
-    """One fan-out point with the C generator, pinned to the second CPU of `--pin`."""
+    """One point with the C generator, pinned to the second CPU of `--pin`: a window of
+    messages in flight (fan-out), or `cfg.rate` messages/s paced from the start (latency)."""
     pins = getattr(opts, "pin", None)
     ccfg = cgen.CgenConfig(
         port=cfg.port, protocol=cfg.protocol, receivers=cfg.receivers, senders=cfg.senders, window=cfg.window,
         duration=cfg.duration, warmup=cfg.warmup, msg_size=cfg.msg_size, host=cfg.host, ramp_rate=cfg.ramp_rate,
         max_pending=cfg.max_pending, register_timeout=cfg.register_timeout, drain_timeout=cfg.drain_timeout,
         drain_quiet=cfg.drain_quiet, cpu=pins[1] if pins else None, quickack=getattr(opts, "quickack", "window"),
+        rate=cfg.rate or 0.0,
     )
     try:
         r = cgen.run(binary, ccfg, probe)
@@ -303,7 +329,7 @@ def _run_cgen(binary: Path, cfg: loadgen.LoadConfig, probe: loadgen.Probe, opts:
     if r.get("extra"):
         errors["more_than_sent"] = int(r["extra"])
     return loadgen.LoadResult(
-        receivers=cfg.receivers, senders=cfg.senders, mode="flow", duration=r["duration"],
+        receivers=cfg.receivers, senders=cfg.senders, mode="rate" if cfg.rate else "flow", duration=r["duration"],
         deliveries=int(r["deliveries"]), deliveries_per_s=r["deliveries_per_s"], sent_per_s=r["sent_per_s"],
         p50_ms=r.get("p50_ms"), p99_ms=r.get("p99_ms"), samples=int(r.get("samples", 0)),
         gen_cpu=r["gen_cpu_proc"], gen_cpu_max_proc=r["gen_cpu_proc"], register_s=r["register_s"],
@@ -416,6 +442,8 @@ def plan(opts: argparse.Namespace) -> List[Case]:
             cases += [Case("fanout", r) for r in opts.sweep]
         elif point == "latency":
             cases.append(Case("latency", opts.latency_receivers))
+        elif point == "irclatency":
+            cases.append(Case("irclatency", opts.latency_receivers))
         elif point == "idle":
             cases += [Case("idle", n) for n in opts.idle_sizes]
     seen = set()
@@ -430,15 +458,18 @@ def plan(opts: argparse.Namespace) -> List[Case]:
 def interleave_groups(cases: Sequence[Case], servers: Sequence[str], specs: Dict[str, ServerSpec]) -> List[List[Tuple[Case, str]]]:
     """The (case, server) runs that take turns within each repetition.
 
-    Normally one case on every server that can run it. A WebSocket fan-out joins the native
-    fan-out group of the same R: the two are compared with each other, so they must share the
-    machine's drift (A B A B ...), not run one after the other.
+    Normally one case on every server that can run it. A WebSocket or IRC fan-out joins the
+    native fan-out group of the same R, and the IRC latency the native latency of the same R:
+    they are compared with each other, so they must share the machine's drift (A B A B ...),
+    not run one after the other.
     """
     groups: Dict[Tuple[str, int], List[Tuple[Case, str]]] = {}
     for case in cases:
         # WebSocket and IRC fan-out take turns with the native fan-out of the same R
         shared = case.kind in ("wsfanout", "ircfanout") and Case("fanout", case.size) in cases
         key = ("fanout", case.size) if shared else (case.kind, case.size)
+        if case.kind in LATENCY_KINDS:
+            key = ("latency", case.size)
         groups.setdefault(key, []).extend((case, n) for n in servers if case.runs_on(specs[n]))
     return [g for g in groups.values() if g]
 
@@ -512,9 +543,9 @@ def table(
                 reason = generator_bound(m)
                 if reason or is_generator_bound(o):
                     notes.insert(0, f"**{reason or 'generator-bound'}: figure not valid**")
-                elif m.get("gen_c") and _server_spare(m):
-                    notes.insert(0, f"{_server_spare(m)}: not CPU-bound")
-                if "gen_c" in m and not m["gen_c"] and case.kind in CGEN_KINDS:
+                elif m.get("gen_c") and _server_spare(m) and case.kind not in LATENCY_KINDS:
+                    notes.insert(0, f"{_server_spare(m)}: not CPU-bound")  # at a fixed rate it never is
+                if "gen_c" in m and not m["gen_c"] and case.kind in CGEN_KINDS + LATENCY_KINDS:
                     notes.append("Python generator")
             other = m.get("other_cores", 0.0)
             if other > OTHER_LIMIT:
@@ -611,6 +642,45 @@ def peer_ratios(cases: Sequence[Case], servers: Sequence[str], results: Dict[Tup
                 if ca and cb and not math.isnan(ca) and not math.isnan(cb):
                     line += f"; server CPU per delivery {ca:.3f} / {cb:.3f} µs = {ca / cb:.2f}x"
                 out.append(line)
+    return out
+
+
+def _ms(v: Optional[float]) -> Optional[float]:
+    return None if v is None or math.isnan(v) else v
+
+
+def latency_ratios(cases: Sequence[Case], servers: Sequence[str], results: Dict[Tuple[Case, str], Outcome]) -> List[str]:
+    """selchat's latency points (native door: `latency`, IRC door: `irclatency`) beside each C
+    IRC peer's `irclatency` at the same R: p50 and p99 side by side, and whether selchat's are
+    no worse (both at most the peer's). Issue 19 asks this at 200 messages/s into 100 receivers."""
+    out: List[str] = []
+    ours = [n for n in servers if n.startswith("selchat") and n != "selchat-web"]
+    peers = [n for n in servers if n in IRC_PEERS]
+    for r in sorted({c.size for c in cases if c.kind in LATENCY_KINDS}):
+        for peer in peers:
+            po = results.get((Case("irclatency", r), peer))
+            if po is None or _ms(po.metrics.get("p99_ms")) is None or _ms(po.metrics.get("p50_ms")) is None:
+                continue
+            b50, b99 = po.metrics["p50_ms"], po.metrics["p99_ms"]
+            for n in ours:
+                for kind, door in (("latency", "native"), ("irclatency", "IRC door")):
+                    o = results.get((Case(kind, r), n))
+                    if o is None:
+                        continue
+                    a50, a99 = _ms(o.metrics.get("p50_ms")), _ms(o.metrics.get("p99_ms"))
+                    if a50 is None or a99 is None:
+                        continue
+                    rate = o.metrics.get("rate") or po.metrics.get("rate")
+                    at = f"R={r}" + (f", {rate:g} msg/s" if rate else "")
+                    head = f"* {n} ({door}) / {peer} latency at {at}: p50 {a50:.3f} / {b50:.3f} ms, p99 {a99:.3f} / {b99:.3f} ms"
+                    if is_generator_bound(o) or is_generator_bound(po):
+                        out.append(f"{head} = {GEN_BOUND_SHOWN}")
+                        continue
+                    worse = [f"{q} {x / y:.2f}x" for q, x, y in (("p50", a50, b50), ("p99", a99, b99)) if x > y]
+                    line = f"{head}: **no worse**" if not worse else f"{head}: **worse** ({', '.join(worse)})"
+                    if o.metrics.get("gen_c") != po.metrics.get("gen_c"):
+                        line += " (not the same generator: C and Python)"
+                    out.append(line)
     return out
 
 
@@ -768,6 +838,20 @@ def report(
             "100-character text; a delivery is one PRIVMSG line received by one member (each message reaches "
             "R + S - 1: IRC does not echo to the sender); each sender's window is counted by one designated receiver.",
         ]
+    if any(c.kind in LATENCY_KINDS for c in cases):
+        c_gen = getattr(opts, "generator", "python") == "c"
+        lines += [
+            "",
+            f"Latency ({', '.join(sorted({c.label for c in cases if c.kind in LATENCY_KINDS}))}): R receivers and "
+            f"{opts.latency_senders} senders in #lobby (native frames or IRC PRIVMSG, the fan-out's texts); the senders "
+            f"together offer {opts.latency_rate:g} messages/s whatever the server does, message k due k/{opts.latency_rate:g} s "
+            "after the load's start, senders in turn; p50/p99 from the send time written in the text to the receive. "
+            + (
+                "Generator: C in its rate mode (every message received by a sender, an IRC counter or one of 10 probe "
+                "receivers is timed), the same for every server but those with accounts (Python, every delivery timed)."
+                if c_gen else "Generator: Python (every delivery timed)."
+            ),
+        ]
     if "selchat-acct" in servers:
         lines += [
             "",
@@ -787,7 +871,10 @@ def report(
     matrix = fanout_matrix(cases, servers, results, {n: specs[n].shown for n in servers})
     if matrix:
         lines += matrix + [""]
-    ratio_lines = peer_ratios(cases, servers, results) + ws_ratios(cases, servers, results) + account_ratios(cases, servers, results)
+    ratio_lines = (
+        peer_ratios(cases, servers, results) + latency_ratios(cases, servers, results)
+        + ws_ratios(cases, servers, results) + account_ratios(cases, servers, results)
+    )
     if ratio_lines:
         lines += ratio_lines + [""]
     if plotted:
@@ -808,7 +895,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
         "selchat-acct (every client logged into an account), threaded, asyncio, uvloop (native protocol); selchat-irc (selchat's IRC door), selchat-irc-db (the IRC door, history in an SQLite file), ngircd, inspircd (IRC); "
         "selchat-web (selchat's WebSocket door)",
     )
-    ap.add_argument("--points", default=",".join(ALL_POINTS), help="comma-separated: fanout, latency, idle, sweep (native); ircfanout (IRC); wsfanout (WebSocket); loginstorm (not in the default: accounts, see --storm-*); cluster (not in the default: 3 processes on one Redis against one, see --cluster-*)")
+    ap.add_argument("--points", default=",".join(ALL_POINTS), help="comma-separated: fanout, latency, idle, sweep (native); ircfanout, irclatency (IRC); wsfanout (WebSocket); loginstorm (not in the default: accounts, see --storm-*); cluster (not in the default: 3 processes on one Redis against one, see --cluster-*)")
     ap.add_argument("--baseline", default="", metavar="PATH", help="another checkout whose selchat.server runs as selchat-base (e.g. the code before a redesign)")
     ap.add_argument("--duration", type=float, default=5.0, help="seconds of each measured window")
     ap.add_argument("--warmup", type=float, default=1.0, help="seconds of load before the window opens")
@@ -817,8 +904,9 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     ap.add_argument("--window", type=int, default=loadgen.LoadConfig.window, help="messages in flight per sender in fan-out runs")
     ap.add_argument(
         "--generator", choices=("c", "python"), default="c",
-        help="who drives fanout and ircfanout: the C generator (selchat/bench/cgen, built with cc; falls back to "
-        "python without a compiler) or the Python one; the other points always use Python",
+        help="who drives fanout, ircfanout, latency and irclatency: the C generator (selchat/bench/cgen, built with cc; "
+        "falls back to python without a compiler; servers with accounts use python) or the Python one; the other points "
+        "always use Python",
     )
     ap.add_argument(
         "--pin", default="0,1", metavar="SERVER_CPU,GEN_CPU",
@@ -830,9 +918,9 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     )
     ap.add_argument("--fanout-receivers", default="100,1000", help="receiver counts of fanout, wsfanout and ircfanout")
     ap.add_argument("--sweep", default="100,300,1000,3000", help="receiver counts of the plot")
-    ap.add_argument("--latency-rate", type=float, default=200.0, help="messages/s offered in the latency point")
-    ap.add_argument("--latency-receivers", type=int, default=100)
-    ap.add_argument("--latency-senders", type=int, default=10)
+    ap.add_argument("--latency-rate", type=float, default=200.0, help="messages/s offered in total in latency and irclatency")
+    ap.add_argument("--latency-receivers", type=int, default=100, help="receivers of latency and irclatency")
+    ap.add_argument("--latency-senders", type=int, default=10, help="senders of latency and irclatency")
     ap.add_argument("--idle-sizes", default="1000,10000")
     ap.add_argument("--extra-joins", type=int, default=100, help="joins added to the idle room to count their frames")
     ap.add_argument("--ramp-rate", type=float, default=2000.0, help="connections/s while registering idle clients")

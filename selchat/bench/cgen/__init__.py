@@ -6,6 +6,10 @@ set InspIRCd's figure at 100 receivers. The C program runs the same workload (sa
 the wire, same window rule, same completeness check) in one epoll process that the runner
 pins to one core while the server has the other.
 
+Two modes: a window of messages in flight per sender (the fan-out points: as fast as the
+server accepts) or, with `rate` > 0, a fixed offered rate paced from the load's start (the
+latency points: every message the timed members receive is a sample).
+
 `build()` compiles loadgen.c into a cache directory (a name per source hash, compiler and
 flags, so an edit rebuilds and a rerun does not); `run()` starts the binary for one point,
 calls the runner's probe at the measured window's edges (the program announces them on
@@ -95,7 +99,7 @@ class CgenConfig:
     settle_quiet: float = 0.3
     drain_timeout: float = 10.0
     drain_quiet: float = 0.3
-    sample_every: int = 4
+    sample_every: Optional[int] = None  # None: the program's own (4 in window mode, 1 at a rate)
     cpu: Optional[int] = None  # pin the generator to this CPU
     # TCP_QUICKACK after every receive: "window" on the members that drive the window (native
     # senders, IRC counters), "all", or "none". See benchmarks/README.md: a server that does
@@ -104,6 +108,9 @@ class CgenConfig:
     messages: int = 0  # per sender, 0: as many as the window allows (the tests count exactly)
     bulk_ms: Optional[float] = None  # None: from R (loadgen.c); 0: every receiver read on every pass
     probes: int = 10  # receivers read on every pass and timed, besides the senders and counters
+    # messages/s offered by all senders together, paced from the load's start, no window
+    # (the latency points); 0: window mode, each sender refilled as its messages arrive
+    rate: float = 0.0
 
     def argv(self, binary: Path) -> List[str]:
         args = [
@@ -113,9 +120,12 @@ class CgenConfig:
             "--msg-size", str(self.msg_size), "--ramp-rate", repr(float(self.ramp_rate)),
             "--max-pending", str(self.max_pending), "--register-timeout", repr(float(self.register_timeout)),
             "--settle-quiet", repr(float(self.settle_quiet)), "--drain-timeout", repr(float(self.drain_timeout)),
-            "--drain-quiet", repr(float(self.drain_quiet)), "--sample-every", str(self.sample_every),
-            "--quickack", self.quickack,
+            "--drain-quiet", repr(float(self.drain_quiet)), "--quickack", self.quickack,
         ]
+        if self.sample_every is not None:
+            args += ["--sample-every", str(self.sample_every)]
+        if self.rate > 0:
+            args += ["--rate", repr(float(self.rate))]
         if self.messages:
             args += ["--messages", str(self.messages)]
         if self.bulk_ms is not None:

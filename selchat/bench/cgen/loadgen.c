@@ -37,6 +37,16 @@
  * Latency: every --sample-every-th message a sender, counter or probe receives inside the
  * window, send time to the moment its receive returned, into a histogram of 10 us buckets.
  *
+ * Rate mode (--rate N > 0; 0, the default, is the window mode above): the senders together
+ * offer N messages a second whatever the server does, the shape of a latency measurement
+ * rather than of a throughput one. No window and no top-ups: message k of the run is due at
+ * t_send + k/N and goes to the senders in round robin (one not READY is passed over; a sender
+ * with 64 KiB unsent skips its turn, counted as rate_skipped), stamped when it is written;
+ * every epoll wait ends by the next due time, so the pacing holds within a millisecond and a
+ * late pass catches up at once (each message still carries its real send time). Every
+ * message a sender, counter or probe receives inside the window is timed (--sample-every 1
+ * unless given). The result line says "rate" (0 in window mode).
+ *
  * Loopback only (the host must be 127.x.y.z). Build: cc -O2 -std=c99 -o cgen loadgen.c
  */
 #define _GNU_SOURCE
@@ -111,10 +121,11 @@ static struct {
     long messages; /* per sender, 0: no limit (the tests count exactly) */
     double bulk_ms; /* < 0: from R */
     int probes;
+    double rate;    /* messages/s over all senders; 0: window mode */
 } opt = {
     "127.0.0.1", 0, P_NATIVE, 100, 10, 8, 100,
     5.0, 1.0, 2000.0, 60.0, 0.3, 10.0, 0.3,
-    256, 4, -1, "#lobby", 1, 0, -1.0, 10,
+    256, -1, -1, "#lobby", 1, 0, -1.0, 10, 0.0,
 };
 
 /* ---- state -------------------------------------------------------------------------- */
@@ -145,6 +156,11 @@ static unsigned char say_head[128];
 static size_t say_head_len;
 static unsigned char *say_tail;
 static size_t say_tail_len;
+static double rate_t0;        /* rate mode: message k is due at rate_t0 + k / rate */
+static uint64_t rate_k;       /* messages due so far (sent or skipped) */
+static int rate_next;         /* the sender whose turn it is */
+static int rate_done;         /* every READY sender has sent its --messages */
+#define RATE_MAX_UNSENT 65536u /* a sender with this much unsent skips its turn */
 
 static double mono(void) {
     struct timespec ts;
@@ -332,15 +348,8 @@ static void put_ts(unsigned char *p, uint64_t v) {
     }
 }
 
-static void top_up(struct conn *c) {
-    if (c->state != READY)
-        return;
-    int64_t n = (int64_t)opt.window - (int64_t)(c->sent - c->echoes);
-    if (opt.messages && n > opt.messages - (int64_t)c->sent)
-        n = opt.messages - (int64_t)c->sent;
-    if (n <= 0)
-        return;
-    unsigned char msg[8192];
+/* one say of sender c into msg, stamped now; its length */
+static size_t build_say(const struct conn *c, unsigned char *msg) {
     size_t len = 0;
     size_t body = say_head_len + 1 + TS_DIGITS + say_tail_len;
     if (opt.proto == P_NATIVE) {
@@ -354,12 +363,78 @@ static void top_up(struct conn *c) {
     len += TS_DIGITS;
     memcpy(msg + len, say_tail, say_tail_len);
     len += say_tail_len;
+    return len;
+}
+
+static void top_up(struct conn *c) {
+    if (c->state != READY)
+        return;
+    int64_t n = (int64_t)opt.window - (int64_t)(c->sent - c->echoes);
+    if (opt.messages && n > opt.messages - (int64_t)c->sent)
+        n = opt.messages - (int64_t)c->sent;
+    if (n <= 0)
+        return;
+    unsigned char msg[8192];
+    size_t len = build_say(c, msg);
     for (int64_t i = 0; i < n; i++)
         if (append(c, msg, len) < 0)
             return;
     c->sent += (uint64_t)n;
     total_sent += (uint64_t)n;
     flush(c);
+}
+
+/* rate mode: the sender whose turn it is, passing over any not READY or done with its
+ * --messages; NULL when there is none (rate_done when some are READY but all are done) */
+static struct conn *rate_sender(void) {
+    int alive = 0;
+    for (int i = 0; i < opt.senders; i++) {
+        int s = (rate_next + i) % opt.senders;
+        struct conn *c = &conns[sender_idx[s]];
+        if (c->state != READY)
+            continue;
+        alive = 1;
+        if (opt.messages && c->sent >= (uint64_t)opt.messages)
+            continue;
+        rate_next = (s + 1) % opt.senders;
+        return c;
+    }
+    if (alive)
+        rate_done = 1;
+    return NULL;
+}
+
+/* rate mode: send every message due by now, each stamped as it is written */
+static void paced_sends(void) {
+    double now = mono();
+    unsigned char msg[8192];
+    while (!rate_done && rate_t0 + (double)rate_k / opt.rate <= now) {
+        rate_k++;
+        struct conn *c = rate_sender();
+        if (!c) {
+            if (!rate_done)
+                count_error("rate_no_sender");
+            continue;
+        }
+        if (c->out_len >= RATE_MAX_UNSENT) {
+            count_error("rate_skipped");
+            continue;
+        }
+        size_t len = build_say(c, msg);
+        if (append(c, msg, len) < 0)
+            continue;
+        c->sent++;
+        total_sent++;
+        flush(c);
+    }
+}
+
+/* rate mode: milliseconds until the next message is due (rounded up) */
+static int ms_until_due(void) {
+    double d = (rate_t0 + (double)rate_k / opt.rate - mono()) * 1000.0;
+    if (d <= 0)
+        return 0;
+    return d > 100 ? 100 : (int)(d + 0.999);
 }
 
 /* ---- receiving: shared ------------------------------------------------------------------ */
@@ -628,7 +703,7 @@ static void read_conn(struct conn *c) {
     size_t used = opt.proto == P_NATIVE ? native_read(c, rb, end) : irc_read(c, rb, end);
     if (c->state != DEAD)
         keep_tail(c, rb + used, end - used);
-    if (credited && sending)
+    if (credited && sending && opt.rate <= 0)
         top_up(credited);
 }
 
@@ -689,6 +764,12 @@ static void bulk_every_pass(int yes) {
 
 static int poll_once(int timeout_ms) {
     static struct epoll_event evs[MAX_EVENTS];
+    if (sending && opt.rate > 0 && !rate_done) {
+        paced_sends();
+        int until = ms_until_due();
+        if (until < timeout_ms)
+            timeout_ms = until;
+    }
     if (!bulk_nested) {
         int until = (int)((next_bulk - mono()) * 1000.0 + 0.999);
         if (until < timeout_ms)
@@ -753,6 +834,7 @@ static void print_result(int ok, const char *error, double register_s, const str
         printf(",\"error\":\"%s\"", error);
     printf(",\"generator\":\"c\",\"protocol\":\"%s\",\"receivers\":%d,\"senders\":%d,\"window\":%d,\"msg_size\":%d",
            opt.proto == P_IRC ? "irc" : "native", opt.receivers, opt.senders, opt.window, opt.msg_size);
+    printf(",\"rate\":%.3f,\"sample_every\":%d", opt.rate, opt.sample_every);
     printf(",\"registered\":%d,\"register_s\":%.3f,\"duration\":%.4f", reg_ok, register_s, span);
     printf(",\"deliveries\":%llu,\"deliveries_per_s\":%.1f,\"sent_per_s\":%.1f",
            (unsigned long long)(b->msgs - a->msgs), (double)(b->msgs - a->msgs) / span, (double)(b->sent - a->sent) / span);
@@ -786,7 +868,8 @@ static void usage(void) {
             "            [--window K] [--duration S] [--warmup S] [--msg-size N] [--ramp-rate N/s]\n"
             "            [--max-pending N] [--register-timeout S] [--settle-quiet S] [--drain-timeout S]\n"
             "            [--drain-quiet S] [--sample-every N] [--cpu N] [--channel #lobby]\n"
-            "            [--quickack window|all|none] [--messages N per sender] [--bulk-ms MS] [--probes N]\n");
+            "            [--quickack window|all|none] [--messages N per sender] [--bulk-ms MS] [--probes N]\n"
+            "            [--rate N messages/s over all senders; 0: window mode]\n");
     exit(2);
 }
 
@@ -807,7 +890,7 @@ static void parse_args(int argc, char **argv) {
         {"msg-size", 1, 0, 'm'}, {"ramp-rate", 1, 0, 'r'}, {"max-pending", 1, 0, 'M'},
         {"register-timeout", 1, 0, 't'}, {"settle-quiet", 1, 0, 'q'}, {"drain-timeout", 1, 0, 'D'},
         {"drain-quiet", 1, 0, 'Q'}, {"sample-every", 1, 0, 'e'}, {"cpu", 1, 0, 'c'}, {"channel", 1, 0, 'C'}, {"quickack", 1, 0, 'k'}, {"messages", 1, 0, 'n'}, {"bulk-ms", 1, 0, 'b'}, {"probes", 1, 0, 'o'},
-        {"help", 0, 0, '?'}, {0, 0, 0, 0},
+        {"rate", 1, 0, 'a'}, {"help", 0, 0, '?'}, {0, 0, 0, 0},
     };
     int ch;
     while ((ch = getopt_long(argc, argv, "R:S:", longs, NULL)) != -1) {
@@ -834,6 +917,7 @@ static void parse_args(int argc, char **argv) {
         case 'e': opt.sample_every = (int)num(optarg, 1, 1e6, "sample-every"); break;
         case 'b': opt.bulk_ms = num(optarg, 0, 1000, "bulk-ms"); break;
         case 'o': opt.probes = (int)num(optarg, 0, MAX_CONNS, "probes"); break;
+        case 'a': opt.rate = num(optarg, 0, 1e6, "rate"); break;
         case 'n': opt.messages = (long)num(optarg, 0, 1e9, "messages"); break;
         case 'k':
             if (strcmp(optarg, "none") == 0) opt.quickack = 0;
@@ -854,6 +938,8 @@ static void parse_args(int argc, char **argv) {
         usage();
     if (opt.proto == P_IRC && opt.receivers < opt.senders)
         die("the IRC workload needs at least as many receivers as senders (one counter each)");
+    if (opt.sample_every < 0)
+        opt.sample_every = opt.rate > 0 ? 1 : 4; /* rate mode times every message */
 }
 
 int main(int argc, char **argv) {
@@ -1011,8 +1097,12 @@ int main(int argc, char **argv) {
         next_bulk = t_send + bulk_interval;
         bulk_every_pass(0);
     }
-    for (int s = 0; s < opt.senders; s++)
-        top_up(&conns[sender_idx[s]]);
+    if (opt.rate > 0) {
+        rate_t0 = t_send; /* message 0 goes out on the first pass */
+    } else {
+        for (int s = 0; s < opt.senders; s++)
+            top_up(&conns[sender_idx[s]]);
+    }
     while (now_s < t0)
         poll_once(ms_until(t0));
     struct snap a = take_snap();
