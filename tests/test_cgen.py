@@ -431,6 +431,9 @@ def test_latency_comparison_says_whether_selchat_is_no_worse() -> None:
     results[(nat, "selchat")] = lat(0.20, 0.90, gen_c=0.0)  # selchat-acct style: the Python generator
     assert runner.latency_ratios([nat], servers, results)[0].endswith("(not the same generator: C and Python)")
     assert runner.latency_ratios([nat, irc], ["selchat", "selchat-irc"], results) == []  # no peer, no line
+    results[(irc, "inspircd")].metrics["gen_bound"] = 1.0  # its generator's CPU was full: no verdict
+    lines = runner.latency_ratios([nat, irc], servers, results)
+    assert len(lines) == 2 and all(ln.endswith(runner.LAT_GEN_BOUND_SHOWN) and "worse" not in ln for ln in lines)
 
 
 def test_runner_latency_points_end_to_end(cache: Path, capsys: pytest.CaptureFixture) -> None:

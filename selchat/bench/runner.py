@@ -645,6 +645,11 @@ def peer_ratios(cases: Sequence[Case], servers: Sequence[str], results: Dict[Tup
     return out
 
 
+# at a fixed rate nothing is "the limit", but a full generator CPU delays its own sends and
+# receives, so the figures would time the generator's queue as much as the server's
+LAT_GEN_BOUND_SHOWN = "no verdict (the generator's CPU was full: its own delays are in the figures)"
+
+
 def _ms(v: Optional[float]) -> Optional[float]:
     return None if v is None or math.isnan(v) else v
 
@@ -674,7 +679,7 @@ def latency_ratios(cases: Sequence[Case], servers: Sequence[str], results: Dict[
                     at = f"R={r}" + (f", {rate:g} msg/s" if rate else "")
                     head = f"* {n} ({door}) / {peer} latency at {at}: p50 {a50:.3f} / {b50:.3f} ms, p99 {a99:.3f} / {b99:.3f} ms"
                     if is_generator_bound(o) or is_generator_bound(po):
-                        out.append(f"{head} = {GEN_BOUND_SHOWN}")
+                        out.append(f"{head}: {LAT_GEN_BOUND_SHOWN}")
                         continue
                     worse = [f"{q} {x / y:.2f}x" for q, x, y in (("p50", a50, b50), ("p99", a99, b99)) if x > y]
                     line = f"{head}: **no worse**" if not worse else f"{head}: **worse** ({', '.join(worse)})"
