@@ -148,3 +148,10 @@ def test_split_lines_make_privmsgs_within_512_bytes(text: str, nick: str, room: 
         dec.feed(wire)
         (raw,) = list(dec)
         assert parse_line(raw).params == [room, piece]
+
+
+@given(st.text(max_size=60))
+def test_strip_formatting_is_the_full_rule_whatever_the_shortcut(text: str) -> None:
+    """The shortcut for printable texts must give what the full rule gives, on any text."""
+    from selchat.doors.irc.text import _FORMATTING
+    assert strip_formatting(text) == _FORMATTING.sub("", text)

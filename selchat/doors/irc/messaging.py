@@ -66,7 +66,7 @@ def _message(s: "IrcSession", line: Line, notice: bool) -> None:
     # line of 512 bytes, the message is refused whole (417) rather than cut or split, as
     # an IRC server does; only texts from other doors (which may be long) are split.
     prefix = len(f":{user.nick}!{user.userhost} {line.command} {line.params[0]} :".encode())
-    if prefix + len(text.encode("utf-8", "replace")) > 510:
+    if prefix + (len(text) if text.isascii() else len(text.encode("utf-8", "replace"))) > 510:
         if not quiet:
             s.numeric(N.ERR_INPUTTOOLONG, "Input line was too long")
         return

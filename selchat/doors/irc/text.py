@@ -43,6 +43,8 @@ _CTCP = "\x01"
 
 def strip_formatting(text: str) -> str:
     """Remove IRC formatting codes (with a colour's digits); keep every other character."""
+    if text.isprintable():  # every code is a control character: none here (most texts)
+        return text
     return _FORMATTING.sub("", text)
 
 
