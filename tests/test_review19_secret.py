@@ -1,0 +1,70 @@
+"""Review of 2168506 (secret rooms hidden from non-members): what the IRC door still shows of
+a secret (+s) channel to someone outside it. RFC 2811 4.2.6: for a secret channel the server
+acts "as if the channel does not exist for queries like the TOPIC, LIST, NAMES commands";
+`Chat.may_see`'s own docstring says "IRC's NAMES shows nothing".
+
+Each test is xfail(strict=True): it fails now, and passes once the leak is closed."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from conftest import unique_nick, unique_room  # noqa: E402
+from ircwire import IrcClient, irc_port  # noqa: E402
+
+OPTIONS = ("--irc-port", "0", "--rate", "0", "--max-per-ip", "0")
+
+
+def _secret_room(port: int, topic: str = "") -> "tuple[IrcClient, IrcClient, str]":
+    op_nick, out_nick = unique_nick("sop"), unique_nick("sout")
+    room = unique_room("sec")
+    op = IrcClient(port, label=op_nick)
+    out = IrcClient(port, label=out_nick)
+    op.register(op_nick)
+    out.register(out_nick)
+    op.join(room)
+    op.send(f"MODE {room} +s")
+    op.wait_for("MODE", room)
+    if topic:
+        op.send(f"TOPIC {room} :{topic}")
+        op.wait_for("TOPIC", room)
+    op.barrier()
+    return op, out, room
+
+
+@pytest.mark.xfail(strict=True, reason="review 19: IRC NAMES #secret lists the members of a "
+                   "secret channel to a non-member (channels.py names/send_names: no may_see)")
+def test_names_of_a_secret_channel_shows_nobody_outside_it(start_server: Callable[..., object]) -> None:
+    port = irc_port(start_server(*OPTIONS))
+    op, out, room = _secret_room(port)
+    try:
+        out.send(f"NAMES {room}")
+        lines = out.until_numeric("366")
+        assert [x for x in lines if x.command == "353"] == [], lines
+        # The several-channel form, too.
+        out.send(f"NAMES {room},#nothing-here")
+        lines = out.until_numeric("366")
+        assert [x for x in lines if x.command == "353"] == [], lines
+    finally:
+        op.close()
+        out.close()
+
+
+@pytest.mark.xfail(strict=True, reason="review 19: IRC TOPIC #secret shows a secret channel's "
+                   "topic and who set it to a non-member (channels.py topic: no may_see)")
+def test_topic_of_a_secret_channel_is_not_shown_outside_it(start_server: Callable[..., object]) -> None:
+    port = irc_port(start_server(*OPTIONS))
+    op, out, room = _secret_room(port, topic="the plan nobody may read")
+    try:
+        out.send(f"TOPIC {room}")
+        lines = out.barrier()
+        assert [x for x in lines if x.command in ("332", "333")] == [], lines
+    finally:
+        op.close()
+        out.close()
