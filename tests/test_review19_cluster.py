@@ -1,0 +1,61 @@
+"""Review of a57b371 (cluster: the `floor` exchange), against a real redis-server and real
+selchat processes (the fixtures of tests/test_cluster.py).
+
+A process that stopped politely (SIGTERM) deletes its lease (`close`: HDEL), so no one ever
+publishes `dead` for it, and it stays in every copy's `ClusterNode.nodes` (and in every
+snapshot's `nodes`) for ever. After Redis comes back empty, every live process waits for that
+process's floor, which never comes: every change is refused `unavailable` for FLOOR_WAIT
+(12 s), after every Redis restart, in any cluster where a process was ever stopped or
+restarted (a rolling deploy).
+
+xfail(strict=True): it fails now, and passes once a stopped process is no longer waited for."""
+
+from __future__ import annotations
+
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from conftest import ServerProcess, unique_nick, unique_room  # noqa: E402
+from redisserver import RedisServer  # noqa: E402
+from test_cluster import OPEN, SLOW, cluster, join, redis  # noqa: E402,F401  (fixtures)
+
+
+@pytest.mark.xfail(strict=True, reason="review 19: a process stopped with SIGTERM stays in "
+                   "every copy's `nodes`; after Redis comes back empty the others wait the "
+                   "whole FLOOR_WAIT (12 s) for its floor, refusing every change")
+def test_a_process_stopped_long_ago_is_not_waited_for_after_redis_comes_back_empty(
+        redis: RedisServer, cluster: Callable[..., ServerProcess]) -> None:
+    p1 = cluster(*OPEN)
+    p2 = cluster(*OPEN)
+    a = p1.registered(unique_nick("a"))
+    b = p2.registered(unique_nick("b"))
+    a.wait_for("join", SLOW, nick=b.nick)
+    p2.stop()  # SIGTERM: a polite stop (its users quit for the others)
+    a.wait_for("quit", SLOW, nick=b.nick)
+    room = unique_room("floor")
+    join(a, room)
+    redis.kill(signal.SIGKILL)
+    redis.wipe()
+    redis.start()
+    p1.wait_log("new epoch", SLOW)
+    started = time.monotonic()
+    n = 0
+    while True:
+        n += 1
+        a.send(type="say", room=room, text=f"after {n}", ref=f"x{n}")
+        answer = a.wait_for(None, SLOW, ref=f"x{n}")[0]
+        if answer["type"] == "message":
+            break
+        assert answer.get("code") == "unavailable", answer
+        assert time.monotonic() - started < 2 * SLOW, "never served again"
+        time.sleep(0.25)  # a client's retry, paced; the deadline is the line above
+    waited = time.monotonic() - started
+    assert "no highest id came from process" not in p1.log(), p1.log()[-1500:]
+    assert waited < 6.0, f"every change refused for {waited:.1f} s after Redis came back"
