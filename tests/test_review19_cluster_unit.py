@@ -82,3 +82,42 @@ def test_behind_does_not_skip_a_floor_another_process_published_first() -> None:
     assert "other" not in node._floors_from and node.live, (
         "the other's floor at offset 8 was taken as seen (offset = Redis's top): live only "
         "after FLOOR_WAIT")
+
+
+@pytest.mark.xfail(strict=True, reason="review 19: a process that loads a snapshot while the "
+                   "others still wait for floors goes live at once, its floor its own file's "
+                   "last id: the snapshot carries neither the sender's highest id nor the wait")
+def test_a_newcomer_during_the_floor_exchange_does_not_take_ids_before_it_ends() -> None:
+    from selchat.core.chat import Chat
+    from selchat.core.store import MemoryStore
+    from selchat.hub import Hub
+    from selchat.links.cluster import ClusterNode
+    from selchat.loop.reactor import Reactor
+    from test_review17_unit import StubLink
+
+    old, link, hub = live_node()
+    old.nodes["other"] = None  # a process that saw ids up to 90; its link is still coming back
+    old._high_id = old._current_id = 50  # this one saw ids up to 50
+    old._on_state(LinkState.DOWN)
+    old._on_up()
+    link.dones[-1]([b"e2", 0, b"epoch", []])  # Redis came back empty
+    assert not old.live and old._floors_from == {"other"}
+    # A process starts now: its hello is offset 2 of the new epoch (our floor was 1), and
+    # this process sends it the state as it stands there.
+    old.epoch, old.offset = "e2", 1
+    snapshot = old.snapshot()
+    snapshot["offset"] = 2
+    hub2 = Hub(Chat(MemoryStore()), Reactor())
+    link2 = StubLink()
+    new = ClusterNode(hub2, link2, node_id="new")  # type: ignore[arg-type]
+    hub2.cluster = new
+    new.epoch, new._hello_at = "e2", 2
+    new.load(snapshot)
+    new._become_synced("e2", 2)
+    link2.dones[-1]([b"e2", 2, b"ok", []])  # nothing after its hello yet
+    hub2.reactor.run_once(0)
+    # It must not take an id before "other"'s floor came round (nor with a floor below 50).
+    floor_given = max(new._high_id, new.chat.last_id)
+    assert not new.live and floor_given >= 50, (
+        f"the newcomer is live={new.live} and would give Redis the floor {floor_given}, "
+        "while the others still wait for a process that saw id 90")
