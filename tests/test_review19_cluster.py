@@ -59,3 +59,27 @@ def test_a_process_stopped_long_ago_is_not_waited_for_after_redis_comes_back_emp
     waited = time.monotonic() - started
     assert "no highest id came from process" not in p1.log(), p1.log()[-1500:]
     assert waited < 6.0, f"every change refused for {waited:.1f} s after Redis came back"
+
+
+@pytest.mark.xfail(strict=True, reason="review 19: a process that died while Redis was down "
+                   "(Redis back empty: its lease is gone with the members' hash) is never "
+                   "declared dead: the floor wait gives up on it, and its users stay for ever")
+def test_a_process_that_died_with_redis_does_not_leave_ghosts(
+        redis: RedisServer, cluster: Callable[..., ServerProcess]) -> None:
+    p1 = cluster(*OPEN)
+    p2 = cluster(*OPEN)
+    a = p1.registered(unique_nick("a"))
+    b = p2.registered(unique_nick("b"))
+    a.wait_for("join", SLOW, nick=b.nick)
+    # One machine goes down: Redis and the second process with it.
+    p2.signal(signal.SIGKILL)
+    p2.wait_exit(SLOW)
+    redis.kill(signal.SIGKILL)
+    redis.wipe()
+    redis.start()
+    p1.wait_log("new epoch", SLOW)
+    # p1 waits 12 s for p2's floor and goes on; b should then quit as any dead process's
+    # users do (6 to 8 s after the death when Redis stays up).
+    assert a.wait_for("quit", 2 * SLOW, nick=b.nick)[0]["reason"] == "connection closed"
+    c = p1.client()
+    c.register(b.nick, names=None)  # the nick is free again
