@@ -3,7 +3,7 @@ a secret (+s) channel to someone outside it. RFC 2811 4.2.6: for a secret channe
 acts "as if the channel does not exist for queries like the TOPIC, LIST, NAMES commands";
 `Chat.may_see`'s own docstring says "IRC's NAMES shows nothing".
 
-Each test is xfail(strict=True): it fails now, and passes once the leak is closed."""
+Both leaks are closed: these tests now hold the door to it.
 
 from __future__ import annotations
 
@@ -38,8 +38,6 @@ def _secret_room(port: int, topic: str = "") -> "tuple[IrcClient, IrcClient, str
     return op, out, room
 
 
-@pytest.mark.xfail(strict=True, reason="review 19: IRC NAMES #secret lists the members of a "
-                   "secret channel to a non-member (channels.py names/send_names: no may_see)")
 def test_names_of_a_secret_channel_shows_nobody_outside_it(start_server: Callable[..., object]) -> None:
     port = irc_port(start_server(*OPTIONS))
     op, out, room = _secret_room(port)
@@ -56,8 +54,6 @@ def test_names_of_a_secret_channel_shows_nobody_outside_it(start_server: Callabl
         out.close()
 
 
-@pytest.mark.xfail(strict=True, reason="review 19: IRC TOPIC #secret shows a secret channel's "
-                   "topic and who set it to a non-member (channels.py topic: no may_see)")
 def test_topic_of_a_secret_channel_is_not_shown_outside_it(start_server: Callable[..., object]) -> None:
     port = irc_port(start_server(*OPTIONS))
     op, out, room = _secret_room(port, topic="the plan nobody may read")

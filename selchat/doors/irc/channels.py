@@ -86,13 +86,13 @@ def names(s: "IrcSession", line: Line) -> None:
         # Several channels: their lists, then one end naming them all (RFC 1459, 2812).
         for name in wanted:
             room = s.hub.find_room(name)
-            if room is not None:
+            if room is not None and s.hub.may_see(s.user, room):
                 send_names(s, room, end=False)
         s.numeric(N.RPL_ENDOFNAMES, ",".join(wanted)[:300], "End of /NAMES list")
         return
     for name in wanted:
         room = s.hub.find_room(name)
-        if room is None:
+        if room is None or not s.hub.may_see(s.user, room):  # (a secret one: as if absent)
             s.numeric(N.RPL_ENDOFNAMES, name[:64], "End of /NAMES list")
         else:
             send_names(s, room)
@@ -255,7 +255,7 @@ def list_filter(conditions: List[str]) -> Optional[Callable[["Room"], bool]]:
 def topic(s: "IrcSession", line: Line) -> None:
     name = line.params[0]
     room = s.hub.find_room(name)
-    if room is None:
+    if room is None or (len(line.params) == 1 and not s.hub.may_see(s.user, room)):
         s.numeric(N.ERR_NOSUCHCHANNEL, name[:64], "No such channel")
     elif len(line.params) > 1:
         text = strip_formatting(line.params[1])
