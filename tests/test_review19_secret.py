@@ -3,7 +3,7 @@ a secret (+s) channel to someone outside it. RFC 2811 4.2.6: for a secret channe
 acts "as if the channel does not exist for queries like the TOPIC, LIST, NAMES commands";
 `Chat.may_see`'s own docstring says "IRC's NAMES shows nothing".
 
-Both leaks are closed: these tests now hold the door to it.
+Both leaks are closed; these tests keep them closed."""
 
 from __future__ import annotations
 
