@@ -31,8 +31,9 @@ import dataclasses
 import json
 import logging
 import os
+import time
 import weakref
-from typing import Any, Callable, Dict, List, Optional, Set, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from selchat.core import events, requests
 from selchat.core.chat import ChatError, Room, User
@@ -55,18 +56,29 @@ MAX_SNAPSHOT = 512 << 20  # a snapshot bigger than this is refused (the fate: as
 MAX_BUFFERED_BYTES = 64 << 20  # commands held while starting or catching up (the rest: re-read)
 MAX_BACKFILL_KEYS = 10000  # rooms and conversations whose shared history a starting process reads
 MAX_PENDING = 10000  # commands of this process published and not yet applied
-# After Redis came back empty (or behind), how long a process waits for the others' highest
-# ids before it takes new ones itself: a lease and a reconnection's longest backoff.
-FLOOR_WAIT = 12.0
+# A process known to hold users (it said hello) but with no lease in the members' hash for
+# this long is buried like one whose lease ran out: after Redis came back empty (the hash is
+# gone with it) every live process renews within a reconnection (backoff at most 5 s), so one
+# that does not has died; so has one stopped with SIGTERM (it drops its own lease).
+ABSENT_GRACE = 2 * LEASE_TTL
 
 # The publication script of `links.scripts`, plus a message id that grows across the cluster
-# and across epochs: the floor given by the publisher (its store's last id) keeps ids growing
-# when Redis comes back empty.
+# and across epochs. The publisher gives a floor: the highest id it has seen, raised to its
+# clock (ms x 1000) once it has seen Redis lose its data. When this call makes the epoch (Redis
+# came back empty, or this is the first start) and the publisher has seen ids (floor > 0), the
+# ids start above Redis's clock too: ids another process saw and this one did not (Redis died
+# before sending them) are below it, unless more than 1,000 ids a millisecond were given since
+# the last such restart.
 PUBLISH_WITH_ID_LUA = b"""
 -- KEYS: meta, stream, ids. ARGV: channel, payload, maxlen, a fresh epoch, the id floor.
 """ + EPOCH_LUA + b"""local offset = string.format('%d', redis.call('HINCRBY', KEYS[1], 'offset', 1))
 local id = redis.call('INCR', KEYS[3])
 local floor = tonumber(ARGV[5])
+if epoch == ARGV[4] and floor > 0 then
+  local t = redis.call('TIME')
+  local clock = tonumber(t[1]) * 1000000 + math.floor(tonumber(t[2]) / 1000) * 1000
+  if clock > floor then floor = clock end
+end
 if id <= floor then
   id = floor + 1
   redis.call('SET', KEYS[3], id)
@@ -105,14 +117,21 @@ redis.call('HSET', KEYS[1], ARGV[1], now + tonumber(ARGV[2]))
 return 1
 """
 EXPIRED_LUA = _NOW_LUA + b"""
--- The members whose lease ran out (us left out); dropped from the hash as their `dead` is
--- decided, by the process that publishes it (BURY).
+-- ARGV: me, then the other processes we know to hold users. {expired, absent}: the members
+-- whose lease ran out (us left out), dropped from the hash as their `dead` is decided, by the
+-- process that publishes it (BURY); and those we know that hold no lease at all.
 local out = {}
 local all = redis.call('HGETALL', KEYS[1])
+local held = {}
 for i = 1, #all, 2 do
+  held[all[i]] = true
   if all[i] ~= ARGV[1] and tonumber(all[i + 1]) <= now then out[#out + 1] = all[i] end
 end
-return out
+local absent = {}
+for i = 2, #ARGV do
+  if not held[ARGV[i]] then absent[#absent + 1] = ARGV[i] end
+end
+return {out, absent}
 """
 BURY_LUA = _NOW_LUA + b"""
 -- Drop a member whose lease ran out (not one that renewed meanwhile).
@@ -287,11 +306,10 @@ class ClusterNode:
         # The highest id this process has seen (any command's, or its store's): the floor it
         # gives every publication, so ids keep growing when Redis comes back without them.
         self._high_id = self.chat.last_id
-        # After Redis lost its ids: the processes whose highest id we still wait for before we
-        # go live, and until when (reactor time).
-        self._floors_from: Set[str] = set()
-        self._floors_until = 0.0
-        self._floor_timer: Any = None
+        # Once Redis has lost ids (came back empty, or behind): our clock in ms x 1000, a floor
+        # above any id given before (see PUBLISH_WITH_ID_LUA).
+        self._id_floor = 0
+        self._absent_since: Dict[str, float] = {}  # known processes with no lease -> since
         self._applying: Optional[_Pending] = None
         self._unsent_leaves: List[Tuple[str, Optional[str]]] = []
         self._leaving: Dict[str, User] = {}  # sid -> the user of our connection that left
@@ -352,7 +370,7 @@ class ClusterNode:
         payload = json.dumps(body, separators=(",", ":")).encode()
         self.PUBLISH.call(self.link, (self.meta_key, self.stream_key, self.ids_key),
                           (self.channel, payload, self.streams.maxlen, new_epoch(),
-                           max(self._high_id, self.chat.last_id)), done)
+                           max(self._high_id, self.chat.last_id, self._id_floor)), done)
 
     def _published(self, seq: int, reply: Any) -> None:
         pending = self._pending.get(seq)
@@ -692,7 +710,7 @@ class ClusterNode:
         node = c["dead"]
         if self._mine:
             self.BURY.call(self.link, (self.members_key,), (node,), _ignore)
-        self._floors_from.discard(node)
+        self._absent_since.pop(node, None)
         if node not in self.nodes:
             return None  # (buried already: every process may have seen the lease gone)
         del self.nodes[node]
@@ -728,6 +746,7 @@ class ClusterNode:
         # After an outage every lease may have run out inside Redis: the others renew theirs
         # when their links come back, so nobody is buried before a lease's time has passed.
         self._checks_from = self.hub.reactor.now + LEASE_TTL
+        self._absent_since.clear()  # (absences are counted from now: the others renew too)
         if not self.synced:
             self._start()
         else:
@@ -848,7 +867,7 @@ class ClusterNode:
                 self.epoch = missed.epoch
                 self.offset = 0
                 self._forget_pending("Redis came back empty")
-                self._exchange_floors()
+                self._raise_id_floor()
             elif missed.status == "gap":
                 log.error("cluster: commands after %d fell out of the capped stream: this "
                           "process's state may differ from the others'", self.offset)
@@ -857,7 +876,7 @@ class ClusterNode:
                           "acknowledged writes", missed.top, self.offset)
                 self.offset = missed.top
                 self._forget_pending("Redis lost acknowledged writes")
-                self._exchange_floors()
+                self._raise_id_floor()
             for entry in missed.entries:
                 if entry.offset > self.offset:
                     self.stats["caught_up"] += 1
@@ -880,14 +899,6 @@ class ClusterNode:
         self.streams.since(STREAM, self.epoch, self.offset, read, count=CATCH_UP_BATCH)
 
     def _go_live(self) -> None:
-        if self.live or self._catching_up or not self.synced or self.link.state is not LinkState.UP:
-            return
-        if self._floors_from and self.hub.reactor.now < self._floors_until:
-            return  # live once the others' floors came (`_do_floor`) or their time ran out
-        if self._floors_from:
-            log.warning("cluster: no highest id came from process(es) %s in %.0f s; going on "
-                        "without", ", ".join(sorted(self._floors_from)), FLOOR_WAIT)
-            self._floors_from = set()
         self.live = True
         if self._how_synced:
             log.info("cluster: process %s in the cluster at offset %d (%s)", self.node,
@@ -898,29 +909,16 @@ class ClusterNode:
             log.info("cluster: caught up to offset %d", self.offset)
         self._after_live()
 
-    def _exchange_floors(self) -> None:
-        """Redis lost its ids (came back empty, or behind): a message another process applied
-        just before may carry an id above any this process saw. Each process publishes the
-        highest id it has seen, and none takes a new id before every known process's floor
-        came round (or FLOOR_WAIT passed: a process that died meanwhile sends none)."""
-        self._floors_from = {n for n in self.nodes if n != self.node}
-        self._floors_until = self.hub.reactor.now + FLOOR_WAIT
-        if self._floor_timer is not None:
-            self._floor_timer.cancel()
-        self._floor_timer = self.hub.reactor.call_later(FLOOR_WAIT, self._floors_timed_out)
-        self._seq += 1
-        self._publish({"k": "floor", "f": self._high_id, "n": self.node, "q": self._seq}, _ignore)
-
-    def _floors_timed_out(self, _: Any = None) -> None:
-        self._floor_timer = None
-        self._go_live()
-
-    def _do_floor(self, c: Dict[str, Any], pending: Optional[_Pending]) -> Any:
-        # (The script already raised the ids past `f`; what is left is knowing it came.)
-        self._floors_from.discard(c["n"])
-        if not self._floors_from and not self.live:
-            self.hub.reactor.call_soon(self._go_live)
-        return None
+    def _raise_id_floor(self) -> None:
+        """Redis lost ids: a message another process applied just before may carry an id
+        above any this process saw (Redis died before sending it here), and asking the others
+        would wait for processes that may be gone. Ids go on above our clock (ms x 1000)
+        instead: above every id given before, unless more than 1,000 a millisecond were given
+        since the last such loss (or our clock is that far behind)."""
+        floor = int(time.time() * 1000) * 1000
+        if floor > self._id_floor:
+            self._id_floor = max(floor, self._high_id)
+            log.warning("cluster: Redis lost ids: new ones start above %d", self._id_floor)
 
     def _forget_pending(self, why: str) -> None:
         """What we published before Redis lost its stream will never come round: every
@@ -970,18 +968,32 @@ class ClusterNode:
         if not self.live or self.hub.reactor.now < self._checks_from:
             return
 
+        known = [n for n in self.nodes if n != self.node]
+
         def found(reply: Any) -> None:
             if isinstance(reply, ReplyError) or not self.live:
                 return
-            for raw in reply:
-                node = raw.decode()
+            expired, absent = reply
+            now = self.hub.reactor.now
+            dead = [raw.decode() for raw in expired]
+            missing = {raw.decode() for raw in absent}
+            for node in list(self._absent_since):
+                if node not in missing:
+                    del self._absent_since[node]  # it holds a lease (again)
+            for node in missing:
+                since = self._absent_since.setdefault(node, now)
+                if now - since >= ABSENT_GRACE and node in self.nodes and node not in dead:
+                    log.warning("cluster: process %s holds users but no lease (for %.0f s): "
+                                "buried", node, now - since)
+                    dead.append(node)
+            for node in dead:
                 self._seq += 1
                 self._publish({"k": "dead", "dead": node, "n": self.node, "q": self._seq}, _ignore)
 
-        self.EXPIRED.call(self.link, (self.members_key,), (self.node,), found)
+        self.EXPIRED.call(self.link, (self.members_key,), (self.node, *known), found)
 
     def close(self) -> None:
-        for timer in (self._lease_timer, self._check_timer, self._snapshot_timer, self._floor_timer):
+        for timer in (self._lease_timer, self._check_timer, self._snapshot_timer):
             if timer is not None:
                 timer.cancel()
         if self.link.state is LinkState.UP:
@@ -1055,6 +1067,7 @@ class ClusterNode:
         d = chat.directory
         return {
             "epoch": self.epoch, "offset": self.offset, "nodes": list(self.nodes),
+            "ids": [self._high_id, self._id_floor],  # (what ids a newcomer must stay above)
             "rules": self.rules(),
             "users": users, "rooms": rooms, "rooms_held": chat.rooms_held,
             "directory": {
@@ -1067,6 +1080,9 @@ class ClusterNode:
         """Take the others' state (we have no users yet: nobody registers before we are live)."""
         chat = self.chat
         self.nodes = dict.fromkeys(snapshot["nodes"])
+        high, floor = snapshot.get("ids", (0, 0))
+        self._high_id = max(self._high_id, int(high))
+        self._id_floor = max(self._id_floor, int(floor))
         d = chat.directory
         theirs = snapshot["directory"]
         # The cluster's directory replaces ours: a token revoked, an account or a room of a
@@ -1153,7 +1169,6 @@ _HANDLERS: Dict[str, Callable[[ClusterNode, Dict[str, Any], Optional[_Pending]],
     "hello": ClusterNode._do_hello,
     "dead": ClusterNode._do_dead,
     "rules": ClusterNode._do_rules,
-    "floor": ClusterNode._do_floor,
 }
 
 __all__ = ["ClusterNode", "RemoteSession", "encode_request", "decode_request"]
