@@ -335,7 +335,9 @@ class Hub:
             if new is None:
                 finish(_raise("unavailable", "the password could not be changed: try again"))
             else:
-                finish(lambda: chat.set_password(user, new), {"op": "password", "v": new})
+                finish(lambda: chat.set_password(user, new, self.wall_ms(), request.remember),
+                       {"op": "password", "v": new,
+                        "tok": secrets.token_urlsafe(32) if request.remember else None})
 
         def old_checked(ok: Optional[bool]) -> None:
             if ok is not False:  # (charged before the work, as a login is)

@@ -296,3 +296,18 @@ def test_a_password_change_ends_every_remember_me_token(start_server):
     phone.expect("pong", ref="q")
     again, w2 = login(srv, nick, password="another pass 2")
     assert w2["account"] == nick
+
+
+def test_a_password_change_with_remember_gives_this_device_a_new_token(start_server):
+    srv = start_server("--rate", "0")
+    nick = unique_nick("pr")
+    registered_account(srv, nick).quit_and_close()
+    phone, w = login(srv, nick, remember=True)
+    old_token = w["token"]
+    phone.send(type="password", old=PASSWORD, new="another pass 3", remember=True, ref="p")
+    answer = phone.expect("account", SLOW, account=nick, ref="p")
+    new_token = answer["token"]
+    assert isinstance(new_token, str) and new_token != old_token
+    hello(srv, unique_nick("t"), {"account": nick, "token": old_token}).expect_error("login_failed", SLOW)
+    again = hello(srv, unique_nick("t"), {"account": nick, "token": new_token})
+    assert welcomed(again)["account"] == nick

@@ -77,3 +77,22 @@ def test_a_process_that_died_with_redis_does_not_leave_ghosts(
     assert a.wait_for("quit", 2 * SLOW, nick=b.nick)[0]["reason"] == "connection closed"
     c = p1.client()
     c.register(b.nick, names=None)  # the nick is free again
+
+
+def test_a_password_change_ends_tokens_everywhere_and_its_new_one_works_everywhere(
+        cluster: Callable[..., ServerProcess]) -> None:
+    from test_accounts import PASSWORD, hello, login, registered_account, welcomed
+    kdf = ("--kdf-workers", "0")
+    p1 = cluster(*OPEN, *kdf)
+    p2 = cluster(*OPEN, *kdf)
+    nick = unique_nick("pw")
+    registered_account(p1, nick).quit_and_close()
+    laptop, w = login(p1, nick, remember=True)
+    old = w["token"]
+    laptop.send(type="password", old=PASSWORD, new="another pass 4", remember=True, ref="p")
+    new = laptop.wait_for("account", SLOW, account=nick, ref="p")[0]["token"]
+    stolen = hello(p2, unique_nick("t"), {"account": nick, "token": old})
+    answer = stolen.expect(None, SLOW)
+    assert answer.get("type") == "error" and answer.get("code") == "login_failed", answer
+    phone = hello(p2, unique_nick("t"), {"account": nick, "token": new})
+    assert welcomed(phone, SLOW)["account"] == nick

@@ -1015,14 +1015,17 @@ class Chat:
         out.extend(self._rooms_shown(owner))
         return out
 
-    def set_password(self, user: User, verifier: str) -> List[Delivery]:
+    def set_password(self, user: User, verifier: str, now_ms: int = 0,
+                     token: bool = False) -> List[Delivery]:
         if user.account_key is None:
             raise ChatError("not_logged_in", "log in first")
         self.accounts.set_verifier(user.account_key, verifier)
         # A new password ends every remember-me token of the account: one that leaked with
-        # the old password must not outlive it (the connections open now stay).
+        # the old password must not outlive it (the connections open now stay). The device
+        # that changed it may ask for a new one (`remember`), to stay logged in.
         self.accounts.revoke(user.account_key, None)
-        return [reply(events.AccountInfo(user.account, user.nick), user)]
+        issued = self.accounts.issue_token(user.account_key, now_ms) if token else None
+        return [reply(events.AccountInfo(user.account, user.nick, issued), user)]
 
     def log_out(self, user: User, token: Optional[str]) -> List[Delivery]:
         """Forget a remember-me token (or all of the account's); the door then closes."""

@@ -136,6 +136,7 @@ class Logout:
 class ChangePassword:
     old: str
     new: str
+    remember: bool = False  # a new remember-me token for this device (the others all end)
 
 
 Request = Union[Say, Msg, JoinRoom, PartRoom, ChangeNick, Who, ListRooms, HistoryRequest, Tag,

@@ -640,7 +640,7 @@ class ClusterNode:
                 if owner is not None and owner is not user and session in owner.sessions:
                     session.user = owner
             elif op == "password":
-                out = chat.set_password(user, c["v"])
+                out = chat.set_password(user, c["v"], c["t"], bool(c.get("tok")))
             elif op == "logout":
                 out = chat.log_out(user, c.get("token"))
             else:

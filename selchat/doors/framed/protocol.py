@@ -217,7 +217,8 @@ class Parser:
             "login": lambda m: self._login(m, m.obj),
             "logout": lambda m: Logout(self._secret(m, "token", required=False)),
             "password": lambda m: ChangePassword(self._secret(m, "old"),  # type: ignore[arg-type]
-                                                 self._secret(m, "new")),  # type: ignore[arg-type]
+                                                 self._secret(m, "new"),  # type: ignore[arg-type]
+                                                 self._flag(m, "remember")),
             "topic": self._topic,
             "kick": self._kick,
             "invite": lambda m: InviteUser(self._room(m, "room"), self._name(m, "nick")),
