@@ -26,6 +26,7 @@ from selchat.defaults import (
     RATE,
     BURST,
     MAX_CLIENTS,
+    MAX_ACCOUNTS,
     MAX_PER_IP,
     REGISTER_RATE,
     REGISTER_BURST,
@@ -73,6 +74,7 @@ class ServerConfig:
     forwarded_header: str = "x-forwarded-for"  # which header a trusted proxy names the client in
     operators: Optional[str] = None  # file naming the server operators' accounts, one a line
     registration: bool = True  # whether `register` makes new accounts
+    max_accounts: int = MAX_ACCOUNTS  # accounts kept (each lives in memory); past it, closed
     kdf_workers: int = 1  # processes that hash and check passwords; 0: in the loop (tests)
     metrics_port: Optional[int] = None  # Prometheus metrics and the health check; off unless given
     redis: Optional[str] = None  # redis://host:port[/db]: one chat with every process on that Redis
@@ -346,7 +348,8 @@ HELP_GROUPS = (
                "ping_timeout")),
     ("limits", ("max_frame", "max_text", "max_outbuf", "rate", "burst", "max_clients", "max_per_ip",
                 "register_rate", "register_burst", "max_presence", "history_on_join")),
-    ("security", ("tls_cert", "tls_key", "password_file", "operators", "registration", "kdf_workers")),
+    ("security", ("tls_cert", "tls_key", "password_file", "operators", "registration", "max_accounts",
+                  "kdf_workers")),
     ("storage", ("db", "backup", "redis")),
     ("running", ("config", "check_config", "log_level", "shutdown_grace")),
 )
@@ -479,6 +482,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="file of the server operators' accounts, one a line")
     p.add_argument("--registration", choices=("open", "closed"), default="open",
                    help="whether anyone may register an account")
+    p.add_argument("--max-accounts", type=_positive_int, default=d.max_accounts,
+                   help="accounts the server keeps; past it `register` answers registration_closed")
     p.add_argument("--kdf-workers", type=_non_negative_int, default=d.kdf_workers,
                    help="processes hashing passwords off the loop (0: in the loop)")
     p.add_argument("--rate", type=_rate, default=d.rate,

@@ -36,6 +36,9 @@ CLIENT_NAME_MAX = 64  # code points of the free-text `client` member kept for lo
 RATE = 10.0  # requests per second per connection, on average (0 turns flood control off)
 BURST = 20  # requests a connection may send at once
 MAX_CLIENTS = 10000  # connections in all, registered or not
+# Accounts kept (each lives in memory for the directory, for ever): past it, `register` answers
+# registration_closed and logs it (--max-accounts raises it).
+MAX_ACCOUNTS = 100_000
 MAX_PER_IP = 16  # connections from one address (0: no limit)
 REGISTER_RATE = 10.0  # registrations per second from one address past its burst (0: no pacing)
 REGISTER_BURST = 32  # registrations from one address at once

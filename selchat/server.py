@@ -85,6 +85,7 @@ class Server:
             operators=operators,
             registration=config.registration,
         )
+        self.chat.accounts.max_accounts = config.max_accounts
         self.hub = Hub(self.chat, self.reactor)
         self.hub.kdf = LazyKdf(self.reactor, config.kdf_workers)
         # --redis: one chat with every process on that Redis (selchat.links.cluster). The

@@ -311,3 +311,11 @@ def test_a_password_change_with_remember_gives_this_device_a_new_token(start_ser
     hello(srv, unique_nick("t"), {"account": nick, "token": old_token}).expect_error("login_failed", SLOW)
     again = hello(srv, unique_nick("t"), {"account": nick, "token": new_token})
     assert welcomed(again)["account"] == nick
+
+
+def test_max_accounts_closes_registration_when_reached(start_server):
+    srv = start_server("--rate", "0", "--max-accounts", "1")
+    registered_account(srv, unique_nick("one")).quit_and_close()
+    second = srv.registered(unique_nick("two"))
+    second.send(type="register", password=PASSWORD, ref="r")
+    second.expect_error("registration_closed", SLOW, ref="r")

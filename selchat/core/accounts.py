@@ -13,10 +13,8 @@ import secrets
 from typing import Dict, Iterable, List, Optional, Set, Tuple
 
 from selchat.core.names import fold
+from selchat.defaults import MAX_ACCOUNTS
 
-# Accounts the server keeps (each one lives in memory for the directory, for ever): past it,
-# `register` answers registration_closed and logs it, until an operator makes room.
-MAX_ACCOUNTS = 100_000
 TOKENS_PER_ACCOUNT = 20  # remember-me tokens one account keeps; a new one past it drops the oldest
 
 # Failed logins, as token buckets (docs/protocol.md, "Accounts"). Per account: 5 tries, then

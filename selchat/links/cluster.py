@@ -1005,7 +1005,7 @@ class ClusterNode:
         """The options every copy decides by: processes that differ here would not stay one
         chat (an account one refuses, a room one caps), so a newcomer must match them."""
         chat = self.chat
-        return {"registration": chat.accounts.registration,
+        return {"registration": chat.accounts.registration, "max_accounts": chat.accounts.max_accounts,
                 "operators": sorted(chat.accounts.operators),
                 "max_presence": chat.max_presence, "history_on_join": chat.history_on_join,
                 "max_rooms": chat.max_rooms, "max_rooms_per_user": chat.max_rooms_per_user,
