@@ -51,3 +51,31 @@ def test_a_secret_channel_is_hidden_from_who_and_mode(start_server: Callable[...
     finally:
         op.close()
         out.close()
+
+
+def test_changes_to_a_secret_channel_from_outside_answer_no_such_channel(
+        start_server: Callable[..., object]) -> None:
+    """PART, KICK, INVITE, TOPIC and MODE changes from a non-member get 403 (no such channel)
+    as for a channel that does not exist, not 442 (which would say it does)."""
+    port = irc_port(start_server(*OPTIONS))
+    op_nick, out_nick = unique_nick("op"), unique_nick("out")
+    room = unique_room("s")
+    op = IrcClient(port, label=op_nick)
+    out = IrcClient(port, label=out_nick)
+    try:
+        op.register(op_nick)
+        out.register(out_nick)
+        op.join(room)
+        op.send(f"MODE {room} +s")
+        op.wait_for("MODE", room)
+        for line in (f"PART {room}", f"KICK {room} {op_nick} :x", f"INVITE {op_nick} {room}",
+                     f"TOPIC {room} :new topic", f"MODE {room} +o {out_nick}"):
+            out.send(line)
+            answer = out.expect("403")
+            assert answer.params[1] == room, (line, answer)
+        out.assert_quiet()
+        op.send(f"TOPIC {room} :mine")
+        op.wait_for("TOPIC", room)  # a member still can
+    finally:
+        op.close()
+        out.close()

@@ -68,13 +68,20 @@ def part(s: "IrcSession", line: Line) -> None:
     for name in line.params[0].split(","):
         if not name:
             continue
-        if s.hub.find_room(name) is None:
+        if visible_room(s, name) is None:
             s.numeric(N.ERR_NOSUCHCHANNEL, name[:64], "No such channel")
         elif fold(name) not in user.rooms:
             s.numeric(N.ERR_NOTONCHANNEL, name, "You're not on that channel")
         else:
             cut = reason.encode("utf-8")[:300].decode("utf-8", "ignore")  # fits any line
             s.ask(PartRoom(name, cut or None))
+
+
+def visible_room(s: "IrcSession", name: str) -> "Optional[Room]":
+    """The room `name` as this connection may know it: a secret room it is not in is, to
+    it, a room that does not exist (403), whatever it asks of it (JOIN aside)."""
+    room = s.hub.find_room(name)
+    return room if room is not None and s.hub.may_see(s.user, room) else None
 
 
 def names(s: "IrcSession", line: Line) -> None:
@@ -254,8 +261,8 @@ def list_filter(conditions: List[str]) -> Optional[Callable[["Room"], bool]]:
 
 def topic(s: "IrcSession", line: Line) -> None:
     name = line.params[0]
-    room = s.hub.find_room(name)
-    if room is None or (len(line.params) == 1 and not s.hub.may_see(s.user, room)):
+    room = visible_room(s, name)
+    if room is None:
         s.numeric(N.ERR_NOSUCHCHANNEL, name[:64], "No such channel")
     elif len(line.params) > 1:
         text = strip_formatting(line.params[1])
@@ -290,7 +297,7 @@ def kick(s: "IrcSession", line: Line) -> None:
     reason = reason.encode("utf-8")[:300].decode("utf-8", "ignore")
     for i, nick in enumerate(nicks):
         name = names[i] if len(names) > 1 else names[0]
-        room = s.hub.find_room(name)
+        room = visible_room(s, name)
         if room is None:
             s.numeric(N.ERR_NOSUCHCHANNEL, name[:64], "No such channel")
             continue
@@ -314,7 +321,7 @@ def invite(s: "IrcSession", line: Line) -> None:
     if s.hub.find_user(nick) is None:
         s.numeric(N.ERR_NOSUCHNICK, nick[:64], "No such nick/channel")
         return
-    room = s.hub.find_room(name)
+    room = visible_room(s, name)
     if room is None:
         s.numeric(N.ERR_NOSUCHCHANNEL, name[:64], "No such channel")
         return
@@ -358,8 +365,8 @@ _REFUSALS = {
 def mode(s: "IrcSession", line: Line) -> None:
     target = line.params[0]
     if target.startswith("#"):
-        room = s.hub.find_room(target)
-        if room is None or (len(line.params) == 1 and not s.hub.may_see(s.user, room)):
+        room = visible_room(s, target)
+        if room is None:
             s.numeric(N.ERR_NOSUCHCHANNEL, target[:64], "No such channel")
             return
         if len(line.params) == 1:
@@ -371,10 +378,7 @@ def mode(s: "IrcSession", line: Line) -> None:
         for letter, arg, why in wanted.invalid:
             s.numeric(N.ERR_INVALIDMODEPARAM, room.name, letter, arg, why)
         if wanted.list_bans:
-            if s.hub.may_see(s.user, room):
-                s.ask(SetModes(room.name), pending="MODE b")
-            else:
-                s.numeric(N.ERR_NOSUCHCHANNEL, target[:64], "No such channel")
+            s.ask(SetModes(room.name), pending="MODE b")
         if wanted.changes:
             s.ask(SetModes(room.name, tuple(wanted.changes)),
                   refused=lambda exc: refuse(s, exc, room.name, _nick_of(exc, wanted.changes)))
