@@ -161,19 +161,20 @@ class Server:
         self.request_stop()
 
     def _reload_accounts(self, new: ServerConfig) -> Optional[Any]:
-        """SIGHUP: the operators' file read again (ValueError when it cannot be read), and
-        whether registration is open; applied together, live."""
+        """SIGHUP: the operators' file read again (ValueError when it cannot be read), whether
+        registration is open, and the accounts cap; applied together, live."""
         names = read_operators_file(new.operators) if new.operators else []
         accounts = self.chat.accounts
 
         def apply() -> Optional[str]:
             operators = {fold(name) for name in names}
             if self.cluster is not None:
-                if operators == accounts.operators and new.registration == accounts.registration:
+                if (operators == accounts.operators and new.registration == accounts.registration
+                        and new.max_accounts == accounts.max_accounts):
                     return None
                 # Every copy must decide by the same rules: ordered like any change.
-                self.cluster.set_rules(sorted(operators), new.registration)
-                return "server operators and registration sent to the cluster"
+                self.cluster.set_rules(sorted(operators), new.registration, new.max_accounts)
+                return "server operators, registration and the accounts cap sent to the cluster"
             said = []
             if operators != accounts.operators:
                 said.append(f"server operators: {', '.join(sorted(operators)) or 'none'}")
@@ -181,6 +182,9 @@ class Server:
             if new.registration != accounts.registration:
                 accounts.registration = new.registration
                 said.append("registration " + ("open" if new.registration else "closed"))
+            if new.max_accounts != accounts.max_accounts:
+                accounts.max_accounts = new.max_accounts
+                said.append(f"at most {new.max_accounts:,} accounts")
             return "; ".join(said) or None
 
         return apply

@@ -319,3 +319,19 @@ def test_max_accounts_closes_registration_when_reached(start_server):
     second = srv.registered(unique_nick("two"))
     second.send(type="register", password=PASSWORD, ref="r")
     second.expect_error("registration_closed", SLOW, ref="r")
+
+
+def test_sighup_raises_max_accounts_from_the_config_file(start_server, tmp_path):
+    import signal
+    config = tmp_path / "selchat.toml"
+    config.write_text("max-accounts = 1\nrate = 0\n")
+    srv = start_server("--config", str(config))
+    registered_account(srv, unique_nick("one")).quit_and_close()
+    second = srv.registered(unique_nick("two"))
+    second.send(type="register", password=PASSWORD, ref="r")
+    second.expect_error("registration_closed", SLOW, ref="r")
+    config.write_text("max-accounts = 2\nrate = 0\n")
+    srv.signal(signal.SIGHUP)
+    srv.wait_log(r"reloaded: .*at most 2 accounts", SLOW)
+    second.send(type="register", password=PASSWORD, ref="r2")
+    second.expect("account", SLOW, account=second.nick, ref="r2")

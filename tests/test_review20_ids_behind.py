@@ -12,16 +12,15 @@ the id of a message A holds in its store (a different message, perhaps in anothe
 docs say every id given before is below the floor once Redis lost ids; only the processes
 that notice the loss keep that promise.
 
-xfail(strict=True): it fails now, and passes once a process that did not see the loss cannot
-take an id below one Redis gave before it lost it."""
+The fix: the process that sees the loss raises Redis's counter itself at once (RAISE_IDS), so
+B's next command, ordered after that, takes an id above the clock floor. B publishing in the
+moment before A's raise lands can still take a lost id (docs/cluster.md says so)."""
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 from typing import Any, Tuple
-
-import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -52,10 +51,6 @@ def _floor(sent: Tuple[Any, ...]) -> int:
     return int(sent[-1])
 
 
-@pytest.mark.xfail(strict=True, reason="review 20: after Redis came back behind, a process "
-                   "whose catch-up says 'ok' (it had not seen the lost offsets) publishes with "
-                   "its own highest id as the floor; Redis's counter, behind too, then gives an "
-                   "id another process already holds (cluster.py _catch_up/_publish)")
 def test_a_process_that_did_not_see_the_lost_offsets_takes_no_id_given_before() -> None:
     a, link_a, _ = _node("a", 10)  # applied offsets 1..10, ids 1..10
     b, link_b, hub_b = _node("b", 8)  # its link fell before offsets 9 and 10 reached it
@@ -66,11 +61,33 @@ def test_a_process_that_did_not_see_the_lost_offsets_takes_no_id_given_before() 
     link_a.dones[-1]([b"e", 8, b"behind", []])
     link_b.dones[-1]([b"e", 8, b"ok", []])
     assert a.live and b.live
+    # A raised Redis's counter as it saw the loss (a script on the ids key, to its floor).
+    raises = [x for x in link_a.sent if x[0] == "EVALSHA" and x[3] == a.ids_key]
+    assert raises and int(raises[-1][-1]) >= a._id_floor > 10, raises
+    redis_counter = max(8, int(raises[-1][-1]))
     # B's first change after the restart; the script gives it max(INCR(ids), floor + 1).
     hub_b.admit("carol", Session(), None, lambda user, error: None)
     floor = _floor(link_b.sent[-1])
-    redis_counter = 8
     next_id = max(redis_counter + 1, floor + 1)
     assert next_id > 10, (
         f"B's command would get id {next_id}, which A gave to a message at offset "
         f"{next_id} before Redis lost it (B's floor {floor}, A's {a._id_floor})")
+
+
+def test_a_snapshot_without_a_newer_rule_is_taken_at_its_default() -> None:
+    """A newcomer of this release joins a cluster whose snapshot predates `max_accounts` (a
+    rolling upgrade): the missing rule counts as its default, not as a difference."""
+    node, _, _ = _node("n", 0)
+    theirs = node.rules()
+    del theirs["max_accounts"]
+    assert node.rules_problem(theirs) == ""
+    theirs["max_accounts"] = 5
+    assert "max_accounts" in node.rules_problem(theirs)
+
+
+def test_the_accounts_cap_changes_in_every_copy_through_the_order() -> None:
+    node, link, _ = _node("n", 0)
+    node.set_rules([], True, 7)
+    assert link.sent[-1][0] == "EVALSHA" and b'"max_accounts":7' in link.sent[-1][7]
+    node._apply(1, b'1 {"k":"rules","ops":[],"reg":true,"max_accounts":7,"n":"x","q":1}')
+    assert node.chat.accounts.max_accounts == 7

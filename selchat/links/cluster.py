@@ -38,6 +38,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 from selchat.core import events, requests
 from selchat.core.chat import ChatError, Room, User
 from selchat.core.names import fold
+from selchat.defaults import MAX_ACCOUNTS
 from selchat.links.redis import LinkState, RedisLink, Unavailable
 from selchat.links.resp import ReplyError
 from selchat.links.scripts import EPOCH_LUA, Missed, RoomStreams, Script, new_epoch, parse_message
@@ -61,6 +62,7 @@ MAX_PENDING = 10000  # commands of this process published and not yet applied
 # gone with it) every live process renews within a reconnection (backoff at most 5 s), so one
 # that does not has died; so has one stopped with SIGTERM (it drops its own lease).
 ABSENT_GRACE = 2 * LEASE_TTL
+RULE_DEFAULTS = {"max_accounts": MAX_ACCOUNTS}  # rules added since the first release
 
 # The publication script of `links.scripts`, plus a message id that grows across the cluster
 # and across epochs. The publisher gives a floor: the highest id it has seen, raised to its
@@ -132,6 +134,12 @@ for i = 2, #ARGV do
   if not held[ARGV[i]] then absent[#absent + 1] = ARGV[i] end
 end
 return {out, absent}
+"""
+RAISE_IDS_LUA = b"""
+-- KEYS: ids. ARGV: a floor. The ids counter raised to the floor (never lowered).
+local current = tonumber(redis.call('GET', KEYS[1]) or '0')
+if current < tonumber(ARGV[1]) then redis.call('SET', KEYS[1], ARGV[1]) end
+return 1
 """
 BURY_LUA = _NOW_LUA + b"""
 -- Drop a member whose lease ran out (not one that renewed meanwhile).
@@ -274,6 +282,7 @@ class ClusterNode:
     RENEW = Script(RENEW_LUA)
     EXPIRED = Script(EXPIRED_LUA)
     BURY = Script(BURY_LUA)
+    RAISE_IDS = Script(RAISE_IDS_LUA)
 
     def __init__(self, hub: Any, link: RedisLink, node_id: Optional[str] = None,
                  maxlen: int = 10000) -> None:
@@ -282,7 +291,7 @@ class ClusterNode:
         self.link = link
         self.node = node_id or os.urandom(6).hex()
         self.streams = RoomStreams(link, maxlen=maxlen)
-        for script in (self.PUBLISH, self.JOIN, self.RENEW, self.EXPIRED, self.BURY):
+        for script in (self.PUBLISH, self.JOIN, self.RENEW, self.EXPIRED, self.BURY, self.RAISE_IDS):
             link.add_script(script.source)
         self.members_key = f"{self.streams.prefix}members"
         self.prefix = self.streams.prefix
@@ -919,6 +928,10 @@ class ClusterNode:
         if floor > self._id_floor:
             self._id_floor = max(floor, self._high_id)
             log.warning("cluster: Redis lost ids: new ones start above %d", self._id_floor)
+        # Redis's counter too, at once: a process that did not see the loss (its link was
+        # down while the lost writes were made) publishes with its own, lower floor. (One
+        # that publishes before this lands can still take a lost id: docs/cluster.md.)
+        self.RAISE_IDS.call(self.link, (self.ids_key,), (self._id_floor,), _ignore)
 
     def _forget_pending(self, why: str) -> None:
         """What we published before Redis lost its stream will never come round: every
@@ -1014,14 +1027,18 @@ class ClusterNode:
 
     def rules_problem(self, theirs: Dict[str, Any]) -> str:
         mine = self.rules()
+        # A rule newer than the sender (its snapshot has no such key) is taken at its default.
+        theirs = {**RULE_DEFAULTS, **theirs}
         differ = [f"{key} {mine.get(key)!r} here, {theirs.get(key)!r} there"
                   for key in sorted(set(mine) | set(theirs)) if mine.get(key) != theirs.get(key)]
         return "; ".join(differ)
 
-    def set_rules(self, operators: List[str], registration: bool) -> None:
-        """SIGHUP changed who operates or whether registration is open: every copy takes it
-        at one place in the order."""
-        self.submit({"k": "rules", "ops": sorted(operators), "reg": registration},
+    def set_rules(self, operators: List[str], registration: bool,
+                  max_accounts: Optional[int] = None) -> None:
+        """SIGHUP changed who operates, whether registration is open or the accounts cap:
+        every copy takes it at one place in the order."""
+        self.submit({"k": "rules", "ops": sorted(operators), "reg": registration,
+                     "max_accounts": max_accounts or self.chat.accounts.max_accounts},
                     refused=lambda exc: log.error("cluster: the new operators and registration "
                                                   "could not be sent: %s", exc.message))
 
@@ -1029,6 +1046,8 @@ class ClusterNode:
         accounts = self.chat.accounts
         accounts.operators = set(c["ops"])
         accounts.registration = bool(c["reg"])
+        if isinstance(c.get("max_accounts"), int) and c["max_accounts"] > 0:
+            accounts.max_accounts = c["max_accounts"]
         log.info("cluster: server operators %s; registration %s (from process %s)",
                  ", ".join(c["ops"]) or "none", "open" if c["reg"] else "closed", c["n"])
         return None

@@ -301,5 +301,5 @@ _APPLIERS: Dict[str, Callable[[Any, Any, Any], Optional[str]]] = {
     "password_file": _files,
     "tls_cert": _tls_files, "tls_key": _tls_files,
     "shutdown_grace": _plain,
-    "operators": _by_hook, "registration": _by_hook,
+    "operators": _by_hook, "registration": _by_hook, "max_accounts": _by_hook,
 }
