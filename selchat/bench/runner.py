@@ -38,7 +38,7 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from selchat.bench import cgen, loadgen, loginstorm
 from selchat.bench import cluster as cluster_point
@@ -231,37 +231,23 @@ def _run_load(case: Case, srv: RunningServer, opts: argparse.Namespace, out: Out
         samples[edge] = (time.monotonic(), srv.cpu_seconds(), srv.rss_kib(), machine_ticks())
         per_cpu[edge] = cpu_idle_ticks()
 
-    if case.kind == "latency":
-        cfg = loadgen.LoadConfig(
-            port=srv.port, receivers=case.size, senders=opts.latency_senders, duration=opts.duration,
-            warmup=opts.warmup, rate=opts.latency_rate,
-        )
-    elif case.kind == "irclatency":
+    # The latency points offer a fixed rate from their own senders; the others keep a window
+    # of messages in flight per sender. IRC points talk to the IRC port.
+    if case.kind in ("latency", "irclatency"):
+        load: Dict[str, Any] = dict(senders=opts.latency_senders, rate=opts.latency_rate)
+    else:
+        load = dict(senders=opts.senders, window=opts.window)
+    if case.kind in ("ircfanout", "irclatency"):
         if srv.irc_port is None:
             raise loadgen.GenError(f"{srv.spec.name} has no IRC port")
-        cfg = loadgen.LoadConfig(
-            port=srv.irc_port, receivers=case.size, senders=opts.latency_senders, duration=opts.duration,
-            warmup=opts.warmup, rate=opts.latency_rate, protocol="irc", drain_quiet=IRC_DRAIN_QUIET,
-        )
-    elif case.kind == "ircfanout":
-        if srv.irc_port is None:
-            raise loadgen.GenError(f"{srv.spec.name} has no IRC port")
-        cfg = loadgen.LoadConfig(
-            port=srv.irc_port, receivers=case.size, senders=opts.senders, duration=opts.duration,
-            warmup=opts.warmup, window=opts.window, protocol="irc", drain_quiet=IRC_DRAIN_QUIET,
-        )
+        load.update(port=srv.irc_port, protocol="irc", drain_quiet=IRC_DRAIN_QUIET)
     elif case.kind == "wsfanout":
         if srv.web_port is None or srv.port is None:
             raise loadgen.GenError(f"{srv.spec.name} has no web port and native port")
-        cfg = loadgen.LoadConfig(
-            port=srv.port, ws_port=srv.web_port, receivers=case.size, senders=opts.senders, duration=opts.duration,
-            warmup=opts.warmup, window=opts.window, protocol="ws",
-        )
+        load.update(port=srv.port, ws_port=srv.web_port, protocol="ws")
     else:
-        cfg = loadgen.LoadConfig(
-            port=srv.port, receivers=case.size, senders=opts.senders, duration=opts.duration,
-            warmup=opts.warmup, window=opts.window,
-        )
+        load.update(port=srv.port)
+    cfg = loadgen.LoadConfig(receivers=case.size, duration=opts.duration, warmup=opts.warmup, **load)
     if srv.spec.accounts:  # every member logs into its own account before the load
         cfg.account_password = ACCOUNT_PASSWORD
         cfg.register_timeout = _account_timeout(opts, cfg.receivers + cfg.senders)

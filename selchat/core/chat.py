@@ -392,9 +392,9 @@ class Chat:
             return self.change_nick(user, request.nick)  # type: ignore[union-attr]
         if kind is Who:
             room = self.rooms.get(fold(request.room))  # type: ignore[union-attr]
-            if room is not None and not self.may_see(user, room):
+            if room is None or not self.may_see(user, room):
                 return [reply(events.Names(request.room, ()), user)]  # type: ignore[union-attr]
-            return [reply(self.names(request.room), user)]  # type: ignore[union-attr]
+            return [reply(self._names(room), user)]
         if kind is ListRooms:
             return [reply(self.room_list(request.offset, user), user)]  # type: ignore[union-attr]
         if kind is HistoryRequest:

@@ -379,7 +379,7 @@ class ClusterNode:
         payload = json.dumps(body, separators=(",", ":")).encode()
         self.PUBLISH.call(self.link, (self.meta_key, self.stream_key, self.ids_key),
                           (self.channel, payload, self.streams.maxlen, new_epoch(),
-                           max(self._high_id, self.chat.last_id, self._id_floor)), done)
+                           max(self._high_id, self._id_floor)), done)
 
     def _published(self, seq: int, reply: Any) -> None:
         pending = self._pending.get(seq)
@@ -1033,12 +1033,11 @@ class ClusterNode:
                   for key in sorted(set(mine) | set(theirs)) if mine.get(key) != theirs.get(key)]
         return "; ".join(differ)
 
-    def set_rules(self, operators: List[str], registration: bool,
-                  max_accounts: Optional[int] = None) -> None:
+    def set_rules(self, operators: List[str], registration: bool, max_accounts: int) -> None:
         """SIGHUP changed who operates, whether registration is open or the accounts cap:
         every copy takes it at one place in the order."""
         self.submit({"k": "rules", "ops": sorted(operators), "reg": registration,
-                     "max_accounts": max_accounts or self.chat.accounts.max_accounts},
+                     "max_accounts": max_accounts},
                     refused=lambda exc: log.error("cluster: the new operators and registration "
                                                   "could not be sent: %s", exc.message))
 

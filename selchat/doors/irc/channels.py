@@ -17,7 +17,7 @@ from selchat.core.requests import InviteUser, JoinRoom, KickUser, PartRoom, SetM
 from selchat.doors.irc.numerics import Numeric as N
 from selchat.doors.irc.modes import parse_modes
 from selchat.doors.irc.parser import Line
-from selchat.doors.irc.queries import ERR_TOOMANYMATCHES, prefix
+from selchat.doors.irc.queries import ERR_TOOMANYMATCHES, prefix, visible_room
 from selchat.doors.irc.response import add_tag, batch_id
 from selchat.doors.irc.text import strip_formatting
 from selchat.hub import ChatError
@@ -77,13 +77,6 @@ def part(s: "IrcSession", line: Line) -> None:
             s.ask(PartRoom(name, cut or None))
 
 
-def visible_room(s: "IrcSession", name: str) -> "Optional[Room]":
-    """The room `name` as this connection may know it: a secret room it is not in is, to
-    it, a room that does not exist (403), whatever it asks of it (JOIN aside)."""
-    room = s.hub.find_room(name)
-    return room if room is not None and s.hub.may_see(s.user, room) else None
-
-
 def names(s: "IrcSession", line: Line) -> None:
     if not line.params:
         s.numeric(N.RPL_ENDOFNAMES, "*", "End of /NAMES list")
@@ -92,14 +85,14 @@ def names(s: "IrcSession", line: Line) -> None:
     if len(wanted) > 1:
         # Several channels: their lists, then one end naming them all (RFC 1459, 2812).
         for name in wanted:
-            room = s.hub.find_room(name)
-            if room is not None and s.hub.may_see(s.user, room):
+            room = visible_room(s, name)
+            if room is not None:
                 send_names(s, room, end=False)
         s.numeric(N.RPL_ENDOFNAMES, ",".join(wanted)[:300], "End of /NAMES list")
         return
     for name in wanted:
-        room = s.hub.find_room(name)
-        if room is None or not s.hub.may_see(s.user, room):  # (a secret one: as if absent)
+        room = visible_room(s, name)
+        if room is None:
             s.numeric(N.RPL_ENDOFNAMES, name[:64], "End of /NAMES list")
         else:
             send_names(s, room)

@@ -7,7 +7,7 @@ from the hub's queries for doors; AWAY is set through the hub.
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Iterable, List
+from typing import TYPE_CHECKING, Iterable, List, Optional
 
 from selchat import __version__
 from selchat.core.names import has_control_characters
@@ -76,14 +76,21 @@ def quit(s: "IrcSession", line: Line) -> None:
 # --- users ------------------------------------------------------------------------------------
 
 
+def visible_room(s: "IrcSession", name: str) -> "Optional[Room]":
+    """The room `name` as this connection may know it: a secret room it is not in is, to
+    it, a room that does not exist (403), whatever it asks of it (JOIN aside)."""
+    room = s.hub.find_room(name)
+    return room if room is not None and s.hub.may_see(s.user, room) else None
+
+
 def who(s: "IrcSession", line: Line) -> None:
     mask = (line.params[0].split() or ["*"])[0] if line.params else "*"
     hub = s.hub
     server = s.server
     rows: Iterable[tuple] = []
     if mask.startswith("#"):
-        room = hub.find_room(mask)
-        if room is not None and hub.may_see(s.user, room):
+        room = visible_room(s, mask)
+        if room is not None:
             rows = ((room, u) for u in room.members)
     else:
         matched: List[tuple] = []
