@@ -201,12 +201,17 @@ def test_a_message_to_an_offline_account_waits_for_its_next_login(start_server):
     again.assert_quiet()
 
 
+def remembered(srv: Any, prefix: str) -> "tuple[str, Client, str]":
+    """A new account logged in with `remember`: (its nick, the connection, the token)."""
+    nick = unique_nick(prefix)
+    registered_account(srv, nick).quit_and_close()
+    c, w = login(srv, nick, remember=True)
+    return nick, c, w["token"]
+
+
 def test_tokens_log_in_and_logout_revokes_them(start_server):
     srv = start_server("--rate", "0")
-    nick = unique_nick("tok")
-    registered_account(srv, nick).quit_and_close()
-    first, w = login(srv, nick, remember=True)
-    token = w["token"]
+    nick, first, token = remembered(srv, "tok")
     assert isinstance(token, str) and len(token) >= 32
     second = hello(srv, nick, {"account": nick, "token": token})
     assert welcomed(second)["account"] == nick
@@ -284,10 +289,7 @@ def test_a_password_change_ends_every_remember_me_token(start_server):
     """A token that leaked with the old password must not outlive it; the connections open
     now stay, and the new password logs in."""
     srv = start_server("--rate", "0")
-    nick = unique_nick("pt")
-    registered_account(srv, nick).quit_and_close()
-    phone, w = login(srv, nick, remember=True)
-    token = w["token"]
+    nick, phone, token = remembered(srv, "pt")
     phone.send(type="password", old=PASSWORD, new="another pass 2", ref="p")
     phone.expect("account", SLOW, account=nick, ref="p")
     stolen = hello(srv, unique_nick("t"), {"account": nick, "token": token})
@@ -300,10 +302,7 @@ def test_a_password_change_ends_every_remember_me_token(start_server):
 
 def test_a_password_change_with_remember_gives_this_device_a_new_token(start_server):
     srv = start_server("--rate", "0")
-    nick = unique_nick("pr")
-    registered_account(srv, nick).quit_and_close()
-    phone, w = login(srv, nick, remember=True)
-    old_token = w["token"]
+    nick, phone, old_token = remembered(srv, "pr")
     phone.send(type="password", old=PASSWORD, new="another pass 3", remember=True, ref="p")
     answer = phone.expect("account", SLOW, account=nick, ref="p")
     new_token = answer["token"]

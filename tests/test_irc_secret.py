@@ -15,19 +15,29 @@ from ircwire import IrcClient, irc_port  # noqa: E402
 OPTIONS = ("--irc-port", "0", "--rate", "0", "--max-per-ip", "0")
 
 
-def test_a_secret_channel_is_hidden_from_who_and_mode(start_server: Callable[..., object]) -> None:
-    port = irc_port(start_server(*OPTIONS))
-    op_nick, out_nick = unique_nick("op"), unique_nick("out")
-    room = unique_room("s")
+def secret_channel(port: int, modes: str = "+s", topic: str = "") -> "tuple[IrcClient, IrcClient, str]":
+    """An operator in a new channel set `modes` (+s...), with `topic`, and a registered
+    outsider: (operator, outsider, channel). Each client's label is its nick."""
+    op_nick, out_nick = unique_nick("sop"), unique_nick("sout")
+    room = unique_room("sec")
     op = IrcClient(port, label=op_nick)
     out = IrcClient(port, label=out_nick)
+    op.register(op_nick)
+    out.register(out_nick)
+    op.join(room)
+    op.send(f"MODE {room} {modes}")
+    op.wait_for("MODE", room)
+    if topic:
+        op.send(f"TOPIC {room} :{topic}")
+        op.wait_for("TOPIC", room)
+    op.barrier()
+    return op, out, room
+
+
+def test_a_secret_channel_is_hidden_from_who_and_mode(start_server: Callable[..., object]) -> None:
+    op, out, room = secret_channel(irc_port(start_server(*OPTIONS)), "+sb *!*@banned.example")
+    op_nick = op.label
     try:
-        op.register(op_nick)
-        out.register(out_nick)
-        op.join(room)
-        op.send(f"MODE {room} +sb *!*@banned.example")
-        op.wait_for("MODE", room)
-        op.barrier()
 
         out.send(f"WHO {room}")
         lines = out.until_numeric("315")
@@ -57,17 +67,9 @@ def test_changes_to_a_secret_channel_from_outside_answer_no_such_channel(
         start_server: Callable[..., object]) -> None:
     """PART, KICK, INVITE, TOPIC and MODE changes from a non-member get 403 (no such channel)
     as for a channel that does not exist, not 442 (which would say it does)."""
-    port = irc_port(start_server(*OPTIONS))
-    op_nick, out_nick = unique_nick("op"), unique_nick("out")
-    room = unique_room("s")
-    op = IrcClient(port, label=op_nick)
-    out = IrcClient(port, label=out_nick)
+    op, out, room = secret_channel(irc_port(start_server(*OPTIONS)))
+    op_nick, out_nick = op.label, out.label
     try:
-        op.register(op_nick)
-        out.register(out_nick)
-        op.join(room)
-        op.send(f"MODE {room} +s")
-        op.wait_for("MODE", room)
         for line in (f"PART {room}", f"KICK {room} {op_nick} :x", f"INVITE {op_nick} {room}",
                      f"TOPIC {room} :new topic", f"MODE {room} +o {out_nick}"):
             out.send(line)

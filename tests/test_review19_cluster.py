@@ -17,7 +17,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -27,13 +27,19 @@ from redisserver import RedisServer  # noqa: E402
 from test_cluster import OPEN, SLOW, cluster, join, redis  # noqa: E402,F401  (fixtures)
 
 
-def test_a_process_stopped_long_ago_is_not_waited_for_after_redis_comes_back_empty(
-        redis: RedisServer, cluster: Callable[..., ServerProcess]) -> None:
+def two_processes(cluster: Callable[..., ServerProcess]) -> "tuple[Any, ...]":
+    """Two processes, a user on each who has seen the other arrive: (p1, p2, a, b)."""
     p1 = cluster(*OPEN)
     p2 = cluster(*OPEN)
     a = p1.registered(unique_nick("a"))
     b = p2.registered(unique_nick("b"))
     a.wait_for("join", SLOW, nick=b.nick)
+    return p1, p2, a, b
+
+
+def test_a_process_stopped_long_ago_is_not_waited_for_after_redis_comes_back_empty(
+        redis: RedisServer, cluster: Callable[..., ServerProcess]) -> None:
+    p1, p2, a, b = two_processes(cluster)
     p2.stop()  # SIGTERM: a polite stop (its users quit for the others)
     a.wait_for("quit", SLOW, nick=b.nick)
     room = unique_room("floor")
@@ -60,11 +66,7 @@ def test_a_process_stopped_long_ago_is_not_waited_for_after_redis_comes_back_emp
 
 def test_a_process_that_died_with_redis_does_not_leave_ghosts(
         redis: RedisServer, cluster: Callable[..., ServerProcess]) -> None:
-    p1 = cluster(*OPEN)
-    p2 = cluster(*OPEN)
-    a = p1.registered(unique_nick("a"))
-    b = p2.registered(unique_nick("b"))
-    a.wait_for("join", SLOW, nick=b.nick)
+    p1, p2, a, b = two_processes(cluster)
     # One machine goes down: Redis and the second process with it.
     p2.signal(signal.SIGKILL)
     p2.wait_exit(SLOW)

@@ -11,36 +11,18 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from conftest import unique_nick, unique_room  # noqa: E402
-from ircwire import IrcClient, irc_port  # noqa: E402
+from ircwire import irc_port  # noqa: E402
+from test_irc_secret import secret_channel  # noqa: E402
 
 OPTIONS = ("--irc-port", "0", "--rate", "0", "--max-per-ip", "0")
 
 
-def _secret_room(port: int, topic: str = "") -> "tuple[IrcClient, IrcClient, str]":
-    op_nick, out_nick = unique_nick("sop"), unique_nick("sout")
-    room = unique_room("sec")
-    op = IrcClient(port, label=op_nick)
-    out = IrcClient(port, label=out_nick)
-    op.register(op_nick)
-    out.register(out_nick)
-    op.join(room)
-    op.send(f"MODE {room} +s")
-    op.wait_for("MODE", room)
-    if topic:
-        op.send(f"TOPIC {room} :{topic}")
-        op.wait_for("TOPIC", room)
-    op.barrier()
-    return op, out, room
-
-
 def test_names_of_a_secret_channel_shows_nobody_outside_it(start_server: Callable[..., object]) -> None:
     port = irc_port(start_server(*OPTIONS))
-    op, out, room = _secret_room(port)
+    op, out, room = secret_channel(port)
     try:
         out.send(f"NAMES {room}")
         lines = out.until_numeric("366")
@@ -56,7 +38,7 @@ def test_names_of_a_secret_channel_shows_nobody_outside_it(start_server: Callabl
 
 def test_topic_of_a_secret_channel_is_not_shown_outside_it(start_server: Callable[..., object]) -> None:
     port = irc_port(start_server(*OPTIONS))
-    op, out, room = _secret_room(port, topic="the plan nobody may read")
+    op, out, room = secret_channel(port, topic="the plan nobody may read")
     try:
         out.send(f"TOPIC {room}")
         lines = out.barrier()
