@@ -84,8 +84,8 @@ class Server:
             started_ms=int(time.time() * 1000),
             operators=operators,
             registration=config.registration,
+            max_accounts=config.max_accounts,
         )
-        self.chat.accounts.max_accounts = config.max_accounts
         self.hub = Hub(self.chat, self.reactor)
         self.hub.kdf = LazyKdf(self.reactor, config.kdf_workers)
         # --redis: one chat with every process on that Redis (selchat.links.cluster). The

@@ -101,11 +101,11 @@ class Accounts:
     """The accounts the server knows, over the store's directory."""
 
     def __init__(self, directory: object, operators: Iterable[str] = (),
-                 registration: bool = True) -> None:
+                 registration: bool = True, max_accounts: int = MAX_ACCOUNTS) -> None:
         self.directory = directory
         self.operators: Set[str] = {fold(name) for name in operators}
         self.registration = registration
-        self.max_accounts = MAX_ACCOUNTS
+        self.max_accounts = max_accounts
         self.throttle = LoginThrottle()
         # The next token to issue, when it was drawn elsewhere (with --redis, by the process
         # that asked: every process's copy keeps the same one); None: drawn here.

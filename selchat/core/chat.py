@@ -56,6 +56,7 @@ from selchat.core.store import Directory, StoreError, pair_key
 from selchat.defaults import (
     HISTORY_ON_JOIN,
     LOBBY,
+    MAX_ACCOUNTS,
     MAX_PRESENCE,
     MAX_ROOMS,
     MAX_ROOMS_PER_USER,
@@ -240,6 +241,7 @@ class Chat:
         started_ms: int = 0,
         operators: Iterable[str] = (),
         registration: bool = True,
+        max_accounts: int = MAX_ACCOUNTS,
     ) -> None:
         self.store = store
         self.server_name = server_name
@@ -258,7 +260,7 @@ class Chat:
         self.rooms: Dict[str, Room] = {}
         directory = getattr(store, "directory", None)
         self.directory: Directory = directory if directory is not None else Directory()
-        self.accounts = Accounts(self.directory, operators, registration)
+        self.accounts = Accounts(self.directory, operators, registration, max_accounts)
         self.online: Dict[str, User] = {}  # account key -> the user logged into it
         self.index = RoomIndex()  # the rooms by size and by name, kept up to date
         self.lobby = self._room(LOBBY, started_ms)  # made by the server when it starts
