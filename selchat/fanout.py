@@ -28,11 +28,11 @@ from selchat.loop.transport import Transport
 class _Entry:
     __slots__ = ("message", "sender", "ref", "echo")
 
-    def __init__(self, message: Message, sender: Any) -> None:
+    def __init__(self, message: Message, sender: Any, ref: Any = None, echo: bool = False) -> None:
         self.message = message
         self.sender = sender  # the connection that said it (its copy is its own)
-        self.ref: Any = None
-        self.echo = False  # the sender gets its own copy in the batch
+        self.ref = ref
+        self.echo = echo  # the sender gets its own copy in the batch
 
 
 class Fanout:
@@ -94,6 +94,16 @@ class Fanout:
                     transport = session.transport
                     for data in frames:
                         transport.write(data)
+
+    def room_message(self, room: Room, message: Message, sender: Any, ref: Any) -> None:
+        """A message said by `sender`, a connection of a member of `room`: into the batch, with
+        the sender's own copy (its `ref`) in it. The same as `deliver` makes of `Chat.say`'s
+        deliveries for a member, without making them."""
+        if room is not self._room:
+            if self._entries:
+                self.flush()
+            self._room = room
+        self._entries.append(_Entry(message, sender, ref, True))
 
     def send(self, transport: Any, data: bytes) -> None:
         """Queue bytes a session writes by itself (an answer, an error, a ping) after whatever

@@ -23,7 +23,7 @@ import secrets
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from selchat.core.chat import Chat, ChatError, Room, User
+from selchat.core.chat import Chat, ChatError, Room, User, said
 from selchat.core.events import Message
 from selchat.core.names import fold
 from selchat.core.passwords import ScramCredentials, password_problem, scram_credentials
@@ -187,13 +187,22 @@ class Hub:
                 body = {"k": "req", "s": sid, "r": cluster_request(request), "t": self.wall_ms()}
             cluster.submit(body, session, ref, refused=refused, job=True)
             return True
+        if kind is Say:
+            # The busy case, without the generic deliveries: a member's message joins the pass's
+            # room batch directly (what `Fanout.deliver` would make of `Chat.say`'s two).
+            room, message = self.chat.say_message(
+                user, request.room, request.text, self.wall_ms(), request.action,  # type: ignore[union-attr]
+                request.notice, request.client_tags)  # type: ignore[union-attr]
+            if user in room.members:
+                self.fanout.room_message(room, message, session, ref)
+            else:  # (IRC's -n: a sender outside the room is answered apart)
+                self._deliver(said(room, message, user), ref, session)
+            self._said.append((session, ref, message.id))
+            return False
         if kind is Kill:
             self._kill(user, request, ref, session)  # type: ignore[arg-type]
             return False
-        deliveries = self.chat.handle(user, request, self.wall_ms())
-        self._deliver(deliveries, ref, session)
-        if kind is Say:
-            self._said.append((session, ref, deliveries[0].event.id))  # type: ignore[union-attr]
+        self._deliver(self.chat.handle(user, request, self.wall_ms()), ref, session)
         return False
 
     def leave(self, user: User, reason: Optional[str], session: Any = None) -> None:

@@ -215,6 +215,11 @@ def mirror(event: events.Event, user: User) -> Delivery:
     return Delivery(event, (user,), reply=True, mirror=True)
 
 
+def said(room: "Room", message: events.Message, user: "User") -> List[Delivery]:
+    """Where a room message goes: every member but its sender, and the sender's own copy."""
+    return [Delivery(message, room.members, skip=user, room=room), mirror(message, user)]
+
+
 def _noop() -> None:
     pass
 
@@ -430,6 +435,14 @@ class Chat:
     def say(self, user: User, room_name: str, text: str, now_ms: int,
             action: bool = False, notice: bool = False,
             client_tags: Tuple[Tuple[str, str], ...] = ()) -> List[Delivery]:
+        room, message = self.say_message(user, room_name, text, now_ms, action, notice, client_tags)
+        return said(room, message, user)
+
+    def say_message(self, user: User, room_name: str, text: str, now_ms: int,
+                    action: bool = False, notice: bool = False,
+                    client_tags: Tuple[Tuple[str, str], ...] = ()) -> Tuple[Room, events.Message]:
+        """The rule of a room message, once: the room and the message, stored. `say` makes its
+        deliveries; the hub, for a sender in the room (the busy case), batches it directly."""
         room = user.rooms.get(fold(room_name))
         if room is None:
             room = self.rooms.get(fold(room_name))
@@ -445,8 +458,9 @@ class Chat:
         self.store.add(message)
         if self.stored is not None:
             self.stored(room.name.lower(), message)  # (the store's key for a room)
-        self._forget_recent(room)
-        return [Delivery(message, room.members, skip=user, room=room), mirror(message, user)]
+        if room.recent_cache is not None:
+            self._forget_recent(room)
+        return room, message
 
     def _may_speak(self, user: User, room: Room) -> bool:
         if user in room.operators or user in room.voiced or self.accounts.is_operator(user.account_key):

@@ -13,7 +13,9 @@ Two kinds of peer fault are kept apart because the server treats them differentl
 from __future__ import annotations
 
 import json
+import json.scanner
 import re
+from json import encoder as _json_encoder
 import struct
 from typing import Any, Dict, Optional
 
@@ -174,6 +176,19 @@ def encode_json(value: Any) -> bytes:
     return _dumps(value).encode("utf-8")
 
 
+# A str as a JSON string, as every frame writes it (`_dumps` uses the same function).
+quote_json = _json_encoder.encode_basestring
+
+
+def encode_payload(text: str, max_frame: int = MAX_FRAME) -> bytes:
+    """A payload already written as JSON text (by template) as a complete frame."""
+    try:
+        payload = text.encode("utf-8")
+    except UnicodeEncodeError as exc:  # a lone surrogate
+        raise EncodeError(f"cannot encode frame: {exc}") from exc
+    return frame(payload, max_frame)
+
+
 def encode(obj: Dict[str, Any], max_frame: int = MAX_FRAME) -> bytes:
     """Encode one JSON object as a complete frame (prefix included)."""
     try:
@@ -188,7 +203,12 @@ def _reject_constant(name: str) -> Any:
 
 
 # Made once: `json.loads` with an option builds a new decoder per call.
-_decode_json = json.JSONDecoder(parse_constant=_reject_constant).decode
+_decoder = json.JSONDecoder(parse_constant=_reject_constant)
+_decode_json = _decoder.decode
+# The decoder's C scanner, called directly for a payload that is one object and nothing else
+# (every request of a well-behaved client): the same parse without `decode`'s two Python
+# layers. Anything else (whitespace around it, garbage) takes `_decode_json`, which says why.
+_scan = json.scanner.make_scanner(_decoder)
 
 # A JSON escape that names half of a surrogate pair. Python's json accepts it and yields a str
 # that cannot be written back as UTF-8, so such payloads are refused as not being valid text.
@@ -216,8 +236,10 @@ def decode(payload: bytes) -> Dict[str, Any]:
     except UnicodeDecodeError:
         raise PayloadError("payload is not valid UTF-8") from None
     try:
-        obj = _decode_json(text)
-    except (ValueError, RecursionError):
+        obj, end = _scan(text, 0) if text[:1] == "{" else (None, -1)
+        if end != len(text):
+            obj = _decode_json(text)
+    except (StopIteration, ValueError, RecursionError):
         raise PayloadError("payload is not valid JSON") from None
     if not isinstance(obj, dict):
         raise PayloadError("payload is not a JSON object")

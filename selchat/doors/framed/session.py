@@ -15,7 +15,7 @@ from typing import Any, Dict, List, Optional
 from selchat.core import events
 from selchat.core.events import Message
 from selchat.doors.framed import codec
-from selchat.doors.framed.protocol import encode_event, message_object
+from selchat.doors.framed.protocol import encode_event, message_frame
 from selchat.doors.jsonsession import REFUSALS, JsonDoor, JsonSession
 from selchat.loop.transport import Transport
 
@@ -38,7 +38,7 @@ class FramedWire:
         return encode_event(event, None, self.max_frame)
 
     def message(self, msg: Message) -> bytes:
-        return codec.encode(message_object(msg), self.max_frame)
+        return message_frame(msg, self.max_frame)
 
     def frames(self, event: events.Event, ref: Any, limits: Optional[Dict[str, Any]] = None) -> List[bytes]:
         """One session's own copy of `event` (with its `ref`, and the limits in a welcome)."""

@@ -29,7 +29,7 @@ from wsproto.frame_protocol import FrameProtocol
 from selchat.core import events
 from selchat.core.events import Message
 from selchat.doors.framed import codec
-from selchat.doors.framed.protocol import Page, encode_event, message_object
+from selchat.doors.framed.protocol import Page, encode_event, message_frame
 from selchat.doors.jsonsession import (
     CLOSE_PROTOCOL_ERROR,
     CLOSE_TOO_BIG,
@@ -77,7 +77,7 @@ class WebWire:
         return [self._from_framed(f) for f in encode_event(event, None, self.max_frame)]
 
     def message(self, msg: Message) -> bytes:
-        return self._from_framed(codec.encode(message_object(msg), self.max_frame))
+        return self._from_framed(message_frame(msg, self.max_frame))
 
     def frames(self, event: events.Event, ref: Any, limits: Optional[Dict[str, Any]] = None) -> List[bytes]:
         """One session's own copy of `event`, with its `ref` (and the limits in a welcome)."""

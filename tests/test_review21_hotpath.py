@@ -1,0 +1,150 @@
+"""The shortcuts of the message path (issue 19) say exactly what the general path says.
+
+* a room message's frame is written by template (`message_frame`): the same bytes as encoding
+  its object, for every message, and the same refusal for text that cannot be UTF-8;
+* a request is parsed by the JSON scanner directly when it is one object and nothing else:
+  the same objects and the same refusals as the full decoder, for any text;
+* a member's message goes into the room batch without the generic deliveries: the sender,
+  its other connection and another member get what they got before.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from selchat.core.events import Message
+from selchat.doors.framed import codec
+from selchat.doors.framed.protocol import message_frame, message_object
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from conftest import unique_nick  # noqa: E402
+from test_accounts import PASSWORD, SLOW, registered_account, welcomed  # noqa: E402
+
+texts = st.text(min_size=0, max_size=40)
+ints = st.integers(min_value=0, max_value=2 ** 53)
+
+
+@st.composite
+def messages(draw: Any) -> Message:
+    in_room = draw(st.booleans())
+    return Message(draw(ints), draw(ints), draw(texts), draw(texts),
+                   draw(texts) if in_room else None,
+                   None if in_room else draw(st.one_of(st.none(), texts)),
+                   draw(st.booleans()), draw(st.booleans()), draw(texts), (),
+                   draw(st.one_of(st.none(), texts)))
+
+
+def _general(msg: Message) -> Any:
+    try:
+        return codec.encode(message_object(msg), 1 << 20)
+    except codec.EncodeError:
+        return "refused"
+
+
+def _template(msg: Message) -> Any:
+    try:
+        return message_frame(msg, 1 << 20)
+    except codec.EncodeError:
+        return "refused"
+
+
+@settings(max_examples=400, deadline=None)
+@given(messages())
+def test_message_frame_is_the_encoded_object(msg: Message) -> None:
+    assert _template(msg) == _general(msg)
+
+
+def test_message_frame_refuses_what_encode_refuses() -> None:
+    lone = Message(1, 2, "a", "bad \ud800 text", "#r")
+    assert _template(lone) == _general(lone) == "refused"
+    big = Message(1, 2, "a", "x" * 200, "#r")
+    with pytest.raises(codec.EncodeError):
+        message_frame(big, 64)
+
+
+def _reference_decode(payload: bytes) -> Any:
+    """What `decode` said before the scanner shortcut: the full decoder, then the same checks."""
+    try:
+        text = payload.decode("utf-8")
+    except UnicodeDecodeError:
+        return "refused"
+    try:
+        obj = json.JSONDecoder(parse_constant=lambda name: (_ for _ in ()).throw(ValueError(name))).decode(text)
+    except (ValueError, RecursionError):
+        return "refused"
+    if not isinstance(obj, dict) or not isinstance(obj.get("type"), str):
+        return "refused"
+    return obj
+
+
+def _decode(payload: bytes) -> Any:
+    try:
+        obj = codec.decode(payload)
+    except codec.PayloadError:
+        return "refused"
+    return obj
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | texts,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(texts, inner, max_size=3),
+    max_leaves=8)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.dictionaries(texts, json_values, max_size=4), st.sampled_from(["", " ", "\n", " x", "{}", "]"]),
+       st.sampled_from(["", " ", "\t"]), st.booleans())
+def test_decode_matches_the_full_decoder(obj: Any, tail: str, head: str, typed: bool) -> None:
+    if typed:
+        obj = dict(obj, type="say")
+    payload = (head + json.dumps(obj) + tail).encode()
+    assert _decode(payload) == _reference_decode(payload)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=40))
+def test_decode_of_any_bytes_matches_the_full_decoder(payload: bytes) -> None:
+    payload = b"{" + payload
+    assert _decode(payload) == _reference_decode(payload)
+
+
+@pytest.mark.parametrize("payload", [b'{"type":"say","x":NaN}', b'{"type":"say","x":Infinity}',
+                                     b'{"type":"say"}{"type":"say"}', b'{"type":"say"', b"{",
+                                     b'{"type":1}', b'{"type":"a","t":"\\ud800"}'])
+def test_decode_refuses_what_it_refused(payload: bytes) -> None:
+    assert _decode(payload) == "refused"
+
+
+def test_a_members_message_reaches_its_other_connection_and_the_room(start_server: Any) -> None:
+    """The sender's copy carries its ref; its other connection and another member get the
+    common copy, without it; nobody gets one twice."""
+    srv = start_server("--rate", "0", "--max-per-ip", "0", "--register-rate", "0")
+    nick = unique_nick("two")
+    registered_account(srv, nick).quit_and_close()
+    phone, laptop = srv.client(), srv.client()
+    for c in (phone, laptop):
+        c.send(type="hello", nick=nick, login={"account": nick, "password": PASSWORD})
+        welcomed(c)
+    friend = srv.registered(unique_nick("fr"))
+    for i in range(3):
+        phone.send(type="say", room="#lobby", text=f"from the phone {i}", ref=f"r{i}")
+    for i in range(3):
+        mine = phone.wait_for("message", SLOW, text=f"from the phone {i}")[0]
+        assert mine["ref"] == f"r{i}" and mine["from"] == nick
+        for other in (laptop, friend):
+            got = other.wait_for("message", SLOW, text=f"from the phone {i}")[0]
+            assert "ref" not in got and got["id"] == mine["id"]
+    friend.send(type="ping", token="done")
+    friend.wait_for("pong", SLOW, token="done")
+    phone.send(type="ping", token="done")
+    phone.wait_for("pong", SLOW, token="done")
+    for c in (phone, laptop, friend):
+        c.assert_quiet()
