@@ -27,6 +27,7 @@ from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily, Hist
                                     InfoMetricFamily)
 
 from selchat import __version__
+from selchat.core.requests import Say
 
 ORDER_MEASURE = 99  # a before-sleep hook after the writer (90): the pass's work is done
 
@@ -138,11 +139,26 @@ class ServerMetrics:
         chat = server.chat
         requests, refused = self.requests, self.refused_requests
         handle, register, disconnect = chat.handle, chat.register, chat.disconnect
+        say_message = chat.say_message
 
         totals = self._totals
 
+        def counted_say(user: Any, *args: Any) -> Any:
+            # A room message, however it came (the hub calls this directly for a member): its
+            # deliveries are the room's other members and the sender's own copy.
+            try:
+                room, message = say_message(user, *args)
+            except Exception:
+                refused[Say] = refused.get(Say, 0) + 1
+                raise
+            requests[Say] = requests.get(Say, 0) + 1
+            totals[0] += len(room.members)
+            return room, message
+
         def counted_handle(user: Any, request: Any, now_ms: int) -> Any:
             # Once per request: a dict update and a len() per event, never a walk over users.
+            if type(request) is Say:
+                return handle(user, request, now_ms)  # (counted by `counted_say`)
             try:
                 deliveries = handle(user, request, now_ms)
             except Exception:
@@ -172,6 +188,7 @@ class ServerMetrics:
             return deliveries
 
         chat.handle = counted_handle
+        chat.say_message = counted_say
         chat.register = counted_register
         chat.disconnect = counted_disconnect
 
