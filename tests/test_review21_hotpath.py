@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 from selchat.core.events import Message
 from selchat.doors.framed import codec
-from selchat.doors.framed.protocol import message_frame, message_object
+from selchat.doors.framed.protocol import encode_event, message_frame, message_object
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -42,24 +42,29 @@ def messages(draw: Any) -> Message:
                    draw(st.one_of(st.none(), texts)))
 
 
-def _general(msg: Message) -> Any:
+def _general(msg: Message, ref: Any = None) -> Any:
     try:
-        return codec.encode(message_object(msg), 1 << 20)
+        return encode_event(msg, ref, 1 << 20)[0]
     except codec.EncodeError:
         return "refused"
 
 
-def _template(msg: Message) -> Any:
+def _template(msg: Message, ref: Any = None) -> Any:
     try:
-        return message_frame(msg, 1 << 20)
+        return message_frame(msg, 1 << 20, ref)
     except codec.EncodeError:
         return "refused"
+
+
+refs = st.one_of(st.none(), texts, st.integers(min_value=-2 ** 70, max_value=2 ** 70))
 
 
 @settings(max_examples=400, deadline=None)
-@given(messages())
-def test_message_frame_is_the_encoded_object(msg: Message) -> None:
-    assert _template(msg) == _general(msg)
+@given(messages(), refs)
+def test_message_frame_is_the_encoded_event(msg: Message, ref: Any) -> None:
+    assert _template(msg, ref) == _general(msg, ref)
+    if ref is None:
+        assert _template(msg) == codec.encode(message_object(msg), 1 << 20)
 
 
 def test_message_frame_refuses_what_encode_refuses() -> None:
@@ -148,3 +153,30 @@ def test_a_members_message_reaches_its_other_connection_and_the_room(start_serve
     phone.wait_for("pong", SLOW, token="done")
     for c in (phone, laptop, friend):
         c.assert_quiet()
+
+
+say_members = st.fixed_dictionaries({}, optional={
+    "room": st.one_of(st.sampled_from(["#lobby", "#a-b_c", "lobby", "#", "#" + "r" * 60, "#x y"]),
+                      json_values),
+    "text": st.one_of(texts, st.sampled_from(["hi", " ", "\x07bell", "a\u202eb", "x" * 500]), json_values),
+    "action": st.one_of(st.booleans(), json_values),
+    "ref": st.one_of(st.none(), texts, st.integers(), st.booleans(), st.text(min_size=60, max_size=80),
+                     json_values),
+    "extra": json_values})
+
+
+@settings(max_examples=600, deadline=None)
+@given(say_members)
+def test_quick_say_takes_exactly_what_parse_takes(members: Any) -> None:
+    from selchat.core.requests import Say
+    from selchat.doors.framed.protocol import Parser, ProtocolError
+    parser = Parser(max_text=400, ref_max_bytes=64)
+    obj = dict(members, type="say")
+    quick = parser.quick_say(obj)
+    try:
+        request, ref = parser.parse(obj)
+    except ProtocolError:
+        assert quick is None
+        return
+    assert quick == (request.room, request.text, request.action, ref)
+    assert request == Say(request.room, request.text, request.action)

@@ -37,8 +37,8 @@ class FramedWire:
     def encode(self, event: events.Event) -> List[bytes]:
         return encode_event(event, None, self.max_frame)
 
-    def message(self, msg: Message) -> bytes:
-        return message_frame(msg, self.max_frame)
+    def message(self, msg: Message, ref: Any = None) -> bytes:
+        return message_frame(msg, self.max_frame, ref)
 
     def frames(self, event: events.Event, ref: Any, limits: Optional[Dict[str, Any]] = None) -> List[bytes]:
         """One session's own copy of `event` (with its `ref`, and the limits in a welcome)."""

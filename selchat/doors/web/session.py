@@ -76,8 +76,8 @@ class WebWire:
     def encode(self, event: events.Event) -> List[bytes]:
         return [self._from_framed(f) for f in encode_event(event, None, self.max_frame)]
 
-    def message(self, msg: Message) -> bytes:
-        return self._from_framed(message_frame(msg, self.max_frame))
+    def message(self, msg: Message, ref: Any = None) -> bytes:
+        return self._from_framed(message_frame(msg, self.max_frame, ref))
 
     def frames(self, event: events.Event, ref: Any, limits: Optional[Dict[str, Any]] = None) -> List[bytes]:
         """One session's own copy of `event`, with its `ref` (and the limits in a welcome)."""
