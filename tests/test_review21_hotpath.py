@@ -180,3 +180,74 @@ def test_quick_say_takes_exactly_what_parse_takes(members: Any) -> None:
         return
     assert quick == (request.room, request.text, request.action, ref)
     assert request == Say(request.room, request.text, request.action)
+
+
+class _FakeIrc:
+    """What `privmsg` and `quick_privmsg` use of an IRC session, recording what they do."""
+
+    def __init__(self, bot: bool, rooms: Any) -> None:
+        from types import SimpleNamespace
+        self.bot = bot
+        self.caps = {"message-tags"}
+        self.door = SimpleNamespace(max_text=120)
+        self.user = SimpleNamespace(nick="nick", userhost="ident@host.example", away=None)
+        self.hub = SimpleNamespace(find_room=lambda name: name.lower() if name.lower() in rooms else None,
+                                   find_user=lambda name: None)
+        self.did: list = []
+
+    def ask(self, request: Any, pending: str = "", refused: Any = None) -> None:
+        self.did.append(("ask", request))
+
+    def numeric(self, *args: Any) -> None:
+        self.did.append(("numeric", args))
+
+    def fail(self, *args: Any, **kw: Any) -> None:
+        self.did.append(("fail", args))
+
+
+irc_lines_any = st.builds(
+    lambda cmd, sep, target, colon, text: (cmd + sep + target + colon + text).encode("utf-8", "surrogatepass"),
+    st.sampled_from(["PRIVMSG", "privmsg", "NOTICE", "@label=x PRIVMSG", ":src PRIVMSG"]),
+    st.sampled_from([" ", "  "]),
+    st.sampled_from(["#lobby", "#LOBBY", "#none", "#lobby,#x", "nick", "#lobby ", "#", "#lo:bby"]),
+    st.sampled_from([" :", " ::", " ", ""]),
+    st.one_of(texts, st.sampled_from(["hi", "\x01ACTION waves\x01", "\x02bold\x02", " ", "x" * 130,
+                                      "x" * 480, "a\tb", "é", "\x7f"])))
+
+
+irc_lines_plain = st.builds(
+    lambda target, text: f"PRIVMSG {target} :{text}".encode("utf-8", "surrogatepass"),
+    st.sampled_from(["#lobby", "#LOBBY", "#none", "#lobby,#x", "#lo:bby"]),
+    st.one_of(st.text(alphabet=st.characters(min_codepoint=1, max_codepoint=127), max_size=40),
+              st.sampled_from(["hi", "a\tb", "x" * 480, ":colon", "\x01ACTION waves\x01"])))
+irc_lines = st.one_of(irc_lines_plain, irc_lines_any)
+
+
+@settings(max_examples=600, deadline=None)
+@given(irc_lines, st.booleans())
+def test_quick_privmsg_does_what_privmsg_does(raw: bytes, bot: bool) -> None:
+    from selchat.core.requests import Say
+    from selchat.doors.irc.messaging import privmsg, quick_privmsg
+    from selchat.doors.irc.parser import IrcParseError, parse_line
+    quick = _FakeIrc(bot, {"#lobby"})
+    taken = quick_privmsg(quick, raw)  # type: ignore[arg-type]
+    if not taken:
+        assert quick.did == []  # a line it leaves is left untouched
+        return
+    general = _FakeIrc(bot, {"#lobby"})
+    try:
+        line = parse_line(raw)
+    except IrcParseError:
+        raise AssertionError(f"quick took a line the parser refuses: {raw!r}")
+    assert line.command == "PRIVMSG" and not line.tags and line.source is None
+    privmsg(general, line)  # type: ignore[arg-type]
+    assert quick.did == general.did
+    assert len(quick.did) == 1 and type(quick.did[0][1]) is Say
+    assert quick.did[0][1] == Say(line.params[0], line.params[1])
+
+
+def test_quick_privmsg_takes_the_plain_case() -> None:
+    from selchat.doors.irc.messaging import quick_privmsg
+    fake = _FakeIrc(False, {"#lobby"})
+    assert quick_privmsg(fake, b"PRIVMSG #lobby :hello there")  # type: ignore[arg-type]
+    assert fake.did[0][1].room == "#lobby" and fake.did[0][1].text == "hello there"

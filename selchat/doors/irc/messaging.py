@@ -62,11 +62,7 @@ def _message(s: "IrcSession", line: Line, notice: bool) -> None:
             s.numeric(N.ERR_NOTEXTTOSEND, "No text to send")
         return
     text = line.params[1]
-    # What the recipients get is our source prefix plus this text: if that cannot be one
-    # line of 512 bytes, the message is refused whole (417) rather than cut or split, as
-    # an IRC server does; only texts from other doors (which may be long) are split.
-    prefix = len(f":{user.nick}!{user.userhost} {line.command} {line.params[0]} :".encode())
-    if prefix + (len(text) if text.isascii() else len(text.encode("utf-8", "replace"))) > 510:
+    if not _fits(user, line.command, line.params[0], text):
         if not quiet:
             s.numeric(N.ERR_INPUTTOOLONG, "Input line was too long")
         return
@@ -124,6 +120,38 @@ def _message(s: "IrcSession", line: Line, notice: bool) -> None:
             to = hub.find_user(target)
             if to is not None and to.away:
                 s.numeric(N.RPL_AWAY, to.nick, to.away)
+
+
+def _fits(user: Any, command: str, targets: str, text: str) -> bool:
+    """What the recipients get is our source prefix plus this text: if that cannot be one line
+    of 512 bytes, the message is refused whole (417) rather than cut or split, as an IRC
+    server does; only texts from other doors (which may be long) are split."""
+    prefix = len(f":{user.nick}!{user.userhost} {command} {targets} :".encode())
+    return prefix + (len(text) if text.isascii() else len(text.encode("utf-8", "replace"))) <= 510
+
+
+def quick_privmsg(s: "IrcSession", raw: bytes) -> bool:
+    """The busiest line, `PRIVMSG #room :text` with nothing unusual in it, carried out as
+    `privmsg` would without parsing it into a `Line`: no tags, no source, one target, printable
+    ASCII text (so no CTCP and no formatting to strip) that the chat's text rule takes, a
+    channel that exists, a client that is not a bot. False: the line was left untouched, for
+    the general path. tests/test_review21_hotpath.py holds the two paths to the same result."""
+    if not raw.startswith(b"PRIVMSG #") or not raw.isascii() or s.bot:
+        return False
+    line = raw.decode("ascii")
+    colon = line.find(" :", 9)
+    if colon < 0:
+        return False
+    target = line[8:colon]
+    text = line[colon + 2:]
+    if (not text or " " in target or "," in target or not text.isprintable()
+            or text_problem(text, s.door.max_text) is not None):
+        return False
+    user = s.user
+    if user is None or not _fits(user, "PRIVMSG", target, text) or s.hub.find_room(target) is None:
+        return False
+    s.ask(Say(target, text), refused=lambda exc: _refused(s, "PRIVMSG", target, exc))
+    return True
 
 
 def _tag_refused(s: "IrcSession", target: str, exc: ChatError) -> None:

@@ -36,7 +36,7 @@ from selchat.defaults import HISTORY_LIMIT_MAX, NICK_MAX, ROOM_MAX
 from selchat.doors.base import DoorSession
 from selchat.doors.irc import commands, replies
 from selchat.doors.irc.channels import ListStream
-from selchat.doors.irc.messaging import TARGMAX
+from selchat.doors.irc.messaging import TARGMAX, quick_privmsg
 from selchat.doors.irc.monitor import MONLIST, Watchers
 from selchat.doors.irc.numerics import Numeric as N
 from selchat.doors.irc.parser import TOO_LONG, IrcParseError, Line, LineDecoder, parse_line
@@ -389,6 +389,8 @@ class IrcSession(DoorSession):
             self._answer_start = self._billed = self._produced
             if item is TOO_LONG:
                 self.numeric(N.ERR_INPUTTOOLONG, "Input line was too long")
+            elif quick_privmsg(self, item):  # type: ignore[arg-type]
+                pass  # a plain message to a channel, carried out as PRIVMSG would be
             else:
                 try:
                     line = parse_line(item)  # type: ignore[arg-type]
