@@ -125,7 +125,13 @@ class Fanout:
             return
         self._entries = []
         self._room = None
-        senders = {e.sender for e in entries}
+        senders: Dict[Any, List[int]] = {}  # sender -> where its own messages are in the batch
+        for i, e in enumerate(entries):
+            mine_at = senders.get(e.sender)
+            if mine_at is None:
+                senders[e.sender] = [i]
+            else:
+                mine_at.append(i)
         parts: Dict[Any, List[bytes]] = {}  # wire -> each entry's bytes in that format
         groups: Dict[Any, List[Any]] = {}  # wire -> the transports of the members of that format
         last_wire: Any = None
@@ -133,16 +139,19 @@ class Fanout:
         for user in room.members:
             for session in user.sessions:
                 wire = session.wire
-                if session in senders:
+                own_at = senders.get(session)
+                if own_at is not None:
                     transport = session.transport
                     if not transport.accepting:
                         continue
                     mine = parts.get(wire)
                     if mine is None:
                         mine = parts[wire] = [wire.message(e.message) for e in entries]
-                    data = b"".join([
-                        (session.own_message(e.message, e.ref, mine[i]) if e.echo else b"")
-                        if e.sender is session else mine[i] for i, e in enumerate(entries)])
+                    pieces = list(mine)
+                    for i in own_at:
+                        e = entries[i]
+                        pieces[i] = session.own_message(e.message, e.ref, mine[i]) if e.echo else b""
+                    data = b"".join(pieces)
                     if data:
                         transport.write(data)
                     continue
