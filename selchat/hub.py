@@ -34,7 +34,7 @@ from selchat.defaults import REQUESTS_PER_PASS
 from selchat.fanout import Fanout
 from selchat.loop import ratelog
 from selchat.loop.pacing import Pacer
-from selchat.loop.reactor import ORDER_COMMIT, ORDER_SETTLE, Reactor
+from selchat.loop.reactor import ORDER_AFTER_WRITE, ORDER_COMMIT, ORDER_SETTLE, Reactor
 
 log = logging.getLogger("selchat.server")
 
@@ -115,6 +115,8 @@ class Hub:
         chat.before_change = self.fanout.flush
         reactor.add_before_sleep(self._settle, ORDER_SETTLE)
         reactor.add_before_sleep(self._commit, ORDER_COMMIT)
+        if hasattr(self.store, "checkpoint_due"):
+            reactor.add_before_sleep(self._checkpoint, ORDER_AFTER_WRITE)
 
     # --- for doors ----------------------------------------------------------------------------
 
@@ -476,6 +478,16 @@ class Hub:
             return
         if stored:
             self.commits += 1
+
+    def _checkpoint(self) -> None:
+        """The store's upkeep, after the pass's bytes are out: no message waits for it."""
+        store = self.store
+        if store.checkpoint_due():
+            try:
+                store.checkpoint()
+            except Exception as exc:  # StoreError: the disk; the next pass tries again
+                self.ratelog.log(logging.ERROR, "history checkpoint failed",
+                                 "history checkpoint failed: %s", exc)
 
     # --- queries for doors ----------------------------------------------------------------------
     # What a door may read of the chat state, so that it speaks to the hub and nothing below it

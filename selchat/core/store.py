@@ -54,9 +54,15 @@ DEFAULT_CAP_PER_ROOM = 1000
 ID_BLOCK = 65536
 MAX_ID = (1 << 63) - 1  # SQLite's largest integer, hence the largest id
 # Pages (4 KiB each) the WAL may grow to before a checkpoint. A checkpoint copies them into the
-# database and syncs it, inside a commit, in the one loop thread: small ones keep every pause
-# short, more often, for the same total (the soak run's figures: docs/design.md).
+# database and syncs it, in the one loop thread: small ones keep every pause short, more often,
+# for the same total (the soak run's figures: docs/design.md). The server runs them itself
+# (`checkpoint_due`, `checkpoint`) after a pass's writes, so that no message waits for one
+# between its commit and its delivery; SQLite's own, inside a commit, is only the backstop at
+# WAL_BACKSTOP pages, for a store nobody checkpoints (or an estimate that fell short).
 WAL_PAGES = 128
+WAL_BACKSTOP = 8 * WAL_PAGES
+PAGE_BYTES = 4096
+ROW_OVERHEAD = 96  # bytes a row takes beyond its text, with its index entry (an over-estimate)
 CACHE_KIB = 32768  # SQLite's page cache: the hot end of every room's history stays in memory
 
 # `PRAGMA application_id` marks the file as ours, so `--db` pointed at another program's SQLite
@@ -629,6 +635,11 @@ class SQLiteStore:
         self._failures = 0
         self._commit_seconds = 0.0
         self._max_commit_seconds = 0.0
+        # WAL pages written since the last checkpoint, estimated; the schema's own and what a
+        # crash left are not counted: the first pass's checkpoint takes them.
+        self._wal_pages = WAL_PAGES
+        self._checkpoints = 0
+        self._checkpoint_failures = 0
         self._reservations = 0
         self._reservation_failures = 0
         self._closed = False
@@ -682,7 +693,7 @@ class SQLiteStore:
         # larger ones cost a little less per message (0.5 -> 0.35 ms per 50-message commit at
         # 4,000 pages), but each is a pause for everyone; small ones keep every pass short.
         # WAL_PAGES bounds both the WAL file (~0.5 MiB) and the longest pause one can cause.
-        conn.execute(f"PRAGMA wal_autocheckpoint = {WAL_PAGES}")
+        conn.execute(f"PRAGMA wal_autocheckpoint = {WAL_BACKSTOP}")
         conn.execute(f"PRAGMA cache_size = -{CACHE_KIB}")
 
     def _migrate(self, migrations: Tuple[Migration, ...]) -> None:
@@ -898,6 +909,12 @@ class SQLiteStore:
                 f"{self.path}: could not write {len(batch)} message(s): {_one_line(exc)}"
             ) from exc
         elapsed = self._timer() - started
+        # A commit rewrites the last leaf of the table and of its index, and when one splits,
+        # the page above it, and perhaps the ids' record; rows fill pages about as their bytes
+        # do, counted twice, since a row that does not fit starts a page. Over-estimated: a checkpoint a little early
+        # costs less than a WAL past its bound (tests/test_review21_hotpath.py checks it).
+        self._wal_pages += 5 + len(writes) + 2 * (
+            len(rows) * ROW_OVERHEAD + sum([len(row[5]) for row in rows])) // PAGE_BYTES
         self._commits += 1
         self._written += len(batch)
         self._last_id = max(self._last_id, high)
@@ -905,6 +922,23 @@ class SQLiteStore:
         if elapsed > self._max_commit_seconds:
             self._max_commit_seconds = elapsed
         return len(batch)
+
+    def checkpoint_due(self) -> bool:
+        """The WAL holds about WAL_PAGES pages: time to copy them into the database."""
+        return self._wal_pages >= WAL_PAGES
+
+    def checkpoint(self) -> None:
+        """Copy the WAL into the database (and sync it): a pause of about a millisecond, which
+        the server takes after a pass's writes. Raises StoreError; the next one tries again."""
+        self._wal_pages = 0
+        if self._memory:
+            return
+        try:
+            self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        except sqlite3.Error as exc:
+            self._checkpoint_failures += 1
+            raise StoreError(f"{self.path}: checkpoint failed: {_one_line(exc)}") from exc
+        self._checkpoints += 1
 
     def _save_noted_id(self) -> None:
         """Only private messages this pass: record how far ids went (a failure waits for the next)."""
@@ -1011,6 +1045,8 @@ class SQLiteStore:
             "reservations": self._reservations,
             "reservation_failures": self._reservation_failures,
             "reserved_until": self._reserved,
+            "checkpoints": self._checkpoints,
+            "checkpoint_failures": self._checkpoint_failures,
         }
 
     def schema_version(self) -> int:

@@ -39,6 +39,7 @@ ReadyCallback = Callable[[int], None]
 ORDER_SETTLE = 10  # the chat's owner: batched broadcasts out, condemned connections removed
 ORDER_COMMIT = 20  # the pass's messages made durable
 ORDER_WRITE = 90  # queued bytes written (nothing is sent before it is stored)
+ORDER_AFTER_WRITE = 95  # upkeep that may pause a while (a store checkpoint): after the sends
 
 
 # The longest sleep in `select`, even with nothing to do. Flood control can only tell that the

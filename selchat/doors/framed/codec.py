@@ -245,7 +245,7 @@ def decode(payload: bytes) -> Dict[str, Any]:
         raise PayloadError("payload is not a JSON object")
     if not isinstance(obj.get("type"), str):
         raise PayloadError("payload has no string member 'type'")
-    if _SURROGATE_ESCAPE.search(payload):
+    if payload.find(b"\\u") >= 0 and _SURROGATE_ESCAPE.search(payload):
         try:
             lone = _has_lone_surrogate(obj)
         except RecursionError:
