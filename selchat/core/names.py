@@ -72,7 +72,9 @@ def text_problem(text: str, max_text: int) -> Optional[str]:
     if text.isascii():
         if text.isspace():
             return "text is only whitespace"
-        if _BAD_TEXT_CHAR.search(text):
+        # (isprintable, a C scan, clears most texts; a tab or a newline is not printable but
+        # allowed, so the search decides for the others)
+        if not text.isprintable() and _BAD_TEXT_CHAR.search(text):
             return "text holds a control character"
         return None
     bad = _BAD_UNICODE_CHAR.search(text)

@@ -27,6 +27,7 @@ import os
 import sqlite3
 import time
 from collections import deque
+from itertools import chain
 from typing import Any, Callable, Deque, Dict, List, Optional, Protocol, Sequence, Set, Tuple
 
 from selchat.core.events import Message
@@ -159,7 +160,7 @@ def _insert_rows(conn: sqlite3.Connection, insert: str, rows: List[Tuple[Any, ..
         if statement is None:
             head, _, values = insert.partition(" VALUES ")
             statement = _MULTI[(insert, n)] = head + " VALUES " + ", ".join([values] * n)
-        conn.execute(statement, [value for row in chunk for value in row])
+        conn.execute(statement, list(chain.from_iterable(chunk)))
 
 
 _RECENT = "SELECT {} FROM messages WHERE room_key = ? AND id < ? ORDER BY id DESC LIMIT ?"

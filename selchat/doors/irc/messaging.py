@@ -126,7 +126,11 @@ def _fits(user: Any, command: str, targets: str, text: str) -> bool:
     """What the recipients get is our source prefix plus this text: if that cannot be one line
     of 512 bytes, the message is refused whole (417) rather than cut or split, as an IRC
     server does; only texts from other doors (which may be long) are split."""
-    prefix = len(f":{user.nick}!{user.userhost} {command} {targets} :".encode())
+    userhost = user.userhost
+    if userhost.isascii() and targets.isascii():  # (nicks are ASCII: the lengths are the bytes)
+        prefix = len(user.nick) + len(userhost) + len(command) + len(targets) + 6
+    else:
+        prefix = len(f":{user.nick}!{userhost} {command} {targets} :".encode())
     return prefix + (len(text) if text.isascii() else len(text.encode("utf-8", "replace"))) <= 510
 
 

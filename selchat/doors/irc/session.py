@@ -378,7 +378,7 @@ class IrcSession(DoorSession):
         lines = iter(decoder)
         bucket = self.bucket
         now = self.door.reactor.now
-        while self._may_serve(decoder.buffered, decoder.buffered > 0):
+        while self._may_serve(buffered := decoder.buffered, buffered > 0):
             item = next(lines, None)
             if item is None:
                 if transport.eof:
