@@ -556,6 +556,10 @@ def store_summary(stats: Dict[str, Any]) -> str:
     failures = int(stats.get("failures", 0))
     if failures:
         line += f", {failures} failed"
+    checkpoints = int(stats.get("checkpoints", 0))
+    if checkpoints:
+        line += (f"; {checkpoints} checkpoint{'s' if checkpoints != 1 else ''}, "
+                 f"{stats.get('checkpoint_seconds', 0.0) * 1000:.1f} ms in all")
     return line
 
 

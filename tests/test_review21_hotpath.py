@@ -285,16 +285,26 @@ def test_checkpoints_when_due_keep_the_wal_near_its_bound(tmp_path_factory: Any,
     store.close()
 
 
-@pytest.mark.parametrize("rows, size", [(1, 100), (80, 100), (8, 400)])
-def test_a_busy_or_quiet_room_keeps_the_wal_near_its_bound(tmp_path: Any, rows: int, size: int) -> None:
-    """One message per pass (a quiet room) and eighty (the fan-out benchmark's), 600 passes."""
+@pytest.mark.parametrize("rows, text, room, nick, host", [
+    (1, "x" * 100, "#room", "sender", "u@h"),  # a quiet room
+    (80, "x" * 100, "#room", "sender", "u@h"),  # the fan-out benchmark's passes
+    (8, "x" * 400, "#room", "sender", "u@h"),
+    (80, "\u0416" * 100, "#room", "sender", "u@h"),  # two bytes a character
+    (80, "\u4e2d" * 100, "#room", "sender", "u@h"),  # three
+    (80, "\U0001F600" * 100, "#room", "sender", "u@h"),  # four
+    (20, "\U0001F600" * 2000, "#room", "sender", "u@h"),
+    (80, "x" * 100, "#" + "r" * 50, "n" * 32, "ident@" + "h" * 60),  # the longest names
+])
+def test_a_busy_or_quiet_room_keeps_the_wal_near_its_bound(tmp_path: Any, rows: int, text: str,
+                                                          room: str, nick: str, host: str) -> None:
+    """What the hub's checkpoints find in the WAL (SQLite's own count), over 400 passes."""
     from selchat.core.store import WAL_PAGES
     store = _store(tmp_path)
     store.checkpoint()
     found = []
-    for p in range(600):
+    for p in range(400):
         for k in range(rows):
-            store.add(Message(p * rows + k + 1, 1, "sender", "x" * size, "#room"))
+            store.add(Message(p * rows + k + 1, 1, nick, text, room, None, False, False, host))
         store.commit()
         if store.checkpoint_due():
             found.append(store.checkpoint())
@@ -324,3 +334,27 @@ def test_a_checkpoint_runs_after_the_pass_is_written(tmp_path: Any) -> None:
     reactor.run_once(0)
     assert "checkpoint" not in seen  # (not due again until the WAL has grown again)
     store.close()
+
+
+def test_a_failed_checkpoint_is_tried_again_the_next_pass(tmp_path: Any) -> None:
+    from selchat.core.store import StoreError
+    store = _store(tmp_path)
+    assert store.checkpoint_due()
+    conn = store._conn  # noqa: SLF001
+    store._conn = None  # type: ignore[assignment]  # noqa: SLF001  (any sqlite3 failure will do)
+    try:
+        store._conn = _Refusing()  # type: ignore[assignment]  # noqa: SLF001
+        with pytest.raises(StoreError):
+            store.checkpoint()
+        assert store.checkpoint_due() and store.stats()["checkpoint_failures"] == 1
+    finally:
+        store._conn = conn  # noqa: SLF001
+    store.checkpoint()
+    assert not store.checkpoint_due() and store.stats()["checkpoints"] == 1
+    store.close()
+
+
+class _Refusing:
+    def execute(self, *args: Any) -> Any:
+        import sqlite3
+        raise sqlite3.OperationalError("disk I/O error")

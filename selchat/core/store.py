@@ -63,7 +63,7 @@ MAX_ID = (1 << 63) - 1  # SQLite's largest integer, hence the largest id
 WAL_PAGES = 128
 WAL_BACKSTOP = 8 * WAL_PAGES
 PAGE_BYTES = 4096
-ROW_OVERHEAD = 96  # bytes a row takes beyond its text, with its index entry (an over-estimate)
+ROW_OVERHEAD = 96  # bytes a row takes beyond its strings, with its index entry (an over-estimate)
 CACHE_KIB = 32768  # SQLite's page cache: the hot end of every room's history stays in memory
 
 # `PRAGMA application_id` marks the file as ours, so `--db` pointed at another program's SQLite
@@ -257,6 +257,32 @@ def _row_message(r: Tuple) -> Message:
 def pair_key(a: str, b: str) -> str:
     """Where the private conversation of two accounts (their keys) is kept: '@a/b', sorted."""
     return "@" + "/".join(sorted((a, b)))
+
+
+def _text_bytes(text: str) -> int:
+    """At least the UTF-8 bytes of `text` (4 a character unless it is ASCII: no encoding)."""
+    return len(text) if text.isascii() else 4 * len(text)
+
+
+def _pages_written(rows: List[Tuple[Any, ...]], writes: List[Tuple[str, Any]]) -> int:
+    """About the WAL pages a commit of these message rows and directory writes writes, rather
+    more than fewer: SQLite says nothing cheaper than a checkpoint does.
+
+    A commit rewrites the last leaf of the table and of its index at least; rows fill pages as
+    their bytes do (the room key twice, once in the index; text and userhost at 4 bytes a
+    character unless ASCII), counted twice for the splits, the pages above and a row that does
+    not fit starting a page. Against SQLite's own count: 80 rows of 100 characters write 9.1
+    pages, 11 counted; 8 rows of 400, 4.5 and 5; one row, 2 and 4.
+    tests/test_review21_hotpath.py holds the WAL near WAL_PAGES with it.
+    """
+    # (id, room_key, room, ts, sender, text, userhost, flags, account): names are ASCII
+    size = sum([3 * len(r[1]) + len(r[4]) + len(r[8])
+                + (len(r[5]) if r[5].isascii() else 4 * len(r[5]))
+                + (len(r[6]) if r[6].isascii() else 4 * len(r[6])) for r in rows])
+    size += len(rows) * ROW_OVERHEAD
+    for _, parameters in writes:
+        size += ROW_OVERHEAD + sum([_text_bytes(p) for p in parameters if type(p) is str])
+    return 3 + len(writes) + (2 * size + PAGE_BYTES - 1) // PAGE_BYTES
 
 
 def _flags(m: Message) -> int:
@@ -641,6 +667,7 @@ class SQLiteStore:
         self._wal_pages = WAL_PAGES
         self._checkpoints = 0
         self._checkpoint_failures = 0
+        self._checkpoint_seconds = 0.0
         self._reservations = 0
         self._reservation_failures = 0
         self._closed = False
@@ -872,6 +899,7 @@ class SQLiteStore:
                  _flags(m), m.account or "") for m in batch]
         rows += [(m.id, pair, "@" + (m.to or ""), m.ts, m.sender, m.text, m.userhost, _flags(m),
                   m.account or "") for m, pair in private]
+        pages = _pages_written(rows, writes)
         started = self._timer()
         try:
             if self._identity is not None:
@@ -910,13 +938,7 @@ class SQLiteStore:
                 f"{self.path}: could not write {len(batch)} message(s): {_one_line(exc)}"
             ) from exc
         elapsed = self._timer() - started
-        # A commit rewrites the last leaf of the table and of its index at least; rows fill
-        # pages about as their bytes do, counted twice (splits, the pages above, a row that
-        # does not fit starting a page). Against SQLite's own count: 80 rows of 100
-        # characters write 9.1 pages, 11 counted; 8 rows of 400, 4.5 and 5; one row, 2 and 4.
-        # tests/test_review21_hotpath.py holds the WAL near WAL_PAGES with it.
-        written = 2 * (len(rows) * ROW_OVERHEAD + sum([len(row[5]) for row in rows]))
-        self._wal_pages += 3 + len(writes) + (written + PAGE_BYTES - 1) // PAGE_BYTES
+        self._wal_pages += pages
         self._commits += 1
         self._written += len(batch)
         self._last_id = max(self._last_id, high)
@@ -931,17 +953,20 @@ class SQLiteStore:
 
     def checkpoint(self) -> int:
         """Copy the WAL into the database (and sync it): a pause of about a millisecond, which
-        the server takes after a pass's writes. The pages the WAL held; raises StoreError (the
-        next one tries again)."""
-        self._wal_pages = 0
+        the server takes after a pass's writes. The pages the WAL held; raises StoreError (and
+        stays due: the next pass tries again)."""
         if self._memory:
+            self._wal_pages = 0
             return 0
+        started = self._timer()
         try:
             row = self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
         except sqlite3.Error as exc:
-            self._checkpoint_failures += 1
+            self._checkpoint_failures += 1  # (still due: the next pass tries again)
             raise StoreError(f"{self.path}: checkpoint failed: {_one_line(exc)}") from exc
+        self._wal_pages = 0
         self._checkpoints += 1
+        self._checkpoint_seconds += self._timer() - started
         return int(row[1]) if row else 0
 
     def _save_noted_id(self) -> None:
@@ -1051,6 +1076,7 @@ class SQLiteStore:
             "reserved_until": self._reserved,
             "checkpoints": self._checkpoints,
             "checkpoint_failures": self._checkpoint_failures,
+            "checkpoint_seconds": self._checkpoint_seconds,
         }
 
     def schema_version(self) -> int:

@@ -143,11 +143,11 @@ class ServerMetrics:
 
         totals = self._totals
 
-        def counted_say(user: Any, *args: Any) -> Any:
+        def counted_say(user: Any, *args: Any, **kwargs: Any) -> Any:
             # A room message, however it came (the hub calls this directly for a member): its
             # deliveries are the room's other members and the sender's own copy.
             try:
-                room, message = say_message(user, *args)
+                room, message = say_message(user, *args, **kwargs)
             except Exception:
                 refused[Say] = refused.get(Say, 0) + 1
                 raise
@@ -327,6 +327,15 @@ class ServerMetrics:
                                   value=stats.get("failures", 0))
         yield self.commit_seconds.family("selchat_history_write_seconds",
                                          "Time one history commit took.")
+        yield CounterMetricFamily("selchat_history_checkpoints",
+                                  "WAL checkpoints of the history file (run after a pass's writes).",
+                                  value=stats.get("checkpoints", 0))
+        yield CounterMetricFamily("selchat_history_checkpoint_failures",
+                                  "WAL checkpoints that failed (tried again the next pass).",
+                                  value=stats.get("checkpoint_failures", 0))
+        yield CounterMetricFamily("selchat_history_checkpoint_seconds",
+                                  "Time spent in WAL checkpoints.",
+                                  value=stats.get("checkpoint_seconds", 0.0))
         yield CounterMetricFamily("selchat_loop_passes", "Passes of the event loop.",
                                   value=server.reactor.passes)
         yield self.pass_seconds.family("selchat_loop_pass_seconds",
