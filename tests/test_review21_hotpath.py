@@ -341,9 +341,8 @@ def test_a_failed_checkpoint_is_tried_again_the_next_pass(tmp_path: Any) -> None
     store = _store(tmp_path)
     assert store.checkpoint_due()
     conn = store._conn  # noqa: SLF001
-    store._conn = None  # type: ignore[assignment]  # noqa: SLF001  (any sqlite3 failure will do)
     try:
-        store._conn = _Refusing()  # type: ignore[assignment]  # noqa: SLF001
+        store._conn = _Refusing()  # type: ignore[assignment]  # noqa: SLF001  (a disk that fails)
         with pytest.raises(StoreError):
             store.checkpoint()
         assert store.checkpoint_due() and store.stats()["checkpoint_failures"] == 1
