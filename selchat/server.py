@@ -560,6 +560,9 @@ def store_summary(stats: Dict[str, Any]) -> str:
     if checkpoints:
         line += (f"; {checkpoints} checkpoint{'s' if checkpoints != 1 else ''}, "
                  f"{stats.get('checkpoint_seconds', 0.0) * 1000:.1f} ms in all")
+    checkpoint_failures = int(stats.get("checkpoint_failures", 0))
+    if checkpoint_failures:
+        line += f", {checkpoint_failures} checkpoint{'s' if checkpoint_failures != 1 else ''} failed"
     return line
 
 

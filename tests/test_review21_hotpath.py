@@ -312,6 +312,35 @@ def test_a_busy_or_quiet_room_keeps_the_wal_near_its_bound(tmp_path: Any, rows: 
     store.close()
 
 
+def test_messages_spread_over_many_rooms_keep_the_wal_near_its_bound(tmp_path: Any) -> None:
+    """Each room a commit adds to has its own leaf in the index, wherever it is: a pass to 40
+    rooms of 300 writes about 40 scattered pages, which the count must see (it saw only the
+    bytes, and SQLite's count reached 800 pages before a checkpoint). The bound is WAL_PAGES
+    and one such commit."""
+    import random
+    from selchat.core.store import WAL_PAGES
+    store = _store(tmp_path)
+    rooms = [f"#room{i}" for i in range(300)]
+    next_id = 1
+    for room in rooms:  # history in every room, so that their index leaves are apart
+        for _ in range(20):
+            store.add(Message(next_id, 1, "sender", "x" * 100, room))
+            next_id += 1
+        store.commit()
+    store.checkpoint()
+    pick = random.Random(19).choice
+    found = []
+    for _ in range(150):
+        for _ in range(40):
+            store.add(Message(next_id, 1, "sender", "x" * 100, pick(rooms)))
+            next_id += 1
+        store.commit()
+        if store.checkpoint_due():
+            found.append(store.checkpoint())
+    assert found and max(found) <= WAL_PAGES + 3 * 40
+    store.close()
+
+
 def test_a_checkpoint_runs_after_the_pass_is_written(tmp_path: Any) -> None:
     from selchat.core.chat import Chat
     from selchat.hub import Hub
@@ -336,16 +365,20 @@ def test_a_checkpoint_runs_after_the_pass_is_written(tmp_path: Any) -> None:
     store.close()
 
 
-def test_a_failed_checkpoint_is_tried_again_the_next_pass(tmp_path: Any) -> None:
-    from selchat.core.store import StoreError
-    store = _store(tmp_path)
+def test_a_failed_checkpoint_is_tried_again_a_second_later(tmp_path: Any) -> None:
+    from selchat.core.store import CHECKPOINT_RETRY, SQLiteStore, StoreError
+    clock = [100.0]
+    store = SQLiteStore(str(tmp_path / "h.db"), timer=lambda: clock[0])
     assert store.checkpoint_due()
     conn = store._conn  # noqa: SLF001
     try:
         store._conn = _Refusing()  # type: ignore[assignment]  # noqa: SLF001  (a disk that fails)
         with pytest.raises(StoreError):
             store.checkpoint()
-        assert store.checkpoint_due() and store.stats()["checkpoint_failures"] == 1
+        assert store.stats()["checkpoint_failures"] == 1
+        assert not store.checkpoint_due()  # (not once a pass against a failing disk)
+        clock[0] += CHECKPOINT_RETRY
+        assert store.checkpoint_due()
     finally:
         store._conn = conn  # noqa: SLF001
     store.checkpoint()
@@ -357,3 +390,19 @@ class _Refusing:
     def execute(self, *args: Any) -> Any:
         import sqlite3
         raise sqlite3.OperationalError("disk I/O error")
+
+
+def test_a_refused_commit_still_keeps_the_account_writes(tmp_path: Any) -> None:
+    """The page count runs only after a commit succeeded: a row the database refuses (here a
+    message without its userhost, which only a malformed cluster peer could hand over) fails
+    the commit as before, and the account written in the same pass waits for the next one."""
+    from selchat.core.store import StoreError
+    store = _store(tmp_path)
+    store.directory.save_account("zed", "Zed", "verifier", 5)
+    store.add(Message(5, 1, "alice", "hello", "#room", userhost=None))  # type: ignore[arg-type]
+    with pytest.raises(StoreError):
+        store.commit()
+    assert store.directory.writes
+    store.commit()
+    assert store._conn.execute("SELECT name FROM accounts WHERE key = 'zed'").fetchall() == [("Zed",)]  # noqa: SLF001
+    store.close()

@@ -61,9 +61,10 @@ def has_control_characters(text: str) -> bool:
 def text_problem(text: str, max_text: int) -> Optional[str]:
     """Why `text` may not be carried (the words of a `bad_text`), or None when it may.
 
-    On the hot path (every message): plain ASCII text, the common case, costs one regex search
-    (`isascii` is a flag CPython keeps, not a scan); other text costs one more, which stops at
-    the first visible character, unless the text starts with a visible ASCII one.
+    On the hot path (every message): plain printable ASCII text, the common case, costs two C
+    scans (`isspace`, `isprintable`; `isascii` is a flag CPython keeps), other ASCII one regex
+    search more; other text costs one search, and one more, which stops at the first visible
+    character, unless the text starts with a visible ASCII one.
     """
     if not text:
         return "text is empty"

@@ -63,6 +63,7 @@ MAX_ID = (1 << 63) - 1  # SQLite's largest integer, hence the largest id
 WAL_PAGES = 128
 WAL_BACKSTOP = 8 * WAL_PAGES
 PAGE_BYTES = 4096
+CHECKPOINT_RETRY = 1.0  # seconds after a failed checkpoint before the next is tried
 ROW_OVERHEAD = 96  # bytes a row takes beyond its strings, with its index entry (an over-estimate)
 CACHE_KIB = 32768  # SQLite's page cache: the hot end of every room's history stays in memory
 
@@ -268,12 +269,13 @@ def _pages_written(rows: List[Tuple[Any, ...]], writes: List[Tuple[str, Any]]) -
     """About the WAL pages a commit of these message rows and directory writes writes, rather
     more than fewer: SQLite says nothing cheaper than a checkpoint does.
 
-    A commit rewrites the last leaf of the table and of its index at least; rows fill pages as
-    their bytes do (the room key twice, once in the index; text and userhost at 4 bytes a
-    character unless ASCII), counted twice for the splits, the pages above and a row that does
-    not fit starting a page. Against SQLite's own count: 80 rows of 100 characters write 9.1
-    pages, 11 counted; 8 rows of 400, 4.5 and 5; one row, 2 and 4.
-    tests/test_review21_hotpath.py holds the WAL near WAL_PAGES with it.
+    A commit rewrites the last leaf of the table and, for each room it adds to, a leaf of the
+    index; rows fill pages as their bytes do (the room three times: key, spelling and index
+    entry; text and userhost at 4 bytes a character unless ASCII), counted twice for the
+    splits, the pages above and a row that does not fit starting a page. Against SQLite's own
+    count, one room: 80 rows of 100 characters write 9.1 pages, 12 counted; 8 rows of 400, 4.5
+    and 6; one row, 2 and 5. tests/test_review21_hotpath.py holds the WAL near WAL_PAGES (plus
+    one commit, for a commit that touches many rooms) with it.
     """
     # (id, room_key, room, ts, sender, text, userhost, flags, account): names are ASCII
     size = sum([3 * len(r[1]) + len(r[4]) + len(r[8])
@@ -282,7 +284,10 @@ def _pages_written(rows: List[Tuple[Any, ...]], writes: List[Tuple[str, Any]]) -
     size += len(rows) * ROW_OVERHEAD
     for _, parameters in writes:
         size += ROW_OVERHEAD + sum([_text_bytes(p) for p in parameters if type(p) is str])
-    return 3 + len(writes) + (2 * size + PAGE_BYTES - 1) // PAGE_BYTES
+    # Each room (or conversation) the commit adds to has its own last leaf in the index,
+    # wherever the index keeps it: a page each.
+    rooms = len({r[1] for r in rows})
+    return 3 + rooms + 2 * len(writes) + (2 * size + PAGE_BYTES - 1) // PAGE_BYTES
 
 
 def _flags(m: Message) -> int:
@@ -668,6 +673,7 @@ class SQLiteStore:
         self._checkpoints = 0
         self._checkpoint_failures = 0
         self._checkpoint_seconds = 0.0
+        self._checkpoint_retry_at = 0.0  # (the timer's reading) no checkpoint before it
         self._reservations = 0
         self._reservation_failures = 0
         self._closed = False
@@ -899,7 +905,7 @@ class SQLiteStore:
                  _flags(m), m.account or "") for m in batch]
         rows += [(m.id, pair, "@" + (m.to or ""), m.ts, m.sender, m.text, m.userhost, _flags(m),
                   m.account or "") for m, pair in private]
-        pages = _pages_written(rows, writes)
+        full_rows = rows  # (what the page count reads, whatever columns this schema takes)
         started = self._timer()
         try:
             if self._identity is not None:
@@ -938,7 +944,7 @@ class SQLiteStore:
                 f"{self.path}: could not write {len(batch)} message(s): {_one_line(exc)}"
             ) from exc
         elapsed = self._timer() - started
-        self._wal_pages += pages
+        self._wal_pages += _pages_written(full_rows, writes)
         self._commits += 1
         self._written += len(batch)
         self._last_id = max(self._last_id, high)
@@ -948,13 +954,14 @@ class SQLiteStore:
         return len(batch)
 
     def checkpoint_due(self) -> bool:
-        """The WAL holds about WAL_PAGES pages: time to copy them into the database."""
-        return self._wal_pages >= WAL_PAGES
+        """The WAL holds about WAL_PAGES pages: time to copy them into the database (after a
+        failed checkpoint, once CHECKPOINT_RETRY seconds have passed)."""
+        return self._wal_pages >= WAL_PAGES and self._timer() >= self._checkpoint_retry_at
 
     def checkpoint(self) -> int:
         """Copy the WAL into the database (and sync it): a pause of about a millisecond, which
         the server takes after a pass's writes. The pages the WAL held; raises StoreError (and
-        stays due: the next pass tries again)."""
+        stays due: tried again CHECKPOINT_RETRY seconds later)."""
         if self._memory:
             self._wal_pages = 0
             return 0
@@ -962,7 +969,8 @@ class SQLiteStore:
         try:
             row = self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
         except sqlite3.Error as exc:
-            self._checkpoint_failures += 1  # (still due: the next pass tries again)
+            self._checkpoint_failures += 1  # (still due: tried again in CHECKPOINT_RETRY)
+            self._checkpoint_retry_at = self._timer() + CHECKPOINT_RETRY
             raise StoreError(f"{self.path}: checkpoint failed: {_one_line(exc)}") from exc
         self._wal_pages = 0
         self._checkpoints += 1
