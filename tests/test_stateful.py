@@ -55,7 +55,7 @@ MAX_TEXT = 64  # small, so over-long texts are cheap to make
 HISTORY_ON_JOIN = 5  # small, so the cut of history on join (and `more`) is exercised
 RATE, BURST = 20, 200
 HANDSHAKE_TIMEOUT = 0.4
-PING_INTERVAL, PING_TIMEOUT = 1.0, 2.0  # short, so a client that goes quiet is timed out within an example
+PING_INTERVAL, PING_TIMEOUT = 2.0, 4.0  # short, so a client that goes quiet is timed out within an example
 # (not shorter: the model's other clients sit idle while one rule runs; in one CI run on a busy
 # machine they were timed out at 1.2 s while a flood of 600+ pings was being answered)
 MAX_PRESENCE = 3  # small: rooms of 4 well-behaved clients are "large" (section 6), smaller ones are not
