@@ -317,6 +317,14 @@ class OneLineParser(argparse.ArgumentParser):
             raise ConfigError(line)
         self.exit(2, f"{self.prog}: {line}\n")
 
+    def _get_values(self, action: argparse.Action, arg_strings: List[str]) -> Any:
+        # argparse drops a "--" given as an option's value (`--motd=--`) and hands the option
+        # an empty list instead of a string, which no check after expects: refuse it here.
+        if action.nargs is None and action.option_strings and arg_strings == ["--"]:
+            self.error(f"argument {'/'.join(action.option_strings)}: expected one argument, "
+                       "not '--'")
+        return super()._get_values(action, arg_strings)
+
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """One line an option where the terminal allows: its default after it (none for options

@@ -242,6 +242,15 @@ def test_values_beyond_what_the_server_can_use_are_refused(argv: List[str]) -> N
     assert argv[0] in line and "at most" in line, line
 
 
+@pytest.mark.parametrize("argv", [["--motd=--"], ["--server-name=--"], ["--web-origin=--"],
+                                  ["--burst=--"], ["--db=--"]])
+def test_a_double_dash_given_as_a_value_is_refused(argv: List[str]) -> None:
+    """argparse hands an option given `--` as its value an empty list, not a string (the
+    property test below found `--motd=--` crashing the text check): one line and status 2."""
+    line = refused(argv)
+    assert argv[0].split("=")[0] in line and "'--'" in line, line
+
+
 # --- one table of rules for the code, --help and the docs -------------------------------------
 
 
