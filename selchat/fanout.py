@@ -51,11 +51,7 @@ class Fanout:
             event = delivery.event
             room = delivery.room
             if room is not None and type(event) is Message:
-                if room is not self._room:
-                    if self._entries:
-                        self.flush()
-                    self._room = room
-                self._entries.append(_Entry(event, self.current))
+                self._batch(room, _Entry(event, self.current))
                 continue
             if delivery.reply:
                 entries = self._entries
@@ -99,11 +95,15 @@ class Fanout:
         """A message said by `sender`, a connection of a member of `room`: into the batch, with
         the sender's own copy (its `ref`) in it. The same as `deliver` makes of `Chat.say`'s
         deliveries for a member, without making them."""
+        self._batch(room, _Entry(message, sender, ref, True))
+
+    def _batch(self, room: Room, entry: _Entry) -> None:
+        """Into the batch of `room`; a batch of another room is flushed first."""
         if room is not self._room:
             if self._entries:
                 self.flush()
             self._room = room
-        self._entries.append(_Entry(message, sender, ref, True))
+        self._entries.append(entry)
 
     def send(self, transport: Any, data: bytes) -> None:
         """Queue bytes a session writes by itself (an answer, an error, a ping) after whatever
