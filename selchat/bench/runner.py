@@ -602,13 +602,18 @@ def fanout_matrix(cases: Sequence[Case], servers: Sequence[str], results: Dict[T
     return lines
 
 
+def _ours_and_peers(servers: Sequence[str]) -> Tuple[List[str], List[str]]:
+    """The selchat servers compared with the C IRC servers (not the web door's), and those peers."""
+    return ([n for n in servers if n.startswith("selchat") and n != "selchat-web"],
+            [n for n in servers if n in IRC_PEERS])
+
+
 def peer_ratios(cases: Sequence[Case], servers: Sequence[str], results: Dict[Tuple[Case, str], Outcome]) -> List[str]:
     """selchat (native and IRC door) against the C IRC servers at each R measured by both:
     deliveries/s and server CPU per delivery; `generator-bound` instead of a ratio when
     either row was (a ratio of a generator's limit says nothing about the servers)."""
     out: List[str] = []
-    ours = [n for n in servers if n.startswith("selchat") and n != "selchat-web"]
-    peers = [n for n in servers if n in IRC_PEERS]
+    ours, peers = _ours_and_peers(servers)
     for r in sorted({c.size for c in cases if c.kind in CGEN_KINDS}):
         for peer in peers:
             po = results.get((Case("ircfanout", r), peer))
@@ -645,8 +650,7 @@ def latency_ratios(cases: Sequence[Case], servers: Sequence[str], results: Dict[
     IRC peer's `irclatency` at the same R: p50 and p99 side by side, and whether selchat's are
     no worse (both at most the peer's). Issue 19 asks this at 200 messages/s into 100 receivers."""
     out: List[str] = []
-    ours = [n for n in servers if n.startswith("selchat") and n != "selchat-web"]
-    peers = [n for n in servers if n in IRC_PEERS]
+    ours, peers = _ours_and_peers(servers)
     for r in sorted({c.size for c in cases if c.kind in LATENCY_KINDS}):
         for peer in peers:
             po = results.get((Case("irclatency", r), peer))
