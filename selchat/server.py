@@ -548,8 +548,7 @@ def close_store(store: Any) -> None:
 def store_summary(stats: Dict[str, Any]) -> str:
     """The store's counters as one line a person reads (not a Python dict)."""
     commits, messages = int(stats.get("commits", 0)), int(stats.get("messages", 0))
-    line = (f"{messages} message{'s' if messages != 1 else ''} written in {commits} "
-            f"commit{'s' if commits != 1 else ''}")
+    line = f"{_counted(messages, 'message')} written in {_counted(commits, 'commit')}"
     if commits:
         line += (f", {stats.get('commit_seconds', 0.0) * 1000:.1f} ms in all "
                  f"(longest {stats.get('max_commit_seconds', 0.0) * 1000:.1f} ms)")
@@ -558,12 +557,16 @@ def store_summary(stats: Dict[str, Any]) -> str:
         line += f", {failures} failed"
     checkpoints = int(stats.get("checkpoints", 0))
     if checkpoints:
-        line += (f"; {checkpoints} checkpoint{'s' if checkpoints != 1 else ''}, "
+        line += (f"; {_counted(checkpoints, 'checkpoint')}, "
                  f"{stats.get('checkpoint_seconds', 0.0) * 1000:.1f} ms in all")
     checkpoint_failures = int(stats.get("checkpoint_failures", 0))
     if checkpoint_failures:
-        line += f", {checkpoint_failures} checkpoint{'s' if checkpoint_failures != 1 else ''} failed"
+        line += f", {_counted(checkpoint_failures, 'checkpoint')} failed"
     return line
+
+
+def _counted(n: int, word: str) -> str:
+    return f"{n} {word}{'s' if n != 1 else ''}"
 
 
 def tune_garbage_collector() -> None:
