@@ -112,8 +112,10 @@ class Fanout:
             self.flush()
         transport.write(data)
 
-    def flush(self) -> None:
+    def flush(self, now: bool = False) -> None:
         """Queue the batched room messages: one chunk per member, shared by every member of a format.
+        `now` (only once the pass's messages are durable, from the hub): send it at once to a
+        member with nothing queued.
 
         This is the hot path of a busy room: per member it costs one append, however many
         messages the pass carried. Only the senders, whose own copies differ, get chunks of
@@ -167,4 +169,4 @@ class Fanout:
                 mine = parts[wire] = [wire.message(e.message) for e in entries]
             data = mine[0] if len(mine) == 1 else b"".join(mine)
             if data:
-                Transport.write_many(transports, data)
+                (Transport.send_many if now else Transport.write_many)(transports, data)

@@ -34,7 +34,8 @@ from selchat.defaults import REQUESTS_PER_PASS
 from selchat.fanout import Fanout
 from selchat.loop import ratelog
 from selchat.loop.pacing import Pacer
-from selchat.loop.reactor import ORDER_AFTER_WRITE, ORDER_COMMIT, ORDER_SETTLE, Reactor
+from selchat.loop.reactor import (ORDER_AFTER_WRITE, ORDER_COMMIT, ORDER_DELIVER, ORDER_SETTLE,
+                                  Reactor)
 
 log = logging.getLogger("selchat.server")
 
@@ -115,6 +116,7 @@ class Hub:
         chat.before_change = self.fanout.flush
         reactor.add_before_sleep(self._settle, ORDER_SETTLE)
         reactor.add_before_sleep(self._commit, ORDER_COMMIT)
+        reactor.add_before_sleep(self._send_batch, ORDER_DELIVER)
         if hasattr(self.store, "checkpoint_due"):
             reactor.add_before_sleep(self._checkpoint, ORDER_AFTER_WRITE)
 
@@ -458,7 +460,6 @@ class Hub:
             self.fanout.flush()
 
     def _settle(self) -> None:
-        self.fanout.flush()
         if self._condemned:
             self._drop_condemned()
 
@@ -471,13 +472,18 @@ class Hub:
             # learn that history will not have them.
             self.ratelog.log(logging.ERROR, "history write failed",
                              "history write failed, %d message(s) not stored: %s", len(said), exc)
-            for session, ref, message_id in said:
+            for session, ref, message_id in said:  # (each error flushes the batch before it)
                 session.send_error("not_stored", f"message {message_id} was delivered "
                                    "but could not be stored in history", ref)
-            self.fanout.flush()
             return
         if stored:
             self.commits += 1
+
+    def _send_batch(self) -> None:
+        """The pass's batched room messages out, once they are durable: sent at once to a
+        member with nothing queued (one visit per member instead of the queue's and the
+        writer's), queued behind what waits for any other."""
+        self.fanout.flush(now=True)
 
     def _checkpoint(self) -> None:
         """The store's upkeep, after the pass's bytes are out: no message waits for it."""

@@ -301,11 +301,15 @@ def _who_mask_lists_invisible(p_hidden: ServerProcess, p_asker: ServerProcess) -
         hidden = env_h.user(unique_nick("hid"))
         hidden.send(f"MODE {hidden.nick} +i")
         hidden.wait_for("MODE", timeout=SLOW)
+        # The mode reaches other processes as a change of the ordered stream, after its MODE
+        # answer; an AWAY sent after it is ordered after it, and WHOIS shows when that landed.
+        hidden.send("AWAY :marker")
+        hidden.wait_for("306", timeout=SLOW)
         asker = env_a.user(unique_nick("ask"))
         deadline = time.monotonic() + SLOW
-        while True:  # (with --redis: until the asker's process has applied the hidden's hello)
+        while True:  # (with --redis: until the asker's process has applied the hidden's AWAY)
             asker.send(f"WHOIS {hidden.nick}")
-            if [x for x in asker.until_numeric("318", SLOW) if x.command == "311"]:
+            if [x for x in asker.until_numeric("318", SLOW) if x.command == "301"]:
                 break
             assert time.monotonic() < deadline
         asker.send(f"WHO {hidden.nick[:3]}*")

@@ -36,8 +36,9 @@ log = logging.getLogger(__name__)
 ReadyCallback = Callable[[int], None]
 
 # Orders of the before-sleep hooks the server installs; smaller runs first.
-ORDER_SETTLE = 10  # the chat's owner: batched broadcasts out, condemned connections removed
+ORDER_SETTLE = 10  # the chat's owner: condemned connections removed
 ORDER_COMMIT = 20  # the pass's messages made durable
+ORDER_DELIVER = 80  # the chat's owner: batched broadcasts out, sent at once where nothing waits
 ORDER_WRITE = 90  # queued bytes written (nothing is sent before it is stored)
 ORDER_AFTER_WRITE = 95  # upkeep that may pause a while (a store checkpoint): after the sends
 

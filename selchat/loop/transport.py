@@ -239,6 +239,38 @@ class Transport:
                 transport.dirty = True
                 transport.writer.dirty.append(transport)
 
+    @staticmethod
+    def send_many(transports: "Iterable[Transport]", data: bytes) -> None:
+        """`write_many`, but `data` goes straight to the socket of a transport with nothing
+        queued (asyncio's habit for a write to an idle transport): it costs that member one
+        visit instead of the queue's and the writer's. Only for bytes that may leave now (the
+        hub calls it after the commit). A short send queues the rest; a would-block or a dead
+        peer queues it all, and the writer's general path sorts that out."""
+        size = len(data)
+        sent_here = 0
+        writer: Optional[Writer] = None
+        for t in transports:
+            if (t.dirty or not t.plain or t.state is not State.OPEN or t.mask != EVENT_READ
+                    or t.throttled or t.out.size or not t.accepting):
+                t.write(data)  # behind what waits (or refused, when not accepting)
+                continue
+            try:
+                sent = t.sock.send(data)
+            except OSError:
+                sent = 0
+            if sent == size:
+                sent_here += size
+                writer = t.writer
+                continue
+            t.write(data)
+            if sent > 0:
+                sent_here += sent
+                writer = t.writer
+                if t.out.size == size:  # (not when the write overflowed the transport)
+                    t.out.consume(sent)
+        if writer is not None:
+            writer.sent += sent_here
+
     def wait_for_drain(self) -> None:
         """Stop reading until our queue drains below the low-water mark (backpressure)."""
         if not self.throttled and self.state is State.OPEN:
