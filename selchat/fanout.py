@@ -155,7 +155,10 @@ class Fanout:
                         pieces[i] = session.own_message(e.message, e.ref, mine[i]) if e.echo else b""
                     data = b"".join(pieces)
                     if data:
-                        transport.write(data)
+                        if now:  # (first: a sender hears its own words back soonest)
+                            Transport.send_many((transport,), data)
+                        else:
+                            transport.write(data)
                     continue
                 if wire is not last_wire:
                     group = groups.get(wire)  # type: ignore[assignment]
