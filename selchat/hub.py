@@ -468,8 +468,8 @@ class Hub:
         try:
             stored = self.store.commit()
         except Exception as exc:  # StoreError, or anything else the disk throws at us
-            # Keep serving: the messages were queued already and go out, but their senders
-            # learn that history will not have them.
+            # Keep serving: the messages go out (queued by the first error's flush of the
+            # batch, ahead of it), but their senders learn that history will not have them.
             self.ratelog.log(logging.ERROR, "history write failed",
                              "history write failed, %d message(s) not stored: %s", len(said), exc)
             for session, ref, message_id in said:  # (each error flushes the batch before it)

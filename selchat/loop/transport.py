@@ -250,8 +250,8 @@ class Transport:
         sent_here = 0
         writer: Optional[Writer] = None
         for t in transports:
-            if (t.dirty or not t.plain or t.state is not State.OPEN or t.mask != EVENT_READ
-                    or t.throttled or t.out.size or not t.accepting):
+            if (not t.accepting or t.dirty or not t.plain or t.state is not State.OPEN
+                    or t.mask != EVENT_READ or t.throttled or t.out.size):
                 t.write(data)  # behind what waits (or refused, when not accepting)
                 continue
             try:
@@ -262,12 +262,22 @@ class Transport:
                 sent_here += size
                 writer = t.writer
                 continue
-            t.write(data)
-            if sent > 0:
-                sent_here += sent
-                writer = t.writer
-                if t.out.size == size:  # (not when the write overflowed the transport)
-                    t.out.consume(sent)
+            if sent <= 0:
+                t.write(data)
+                continue
+            # A short send: the rest is queued (the chunk itself, from an offset: the tail is
+            # never copied), and only the rest counts against --max-outbuf.
+            sent_here += sent
+            writer = t.writer
+            out = t.out
+            out.chunks.append(data)
+            out.offset = sent
+            out.size = size - sent
+            if out.size > t.max_outbuf:
+                t._overflow()
+            else:
+                t.dirty = True
+                writer.dirty.append(t)
         if writer is not None:
             writer.sent += sent_here
 
