@@ -278,9 +278,8 @@ def _pages_written(rows: List[Tuple[Any, ...]], writes: List[Tuple[str, Any]]) -
     one commit, for a commit that touches many rooms) with it.
     """
     # (id, room_key, room, ts, sender, text, userhost, flags, account): names are ASCII
-    size = sum([3 * len(r[1]) + len(r[4]) + len(r[8])
-                + (len(r[5]) if r[5].isascii() else 4 * len(r[5]))
-                + (len(r[6]) if r[6].isascii() else 4 * len(r[6])) for r in rows])
+    size = sum([3 * len(r[1]) + len(r[4]) + len(r[8]) + _text_bytes(r[5]) + _text_bytes(r[6])
+                for r in rows])
     size += len(rows) * ROW_OVERHEAD
     for _, parameters in writes:
         size += ROW_OVERHEAD + sum([_text_bytes(p) for p in parameters if type(p) is str])
