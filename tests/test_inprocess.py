@@ -467,6 +467,10 @@ def test_store_failure_is_reported_to_the_sender(make: Callable[..., Harness]) -
     h.pump(lambda: bool(alice.of("error")) and bool(bob.of("message")))
     err = alice.of("error")[0]
     assert err["code"] == "not_stored" and err["ref"] == 3
+    # The message itself still reached everyone, the sender first and then its error.
+    kinds = [e["type"] for e in alice.events]
+    assert kinds.index("message") < kinds.index("error")
+    assert bob.of("message")[0]["text"] == "lost?"
 
 
 def _shrink_send_buffer(h: Harness, client: Client) -> None:

@@ -11,11 +11,10 @@ import socket
 import struct
 import sys
 from pathlib import Path
-from typing import Callable, List
+from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from selchat.core.store import MemoryStore, StoreError  # noqa: E402
 from selchat.doors.framed import codec  # noqa: E402
 
 from test_inprocess import Harness, make, wait_until  # noqa: E402,F401  (make: a fixture)
@@ -108,26 +107,3 @@ def test_bytes_sent_straight_away_are_counted(make: Callable[..., Harness]) -> N
     assert received > 0
     assert h.server.writer.sent - sent_before == received
 
-
-def test_the_senders_message_comes_before_its_not_stored_error(
-        make: Callable[..., Harness]) -> None:
-    class Failing(MemoryStore):
-        fail = False
-
-        def commit(self) -> int:
-            if self.fail and self._pending:  # noqa: SLF001
-                self._pending = 0  # noqa: SLF001
-                raise StoreError("disk full")
-            return super().commit()
-
-    store = Failing()
-    h = make(store=store)
-    alice, bob = h.hello("alice"), h.hello("bob")
-    h.settle()
-    store.fail = True
-    alice.send({"type": "say", "room": "#lobby", "text": "lost?", "ref": 3})
-    h.pump(lambda: bool(alice.of("error")) and bool(bob.of("message")))
-    kinds: List[str] = [e["type"] for e in alice.events]
-    assert kinds.index("message") < kinds.index("error")
-    assert alice.of("error")[0]["code"] == "not_stored"
-    assert bob.of("message")[0]["text"] == "lost?"
